@@ -1,0 +1,40 @@
+//! The admin listener: `/healthz`, `/readyz` and `/metrics`. Never served on the public listeners.
+
+use http::{Method, Request, Response, StatusCode};
+
+use crate::body::Body;
+use crate::error::json_response;
+use crate::server::Shared;
+
+/// Answers one admin request.
+pub fn handle<B>(shared: &Shared, req: Request<B>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return json_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    }
+    match req.uri().path() {
+        "/healthz" => json_ok("{\"status\":\"ok\"}"),
+        "/readyz" => {
+            if shared.is_draining() {
+                json_response(StatusCode::SERVICE_UNAVAILABLE, "draining")
+            } else if !shared.gateway.load().ready() {
+                json_response(StatusCode::SERVICE_UNAVAILABLE, "issuer_keys_missing")
+            } else {
+                json_ok("{\"status\":\"ready\"}")
+            }
+        }
+        _ => json_response(StatusCode::NOT_FOUND, "not_found"),
+    }
+}
+
+fn json_ok(body: &'static str) -> Response<Body> {
+    let mut rsp = Response::new(Body::full(body));
+    rsp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    rsp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    rsp
+}

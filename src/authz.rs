@@ -1,0 +1,264 @@
+//! Route policy: issuers, roles, scopes and claim rules, evaluated against a verified principal.
+//!
+//! Every condition on a route must hold. Authorization runs on every request, also when the token's signature
+//! check was skipped by the verified-token cache, so a token accepted on one route unlocks nothing on another.
+
+use crate::authn::{lookup_claim, Principal};
+use crate::config::AuthMode;
+use crate::router::{PathPattern, RouteMatch};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthzError {
+    #[error("token issuer {0:?} is not accepted on this route")]
+    Issuer(String),
+    #[error("missing a required role")]
+    Roles,
+    #[error("missing a required scope")]
+    Scopes { needed: String },
+    #[error("claim {0:?} does not satisfy the route's rule")]
+    Claims(String),
+}
+
+impl AuthzError {
+    /// Names the rule that denied, for metrics (`roles`, `scopes`, `claims`, `issuer`).
+    pub fn rule(&self) -> &'static str {
+        match self {
+            AuthzError::Issuer(_) => "issuer",
+            AuthzError::Roles => "roles",
+            AuthzError::Scopes { .. } => "scopes",
+            AuthzError::Claims(_) => "claims",
+        }
+    }
+}
+
+/// What a claim must equal: a literal, or a path parameter of the matched route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimValue {
+    Literal(String),
+    Param(String),
+}
+
+/// `claims = { sub = "{id}" }`: the claim (top-level name, else dotted path) must equal the value exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRule {
+    pub claim: String,
+    pub value: ClaimValue,
+}
+
+impl ClaimRule {
+    /// Checks a rule against the route's pattern: a `{param}` value must name a parameter of the path.
+    pub fn parse(claim: &str, want: &str, pattern: &PathPattern) -> Result<ClaimRule, String> {
+        if claim.is_empty() {
+            return Err("a claims rule needs a claim name".into());
+        }
+        let value = match want.strip_prefix('{').and_then(|w| w.strip_suffix('}')) {
+            Some(param) if pattern.has_param(param) => ClaimValue::Param(param.to_string()),
+            Some(param) => return Err(format!("claims rule {claim:?} names {{{param}}}, which is not a parameter of the route's path")),
+            None => ClaimValue::Literal(want.to_string()),
+        };
+        Ok(ClaimRule {
+            claim: claim.to_string(),
+            value,
+        })
+    }
+}
+
+/// A route's access rule, checked once at config load.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub auth: AuthMode,
+    pub issuers: Option<Vec<String>>,
+    pub roles_any: Vec<String>,
+    pub roles_all: Vec<String>,
+    pub scopes_any: Vec<String>,
+    pub scopes_all: Vec<String>,
+    pub claims: Vec<ClaimRule>,
+    pub bypass_roles: Vec<String>,
+}
+
+impl Policy {
+    /// Returns a policy that lets anyone through without a token.
+    pub fn public() -> Policy {
+        Policy {
+            auth: AuthMode::Public,
+            issuers: None,
+            roles_any: Vec::new(),
+            roles_all: Vec::new(),
+            scopes_any: Vec::new(),
+            scopes_all: Vec::new(),
+            claims: Vec::new(),
+            bypass_roles: Vec::new(),
+        }
+    }
+
+    /// Returns true if the policy has any rule beyond "a valid token".
+    pub fn has_rules(&self) -> bool {
+        self.issuers.is_some()
+            || !self.roles_any.is_empty()
+            || !self.roles_all.is_empty()
+            || !self.scopes_any.is_empty()
+            || !self.scopes_all.is_empty()
+            || !self.claims.is_empty()
+    }
+}
+
+/// Decides whether `principal` may use the matched route. Anonymous principals (no token on an `optional`
+/// route) pass only a policy without rules.
+pub fn authorize(
+    principal: Option<&Principal>,
+    policy: &Policy,
+    matched: &RouteMatch<'_>,
+) -> Result<(), AuthzError> {
+    let Some(p) = principal else {
+        if policy.auth == AuthMode::Required {
+            // authenticate() already refuses this; kept so authorize() alone is never the weak link.
+            return Err(AuthzError::Roles);
+        }
+        return match policy.has_rules() {
+            false => Ok(()),
+            true if !policy.roles_any.is_empty() || !policy.roles_all.is_empty() => {
+                Err(AuthzError::Roles)
+            }
+            true if !policy.scopes_any.is_empty() || !policy.scopes_all.is_empty() => {
+                Err(AuthzError::Scopes {
+                    needed: needed_scopes(policy),
+                })
+            }
+            true => Err(AuthzError::Claims(String::new())),
+        };
+    };
+    if let Some(allowed) = &policy.issuers {
+        if !allowed.iter().any(|i| *i == p.issuer_id) {
+            return Err(AuthzError::Issuer(p.issuer_id.clone()));
+        }
+    }
+    let has_role = |r: &String| p.roles.iter().any(|x| x == r);
+    let has_scope = |s: &String| p.scopes.iter().any(|x| x == s);
+    if !policy.roles_any.is_empty() && !policy.roles_any.iter().any(has_role) {
+        return Err(AuthzError::Roles);
+    }
+    if !policy.roles_all.iter().all(has_role) {
+        return Err(AuthzError::Roles);
+    }
+    if (!policy.scopes_any.is_empty() && !policy.scopes_any.iter().any(has_scope))
+        || !policy.scopes_all.iter().all(has_scope)
+    {
+        return Err(AuthzError::Scopes {
+            needed: needed_scopes(policy),
+        });
+    }
+    if policy.bypass_roles.iter().any(has_role) {
+        return Ok(());
+    }
+    for rule in &policy.claims {
+        let want = match &rule.value {
+            ClaimValue::Literal(v) => Some(v.as_str()),
+            ClaimValue::Param(name) => matched.param(name),
+        };
+        let have = lookup_claim(&p.claims, &rule.claim).and_then(|v| v.as_str());
+        match (have, want) {
+            (Some(h), Some(w)) if h == w => {}
+            _ => return Err(AuthzError::Claims(rule.claim.clone())),
+        }
+    }
+    Ok(())
+}
+
+fn needed_scopes(policy: &Policy) -> String {
+    let mut s: Vec<&str> = policy.scopes_all.iter().map(String::as_str).collect();
+    if s.is_empty() {
+        s = policy.scopes_any.iter().map(String::as_str).collect();
+    }
+    s.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::{Route, RouteTable};
+    use http::Method;
+    use std::sync::Arc;
+
+    fn principal(roles: &[&str], scopes: &[&str], claims: serde_json::Value) -> Principal {
+        Principal {
+            issuer_id: "local".into(),
+            subject: claims["sub"].as_str().unwrap_or("").to_string(),
+            roles: roles.iter().map(|s| s.to_string()).collect(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            claims: Arc::new(claims.as_object().cloned().unwrap_or_default()),
+            expires_at: u64::MAX,
+        }
+    }
+
+    fn route(path: &str, f: impl FnOnce(&mut Policy)) -> RouteTable {
+        let pattern = PathPattern::parse(path).unwrap();
+        let mut policy = Policy::public();
+        policy.auth = AuthMode::Required;
+        f(&mut policy);
+        RouteTable::new(
+            vec![Route::new(
+                0,
+                "r".into(),
+                pattern,
+                None,
+                "u".into(),
+                None,
+                policy,
+                false,
+            )],
+            false,
+        )
+    }
+
+    #[test]
+    fn roles_scopes_and_claims() {
+        let t = route("/users/{id}", |p| {
+            p.claims =
+                vec![
+                    ClaimRule::parse("sub", "{id}", &PathPattern::parse("/users/{id}").unwrap())
+                        .unwrap(),
+                ];
+            p.bypass_roles = vec!["admin".into()];
+            p.scopes_all = vec!["read".into()];
+        });
+        let m = t.match_route(&Method::GET, "/users/alice").unwrap();
+        let pol = &m.route.policy;
+        let alice = principal(&[], &["read"], serde_json::json!({"sub": "alice"}));
+        let bob = principal(&[], &["read"], serde_json::json!({"sub": "bob"}));
+        let admin = principal(&["admin"], &["read"], serde_json::json!({"sub": "root"}));
+        let noscope = principal(&[], &[], serde_json::json!({"sub": "alice"}));
+        assert_eq!(authorize(Some(&alice), pol, &m), Ok(()));
+        assert_eq!(
+            authorize(Some(&bob), pol, &m),
+            Err(AuthzError::Claims("sub".into()))
+        );
+        assert_eq!(authorize(Some(&admin), pol, &m), Ok(()));
+        assert_eq!(
+            authorize(Some(&noscope), pol, &m),
+            Err(AuthzError::Scopes {
+                needed: "read".into()
+            })
+        );
+    }
+
+    #[test]
+    fn issuer_and_roles() {
+        let t = route("/admin/*", |p| {
+            p.issuers = Some(vec!["kc".into()]);
+            p.roles_any = vec!["admin".into()];
+        });
+        let m = t.match_route(&Method::GET, "/admin/x").unwrap();
+        let admin = principal(&["admin"], &[], serde_json::json!({"sub": "a"}));
+        assert_eq!(
+            authorize(Some(&admin), &m.route.policy, &m),
+            Err(AuthzError::Issuer("local".into()))
+        );
+        let mut kc_user = principal(&["user"], &[], serde_json::json!({"sub": "a"}));
+        kc_user.issuer_id = "kc".into();
+        assert_eq!(
+            authorize(Some(&kc_user), &m.route.policy, &m),
+            Err(AuthzError::Roles)
+        );
+        assert_eq!(authorize(None, &m.route.policy, &m), Err(AuthzError::Roles));
+    }
+}

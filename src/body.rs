@@ -1,0 +1,95 @@
+//! The one body type used in both directions, and small constructors for gateway-made answers.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error("body exceeds the configured limit")]
+    TooLarge,
+}
+
+/// A body that is empty, fixed bytes, or a stream from a peer (optionally capped in size).
+#[derive(Debug)]
+pub enum Body {
+    Empty,
+    Full(Option<Bytes>),
+    Stream(Incoming),
+    /// A client's request body with the bytes it may still send; the stream fails (and the upstream request
+    /// is aborted) once it grows past the limit.
+    Limited {
+        inner: Incoming,
+        remaining: u64,
+    },
+}
+
+impl Body {
+    /// Returns an empty body.
+    pub fn empty() -> Body {
+        Body::Empty
+    }
+
+    /// Returns a body of fixed bytes.
+    pub fn full(b: impl Into<Bytes>) -> Body {
+        Body::Full(Some(b.into()))
+    }
+
+    /// Returns a streaming body that fails after `limit` bytes.
+    pub fn limited(inner: Incoming, limit: u64) -> Body {
+        Body::Limited {
+            inner,
+            remaining: limit,
+        }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Body::Empty => Poll::Ready(None),
+            Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
+            Body::Limited { inner, remaining } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        let n = data.len() as u64;
+                        if n > *remaining {
+                            return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                        }
+                        *remaining -= n;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                other => other.map_err(BodyError::from),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Empty => true,
+            Body::Full(b) => b.is_none(),
+            Body::Stream(inner) | Body::Limited { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Empty => SizeHint::with_exact(0),
+            Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Stream(inner) | Body::Limited { inner, .. } => inner.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,789 @@
+//! gateway.toml: the file structs (deny_unknown_fields), their validation, and the checked runtime `Config`.
+//!
+//! Everything that can be wrong with a config is found here, once, with a `file:line:column`; the request path
+//! only ever sees the checked types.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::authn::{self, IssuerSettings};
+use crate::authz::{ClaimRule, Policy};
+use crate::headers::IdentitySettings;
+use crate::ratelimit::Cidr;
+use crate::router::{PathPattern, Route, RouteTable};
+
+/// One problem in a config file, located by line and column (1-based).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(path, problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    /// Returns the located problems (empty for a read error).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid { problems, .. } => problems,
+        }
+    }
+}
+
+fn render_problems(path: &Path, problems: &[Problem]) -> String {
+    let mut out = String::new();
+    for (i, p) in problems.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "{}:{}:{}: {}",
+            path.display(),
+            p.line,
+            p.column,
+            p.message
+        ));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Value types with their own syntax: durations ("250ms", "30s", "5m") and sizes ("64KiB", "10MiB").
+
+/// A duration written as a string with a unit: `ms`, `s`, `m`, `h`, `d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationValue(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(DurationValue)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"1d"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || {
+        format!("invalid duration {s:?}: expected a whole number and a unit, like \"250ms\", \"30s\", \"5m\", \"1h\"")
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = |k: u64| n.checked_mul(k).map(Duration::from_secs).ok_or_else(bad);
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" | "min" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        _ => Err(bad()),
+    }
+}
+
+/// A byte size: a whole number of bytes, or a string like `"64KiB"`, `"10MiB"`, `"1GiB"`, `"512B"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeValue(pub u64);
+
+impl<'de> Deserialize<'de> for SizeValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(SizeValue(n)),
+            Raw::S(s) => parse_size(&s)
+                .map(SizeValue)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `"512B"`, `"64KiB"`, `"10MiB"`, `"1GiB"` (also `KB`/`MB`/`GB` as powers of 1000).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad =
+        || format!("invalid size {s:?}: expected a number and a unit, like \"64KiB\" or \"10MiB\"");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let k: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(k).ok_or_else(bad)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: ListenFile,
+    tls: Option<TlsFile>,
+    #[serde(default)]
+    limits: LimitsFile,
+    #[serde(default)]
+    server: ServerFile,
+    #[serde(default)]
+    upstreams: BTreeMap<String, UpstreamFile>,
+    #[serde(default)]
+    routes: Vec<RouteFile>,
+    #[serde(default)]
+    routing: RoutingFile,
+    #[serde(default)]
+    rate_limit: RateLimitFile,
+    #[serde(default)]
+    issuers: Vec<Spanned<authn::IssuerFile>>,
+    #[serde(default)]
+    identity: Option<IdentityFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenFile {
+    https: Option<Spanned<String>>,
+    http: Option<Spanned<String>>,
+    admin: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert: Spanned<PathBuf>,
+    key: Spanned<PathBuf>,
+    #[serde(default)]
+    self_signed: bool,
+    #[serde(default)]
+    min_version: TlsVersion,
+    handshake_timeout: Option<DurationValue>,
+}
+
+/// The lowest TLS version the public listener accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    max_header_bytes: Option<SizeValue>,
+    max_body_bytes: Option<SizeValue>,
+    header_read_timeout: Option<DurationValue>,
+    idle_timeout: Option<DurationValue>,
+    max_connections: Option<usize>,
+    drain_timeout: Option<DurationValue>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerFile {
+    worker_threads: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamFile {
+    url: Spanned<String>,
+    connect_timeout: Option<DurationValue>,
+    timeout: Option<DurationValue>,
+    #[serde(default = "yes")]
+    preserve_host: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    name: Spanned<String>,
+    path: Spanned<String>,
+    methods: Option<Spanned<Vec<String>>>,
+    upstream: Spanned<String>,
+    strip_prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    auth: AuthMode,
+    issuers: Option<Spanned<Vec<String>>>,
+    roles_any: Option<Vec<String>>,
+    roles_all: Option<Vec<String>>,
+    scopes_any: Option<Vec<String>>,
+    scopes_all: Option<Vec<String>>,
+    claims: Option<Spanned<BTreeMap<String, String>>>,
+    bypass_roles: Option<Vec<String>>,
+}
+
+/// Whether a route needs a token. `required` is the default, so a forgotten line fails closed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Public,
+    Optional,
+    #[default]
+    Required,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutingFile {
+    #[serde(default)]
+    case_insensitive: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitFile {
+    #[serde(default)]
+    trusted_proxies: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityFile {
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default = "yes")]
+    forward_authorization: bool,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The checked runtime config.
+
+/// The listeners to bind. Port 0 asks the OS for a free port.
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub https: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// Where the TLS certificate and key live, and how the handshake is bounded.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub self_signed: bool,
+    pub min_version: TlsVersion,
+    pub handshake_timeout: Duration,
+}
+
+/// Connection and request limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
+}
+
+/// A checked upstream: a parsed http(s) origin and its timeouts.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub name: String,
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub preserve_host: bool,
+}
+
+/// The whole checked configuration. Built only by [`Config::load`] / [`Config::from_toml`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub listen: Listen,
+    pub tls: Option<TlsSettings>,
+    pub limits: Limits,
+    pub worker_threads: Option<usize>,
+    pub upstreams: BTreeMap<String, UpstreamSettings>,
+    pub routes: RouteTable,
+    pub trusted_proxies: Vec<Cidr>,
+    pub issuers: Vec<IssuerSettings>,
+    pub identity: IdentitySettings,
+    /// Non-fatal findings, such as a route that an earlier one shadows.
+    pub warnings: Vec<Problem>,
+    /// What start will do that `check` did not (generate local-use keys).
+    pub notes: Vec<String>,
+}
+
+impl Config {
+    /// Reads and validates a config file, generating local-use keys it asks for. Relative paths inside it are
+    /// resolved against its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text, true)
+    }
+
+    /// Validates a config file without writing anything (for `portcullis check`).
+    pub fn check(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text, false)
+    }
+
+    /// Validates config text as if it were read from `path`.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse(path, text, true)
+    }
+
+    fn parse(path: &Path, text: &str, generate: bool) -> Result<Config, ConfigError> {
+        let invalid = |problems| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        };
+        let file: FileConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            invalid(vec![Problem {
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }])
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut v = Validator {
+            text,
+            generate,
+            notes: Vec::new(),
+            base,
+            problems: Vec::new(),
+            warnings: Vec::new(),
+        };
+        let config = v.config(path, file);
+        if v.problems.is_empty() {
+            let mut config = config;
+            config.warnings = v.warnings;
+            config.notes = v.notes;
+            Ok(config)
+        } else {
+            Err(invalid(v.problems))
+        }
+    }
+}
+
+/// Converts a byte offset into a 1-based line and column.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.chars().count(), |nl| {
+        before[nl + 1..].chars().count()
+    }) + 1;
+    (line, column)
+}
+
+/// Collects every problem rather than stopping at the first, so `check` can show them all.
+pub(crate) struct Validator<'a> {
+    text: &'a str,
+    /// False for `check`: report what start would generate instead of writing it.
+    generate: bool,
+    notes: Vec<String>,
+    base: PathBuf,
+    problems: Vec<Problem>,
+    warnings: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    pub(crate) fn problem_count(&self) -> usize {
+        self.problems.len()
+    }
+
+    pub(crate) fn generating(&self) -> bool {
+        self.generate
+    }
+
+    pub(crate) fn note(&mut self, message: String) {
+        self.notes.push(message);
+    }
+
+    pub(crate) fn error(&mut self, span: std::ops::Range<usize>, message: impl fmt::Display) {
+        let (line, column) = line_col(self.text, span.start);
+        self.problems.push(Problem {
+            line,
+            column,
+            message: message.to_string(),
+        });
+    }
+
+    fn warn(&mut self, span: std::ops::Range<usize>, message: impl fmt::Display) {
+        let (line, column) = line_col(self.text, span.start);
+        self.warnings.push(Problem {
+            line,
+            column,
+            message: message.to_string(),
+        });
+    }
+
+    /// Resolves a path from the file against the config's folder.
+    pub(crate) fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn addr(&mut self, s: &Option<Spanned<String>>) -> Option<SocketAddr> {
+        let s = s.as_ref()?;
+        match s.get_ref().parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(
+                    s.span(),
+                    format!("invalid listen address {:?}: expected IP:PORT", s.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, path: &Path, f: FileConfig) -> Config {
+        let listen = Listen {
+            https: self.addr(&f.listen.https),
+            http: self.addr(&f.listen.http),
+            admin: self.addr(&f.listen.admin),
+        };
+        if f.listen.https.is_none() && f.listen.http.is_none() {
+            self.error(0..0, "[listen] needs `https` or `http`");
+        }
+        let tls = f.tls.map(|t| self.tls(t));
+        if let (Some(https), None) = (&f.listen.https, &tls) {
+            self.error(https.span(), "`listen.https` needs a [tls] section");
+        }
+        let d = |v: Option<DurationValue>, default: u64| {
+            v.map_or(Duration::from_secs(default), |d| d.0)
+        };
+        let max_header_bytes = f.limits.max_header_bytes.map_or(32 * 1024, |s| s.0);
+        let limits = Limits {
+            max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
+            max_body_bytes: f.limits.max_body_bytes.map_or(10 * 1024 * 1024, |s| s.0),
+            header_read_timeout: d(f.limits.header_read_timeout, 10),
+            idle_timeout: d(f.limits.idle_timeout, 60),
+            max_connections: f.limits.max_connections.unwrap_or(10_000),
+            drain_timeout: d(f.limits.drain_timeout, 30),
+        };
+        if limits.max_connections == 0 {
+            self.error(0..0, "`limits.max_connections` must be at least 1");
+        }
+        let mut upstreams = BTreeMap::new();
+        for (name, u) in f.upstreams {
+            if let Some(u) = self.upstream(&name, u) {
+                upstreams.insert(name, u);
+            }
+        }
+        let mut trusted_proxies = Vec::new();
+        for t in &f.rate_limit.trusted_proxies {
+            match t.get_ref().parse::<Cidr>() {
+                Ok(c) => trusted_proxies.push(c),
+                Err(e) => self.error(t.span(), e),
+            }
+        }
+        let mut issuers = Vec::new();
+        let mut issuer_ids = HashSet::new();
+        for i in f.issuers {
+            let span = i.span();
+            // Counted even when invalid, so one bad issuer does not make every route that names it an error too.
+            if !issuer_ids.insert(i.get_ref().id().to_string()) {
+                self.error(
+                    span.clone(),
+                    format!("issuer id {:?} is used twice", i.get_ref().id()),
+                );
+            }
+            if let Some(settings) = authn::validate_issuer(self, span, i.into_inner()) {
+                issuers.push(settings);
+            }
+        }
+        let identity = match f.identity {
+            Some(i) => self.identity(i),
+            None => IdentitySettings::default(),
+        };
+        let routes = self.routes(
+            f.routes,
+            &upstreams,
+            &issuer_ids,
+            f.routing.case_insensitive,
+        );
+        if f.server.worker_threads == Some(0) {
+            self.error(0..0, "`server.worker_threads` must be at least 1");
+        }
+        Config {
+            path: path.to_path_buf(),
+            listen,
+            tls,
+            limits,
+            worker_threads: f.server.worker_threads,
+            upstreams,
+            routes,
+            trusted_proxies,
+            issuers,
+            identity,
+            warnings: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn tls(&mut self, t: TlsFile) -> TlsSettings {
+        let cert = self.resolve(t.cert.get_ref());
+        let key = self.resolve(t.key.get_ref());
+        // A missing pair is fine when it will be generated; anything else must be readable now.
+        for (what, p, span) in [
+            ("certificate", &cert, t.cert.span()),
+            ("key", &key, t.key.span()),
+        ] {
+            if t.self_signed && !p.exists() {
+                continue;
+            }
+            if let Err(e) = std::fs::File::open(p) {
+                self.error(span, format!("cannot read TLS {what} {}: {e}", p.display()));
+            }
+        }
+        TlsSettings {
+            cert,
+            key,
+            self_signed: t.self_signed,
+            min_version: t.min_version,
+            handshake_timeout: t.handshake_timeout.map_or(Duration::from_secs(10), |d| d.0),
+        }
+    }
+
+    fn upstream(&mut self, name: &str, u: UpstreamFile) -> Option<UpstreamSettings> {
+        let uri: http::Uri = match u.url.get_ref().parse() {
+            Ok(uri) => uri,
+            Err(e) => {
+                self.error(
+                    u.url.span(),
+                    format!("upstream {name:?}: invalid url {:?}: {e}", u.url.get_ref()),
+                );
+                return None;
+            }
+        };
+        let scheme = uri.scheme().cloned();
+        let ok_scheme = scheme
+            .as_ref()
+            .is_some_and(|s| *s == http::uri::Scheme::HTTP || *s == http::uri::Scheme::HTTPS);
+        let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+        match (scheme, uri.authority().cloned()) {
+            (Some(scheme), Some(authority)) if ok_scheme && path_ok => Some(UpstreamSettings {
+                name: name.to_string(),
+                scheme,
+                authority,
+                connect_timeout: u.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
+                timeout: u.timeout.map_or(Duration::from_secs(30), |d| d.0),
+                preserve_host: u.preserve_host,
+            }),
+            _ => {
+                self.error(u.url.span(), format!("upstream {name:?}: url must be http:// or https:// with a host and no path, got {:?}", u.url.get_ref()));
+                None
+            }
+        }
+    }
+
+    fn identity(&mut self, i: IdentityFile) -> IdentitySettings {
+        let mut headers = Vec::new();
+        for (name, claim) in i.headers {
+            match http::HeaderName::from_bytes(name.as_bytes()) {
+                Ok(h) => headers.push((h, claim)),
+                Err(_) => self.error(
+                    0..0,
+                    format!("[identity] header name {name:?} is not a valid HTTP header name"),
+                ),
+            }
+        }
+        IdentitySettings {
+            headers,
+            forward_authorization: i.forward_authorization,
+        }
+    }
+
+    fn routes(
+        &mut self,
+        routes: Vec<RouteFile>,
+        upstreams: &BTreeMap<String, UpstreamSettings>,
+        issuer_ids: &HashSet<String>,
+        case_insensitive: bool,
+    ) -> RouteTable {
+        let mut out: Vec<Route> = Vec::new();
+        let mut names = HashSet::new();
+        for r in routes {
+            let name = r.name.get_ref().clone();
+            if !names.insert(name.clone()) {
+                self.error(
+                    r.name.span(),
+                    format!("route name {name:?} is used twice (names label metrics)"),
+                );
+            }
+            let pattern = match PathPattern::parse(r.path.get_ref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.error(r.path.span(), format!("route {name:?}: {e}"));
+                    continue;
+                }
+            };
+            let methods = match &r.methods {
+                None => None,
+                Some(m) => {
+                    let mut out = Vec::new();
+                    for s in m.get_ref() {
+                        match http::Method::from_bytes(s.to_ascii_uppercase().as_bytes()) {
+                            Ok(method) => out.push(method),
+                            Err(_) => self
+                                .error(m.span(), format!("route {name:?}: invalid method {s:?}")),
+                        }
+                    }
+                    if out.is_empty() {
+                        self.error(
+                            m.span(),
+                            format!(
+                                "route {name:?}: `methods` is empty; omit it to allow any method"
+                            ),
+                        );
+                    }
+                    Some(out)
+                }
+            };
+            let upstream = match upstreams.get(r.upstream.get_ref()) {
+                Some(_) => r.upstream.get_ref().clone(),
+                None => {
+                    self.error(
+                        r.upstream.span(),
+                        format!(
+                            "route {name:?}: upstream {:?} is not defined in [upstreams]",
+                            r.upstream.get_ref()
+                        ),
+                    );
+                    continue;
+                }
+            };
+            let strip_prefix = match &r.strip_prefix {
+                Some(p) if !p.get_ref().starts_with('/') || p.get_ref().len() < 2 => {
+                    self.error(
+                        p.span(),
+                        format!(
+                            "route {name:?}: strip_prefix must start with '/' and not be \"/\""
+                        ),
+                    );
+                    None
+                }
+                Some(p) => Some(p.get_ref().trim_end_matches('/').to_string()),
+                None => None,
+            };
+            if let Some(iss) = &r.issuers {
+                for id in iss.get_ref() {
+                    if !issuer_ids.contains(id) {
+                        self.error(
+                            iss.span(),
+                            format!("route {name:?}: issuer {id:?} is not defined in [[issuers]]"),
+                        );
+                    }
+                }
+            }
+            let mut claims = Vec::new();
+            if let Some(c) = &r.claims {
+                for (claim, want) in c.get_ref() {
+                    match ClaimRule::parse(claim, want, &pattern) {
+                        Ok(rule) => claims.push(rule),
+                        Err(e) => self.error(c.span(), format!("route {name:?}: {e}")),
+                    }
+                }
+            }
+            let policy = Policy {
+                auth: r.auth,
+                issuers: r.issuers.map(|i| i.into_inner()),
+                roles_any: r.roles_any.unwrap_or_default(),
+                roles_all: r.roles_all.unwrap_or_default(),
+                scopes_any: r.scopes_any.unwrap_or_default(),
+                scopes_all: r.scopes_all.unwrap_or_default(),
+                claims,
+                bypass_roles: r.bypass_roles.unwrap_or_default(),
+            };
+            if policy.auth == AuthMode::Public && policy.has_rules() {
+                self.error(r.path.span(), format!("route {name:?}: auth = \"public\" cannot carry roles, scopes, claims or issuers rules"));
+            }
+            if r.auth != AuthMode::Public && issuer_ids.is_empty() {
+                self.error(r.path.span(), format!("route {name:?}: needs a token (auth = {:?}) but no [[issuers]] are configured; add one or set auth = \"public\"", r.auth));
+            }
+            let route = Route::new(
+                out.len(),
+                name.clone(),
+                pattern,
+                methods,
+                upstream,
+                strip_prefix,
+                policy,
+                case_insensitive,
+            );
+            if let Some(earlier) = out.iter().find(|e| e.shadows(&route)) {
+                let msg = format!("route {name:?} can never match: route {:?} before it matches every request it would", earlier.name);
+                self.warn(r.path.span(), msg);
+            }
+            out.push(route);
+        }
+        RouteTable::new(out, case_insensitive)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
+        assert!(parse_size("10XB").is_err());
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+}

@@ -1,0 +1,348 @@
+//! Header work on both sides of the proxy: hop-by-hop removal (RFC 9110 §7.6.1), X-Forwarded-*, the request id,
+//! and the identity headers the upstream trusts.
+//!
+//! Identity headers are removed from every incoming request before anything else, so a client can never forge its
+//! identity to the upstream, on public routes included.
+
+use std::cell::Cell;
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use serde_json::Value;
+
+use crate::authn::{lookup_claim, Principal};
+
+/// Which claims the upstream receives, in which headers, and whether the bearer token goes along.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    pub headers: Vec<(HeaderName, String)>,
+    pub forward_authorization: bool,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        let h = |n: &'static str, c: &str| (HeaderName::from_static(n), c.to_string());
+        IdentitySettings {
+            headers: vec![
+                h("x-auth-subject", "sub"),
+                h("x-auth-roles", "roles"),
+                h("x-auth-scopes", "scope"),
+                h("x-auth-issuer", "iss"),
+            ],
+            forward_authorization: true,
+        }
+    }
+}
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Returns the name of the request-id header.
+pub fn request_id_header() -> &'static HeaderName {
+    &X_REQUEST_ID
+}
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new({
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(std::process::id().into());
+        h.finish() | 1
+    });
+}
+
+fn next_random() -> u64 {
+    // splitmix64 over a per-thread seed: unique ids without a lock shared by every request.
+    RNG.with(|s| {
+        let x = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        s.set(x);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    })
+}
+
+/// Generates a new request id: 32 hex digits.
+pub fn new_request_id() -> HeaderValue {
+    let mut buf = [0u8; 32];
+    let n = (u128::from(next_random()) << 64) | u128::from(next_random());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Picks the request id: a trusted proxy's own (if sane), else a fresh one.
+pub fn request_id(headers: &HeaderMap, from_trusted_proxy: bool) -> HeaderValue {
+    if from_trusted_proxy {
+        if let Some(v) = headers.get(&X_REQUEST_ID) {
+            if !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+            {
+                return v.clone();
+            }
+        }
+    }
+    new_request_id()
+}
+
+/// Removes the identity headers (and their client-sent copies) from an incoming request.
+pub fn strip_identity(headers: &mut HeaderMap, identity: &IdentitySettings) {
+    for (name, _) in &identity.headers {
+        headers.remove(name);
+    }
+}
+
+/// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`, `Proxy-Connection`, `TE`,
+/// `Transfer-Encoding`, `Upgrade` (kept with `Connection: upgrade` when `upgrading`), `Proxy-Authorization`,
+/// `Proxy-Authenticate`. Returns true if `TE: trailers` was asked for.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) -> bool {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        if upgrading && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(&name);
+    }
+    let wants_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    headers.remove(header::CONNECTION);
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TE);
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    headers.remove(header::PROXY_AUTHENTICATE);
+    if upgrading {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+    wants_trailers
+}
+
+/// Returns true for an HTTP/1.1 upgrade request (`Connection: upgrade` with an `Upgrade` header).
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// What the gateway knows about the connection a request came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    pub from_trusted_proxy: bool,
+}
+
+/// Prepares request headers for the upstream: hop-by-hop removed, `X-Forwarded-*` set, the request id, and the
+/// verified identity. `host` is the authority the client addressed.
+pub fn prepare_upstream(
+    headers: &mut HeaderMap,
+    fwd: &Forwarding,
+    host: Option<&HeaderValue>,
+    request_id: &HeaderValue,
+    principal: Option<&Principal>,
+    identity: &IdentitySettings,
+    upgrading: bool,
+) {
+    let wants_trailers = strip_hop_by_hop(headers, upgrading);
+    if wants_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // The gateway answered any `Expect: 100-continue` itself by reading the body.
+    headers.remove(header::EXPECT);
+    let peer = fwd.peer.ip().to_string();
+    if fwd.from_trusted_proxy {
+        let prior: Vec<String> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_string)
+            .collect();
+        let joined = if prior.is_empty() {
+            peer
+        } else {
+            format!("{}, {peer}", prior.join(", "))
+        };
+        set(headers, &X_FORWARDED_FOR, &joined);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(&X_FORWARDED_PROTO, proto(fwd.tls));
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            if let Some(h) = host {
+                headers.insert(&X_FORWARDED_HOST, h.clone());
+            }
+        }
+    } else {
+        headers.remove(header::FORWARDED);
+        headers.remove(&X_REAL_IP);
+        set(headers, &X_FORWARDED_FOR, &peer);
+        headers.insert(&X_FORWARDED_PROTO, proto(fwd.tls));
+        match host {
+            Some(h) => {
+                headers.insert(&X_FORWARDED_HOST, h.clone());
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+    headers.insert(&X_REQUEST_ID, request_id.clone());
+    if !identity.forward_authorization {
+        headers.remove(header::AUTHORIZATION);
+    }
+    if let Some(p) = principal {
+        for (name, claim) in &identity.headers {
+            match render_claim(p, claim) {
+                Some(v) => {
+                    headers.insert(name.clone(), v);
+                }
+                None => {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+}
+
+fn proto(tls: bool) -> HeaderValue {
+    HeaderValue::from_static(if tls { "https" } else { "http" })
+}
+
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+    match HeaderValue::from_str(value) {
+        Ok(v) => {
+            headers.insert(name.clone(), v);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Renders a claim as a header value: arrays comma-joined. Values with control or non-ASCII bytes are refused
+/// (the header is not sent) rather than forwarded. `roles` and `scope` mean the issuer's configured claims.
+fn render_claim(p: &Principal, claim: &str) -> Option<HeaderValue> {
+    let text = match claim {
+        "roles" => join_nonempty(&p.roles)?,
+        "scope" | "scopes" => join_nonempty(&p.scopes)?,
+        "sub" => p.subject.clone(),
+        other => match lookup_claim(&p.claims, other)? {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Array(a) => {
+                let parts: Option<Vec<String>> = a
+                    .iter()
+                    .map(|v| match v {
+                        Value::String(s) => Some(s.clone()),
+                        Value::Number(n) => Some(n.to_string()),
+                        _ => None,
+                    })
+                    .collect();
+                parts?.join(",")
+            }
+            _ => return None,
+        },
+    };
+    if text.is_empty() || !text.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        if !text.is_empty() {
+            tracing::warn!(
+                claim,
+                "claim value has bytes that are unsafe in a header; not forwarded"
+            );
+        }
+        return None;
+    }
+    HeaderValue::from_str(&text).ok()
+}
+
+fn join_nonempty(v: &[String]) -> Option<String> {
+    (!v.is_empty()).then(|| v.join(","))
+}
+
+/// Cleans an upstream response for the client: hop-by-hop removed; `Content-Length` dropped when the upstream
+/// also sent `Transfer-Encoding` (never pass both framings on); the request id echoed.
+pub fn finish_response(headers: &mut HeaderMap, request_id: &HeaderValue, upgraded: bool) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    strip_hop_by_hop(headers, upgraded);
+    headers.insert(&X_REQUEST_ID, request_id.clone());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "x-secret, keep-alive".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers, gzip".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("proxy-authorization", "x".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        assert!(strip_hop_by_hop(&mut h, false));
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn request_ids_are_unique_hex() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+    }
+
+    #[test]
+    fn untrusted_forwarding_headers_are_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
+        h.insert("x-real-ip", "6.6.6.6".parse().unwrap());
+        h.insert("forwarded", "for=6.6.6.6".parse().unwrap());
+        let fwd = Forwarding {
+            peer: "192.0.2.9:1".parse().unwrap(),
+            tls: true,
+            from_trusted_proxy: false,
+        };
+        let rid = new_request_id();
+        prepare_upstream(
+            &mut h,
+            &fwd,
+            None,
+            &rid,
+            None,
+            &IdentitySettings::default(),
+            false,
+        );
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert!(!h.contains_key("x-real-ip") && !h.contains_key("forwarded"));
+    }
+}

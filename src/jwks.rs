@@ -1,0 +1,444 @@
+//! JWKS and OIDC discovery: fetching an issuer's keys, refreshing them in the background, kid lookup, and a
+//! throttled refetch for unknown kids.
+//!
+//! Fetches go only to URLs from the config (or the discovery document of a configured issuer): https, or http to
+//! loopback. Redirects are not followed, bodies are capped, and a failed refresh keeps the last good keys.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey};
+
+use crate::authn::{bind_key, JwksSettings, JwksSource, VerifyKey};
+
+/// Largest JWKS or discovery document accepted.
+const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("cannot build the TLS client: {0}")]
+    Tls(String),
+    #[error("request to {url} failed: {source}")]
+    Request {
+        url: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("request to {0} timed out")]
+    Timeout(String),
+    #[error("{url} answered {status} (redirects are not followed)")]
+    Status {
+        url: String,
+        status: http::StatusCode,
+    },
+    #[error("reading {0} failed or exceeded the size cap")]
+    Body(String),
+    #[error("{url} is not valid JSON: {source}")]
+    Json {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("discovery document: {0}")]
+    Discovery(String),
+    #[error("the JWKS at {0} has no usable signing key")]
+    NoKeys(String),
+}
+
+/// Returns true for URLs we may fetch keys from: https anywhere, http only to loopback.
+pub fn allowed_fetch_uri(u: &http::Uri) -> bool {
+    let Some(host) = u.host() else { return false };
+    match u.scheme_str() {
+        Some("https") => true,
+        Some("http") => {
+            let h = host.trim_start_matches('[').trim_end_matches(']');
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        _ => false,
+    }
+}
+
+/// An HTTP(S) client for key fetches: system roots plus an optional private CA.
+pub type FetchClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// Builds a fetch client trusting the system roots and, if given, the CA certificates in `ca_file`.
+pub fn fetch_client(ca_file: Option<&Path>) -> Result<FetchClient, JwksError> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| JwksError::Tls(format!("{}: {e}", path.display())))?;
+        for c in certs {
+            let c = c.map_err(|e| JwksError::Tls(format!("{}: {e}", path.display())))?;
+            roots
+                .add(c)
+                .map_err(|e| JwksError::Tls(format!("{}: {e}", path.display())))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| JwksError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector))
+}
+
+/// A key from a JWKS.
+#[derive(Debug)]
+pub struct JwkKey {
+    pub key: VerifyKey,
+}
+
+/// An issuer's live JWKS: swapped whole on each successful fetch; readers never lock.
+pub struct KeySet {
+    issuer_id: String,
+    issuer: String,
+    settings: JwksSettings,
+    algorithms: Vec<Algorithm>,
+    keys: ArcSwap<HashMap<String, Arc<JwkKey>>>,
+    keyless: ArcSwap<Vec<Arc<JwkKey>>>,
+    client: Option<FetchClient>,
+    client_error: Option<String>,
+    has_keys: AtomicBool,
+    /// When the last refetch for an unknown kid happened (the miss path only).
+    last_refetch: Mutex<Option<Instant>>,
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl KeySet {
+    /// Creates an empty key set; keys arrive with the first [`KeySet::refresh`].
+    pub fn new(
+        issuer_id: String,
+        issuer: String,
+        settings: JwksSettings,
+        algorithms: Vec<Algorithm>,
+        shared: &FetchClient,
+    ) -> KeySet {
+        let (client, client_error) = match &settings.ca_file {
+            None => (Some(shared.clone()), None),
+            Some(ca) => match fetch_client(Some(ca)) {
+                Ok(c) => (Some(c), None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+        };
+        KeySet {
+            issuer_id,
+            issuer,
+            settings,
+            algorithms,
+            keys: ArcSwap::from_pointee(HashMap::new()),
+            keyless: ArcSwap::from_pointee(Vec::new()),
+            client,
+            client_error,
+            has_keys: AtomicBool::new(false),
+            last_refetch: Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Names the issuer this key set belongs to.
+    pub fn issuer_id(&self) -> &str {
+        &self.issuer_id
+    }
+
+    /// Returns true once a fetch has produced at least one key.
+    pub fn has_keys(&self) -> bool {
+        self.has_keys.load(Ordering::Acquire)
+    }
+
+    /// Counts the keys held now.
+    pub fn key_count(&self) -> usize {
+        self.keys.load().len() + self.keyless.load().len()
+    }
+
+    /// Looks up a key by kid.
+    pub fn get(&self, kid: &str) -> Option<Arc<JwkKey>> {
+        self.keys.load().get(kid).cloned()
+    }
+
+    /// For a token without a kid: the key that fits `alg`, only if exactly one does.
+    pub fn single_key_for(&self, alg: Algorithm) -> Option<Arc<JwkKey>> {
+        let keys = self.keys.load();
+        let keyless = self.keyless.load();
+        let mut fits = keys
+            .values()
+            .chain(keyless.iter())
+            .filter(|k| k.key.algorithms.contains(&alg));
+        let first = fits.next()?;
+        fits.next().is_none().then(|| first.clone())
+    }
+
+    /// Refetches the JWKS for an unknown kid, at most once per cool-down window across all requests.
+    pub async fn refetch_for_unknown_kid(&self, kid: &str) -> Option<Arc<JwkKey>> {
+        {
+            let Ok(mut last) = self.last_refetch.lock() else {
+                return None;
+            };
+            if last.is_some_and(|t| t.elapsed() < self.settings.refetch_cooldown) {
+                return None;
+            }
+            *last = Some(Instant::now());
+        }
+        tracing::info!(issuer = %self.issuer_id, "unknown kid: refetching JWKS");
+        if let Err(e) = self.refresh().await {
+            tracing::warn!(issuer = %self.issuer_id, error = %e, "JWKS refetch failed; keeping the last good keys");
+        }
+        self.get(kid)
+    }
+
+    /// Fetches the JWKS now and swaps it in. Returns how long until the next refresh is due.
+    pub async fn refresh(&self) -> Result<Duration, JwksError> {
+        let _one_at_a_time = self.fetching.lock().await;
+        let Some(client) = &self.client else {
+            return Err(JwksError::Tls(
+                self.client_error.clone().unwrap_or_default(),
+            ));
+        };
+        let jwks_uri = match &self.settings.source {
+            JwksSource::Url(u) => u.clone(),
+            JwksSource::Discovery(u) => {
+                let (doc, _) = self.get_json(client, u).await?;
+                let iss = doc
+                    .get("issuer")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default();
+                if iss != self.issuer {
+                    return Err(JwksError::Discovery(format!(
+                        "issuer {iss:?} does not match the configured {:?}",
+                        self.issuer
+                    )));
+                }
+                let uri = doc
+                    .get("jwks_uri")
+                    .and_then(|v| v.as_str())
+                    .ok_or_else(|| JwksError::Discovery("no jwks_uri".into()))?;
+                let uri: http::Uri = uri
+                    .parse()
+                    .map_err(|_| JwksError::Discovery(format!("bad jwks_uri {uri:?}")))?;
+                if !allowed_fetch_uri(&uri) {
+                    return Err(JwksError::Discovery(format!(
+                        "jwks_uri {uri} must be https (http only to loopback)"
+                    )));
+                }
+                uri
+            }
+        };
+        let (doc, max_age) = self.get_json(client, &jwks_uri).await?;
+        let (keys, keyless) = self.parse_keys(&doc);
+        if keys.is_empty() && keyless.is_empty() {
+            return Err(JwksError::NoKeys(jwks_uri.to_string()));
+        }
+        tracing::debug!(issuer = %self.issuer_id, keys = keys.len() + keyless.len(), "JWKS loaded");
+        self.keys.store(Arc::new(keys));
+        self.keyless.store(Arc::new(keyless));
+        self.has_keys.store(true, Ordering::Release);
+        let next = match max_age {
+            Some(age) => age.clamp(Duration::from_secs(5), self.settings.refresh),
+            None => self.settings.refresh,
+        };
+        Ok(next)
+    }
+
+    async fn get_json(
+        &self,
+        client: &FetchClient,
+        uri: &http::Uri,
+    ) -> Result<(serde_json::Value, Option<Duration>), JwksError> {
+        let url = uri.to_string();
+        let req = http::Request::get(uri.clone())
+            .header(http::header::ACCEPT, "application/json")
+            .body(Empty::new())
+            .map_err(|_| JwksError::Body(url.clone()))?;
+        let fetch = async {
+            let rsp = client
+                .request(req)
+                .await
+                .map_err(|source| JwksError::Request {
+                    url: url.clone(),
+                    source,
+                })?;
+            if rsp.status() != http::StatusCode::OK {
+                return Err(JwksError::Status {
+                    url: url.clone(),
+                    status: rsp.status(),
+                });
+            }
+            let max_age = rsp
+                .headers()
+                .get(http::header::CACHE_CONTROL)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_max_age);
+            let body = Limited::new(rsp.into_body(), MAX_DOCUMENT_BYTES)
+                .collect()
+                .await
+                .map_err(|_| JwksError::Body(url.clone()))?
+                .to_bytes();
+            let doc = serde_json::from_slice(&body).map_err(|source| JwksError::Json {
+                url: url.clone(),
+                source,
+            })?;
+            Ok((doc, max_age))
+        };
+        tokio::time::timeout(self.settings.timeout, fetch)
+            .await
+            .map_err(|_| JwksError::Timeout(url.clone()))?
+    }
+
+    fn parse_keys(
+        &self,
+        doc: &serde_json::Value,
+    ) -> (HashMap<String, Arc<JwkKey>>, Vec<Arc<JwkKey>>) {
+        let mut keys = HashMap::new();
+        let mut keyless = Vec::new();
+        for raw in doc
+            .get("keys")
+            .and_then(|k| k.as_array())
+            .into_iter()
+            .flatten()
+        {
+            match self.parse_key(raw) {
+                Ok(k) => match k.key.kid.clone() {
+                    Some(kid) => {
+                        keys.insert(kid, Arc::new(k));
+                    }
+                    None => keyless.push(Arc::new(k)),
+                },
+                Err(why) => {
+                    tracing::info!(issuer = %self.issuer_id, kid = ?raw.get("kid"), "skipping JWKS key: {why}")
+                }
+            }
+        }
+        (keys, keyless)
+    }
+
+    fn parse_key(&self, raw: &serde_json::Value) -> Result<JwkKey, String> {
+        let jwk: Jwk =
+            serde_json::from_value(raw.clone()).map_err(|e| format!("unreadable: {e}"))?;
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+            return Err("marked \"use\": \"enc\"".into());
+        }
+        let curve_alg = match &jwk.algorithm {
+            AlgorithmParameters::OctetKey(_) => {
+                return Err("symmetric (oct) keys are never taken from a JWKS".into())
+            }
+            AlgorithmParameters::EllipticCurve(p) => match p.curve {
+                EllipticCurve::P256 => Some(Algorithm::ES256),
+                EllipticCurve::P384 => Some(Algorithm::ES384),
+                _ => return Err("unsupported curve".into()),
+            },
+            AlgorithmParameters::OctetKeyPair(p) if p.curve != EllipticCurve::Ed25519 => {
+                return Err("unsupported OKP curve".into())
+            }
+            _ => None,
+        };
+        let declared = match raw.get("alg") {
+            Some(serde_json::Value::String(a)) => Some(
+                a.parse::<Algorithm>()
+                    .map_err(|_| format!("unsupported alg {a:?}"))?,
+            ),
+            Some(_) => return Err("alg is not a string".into()),
+            None => None,
+        };
+        if let (Some(d), Some(c)) = (declared, curve_alg) {
+            if d != c {
+                return Err(format!("alg {d:?} disagrees with the curve"));
+            }
+        }
+        let jwk_alg = declared.or(curve_alg);
+        if let Some(a) = jwk_alg {
+            if !self.algorithms.contains(&a) {
+                return Err(format!("alg {a:?} is not allowed for this issuer"));
+            }
+        }
+        let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("bad key material: {e}"))?;
+        let key = bind_key(jwk.common.key_id.clone(), key, &self.algorithms, jwk_alg)?;
+        Ok(JwkKey { key })
+    }
+
+    /// Runs the background refresh loop until the task is aborted. Retries quickly while no keys are held.
+    pub async fn run_refresh(self: Arc<Self>, mut on_result: impl FnMut(&str, bool, usize) + Send) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let wait = match self.refresh().await {
+                Ok(next) => {
+                    on_result(&self.issuer_id, true, self.key_count());
+                    backoff = Duration::from_millis(500);
+                    next
+                }
+                Err(e) => {
+                    on_result(&self.issuer_id, false, self.key_count());
+                    tracing::warn!(issuer = %self.issuer_id, error = %e, "JWKS refresh failed; keeping the last good keys");
+                    let wait = if self.has_keys() {
+                        backoff
+                            .max(Duration::from_secs(5))
+                            .min(self.settings.refresh)
+                    } else {
+                        backoff
+                    };
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    wait
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+fn parse_max_age(cc: &str) -> Option<Duration> {
+    cc.split(',')
+        .find_map(|d| d.trim().strip_prefix("max-age="))
+        .and_then(|v| v.trim().parse().ok())
+        .map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fetch_urls_are_https_or_loopback() {
+        assert!(allowed_fetch_uri(
+            &"https://sso.example.com/x".parse().unwrap()
+        ));
+        assert!(allowed_fetch_uri(&"http://127.0.0.1:9/x".parse().unwrap()));
+        assert!(allowed_fetch_uri(&"http://[::1]:9/x".parse().unwrap()));
+        assert!(!allowed_fetch_uri(
+            &"http://sso.example.com/x".parse().unwrap()
+        ));
+        assert!(!allowed_fetch_uri(&"ftp://127.0.0.1/x".parse().unwrap()));
+    }
+
+    #[test]
+    fn max_age() {
+        assert_eq!(
+            parse_max_age("public, max-age=300"),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(parse_max_age("no-store"), None);
+    }
+}

@@ -1,0 +1,179 @@
+//! Portcullis: a reverse-proxy authentication gateway.
+//!
+//! A request goes top to bottom through: accept and TLS ([`server`], [`tls`]) -> HTTP -> route match
+//! ([`router`]) -> authenticate ([`authn`], [`jwks`]) -> authorize ([`authz`]) -> forward ([`proxy`], [`headers`])
+//! -> response headers -> access log, all driven by [`gateway::Gateway::handle`]. Errors become answers in
+//! [`error`] only.
+
+pub mod admin;
+pub mod authn;
+pub mod authz;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod gateway;
+pub mod headers;
+pub mod issuer;
+pub mod jwks;
+pub mod proxy;
+pub mod ratelimit;
+pub mod router;
+pub mod server;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{watch, Semaphore};
+
+pub use config::Config;
+pub use gateway::Gateway;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Build(#[from] gateway::BuildError),
+}
+
+/// A started gateway: the addresses it bound and a handle to stop it.
+pub struct RunningGateway {
+    pub https: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    shared: Arc<server::Shared>,
+    shutdown: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl RunningGateway {
+    /// Begins a graceful shutdown: listeners close at once, `readyz` turns 503, in-flight requests finish.
+    pub fn begin_shutdown(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until every connection has drained (or `drain_timeout` passed).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    /// Shuts down gracefully and waits for the drain.
+    pub async fn stop(self) {
+        self.begin_shutdown();
+        self.wait().await;
+    }
+
+    /// Returns the state shared with the connections (current gateway, drain flag).
+    pub fn shared(&self) -> &Arc<server::Shared> {
+        &self.shared
+    }
+}
+
+/// Starts a gateway from a checked config: generates the self-signed pair if asked, binds every listener, and
+/// serves until [`RunningGateway::stop`]. Must be called inside a tokio runtime.
+pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
+    let config = Arc::new(config);
+    let mut acceptor = None;
+    let mut resolver = None;
+    if let Some(t) = &config.tls {
+        tls::ensure_self_signed(t)?;
+        let r = Arc::new(tls::CertResolver::new(tls::load_certified_key(t)?));
+        let server_config = tls::server_config(t, r.clone())?;
+        acceptor = Some((
+            tokio_rustls::TlsAcceptor::from(server_config),
+            t.handshake_timeout,
+        ));
+        resolver = Some(r);
+    }
+    let bind = |addr: SocketAddr| async move {
+        server::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let https = match (config.listen.https, &acceptor) {
+        (Some(a), Some(_)) => Some(bind(a).await?),
+        _ => None,
+    };
+    let http = match config.listen.http {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let admin = match config.listen.admin {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let local = |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+    let (https_addr, http_addr, admin_addr) = (local(&https), local(&http), local(&admin));
+
+    let gateway = Gateway::new(config.clone())?;
+    let shared = Arc::new(server::Shared {
+        gateway: ArcSwap::from_pointee(gateway),
+        draining: AtomicBool::new(false),
+        tls: resolver,
+    });
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let builder = Arc::new(server::http_builder(&config.limits));
+    let connections = Arc::new(Semaphore::new(config.limits.max_connections));
+    let mut loops = Vec::new();
+    for (listener, tls) in [(https, acceptor), (http, None)] {
+        if let Some(l) = listener {
+            loops.push(tokio::spawn(server::accept_loop(
+                l,
+                tls,
+                shared.clone(),
+                connections.clone(),
+                builder.clone(),
+                graceful.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+    }
+    let admin_task =
+        admin.map(|l| tokio::spawn(server::admin_loop(l, shared.clone(), shutdown_rx.clone())));
+    let drain_timeout = config.limits.drain_timeout;
+    let done = tokio::spawn(async move {
+        for l in loops {
+            let _ = l.await;
+        }
+        if let Some(a) = admin_task {
+            let _ = a.await;
+        }
+        // Every accept loop has ended, so this is the last reference and every connection is being watched.
+        match Arc::try_unwrap(graceful) {
+            Ok(g) => {
+                if tokio::time::timeout(drain_timeout, g.shutdown())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        ?drain_timeout,
+                        "drain timeout passed with connections still open"
+                    );
+                }
+            }
+            Err(_) => {
+                tracing::warn!("graceful shutdown handle still shared; not waiting for drain")
+            }
+        }
+    });
+    Ok(RunningGateway {
+        https: https_addr,
+        http: http_addr,
+        admin: admin_addr,
+        shared,
+        shutdown: shutdown_tx,
+        done,
+    })
+}

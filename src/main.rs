@@ -1,0 +1,327 @@
+//! The `portcullis` command line: a thin layer over the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use portcullis::config::{parse_duration, Config, ConfigError};
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "A reverse-proxy authentication gateway"
+)]
+struct Cli {
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// Log level (RUST_LOG, when set, wins).
+    #[arg(long, default_value = "info", global = true)]
+    log_level: String,
+    /// Tokio worker threads (default: [server] worker_threads, else the CPUs this process may run on).
+    #[arg(long, env = "PORTCULLIS_WORKERS", global = true)]
+    workers: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the gateway.
+    Run {
+        #[arg(long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config like `nginx -t`: exit 0 with a summary, or 1 with every error at file:line:column.
+    Check {
+        #[arg(long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+    /// Start the gateway on the shipped config with a built-in echo upstream, and print curl commands to try.
+    Demo {
+        #[arg(long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+    /// Mint a token with an issuer's configured key (for tests and scripts).
+    Token {
+        #[arg(long, default_value = "gateway.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        issuer: String,
+        #[arg(long)]
+        sub: String,
+        /// Comma-separated roles.
+        #[arg(long, default_value = "")]
+        roles: String,
+        /// Space-separated scopes.
+        #[arg(long, default_value = "")]
+        scopes: String,
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log_level);
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config } => with_config(&config, cli.workers, |cfg, w| run(cfg, w, false)),
+        Command::Demo { config } => {
+            // The shipped config reads its HMAC secret (if any) from the environment; give the demo one.
+            demo_secret();
+            with_config(&config, cli.workers, |cfg, w| run(cfg, w, true))
+        }
+        Command::Token {
+            config,
+            issuer,
+            sub,
+            roles,
+            scopes,
+            ttl,
+        } => token(&config, &issuer, &sub, &roles, &scopes, &ttl),
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn demo_secret() {
+    if std::env::var_os("PORTCULLIS_JWT_SECRET").is_none() {
+        let mut s = String::new();
+        for _ in 0..3 {
+            s.push_str(
+                portcullis::headers::new_request_id()
+                    .to_str()
+                    .unwrap_or("portcullis-demo-secret-portcullis"),
+            );
+        }
+        // Single-threaded here: no runtime or other thread exists yet.
+        std::env::set_var("PORTCULLIS_JWT_SECRET", s);
+    }
+}
+
+fn print_config_error(e: &ConfigError) {
+    eprintln!("{e}");
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::check(path) {
+        Err(e) => {
+            print_config_error(&e);
+            eprintln!("{}: configuration is invalid", path.display());
+            ExitCode::from(1)
+        }
+        Ok(cfg) => {
+            if let Some(t) = &cfg.tls {
+                if portcullis::tls::will_generate(t) {
+                    println!("note: TLS pair {} / {} will be generated at start (self_signed, local use only)", t.cert.display(), t.key.display());
+                } else if let Err(e) = portcullis::tls::load_certified_key(t) {
+                    eprintln!("{}: [tls]: {e}", path.display());
+                    return ExitCode::from(1);
+                }
+            }
+            for n in &cfg.notes {
+                println!("note: {n}");
+            }
+            for w in &cfg.warnings {
+                println!(
+                    "warning: {}:{}:{}: {}",
+                    path.display(),
+                    w.line,
+                    w.column,
+                    w.message
+                );
+            }
+            print_summary(&cfg);
+            println!("{}: configuration is valid", path.display());
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn print_summary(cfg: &Config) {
+    let l = &cfg.listen;
+    let show = |a: Option<std::net::SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
+    println!(
+        "listeners: https {}  http {}  admin {}",
+        show(l.https),
+        show(l.http),
+        show(l.admin)
+    );
+    println!("upstreams:");
+    for (name, u) in &cfg.upstreams {
+        println!(
+            "  {name:<16} {}://{}  connect {:?}, timeout {:?}",
+            u.scheme, u.authority, u.connect_timeout, u.timeout
+        );
+    }
+    println!("issuers:");
+    for i in &cfg.issuers {
+        println!("  {:<16} {}  {:?}", i.id, i.issuer, i.algorithms);
+    }
+    println!("routes (first match wins):");
+    for r in cfg.routes.routes() {
+        let methods = r.methods.as_ref().map_or("*".to_string(), |m| {
+            m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+        });
+        println!(
+            "  {:<16} {:<8} {:<24} -> {:<10} auth={:?}",
+            r.name,
+            methods,
+            r.pattern.to_string(),
+            r.upstream,
+            r.policy.auth
+        );
+    }
+}
+
+fn with_config(
+    path: &Path,
+    workers: Option<usize>,
+    f: impl FnOnce(Config, Option<usize>) -> ExitCode,
+) -> ExitCode {
+    match Config::load(path) {
+        Ok(cfg) => {
+            for w in &cfg.warnings {
+                tracing::warn!("{}:{}:{}: {}", path.display(), w.line, w.column, w.message);
+            }
+            f(cfg, workers)
+        }
+        Err(e) => {
+            print_config_error(&e);
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n.max(1));
+    }
+    b.enable_all().build()
+}
+
+fn run(cfg: Config, workers: Option<usize>, demo: bool) -> ExitCode {
+    let workers = workers.or(cfg.worker_threads);
+    let rt = match runtime(workers) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        if demo {
+            let addr = cfg.upstreams.get("api").or_else(|| cfg.upstreams.values().next()).and_then(|u| u.authority.as_str().parse::<std::net::SocketAddr>().ok());
+            match addr {
+                Some(a) => {
+                    if let Err(e) = portcullis::demo::spawn_echo_upstream(a).await {
+                        eprintln!("demo: cannot start the echo upstream on {a}: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+                None => {
+                    eprintln!("demo: the config has no upstream with an IP:PORT address for the echo server");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        let tokens = demo.then(|| {
+            let issuer = cfg.issuers.first()?;
+            let user = portcullis::issuer::mint(issuer, "john.doe", &["user".into()], &["read:items".into()], 1800).ok()?;
+            let admin = portcullis::issuer::mint(issuer, "admin.user", &["admin".into(), "user".into()], &["read:items".into(), "write:items".into()], 1800).ok()?;
+            Some((user, admin))
+        });
+        let gw = match portcullis::start(cfg).await {
+            Ok(gw) => gw,
+            Err(e) => {
+                eprintln!("cannot start: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        tracing::info!(https = ?gw.https, http = ?gw.http, admin = ?gw.admin, "portcullis started");
+        if demo {
+            let t = tokens.flatten();
+            portcullis::demo::print_guide(gw.https.or(gw.http), gw.admin, t.as_ref().map(|t| t.0.as_str()), t.as_ref().map(|t| t.1.as_str()));
+        }
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining connections");
+        gw.stop().await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn token(path: &Path, issuer: &str, sub: &str, roles: &str, scopes: &str, ttl: &str) -> ExitCode {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            print_config_error(&e);
+            return ExitCode::from(1);
+        }
+    };
+    let Some(iss) = cfg.issuers.iter().find(|i| i.id == issuer) else {
+        eprintln!("no issuer {issuer:?} in {}", path.display());
+        return ExitCode::from(1);
+    };
+    let ttl = match parse_duration(ttl) {
+        Ok(d) => d.as_secs(),
+        Err(e) => {
+            eprintln!("--ttl: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let roles: Vec<String> = roles
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let scopes: Vec<String> = scopes.split_whitespace().map(str::to_string).collect();
+    match portcullis::issuer::mint(iss, sub, &roles, &scopes, ttl) {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}

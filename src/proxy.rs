@@ -1,0 +1,185 @@
+//! Forwarding to an upstream: the rewritten URI, a pooled keep-alive client per upstream, timeouts, and the
+//! byte pipe after a successful upgrade (WebSocket).
+
+use std::sync::Arc;
+
+use http::uri::{PathAndQuery, Uri};
+use http::{HeaderValue, Request, Response, Version};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::body::Body;
+use crate::config::UpstreamSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("upstream {upstream}: connect failed: {source}")]
+    Connect {
+        upstream: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("upstream {upstream}: no response within {timeout:?}")]
+    Timeout {
+        upstream: String,
+        timeout: std::time::Duration,
+    },
+    #[error("upstream {upstream}: request failed: {source}")]
+    Reset {
+        upstream: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("request body exceeded the limit while streaming")]
+    BodyTooLarge,
+    #[error("upstream switched protocols without being asked to")]
+    UnexpectedUpgrade,
+    #[error("cannot build the upstream URI: {0}")]
+    Uri(#[from] http::Error),
+}
+
+impl ProxyError {
+    /// Names the failure kind for metrics (`connect`, `timeout`, `reset`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::Connect { .. } => "connect",
+            ProxyError::Timeout { .. } => "timeout",
+            ProxyError::Reset { .. }
+            | ProxyError::UnexpectedUpgrade
+            | ProxyError::BodyTooLarge
+            | ProxyError::Uri(_) => "reset",
+        }
+    }
+}
+
+/// An upstream and its connection pool.
+pub struct Upstream {
+    pub settings: UpstreamSettings,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+}
+
+impl Upstream {
+    /// Builds the pooled client for an upstream (TLS to https upstreams verifies against the system roots).
+    pub fn new(settings: UpstreamSettings, tls: &Arc<rustls::ClientConfig>) -> Upstream {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(settings.connect_timeout));
+        http.set_keepalive(Some(std::time::Duration::from_secs(60)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((**tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .set_host(true)
+            .build(connector);
+        Upstream { settings, client }
+    }
+}
+
+/// Builds the TLS client config used for https upstreams.
+pub fn upstream_tls() -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = match rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+    {
+        Ok(b) => b.with_root_certificates(roots).with_no_client_auth(),
+        Err(_) => rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
+/// Points a request at the upstream: scheme and authority from the config, the routed path, the query as sent.
+/// With `preserve_host = false` the upstream's authority becomes the `Host`.
+pub fn rewrite_uri(
+    req: &mut Request<Body>,
+    up: &UpstreamSettings,
+    path: &str,
+    client_host: Option<HeaderValue>,
+) -> Result<(), ProxyError> {
+    let pq = match req.uri().query() {
+        Some(q) => PathAndQuery::try_from(format!("{path}?{q}")),
+        None => PathAndQuery::try_from(path),
+    }
+    .map_err(http::Error::from)?;
+    let uri = Uri::builder()
+        .scheme(up.scheme.clone())
+        .authority(up.authority.clone())
+        .path_and_query(pq)
+        .build()?;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    match (up.preserve_host, client_host) {
+        (true, Some(h)) => {
+            req.headers_mut().insert(http::header::HOST, h);
+        }
+        _ => {
+            // hyper sets Host from the URI's authority when the header is absent.
+            req.headers_mut().remove(http::header::HOST);
+        }
+    }
+    Ok(())
+}
+
+/// Sends the request and waits for the response head, bounded by the upstream's `timeout`.
+pub async fn forward(up: &Upstream, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+    let name = &up.settings.name;
+    match tokio::time::timeout(up.settings.timeout, up.client.request(req)).await {
+        Err(_) => Err(ProxyError::Timeout {
+            upstream: name.clone(),
+            timeout: up.settings.timeout,
+        }),
+        Ok(Ok(rsp)) => Ok(rsp),
+        Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect {
+            upstream: name.clone(),
+            source: e,
+        }),
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<hyper::Error>())
+                .and_then(std::error::Error::source)
+                .is_some_and(|s| {
+                    s.downcast_ref::<crate::body::BodyError>()
+                        .is_some_and(|b| matches!(b, crate::body::BodyError::TooLarge))
+                });
+            if too_large {
+                Err(ProxyError::BodyTooLarge)
+            } else {
+                Err(ProxyError::Reset {
+                    upstream: name.clone(),
+                    source: e,
+                })
+            }
+        }
+    }
+}
+
+/// Joins the client's and the upstream's upgraded connections and copies bytes both ways until either closes.
+pub fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                let mut c = TokioIo::new(c);
+                let mut u = TokioIo::new(u);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+}

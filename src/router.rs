@@ -1,0 +1,595 @@
+//! Path normalisation and route matching (exact, `{param}`, `/*` prefix); first match in file order wins.
+//!
+//! Threat model: a client crafts a path that the gateway routes one way and the upstream reads another
+//! (`//admin`, `/./admin`, `/x/../admin`, `/%61dmin`, `/admin%2fx`, `\admin`). The defence is to decide on one
+//! canonical form and forward exactly that form: dot-segments are removed and slashes merged after unreserved
+//! characters are decoded, and anything whose meaning differs between servers (an encoded `/` or `\`, NUL, other
+//! control bytes) is refused with 400 rather than guessed at. The upstream never sees a path the policy did not.
+
+use std::borrow::Cow;
+
+use http::{HeaderValue, Method};
+
+use crate::authz::Policy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("request target is not an absolute path")]
+    NotAbsolutePath,
+    #[error("path has a malformed percent-escape")]
+    BadEscape,
+    #[error("path contains an encoded slash, a backslash or a control character")]
+    ForbiddenByte,
+    #[error("no route matches")]
+    NotFound,
+    #[error("route matches but the method is not allowed")]
+    MethodNotAllowed { allow: HeaderValue },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Param(String),
+}
+
+/// A compiled route path: `/exact/path`, `/users/{id}` (one segment each), `/prefix/*` (the rest).
+#[derive(Debug, Clone)]
+pub struct PathPattern {
+    segments: Vec<Segment>,
+    prefix: bool,
+    trailing_slash: bool,
+}
+
+impl PathPattern {
+    /// Compiles a route's `path`.
+    pub fn parse(s: &str) -> Result<PathPattern, String> {
+        if !s.starts_with('/') {
+            return Err(format!("path {s:?} must start with '/'"));
+        }
+        let (body, prefix) = match s.strip_suffix("/*") {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        let trailing_slash = !prefix && body.len() > 1 && body.ends_with('/');
+        let mut segments = Vec::new();
+        let mut seen = Vec::new();
+        for seg in body.split('/').filter(|x| !x.is_empty()) {
+            if seg == "."
+                || seg == ".."
+                || seg.contains('*')
+                || seg.contains('%')
+                || seg.contains('\\')
+            {
+                return Err(format!(
+                    "path {s:?}: segment {seg:?} is not allowed ('*' only as a final \"/*\")"
+                ));
+            }
+            if let Some(name) = seg.strip_prefix('{').and_then(|x| x.strip_suffix('}')) {
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(format!(
+                        "path {s:?}: parameter {seg:?} needs a name of letters, digits or '_'"
+                    ));
+                }
+                if seen.contains(&name) {
+                    return Err(format!("path {s:?}: parameter {{{name}}} appears twice"));
+                }
+                seen.push(name);
+                segments.push(Segment::Param(name.to_string()));
+            } else if seg.contains('{') || seg.contains('}') {
+                return Err(format!(
+                    "path {s:?}: a parameter must be a whole segment, like \"/users/{{id}}\""
+                ));
+            } else {
+                segments.push(Segment::Literal(seg.to_string()));
+            }
+        }
+        if body.contains("//") {
+            return Err(format!("path {s:?} has an empty segment"));
+        }
+        Ok(PathPattern {
+            segments,
+            prefix,
+            trailing_slash,
+        })
+    }
+
+    /// Returns true if the pattern has a `{name}` parameter.
+    pub fn has_param(&self, name: &str) -> bool {
+        self.segments
+            .iter()
+            .any(|s| matches!(s, Segment::Param(p) if p == name))
+    }
+
+    fn matches<'p>(
+        &self,
+        path: &'p str,
+        case_insensitive: bool,
+        params: &mut Vec<(usize, &'p str)>,
+    ) -> bool {
+        params.clear();
+        let rest = &path[1..];
+        let ends_with_slash = rest.ends_with('/');
+        let trimmed = rest.strip_suffix('/').unwrap_or(rest);
+        let mut parts = trimmed.split('/').filter(|p| !p.is_empty());
+        for (i, seg) in self.segments.iter().enumerate() {
+            let Some(part) = parts.next() else {
+                return false;
+            };
+            match seg {
+                Segment::Literal(l) => {
+                    let eq = if case_insensitive {
+                        l.eq_ignore_ascii_case(part)
+                    } else {
+                        l == part
+                    };
+                    if !eq {
+                        return false;
+                    }
+                }
+                Segment::Param(_) => params.push((i, part)),
+            }
+        }
+        if self.prefix {
+            return true;
+        }
+        if parts.next().is_some() {
+            return false;
+        }
+        // Exact routes are exact: "/users/me/" is not "/users/me" (fail closed rather than guess).
+        let is_root = self.segments.is_empty();
+        is_root || ends_with_slash == self.trailing_slash
+    }
+
+    /// True if every path this pattern's `other` matches is also matched by `self`.
+    fn covers(&self, other: &PathPattern) -> bool {
+        if !self.prefix
+            && (other.prefix
+                || self.segments.len() != other.segments.len()
+                || self.trailing_slash != other.trailing_slash)
+        {
+            return false;
+        }
+        if self.segments.len() > other.segments.len() {
+            return false;
+        }
+        self.segments
+            .iter()
+            .zip(&other.segments)
+            .all(|(a, b)| match (a, b) {
+                (Segment::Param(_), _) => true,
+                (Segment::Literal(x), Segment::Literal(y)) => x == y,
+                (Segment::Literal(_), Segment::Param(_)) => false,
+            })
+    }
+}
+
+impl std::fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.segments.is_empty() && !self.prefix {
+            return f.write_str("/");
+        }
+        for s in &self.segments {
+            match s {
+                Segment::Literal(l) => write!(f, "/{l}")?,
+                Segment::Param(p) => write!(f, "/{{{p}}}")?,
+            }
+        }
+        if self.prefix {
+            f.write_str("/*")?;
+        } else if self.trailing_slash {
+            f.write_str("/")?;
+        }
+        Ok(())
+    }
+}
+
+/// A checked route: where matching requests go and the policy that decides on them.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Position in file order; indexes per-route state (upstream client, metrics handles).
+    pub index: usize,
+    pub name: String,
+    pub pattern: PathPattern,
+    pub methods: Option<Vec<Method>>,
+    pub upstream: String,
+    pub strip_prefix: Option<String>,
+    pub policy: Policy,
+    case_insensitive: bool,
+}
+
+impl Route {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        index: usize,
+        name: String,
+        pattern: PathPattern,
+        methods: Option<Vec<Method>>,
+        upstream: String,
+        strip_prefix: Option<String>,
+        policy: Policy,
+        case_insensitive: bool,
+    ) -> Route {
+        Route {
+            index,
+            name,
+            pattern,
+            methods,
+            upstream,
+            strip_prefix,
+            policy,
+            case_insensitive,
+        }
+    }
+
+    fn allows(&self, method: &Method) -> bool {
+        self.methods.as_ref().is_none_or(|m| {
+            m.contains(method) || (*method == Method::HEAD && m.contains(&Method::GET))
+        })
+    }
+
+    /// True if this route matches every request `later` would, so `later` can never be chosen.
+    pub(crate) fn shadows(&self, later: &Route) -> bool {
+        let methods = match (&self.methods, &later.methods) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(a), Some(b)) => b.iter().all(|m| a.contains(m)),
+        };
+        methods && self.pattern.covers(&later.pattern)
+    }
+
+    /// Returns the path to send upstream: the normalised path with `strip_prefix` removed.
+    pub fn upstream_path<'a>(&self, path: &'a str) -> &'a str {
+        let Some(prefix) = &self.strip_prefix else {
+            return path;
+        };
+        let head = path.get(..prefix.len());
+        let same = head.is_some_and(|h| {
+            if self.case_insensitive {
+                h.eq_ignore_ascii_case(prefix)
+            } else {
+                h == prefix
+            }
+        });
+        if !same {
+            return path;
+        }
+        match &path[prefix.len()..] {
+            "" => "/",
+            rest if rest.starts_with('/') => rest,
+            _ => path,
+        }
+    }
+}
+
+/// A path parameter taken from the matched path, fully percent-decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathParam {
+    pub name: String,
+    pub value: String,
+}
+
+/// The route a request matched, with its decoded path parameters.
+#[derive(Debug)]
+pub struct RouteMatch<'r> {
+    pub route: &'r Route,
+    pub params: Vec<PathParam>,
+}
+
+impl RouteMatch<'_> {
+    /// Returns the decoded value of path parameter `name`.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.value.as_str())
+    }
+}
+
+/// The routes in file order.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    case_insensitive: bool,
+}
+
+impl RouteTable {
+    pub(crate) fn new(routes: Vec<Route>, case_insensitive: bool) -> RouteTable {
+        RouteTable {
+            routes,
+            case_insensitive,
+        }
+    }
+
+    /// Lists the routes in file order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// Returns true if paths match without regard to ASCII case.
+    pub fn case_insensitive(&self) -> bool {
+        self.case_insensitive
+    }
+
+    /// Finds the first route whose path and method match a normalised path. A path that some route matches
+    /// only for other methods is 405 with `Allow`; no path match at all is 404.
+    pub fn match_route<'r>(
+        &'r self,
+        method: &Method,
+        path: &str,
+    ) -> Result<RouteMatch<'r>, RouteError> {
+        let mut scratch = Vec::new();
+        let mut allowed: Vec<&Method> = Vec::new();
+        for route in &self.routes {
+            if !route
+                .pattern
+                .matches(path, self.case_insensitive, &mut scratch)
+            {
+                continue;
+            }
+            if route.allows(method) {
+                let params = scratch
+                    .iter()
+                    .filter_map(|(i, raw)| match &route.pattern.segments[*i] {
+                        Segment::Param(name) => Some(PathParam {
+                            name: name.clone(),
+                            value: percent_encoding::percent_decode_str(raw)
+                                .decode_utf8_lossy()
+                                .into_owned(),
+                        }),
+                        Segment::Literal(_) => None,
+                    })
+                    .collect();
+                return Ok(RouteMatch { route, params });
+            }
+            if let Some(ms) = &route.methods {
+                allowed.extend(ms.iter());
+            }
+        }
+        if allowed.is_empty() {
+            return Err(RouteError::NotFound);
+        }
+        let mut names: Vec<&str> = allowed.iter().map(|m| m.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let allow =
+            HeaderValue::from_str(&names.join(", ")).unwrap_or(HeaderValue::from_static("GET"));
+        Err(RouteError::MethodNotAllowed { allow })
+    }
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Normalises a request path (RFC 3986 §6.2.2): decodes percent-escaped unreserved characters, upper-cases the
+/// remaining escapes, removes dot-segments and merges repeated slashes. Refuses an encoded `/` or `\`, a raw `\`,
+/// and NUL or any other control character. Paths already in normal form are returned without copying.
+pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, RouteError> {
+    let bytes = raw.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(RouteError::NotAbsolutePath);
+    }
+    let needs_work = bytes
+        .iter()
+        .any(|&b| b == b'%' || b == b'\\' || b < 0x20 || b == 0x7f)
+        || raw.contains("//")
+        || raw.contains("/./")
+        || raw.contains("/../")
+        || raw.ends_with("/.")
+        || raw.ends_with("/..");
+    if !needs_work {
+        return Ok(Cow::Borrowed(raw));
+    }
+    // Pass 1: escapes and forbidden bytes.
+    let mut decoded = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'%' => {
+                let (Some(h), Some(l)) = (
+                    bytes.get(i + 1).and_then(|&x| hex(x)),
+                    bytes.get(i + 2).and_then(|&x| hex(x)),
+                ) else {
+                    return Err(RouteError::BadEscape);
+                };
+                let v = h * 16 + l;
+                if v == b'/' || v == b'\\' || v < 0x20 || v == 0x7f {
+                    return Err(RouteError::ForbiddenByte);
+                }
+                if is_unreserved(v) {
+                    decoded.push(v as char);
+                } else {
+                    decoded.push('%');
+                    decoded.push(char::from(b"0123456789ABCDEF"[usize::from(h)]));
+                    decoded.push(char::from(b"0123456789ABCDEF"[usize::from(l)]));
+                }
+                i += 3;
+            }
+            b'\\' => return Err(RouteError::ForbiddenByte),
+            b if b < 0x20 || b == 0x7f => return Err(RouteError::ForbiddenByte),
+            _ => {
+                // Non-ASCII cannot occur in a parsed URI; keep whole chars anyway to stay on char boundaries.
+                let ch_len = raw[i..].chars().next().map_or(1, char::len_utf8);
+                decoded.push_str(&raw[i..i + ch_len]);
+                i += ch_len;
+                continue;
+            }
+        }
+    }
+    // Pass 2: dot-segments and empty segments.
+    let mut out: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    for seg in decoded[1..].split('/') {
+        trailing = false;
+        match seg {
+            "" | "." => trailing = true,
+            ".." => {
+                out.pop();
+                trailing = true;
+            }
+            s => out.push(s),
+        }
+    }
+    let mut path = String::with_capacity(decoded.len());
+    for seg in &out {
+        path.push('/');
+        path.push_str(seg);
+    }
+    if path.is_empty() || trailing {
+        path.push('/');
+    }
+    Ok(Cow::Owned(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authz::Policy;
+
+    fn table(paths: &[(&str, Option<&[&str]>)], ci: bool) -> RouteTable {
+        let routes = paths
+            .iter()
+            .enumerate()
+            .map(|(i, (p, m))| {
+                let methods = m.map(|m| {
+                    m.iter()
+                        .map(|s| Method::from_bytes(s.as_bytes()).unwrap())
+                        .collect()
+                });
+                Route::new(
+                    i,
+                    format!("r{i}"),
+                    PathPattern::parse(p).unwrap(),
+                    methods,
+                    "u".into(),
+                    None,
+                    Policy::public(),
+                    ci,
+                )
+            })
+            .collect();
+        RouteTable::new(routes, ci)
+    }
+
+    #[test]
+    fn normalises_bypass_attempts_to_one_form() {
+        for p in [
+            "/admin/x",
+            "//admin/x",
+            "/./admin/x",
+            "/public/../admin/x",
+            "/%61dmin/x",
+            "/admin//x",
+            "/a/b/../../admin/x",
+            "/%2e%2e/admin/x",
+        ] {
+            assert_eq!(normalize_path(p).unwrap(), "/admin/x", "{p}");
+        }
+        assert_eq!(normalize_path("/../..").unwrap(), "/");
+        assert_eq!(normalize_path("/a/b/..").unwrap(), "/a/");
+        assert_eq!(normalize_path("/a%20b").unwrap(), "/a%20b");
+        assert_eq!(normalize_path("/a%7eb%3f").unwrap(), "/a~b%3F");
+    }
+
+    #[test]
+    fn refuses_ambiguous_bytes() {
+        for p in [
+            "/admin%2fx",
+            "/admin%2Fx",
+            "/admin%5cx",
+            "/a\\b",
+            "/a%00",
+            "/a%0d%0a",
+            "/a%zz",
+            "/a%4",
+        ] {
+            assert!(normalize_path(p).is_err(), "{p}");
+        }
+        assert!(normalize_path("admin").is_err());
+    }
+
+    #[test]
+    fn first_match_wins_and_prefix_includes_base() {
+        let t = table(
+            &[
+                ("/admin/*", None),
+                ("/users/{id}", None),
+                ("/", None),
+                ("/*", None),
+            ],
+            false,
+        );
+        let m = |p: &str| t.match_route(&Method::GET, p).unwrap().route.name.clone();
+        assert_eq!(m("/admin"), "r0");
+        assert_eq!(m("/admin/"), "r0");
+        assert_eq!(m("/admin/a/b"), "r0");
+        assert_eq!(m("/adminx"), "r3");
+        assert_eq!(m("/users/alice"), "r1");
+        assert_eq!(m("/users/alice/x"), "r3");
+        assert_eq!(m("/"), "r2");
+        let rm = t.match_route(&Method::GET, "/users/al%20ice").unwrap();
+        assert_eq!(rm.param("id"), Some("al ice"));
+    }
+
+    #[test]
+    fn method_mismatch_is_405_and_no_match_404() {
+        let t = table(
+            &[("/items", Some(&["POST"])), ("/items", Some(&["PUT"]))],
+            false,
+        );
+        assert!(t.match_route(&Method::POST, "/items").is_ok());
+        match t.match_route(&Method::GET, "/items") {
+            Err(RouteError::MethodNotAllowed { allow }) => assert_eq!(allow, "POST, PUT"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            t.match_route(&Method::GET, "/nope"),
+            Err(RouteError::NotFound)
+        ));
+    }
+
+    #[test]
+    fn case_insensitive_is_opt_in() {
+        let t = table(&[("/admin/*", None)], false);
+        assert!(t.match_route(&Method::GET, "/ADMIN/x").is_err());
+        let t = table(&[("/admin/*", None)], true);
+        assert!(t.match_route(&Method::GET, "/ADMIN/x").is_ok());
+    }
+
+    #[test]
+    fn shadowing_is_detected() {
+        let t = table(&[("/*", None), ("/admin", Some(&["GET"]))], false);
+        assert!(t.routes()[0].shadows(&t.routes()[1]));
+        let t = table(&[("/admin", Some(&["GET"])), ("/*", None)], false);
+        assert!(!t.routes()[0].shadows(&t.routes()[1]));
+    }
+
+    #[test]
+    fn strip_prefix_on_segment_boundary() {
+        let mut r = Route::new(
+            0,
+            "r".into(),
+            PathPattern::parse("/api/*").unwrap(),
+            None,
+            "u".into(),
+            Some("/api".into()),
+            Policy::public(),
+            false,
+        );
+        assert_eq!(r.upstream_path("/api/x"), "/x");
+        assert_eq!(r.upstream_path("/api"), "/");
+        assert_eq!(r.upstream_path("/apix"), "/apix");
+        r.strip_prefix = None;
+        assert_eq!(r.upstream_path("/api/x"), "/api/x");
+    }
+}

@@ -1,0 +1,173 @@
+//! Accept loops for the public listeners (https, http) and the admin listener: connection limits, the TLS
+//! handshake timeout, HTTP/1.1 + HTTP/2 serving with hyper's timers, and graceful drain.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Limits;
+use crate::gateway::{ConnInfo, Gateway};
+
+/// State shared by every connection: the current Gateway (swapped whole on reload) and the drain flag.
+pub struct Shared {
+    pub gateway: ArcSwap<Gateway>,
+    pub draining: AtomicBool,
+    pub tls: Option<Arc<crate::tls::CertResolver>>,
+}
+
+/// Builds the HTTP server settings from the limits: hyper's header timeout needs a timer to work.
+pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true)
+        .half_close(false);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(256))
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// Accepts connections until `shutdown` flips, serving each on its own task. The semaphore bounds open
+/// connections across the public listeners: at the limit we stop accepting (the kernel backlog holds the rest).
+pub async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<(TlsAcceptor, Duration)>,
+    shared: Arc<Shared>,
+    limits: Arc<Semaphore>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.changed() => break,
+            p = limits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.changed() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let shared = shared.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => {
+                    serve(
+                        tcp,
+                        ConnInfo { peer, tls: false },
+                        shared,
+                        &builder,
+                        watcher,
+                    )
+                    .await
+                }
+                Some((acceptor, timeout)) => {
+                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            serve(
+                                stream,
+                                ConnInfo { peer, tls: true },
+                                shared,
+                                &builder,
+                                watcher,
+                            )
+                            .await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn serve<I>(
+    io: I,
+    info: ConnInfo,
+    shared: Arc<Shared>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let gateway = shared.gateway.load_full();
+        async move { Ok::<_, Infallible>(gateway.handle(req, info).await) }
+    });
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Serves the admin listener (health and metrics) until shutdown.
+pub async fn admin_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, _peer) = tokio::select! {
+            _ = shutdown.changed() => break,
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue } },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(crate::admin::handle(&shared, req)) }
+            });
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            let _ = b.serve_connection(TokioIo::new(tcp), service).await;
+        });
+    }
+}
+
+/// Binds a listener; port 0 picks a free port.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+impl Shared {
+    /// Returns true once draining has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}

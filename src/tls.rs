@@ -1,0 +1,154 @@
+//! TLS termination: PEM -> rustls `ServerConfig` (TLS 1.2/1.3, AEAD suites, ALPN h2 + http/1.1, no 0-RTT), the
+//! self-signed development pair, and a certificate resolver that can be swapped on reload.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{TlsSettings, TlsVersion};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM certificate found")]
+    NoCertificate { path: String },
+    #[error("{path}: no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {detail}")]
+    BadKey { path: String, detail: String },
+    #[error("the certificate and key do not form a usable pair: {0}")]
+    Pair(String),
+    #[error("cannot generate the self-signed pair: {0}")]
+    Generate(String),
+}
+
+/// Returns true if the pair is missing and `self_signed` will generate it at start.
+pub fn will_generate(s: &TlsSettings) -> bool {
+    s.self_signed && !(s.cert.exists() && s.key.exists())
+}
+
+/// Generates a localhost / 127.0.0.1 certificate at the configured paths when `self_signed` is set and the files
+/// are missing. The key file is written with mode 0600. Returns true if a pair was generated.
+pub fn ensure_self_signed(s: &TlsSettings) -> Result<bool, TlsError> {
+    if !will_generate(s) {
+        return Ok(false);
+    }
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let certified =
+        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let write = |path: &Path, data: &str, mode: u32| -> Result<(), TlsError> {
+        let err = |source| TlsError::Read {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
+        let mut f = opts.open(path).map_err(err)?;
+        f.write_all(data.as_bytes()).map_err(err)
+    };
+    write(&s.key, &certified.signing_key.serialize_pem(), 0o600)?;
+    write(&s.cert, &certified.cert.pem(), 0o644)?;
+    tracing::warn!(cert = %s.cert.display(), key = %s.key.display(), "generated a self-signed localhost certificate: for local use only");
+    Ok(true)
+}
+
+/// Loads a certificate chain and its private key into a rustls `CertifiedKey`.
+pub fn load_certified_key(s: &TlsSettings) -> Result<Arc<CertifiedKey>, TlsError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| TlsError::Read {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    let cert_pem = read(&s.cert)?;
+    let key_pem = read(&s.key)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: s.cert.display().to_string(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::BadKey {
+        path: s.key.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::BadKey {
+            path: s.key.display().to_string(),
+            detail: e.to_string(),
+        })?;
+    let ck = CertifiedKey::new(certs, signing);
+    ck.keys_match().map_err(|e| TlsError::Pair(e.to_string()))?;
+    Ok(Arc::new(ck))
+}
+
+/// Serves the current certificate; `set` swaps it for new handshakes without touching live connections.
+#[derive(Debug)]
+pub struct CertResolver {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl CertResolver {
+    /// Creates a resolver serving `key`.
+    pub fn new(key: Arc<CertifiedKey>) -> CertResolver {
+        CertResolver {
+            current: ArcSwap::new(key),
+        }
+    }
+
+    /// Replaces the certificate for new handshakes.
+    pub fn set(&self, key: Arc<CertifiedKey>) {
+        self.current.store(key);
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// Builds the server config: TLS 1.2+ (or 1.3 only), aws-lc-rs AEAD suites, ALPN h2 then http/1.1, no early data.
+pub fn server_config(
+    s: &TlsSettings,
+    resolver: Arc<CertResolver>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = match s.min_version {
+        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| TlsError::Pair(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // 0-RTT data is replayable; an auth gateway never accepts it.
+    cfg.max_early_data_size = 0;
+    cfg.send_half_rtt_data = false;
+    Ok(Arc::new(cfg))
+}
