@@ -28,13 +28,7 @@ pub fn handle<B>(shared: &Shared, req: Request<B>) -> Response<Body> {
 
 fn json_ok(body: &'static str) -> Response<Body> {
     let mut rsp = Response::new(Body::full(body));
-    rsp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    rsp.headers_mut().insert(
-        http::header::CACHE_CONTROL,
-        http::HeaderValue::from_static("no-store"),
-    );
+    rsp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    rsp.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
     rsp
 }

@@ -73,10 +73,7 @@ pub enum AuthError {
 }
 
 fn invalid(reason: FailReason, detail: impl Into<String>) -> AuthError {
-    AuthError::InvalidToken {
-        reason,
-        detail: detail.into(),
-    }
+    AuthError::InvalidToken { reason, detail: detail.into() }
 }
 
 impl AuthError {
@@ -184,10 +181,7 @@ pub struct VerifyKey {
 
 impl std::fmt::Debug for VerifyKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VerifyKey")
-            .field("kid", &self.kid)
-            .field("algorithms", &self.algorithms)
-            .finish()
+        f.debug_struct("VerifyKey").field("kid", &self.kid).field("algorithms", &self.algorithms).finish()
     }
 }
 
@@ -261,47 +255,25 @@ fn rsa_modulus_bits(key: &DecodingKey) -> Option<usize> {
 }
 
 /// Binds a key to the issuer's allowed algorithms of its family, refusing weak keys.
-pub fn bind_key(
-    kid: Option<String>,
-    key: DecodingKey,
-    allowed: &[Algorithm],
-    jwk_alg: Option<Algorithm>,
-) -> Result<VerifyKey, String> {
+pub fn bind_key(kid: Option<String>, key: DecodingKey, allowed: &[Algorithm], jwk_alg: Option<Algorithm>) -> Result<VerifyKey, String> {
     let family = key.family();
     if family == AlgorithmFamily::Rsa {
         match rsa_modulus_bits(&key) {
             Some(bits) if bits >= 2048 => {}
-            Some(bits) => {
-                return Err(format!(
-                    "RSA key of {bits} bits is too small (at least 2048)"
-                ))
-            }
+            Some(bits) => return Err(format!("RSA key of {bits} bits is too small (at least 2048)")),
             None => return Err("RSA key could not be read".into()),
         }
     }
-    let algorithms: Vec<Algorithm> = allowed
-        .iter()
-        .copied()
-        .filter(|a| a.family() == family && jwk_alg.is_none_or(|j| j == *a))
-        .collect();
+    let algorithms: Vec<Algorithm> = allowed.iter().copied().filter(|a| a.family() == family && jwk_alg.is_none_or(|j| j == *a)).collect();
     if algorithms.is_empty() {
-        return Err(format!(
-            "key type {family:?} fits none of the issuer's algorithms {allowed:?}"
-        ));
+        return Err(format!("key type {family:?} fits none of the issuer's algorithms {allowed:?}"));
     }
-    Ok(VerifyKey {
-        kid,
-        key,
-        algorithms,
-    })
+    Ok(VerifyKey { kid, key, algorithms })
 }
 
 /// Reads a PEM public key (or certificate) of any supported type.
 pub fn read_public_pem(pem: &[u8]) -> Option<DecodingKey> {
-    DecodingKey::from_rsa_pem(pem)
-        .ok()
-        .or_else(|| DecodingKey::from_ec_pem(pem).ok())
-        .or_else(|| DecodingKey::from_ed_pem(pem).ok())
+    DecodingKey::from_rsa_pem(pem).ok().or_else(|| DecodingKey::from_ec_pem(pem).ok()).or_else(|| DecodingKey::from_ed_pem(pem).ok())
 }
 
 /// Reads the public half of a PEM private key (PKCS#8: Ed25519, EC P-256/P-384, RSA).
@@ -309,15 +281,10 @@ pub fn public_from_private_pem(pem: &[u8]) -> Result<DecodingKey, String> {
     crate::issuer::public_key_of(pem).map(|(key, _)| key)
 }
 
-pub(crate) fn validate_issuer(
-    v: &mut Validator<'_>,
-    span: std::ops::Range<usize>,
-    f: IssuerFile,
-) -> Option<IssuerSettings> {
+pub(crate) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize>, f: IssuerFile) -> Option<IssuerSettings> {
     let id = f.id.clone();
     let before = v.problem_count();
-    let err =
-        |v: &mut Validator<'_>, msg: String| v.error(span.clone(), format!("issuer {id:?}: {msg}"));
+    let err = |v: &mut Validator<'_>, msg: String| v.error(span.clone(), format!("issuer {id:?}: {msg}"));
     let mut algorithms = Vec::new();
     for a in &f.algorithms {
         match parse_alg(a) {
@@ -337,10 +304,7 @@ pub(crate) fn validate_issuer(
         (Some(var), None) => match std::env::var_os(var) {
             Some(s) => Some(s.into_encoded_bytes()),
             None => {
-                err(
-                    v,
-                    format!("environment variable {var} (secret_env) is not set"),
-                );
+                err(v, format!("environment variable {var} (secret_env) is not set"));
                 None
             }
         },
@@ -365,10 +329,7 @@ pub(crate) fn validate_issuer(
     let mut static_keys = Vec::new();
     if let Some(s) = secret {
         if s.len() < 32 {
-            err(
-                v,
-                format!("HMAC secret is {} bytes; at least 32 are required", s.len()),
-            );
+            err(v, format!("HMAC secret is {} bytes; at least 32 are required", s.len()));
         } else {
             match bind_key(None, DecodingKey::from_secret(&s), &algorithms, None) {
                 Ok(k) => static_keys.push(k),
@@ -377,16 +338,8 @@ pub(crate) fn validate_issuer(
             hmac_secret = Some(Arc::new(s));
         }
     }
-    if algorithms
-        .iter()
-        .any(|a| a.family() == AlgorithmFamily::Hmac)
-        && hmac_secret.is_none()
-        && v.problem_count() == before
-    {
-        err(
-            v,
-            "an HMAC algorithm needs `secret_env` or `secret_file`".into(),
-        );
+    if algorithms.iter().any(|a| a.family() == AlgorithmFamily::Hmac) && hmac_secret.is_none() && v.problem_count() == before {
+        err(v, "an HMAC algorithm needs `secret_env` or `secret_file`".into());
     }
     for pk in f.public_keys.iter().flatten() {
         let (path, kid) = match pk {
@@ -400,39 +353,24 @@ pub(crate) fn validate_issuer(
                     Ok(k) => static_keys.push(k),
                     Err(e) => err(v, format!("{}: {e}", p.display())),
                 },
-                None => err(
-                    v,
-                    format!(
-                        "{}: not a PEM public key or certificate (RSA, EC or Ed25519)",
-                        p.display()
-                    ),
-                ),
+                None => err(v, format!("{}: not a PEM public key or certificate (RSA, EC or Ed25519)", p.display())),
             },
             Err(e) => err(v, format!("cannot read public key {}: {e}", p.display())),
         }
     }
     let private_key = f.private_key.as_ref().map(|p| v.resolve(p));
     if f.generate_key && private_key.is_none() {
-        err(
-            v,
-            "`generate_key = true` needs `private_key` (where to write it)".into(),
-        );
+        err(v, "`generate_key = true` needs `private_key` (where to write it)".into());
     }
     let pending = match &private_key {
         Some(p) if f.generate_key && !p.exists() => match v.generating() {
             false => {
-                v.note(format!(
-                    "issuer {id:?}: signing key {} will be generated at start (local use only)",
-                    p.display()
-                ));
+                v.note(format!("issuer {id:?}: signing key {} will be generated at start (local use only)", p.display()));
                 true
             }
             true => {
                 if let Err(e) = crate::issuer::generate_ed25519(p) {
-                    err(
-                        v,
-                        format!("cannot generate private_key {}: {e}", p.display()),
-                    );
+                    err(v, format!("cannot generate private_key {}: {e}", p.display()));
                 }
                 false
             }
@@ -441,9 +379,7 @@ pub(crate) fn validate_issuer(
     };
     if let Some(p) = private_key.as_ref().filter(|_| !pending) {
         match std::fs::read(p) {
-            Ok(pem) => match public_from_private_pem(&pem)
-                .and_then(|key| bind_key(None, key, &algorithms, None))
-            {
+            Ok(pem) => match public_from_private_pem(&pem).and_then(|key| bind_key(None, key, &algorithms, None)) {
                 Ok(k) => static_keys.push(k),
                 Err(e) => err(v, format!("private_key {}: {e}", p.display())),
             },
@@ -466,10 +402,7 @@ pub(crate) fn validate_issuer(
         }
         (Some(u), false) => issuer_uri(v, u, "jwks_url").map(JwksSource::Url),
         (None, true) => {
-            let url = format!(
-                "{}/.well-known/openid-configuration",
-                f.issuer.trim_end_matches('/')
-            );
+            let url = format!("{}/.well-known/openid-configuration", f.issuer.trim_end_matches('/'));
             issuer_uri(v, &url, "discovery URL").map(JwksSource::Discovery)
         }
         (None, false) => None,
@@ -477,9 +410,7 @@ pub(crate) fn validate_issuer(
     let jwks = source.map(|source| JwksSettings {
         source,
         refresh: f.jwks_refresh.map_or(Duration::from_secs(600), |d| d.0),
-        refetch_cooldown: f
-            .jwks_refetch_cooldown
-            .map_or(Duration::from_secs(30), |d| d.0),
+        refetch_cooldown: f.jwks_refetch_cooldown.map_or(Duration::from_secs(30), |d| d.0),
         timeout: f.jwks_timeout.map_or(Duration::from_secs(5), |d| d.0),
         ca_file: f.ca_file.as_ref().map(|p| v.resolve(p)),
     });
@@ -493,16 +424,7 @@ pub(crate) fn validate_issuer(
     }
     let typ = match &f.typ {
         None => vec![None, Some("jwt".to_string()), Some("at+jwt".to_string())],
-        Some(list) => list
-            .iter()
-            .map(|t| {
-                if t.is_empty() {
-                    None
-                } else {
-                    Some(normalize_typ(t))
-                }
-            })
-            .collect(),
+        Some(list) => list.iter().map(|t| if t.is_empty() { None } else { Some(normalize_typ(t)) }).collect(),
     };
     if v.problem_count() != before {
         return None;
@@ -526,9 +448,7 @@ pub(crate) fn validate_issuer(
 
 fn normalize_typ(t: &str) -> String {
     let t = t.to_ascii_lowercase();
-    t.strip_prefix("application/")
-        .map(str::to_string)
-        .unwrap_or(t)
+    t.strip_prefix("application/").map(str::to_string).unwrap_or(t)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -560,25 +480,11 @@ impl Authenticator {
         let mut by_iss = HashMap::new();
         for s in settings {
             by_iss.insert(s.issuer.clone(), issuers.len());
-            let jwks = s.jwks.as_ref().map(|j| {
-                Arc::new(KeySet::new(
-                    s.id.clone(),
-                    s.issuer.clone(),
-                    j.clone(),
-                    s.algorithms.clone(),
-                    client,
-                ))
-            });
-            issuers.push(Issuer {
-                settings: s.clone(),
-                jwks,
-            });
+            let jwks =
+                s.jwks.as_ref().map(|j| Arc::new(KeySet::new(s.id.clone(), s.issuer.clone(), j.clone(), s.algorithms.clone(), client)));
+            issuers.push(Issuer { settings: s.clone(), jwks });
         }
-        Authenticator {
-            issuers,
-            by_iss,
-            cache: TokenCache::new(16, 4096),
-        }
+        Authenticator { issuers, by_iss, cache: TokenCache::new(16, 4096) }
     }
 
     /// Lists the issuers.
@@ -588,83 +494,44 @@ impl Authenticator {
 
     /// Returns true once every JWKS issuer has keys.
     pub fn ready(&self) -> bool {
-        self.issuers
-            .iter()
-            .all(|i| i.jwks.as_ref().is_none_or(|k| k.has_keys()))
+        self.issuers.iter().all(|i| i.jwks.as_ref().is_none_or(|k| k.has_keys()))
     }
 
     /// Authenticates a request for a route with the given auth mode.
-    pub async fn authenticate(
-        &self,
-        headers: &HeaderMap,
-        mode: AuthMode,
-    ) -> Result<Authenticated, AuthError> {
+    pub async fn authenticate(&self, headers: &HeaderMap, mode: AuthMode) -> Result<Authenticated, AuthError> {
         if mode == AuthMode::Public {
-            return Ok(Authenticated {
-                principal: None,
-                cache_hit: false,
-            });
+            return Ok(Authenticated { principal: None, cache_hit: false });
         }
         let token = match extract_bearer(headers)? {
             Some(t) => t,
-            None if mode == AuthMode::Optional => {
-                return Ok(Authenticated {
-                    principal: None,
-                    cache_hit: false,
-                })
-            }
+            None if mode == AuthMode::Optional => return Ok(Authenticated { principal: None, cache_hit: false }),
             None => return Err(AuthError::Missing),
         };
         let now = unix_now();
         let key = TokenCache::key(token);
         if let Some(p) = self.cache.get(&key, now) {
-            return Ok(Authenticated {
-                principal: Some(p),
-                cache_hit: true,
-            });
+            return Ok(Authenticated { principal: Some(p), cache_hit: true });
         }
         let principal = Arc::new(self.verify(token, now).await?);
         self.cache.insert(key, principal.clone(), now);
-        Ok(Authenticated {
-            principal: Some(principal),
-            cache_hit: false,
-        })
+        Ok(Authenticated { principal: Some(principal), cache_hit: false })
     }
 
     /// Fully verifies one token: header, issuer, key, signature, claims.
     pub async fn verify(&self, token: &str, now: u64) -> Result<Principal, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
-            return Err(invalid(
-                FailReason::TooLarge,
-                format!("token of {} bytes", token.len()),
-            ));
+            return Err(invalid(FailReason::TooLarge, format!("token of {} bytes", token.len())));
         }
         let mut parts = token.split('.');
-        let (Some(h64), Some(p64), Some(s64), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(invalid(
-                FailReason::Malformed,
-                "not three dot-separated segments (JWE and nested tokens are refused)",
-            ));
+        let (Some(h64), Some(p64), Some(s64), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(invalid(FailReason::Malformed, "not three dot-separated segments (JWE and nested tokens are refused)"));
         };
-        let header =
-            decode_json(h64).map_err(|e| invalid(FailReason::Malformed, format!("header: {e}")))?;
-        let alg_name = header
-            .get("alg")
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid(FailReason::Malformed, "header has no string alg"))?;
-        let alg = parse_alg(alg_name).ok_or_else(|| {
-            invalid(
-                FailReason::Algorithm,
-                format!("algorithm {alg_name:?} is not supported"),
-            )
-        })?;
+        let header = decode_json(h64).map_err(|e| invalid(FailReason::Malformed, format!("header: {e}")))?;
+        let alg_name =
+            header.get("alg").and_then(Value::as_str).ok_or_else(|| invalid(FailReason::Malformed, "header has no string alg"))?;
+        let alg = parse_alg(alg_name).ok_or_else(|| invalid(FailReason::Algorithm, format!("algorithm {alg_name:?} is not supported")))?;
         if header.contains_key("crit") {
-            return Err(invalid(
-                FailReason::Malformed,
-                "crit header present (no extensions are implemented)",
-            ));
+            return Err(invalid(FailReason::Malformed, "crit header present (no extensions are implemented)"));
         }
         if header.contains_key("b64") {
             return Err(invalid(FailReason::Malformed, "b64 header present"));
@@ -672,10 +539,7 @@ impl Authenticator {
         if let Some(cty) = header.get("cty") {
             let cty = cty.as_str().map(normalize_typ);
             if cty.as_deref() != Some("json") {
-                return Err(invalid(
-                    FailReason::Malformed,
-                    "cty header present (nested tokens are refused)",
-                ));
+                return Err(invalid(FailReason::Malformed, "cty header present (nested tokens are refused)"));
             }
         }
         let kid = match header.get("kid") {
@@ -683,12 +547,8 @@ impl Authenticator {
             Some(Value::String(k)) => Some(k.as_str()),
             Some(_) => return Err(invalid(FailReason::Malformed, "kid is not a string")),
         };
-        let claims = decode_json(p64)
-            .map_err(|e| invalid(FailReason::Malformed, format!("payload: {e}")))?;
-        let iss = claims
-            .get("iss")
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid(FailReason::Issuer, "no string iss claim"))?;
+        let claims = decode_json(p64).map_err(|e| invalid(FailReason::Malformed, format!("payload: {e}")))?;
+        let iss = claims.get("iss").and_then(Value::as_str).ok_or_else(|| invalid(FailReason::Issuer, "no string iss claim"))?;
         let issuer = self
             .by_iss
             .get(iss)
@@ -701,16 +561,10 @@ impl Authenticator {
             Some(_) => return Err(invalid(FailReason::Malformed, "typ is not a string")),
         };
         if !s.typ.contains(&typ) {
-            return Err(invalid(
-                FailReason::Malformed,
-                format!("typ {typ:?} is not accepted for issuer {:?}", s.id),
-            ));
+            return Err(invalid(FailReason::Malformed, format!("typ {typ:?} is not accepted for issuer {:?}", s.id)));
         }
         if !s.algorithms.contains(&alg) {
-            return Err(invalid(
-                FailReason::Algorithm,
-                format!("algorithm {alg:?} is not allowed for issuer {:?}", s.id),
-            ));
+            return Err(invalid(FailReason::Algorithm, format!("algorithm {alg:?} is not allowed for issuer {:?}", s.id)));
         }
         let message_len = h64.len() + 1 + p64.len();
         let message = &token.as_bytes()[..message_len];
@@ -729,36 +583,18 @@ impl Authenticator {
     ) -> Result<(), AuthError> {
         let s = &issuer.settings;
         let verify_with = |k: &VerifyKey| -> bool {
-            k.algorithms.contains(&alg)
-                && jsonwebtoken::crypto::verify(sig, message, &k.key, alg).unwrap_or(false)
+            k.algorithms.contains(&alg) && jsonwebtoken::crypto::verify(sig, message, &k.key, alg).unwrap_or(false)
         };
         // A kid that names a static key selects that key only.
-        if let Some(k) =
-            kid.and_then(|kid| s.static_keys.iter().find(|k| k.kid.as_deref() == Some(kid)))
-        {
-            return if verify_with(k) {
-                Ok(())
-            } else {
-                Err(bad_signature(k.algorithms.contains(&alg)))
-            };
+        if let Some(k) = kid.and_then(|kid| s.static_keys.iter().find(|k| k.kid.as_deref() == Some(kid))) {
+            return if verify_with(k) { Ok(()) } else { Err(bad_signature(k.algorithms.contains(&alg))) };
         }
-        let candidates: Vec<&VerifyKey> = s
-            .static_keys
-            .iter()
-            .filter(|k| k.algorithms.contains(&alg))
-            .collect();
+        let candidates: Vec<&VerifyKey> = s.static_keys.iter().filter(|k| k.algorithms.contains(&alg)).collect();
         if issuer.jwks.is_none() || (kid.is_none() && !candidates.is_empty()) {
             if candidates.is_empty() {
-                return Err(invalid(
-                    FailReason::Algorithm,
-                    format!("no key of issuer {:?} fits {alg:?}", s.id),
-                ));
+                return Err(invalid(FailReason::Algorithm, format!("no key of issuer {:?} fits {alg:?}", s.id)));
             }
-            return if candidates.into_iter().any(verify_with) {
-                Ok(())
-            } else {
-                Err(bad_signature(true))
-            };
+            return if candidates.into_iter().any(verify_with) { Ok(()) } else { Err(bad_signature(true)) };
         }
         let Some(jwks) = &issuer.jwks else {
             return Err(bad_signature(true));
@@ -774,10 +610,7 @@ impl Authenticator {
             Some(k) if verify_with(&k.key) => Ok(()),
             Some(k) => Err(bad_signature(k.key.algorithms.contains(&alg))),
             // Looks identical to a bad signature from outside; the label tells the operator.
-            None => Err(invalid(
-                FailReason::UnknownKid,
-                format!("kid {kid:?} not in the JWKS of issuer {:?}", s.id),
-            )),
+            None => Err(invalid(FailReason::UnknownKid, format!("kid {kid:?} not in the JWKS of issuer {:?}", s.id))),
         }
     }
 }
@@ -786,10 +619,7 @@ fn bad_signature(alg_fits: bool) -> AuthError {
     if alg_fits {
         invalid(FailReason::BadSignature, "signature does not verify")
     } else {
-        invalid(
-            FailReason::Algorithm,
-            "the token's algorithm does not fit the selected key",
-        )
+        invalid(FailReason::Algorithm, "the token's algorithm does not fit the selected key")
     }
 }
 
@@ -801,16 +631,9 @@ pub fn extract_bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(AuthError::InvalidRequest(
-            "more than one Authorization header",
-        ));
+        return Err(AuthError::InvalidRequest("more than one Authorization header"));
     }
-    let value = value.to_str().map_err(|_| {
-        invalid(
-            FailReason::Malformed,
-            "Authorization header is not visible ASCII",
-        )
-    })?;
+    let value = value.to_str().map_err(|_| invalid(FailReason::Malformed, "Authorization header is not visible ASCII"))?;
     let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Ok(None);
@@ -820,27 +643,18 @@ pub fn extract_bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
         return Err(invalid(FailReason::Malformed, "Bearer with no token"));
     }
     if token.contains(' ') {
-        return Err(AuthError::InvalidRequest(
-            "more than one credential in Authorization",
-        ));
+        return Err(AuthError::InvalidRequest("more than one credential in Authorization"));
     }
     Ok(Some(token))
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn decode_json(seg: &str) -> Result<Map<String, Value>, String> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(seg)
-        .map_err(|e| format!("base64url: {e}"))?;
-    match serde_json::from_slice::<StrictValue>(&bytes)
-        .map_err(|e| format!("json: {e}"))?
-        .0
-    {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(seg).map_err(|e| format!("base64url: {e}"))?;
+    match serde_json::from_slice::<StrictValue>(&bytes).map_err(|e| format!("json: {e}"))?.0 {
         Value::Object(m) => Ok(m),
         _ => Err("not a JSON object".into()),
     }
@@ -878,27 +692,19 @@ impl<'de> Deserialize<'de> for StrictValue {
             fn visit_unit<E>(self) -> Result<StrictValue, E> {
                 Ok(StrictValue(Value::Null))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<StrictValue, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<StrictValue, A::Error> {
                 let mut out = Vec::new();
                 while let Some(StrictValue(v)) = seq.next_element()? {
                     out.push(v);
                 }
                 Ok(StrictValue(Value::Array(out)))
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<StrictValue, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<StrictValue, A::Error> {
                 let mut out = Map::new();
                 while let Some(k) = map.next_key::<String>()? {
                     let StrictValue(v) = map.next_value()?;
                     if out.insert(k.clone(), v).is_some() {
-                        return Err(serde::de::Error::custom(format!(
-                            "member {k:?} appears more than once"
-                        )));
+                        return Err(serde::de::Error::custom(format!("member {k:?} appears more than once")));
                     }
                 }
                 Ok(StrictValue(Value::Object(out)))
@@ -915,25 +721,14 @@ fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, 
         Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
             (Some(v), _) => Ok(Some(v)),
             (None, Some(f)) if f.is_finite() && f >= 0.0 && f < 1e15 => Ok(Some(f as u64)),
-            _ => Err(invalid(
-                FailReason::Malformed,
-                format!("{name} is not a valid NumericDate"),
-            )),
+            _ => Err(invalid(FailReason::Malformed, format!("{name} is not a valid NumericDate"))),
         },
-        Some(_) => Err(invalid(
-            FailReason::Malformed,
-            format!("{name} is not a number"),
-        )),
+        Some(_) => Err(invalid(FailReason::Malformed, format!("{name} is not a number"))),
     }
 }
 
-fn check_claims(
-    s: &IssuerSettings,
-    claims: &Map<String, Value>,
-    now: u64,
-) -> Result<(), AuthError> {
-    let exp = numeric_date(claims, "exp")?
-        .ok_or_else(|| invalid(FailReason::Malformed, "no exp claim"))?;
+fn check_claims(s: &IssuerSettings, claims: &Map<String, Value>, now: u64) -> Result<(), AuthError> {
+    let exp = numeric_date(claims, "exp")?.ok_or_else(|| invalid(FailReason::Malformed, "no exp claim"))?;
     let nbf = numeric_date(claims, "nbf")?;
     let iat = numeric_date(claims, "iat")?;
     if now >= exp.saturating_add(s.leeway) {
@@ -947,10 +742,7 @@ fn check_claims(
     }
     // Lifetime is exp - iat, or exp - now without iat; an absurd exp is refused even if the signature is good.
     if exp.saturating_sub(iat.unwrap_or(now)) > s.max_lifetime.saturating_add(s.leeway) {
-        return Err(invalid(
-            FailReason::Expired,
-            "lifetime exceeds max_lifetime",
-        ));
+        return Err(invalid(FailReason::Expired, "lifetime exceeds max_lifetime"));
     }
     match claims.get("sub") {
         Some(Value::String(sub)) if !sub.is_empty() => {}
@@ -960,19 +752,12 @@ fn check_claims(
         let ok = match claims.get("aud") {
             Some(Value::String(a)) => s.audiences.iter().any(|x| x == a),
             Some(Value::Array(list)) => {
-                list.iter().all(Value::is_string)
-                    && list
-                        .iter()
-                        .filter_map(Value::as_str)
-                        .any(|a| s.audiences.iter().any(|x| x == a))
+                list.iter().all(Value::is_string) && list.iter().filter_map(Value::as_str).any(|a| s.audiences.iter().any(|x| x == a))
             }
             _ => false,
         };
         if !ok {
-            return Err(invalid(
-                FailReason::Audience,
-                "aud does not name an accepted audience",
-            ));
+            return Err(invalid(FailReason::Audience, "aud does not name an accepted audience"));
         }
     }
     Ok(())
@@ -982,11 +767,7 @@ fn check_claims(
 fn string_list(v: Option<&Value>) -> Vec<String> {
     match v {
         Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
         _ => Vec::new(),
     }
 }
@@ -994,20 +775,9 @@ fn string_list(v: Option<&Value>) -> Vec<String> {
 fn principal_from(s: &IssuerSettings, claims: Map<String, Value>) -> Principal {
     let roles = string_list(lookup_claim(&claims, &s.roles_claim));
     let scopes = string_list(lookup_claim(&claims, &s.scopes_claim));
-    let subject = claims
-        .get("sub")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
+    let subject = claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_string();
     let expires_at = numeric_date(&claims, "exp").ok().flatten().unwrap_or(0);
-    Principal {
-        issuer_id: s.id.clone(),
-        subject,
-        roles,
-        scopes,
-        claims: Arc::new(claims),
-        expires_at,
-    }
+    Principal { issuer_id: s.id.clone(), subject, roles, scopes, claims: Arc::new(claims), expires_at }
 }
 
 /// Verified tokens, keyed by the SHA-256 of the token, kept until their `exp` and never longer. Sharded so no lock
@@ -1020,10 +790,7 @@ struct TokenCache {
 
 impl TokenCache {
     fn new(shards: usize, per_shard: usize) -> TokenCache {
-        TokenCache {
-            shards: (0..shards).map(|_| RwLock::new(HashMap::new())).collect(),
-            per_shard,
-        }
+        TokenCache { shards: (0..shards).map(|_| RwLock::new(HashMap::new())).collect(), per_shard }
     }
 
     fn key(token: &str) -> [u8; 32] {
@@ -1050,11 +817,7 @@ impl TokenCache {
             shard.retain(|_, v| now < v.expires_at);
             if shard.len() >= self.per_shard {
                 // Still full of live tokens: drop the one closest to expiry.
-                if let Some(k) = shard
-                    .iter()
-                    .min_by_key(|(_, v)| v.expires_at)
-                    .map(|(k, _)| *k)
-                {
+                if let Some(k) = shard.iter().min_by_key(|(_, v)| v.expires_at).map(|(k, _)| *k) {
                     shard.remove(&k);
                 }
             }
@@ -1080,14 +843,8 @@ mod tests {
     fn claim_lookup_prefers_exact_names() {
         let m = serde_json::json!({"realm_access": {"roles": ["a"]}, "https://x.com/roles": ["b"]});
         let m = m.as_object().unwrap();
-        assert_eq!(
-            lookup_claim(m, "realm_access.roles"),
-            Some(&serde_json::json!(["a"]))
-        );
-        assert_eq!(
-            lookup_claim(m, "https://x.com/roles"),
-            Some(&serde_json::json!(["b"]))
-        );
+        assert_eq!(lookup_claim(m, "realm_access.roles"), Some(&serde_json::json!(["a"])));
+        assert_eq!(lookup_claim(m, "https://x.com/roles"), Some(&serde_json::json!(["b"])));
         assert_eq!(lookup_claim(m, "nope.x"), None);
     }
 
@@ -1102,9 +859,6 @@ mod tests {
         h.insert("authorization", "Basic abc".parse().unwrap());
         assert!(matches!(extract_bearer(&h), Ok(None)));
         h.append("authorization", "Bearer x".parse().unwrap());
-        assert!(matches!(
-            extract_bearer(&h),
-            Err(AuthError::InvalidRequest(_))
-        ));
+        assert!(matches!(extract_bearer(&h), Err(AuthError::InvalidRequest(_))));
     }
 }

@@ -56,10 +56,7 @@ impl ClaimRule {
             Some(param) => return Err(format!("claims rule {claim:?} names {{{param}}}, which is not a parameter of the route's path")),
             None => ClaimValue::Literal(want.to_string()),
         };
-        Ok(ClaimRule {
-            claim: claim.to_string(),
-            value,
-        })
+        Ok(ClaimRule { claim: claim.to_string(), value })
     }
 }
 
@@ -104,11 +101,7 @@ impl Policy {
 
 /// Decides whether `principal` may use the matched route. Anonymous principals (no token on an `optional`
 /// route) pass only a policy without rules.
-pub fn authorize(
-    principal: Option<&Principal>,
-    policy: &Policy,
-    matched: &RouteMatch<'_>,
-) -> Result<(), AuthzError> {
+pub fn authorize(principal: Option<&Principal>, policy: &Policy, matched: &RouteMatch<'_>) -> Result<(), AuthzError> {
     let Some(p) = principal else {
         if policy.auth == AuthMode::Required {
             // authenticate() already refuses this; kept so authorize() alone is never the weak link.
@@ -116,13 +109,9 @@ pub fn authorize(
         }
         return match policy.has_rules() {
             false => Ok(()),
-            true if !policy.roles_any.is_empty() || !policy.roles_all.is_empty() => {
-                Err(AuthzError::Roles)
-            }
+            true if !policy.roles_any.is_empty() || !policy.roles_all.is_empty() => Err(AuthzError::Roles),
             true if !policy.scopes_any.is_empty() || !policy.scopes_all.is_empty() => {
-                Err(AuthzError::Scopes {
-                    needed: needed_scopes(policy),
-                })
+                Err(AuthzError::Scopes { needed: needed_scopes(policy) })
             }
             true => Err(AuthzError::Claims(String::new())),
         };
@@ -140,12 +129,8 @@ pub fn authorize(
     if !policy.roles_all.iter().all(has_role) {
         return Err(AuthzError::Roles);
     }
-    if (!policy.scopes_any.is_empty() && !policy.scopes_any.iter().any(has_scope))
-        || !policy.scopes_all.iter().all(has_scope)
-    {
-        return Err(AuthzError::Scopes {
-            needed: needed_scopes(policy),
-        });
+    if (!policy.scopes_any.is_empty() && !policy.scopes_any.iter().any(has_scope)) || !policy.scopes_all.iter().all(has_scope) {
+        return Err(AuthzError::Scopes { needed: needed_scopes(policy) });
     }
     if policy.bypass_roles.iter().any(has_role) {
         return Ok(());
@@ -195,29 +180,13 @@ mod tests {
         let mut policy = Policy::public();
         policy.auth = AuthMode::Required;
         f(&mut policy);
-        RouteTable::new(
-            vec![Route::new(
-                0,
-                "r".into(),
-                pattern,
-                None,
-                "u".into(),
-                None,
-                policy,
-                false,
-            )],
-            false,
-        )
+        RouteTable::new(vec![Route::new(0, "r".into(), pattern, None, "u".into(), None, policy, false)], false)
     }
 
     #[test]
     fn roles_scopes_and_claims() {
         let t = route("/users/{id}", |p| {
-            p.claims =
-                vec![
-                    ClaimRule::parse("sub", "{id}", &PathPattern::parse("/users/{id}").unwrap())
-                        .unwrap(),
-                ];
+            p.claims = vec![ClaimRule::parse("sub", "{id}", &PathPattern::parse("/users/{id}").unwrap()).unwrap()];
             p.bypass_roles = vec!["admin".into()];
             p.scopes_all = vec!["read".into()];
         });
@@ -228,17 +197,9 @@ mod tests {
         let admin = principal(&["admin"], &["read"], serde_json::json!({"sub": "root"}));
         let noscope = principal(&[], &[], serde_json::json!({"sub": "alice"}));
         assert_eq!(authorize(Some(&alice), pol, &m), Ok(()));
-        assert_eq!(
-            authorize(Some(&bob), pol, &m),
-            Err(AuthzError::Claims("sub".into()))
-        );
+        assert_eq!(authorize(Some(&bob), pol, &m), Err(AuthzError::Claims("sub".into())));
         assert_eq!(authorize(Some(&admin), pol, &m), Ok(()));
-        assert_eq!(
-            authorize(Some(&noscope), pol, &m),
-            Err(AuthzError::Scopes {
-                needed: "read".into()
-            })
-        );
+        assert_eq!(authorize(Some(&noscope), pol, &m), Err(AuthzError::Scopes { needed: "read".into() }));
     }
 
     #[test]
@@ -249,16 +210,10 @@ mod tests {
         });
         let m = t.match_route(&Method::GET, "/admin/x").unwrap();
         let admin = principal(&["admin"], &[], serde_json::json!({"sub": "a"}));
-        assert_eq!(
-            authorize(Some(&admin), &m.route.policy, &m),
-            Err(AuthzError::Issuer("local".into()))
-        );
+        assert_eq!(authorize(Some(&admin), &m.route.policy, &m), Err(AuthzError::Issuer("local".into())));
         let mut kc_user = principal(&["user"], &[], serde_json::json!({"sub": "a"}));
         kc_user.issuer_id = "kc".into();
-        assert_eq!(
-            authorize(Some(&kc_user), &m.route.policy, &m),
-            Err(AuthzError::Roles)
-        );
+        assert_eq!(authorize(Some(&kc_user), &m.route.policy, &m), Err(AuthzError::Roles));
         assert_eq!(authorize(None, &m.route.policy, &m), Err(AuthzError::Roles));
     }
 }

@@ -42,10 +42,7 @@ impl Body {
 
     /// Returns a streaming body that fails after `limit` bytes.
     pub fn limited(inner: Incoming, limit: u64) -> Body {
-        Body::Limited {
-            inner,
-            remaining: limit,
-        }
+        Body::Limited { inner, remaining: limit }
     }
 }
 
@@ -53,10 +50,7 @@ impl http_body::Body for Body {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),

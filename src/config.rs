@@ -15,6 +15,7 @@ use toml::Spanned;
 use crate::authn::{self, IssuerSettings};
 use crate::authz::{ClaimRule, Policy};
 use crate::headers::IdentitySettings;
+use crate::issuer::TokenEndpointSettings;
 use crate::ratelimit::Cidr;
 use crate::router::{PathPattern, Route, RouteTable};
 
@@ -35,10 +36,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{}", render_problems(path, problems))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<Problem>,
-    },
+    Invalid { path: PathBuf, problems: Vec<Problem> },
 }
 
 impl ConfigError {
@@ -57,13 +55,7 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
         if i > 0 {
             out.push('\n');
         }
-        out.push_str(&format!(
-            "{}:{}:{}: {}",
-            path.display(),
-            p.line,
-            p.column,
-            p.message
-        ));
+        out.push_str(&format!("{}:{}:{}: {}", path.display(), p.line, p.column, p.message));
     }
     out
 }
@@ -78,9 +70,7 @@ pub struct DurationValue(pub Duration);
 impl<'de> Deserialize<'de> for DurationValue {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s)
-            .map(DurationValue)
-            .map_err(serde::de::Error::custom)
+        parse_duration(&s).map(DurationValue).map_err(serde::de::Error::custom)
     }
 }
 
@@ -89,9 +79,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad = || {
-        format!("invalid duration {s:?}: expected a whole number and a unit, like \"250ms\", \"30s\", \"5m\", \"1h\"")
-    };
+    let bad = || format!("invalid duration {s:?}: expected a whole number and a unit, like \"250ms\", \"30s\", \"5m\", \"1h\"");
     let n: u64 = num.parse().map_err(|_| bad())?;
     let secs = |k: u64| n.checked_mul(k).map(Duration::from_secs).ok_or_else(bad);
     match unit {
@@ -118,9 +106,7 @@ impl<'de> Deserialize<'de> for SizeValue {
         }
         match Raw::deserialize(d)? {
             Raw::N(n) => Ok(SizeValue(n)),
-            Raw::S(s) => parse_size(&s)
-                .map(SizeValue)
-                .map_err(serde::de::Error::custom),
+            Raw::S(s) => parse_size(&s).map(SizeValue).map_err(serde::de::Error::custom),
         }
     }
 }
@@ -130,8 +116,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad =
-        || format!("invalid size {s:?}: expected a number and a unit, like \"64KiB\" or \"10MiB\"");
+    let bad = || format!("invalid size {s:?}: expected a number and a unit, like \"64KiB\" or \"10MiB\"");
     let n: u64 = num.parse().map_err(|_| bad())?;
     let k: u64 = match unit.trim() {
         "" | "B" => 1,
@@ -170,6 +155,28 @@ struct FileConfig {
     issuers: Vec<Spanned<authn::IssuerFile>>,
     #[serde(default)]
     identity: Option<IdentityFile>,
+    token_endpoint: Option<Spanned<TokenEndpointFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEndpointFile {
+    path: Option<String>,
+    issuer: String,
+    private_key: Option<PathBuf>,
+    users_file: Option<PathBuf>,
+    clients_file: Option<PathBuf>,
+    access_token_ttl: Option<DurationValue>,
+    rate_limit: Option<LoginLimitFile>,
+    #[serde(default)]
+    allow_plaintext: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginLimitFile {
+    rate: String,
+    burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -341,6 +348,7 @@ pub struct Config {
     pub trusted_proxies: Vec<Cidr>,
     pub issuers: Vec<IssuerSettings>,
     pub identity: IdentitySettings,
+    pub token_endpoint: Option<TokenEndpointSettings>,
     /// Non-fatal findings, such as a route that an earlier one shadows.
     pub warnings: Vec<Problem>,
     /// What start will do that `check` did not (generate local-use keys).
@@ -351,19 +359,13 @@ impl Config {
     /// Reads and validates a config file, generating local-use keys it asks for. Relative paths inside it are
     /// resolved against its folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Config::parse(path, &text, true)
     }
 
     /// Validates a config file without writing anything (for `portcullis check`).
     pub fn check(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Config::parse(path, &text, false)
     }
 
@@ -373,27 +375,13 @@ impl Config {
     }
 
     fn parse(path: &Path, text: &str, generate: bool) -> Result<Config, ConfigError> {
-        let invalid = |problems| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            problems,
-        };
+        let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
         let file: FileConfig = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            invalid(vec![Problem {
-                line,
-                column,
-                message: e.message().trim().to_string(),
-            }])
+            invalid(vec![Problem { line, column, message: e.message().trim().to_string() }])
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut v = Validator {
-            text,
-            generate,
-            notes: Vec::new(),
-            base,
-            problems: Vec::new(),
-            warnings: Vec::new(),
-        };
+        let mut v = Validator { text, generate, notes: Vec::new(), base, problems: Vec::new(), warnings: Vec::new() };
         let config = v.config(path, file);
         if v.problems.is_empty() {
             let mut config = config;
@@ -410,9 +398,7 @@ impl Config {
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.chars().count(), |nl| {
-        before[nl + 1..].chars().count()
-    }) + 1;
+    let column = before.rfind('\n').map_or(before.chars().count(), |nl| before[nl + 1..].chars().count()) + 1;
     (line, column)
 }
 
@@ -442,20 +428,12 @@ impl Validator<'_> {
 
     pub(crate) fn error(&mut self, span: std::ops::Range<usize>, message: impl fmt::Display) {
         let (line, column) = line_col(self.text, span.start);
-        self.problems.push(Problem {
-            line,
-            column,
-            message: message.to_string(),
-        });
+        self.problems.push(Problem { line, column, message: message.to_string() });
     }
 
     fn warn(&mut self, span: std::ops::Range<usize>, message: impl fmt::Display) {
         let (line, column) = line_col(self.text, span.start);
-        self.warnings.push(Problem {
-            line,
-            column,
-            message: message.to_string(),
-        });
+        self.warnings.push(Problem { line, column, message: message.to_string() });
     }
 
     /// Resolves a path from the file against the config's folder.
@@ -472,21 +450,14 @@ impl Validator<'_> {
         match s.get_ref().parse() {
             Ok(a) => Some(a),
             Err(_) => {
-                self.error(
-                    s.span(),
-                    format!("invalid listen address {:?}: expected IP:PORT", s.get_ref()),
-                );
+                self.error(s.span(), format!("invalid listen address {:?}: expected IP:PORT", s.get_ref()));
                 None
             }
         }
     }
 
     fn config(&mut self, path: &Path, f: FileConfig) -> Config {
-        let listen = Listen {
-            https: self.addr(&f.listen.https),
-            http: self.addr(&f.listen.http),
-            admin: self.addr(&f.listen.admin),
-        };
+        let listen = Listen { https: self.addr(&f.listen.https), http: self.addr(&f.listen.http), admin: self.addr(&f.listen.admin) };
         if f.listen.https.is_none() && f.listen.http.is_none() {
             self.error(0..0, "[listen] needs `https` or `http`");
         }
@@ -494,9 +465,7 @@ impl Validator<'_> {
         if let (Some(https), None) = (&f.listen.https, &tls) {
             self.error(https.span(), "`listen.https` needs a [tls] section");
         }
-        let d = |v: Option<DurationValue>, default: u64| {
-            v.map_or(Duration::from_secs(default), |d| d.0)
-        };
+        let d = |v: Option<DurationValue>, default: u64| v.map_or(Duration::from_secs(default), |d| d.0);
         let max_header_bytes = f.limits.max_header_bytes.map_or(32 * 1024, |s| s.0);
         let limits = Limits {
             max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
@@ -528,10 +497,7 @@ impl Validator<'_> {
             let span = i.span();
             // Counted even when invalid, so one bad issuer does not make every route that names it an error too.
             if !issuer_ids.insert(i.get_ref().id().to_string()) {
-                self.error(
-                    span.clone(),
-                    format!("issuer id {:?} is used twice", i.get_ref().id()),
-                );
+                self.error(span.clone(), format!("issuer id {:?} is used twice", i.get_ref().id()));
             }
             if let Some(settings) = authn::validate_issuer(self, span, i.into_inner()) {
                 issuers.push(settings);
@@ -541,12 +507,8 @@ impl Validator<'_> {
             Some(i) => self.identity(i),
             None => IdentitySettings::default(),
         };
-        let routes = self.routes(
-            f.routes,
-            &upstreams,
-            &issuer_ids,
-            f.routing.case_insensitive,
-        );
+        let token_endpoint = f.token_endpoint.and_then(|t| self.token_endpoint(t, &mut issuers));
+        let routes = self.routes(f.routes, &upstreams, &issuer_ids, f.routing.case_insensitive);
         if f.server.worker_threads == Some(0) {
             self.error(0..0, "`server.worker_threads` must be at least 1");
         }
@@ -561,6 +523,7 @@ impl Validator<'_> {
             trusted_proxies,
             issuers,
             identity,
+            token_endpoint,
             warnings: Vec::new(),
             notes: Vec::new(),
         }
@@ -570,10 +533,7 @@ impl Validator<'_> {
         let cert = self.resolve(t.cert.get_ref());
         let key = self.resolve(t.key.get_ref());
         // A missing pair is fine when it will be generated; anything else must be readable now.
-        for (what, p, span) in [
-            ("certificate", &cert, t.cert.span()),
-            ("key", &key, t.key.span()),
-        ] {
+        for (what, p, span) in [("certificate", &cert, t.cert.span()), ("key", &key, t.key.span())] {
             if t.self_signed && !p.exists() {
                 continue;
             }
@@ -594,17 +554,12 @@ impl Validator<'_> {
         let uri: http::Uri = match u.url.get_ref().parse() {
             Ok(uri) => uri,
             Err(e) => {
-                self.error(
-                    u.url.span(),
-                    format!("upstream {name:?}: invalid url {:?}: {e}", u.url.get_ref()),
-                );
+                self.error(u.url.span(), format!("upstream {name:?}: invalid url {:?}: {e}", u.url.get_ref()));
                 return None;
             }
         };
         let scheme = uri.scheme().cloned();
-        let ok_scheme = scheme
-            .as_ref()
-            .is_some_and(|s| *s == http::uri::Scheme::HTTP || *s == http::uri::Scheme::HTTPS);
+        let ok_scheme = scheme.as_ref().is_some_and(|s| *s == http::uri::Scheme::HTTP || *s == http::uri::Scheme::HTTPS);
         let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
         match (scheme, uri.authority().cloned()) {
             (Some(scheme), Some(authority)) if ok_scheme && path_ok => Some(UpstreamSettings {
@@ -616,10 +571,81 @@ impl Validator<'_> {
                 preserve_host: u.preserve_host,
             }),
             _ => {
-                self.error(u.url.span(), format!("upstream {name:?}: url must be http:// or https:// with a host and no path, got {:?}", u.url.get_ref()));
+                self.error(
+                    u.url.span(),
+                    format!("upstream {name:?}: url must be http:// or https:// with a host and no path, got {:?}", u.url.get_ref()),
+                );
                 None
             }
         }
+    }
+
+    fn token_endpoint(&mut self, t: Spanned<TokenEndpointFile>, issuers: &mut [IssuerSettings]) -> Option<TokenEndpointSettings> {
+        let span = t.span();
+        let t = t.into_inner();
+        let before = self.problems.len();
+        let path = t.path.unwrap_or_else(|| "/token".into());
+        if !path.starts_with('/') || crate::router::normalize_path(&path).ok().as_deref() != Some(path.as_str()) {
+            self.error(span.clone(), format!("[token_endpoint] path {path:?} must be a normalised absolute path"));
+        }
+        let Some(issuer) = issuers.iter_mut().find(|i| i.id == t.issuer) else {
+            self.error(span, format!("[token_endpoint] issuer {:?} is not defined in [[issuers]]", t.issuer));
+            return None;
+        };
+        if let Some(pk) = &t.private_key {
+            let p = self.resolve(pk);
+            match std::fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| authn::public_from_private_pem(&pem))
+                .and_then(|k| authn::bind_key(None, k, &issuer.algorithms, None))
+            {
+                Ok(k) => {
+                    issuer.static_keys.push(k);
+                    issuer.private_key = Some(p);
+                }
+                Err(e) => self.error(span.clone(), format!("[token_endpoint] private_key {}: {e}", p.display())),
+            }
+        }
+        if issuer.private_key.is_none() && issuer.hmac_secret.is_none() && self.generate {
+            self.error(span.clone(), format!("[token_endpoint] issuer {:?} has no signing key (an HMAC secret or private_key)", issuer.id));
+        }
+        let load = |file: &Option<PathBuf>, clients: bool, v: &mut Self| match file {
+            None => Some(std::collections::BTreeMap::new()),
+            Some(f) => match crate::issuer::load_accounts(&v.resolve(f), clients) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    v.error(span.clone(), format!("[token_endpoint] {e}"));
+                    None
+                }
+            },
+        };
+        let users = load(&t.users_file, false, self);
+        let clients = load(&t.clients_file, true, self);
+        let (burst, rate) = match &t.rate_limit {
+            None => (5, Duration::from_secs(12)),
+            Some(r) => match crate::ratelimit::parse_rate(&r.rate) {
+                Ok((n, per)) => (r.burst.unwrap_or(n), per),
+                Err(e) => {
+                    self.error(span.clone(), format!("[token_endpoint] rate_limit: {e}"));
+                    (1, Duration::from_secs(1))
+                }
+            },
+        };
+        if self.problems.len() != before {
+            return None;
+        }
+        Some(TokenEndpointSettings {
+            path,
+            issuer: t.issuer,
+            users_file: t.users_file.as_ref().map(|f| self.resolve(f)),
+            clients_file: t.clients_file.as_ref().map(|f| self.resolve(f)),
+            users: std::sync::Arc::new(users.unwrap_or_default()),
+            clients: std::sync::Arc::new(clients.unwrap_or_default()),
+            ttl: t.access_token_ttl.map_or(Duration::from_secs(1800), |d| d.0),
+            rate,
+            burst: std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN),
+            allow_plaintext: t.allow_plaintext,
+        })
     }
 
     fn identity(&mut self, i: IdentityFile) -> IdentitySettings {
@@ -627,16 +653,10 @@ impl Validator<'_> {
         for (name, claim) in i.headers {
             match http::HeaderName::from_bytes(name.as_bytes()) {
                 Ok(h) => headers.push((h, claim)),
-                Err(_) => self.error(
-                    0..0,
-                    format!("[identity] header name {name:?} is not a valid HTTP header name"),
-                ),
+                Err(_) => self.error(0..0, format!("[identity] header name {name:?} is not a valid HTTP header name")),
             }
         }
-        IdentitySettings {
-            headers,
-            forward_authorization: i.forward_authorization,
-        }
+        IdentitySettings { headers, forward_authorization: i.forward_authorization }
     }
 
     fn routes(
@@ -651,10 +671,7 @@ impl Validator<'_> {
         for r in routes {
             let name = r.name.get_ref().clone();
             if !names.insert(name.clone()) {
-                self.error(
-                    r.name.span(),
-                    format!("route name {name:?} is used twice (names label metrics)"),
-                );
+                self.error(r.name.span(), format!("route name {name:?} is used twice (names label metrics)"));
             }
             let pattern = match PathPattern::parse(r.path.get_ref()) {
                 Ok(p) => p,
@@ -670,17 +687,11 @@ impl Validator<'_> {
                     for s in m.get_ref() {
                         match http::Method::from_bytes(s.to_ascii_uppercase().as_bytes()) {
                             Ok(method) => out.push(method),
-                            Err(_) => self
-                                .error(m.span(), format!("route {name:?}: invalid method {s:?}")),
+                            Err(_) => self.error(m.span(), format!("route {name:?}: invalid method {s:?}")),
                         }
                     }
                     if out.is_empty() {
-                        self.error(
-                            m.span(),
-                            format!(
-                                "route {name:?}: `methods` is empty; omit it to allow any method"
-                            ),
-                        );
+                        self.error(m.span(), format!("route {name:?}: `methods` is empty; omit it to allow any method"));
                     }
                     Some(out)
                 }
@@ -690,22 +701,14 @@ impl Validator<'_> {
                 None => {
                     self.error(
                         r.upstream.span(),
-                        format!(
-                            "route {name:?}: upstream {:?} is not defined in [upstreams]",
-                            r.upstream.get_ref()
-                        ),
+                        format!("route {name:?}: upstream {:?} is not defined in [upstreams]", r.upstream.get_ref()),
                     );
                     continue;
                 }
             };
             let strip_prefix = match &r.strip_prefix {
                 Some(p) if !p.get_ref().starts_with('/') || p.get_ref().len() < 2 => {
-                    self.error(
-                        p.span(),
-                        format!(
-                            "route {name:?}: strip_prefix must start with '/' and not be \"/\""
-                        ),
-                    );
+                    self.error(p.span(), format!("route {name:?}: strip_prefix must start with '/' and not be \"/\""));
                     None
                 }
                 Some(p) => Some(p.get_ref().trim_end_matches('/').to_string()),
@@ -714,10 +717,7 @@ impl Validator<'_> {
             if let Some(iss) = &r.issuers {
                 for id in iss.get_ref() {
                     if !issuer_ids.contains(id) {
-                        self.error(
-                            iss.span(),
-                            format!("route {name:?}: issuer {id:?} is not defined in [[issuers]]"),
-                        );
+                        self.error(iss.span(), format!("route {name:?}: issuer {id:?} is not defined in [[issuers]]"));
                     }
                 }
             }
@@ -744,18 +744,15 @@ impl Validator<'_> {
                 self.error(r.path.span(), format!("route {name:?}: auth = \"public\" cannot carry roles, scopes, claims or issuers rules"));
             }
             if r.auth != AuthMode::Public && issuer_ids.is_empty() {
-                self.error(r.path.span(), format!("route {name:?}: needs a token (auth = {:?}) but no [[issuers]] are configured; add one or set auth = \"public\"", r.auth));
+                self.error(
+                    r.path.span(),
+                    format!(
+                        "route {name:?}: needs a token (auth = {:?}) but no [[issuers]] are configured; add one or set auth = \"public\"",
+                        r.auth
+                    ),
+                );
             }
-            let route = Route::new(
-                out.len(),
-                name.clone(),
-                pattern,
-                methods,
-                upstream,
-                strip_prefix,
-                policy,
-                case_insensitive,
-            );
+            let route = Route::new(out.len(), name.clone(), pattern, methods, upstream, strip_prefix, policy, case_insensitive);
             if let Some(earlier) = out.iter().find(|e| e.shadows(&route)) {
                 let msg = format!("route {name:?} can never match: route {:?} before it matches every request it would", earlier.name);
                 self.warn(r.path.span(), msg);

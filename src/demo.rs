@@ -24,9 +24,7 @@ pub async fn spawn_echo_upstream(addr: SocketAddr) -> std::io::Result<SocketAddr
             tokio::spawn(async move {
                 let mut b = hyper::server::conn::http1::Builder::new();
                 b.timer(TokioTimer::new());
-                let _ = b
-                    .serve_connection(TokioIo::new(tcp), service_fn(echo))
-                    .await;
+                let _ = b.serve_connection(TokioIo::new(tcp), service_fn(echo)).await;
             });
         }
     });
@@ -36,60 +34,48 @@ pub async fn spawn_echo_upstream(addr: SocketAddr) -> std::io::Result<SocketAddr
 async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let mut headers = serde_json::Map::new();
     for (k, v) in req.headers() {
-        headers.insert(
-            k.as_str().to_string(),
-            String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
-        );
+        headers.insert(k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned().into());
     }
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
-    let size = req
-        .into_body()
-        .collect()
-        .await
-        .map_or(0, |b| b.to_bytes().len());
+    let size = req.into_body().collect().await.map_or(0, |b| b.to_bytes().len());
     let body = serde_json::json!({"upstream": "portcullis demo echo", "method": method, "path": path, "query": query, "body_bytes": size, "headers": headers});
     let mut rsp = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
-    rsp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
+    rsp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     Ok(rsp)
 }
 
 /// Prints the curl commands that exercise the demo.
-pub fn print_guide(
-    https: Option<SocketAddr>,
-    admin: Option<SocketAddr>,
-    user_token: Option<&str>,
-    admin_token: Option<&str>,
-) {
+pub fn print_guide(https: Option<SocketAddr>, admin: Option<SocketAddr>, token_path: Option<&str>) {
     let base = match https {
         Some(a) => format!("https://{}", display_addr(a)),
         None => "http://127.0.0.1:8080".to_string(),
     };
     println!("\nPortcullis demo is running: {base} -> built-in echo upstream\n");
-    println!(
-        "# a public route: 200, the upstream echoes what it received (X-Forwarded-*, X-Request-Id)"
-    );
+    println!("# a public route: 200, the upstream echoes what it received (X-Forwarded-*, X-Request-Id)");
     println!("curl -sk {base}/");
     println!("\n# a protected route without a token: 401 with WWW-Authenticate: Bearer");
     println!("curl -sk -i {base}/users/me");
-    if let (Some(u), Some(a)) = (user_token, admin_token) {
-        println!("\n# a token for john.doe (role user), then admin.user (roles admin, user)");
-        println!("USER_TOKEN={u}");
-        println!("ADMIN_TOKEN={a}");
+    if let Some(path) = token_path {
+        let login = |user: &str, pass: &str| {
+            format!("curl -sk -d grant_type=password -d username={user} -d password={pass} {base}{path} | sed -E 's/.*\"access_token\":\"([^\"]+)\".*/\\1/'")
+        };
+        println!("\n# log in as john.doe (role user) and as admin.user (roles admin, user)");
+        println!("USER_TOKEN=$({})", login("john.doe", "securepassword"));
+        println!("ADMIN_TOKEN=$({})", login("admin.user", "adminpass"));
         println!("\n# 200: the upstream sees X-Auth-Subject: john.doe");
         println!("curl -sk -H \"Authorization: Bearer $USER_TOKEN\" {base}/users/me");
-        println!("\n# 403: john.doe lacks the admin role;  200 for admin.user");
+        println!("\n# 403 for john.doe (no admin role), 200 for admin.user");
         println!("curl -sk -i -H \"Authorization: Bearer $USER_TOKEN\" {base}/admin/stats");
         println!("curl -sk -H \"Authorization: Bearer $ADMIN_TOKEN\" {base}/admin/stats");
-        println!("\n# 403 with insufficient_scope: POST /items needs write:items");
+        println!("\n# 403 insufficient_scope for john.doe: POST /items needs write:items");
         println!("curl -sk -i -X POST -H \"Authorization: Bearer $USER_TOKEN\" {base}/items");
+        println!("\n# a wrong password: 400 invalid_grant");
+        println!("curl -sk -i -d grant_type=password -d username=john.doe -d password=nope {base}{path}");
     }
     if let Some(a) = admin {
-        println!("\n# health");
+        println!("\n# health and metrics (admin listener)");
         println!("curl -s http://{}/healthz", display_addr(a));
     }
     println!("\nPress Ctrl-C to stop.\n");

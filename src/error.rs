@@ -9,6 +9,7 @@ use http::{Response, StatusCode};
 use crate::authn::AuthError;
 use crate::authz::AuthzError;
 use crate::body::Body;
+use crate::issuer::TokenError;
 use crate::proxy::ProxyError;
 use crate::router::RouteError;
 
@@ -21,15 +22,13 @@ pub enum GatewayError {
     #[error("authorization: {0}")]
     Authz(#[from] AuthzError),
     #[error("rate limited on {key}")]
-    RateLimited {
-        key: &'static str,
-        retry_after_secs: u64,
-        limit: u32,
-    },
+    RateLimited { key: &'static str, retry_after_secs: u64, limit: u32 },
     #[error("declared body of {0} bytes exceeds max_body_bytes")]
     BodyTooLarge(u64),
     #[error("forwarding: {0}")]
     Proxy(#[from] ProxyError),
+    #[error("token endpoint: {0}")]
+    Token(#[from] TokenError),
 }
 
 impl GatewayError {
@@ -37,9 +36,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::Route(e) => match e {
-                RouteError::NotAbsolutePath | RouteError::BadEscape | RouteError::ForbiddenByte => {
-                    StatusCode::BAD_REQUEST
-                }
+                RouteError::NotAbsolutePath | RouteError::BadEscape | RouteError::ForbiddenByte => StatusCode::BAD_REQUEST,
                 RouteError::NotFound => StatusCode::NOT_FOUND,
                 RouteError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             },
@@ -50,19 +47,24 @@ impl GatewayError {
             GatewayError::Authz(e) => match e {
                 // A token from an issuer the route does not accept is not a credential for it (RFC 6750 §3.1).
                 AuthzError::Issuer(_) => StatusCode::UNAUTHORIZED,
-                AuthzError::Roles | AuthzError::Scopes { .. } | AuthzError::Claims(_) => {
-                    StatusCode::FORBIDDEN
-                }
+                AuthzError::Roles | AuthzError::Scopes { .. } | AuthzError::Claims(_) => StatusCode::FORBIDDEN,
             },
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Proxy(e) => match e {
-                ProxyError::Connect { .. }
-                | ProxyError::Reset { .. }
-                | ProxyError::UnexpectedUpgrade => StatusCode::BAD_GATEWAY,
+                ProxyError::Connect { .. } | ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade => StatusCode::BAD_GATEWAY,
                 ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
                 ProxyError::Uri(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            GatewayError::Token(e) => match e {
+                TokenError::InvalidRequest(_) | TokenError::UnsupportedGrantType | TokenError::InvalidGrant | TokenError::InvalidScope => {
+                    StatusCode::BAD_REQUEST
+                }
+                TokenError::InvalidClient => StatusCode::UNAUTHORIZED,
+                TokenError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+                TokenError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
+                TokenError::Signing(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
     }
@@ -72,38 +74,26 @@ impl GatewayError {
         const REALM: &str = "Bearer realm=\"portcullis\"";
         match self {
             GatewayError::Auth(AuthError::Missing) => ("unauthorized", Some(REALM.to_string())),
-            GatewayError::Auth(AuthError::InvalidRequest(_)) => (
-                "invalid_request",
-                Some(format!("{REALM}, error=\"invalid_request\"")),
-            ),
-            GatewayError::Auth(AuthError::InvalidToken { .. })
-            | GatewayError::Authz(AuthzError::Issuer(_)) => (
-                "invalid_token",
-                Some(format!("{REALM}, error=\"invalid_token\"")),
-            ),
-            GatewayError::Authz(AuthzError::Scopes { needed }) => (
-                "insufficient_scope",
-                Some(format!(
-                    "{REALM}, error=\"insufficient_scope\", scope=\"{needed}\""
-                )),
-            ),
+            GatewayError::Auth(AuthError::InvalidRequest(_)) => ("invalid_request", Some(format!("{REALM}, error=\"invalid_request\""))),
+            GatewayError::Auth(AuthError::InvalidToken { .. }) | GatewayError::Authz(AuthzError::Issuer(_)) => {
+                ("invalid_token", Some(format!("{REALM}, error=\"invalid_token\"")))
+            }
+            GatewayError::Authz(AuthzError::Scopes { needed }) => {
+                ("insufficient_scope", Some(format!("{REALM}, error=\"insufficient_scope\", scope=\"{needed}\"")))
+            }
             GatewayError::Authz(AuthzError::Roles | AuthzError::Claims(_)) => ("forbidden", None),
             GatewayError::Route(RouteError::NotFound) => ("not_found", None),
-            GatewayError::Route(RouteError::MethodNotAllowed { .. }) => {
-                ("method_not_allowed", None)
-            }
+            GatewayError::Route(RouteError::MethodNotAllowed { .. }) => ("method_not_allowed", None),
             GatewayError::Route(_) => ("bad_request", None),
             GatewayError::RateLimited { .. } => ("rate_limited", None),
-            GatewayError::BodyTooLarge(_) | GatewayError::Proxy(ProxyError::BodyTooLarge) => {
-                ("payload_too_large", None)
-            }
+            GatewayError::BodyTooLarge(_) | GatewayError::Proxy(ProxyError::BodyTooLarge) => ("payload_too_large", None),
             GatewayError::Proxy(ProxyError::Timeout { .. }) => ("gateway_timeout", None),
-            GatewayError::Proxy(
-                ProxyError::Connect { .. }
-                | ProxyError::Reset { .. }
-                | ProxyError::UnexpectedUpgrade,
-            ) => ("bad_gateway", None),
+            GatewayError::Proxy(ProxyError::Connect { .. } | ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade) => {
+                ("bad_gateway", None)
+            }
             GatewayError::Proxy(ProxyError::Uri(_)) => ("internal_error", None),
+            GatewayError::Token(TokenError::InvalidClient) => ("invalid_client", Some("Basic realm=\"portcullis\"".to_string())),
+            GatewayError::Token(e) => (e.code(), None),
         }
     }
 
@@ -120,17 +110,17 @@ impl GatewayError {
             GatewayError::Route(RouteError::MethodNotAllowed { allow }) => {
                 h.insert(header::ALLOW, allow.clone());
             }
-            GatewayError::RateLimited {
-                retry_after_secs,
-                limit,
-                ..
-            } => {
+            GatewayError::RateLimited { retry_after_secs, limit, .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
                 h.insert("ratelimit-limit", HeaderValue::from(*limit));
                 h.insert("ratelimit-remaining", HeaderValue::from_static("0"));
                 h.insert("ratelimit-reset", HeaderValue::from(*retry_after_secs));
             }
             _ => {}
+        }
+        if let GatewayError::Token(_) = self {
+            // RFC 6749 §5.1: token answers are never cached.
+            h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
         }
         if close {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -144,10 +134,7 @@ pub fn json_response(status: StatusCode, code: &str) -> Response<Body> {
     let mut rsp = Response::new(Body::full(format!("{{\"error\":\"{code}\"}}")));
     *rsp.status_mut() = status;
     let h = rsp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     rsp
 }
@@ -161,34 +148,13 @@ mod tests {
     fn bearer_challenges_follow_rfc6750() {
         let r = GatewayError::Auth(AuthError::Missing).to_response(false);
         assert_eq!(r.status(), 401);
-        assert_eq!(
-            r.headers()["www-authenticate"],
-            "Bearer realm=\"portcullis\""
-        );
-        let r = GatewayError::Auth(AuthError::InvalidToken {
-            reason: FailReason::Expired,
-            detail: "x".into(),
-        })
-        .to_response(false);
-        assert_eq!(
-            r.headers()["www-authenticate"],
-            "Bearer realm=\"portcullis\", error=\"invalid_token\""
-        );
-        let r = GatewayError::Authz(AuthzError::Scopes {
-            needed: "write:items".into(),
-        })
-        .to_response(false);
+        assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"portcullis\"");
+        let r = GatewayError::Auth(AuthError::InvalidToken { reason: FailReason::Expired, detail: "x".into() }).to_response(false);
+        assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"portcullis\", error=\"invalid_token\"");
+        let r = GatewayError::Authz(AuthzError::Scopes { needed: "write:items".into() }).to_response(false);
         assert_eq!(r.status(), 403);
-        assert!(r.headers()["www-authenticate"]
-            .to_str()
-            .unwrap()
-            .contains("scope=\"write:items\""));
-        let r = GatewayError::RateLimited {
-            key: "ip",
-            retry_after_secs: 2,
-            limit: 5,
-        }
-        .to_response(true);
+        assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("scope=\"write:items\""));
+        let r = GatewayError::RateLimited { key: "ip", retry_after_secs: 2, limit: 5 }.to_response(true);
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["retry-after"], "2");
         assert_eq!(r.headers()["connection"], "close");

@@ -17,9 +17,10 @@ use crate::body::Body;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::headers::{self, Forwarding};
+use crate::issuer::TokenEndpoint;
 use crate::jwks::{fetch_client, FetchClient};
 use crate::proxy::{self, Upstream};
-use crate::ratelimit::is_trusted;
+use crate::ratelimit::{client_ip, is_trusted};
 use crate::router::normalize_path;
 
 /// The connection a request arrived on.
@@ -56,6 +57,7 @@ pub struct Gateway {
     authn: Authenticator,
     /// The upstream of each route, by route index.
     route_upstreams: Vec<Arc<Upstream>>,
+    token_endpoint: Option<TokenEndpoint>,
     _tasks: Tasks,
 }
 
@@ -65,6 +67,8 @@ pub enum BuildError {
     MissingUpstream { route: String, upstream: String },
     #[error(transparent)]
     Jwks(#[from] crate::jwks::JwksError),
+    #[error("token endpoint: {0}")]
+    Issuer(#[from] crate::issuer::IssuerError),
 }
 
 impl Gateway {
@@ -79,10 +83,7 @@ impl Gateway {
         for r in config.routes.routes() {
             let up = by_name
                 .get(&r.upstream)
-                .ok_or_else(|| BuildError::MissingUpstream {
-                    route: r.name.clone(),
-                    upstream: r.upstream.clone(),
-                })?;
+                .ok_or_else(|| BuildError::MissingUpstream { route: r.name.clone(), upstream: r.upstream.clone() })?;
             route_upstreams.push(up.clone());
         }
         let client: FetchClient = fetch_client(None)?;
@@ -91,17 +92,21 @@ impl Gateway {
         for issuer in authn.issuers() {
             if let Some(ks) = &issuer.jwks {
                 let ks = ks.clone();
-                tasks
-                    .0
-                    .push(tokio::spawn(ks.run_refresh(|_issuer, _ok, _keys| {})));
+                tasks.0.push(tokio::spawn(ks.run_refresh(|_issuer, _ok, _keys| {})));
             }
         }
-        Ok(Gateway {
-            config,
-            authn,
-            route_upstreams,
-            _tasks: tasks,
-        })
+        let token_endpoint = match &config.token_endpoint {
+            Some(te) => {
+                let issuer = config
+                    .issuers
+                    .iter()
+                    .find(|i| i.id == te.issuer)
+                    .ok_or_else(|| crate::issuer::IssuerError::NoSigningKey(te.issuer.clone()))?;
+                Some(TokenEndpoint::new(te.clone(), issuer)?)
+            }
+            None => None,
+        };
+        Ok(Gateway { config, authn, route_upstreams, token_endpoint, _tasks: tasks })
     }
 
     /// Returns true when every issuer has keys (the admin `readyz`).
@@ -118,19 +123,9 @@ impl Gateway {
         headers::strip_identity(req.headers_mut(), &self.config.identity);
         let method = req.method().clone();
         let uri = req.uri().clone();
-        let mut outcome = Outcome {
-            request_has_body: has_body(&req),
-            ..Outcome::default()
-        };
-        let fwd = Forwarding {
-            peer: conn.peer,
-            tls: conn.tls,
-            from_trusted_proxy: trusted,
-        };
-        let mut rsp = match self
-            .handle_inner(req, &uri, &fwd, &request_id, &mut outcome)
-            .await
-        {
+        let mut outcome = Outcome { request_has_body: has_body(&req), ..Outcome::default() };
+        let fwd = Forwarding { peer: conn.peer, tls: conn.tls, from_trusted_proxy: trusted };
+        let mut rsp = match self.handle_inner(req, &uri, &fwd, &request_id, &mut outcome).await {
             Ok(rsp) => rsp,
             Err(e) => {
                 let status = e.status();
@@ -144,13 +139,8 @@ impl Gateway {
                 e.to_response(close)
             }
         };
-        rsp.headers_mut()
-            .insert(headers::request_id_header().clone(), request_id.clone());
-        let bytes = rsp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        rsp.headers_mut().insert(headers::request_id_header().clone(), request_id.clone());
+        let bytes = rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         tracing::info!(
             target: "portcullis::access",
             request_id = ?request_id,
@@ -176,6 +166,21 @@ impl Gateway {
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Body>, GatewayError> {
         let path = normalize_path(uri.path())?;
+        if let Some(te) = &self.token_endpoint {
+            if *path == te.settings.path {
+                outcome.route = Some("token");
+                // The password grant only over TLS, unless allowed for local use.
+                if !fwd.tls && !te.settings.allow_plaintext {
+                    return Err(GatewayError::Route(crate::router::RouteError::NotFound));
+                }
+                let ip = client_ip(fwd.peer, req.headers(), &self.config.trusted_proxies);
+                return Ok(te.handle(req, ip).await?);
+            }
+            if let Some(rsp) = te.well_known(&path, "") {
+                outcome.route = Some("well-known");
+                return Ok(rsp);
+            }
+        }
         let matched = self.config.routes.match_route(req.method(), &path)?;
         let route = matched.route;
         outcome.route = Some(route.name.as_str());
@@ -185,20 +190,14 @@ impl Gateway {
                 return Err(GatewayError::BodyTooLarge(len));
             }
         }
-        let auth = self
-            .authn
-            .authenticate(req.headers(), route.policy.auth)
-            .await?;
+        let auth = self.authn.authenticate(req.headers(), route.policy.auth).await?;
         outcome.principal = auth.principal.clone();
         authorize(auth.principal.as_deref(), &route.policy, &matched)?;
 
-        let upgrading =
-            req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+        let upgrading = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
         let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
-        let host = req.headers().get(header::HOST).cloned().or_else(|| {
-            uri.authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let host =
+            req.headers().get(header::HOST).cloned().or_else(|| uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         let upstream = &self.route_upstreams[route.index];
         let (mut parts, body) = req.into_parts();
         headers::prepare_upstream(
@@ -211,12 +210,7 @@ impl Gateway {
             upgrading,
         );
         let mut up_req = Request::from_parts(parts, Body::limited(body, max_body));
-        proxy::rewrite_uri(
-            &mut up_req,
-            &upstream.settings,
-            route.upstream_path(&path),
-            host,
-        )?;
+        proxy::rewrite_uri(&mut up_req, &upstream.settings, route.upstream_path(&path), host)?;
 
         let sent = Instant::now();
         let result = proxy::forward(upstream, up_req).await;
@@ -236,13 +230,9 @@ impl Gateway {
 }
 
 fn has_body<B>(req: &Request<B>) -> bool {
-    declared_length(req).is_some_and(|n| n > 0)
-        || req.headers().contains_key(header::TRANSFER_ENCODING)
+    declared_length(req).is_some_and(|n| n > 0) || req.headers().contains_key(header::TRANSFER_ENCODING)
 }
 
 fn declared_length<B>(req: &Request<B>) -> Option<u64> {
-    req.headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+    req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }

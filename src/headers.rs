@@ -24,12 +24,7 @@ impl Default for IdentitySettings {
     fn default() -> Self {
         let h = |n: &'static str, c: &str| (HeaderName::from_static(n), c.to_string());
         IdentitySettings {
-            headers: vec![
-                h("x-auth-subject", "sub"),
-                h("x-auth-roles", "roles"),
-                h("x-auth-scopes", "scope"),
-                h("x-auth-issuer", "iss"),
-            ],
+            headers: vec![h("x-auth-subject", "sub"), h("x-auth-roles", "roles"), h("x-auth-scopes", "scope"), h("x-auth-issuer", "iss")],
             forward_authorization: true,
         }
     }
@@ -83,8 +78,7 @@ pub fn new_request_id() -> HeaderValue {
 pub fn request_id(headers: &HeaderMap, from_trusted_proxy: bool) -> HeaderValue {
     if from_trusted_proxy {
         if let Some(v) = headers.get(&X_REQUEST_ID) {
-            if !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
-            {
+            if !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic()) {
                 return v.clone();
             }
         }
@@ -116,12 +110,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) -> bool {
         }
         headers.remove(&name);
     }
-    let wants_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
+    let wants_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
     headers.remove(header::CONNECTION);
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
@@ -140,12 +132,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) -> bool {
 /// Returns true for an HTTP/1.1 upgrade request (`Connection: upgrade` with an `Upgrade` header).
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
-        && headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
 /// What the gateway knows about the connection a request came in on.
@@ -175,17 +165,8 @@ pub fn prepare_upstream(
     headers.remove(header::EXPECT);
     let peer = fwd.peer.ip().to_string();
     if fwd.from_trusted_proxy {
-        let prior: Vec<String> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::to_string)
-            .collect();
-        let joined = if prior.is_empty() {
-            peer
-        } else {
-            format!("{}, {peer}", prior.join(", "))
-        };
+        let prior: Vec<String> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::to_string).collect();
+        let joined = if prior.is_empty() { peer } else { format!("{}, {peer}", prior.join(", ")) };
         set(headers, &X_FORWARDED_FOR, &joined);
         if !headers.contains_key(&X_FORWARDED_PROTO) {
             headers.insert(&X_FORWARDED_PROTO, proto(fwd.tls));
@@ -269,10 +250,7 @@ fn render_claim(p: &Principal, claim: &str) -> Option<HeaderValue> {
     };
     if text.is_empty() || !text.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
         if !text.is_empty() {
-            tracing::warn!(
-                claim,
-                "claim value has bytes that are unsafe in a header; not forwarded"
-            );
+            tracing::warn!(claim, "claim value has bytes that are unsafe in a header; not forwarded");
         }
         return None;
     }
@@ -326,21 +304,9 @@ mod tests {
         h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
         h.insert("x-real-ip", "6.6.6.6".parse().unwrap());
         h.insert("forwarded", "for=6.6.6.6".parse().unwrap());
-        let fwd = Forwarding {
-            peer: "192.0.2.9:1".parse().unwrap(),
-            tls: true,
-            from_trusted_proxy: false,
-        };
+        let fwd = Forwarding { peer: "192.0.2.9:1".parse().unwrap(), tls: true, from_trusted_proxy: false };
         let rid = new_request_id();
-        prepare_upstream(
-            &mut h,
-            &fwd,
-            None,
-            &rid,
-            None,
-            &IdentitySettings::default(),
-            false,
-        );
+        prepare_upstream(&mut h, &fwd, None, &rid, None, &IdentitySettings::default(), false);
         assert_eq!(h["x-forwarded-for"], "192.0.2.9");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert!(!h.contains_key("x-real-ip") && !h.contains_key("forwarded"));

@@ -3,8 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::signature::{
-    EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING,
-    ECDSA_P384_SHA384_FIXED_SIGNING,
+    EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING,
 };
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header};
 use rustls_pki_types::pem::PemObject;
@@ -24,31 +23,18 @@ pub enum IssuerError {
 
 /// Reads a PKCS#8 PEM private key and returns its public half as a decoding key, with its family.
 pub fn public_key_of(pem: &[u8]) -> Result<(DecodingKey, AlgorithmFamily), String> {
-    let der = PrivatePkcs8KeyDer::from_pem_slice(pem)
-        .map_err(|e| format!("not a PKCS#8 PEM private key: {e}"))?;
+    let der = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|e| format!("not a PKCS#8 PEM private key: {e}"))?;
     let der = der.secret_pkcs8_der();
     if let Ok(k) = Ed25519KeyPair::from_pkcs8(der) {
-        return Ok((
-            DecodingKey::from_ed_der(k.public_key().as_ref()),
-            AlgorithmFamily::Ed,
-        ));
+        return Ok((DecodingKey::from_ed_der(k.public_key().as_ref()), AlgorithmFamily::Ed));
     }
-    for alg in [
-        &ECDSA_P256_SHA256_FIXED_SIGNING,
-        &ECDSA_P384_SHA384_FIXED_SIGNING,
-    ] {
+    for alg in [&ECDSA_P256_SHA256_FIXED_SIGNING, &ECDSA_P384_SHA384_FIXED_SIGNING] {
         if let Ok(k) = EcdsaKeyPair::from_pkcs8(alg, der) {
-            return Ok((
-                DecodingKey::from_ec_der(k.public_key().as_ref()),
-                AlgorithmFamily::Ec,
-            ));
+            return Ok((DecodingKey::from_ec_der(k.public_key().as_ref()), AlgorithmFamily::Ec));
         }
     }
     if let Ok(k) = RsaKeyPair::from_pkcs8(der) {
-        return Ok((
-            DecodingKey::from_rsa_der(k.public_key().as_ref()),
-            AlgorithmFamily::Rsa,
-        ));
+        return Ok((DecodingKey::from_rsa_der(k.public_key().as_ref()), AlgorithmFamily::Rsa));
     }
     Err("unsupported private key type (Ed25519, EC P-256/P-384 or RSA in PKCS#8)".into())
 }
@@ -56,15 +42,10 @@ pub fn public_key_of(pem: &[u8]) -> Result<(DecodingKey, AlgorithmFamily), Strin
 /// The key that signs for an issuer, with the algorithm it signs with.
 pub fn signing_key(issuer: &IssuerSettings) -> Result<(EncodingKey, Algorithm), IssuerError> {
     if let Some(path) = &issuer.private_key {
-        let pem = std::fs::read(path)
-            .map_err(|e| IssuerError::Key(format!("{}: {e}", path.display())))?;
+        let pem = std::fs::read(path).map_err(|e| IssuerError::Key(format!("{}: {e}", path.display())))?;
         let (_, family) = public_key_of(&pem).map_err(IssuerError::Key)?;
-        let alg = issuer
-            .algorithms
-            .iter()
-            .copied()
-            .find(|a| a.family() == family)
-            .ok_or_else(|| IssuerError::NoSigningKey(issuer.id.clone()))?;
+        let alg =
+            issuer.algorithms.iter().copied().find(|a| a.family() == family).ok_or_else(|| IssuerError::NoSigningKey(issuer.id.clone()))?;
         let key = match family {
             AlgorithmFamily::Ed => EncodingKey::from_ed_pem(&pem),
             AlgorithmFamily::Ec => EncodingKey::from_ec_pem(&pem),
@@ -86,38 +67,11 @@ pub fn signing_key(issuer: &IssuerSettings) -> Result<(EncodingKey, Algorithm), 
 }
 
 /// Mints an access token (`typ: at+jwt`) for `sub` with roles and scopes, valid for `ttl_secs`.
-pub fn mint(
-    issuer: &IssuerSettings,
-    sub: &str,
-    roles: &[String],
-    scopes: &[String],
-    ttl_secs: u64,
-) -> Result<String, IssuerError> {
+pub fn mint(issuer: &IssuerSettings, sub: &str, roles: &[String], scopes: &[String], ttl_secs: u64) -> Result<String, IssuerError> {
     let (key, alg) = signing_key(issuer)?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let mut claims = serde_json::Map::new();
-    claims.insert("iss".into(), issuer.issuer.clone().into());
-    claims.insert("sub".into(), sub.into());
-    if let Some(aud) = issuer.audiences.first() {
-        claims.insert("aud".into(), aud.clone().into());
-    }
-    claims.insert("iat".into(), now.into());
-    claims.insert("nbf".into(), now.into());
-    claims.insert("exp".into(), (now + ttl_secs).into());
-    claims.insert(
-        "jti".into(),
-        crate::headers::new_request_id()
-            .to_str()
-            .unwrap_or_default()
-            .into(),
-    );
-    claims.insert(issuer.roles_claim.clone(), roles.to_vec().into());
-    claims.insert(issuer.scopes_claim.clone(), scopes.join(" ").into());
     let mut header = Header::new(alg);
     header.typ = Some("at+jwt".into());
-    Ok(jsonwebtoken::encode(&header, &claims, &key)?)
+    Ok(jsonwebtoken::encode(&header, &token_claims(issuer, sub, roles, scopes, ttl_secs), &key)?)
 }
 
 /// Writes a new Ed25519 PKCS#8 private key (mode 0600) for local use.
@@ -132,8 +86,520 @@ pub fn generate_ed25519(path: &std::path::Path) -> Result<(), String> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     let mut f = opts.open(path).map_err(|e| e.to_string())?;
-    f.write_all(key.serialize_pem().as_bytes())
-        .map_err(|e| e.to_string())?;
+    f.write_all(key.serialize_pem().as_bytes()).map_err(|e| e.to_string())?;
     tracing::warn!(path = %path.display(), "generated an Ed25519 token signing key: for local use only");
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The built-in token endpoint (RFC 6749 password and client_credentials grants).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+
+use crate::body::Body;
+
+/// Forms and passwords larger than this are refused before any hashing.
+pub const MAX_FORM_BYTES: usize = 4 * 1024;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("invalid_request: {0}")]
+    InvalidRequest(&'static str),
+    #[error("unsupported grant type")]
+    UnsupportedGrantType,
+    #[error("invalid username or password")]
+    InvalidGrant,
+    #[error("client authentication failed")]
+    InvalidClient,
+    #[error("requested scope is not allowed")]
+    InvalidScope,
+    #[error("only POST is allowed")]
+    MethodNotAllowed,
+    #[error("too many failed attempts")]
+    TooManyAttempts { retry_after_secs: u64 },
+    #[error("token signing failed: {0}")]
+    Signing(String),
+}
+
+impl TokenError {
+    /// The RFC 6749 §5.2 error code (or ours for the non-OAuth cases).
+    pub fn code(&self) -> &'static str {
+        match self {
+            TokenError::InvalidRequest(_) => "invalid_request",
+            TokenError::UnsupportedGrantType => "unsupported_grant_type",
+            TokenError::InvalidGrant => "invalid_grant",
+            TokenError::InvalidClient => "invalid_client",
+            TokenError::InvalidScope => "invalid_scope",
+            TokenError::MethodNotAllowed => "method_not_allowed",
+            TokenError::TooManyAttempts { .. } => "rate_limited",
+            TokenError::Signing(_) => "server_error",
+        }
+    }
+}
+
+/// One account in the users or clients file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Account {
+    #[serde(alias = "secret_hash")]
+    pub password_hash: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersFile {
+    #[serde(default)]
+    users: BTreeMap<String, Account>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientsFile {
+    #[serde(default)]
+    clients: BTreeMap<String, Account>,
+}
+
+/// Reads and checks a users file (`[users."name"]`) or clients file (`[clients."id"]`).
+pub fn load_accounts(path: &Path, clients: bool) -> Result<BTreeMap<String, Account>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let accounts =
+        if clients { toml::from_str::<ClientsFile>(&text).map(|f| f.clients) } else { toml::from_str::<UsersFile>(&text).map(|f| f.users) }
+            .map_err(|e| {
+                let (line, col) = e.span().map(|s| crate::config::line_col(&text, s.start)).unwrap_or((1, 1));
+                format!("{}:{line}:{col}: {}", path.display(), e.message().trim())
+            })?;
+    for (name, a) in &accounts {
+        if hash_kind(&a.password_hash).is_none() {
+            return Err(format!(
+                "{}: {name:?}: password_hash is neither argon2 ($argon2id$…) nor bcrypt ($2b$/$2a$/$2y$…)",
+                path.display()
+            ));
+        }
+    }
+    Ok(accounts)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HashKind {
+    Argon2,
+    Bcrypt,
+}
+
+fn hash_kind(h: &str) -> Option<HashKind> {
+    if h.starts_with("$argon2") {
+        argon2::PasswordHash::new(h).ok().map(|_| HashKind::Argon2)
+    } else if ["$2a$", "$2b$", "$2y$"].iter().any(|p| h.starts_with(p)) && h.len() == 60 {
+        Some(HashKind::Bcrypt)
+    } else {
+        None
+    }
+}
+
+/// Checks a password against an argon2 or bcrypt hash. Blocking: call off the async executor.
+pub fn verify_password(password: &[u8], hash: &str) -> bool {
+    match hash_kind(hash) {
+        Some(HashKind::Argon2) => match argon2::PasswordHash::new(hash) {
+            Ok(parsed) => argon2::PasswordVerifier::verify_password(&argon2::Argon2::default(), password, &parsed).is_ok(),
+            Err(_) => false,
+        },
+        // bcrypt reads only 72 bytes: a longer password must not match a hash of its prefix.
+        Some(HashKind::Bcrypt) if password.len() > 72 => {
+            let _ = bcrypt::verify(&password[..72], hash);
+            false
+        }
+        Some(HashKind::Bcrypt) => bcrypt::verify(password, hash).unwrap_or(false),
+        None => false,
+    }
+}
+
+/// Hashes a password with argon2id at the OWASP parameters (m=19 MiB, t=2, p=1).
+pub fn hash_password(password: &[u8]) -> Result<String, String> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let params = argon2::Params::new(19 * 1024, 2, 1, None).map_err(|e| e.to_string())?;
+    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut salt_bytes = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut salt_bytes).map_err(|_| "no randomness".to_string())?;
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| e.to_string())?;
+    a.hash_password(password, &salt).map(|h| h.to_string()).map_err(|e| e.to_string())
+}
+
+/// The checked `[token_endpoint]`.
+#[derive(Debug, Clone)]
+pub struct TokenEndpointSettings {
+    pub path: String,
+    pub issuer: String,
+    pub users_file: Option<PathBuf>,
+    pub clients_file: Option<PathBuf>,
+    pub users: Arc<BTreeMap<String, Account>>,
+    pub clients: Arc<BTreeMap<String, Account>>,
+    pub ttl: Duration,
+    pub rate: Duration,
+    pub burst: NonZeroU32,
+    pub allow_plaintext: bool,
+}
+
+type FailureLimiter = governor::RateLimiter<
+    (String, IpAddr),
+    governor::state::keyed::DefaultKeyedStateStore<(String, IpAddr)>,
+    governor::clock::DefaultClock,
+    governor::middleware::StateInformationMiddleware,
+>;
+
+/// The running token endpoint: accounts, the signing key, the brute-force limiter, and the published JWKS.
+pub struct TokenEndpoint {
+    pub settings: TokenEndpointSettings,
+    issuer: IssuerSettings,
+    key: EncodingKey,
+    alg: Algorithm,
+    kid: Option<String>,
+    jwks: Option<Bytes>,
+    /// Spent on unknown usernames so they cost what a wrong password costs.
+    dummy_hash: String,
+    failures: FailureLimiter,
+    /// Keys that used up their burst, until when (only the token endpoint touches this).
+    blocked: Mutex<HashMap<(String, IpAddr), Instant>>,
+    hashing: Arc<tokio::sync::Semaphore>,
+}
+
+/// A parsed `application/x-www-form-urlencoded` body; a repeated parameter is an error (RFC 6749 §3.2).
+fn parse_form(body: &[u8]) -> Result<HashMap<String, String>, TokenError> {
+    let mut out = HashMap::new();
+    for (k, v) in form_urlencoded::parse(body) {
+        if out.insert(k.into_owned(), v.into_owned()).is_some() {
+            return Err(TokenError::InvalidRequest("a parameter is repeated"));
+        }
+    }
+    Ok(out)
+}
+
+impl TokenEndpoint {
+    /// Builds the endpoint for its issuer.
+    pub fn new(settings: TokenEndpointSettings, issuer: &IssuerSettings) -> Result<TokenEndpoint, IssuerError> {
+        let (key, alg) = signing_key(issuer)?;
+        let mut kid = None;
+        let mut jwks = None;
+        if alg.family() != AlgorithmFamily::Hmac {
+            let mut jwk = public_jwk(issuer, &key, alg)?;
+            let thumb = jwk.thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256);
+            jwk.common.key_id = Some(thumb.clone());
+            jwk.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Signature);
+            kid = Some(thumb);
+            let set = serde_json::json!({ "keys": [jwk] });
+            jwks = Some(Bytes::from(set.to_string()));
+        }
+        let dummy_hash = match typical_hash(settings.users.values().chain(settings.clients.values())) {
+            Some(h) => h,
+            None => hash_password(b"portcullis-dummy").map_err(IssuerError::Key)?,
+        };
+        let per = settings.rate.max(Duration::from_millis(1));
+        let quota =
+            governor::Quota::with_period(per).unwrap_or_else(|| governor::Quota::per_second(NonZeroU32::MIN)).allow_burst(settings.burst);
+        let failures = governor::RateLimiter::keyed(quota).with_middleware::<governor::middleware::StateInformationMiddleware>();
+        let permits = std::thread::available_parallelism().map_or(2, |n| n.get()).max(1);
+        Ok(TokenEndpoint {
+            settings,
+            issuer: issuer.clone(),
+            key,
+            alg,
+            kid,
+            jwks,
+            dummy_hash,
+            failures,
+            blocked: Mutex::new(HashMap::new()),
+            hashing: Arc::new(tokio::sync::Semaphore::new(permits)),
+        })
+    }
+
+    /// Answers the well-known documents when the path names one (asymmetric keys only).
+    pub fn well_known(&self, path: &str, base: &str) -> Option<Response<Body>> {
+        let jwks = self.jwks.as_ref()?;
+        match path {
+            "/.well-known/jwks.json" => Some(json_answer(StatusCode::OK, jwks.clone(), false)),
+            "/.well-known/openid-configuration" => {
+                let iss = self.issuer.issuer.trim_end_matches('/');
+                let doc = serde_json::json!({
+                    "issuer": self.issuer.issuer,
+                    "token_endpoint": format!("{}{}", if base.is_empty() { iss } else { base }, self.settings.path),
+                    "jwks_uri": format!("{iss}/.well-known/jwks.json"),
+                    "grant_types_supported": ["password", "client_credentials"],
+                    "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+                    "id_token_signing_alg_values_supported": [format!("{:?}", self.alg)],
+                });
+                Some(json_answer(StatusCode::OK, Bytes::from(doc.to_string()), false))
+            }
+            _ => None,
+        }
+    }
+
+    /// Serves `POST {path}`: reads the small form, checks the grant, and issues a token.
+    pub async fn handle(&self, req: Request<hyper::body::Incoming>, client_ip: IpAddr) -> Result<Response<Body>, TokenError> {
+        if req.method() != Method::POST {
+            return Err(TokenError::MethodNotAllowed);
+        }
+        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+            return Err(TokenError::InvalidRequest("the body must be application/x-www-form-urlencoded"));
+        }
+        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > MAX_FORM_BYTES) {
+            return Err(TokenError::InvalidRequest("the form is too large"));
+        }
+        let basic = req.headers().get(header::AUTHORIZATION).cloned();
+        let body = http_body_util::Limited::new(req.into_body(), MAX_FORM_BYTES)
+            .collect()
+            .await
+            .map_err(|_| TokenError::InvalidRequest("the form is too large or was cut off"))?
+            .to_bytes();
+        let form = parse_form(&body)?;
+        match form.get("grant_type").map(String::as_str) {
+            None => Err(TokenError::InvalidRequest("grant_type is missing")),
+            Some("password") => self.password_grant(&form, client_ip).await,
+            Some("client_credentials") => self.client_credentials_grant(&form, basic.as_ref(), client_ip).await,
+            Some(_) => Err(TokenError::UnsupportedGrantType),
+        }
+    }
+
+    fn check_blocked(&self, key: &(String, IpAddr)) -> Result<(), TokenError> {
+        let Ok(mut blocked) = self.blocked.lock() else { return Ok(()) };
+        if let Some(until) = blocked.get(key).copied() {
+            let now = Instant::now();
+            if until > now {
+                let secs = (until - now).as_millis().div_ceil(1000) as u64;
+                return Err(TokenError::TooManyAttempts { retry_after_secs: secs.max(1) });
+            }
+            blocked.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Counts a failed attempt; once the burst is used up the key is blocked until a cell frees up.
+    fn record_failure(&self, key: (String, IpAddr)) {
+        let until = match self.failures.check_key(&key) {
+            Ok(snapshot) if snapshot.remaining_burst_capacity() > 0 => return,
+            Ok(_) => Instant::now() + self.settings.rate,
+            Err(not_until) => {
+                Instant::now() + not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()))
+            }
+        };
+        if let Ok(mut blocked) = self.blocked.lock() {
+            if blocked.len() > 100_000 {
+                let now = Instant::now();
+                blocked.retain(|_, t| *t > now);
+            }
+            blocked.insert(key, until);
+        }
+    }
+
+    async fn verify_off_executor(&self, password: &[u8], hash: &str) -> bool {
+        let Ok(_permit) = self.hashing.clone().acquire_owned().await else { return false };
+        let password = password.to_vec();
+        let hash = hash.to_string();
+        tokio::task::spawn_blocking(move || verify_password(&password, &hash)).await.unwrap_or(false)
+    }
+
+    async fn password_grant(&self, form: &HashMap<String, String>, ip: IpAddr) -> Result<Response<Body>, TokenError> {
+        let username = form.get("username").ok_or(TokenError::InvalidRequest("username is missing"))?;
+        let password = form.get("password").ok_or(TokenError::InvalidRequest("password is missing"))?;
+        let key = (username.clone(), ip);
+        self.check_blocked(&key)?;
+        let account = self.settings.users.get(username);
+        // An unknown user costs the same hash verification as a wrong password.
+        let hash = account.map_or(self.dummy_hash.as_str(), |a| a.password_hash.as_str());
+        let ok = self.verify_off_executor(password.as_bytes(), hash).await;
+        match account {
+            Some(a) if ok && !a.disabled => self.issue(username, a, form.get("scope")),
+            _ => {
+                self.record_failure(key);
+                Err(TokenError::InvalidGrant)
+            }
+        }
+    }
+
+    async fn client_credentials_grant(
+        &self,
+        form: &HashMap<String, String>,
+        basic: Option<&HeaderValue>,
+        ip: IpAddr,
+    ) -> Result<Response<Body>, TokenError> {
+        let from_body = match (form.get("client_id"), form.get("client_secret")) {
+            (Some(id), Some(secret)) => Some((id.clone(), secret.clone())),
+            (None, None) => None,
+            _ => return Err(TokenError::InvalidRequest("client_id and client_secret go together")),
+        };
+        let from_header = basic.map(parse_basic).transpose()?;
+        let (id, secret) = match (from_header, from_body) {
+            (Some(_), Some(_)) => return Err(TokenError::InvalidRequest("use one client authentication method")),
+            (Some(c), None) | (None, Some(c)) => c,
+            (None, None) => return Err(TokenError::InvalidClient),
+        };
+        let key = (format!("client:{id}"), ip);
+        self.check_blocked(&key)?;
+        let account = self.settings.clients.get(&id);
+        let hash = account.map_or(self.dummy_hash.as_str(), |a| a.password_hash.as_str());
+        let ok = self.verify_off_executor(secret.as_bytes(), hash).await;
+        match account {
+            Some(a) if ok && !a.disabled => self.issue(&id, a, form.get("scope")),
+            _ => {
+                self.record_failure(key);
+                Err(TokenError::InvalidClient)
+            }
+        }
+    }
+
+    fn issue(&self, sub: &str, account: &Account, requested: Option<&String>) -> Result<Response<Body>, TokenError> {
+        let granted: Vec<String> = match requested.map(|s| s.split_whitespace().collect::<Vec<_>>()) {
+            None => account.scopes.clone(),
+            Some(req) if req.is_empty() => account.scopes.clone(),
+            Some(req) => {
+                let g: Vec<String> = req.iter().filter(|s| account.scopes.iter().any(|a| a == *s)).map(|s| s.to_string()).collect();
+                if g.is_empty() {
+                    return Err(TokenError::InvalidScope);
+                }
+                g
+            }
+        };
+        let ttl = self.settings.ttl.as_secs();
+        let token = self.sign(sub, &account.roles, &granted, ttl).map_err(|e| TokenError::Signing(e.to_string()))?;
+        let body = serde_json::json!({"access_token": token, "token_type": "bearer", "expires_in": ttl, "scope": granted.join(" ")});
+        Ok(json_answer(StatusCode::OK, Bytes::from(body.to_string()), true))
+    }
+
+    fn sign(&self, sub: &str, roles: &[String], scopes: &[String], ttl: u64) -> Result<String, IssuerError> {
+        let claims = token_claims(&self.issuer, sub, roles, scopes, ttl);
+        let mut header = Header::new(self.alg);
+        header.typ = Some("at+jwt".into());
+        header.kid = self.kid.clone();
+        Ok(jsonwebtoken::encode(&header, &claims, &self.key)?)
+    }
+}
+
+/// The public JWK of the signing key (jsonwebtoken cannot build one for Ed25519 itself).
+fn public_jwk(issuer: &IssuerSettings, key: &EncodingKey, alg: Algorithm) -> Result<jsonwebtoken::jwk::Jwk, IssuerError> {
+    if alg.family() != AlgorithmFamily::Ed {
+        return Ok(jsonwebtoken::jwk::Jwk::from_encoding_key(key, alg)?);
+    }
+    let path = issuer.private_key.as_ref().ok_or_else(|| IssuerError::NoSigningKey(issuer.id.clone()))?;
+    let pem = std::fs::read(path).map_err(|e| IssuerError::Key(format!("{}: {e}", path.display())))?;
+    let der = PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|e| IssuerError::Key(e.to_string()))?;
+    let kp = Ed25519KeyPair::from_pkcs8(der.secret_pkcs8_der()).map_err(|e| IssuerError::Key(e.to_string()))?;
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(kp.public_key().as_ref());
+    let jwk = serde_json::json!({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "x": x});
+    serde_json::from_value(jwk).map_err(|e| IssuerError::Key(e.to_string()))
+}
+
+/// Picks a real account's hash with the most common algorithm and cost, so an unknown name costs what a
+/// known one does.
+fn typical_hash<'a>(accounts: impl Iterator<Item = &'a Account>) -> Option<String> {
+    let mut by_params: HashMap<&str, (usize, &str)> = HashMap::new();
+    for a in accounts {
+        let h = a.password_hash.as_str();
+        // "$argon2id$v=19$m=19456,t=2,p=1$salt$hash" or "$2b$12$salthash": parameters are all but the last part(s).
+        let params = match hash_kind(h) {
+            Some(HashKind::Argon2) => h.rsplitn(3, '$').nth(2).unwrap_or(h),
+            _ => h.get(..7).unwrap_or(h),
+        };
+        let e = by_params.entry(params).or_insert((0, h));
+        e.0 += 1;
+    }
+    by_params.into_values().max_by_key(|(n, _)| *n).map(|(_, h)| h.to_string())
+}
+
+fn parse_basic(v: &HeaderValue) -> Result<(String, String), TokenError> {
+    let s = v.to_str().map_err(|_| TokenError::InvalidClient)?;
+    let (scheme, cred) = s.split_once(' ').ok_or(TokenError::InvalidClient)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(TokenError::InvalidClient);
+    }
+    let raw = base64::engine::general_purpose::STANDARD.decode(cred.trim()).map_err(|_| TokenError::InvalidClient)?;
+    let raw = String::from_utf8(raw).map_err(|_| TokenError::InvalidClient)?;
+    let (id, secret) = raw.split_once(':').ok_or(TokenError::InvalidClient)?;
+    // RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
+    let dec = |s: &str| form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default();
+    Ok((dec(id), dec(secret)))
+}
+
+fn json_answer(status: StatusCode, body: Bytes, no_store: bool) -> Response<Body> {
+    let mut rsp = Response::new(Body::full(body));
+    *rsp.status_mut() = status;
+    let h = rsp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if no_store {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    } else {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+    }
+    rsp
+}
+
+/// The claims of an issued access token (RFC 9068): nothing about the user beyond identity and policy.
+fn token_claims(
+    issuer: &IssuerSettings,
+    sub: &str,
+    roles: &[String],
+    scopes: &[String],
+    ttl: u64,
+) -> serde_json::Map<String, serde_json::Value> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut claims = serde_json::Map::new();
+    claims.insert("iss".into(), issuer.issuer.clone().into());
+    claims.insert("sub".into(), sub.into());
+    if let Some(aud) = issuer.audiences.first() {
+        claims.insert("aud".into(), aud.clone().into());
+    }
+    claims.insert("iat".into(), now.into());
+    claims.insert("nbf".into(), now.into());
+    claims.insert("exp".into(), (now + ttl).into());
+    claims.insert("jti".into(), crate::headers::new_request_id().to_str().unwrap_or_default().into());
+    claims.insert(issuer.roles_claim.clone(), roles.to_vec().into());
+    claims.insert(issuer.scopes_claim.clone(), scopes.join(" ").into());
+    claims
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bcrypt_long_passwords_do_not_match_their_prefix() {
+        let x = format!("{}X", "a".repeat(72));
+        let y = format!("{}Y", "a".repeat(72));
+        let h = bcrypt::hash(x.as_bytes(), 4).unwrap();
+        assert!(!verify_password(y.as_bytes(), &h));
+        assert!(!verify_password(x.as_bytes(), &h));
+        let short = bcrypt::hash("pw", 4).unwrap();
+        assert!(verify_password(b"pw", &short));
+    }
+
+    #[test]
+    fn argon2_round_trip() {
+        let h = hash_password(b"securepassword").unwrap();
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+        assert!(verify_password(b"securepassword", &h));
+        assert!(!verify_password(b"wrong", &h));
+    }
+
+    #[test]
+    fn repeated_form_parameters_are_refused() {
+        assert!(parse_form(b"grant_type=password&grant_type=password").is_err());
+        assert_eq!(parse_form(b"a=1&b=%20").unwrap()["b"], " ");
+    }
 }

@@ -38,10 +38,7 @@ pub enum JwksError {
     #[error("request to {0} timed out")]
     Timeout(String),
     #[error("{url} answered {status} (redirects are not followed)")]
-    Status {
-        url: String,
-        status: http::StatusCode,
-    },
+    Status { url: String, status: http::StatusCode },
     #[error("reading {0} failed or exceeded the size cap")]
     Body(String),
     #[error("{url} is not valid JSON: {source}")]
@@ -63,9 +60,7 @@ pub fn allowed_fetch_uri(u: &http::Uri) -> bool {
         Some("https") => true,
         Some("http") => {
             let h = host.trim_start_matches('[').trim_end_matches(']');
-            h == "localhost"
-                || h.parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
+            h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
         }
         _ => false,
     }
@@ -83,13 +78,11 @@ pub fn fetch_client(ca_file: Option<&Path>) -> Result<FetchClient, JwksError> {
         let _ = roots.add(cert);
     }
     if let Some(path) = ca_file {
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-            .map_err(|e| JwksError::Tls(format!("{}: {e}", path.display())))?;
+        let certs =
+            rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| JwksError::Tls(format!("{}: {e}", path.display())))?;
         for c in certs {
             let c = c.map_err(|e| JwksError::Tls(format!("{}: {e}", path.display())))?;
-            roots
-                .add(c)
-                .map_err(|e| JwksError::Tls(format!("{}: {e}", path.display())))?;
+            roots.add(c).map_err(|e| JwksError::Tls(format!("{}: {e}", path.display())))?;
         }
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -98,14 +91,8 @@ pub fn fetch_client(ca_file: Option<&Path>) -> Result<FetchClient, JwksError> {
         .map_err(|e| JwksError::Tls(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .build();
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector))
+    let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
+    Ok(Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector))
 }
 
 /// A key from a JWKS.
@@ -132,13 +119,7 @@ pub struct KeySet {
 
 impl KeySet {
     /// Creates an empty key set; keys arrive with the first [`KeySet::refresh`].
-    pub fn new(
-        issuer_id: String,
-        issuer: String,
-        settings: JwksSettings,
-        algorithms: Vec<Algorithm>,
-        shared: &FetchClient,
-    ) -> KeySet {
+    pub fn new(issuer_id: String, issuer: String, settings: JwksSettings, algorithms: Vec<Algorithm>, shared: &FetchClient) -> KeySet {
         let (client, client_error) = match &settings.ca_file {
             None => (Some(shared.clone()), None),
             Some(ca) => match fetch_client(Some(ca)) {
@@ -185,10 +166,7 @@ impl KeySet {
     pub fn single_key_for(&self, alg: Algorithm) -> Option<Arc<JwkKey>> {
         let keys = self.keys.load();
         let keyless = self.keyless.load();
-        let mut fits = keys
-            .values()
-            .chain(keyless.iter())
-            .filter(|k| k.key.algorithms.contains(&alg));
+        let mut fits = keys.values().chain(keyless.iter()).filter(|k| k.key.algorithms.contains(&alg));
         let first = fits.next()?;
         fits.next().is_none().then(|| first.clone())
     }
@@ -215,35 +193,20 @@ impl KeySet {
     pub async fn refresh(&self) -> Result<Duration, JwksError> {
         let _one_at_a_time = self.fetching.lock().await;
         let Some(client) = &self.client else {
-            return Err(JwksError::Tls(
-                self.client_error.clone().unwrap_or_default(),
-            ));
+            return Err(JwksError::Tls(self.client_error.clone().unwrap_or_default()));
         };
         let jwks_uri = match &self.settings.source {
             JwksSource::Url(u) => u.clone(),
             JwksSource::Discovery(u) => {
                 let (doc, _) = self.get_json(client, u).await?;
-                let iss = doc
-                    .get("issuer")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or_default();
+                let iss = doc.get("issuer").and_then(|v| v.as_str()).unwrap_or_default();
                 if iss != self.issuer {
-                    return Err(JwksError::Discovery(format!(
-                        "issuer {iss:?} does not match the configured {:?}",
-                        self.issuer
-                    )));
+                    return Err(JwksError::Discovery(format!("issuer {iss:?} does not match the configured {:?}", self.issuer)));
                 }
-                let uri = doc
-                    .get("jwks_uri")
-                    .and_then(|v| v.as_str())
-                    .ok_or_else(|| JwksError::Discovery("no jwks_uri".into()))?;
-                let uri: http::Uri = uri
-                    .parse()
-                    .map_err(|_| JwksError::Discovery(format!("bad jwks_uri {uri:?}")))?;
+                let uri = doc.get("jwks_uri").and_then(|v| v.as_str()).ok_or_else(|| JwksError::Discovery("no jwks_uri".into()))?;
+                let uri: http::Uri = uri.parse().map_err(|_| JwksError::Discovery(format!("bad jwks_uri {uri:?}")))?;
                 if !allowed_fetch_uri(&uri) {
-                    return Err(JwksError::Discovery(format!(
-                        "jwks_uri {uri} must be https (http only to loopback)"
-                    )));
+                    return Err(JwksError::Discovery(format!("jwks_uri {uri} must be https (http only to loopback)")));
                 }
                 uri
             }
@@ -264,63 +227,30 @@ impl KeySet {
         Ok(next)
     }
 
-    async fn get_json(
-        &self,
-        client: &FetchClient,
-        uri: &http::Uri,
-    ) -> Result<(serde_json::Value, Option<Duration>), JwksError> {
+    async fn get_json(&self, client: &FetchClient, uri: &http::Uri) -> Result<(serde_json::Value, Option<Duration>), JwksError> {
         let url = uri.to_string();
         let req = http::Request::get(uri.clone())
             .header(http::header::ACCEPT, "application/json")
             .body(Empty::new())
             .map_err(|_| JwksError::Body(url.clone()))?;
         let fetch = async {
-            let rsp = client
-                .request(req)
-                .await
-                .map_err(|source| JwksError::Request {
-                    url: url.clone(),
-                    source,
-                })?;
+            let rsp = client.request(req).await.map_err(|source| JwksError::Request { url: url.clone(), source })?;
             if rsp.status() != http::StatusCode::OK {
-                return Err(JwksError::Status {
-                    url: url.clone(),
-                    status: rsp.status(),
-                });
+                return Err(JwksError::Status { url: url.clone(), status: rsp.status() });
             }
-            let max_age = rsp
-                .headers()
-                .get(http::header::CACHE_CONTROL)
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse_max_age);
-            let body = Limited::new(rsp.into_body(), MAX_DOCUMENT_BYTES)
-                .collect()
-                .await
-                .map_err(|_| JwksError::Body(url.clone()))?
-                .to_bytes();
-            let doc = serde_json::from_slice(&body).map_err(|source| JwksError::Json {
-                url: url.clone(),
-                source,
-            })?;
+            let max_age = rsp.headers().get(http::header::CACHE_CONTROL).and_then(|v| v.to_str().ok()).and_then(parse_max_age);
+            let body =
+                Limited::new(rsp.into_body(), MAX_DOCUMENT_BYTES).collect().await.map_err(|_| JwksError::Body(url.clone()))?.to_bytes();
+            let doc = serde_json::from_slice(&body).map_err(|source| JwksError::Json { url: url.clone(), source })?;
             Ok((doc, max_age))
         };
-        tokio::time::timeout(self.settings.timeout, fetch)
-            .await
-            .map_err(|_| JwksError::Timeout(url.clone()))?
+        tokio::time::timeout(self.settings.timeout, fetch).await.map_err(|_| JwksError::Timeout(url.clone()))?
     }
 
-    fn parse_keys(
-        &self,
-        doc: &serde_json::Value,
-    ) -> (HashMap<String, Arc<JwkKey>>, Vec<Arc<JwkKey>>) {
+    fn parse_keys(&self, doc: &serde_json::Value) -> (HashMap<String, Arc<JwkKey>>, Vec<Arc<JwkKey>>) {
         let mut keys = HashMap::new();
         let mut keyless = Vec::new();
-        for raw in doc
-            .get("keys")
-            .and_then(|k| k.as_array())
-            .into_iter()
-            .flatten()
-        {
+        for raw in doc.get("keys").and_then(|k| k.as_array()).into_iter().flatten() {
             match self.parse_key(raw) {
                 Ok(k) => match k.key.kid.clone() {
                     Some(kid) => {
@@ -337,30 +267,22 @@ impl KeySet {
     }
 
     fn parse_key(&self, raw: &serde_json::Value) -> Result<JwkKey, String> {
-        let jwk: Jwk =
-            serde_json::from_value(raw.clone()).map_err(|e| format!("unreadable: {e}"))?;
+        let jwk: Jwk = serde_json::from_value(raw.clone()).map_err(|e| format!("unreadable: {e}"))?;
         if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
             return Err("marked \"use\": \"enc\"".into());
         }
         let curve_alg = match &jwk.algorithm {
-            AlgorithmParameters::OctetKey(_) => {
-                return Err("symmetric (oct) keys are never taken from a JWKS".into())
-            }
+            AlgorithmParameters::OctetKey(_) => return Err("symmetric (oct) keys are never taken from a JWKS".into()),
             AlgorithmParameters::EllipticCurve(p) => match p.curve {
                 EllipticCurve::P256 => Some(Algorithm::ES256),
                 EllipticCurve::P384 => Some(Algorithm::ES384),
                 _ => return Err("unsupported curve".into()),
             },
-            AlgorithmParameters::OctetKeyPair(p) if p.curve != EllipticCurve::Ed25519 => {
-                return Err("unsupported OKP curve".into())
-            }
+            AlgorithmParameters::OctetKeyPair(p) if p.curve != EllipticCurve::Ed25519 => return Err("unsupported OKP curve".into()),
             _ => None,
         };
         let declared = match raw.get("alg") {
-            Some(serde_json::Value::String(a)) => Some(
-                a.parse::<Algorithm>()
-                    .map_err(|_| format!("unsupported alg {a:?}"))?,
-            ),
+            Some(serde_json::Value::String(a)) => Some(a.parse::<Algorithm>().map_err(|_| format!("unsupported alg {a:?}"))?),
             Some(_) => return Err("alg is not a string".into()),
             None => None,
         };
@@ -393,13 +315,7 @@ impl KeySet {
                 Err(e) => {
                     on_result(&self.issuer_id, false, self.key_count());
                     tracing::warn!(issuer = %self.issuer_id, error = %e, "JWKS refresh failed; keeping the last good keys");
-                    let wait = if self.has_keys() {
-                        backoff
-                            .max(Duration::from_secs(5))
-                            .min(self.settings.refresh)
-                    } else {
-                        backoff
-                    };
+                    let wait = if self.has_keys() { backoff.max(Duration::from_secs(5)).min(self.settings.refresh) } else { backoff };
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     wait
                 }
@@ -410,10 +326,7 @@ impl KeySet {
 }
 
 fn parse_max_age(cc: &str) -> Option<Duration> {
-    cc.split(',')
-        .find_map(|d| d.trim().strip_prefix("max-age="))
-        .and_then(|v| v.trim().parse().ok())
-        .map(Duration::from_secs)
+    cc.split(',').find_map(|d| d.trim().strip_prefix("max-age=")).and_then(|v| v.trim().parse().ok()).map(Duration::from_secs)
 }
 
 #[cfg(test)]
@@ -422,23 +335,16 @@ mod tests {
 
     #[test]
     fn fetch_urls_are_https_or_loopback() {
-        assert!(allowed_fetch_uri(
-            &"https://sso.example.com/x".parse().unwrap()
-        ));
+        assert!(allowed_fetch_uri(&"https://sso.example.com/x".parse().unwrap()));
         assert!(allowed_fetch_uri(&"http://127.0.0.1:9/x".parse().unwrap()));
         assert!(allowed_fetch_uri(&"http://[::1]:9/x".parse().unwrap()));
-        assert!(!allowed_fetch_uri(
-            &"http://sso.example.com/x".parse().unwrap()
-        ));
+        assert!(!allowed_fetch_uri(&"http://sso.example.com/x".parse().unwrap()));
         assert!(!allowed_fetch_uri(&"ftp://127.0.0.1/x".parse().unwrap()));
     }
 
     #[test]
     fn max_age() {
-        assert_eq!(
-            parse_max_age("public, max-age=300"),
-            Some(Duration::from_secs(300))
-        );
+        assert_eq!(parse_max_age("public, max-age=300"), Some(Duration::from_secs(300)));
         assert_eq!(parse_max_age("no-store"), None);
     }
 }

@@ -90,17 +90,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         tls::ensure_self_signed(t)?;
         let r = Arc::new(tls::CertResolver::new(tls::load_certified_key(t)?));
         let server_config = tls::server_config(t, r.clone())?;
-        acceptor = Some((
-            tokio_rustls::TlsAcceptor::from(server_config),
-            t.handshake_timeout,
-        ));
+        acceptor = Some((tokio_rustls::TlsAcceptor::from(server_config), t.handshake_timeout));
         resolver = Some(r);
     }
-    let bind = |addr: SocketAddr| async move {
-        server::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })
-    };
+    let bind = |addr: SocketAddr| async move { server::bind(addr).await.map_err(|source| StartError::Bind { addr, source }) };
     let https = match (config.listen.https, &acceptor) {
         (Some(a), Some(_)) => Some(bind(a).await?),
         _ => None,
@@ -117,11 +110,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let (https_addr, http_addr, admin_addr) = (local(&https), local(&http), local(&admin));
 
     let gateway = Gateway::new(config.clone())?;
-    let shared = Arc::new(server::Shared {
-        gateway: ArcSwap::from_pointee(gateway),
-        draining: AtomicBool::new(false),
-        tls: resolver,
-    });
+    let shared = Arc::new(server::Shared { gateway: ArcSwap::from_pointee(gateway), draining: AtomicBool::new(false), tls: resolver });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let builder = Arc::new(server::http_builder(&config.limits));
@@ -140,8 +129,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             )));
         }
     }
-    let admin_task =
-        admin.map(|l| tokio::spawn(server::admin_loop(l, shared.clone(), shutdown_rx.clone())));
+    let admin_task = admin.map(|l| tokio::spawn(server::admin_loop(l, shared.clone(), shutdown_rx.clone())));
     let drain_timeout = config.limits.drain_timeout;
     let done = tokio::spawn(async move {
         for l in loops {
@@ -153,14 +141,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         // Every accept loop has ended, so this is the last reference and every connection is being watched.
         match Arc::try_unwrap(graceful) {
             Ok(g) => {
-                if tokio::time::timeout(drain_timeout, g.shutdown())
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(
-                        ?drain_timeout,
-                        "drain timeout passed with connections still open"
-                    );
+                if tokio::time::timeout(drain_timeout, g.shutdown()).await.is_err() {
+                    tracing::warn!(?drain_timeout, "drain timeout passed with connections still open");
                 }
             }
             Err(_) => {
@@ -168,12 +150,5 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             }
         }
     });
-    Ok(RunningGateway {
-        https: https_addr,
-        http: http_addr,
-        admin: admin_addr,
-        shared,
-        shutdown: shutdown_tx,
-        done,
-    })
+    Ok(RunningGateway { https: https_addr, http: http_addr, admin: admin_addr, shared, shutdown: shutdown_tx, done })
 }

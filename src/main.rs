@@ -7,11 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use portcullis::config::{parse_duration, Config, ConfigError};
 
 #[derive(Parser)]
-#[command(
-    name = "portcullis",
-    version,
-    about = "A reverse-proxy authentication gateway"
-)]
+#[command(name = "portcullis", version, about = "A reverse-proxy authentication gateway")]
 struct Cli {
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -49,6 +45,8 @@ enum Command {
         #[arg(long, default_value = "gateway.toml")]
         config: PathBuf,
     },
+    /// Read a password from the terminal (no echo) or stdin and print its argon2id hash.
+    HashPassword,
     /// Mint a token with an issuer's configured key (for tests and scripts).
     Token {
         #[arg(long, default_value = "gateway.toml")]
@@ -79,23 +77,14 @@ fn main() -> ExitCode {
             demo_secret();
             with_config(&config, cli.workers, |cfg, w| run(cfg, w, true))
         }
-        Command::Token {
-            config,
-            issuer,
-            sub,
-            roles,
-            scopes,
-            ttl,
-        } => token(&config, &issuer, &sub, &roles, &scopes, &ttl),
+        Command::HashPassword => hash_password(),
+        Command::Token { config, issuer, sub, roles, scopes, ttl } => token(&config, &issuer, &sub, &roles, &scopes, &ttl),
     }
 }
 
 fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -106,11 +95,7 @@ fn demo_secret() {
     if std::env::var_os("PORTCULLIS_JWT_SECRET").is_none() {
         let mut s = String::new();
         for _ in 0..3 {
-            s.push_str(
-                portcullis::headers::new_request_id()
-                    .to_str()
-                    .unwrap_or("portcullis-demo-secret-portcullis"),
-            );
+            s.push_str(portcullis::headers::new_request_id().to_str().unwrap_or("portcullis-demo-secret-portcullis"));
         }
         // Single-threaded here: no runtime or other thread exists yet.
         std::env::set_var("PORTCULLIS_JWT_SECRET", s);
@@ -131,7 +116,11 @@ fn check(path: &Path) -> ExitCode {
         Ok(cfg) => {
             if let Some(t) = &cfg.tls {
                 if portcullis::tls::will_generate(t) {
-                    println!("note: TLS pair {} / {} will be generated at start (self_signed, local use only)", t.cert.display(), t.key.display());
+                    println!(
+                        "note: TLS pair {} / {} will be generated at start (self_signed, local use only)",
+                        t.cert.display(),
+                        t.key.display()
+                    );
                 } else if let Err(e) = portcullis::tls::load_certified_key(t) {
                     eprintln!("{}: [tls]: {e}", path.display());
                     return ExitCode::from(1);
@@ -141,13 +130,7 @@ fn check(path: &Path) -> ExitCode {
                 println!("note: {n}");
             }
             for w in &cfg.warnings {
-                println!(
-                    "warning: {}:{}:{}: {}",
-                    path.display(),
-                    w.line,
-                    w.column,
-                    w.message
-                );
+                println!("warning: {}:{}:{}: {}", path.display(), w.line, w.column, w.message);
             }
             print_summary(&cfg);
             println!("{}: configuration is valid", path.display());
@@ -159,18 +142,10 @@ fn check(path: &Path) -> ExitCode {
 fn print_summary(cfg: &Config) {
     let l = &cfg.listen;
     let show = |a: Option<std::net::SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
-    println!(
-        "listeners: https {}  http {}  admin {}",
-        show(l.https),
-        show(l.http),
-        show(l.admin)
-    );
+    println!("listeners: https {}  http {}  admin {}", show(l.https), show(l.http), show(l.admin));
     println!("upstreams:");
     for (name, u) in &cfg.upstreams {
-        println!(
-            "  {name:<16} {}://{}  connect {:?}, timeout {:?}",
-            u.scheme, u.authority, u.connect_timeout, u.timeout
-        );
+        println!("  {name:<16} {}://{}  connect {:?}, timeout {:?}", u.scheme, u.authority, u.connect_timeout, u.timeout);
     }
     println!("issuers:");
     for i in &cfg.issuers {
@@ -178,25 +153,12 @@ fn print_summary(cfg: &Config) {
     }
     println!("routes (first match wins):");
     for r in cfg.routes.routes() {
-        let methods = r.methods.as_ref().map_or("*".to_string(), |m| {
-            m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
-        });
-        println!(
-            "  {:<16} {:<8} {:<24} -> {:<10} auth={:?}",
-            r.name,
-            methods,
-            r.pattern.to_string(),
-            r.upstream,
-            r.policy.auth
-        );
+        let methods = r.methods.as_ref().map_or("*".to_string(), |m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","));
+        println!("  {:<16} {:<8} {:<24} -> {:<10} auth={:?}", r.name, methods, r.pattern.to_string(), r.upstream, r.policy.auth);
     }
 }
 
-fn with_config(
-    path: &Path,
-    workers: Option<usize>,
-    f: impl FnOnce(Config, Option<usize>) -> ExitCode,
-) -> ExitCode {
+fn with_config(path: &Path, workers: Option<usize>, f: impl FnOnce(Config, Option<usize>) -> ExitCode) -> ExitCode {
     match Config::load(path) {
         Ok(cfg) => {
             for w in &cfg.warnings {
@@ -230,7 +192,11 @@ fn run(cfg: Config, workers: Option<usize>, demo: bool) -> ExitCode {
     };
     rt.block_on(async move {
         if demo {
-            let addr = cfg.upstreams.get("api").or_else(|| cfg.upstreams.values().next()).and_then(|u| u.authority.as_str().parse::<std::net::SocketAddr>().ok());
+            let addr = cfg
+                .upstreams
+                .get("api")
+                .or_else(|| cfg.upstreams.values().next())
+                .and_then(|u| u.authority.as_str().parse::<std::net::SocketAddr>().ok());
             match addr {
                 Some(a) => {
                     if let Err(e) = portcullis::demo::spawn_echo_upstream(a).await {
@@ -244,12 +210,7 @@ fn run(cfg: Config, workers: Option<usize>, demo: bool) -> ExitCode {
                 }
             }
         }
-        let tokens = demo.then(|| {
-            let issuer = cfg.issuers.first()?;
-            let user = portcullis::issuer::mint(issuer, "john.doe", &["user".into()], &["read:items".into()], 1800).ok()?;
-            let admin = portcullis::issuer::mint(issuer, "admin.user", &["admin".into(), "user".into()], &["read:items".into(), "write:items".into()], 1800).ok()?;
-            Some((user, admin))
-        });
+        let token_path = cfg.token_endpoint.as_ref().map(|t| t.path.clone());
         let gw = match portcullis::start(cfg).await {
             Ok(gw) => gw,
             Err(e) => {
@@ -259,8 +220,7 @@ fn run(cfg: Config, workers: Option<usize>, demo: bool) -> ExitCode {
         };
         tracing::info!(https = ?gw.https, http = ?gw.http, admin = ?gw.admin, "portcullis started");
         if demo {
-            let t = tokens.flatten();
-            portcullis::demo::print_guide(gw.https.or(gw.http), gw.admin, t.as_ref().map(|t| t.0.as_str()), t.as_ref().map(|t| t.1.as_str()));
+            portcullis::demo::print_guide(gw.https.or(gw.http), gw.admin, token_path.as_deref());
         }
         wait_for_signal().await;
         tracing::info!("shutting down: draining connections");
@@ -272,10 +232,7 @@ fn run(cfg: Config, workers: Option<usize>, demo: bool) -> ExitCode {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {},
@@ -307,16 +264,46 @@ fn token(path: &Path, issuer: &str, sub: &str, roles: &str, scopes: &str, ttl: &
             return ExitCode::from(1);
         }
     };
-    let roles: Vec<String> = roles
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect();
+    let roles: Vec<String> = roles.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect();
     let scopes: Vec<String> = scopes.split_whitespace().map(str::to_string).collect();
     match portcullis::issuer::mint(iss, sub, &roles, &scopes, ttl) {
         Ok(t) => {
             println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn hash_password() -> ExitCode {
+    use std::io::IsTerminal;
+    let password = if std::io::stdin().is_terminal() {
+        rpassword::prompt_password("Password: ")
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line.trim_end_matches(['\r', '\n']).to_string())
+    };
+    let password = match password {
+        Ok(p) if !p.is_empty() => p,
+        Ok(_) => {
+            eprintln!("empty password");
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!("cannot read the password: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if password.len() > portcullis::issuer::MAX_FORM_BYTES {
+        eprintln!("password too long");
+        return ExitCode::from(1);
+    }
+    match portcullis::issuer::hash_password(password.as_bytes()) {
+        Ok(h) => {
+            println!("{h}");
             ExitCode::SUCCESS
         }
         Err(e) => {

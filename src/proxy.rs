@@ -23,10 +23,7 @@ pub enum ProxyError {
         source: hyper_util::client::legacy::Error,
     },
     #[error("upstream {upstream}: no response within {timeout:?}")]
-    Timeout {
-        upstream: String,
-        timeout: std::time::Duration,
-    },
+    Timeout { upstream: String, timeout: std::time::Duration },
     #[error("upstream {upstream}: request failed: {source}")]
     Reset {
         upstream: String,
@@ -47,10 +44,7 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. } => "connect",
             ProxyError::Timeout { .. } => "timeout",
-            ProxyError::Reset { .. }
-            | ProxyError::UnexpectedUpgrade
-            | ProxyError::BodyTooLarge
-            | ProxyError::Uri(_) => "reset",
+            ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade | ProxyError::BodyTooLarge | ProxyError::Uri(_) => "reset",
         }
     }
 }
@@ -69,11 +63,8 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(settings.connect_timeout));
         http.set_keepalive(Some(std::time::Duration::from_secs(60)));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((**tls).clone())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector =
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config((**tls).clone()).https_or_http().enable_http1().wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -92,35 +83,22 @@ pub fn upstream_tls() -> Arc<rustls::ClientConfig> {
         let _ = roots.add(cert);
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = match rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-    {
+    let config = match rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions() {
         Ok(b) => b.with_root_certificates(roots).with_no_client_auth(),
-        Err(_) => rustls::ClientConfig::builder()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth(),
+        Err(_) => rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth(),
     };
     Arc::new(config)
 }
 
 /// Points a request at the upstream: scheme and authority from the config, the routed path, the query as sent.
 /// With `preserve_host = false` the upstream's authority becomes the `Host`.
-pub fn rewrite_uri(
-    req: &mut Request<Body>,
-    up: &UpstreamSettings,
-    path: &str,
-    client_host: Option<HeaderValue>,
-) -> Result<(), ProxyError> {
+pub fn rewrite_uri(req: &mut Request<Body>, up: &UpstreamSettings, path: &str, client_host: Option<HeaderValue>) -> Result<(), ProxyError> {
     let pq = match req.uri().query() {
         Some(q) => PathAndQuery::try_from(format!("{path}?{q}")),
         None => PathAndQuery::try_from(path),
     }
     .map_err(http::Error::from)?;
-    let uri = Uri::builder()
-        .scheme(up.scheme.clone())
-        .authority(up.authority.clone())
-        .path_and_query(pq)
-        .build()?;
+    let uri = Uri::builder().scheme(up.scheme.clone()).authority(up.authority.clone()).path_and_query(pq).build()?;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     match (up.preserve_host, client_host) {
@@ -139,30 +117,18 @@ pub fn rewrite_uri(
 pub async fn forward(up: &Upstream, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
     let name = &up.settings.name;
     match tokio::time::timeout(up.settings.timeout, up.client.request(req)).await {
-        Err(_) => Err(ProxyError::Timeout {
-            upstream: name.clone(),
-            timeout: up.settings.timeout,
-        }),
+        Err(_) => Err(ProxyError::Timeout { upstream: name.clone(), timeout: up.settings.timeout }),
         Ok(Ok(rsp)) => Ok(rsp),
-        Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect {
-            upstream: name.clone(),
-            source: e,
-        }),
+        Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect { upstream: name.clone(), source: e }),
         Ok(Err(e)) => {
             let too_large = std::error::Error::source(&e)
                 .and_then(|s| s.downcast_ref::<hyper::Error>())
                 .and_then(std::error::Error::source)
-                .is_some_and(|s| {
-                    s.downcast_ref::<crate::body::BodyError>()
-                        .is_some_and(|b| matches!(b, crate::body::BodyError::TooLarge))
-                });
+                .is_some_and(|s| s.downcast_ref::<crate::body::BodyError>().is_some_and(|b| matches!(b, crate::body::BodyError::TooLarge)));
             if too_large {
                 Err(ProxyError::BodyTooLarge)
             } else {
-                Err(ProxyError::Reset {
-                    upstream: name.clone(),
-                    source: e,
-                })
+                Err(ProxyError::Reset { upstream: name.clone(), source: e })
             }
         }
     }

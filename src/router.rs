@@ -54,21 +54,12 @@ impl PathPattern {
         let mut segments = Vec::new();
         let mut seen = Vec::new();
         for seg in body.split('/').filter(|x| !x.is_empty()) {
-            if seg == "."
-                || seg == ".."
-                || seg.contains('*')
-                || seg.contains('%')
-                || seg.contains('\\')
-            {
-                return Err(format!(
-                    "path {s:?}: segment {seg:?} is not allowed ('*' only as a final \"/*\")"
-                ));
+            if seg == "." || seg == ".." || seg.contains('*') || seg.contains('%') || seg.contains('\\') {
+                return Err(format!("path {s:?}: segment {seg:?} is not allowed ('*' only as a final \"/*\")"));
             }
             if let Some(name) = seg.strip_prefix('{').and_then(|x| x.strip_suffix('}')) {
                 if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    return Err(format!(
-                        "path {s:?}: parameter {seg:?} needs a name of letters, digits or '_'"
-                    ));
+                    return Err(format!("path {s:?}: parameter {seg:?} needs a name of letters, digits or '_'"));
                 }
                 if seen.contains(&name) {
                     return Err(format!("path {s:?}: parameter {{{name}}} appears twice"));
@@ -76,9 +67,7 @@ impl PathPattern {
                 seen.push(name);
                 segments.push(Segment::Param(name.to_string()));
             } else if seg.contains('{') || seg.contains('}') {
-                return Err(format!(
-                    "path {s:?}: a parameter must be a whole segment, like \"/users/{{id}}\""
-                ));
+                return Err(format!("path {s:?}: a parameter must be a whole segment, like \"/users/{{id}}\""));
             } else {
                 segments.push(Segment::Literal(seg.to_string()));
             }
@@ -86,26 +75,15 @@ impl PathPattern {
         if body.contains("//") {
             return Err(format!("path {s:?} has an empty segment"));
         }
-        Ok(PathPattern {
-            segments,
-            prefix,
-            trailing_slash,
-        })
+        Ok(PathPattern { segments, prefix, trailing_slash })
     }
 
     /// Returns true if the pattern has a `{name}` parameter.
     pub fn has_param(&self, name: &str) -> bool {
-        self.segments
-            .iter()
-            .any(|s| matches!(s, Segment::Param(p) if p == name))
+        self.segments.iter().any(|s| matches!(s, Segment::Param(p) if p == name))
     }
 
-    fn matches<'p>(
-        &self,
-        path: &'p str,
-        case_insensitive: bool,
-        params: &mut Vec<(usize, &'p str)>,
-    ) -> bool {
+    fn matches<'p>(&self, path: &'p str, case_insensitive: bool, params: &mut Vec<(usize, &'p str)>) -> bool {
         params.clear();
         let rest = &path[1..];
         let ends_with_slash = rest.ends_with('/');
@@ -117,11 +95,7 @@ impl PathPattern {
             };
             match seg {
                 Segment::Literal(l) => {
-                    let eq = if case_insensitive {
-                        l.eq_ignore_ascii_case(part)
-                    } else {
-                        l == part
-                    };
+                    let eq = if case_insensitive { l.eq_ignore_ascii_case(part) } else { l == part };
                     if !eq {
                         return false;
                     }
@@ -142,24 +116,17 @@ impl PathPattern {
 
     /// True if every path this pattern's `other` matches is also matched by `self`.
     fn covers(&self, other: &PathPattern) -> bool {
-        if !self.prefix
-            && (other.prefix
-                || self.segments.len() != other.segments.len()
-                || self.trailing_slash != other.trailing_slash)
-        {
+        if !self.prefix && (other.prefix || self.segments.len() != other.segments.len() || self.trailing_slash != other.trailing_slash) {
             return false;
         }
         if self.segments.len() > other.segments.len() {
             return false;
         }
-        self.segments
-            .iter()
-            .zip(&other.segments)
-            .all(|(a, b)| match (a, b) {
-                (Segment::Param(_), _) => true,
-                (Segment::Literal(x), Segment::Literal(y)) => x == y,
-                (Segment::Literal(_), Segment::Param(_)) => false,
-            })
+        self.segments.iter().zip(&other.segments).all(|(a, b)| match (a, b) {
+            (Segment::Param(_), _) => true,
+            (Segment::Literal(x), Segment::Literal(y)) => x == y,
+            (Segment::Literal(_), Segment::Param(_)) => false,
+        })
     }
 }
 
@@ -209,22 +176,11 @@ impl Route {
         policy: Policy,
         case_insensitive: bool,
     ) -> Route {
-        Route {
-            index,
-            name,
-            pattern,
-            methods,
-            upstream,
-            strip_prefix,
-            policy,
-            case_insensitive,
-        }
+        Route { index, name, pattern, methods, upstream, strip_prefix, policy, case_insensitive }
     }
 
     fn allows(&self, method: &Method) -> bool {
-        self.methods.as_ref().is_none_or(|m| {
-            m.contains(method) || (*method == Method::HEAD && m.contains(&Method::GET))
-        })
+        self.methods.as_ref().is_none_or(|m| m.contains(method) || (*method == Method::HEAD && m.contains(&Method::GET)))
     }
 
     /// True if this route matches every request `later` would, so `later` can never be chosen.
@@ -243,13 +199,7 @@ impl Route {
             return path;
         };
         let head = path.get(..prefix.len());
-        let same = head.is_some_and(|h| {
-            if self.case_insensitive {
-                h.eq_ignore_ascii_case(prefix)
-            } else {
-                h == prefix
-            }
-        });
+        let same = head.is_some_and(|h| if self.case_insensitive { h.eq_ignore_ascii_case(prefix) } else { h == prefix });
         if !same {
             return path;
         }
@@ -278,10 +228,7 @@ pub struct RouteMatch<'r> {
 impl RouteMatch<'_> {
     /// Returns the decoded value of path parameter `name`.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|p| p.name == name)
-            .map(|p| p.value.as_str())
+        self.params.iter().find(|p| p.name == name).map(|p| p.value.as_str())
     }
 }
 
@@ -294,10 +241,7 @@ pub struct RouteTable {
 
 impl RouteTable {
     pub(crate) fn new(routes: Vec<Route>, case_insensitive: bool) -> RouteTable {
-        RouteTable {
-            routes,
-            case_insensitive,
-        }
+        RouteTable { routes, case_insensitive }
     }
 
     /// Lists the routes in file order.
@@ -312,18 +256,11 @@ impl RouteTable {
 
     /// Finds the first route whose path and method match a normalised path. A path that some route matches
     /// only for other methods is 405 with `Allow`; no path match at all is 404.
-    pub fn match_route<'r>(
-        &'r self,
-        method: &Method,
-        path: &str,
-    ) -> Result<RouteMatch<'r>, RouteError> {
+    pub fn match_route<'r>(&'r self, method: &Method, path: &str) -> Result<RouteMatch<'r>, RouteError> {
         let mut scratch = Vec::new();
         let mut allowed: Vec<&Method> = Vec::new();
         for route in &self.routes {
-            if !route
-                .pattern
-                .matches(path, self.case_insensitive, &mut scratch)
-            {
+            if !route.pattern.matches(path, self.case_insensitive, &mut scratch) {
                 continue;
             }
             if route.allows(method) {
@@ -332,9 +269,7 @@ impl RouteTable {
                     .filter_map(|(i, raw)| match &route.pattern.segments[*i] {
                         Segment::Param(name) => Some(PathParam {
                             name: name.clone(),
-                            value: percent_encoding::percent_decode_str(raw)
-                                .decode_utf8_lossy()
-                                .into_owned(),
+                            value: percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned(),
                         }),
                         Segment::Literal(_) => None,
                     })
@@ -351,8 +286,7 @@ impl RouteTable {
         let mut names: Vec<&str> = allowed.iter().map(|m| m.as_str()).collect();
         names.sort_unstable();
         names.dedup();
-        let allow =
-            HeaderValue::from_str(&names.join(", ")).unwrap_or(HeaderValue::from_static("GET"));
+        let allow = HeaderValue::from_str(&names.join(", ")).unwrap_or(HeaderValue::from_static("GET"));
         Err(RouteError::MethodNotAllowed { allow })
     }
 }
@@ -378,9 +312,7 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, RouteError> {
     if bytes.first() != Some(&b'/') {
         return Err(RouteError::NotAbsolutePath);
     }
-    let needs_work = bytes
-        .iter()
-        .any(|&b| b == b'%' || b == b'\\' || b < 0x20 || b == 0x7f)
+    let needs_work = bytes.iter().any(|&b| b == b'%' || b == b'\\' || b < 0x20 || b == 0x7f)
         || raw.contains("//")
         || raw.contains("/./")
         || raw.contains("/../")
@@ -396,10 +328,7 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, RouteError> {
         let b = bytes[i];
         match b {
             b'%' => {
-                let (Some(h), Some(l)) = (
-                    bytes.get(i + 1).and_then(|&x| hex(x)),
-                    bytes.get(i + 2).and_then(|&x| hex(x)),
-                ) else {
+                let (Some(h), Some(l)) = (bytes.get(i + 1).and_then(|&x| hex(x)), bytes.get(i + 2).and_then(|&x| hex(x))) else {
                     return Err(RouteError::BadEscape);
                 };
                 let v = h * 16 + l;
@@ -461,21 +390,8 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, (p, m))| {
-                let methods = m.map(|m| {
-                    m.iter()
-                        .map(|s| Method::from_bytes(s.as_bytes()).unwrap())
-                        .collect()
-                });
-                Route::new(
-                    i,
-                    format!("r{i}"),
-                    PathPattern::parse(p).unwrap(),
-                    methods,
-                    "u".into(),
-                    None,
-                    Policy::public(),
-                    ci,
-                )
+                let methods = m.map(|m| m.iter().map(|s| Method::from_bytes(s.as_bytes()).unwrap()).collect());
+                Route::new(i, format!("r{i}"), PathPattern::parse(p).unwrap(), methods, "u".into(), None, Policy::public(), ci)
             })
             .collect();
         RouteTable::new(routes, ci)
@@ -503,16 +419,7 @@ mod tests {
 
     #[test]
     fn refuses_ambiguous_bytes() {
-        for p in [
-            "/admin%2fx",
-            "/admin%2Fx",
-            "/admin%5cx",
-            "/a\\b",
-            "/a%00",
-            "/a%0d%0a",
-            "/a%zz",
-            "/a%4",
-        ] {
+        for p in ["/admin%2fx", "/admin%2Fx", "/admin%5cx", "/a\\b", "/a%00", "/a%0d%0a", "/a%zz", "/a%4"] {
             assert!(normalize_path(p).is_err(), "{p}");
         }
         assert!(normalize_path("admin").is_err());
@@ -520,15 +427,7 @@ mod tests {
 
     #[test]
     fn first_match_wins_and_prefix_includes_base() {
-        let t = table(
-            &[
-                ("/admin/*", None),
-                ("/users/{id}", None),
-                ("/", None),
-                ("/*", None),
-            ],
-            false,
-        );
+        let t = table(&[("/admin/*", None), ("/users/{id}", None), ("/", None), ("/*", None)], false);
         let m = |p: &str| t.match_route(&Method::GET, p).unwrap().route.name.clone();
         assert_eq!(m("/admin"), "r0");
         assert_eq!(m("/admin/"), "r0");
@@ -543,19 +442,13 @@ mod tests {
 
     #[test]
     fn method_mismatch_is_405_and_no_match_404() {
-        let t = table(
-            &[("/items", Some(&["POST"])), ("/items", Some(&["PUT"]))],
-            false,
-        );
+        let t = table(&[("/items", Some(&["POST"])), ("/items", Some(&["PUT"]))], false);
         assert!(t.match_route(&Method::POST, "/items").is_ok());
         match t.match_route(&Method::GET, "/items") {
             Err(RouteError::MethodNotAllowed { allow }) => assert_eq!(allow, "POST, PUT"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            t.match_route(&Method::GET, "/nope"),
-            Err(RouteError::NotFound)
-        ));
+        assert!(matches!(t.match_route(&Method::GET, "/nope"), Err(RouteError::NotFound)));
     }
 
     #[test]

@@ -83,64 +83,33 @@ pub async fn accept_loop(
         tokio::spawn(async move {
             let _permit = permit;
             match tls {
-                None => {
-                    serve(
-                        tcp,
-                        ConnInfo { peer, tls: false },
-                        shared,
-                        &builder,
-                        watcher,
-                    )
-                    .await
-                }
-                Some((acceptor, timeout)) => {
-                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            serve(
-                                stream,
-                                ConnInfo { peer, tls: true },
-                                shared,
-                                &builder,
-                                watcher,
-                            )
-                            .await
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
+                None => serve(tcp, ConnInfo { peer, tls: false }, shared, &builder, watcher).await,
+                Some((acceptor, timeout)) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve(stream, ConnInfo { peer, tls: true }, shared, &builder, watcher).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
             }
         });
     }
 }
 
-async fn serve<I>(
-    io: I,
-    info: ConnInfo,
-    shared: Arc<Shared>,
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
-) where
+async fn serve<I>(io: I, info: ConnInfo, shared: Arc<Shared>, builder: &auto::Builder<TokioExecutor>, watcher: Watcher)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
         let gateway = shared.gateway.load_full();
         async move { Ok::<_, Infallible>(gateway.handle(req, info).await) }
     });
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .into_owned();
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
     }
 }
 
 /// Serves the admin listener (health and metrics) until shutdown.
-pub async fn admin_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let (tcp, _peer) = tokio::select! {
             _ = shutdown.changed() => break,
@@ -153,8 +122,7 @@ pub async fn admin_loop(
                 async move { Ok::<_, Infallible>(crate::admin::handle(&shared, req)) }
             });
             let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
+            b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
             let _ = b.serve_connection(TokioIo::new(tcp), service).await;
         });
     }

@@ -42,18 +42,10 @@ pub fn ensure_self_signed(s: &TlsSettings) -> Result<bool, TlsError> {
     if !will_generate(s) {
         return Ok(false);
     }
-    let names = vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "::1".to_string(),
-    ];
-    let certified =
-        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let certified = rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
     let write = |path: &Path, data: &str, mode: u32| -> Result<(), TlsError> {
-        let err = |source| TlsError::Read {
-            path: path.display().to_string(),
-            source,
-        };
+        let err = |source| TlsError::Read { path: path.display().to_string(), source };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
@@ -72,34 +64,20 @@ pub fn ensure_self_signed(s: &TlsSettings) -> Result<bool, TlsError> {
 
 /// Loads a certificate chain and its private key into a rustls `CertifiedKey`.
 pub fn load_certified_key(s: &TlsSettings) -> Result<Arc<CertifiedKey>, TlsError> {
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|source| TlsError::Read {
-            path: p.display().to_string(),
-            source,
-        })
-    };
+    let read = |p: &Path| std::fs::read(p).map_err(|source| TlsError::Read { path: p.display().to_string(), source });
     let cert_pem = read(&s.cert)?;
     let key_pem = read(&s.key)?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .filter_map(Result::ok)
-        .collect();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem).filter_map(Result::ok).collect();
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: s.cert.display().to_string(),
-        });
+        return Err(TlsError::NoCertificate { path: s.cert.display().to_string() });
     }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::BadKey {
-        path: s.key.display().to_string(),
-        detail: e.to_string(),
-    })?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| TlsError::BadKey { path: s.key.display().to_string(), detail: e.to_string() })?;
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let signing = provider
         .key_provider
         .load_private_key(key)
-        .map_err(|e| TlsError::BadKey {
-            path: s.key.display().to_string(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| TlsError::BadKey { path: s.key.display().to_string(), detail: e.to_string() })?;
     let ck = CertifiedKey::new(certs, signing);
     ck.keys_match().map_err(|e| TlsError::Pair(e.to_string()))?;
     Ok(Arc::new(ck))
@@ -114,9 +92,7 @@ pub struct CertResolver {
 impl CertResolver {
     /// Creates a resolver serving `key`.
     pub fn new(key: Arc<CertifiedKey>) -> CertResolver {
-        CertResolver {
-            current: ArcSwap::new(key),
-        }
+        CertResolver { current: ArcSwap::new(key) }
     }
 
     /// Replaces the certificate for new handshakes.
@@ -132,10 +108,7 @@ impl ResolvesServerCert for CertResolver {
 }
 
 /// Builds the server config: TLS 1.2+ (or 1.3 only), aws-lc-rs AEAD suites, ALPN h2 then http/1.1, no early data.
-pub fn server_config(
-    s: &TlsSettings,
-    resolver: Arc<CertResolver>,
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config(s: &TlsSettings, resolver: Arc<CertResolver>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = match s.min_version {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
