@@ -22,6 +22,12 @@ pub fn handle<B>(shared: &Shared, req: Request<B>) -> Response<Body> {
                 json_ok("{\"status\":\"ready\"}")
             }
         }
+        "/metrics" => {
+            let mut rsp = Response::new(Body::full(shared.metrics.render()));
+            rsp.headers_mut()
+                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            rsp
+        }
         _ => json_response(StatusCode::NOT_FOUND, "not_found"),
     }
 }

@@ -14,9 +14,13 @@ use toml::Spanned;
 
 use crate::authn::{self, IssuerSettings};
 use crate::authz::{ClaimRule, Policy};
-use crate::headers::IdentitySettings;
+use std::sync::Arc;
+
+use crate::cors::CorsPolicy;
+use crate::headers::{IdentitySettings, SecureHeaders};
 use crate::issuer::TokenEndpointSettings;
 use crate::ratelimit::Cidr;
+use crate::ratelimit::{LimitKey, LimitSettings};
 use crate::router::{PathPattern, Route, RouteTable};
 
 /// One problem in a config file, located by line and column (1-based).
@@ -156,6 +160,8 @@ struct FileConfig {
     #[serde(default)]
     identity: Option<IdentityFile>,
     token_endpoint: Option<Spanned<TokenEndpointFile>>,
+    headers: Option<Spanned<HeadersFile>>,
+    cors: Option<Spanned<CorsFile>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -257,6 +263,49 @@ struct RouteFile {
     scopes_all: Option<Vec<String>>,
     claims: Option<Spanned<BTreeMap<String, String>>>,
     bypass_roles: Option<Vec<String>>,
+    rate_limit: Option<Spanned<LimitFile>>,
+    headers: Option<Spanned<HeadersFile>>,
+    cors: Option<Spanned<CorsFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitFile {
+    #[serde(default = "ip_key")]
+    key: String,
+    rate: String,
+    burst: Option<u32>,
+}
+
+fn ip_key() -> String {
+    "ip".into()
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeadersFile {
+    hsts: Option<String>,
+    content_type_options: Option<String>,
+    frame_options: Option<String>,
+    referrer_policy: Option<String>,
+    content_security_policy: Option<String>,
+    permissions_policy: Option<String>,
+    cross_origin_opener_policy: Option<String>,
+    remove: Option<Vec<String>>,
+    #[serde(rename = "override")]
+    override_upstream: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CorsFile {
+    allow_origins: Vec<String>,
+    allow_methods: Option<Vec<String>>,
+    allow_headers: Option<Vec<String>>,
+    expose_headers: Option<Vec<String>>,
+    #[serde(default)]
+    allow_credentials: bool,
+    max_age: Option<DurationValue>,
 }
 
 /// Whether a route needs a token. `required` is the default, so a forgotten line fails closed.
@@ -281,6 +330,8 @@ struct RoutingFile {
 struct RateLimitFile {
     #[serde(default)]
     trusted_proxies: Vec<Spanned<String>>,
+    global: Option<Spanned<LimitFile>>,
+    ipv6_prefix: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -349,6 +400,12 @@ pub struct Config {
     pub issuers: Vec<IssuerSettings>,
     pub identity: IdentitySettings,
     pub token_endpoint: Option<TokenEndpointSettings>,
+    /// The global limit, checked before authentication.
+    pub global_limit: Option<LimitSettings>,
+    /// IPv6 clients are keyed by this many leading bits.
+    pub ipv6_prefix: u8,
+    pub headers: Arc<SecureHeaders>,
+    pub cors: Option<Arc<CorsPolicy>>,
     /// Non-fatal findings, such as a route that an earlier one shadows.
     pub warnings: Vec<Problem>,
     /// What start will do that `check` did not (generate local-use keys).
@@ -381,7 +438,8 @@ impl Config {
             invalid(vec![Problem { line, column, message: e.message().trim().to_string() }])
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut v = Validator { text, generate, notes: Vec::new(), base, problems: Vec::new(), warnings: Vec::new() };
+        let mut v =
+            Validator { text, route_headers_base: None, generate, notes: Vec::new(), base, problems: Vec::new(), warnings: Vec::new() };
         let config = v.config(path, file);
         if v.problems.is_empty() {
             let mut config = config;
@@ -405,6 +463,8 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// Collects every problem rather than stopping at the first, so `check` can show them all.
 pub(crate) struct Validator<'a> {
     text: &'a str,
+    /// The global `[headers]`, which route `headers` tables override key by key.
+    route_headers_base: Option<(std::ops::Range<usize>, HeadersFile)>,
     /// False for `check`: report what start would generate instead of writing it.
     generate: bool,
     notes: Vec<String>,
@@ -508,6 +568,13 @@ impl Validator<'_> {
             None => IdentitySettings::default(),
         };
         let token_endpoint = f.token_endpoint.and_then(|t| self.token_endpoint(t, &mut issuers));
+        let global_limit = f.rate_limit.global.as_ref().and_then(|l| self.limit(l, true));
+        let ipv6_prefix = f.rate_limit.ipv6_prefix.unwrap_or(64).min(128);
+        let global_headers_file = f.headers.map(|h| (h.span(), h.into_inner()));
+        let global_headers = Arc::new(self.secure_headers(global_headers_file.as_ref(), None));
+        let global_cors_file = f.cors.map(|c| (c.span(), c.into_inner()));
+        let global_cors = global_cors_file.as_ref().and_then(|(span, c)| self.cors(span.clone(), c)).map(Arc::new);
+        self.route_headers_base = global_headers_file;
         let routes = self.routes(f.routes, &upstreams, &issuer_ids, f.routing.case_insensitive);
         if f.server.worker_threads == Some(0) {
             self.error(0..0, "`server.worker_threads` must be at least 1");
@@ -524,6 +591,10 @@ impl Validator<'_> {
             issuers,
             identity,
             token_endpoint,
+            global_limit,
+            ipv6_prefix,
+            headers: global_headers,
+            cors: global_cors,
             warnings: Vec::new(),
             notes: Vec::new(),
         }
@@ -648,6 +719,116 @@ impl Validator<'_> {
         })
     }
 
+    fn limit(&mut self, l: &Spanned<LimitFile>, global: bool) -> Option<LimitSettings> {
+        let span = l.span();
+        let l = l.get_ref();
+        let key = match LimitKey::parse(&l.key) {
+            Ok(k) => k,
+            Err(e) => {
+                self.error(span, e);
+                return None;
+            }
+        };
+        if global && key != LimitKey::Ip && key != LimitKey::Route {
+            self.error(span.clone(), "the global limit runs before authentication: its key must be \"ip\" or \"route\"");
+            return None;
+        }
+        match crate::ratelimit::parse_rate(&l.rate) {
+            Ok((n, per)) => {
+                let burst = std::num::NonZeroU32::new(l.burst.unwrap_or(n));
+                match burst {
+                    Some(burst) => Some(LimitSettings { key, per, burst }),
+                    None => {
+                        self.error(span, "burst must be at least 1");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                self.error(span, e);
+                None
+            }
+        }
+    }
+
+    fn secure_headers(
+        &mut self,
+        global: Option<&(std::ops::Range<usize>, HeadersFile)>,
+        route: Option<&(std::ops::Range<usize>, HeadersFile)>,
+    ) -> SecureHeaders {
+        let mut out = SecureHeaders::defaults();
+        for (span, f) in [global, route].into_iter().flatten() {
+            let mut set = |v: &mut Self, name: http::HeaderName, value: &Option<String>| {
+                let Some(value) = value else { return };
+                out.set.retain(|(n, _)| *n != name);
+                if value.is_empty() {
+                    return;
+                }
+                match http::HeaderValue::from_str(value) {
+                    Ok(hv) => out.set.push((name, hv)),
+                    Err(_) => v.error(span.clone(), format!("[headers] {name}: {value:?} is not a valid header value")),
+                }
+            };
+            set(self, http::header::X_CONTENT_TYPE_OPTIONS, &f.content_type_options);
+            set(self, http::header::X_FRAME_OPTIONS, &f.frame_options);
+            set(self, http::header::REFERRER_POLICY, &f.referrer_policy);
+            set(self, http::header::CONTENT_SECURITY_POLICY, &f.content_security_policy);
+            set(self, http::HeaderName::from_static("permissions-policy"), &f.permissions_policy);
+            set(self, http::HeaderName::from_static("cross-origin-opener-policy"), &f.cross_origin_opener_policy);
+            if let Some(h) = &f.hsts {
+                out.hsts = if h.is_empty() { None } else { http::HeaderValue::from_str(h).ok() };
+            }
+            if let Some(remove) = &f.remove {
+                out.remove.clear();
+                for r in remove {
+                    match http::HeaderName::from_bytes(r.as_bytes()) {
+                        Ok(n) => out.remove.push(n),
+                        Err(_) => self.error(span.clone(), format!("[headers] remove: {r:?} is not a header name")),
+                    }
+                }
+            }
+            if let Some(o) = f.override_upstream {
+                out.override_upstream = o;
+            }
+        }
+        out
+    }
+
+    fn cors(&mut self, span: std::ops::Range<usize>, c: &CorsFile) -> Option<CorsPolicy> {
+        let any = c.allow_origins.iter().any(|o| o == "*");
+        if any && c.allow_credentials {
+            self.error(span, "[cors] allow_origins = [\"*\"] cannot be combined with allow_credentials = true");
+            return None;
+        }
+        let mut origins = Vec::new();
+        for o in c.allow_origins.iter().filter(|o| *o != "*") {
+            match http::HeaderValue::from_str(o) {
+                Ok(v) if o.contains("://") => origins.push(v),
+                _ => self.error(span.clone(), format!("[cors] origin {o:?} must be scheme://host[:port]")),
+            }
+        }
+        let names = c.allow_methods.clone().unwrap_or_else(|| vec!["GET".into(), "POST".into(), "PUT".into(), "DELETE".into()]);
+        let mut methods = Vec::new();
+        for m in &names {
+            match http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                Ok(m) => methods.push(m),
+                Err(_) => self.error(span.clone(), format!("[cors] invalid method {m:?}")),
+            }
+        }
+        let join =
+            |v: &Option<Vec<String>>| v.as_ref().filter(|v| !v.is_empty()).and_then(|v| http::HeaderValue::from_str(&v.join(", ")).ok());
+        let methods_value = http::HeaderValue::from_str(&methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")).ok()?;
+        Some(CorsPolicy {
+            origins: if any { None } else { Some(origins) },
+            methods,
+            methods_value,
+            headers_value: join(&c.allow_headers),
+            expose_value: join(&c.expose_headers),
+            credentials: c.allow_credentials,
+            max_age: http::HeaderValue::from(c.max_age.map_or(600, |d| d.0.as_secs())),
+        })
+    }
+
     fn identity(&mut self, i: IdentityFile) -> IdentitySettings {
         let mut headers = Vec::new();
         for (name, claim) in i.headers {
@@ -757,6 +938,13 @@ impl Validator<'_> {
                 let msg = format!("route {name:?} can never match: route {:?} before it matches every request it would", earlier.name);
                 self.warn(r.path.span(), msg);
             }
+            let mut route = route;
+            route.rate_limit = r.rate_limit.as_ref().and_then(|l| self.limit(l, false));
+            if let Some(h) = &r.headers {
+                let base = self.route_headers_base.clone();
+                route.headers = Some(Arc::new(self.secure_headers(base.as_ref(), Some(&(h.span(), h.get_ref().clone())))));
+            }
+            route.cors = r.cors.as_ref().and_then(|c| self.cors(c.span(), c.get_ref())).map(Arc::new);
             out.push(route);
         }
         RouteTable::new(out, case_insensitive)

@@ -1,9 +1,10 @@
 //! The Gateway: everything one config needs at run time, and the request path through it.
 //!
-//! `handle()` is infallible: it times the request, turns any error into its answer, and writes the access log.
-//! `handle_inner()` runs one stage per line: route -> authenticate -> authorize -> forward -> finish.
+//! `handle()` is infallible: it times the request, turns any error into its answer, adds the response headers,
+//! counts it, and writes the access log. `handle_inner()` runs one stage per line:
+//! global limit -> route -> authenticate -> authorize -> route limit -> forward -> finish.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,13 +16,15 @@ use crate::authn::{Authenticator, Principal};
 use crate::authz::authorize;
 use crate::body::Body;
 use crate::config::Config;
+use crate::cors;
 use crate::error::GatewayError;
 use crate::headers::{self, Forwarding};
 use crate::issuer::TokenEndpoint;
 use crate::jwks::{fetch_client, FetchClient};
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::proxy::{self, Upstream};
-use crate::ratelimit::{client_ip, is_trusted};
-use crate::router::normalize_path;
+use crate::ratelimit::{client_ip, is_trusted, reuse_or_new, Limiter};
+use crate::router::{normalize_path, Route};
 
 /// The connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
@@ -30,7 +33,7 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
-/// Background tasks owned by one Gateway (JWKS refresh); aborted when it is dropped.
+/// Background tasks owned by one Gateway (JWKS refresh, limiter pruning); aborted when it is dropped.
 #[derive(Default)]
 struct Tasks(Vec<tokio::task::JoinHandle<()>>);
 
@@ -42,21 +45,31 @@ impl Drop for Tasks {
     }
 }
 
-/// What a request did, for the access log.
+/// What a request did, for the answer's headers, the metrics and the access log.
 #[derive(Default)]
 struct Outcome<'a> {
-    route: Option<&'a str>,
+    route: Option<&'a Route>,
+    /// A name for answers that no route gave (token endpoint, well-known documents).
+    label: Option<&'static str>,
     upstream_time: Option<Duration>,
     principal: Option<Arc<Principal>>,
     request_has_body: bool,
+    /// The answer came from the upstream (not made by the gateway).
+    proxied: bool,
+    rate_limited: bool,
 }
 
 /// Everything the request path needs for one config, built once and swapped whole on reload.
 pub struct Gateway {
     pub config: Arc<Config>,
+    metrics: Arc<Metrics>,
     authn: Authenticator,
-    /// The upstream of each route, by route index.
+    /// Per-route state, by route index.
     route_upstreams: Vec<Arc<Upstream>>,
+    route_limiters: Vec<Option<Arc<Limiter>>>,
+    route_metrics: Vec<RouteMetrics>,
+    unrouted_metrics: RouteMetrics,
+    global_limiter: Option<Arc<Limiter>>,
     token_endpoint: Option<TokenEndpoint>,
     _tasks: Tasks,
 }
@@ -72,28 +85,51 @@ pub enum BuildError {
 }
 
 impl Gateway {
-    /// Builds the runtime state for a checked config. Must run inside a tokio runtime (JWKS tasks start here).
-    pub fn new(config: Arc<Config>) -> Result<Gateway, BuildError> {
+    /// Builds the runtime state for a checked config. Must run inside a tokio runtime (background tasks start
+    /// here). With `previous`, limiter state of unchanged limits is carried over.
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, previous: Option<&Gateway>) -> Result<Gateway, BuildError> {
         let tls = proxy::upstream_tls();
         let mut by_name = std::collections::HashMap::new();
         for (name, s) in &config.upstreams {
             by_name.insert(name.clone(), Arc::new(Upstream::new(s.clone(), &tls)));
         }
         let mut route_upstreams = Vec::new();
+        let mut route_limiters = Vec::new();
+        let mut route_metrics = Vec::new();
         for r in config.routes.routes() {
             let up = by_name
                 .get(&r.upstream)
                 .ok_or_else(|| BuildError::MissingUpstream { route: r.name.clone(), upstream: r.upstream.clone() })?;
             route_upstreams.push(up.clone());
+            let old = previous.and_then(|p| p.limiter_of(&r.name));
+            route_limiters.push(r.rate_limit.as_ref().map(|s| reuse_or_new(old.as_ref(), s, config.ipv6_prefix)));
+            route_metrics.push(RouteMetrics::new(&metrics, &r.name));
         }
+        let global_limiter =
+            config.global_limit.as_ref().map(|s| reuse_or_new(previous.and_then(|p| p.global_limiter.as_ref()), s, config.ipv6_prefix));
         let client: FetchClient = fetch_client(None)?;
         let authn = Authenticator::new(&config.issuers, &client);
         let mut tasks = Tasks::default();
         for issuer in authn.issuers() {
             if let Some(ks) = &issuer.jwks {
-                let ks = ks.clone();
-                tasks.0.push(tokio::spawn(ks.run_refresh(|_issuer, _ok, _keys| {})));
+                let m = metrics.clone();
+                tasks.0.push(tokio::spawn(ks.clone().run_refresh(move |issuer, ok, keys| {
+                    m.jwks_refresh.with_label_values(&[issuer, if ok { "ok" } else { "error" }]).inc();
+                    m.jwks_keys.with_label_values(&[issuer]).set(i64::try_from(keys).unwrap_or(i64::MAX));
+                })));
             }
+        }
+        let limiters: Vec<Arc<Limiter>> = route_limiters.iter().flatten().chain(global_limiter.iter()).cloned().collect();
+        if !limiters.is_empty() {
+            tasks.0.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(30));
+                loop {
+                    tick.tick().await;
+                    for l in &limiters {
+                        l.prune();
+                    }
+                }
+            }));
         }
         let token_endpoint = match &config.token_endpoint {
             Some(te) => {
@@ -106,7 +142,23 @@ impl Gateway {
             }
             None => None,
         };
-        Ok(Gateway { config, authn, route_upstreams, token_endpoint, _tasks: tasks })
+        Ok(Gateway {
+            unrouted_metrics: RouteMetrics::new(&metrics, "-"),
+            config,
+            metrics,
+            authn,
+            route_upstreams,
+            route_limiters,
+            route_metrics,
+            global_limiter,
+            token_endpoint,
+            _tasks: tasks,
+        })
+    }
+
+    fn limiter_of(&self, route_name: &str) -> Option<Arc<Limiter>> {
+        let r = self.config.routes.routes().iter().find(|r| r.name == route_name)?;
+        self.route_limiters.get(r.index).cloned().flatten()
     }
 
     /// Returns true when every issuer has keys (the admin `readyz`).
@@ -114,7 +166,8 @@ impl Gateway {
         self.authn.ready()
     }
 
-    /// Serves one request. Never fails: errors become their HTTP answer here, and every request is logged.
+    /// Serves one request. Never fails: errors become their HTTP answer here, and every request is counted
+    /// and logged.
     pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let start = Instant::now();
         let trusted = is_trusted(&self.config.trusted_proxies, conn.peer.ip());
@@ -123,13 +176,15 @@ impl Gateway {
         headers::strip_identity(req.headers_mut(), &self.config.identity);
         let method = req.method().clone();
         let uri = req.uri().clone();
+        let origin = req.headers().get(header::ORIGIN).cloned();
+        let client = client_ip(conn.peer, req.headers(), &self.config.trusted_proxies);
         let mut outcome = Outcome { request_has_body: has_body(&req), ..Outcome::default() };
         let fwd = Forwarding { peer: conn.peer, tls: conn.tls, from_trusted_proxy: trusted };
-        let mut rsp = match self.handle_inner(req, &uri, &fwd, &request_id, &mut outcome).await {
+        let mut rsp = match self.handle_inner(req, &uri, &fwd, client, &request_id, &mut outcome).await {
             Ok(rsp) => rsp,
             Err(e) => {
-                let status = e.status();
-                if status.is_server_error() {
+                self.count_refusal(&e, &outcome);
+                if e.status().is_server_error() {
                     tracing::warn!(request_id = ?request_id, error = %e, source = ?std::error::Error::source(&e), "request failed");
                 } else {
                     tracing::debug!(request_id = ?request_id, error = %e, "request refused");
@@ -139,19 +194,32 @@ impl Gateway {
                 e.to_response(close)
             }
         };
-        rsp.headers_mut().insert(headers::request_id_header().clone(), request_id.clone());
+        let h = rsp.headers_mut();
+        let secure = outcome.route.and_then(|r| r.headers.as_ref()).unwrap_or(&self.config.headers);
+        headers::apply_secure_headers(h, secure, conn.tls, !outcome.proxied);
+        if let Some(policy) = outcome.route.and_then(|r| r.cors.as_ref()).or(self.config.cors.as_ref()) {
+            cors::apply(policy, origin.as_ref(), h);
+        }
+        h.insert(headers::request_id_header().clone(), request_id.clone());
+
+        let elapsed = start.elapsed();
+        let rm = outcome.route.and_then(|r| self.route_metrics.get(r.index)).unwrap_or(&self.unrouted_metrics);
+        rm.observe(&self.metrics, &method, rsp.status(), elapsed.as_secs_f64());
+        let route_name = outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-");
         let bytes = rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         tracing::info!(
             target: "portcullis::access",
             request_id = ?request_id,
-            client = %conn.peer,
+            client = %client,
             method = %method,
             path = uri.path(),
-            route = outcome.route.unwrap_or("-"),
+            route = route_name,
             status = rsp.status().as_u16(),
             bytes,
             subject = outcome.principal.as_ref().map(|p| p.subject.as_str()),
-            duration_us = start.elapsed().as_micros() as u64,
+            issuer = outcome.principal.as_ref().map(|p| p.issuer_id.as_str()),
+            rate_limited = outcome.rate_limited,
+            duration_us = elapsed.as_micros() as u64,
             upstream_us = outcome.upstream_time.map(|d| d.as_micros() as u64),
         );
         rsp
@@ -159,31 +227,70 @@ impl Gateway {
 
     async fn handle_inner<'a>(
         &'a self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         uri: &http::Uri,
         fwd: &Forwarding,
+        client: IpAddr,
         request_id: &HeaderValue,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Body>, GatewayError> {
+        // Before any parsing or signature check, so a flood of bad tokens costs almost nothing.
+        if let Some(l) = &self.global_limiter {
+            self.check_limit(l, client, None, outcome)?;
+        }
         let path = normalize_path(uri.path())?;
-        if let Some(te) = &self.token_endpoint {
-            if *path == te.settings.path {
-                outcome.route = Some("token");
-                // The password grant only over TLS, unless allowed for local use.
-                if !fwd.tls && !te.settings.allow_plaintext {
-                    return Err(GatewayError::Route(crate::router::RouteError::NotFound));
-                }
-                let ip = client_ip(fwd.peer, req.headers(), &self.config.trusted_proxies);
-                return Ok(te.handle(req, ip).await?);
-            }
-            if let Some(rsp) = te.well_known(&path, "") {
-                outcome.route = Some("well-known");
+        if let Some(te) = self.token_endpoint.as_ref().filter(|te| te.serves(&path)) {
+            return self.token_endpoint(te, req, &path, fwd, client, outcome).await;
+        }
+        self.routed(req, uri, &path, fwd, client, request_id, outcome).await
+    }
+
+    /// Serves the token endpoint and the well-known documents.
+    async fn token_endpoint(
+        &self,
+        te: &TokenEndpoint,
+        req: Request<Incoming>,
+        path: &str,
+        fwd: &Forwarding,
+        client: IpAddr,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Response<Body>, GatewayError> {
+        if let Some(rsp) = te.well_known(path) {
+            outcome.label = Some("well-known");
+            return Ok(rsp);
+        }
+        outcome.label = Some("token");
+        // The password grant only over TLS, unless allowed for local use.
+        if !fwd.tls && !te.settings.allow_plaintext {
+            return Err(GatewayError::Route(crate::router::RouteError::NotFound));
+        }
+        let (grant, result) = te.handle(req, client).await;
+        match &result {
+            Ok(_) => self.metrics.token_issued.with_label_values(&[grant]).inc(),
+            Err(e) => self.metrics.token_failures.with_label_values(&[grant, e.code()]).inc(),
+        }
+        result.map_err(GatewayError::Token)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn routed<'a>(
+        &'a self,
+        mut req: Request<Incoming>,
+        uri: &http::Uri,
+        path: &str,
+        fwd: &Forwarding,
+        client: IpAddr,
+        request_id: &HeaderValue,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<Body>, GatewayError> {
+        if cors::is_preflight(req.method(), req.headers()) {
+            if let Some(rsp) = self.preflight(&req, path, outcome) {
                 return Ok(rsp);
             }
         }
-        let matched = self.config.routes.match_route(req.method(), &path)?;
+        let matched = self.config.routes.match_route(req.method(), path)?;
         let route = matched.route;
-        outcome.route = Some(route.name.as_str());
+        outcome.route = Some(route);
         let max_body = self.config.limits.max_body_bytes;
         if let Some(len) = declared_length(&req) {
             if len > max_body {
@@ -191,8 +298,14 @@ impl Gateway {
             }
         }
         let auth = self.authn.authenticate(req.headers(), route.policy.auth).await?;
+        if auth.principal.is_some() {
+            if auth.cache_hit { &self.metrics.jwt_cache_hits } else { &self.metrics.jwt_cache_misses }.inc();
+        }
         outcome.principal = auth.principal.clone();
         authorize(auth.principal.as_deref(), &route.policy, &matched)?;
+        if let Some(l) = &self.route_limiters[route.index] {
+            self.check_limit(l, client, auth.principal.as_deref(), outcome)?;
+        }
 
         let upgrading = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
         let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
@@ -210,12 +323,16 @@ impl Gateway {
             upgrading,
         );
         let mut up_req = Request::from_parts(parts, Body::limited(body, max_body));
-        proxy::rewrite_uri(&mut up_req, &upstream.settings, route.upstream_path(&path), host)?;
+        proxy::rewrite_uri(&mut up_req, &upstream.settings, route.upstream_path(path), host)?;
 
         let sent = Instant::now();
         let result = proxy::forward(upstream, up_req).await;
-        outcome.upstream_time = Some(sent.elapsed());
-        let mut rsp = result?;
+        let took = sent.elapsed();
+        outcome.upstream_time = Some(took);
+        self.metrics.upstream_duration.with_label_values(&[&upstream.settings.name]).observe(took.as_secs_f64());
+        let mut rsp = result.inspect_err(|e| {
+            self.metrics.upstream_errors.with_label_values(&[&upstream.settings.name, e.kind()]).inc();
+        })?;
         let upgraded = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if upgraded {
             match client_upgrade {
@@ -225,7 +342,47 @@ impl Gateway {
         }
         let (mut parts, body) = rsp.into_parts();
         headers::finish_response(&mut parts.headers, request_id, upgraded);
+        outcome.proxied = true;
         Ok(Response::from_parts(parts, Body::Stream(body)))
+    }
+
+    /// Answers a CORS preflight for a route with a CORS policy, without a token and without the upstream.
+    fn preflight<'a>(&'a self, req: &Request<Incoming>, path: &str, outcome: &mut Outcome<'a>) -> Option<Response<Body>> {
+        let method = cors::requested_method(req.headers())?;
+        let matched = self.config.routes.match_route(&method, path).ok()?;
+        let policy = matched.route.cors.as_ref().or(self.config.cors.as_ref())?;
+        outcome.route = Some(matched.route);
+        Some(cors::preflight(policy, req.headers(), &method))
+    }
+
+    fn check_limit(
+        &self,
+        l: &Limiter,
+        client: IpAddr,
+        principal: Option<&Principal>,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<(), GatewayError> {
+        let key = l.key(client, principal.map(|p| p.subject.as_str()), |claim| {
+            principal.and_then(|p| crate::authn::lookup_claim(&p.claims, claim)).and_then(|v| v.as_str().map(str::to_string))
+        });
+        l.check(&key).map_err(|limited| {
+            outcome.rate_limited = true;
+            GatewayError::RateLimited { key: l.settings.key.label(), retry_after_secs: limited.retry_after_secs, limit: limited.limit }
+        })
+    }
+
+    /// Counts a refusal in the metric of the stage that refused.
+    fn count_refusal(&self, e: &GatewayError, outcome: &Outcome<'_>) {
+        let route = outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-");
+        match e {
+            GatewayError::Auth(a) => self.metrics.auth_failures.with_label_values(&[route, a.reason()]).inc(),
+            GatewayError::Authz(crate::authz::AuthzError::Issuer(_)) => {
+                self.metrics.auth_failures.with_label_values(&[route, "issuer"]).inc()
+            }
+            GatewayError::Authz(a) => self.metrics.authz_denied.with_label_values(&[route, a.rule()]).inc(),
+            GatewayError::RateLimited { key, .. } => self.metrics.rate_limited.with_label_values(&[route, key]).inc(),
+            GatewayError::Route(_) | GatewayError::BodyTooLarge(_) | GatewayError::Proxy(_) | GatewayError::Token(_) => {}
+        }
     }
 }
 

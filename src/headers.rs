@@ -261,6 +261,53 @@ fn join_nonempty(v: &[String]) -> Option<String> {
     (!v.is_empty()).then(|| v.join(","))
 }
 
+/// Secure response headers: set on proxied answers (keeping the upstream's own value unless `override`) and
+/// always on gateway-made answers. HSTS only over TLS.
+#[derive(Debug, Clone)]
+pub struct SecureHeaders {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub hsts: Option<HeaderValue>,
+    pub remove: Vec<HeaderName>,
+    pub override_upstream: bool,
+}
+
+impl SecureHeaders {
+    /// The defaults when `[headers]` is absent.
+    pub fn defaults() -> SecureHeaders {
+        let v = HeaderValue::from_static;
+        SecureHeaders {
+            set: vec![
+                (header::X_CONTENT_TYPE_OPTIONS, v("nosniff")),
+                (header::X_FRAME_OPTIONS, v("DENY")),
+                (header::REFERRER_POLICY, v("no-referrer")),
+                (header::CONTENT_SECURITY_POLICY, v("default-src 'none'; frame-ancestors 'none'")),
+                (HeaderName::from_static("cross-origin-opener-policy"), v("same-origin")),
+            ],
+            hsts: Some(v("max-age=63072000; includeSubDomains")),
+            remove: vec![header::SERVER, HeaderName::from_static("x-powered-by"), HeaderName::from_static("x-aspnet-version")],
+            override_upstream: false,
+        }
+    }
+}
+
+/// Adds the secure headers to an answer. `generated`: the gateway made it (always set, whatever was there).
+pub fn apply_secure_headers(h: &mut HeaderMap, s: &SecureHeaders, tls: bool, generated: bool) {
+    for name in &s.remove {
+        h.remove(name);
+    }
+    let force = generated || s.override_upstream;
+    for (name, value) in &s.set {
+        if force || !h.contains_key(name) {
+            h.insert(name.clone(), value.clone());
+        }
+    }
+    if let (true, Some(hsts)) = (tls, &s.hsts) {
+        if force || !h.contains_key(header::STRICT_TRANSPORT_SECURITY) {
+            h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
+    }
+}
+
 /// Cleans an upstream response for the client: hop-by-hop removed; `Content-Length` dropped when the upstream
 /// also sent `Transfer-Encoding` (never pass both framings on); the request id echoed.
 pub fn finish_response(headers: &mut HeaderMap, request_id: &HeaderValue, upgraded: bool) {

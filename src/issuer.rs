@@ -328,8 +328,14 @@ impl TokenEndpoint {
         })
     }
 
+    /// Returns true for the paths this endpoint answers: the token path and (asymmetric keys) the well-known ones.
+    pub fn serves(&self, path: &str) -> bool {
+        path == self.settings.path
+            || (self.jwks.is_some() && matches!(path, "/.well-known/jwks.json" | "/.well-known/openid-configuration"))
+    }
+
     /// Answers the well-known documents when the path names one (asymmetric keys only).
-    pub fn well_known(&self, path: &str, base: &str) -> Option<Response<Body>> {
+    pub fn well_known(&self, path: &str) -> Option<Response<Body>> {
         let jwks = self.jwks.as_ref()?;
         match path {
             "/.well-known/jwks.json" => Some(json_answer(StatusCode::OK, jwks.clone(), false)),
@@ -337,7 +343,7 @@ impl TokenEndpoint {
                 let iss = self.issuer.issuer.trim_end_matches('/');
                 let doc = serde_json::json!({
                     "issuer": self.issuer.issuer,
-                    "token_endpoint": format!("{}{}", if base.is_empty() { iss } else { base }, self.settings.path),
+                    "token_endpoint": format!("{iss}{}", self.settings.path),
                     "jwks_uri": format!("{iss}/.well-known/jwks.json"),
                     "grant_types_supported": ["password", "client_credentials"],
                     "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
@@ -349,8 +355,24 @@ impl TokenEndpoint {
         }
     }
 
-    /// Serves `POST {path}`: reads the small form, checks the grant, and issues a token.
-    pub async fn handle(&self, req: Request<hyper::body::Incoming>, client_ip: IpAddr) -> Result<Response<Body>, TokenError> {
+    /// Serves `POST {path}`: reads the small form, checks the grant, and issues a token. Returns the grant's
+    /// name (for metrics) with the outcome.
+    pub async fn handle(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        client_ip: IpAddr,
+    ) -> (&'static str, Result<Response<Body>, TokenError>) {
+        let mut grant = "unknown";
+        let result = self.handle_grant(req, client_ip, &mut grant).await;
+        (grant, result)
+    }
+
+    async fn handle_grant(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        client_ip: IpAddr,
+        grant: &mut &'static str,
+    ) -> Result<Response<Body>, TokenError> {
         if req.method() != Method::POST {
             return Err(TokenError::MethodNotAllowed);
         }
@@ -371,8 +393,14 @@ impl TokenEndpoint {
         let form = parse_form(&body)?;
         match form.get("grant_type").map(String::as_str) {
             None => Err(TokenError::InvalidRequest("grant_type is missing")),
-            Some("password") => self.password_grant(&form, client_ip).await,
-            Some("client_credentials") => self.client_credentials_grant(&form, basic.as_ref(), client_ip).await,
+            Some("password") => {
+                *grant = "password";
+                self.password_grant(&form, client_ip).await
+            }
+            Some("client_credentials") => {
+                *grant = "client_credentials";
+                self.client_credentials_grant(&form, basic.as_ref(), client_ip).await
+            }
             Some(_) => Err(TokenError::UnsupportedGrantType),
         }
     }

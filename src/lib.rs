@@ -10,12 +10,14 @@ pub mod authn;
 pub mod authz;
 pub mod body;
 pub mod config;
+pub mod cors;
 pub mod demo;
 pub mod error;
 pub mod gateway;
 pub mod headers;
 pub mod issuer;
 pub mod jwks;
+pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod router;
@@ -109,16 +111,21 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let local = |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     let (https_addr, http_addr, admin_addr) = (local(&https), local(&http), local(&admin));
 
-    let gateway = Gateway::new(config.clone())?;
-    let shared = Arc::new(server::Shared { gateway: ArcSwap::from_pointee(gateway), draining: AtomicBool::new(false), tls: resolver });
+    let metrics = Arc::new(metrics::Metrics::new());
+    let gateway = Gateway::new(config.clone(), metrics.clone(), None)?;
+    metrics.config_reloads.with_label_values(&["ok"]).inc();
+    metrics.config_last_reload_success.set(unix_now());
+    let shared =
+        Arc::new(server::Shared { gateway: ArcSwap::from_pointee(gateway), metrics, draining: AtomicBool::new(false), tls: resolver });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let builder = Arc::new(server::http_builder(&config.limits));
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     let mut loops = Vec::new();
-    for (listener, tls) in [(https, acceptor), (http, None)] {
+    for (label, listener, tls) in [("https", https, acceptor), ("http", http, None)] {
         if let Some(l) = listener {
             loops.push(tokio::spawn(server::accept_loop(
+                label,
                 l,
                 tls,
                 shared.clone(),
@@ -151,4 +158,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         }
     });
     Ok(RunningGateway { https: https_addr, http: http_addr, admin: admin_addr, shared, shutdown: shutdown_tx, done })
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
 }

@@ -161,6 +161,12 @@ pub struct Route {
     pub upstream: String,
     pub strip_prefix: Option<String>,
     pub policy: Policy,
+    /// The route's own limit, checked after authentication.
+    pub rate_limit: Option<crate::ratelimit::LimitSettings>,
+    /// The route's secure headers, when it overrides the global ones.
+    pub headers: Option<std::sync::Arc<crate::headers::SecureHeaders>>,
+    /// The route's CORS policy, when it overrides the global one.
+    pub cors: Option<std::sync::Arc<crate::cors::CorsPolicy>>,
     case_insensitive: bool,
 }
 
@@ -176,7 +182,19 @@ impl Route {
         policy: Policy,
         case_insensitive: bool,
     ) -> Route {
-        Route { index, name, pattern, methods, upstream, strip_prefix, policy, case_insensitive }
+        Route {
+            index,
+            name,
+            pattern,
+            methods,
+            upstream,
+            strip_prefix,
+            policy,
+            rate_limit: None,
+            headers: None,
+            cors: None,
+            case_insensitive,
+        }
     }
 
     fn allows(&self, method: &Method) -> bool {

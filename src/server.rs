@@ -23,6 +23,7 @@ use crate::gateway::{ConnInfo, Gateway};
 /// State shared by every connection: the current Gateway (swapped whole on reload) and the drain flag.
 pub struct Shared {
     pub gateway: ArcSwap<Gateway>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub draining: AtomicBool,
     pub tls: Option<Arc<crate::tls::CertResolver>>,
 }
@@ -50,6 +51,7 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// Accepts connections until `shutdown` flips, serving each on its own task. The semaphore bounds open
 /// connections across the public listeners: at the limit we stop accepting (the kernel backlog holds the rest).
 pub async fn accept_loop(
+    label: &'static str,
     listener: TcpListener,
     tls: Option<(TlsAcceptor, Duration)>,
     shared: Arc<Shared>,
@@ -82,12 +84,19 @@ pub async fn accept_loop(
         let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _open = OpenConnection::new(shared.metrics.connections_active.with_label_values(&[label]));
             match tls {
                 None => serve(tcp, ConnInfo { peer, tls: false }, shared, &builder, watcher).await,
                 Some((acceptor, timeout)) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => serve(stream, ConnInfo { peer, tls: true }, shared, &builder, watcher).await,
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        shared.metrics.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        shared.metrics.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                    }
                 },
             }
         });
@@ -125,6 +134,22 @@ pub async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown
             b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
             let _ = b.serve_connection(TokioIo::new(tcp), service).await;
         });
+    }
+}
+
+/// Counts an open connection in `portcullis_connections_active` for as long as it lives.
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn new(g: prometheus::IntGauge) -> OpenConnection {
+        g.inc();
+        OpenConnection(g)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
