@@ -772,7 +772,7 @@ fn string_list(v: Option<&Value>) -> Vec<String> {
     }
 }
 
-fn principal_from(s: &IssuerSettings, claims: Map<String, Value>) -> Principal {
+pub fn principal_from(s: &IssuerSettings, claims: Map<String, Value>) -> Principal {
     let roles = string_list(lookup_claim(&claims, &s.roles_claim));
     let scopes = string_list(lookup_claim(&claims, &s.scopes_claim));
     let subject = claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_string();

@@ -410,6 +410,8 @@ pub struct Config {
     pub warnings: Vec<Problem>,
     /// What start will do that `check` did not (generate local-use keys).
     pub notes: Vec<String>,
+    /// Every file the config names, watched for reload.
+    pub watch_files: Vec<PathBuf>,
 }
 
 impl Config {
@@ -438,13 +440,22 @@ impl Config {
             invalid(vec![Problem { line, column, message: e.message().trim().to_string() }])
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut v =
-            Validator { text, route_headers_base: None, generate, notes: Vec::new(), base, problems: Vec::new(), warnings: Vec::new() };
+        let mut v = Validator {
+            text,
+            route_headers_base: None,
+            generate,
+            notes: Vec::new(),
+            resolved: Default::default(),
+            base,
+            problems: Vec::new(),
+            warnings: Vec::new(),
+        };
         let config = v.config(path, file);
         if v.problems.is_empty() {
             let mut config = config;
             config.warnings = v.warnings;
             config.notes = v.notes;
+            config.watch_files = v.resolved.into_inner();
             Ok(config)
         } else {
             Err(invalid(v.problems))
@@ -468,6 +479,7 @@ pub(crate) struct Validator<'a> {
     /// False for `check`: report what start would generate instead of writing it.
     generate: bool,
     notes: Vec<String>,
+    resolved: std::cell::RefCell<Vec<PathBuf>>,
     base: PathBuf,
     problems: Vec<Problem>,
     warnings: Vec<Problem>,
@@ -498,11 +510,9 @@ impl Validator<'_> {
 
     /// Resolves a path from the file against the config's folder.
     pub(crate) fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.base.join(p)
-        }
+        let full = if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) };
+        self.resolved.borrow_mut().push(full.clone());
+        full
     }
 
     fn addr(&mut self, s: &Option<Spanned<String>>) -> Option<SocketAddr> {
@@ -597,6 +607,7 @@ impl Validator<'_> {
             cors: global_cors,
             warnings: Vec::new(),
             notes: Vec::new(),
+            watch_files: Vec::new(),
         }
     }
 

@@ -220,8 +220,11 @@ impl KeySet {
         self.keys.store(Arc::new(keys));
         self.keyless.store(Arc::new(keyless));
         self.has_keys.store(true, Ordering::Release);
+        // max-age shortens the interval (floored at 5 s so a tiny max-age cannot hammer the IdP), never lengthens
+        // it. Not `clamp`: that panics when the configured interval is itself under 5 s, killing the refresh task
+        // (and, on the unknown-kid refetch path, the request).
         let next = match max_age {
-            Some(age) => age.clamp(Duration::from_secs(5), self.settings.refresh),
+            Some(age) => age.max(Duration::from_secs(5)).min(self.settings.refresh),
             None => self.settings.refresh,
         };
         Ok(next)

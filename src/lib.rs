@@ -13,6 +13,7 @@ pub mod config;
 pub mod cors;
 pub mod demo;
 pub mod error;
+pub mod explain;
 pub mod gateway;
 pub mod headers;
 pub mod issuer;
@@ -20,6 +21,7 @@ pub mod jwks;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod tls;
@@ -74,6 +76,11 @@ impl RunningGateway {
     pub async fn stop(self) {
         self.begin_shutdown();
         self.wait().await;
+    }
+
+    /// Loads the config file again and swaps it in if valid (what SIGHUP does).
+    pub async fn reload(&self) -> Result<(), reload::ReloadError> {
+        reload::reload(&self.shared).await
     }
 
     /// Returns the state shared with the connections (current gateway, drain flag).
@@ -135,6 +142,15 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
                 shutdown_rx.clone(),
             )));
         }
+    }
+    if reload::watchable(&config.path) {
+        let (shared, mut stop) = (shared.clone(), shutdown_rx.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = reload::watch(shared, std::time::Duration::from_millis(250)) => {},
+                _ = stop.changed() => {},
+            }
+        });
     }
     let admin_task = admin.map(|l| tokio::spawn(server::admin_loop(l, shared.clone(), shutdown_rx.clone())));
     let drain_timeout = config.limits.drain_timeout;

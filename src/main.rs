@@ -39,6 +39,24 @@ enum Command {
     Check {
         #[arg(long, default_value = "gateway.toml")]
         config: PathBuf,
+        /// Policy test cases to run against the config ([[case]] name, method, path, claims|token, expect).
+        #[arg(long)]
+        tests: Option<PathBuf>,
+    },
+    /// Explain how the gateway would answer a request: the route, each rule, and the decision.
+    Explain {
+        #[arg(long, default_value = "gateway.toml")]
+        config: PathBuf,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long)]
+        path: String,
+        /// A token to verify with the configured keys.
+        #[arg(long, conflicts_with = "claims")]
+        token: Option<String>,
+        /// Claims as JSON, taken as verified (signatures are not checked).
+        #[arg(long)]
+        claims: Option<String>,
     },
     /// Start the gateway on the shipped config with a built-in echo upstream, and print curl commands to try.
     Demo {
@@ -70,7 +88,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log_level);
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, tests } => check(&config, tests.as_deref()),
+        Command::Explain { config, method, path, token, claims } => explain(&config, &method, &path, token, claims),
         Command::Run { config } => with_config(&config, cli.workers, |cfg, w| run(cfg, w, false)),
         Command::Demo { config } => {
             // The shipped config reads its HMAC secret (if any) from the environment; give the demo one.
@@ -106,7 +125,57 @@ fn print_config_error(e: &ConfigError) {
     eprintln!("{e}");
 }
 
-fn check(path: &Path) -> ExitCode {
+fn explain(config: &Path, method: &str, path: &str, token: Option<String>, claims: Option<String>) -> ExitCode {
+    let cfg = match Config::check(config) {
+        Ok(c) => c,
+        Err(e) => {
+            print_config_error(&e);
+            return ExitCode::from(1);
+        }
+    };
+    let Ok(method) = http::Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else {
+        eprintln!("invalid method {method:?}");
+        return ExitCode::from(1);
+    };
+    let creds = match (token, claims) {
+        (Some(t), _) => portcullis::explain::Credentials::Token(t),
+        (None, Some(c)) => match serde_json::from_str::<serde_json::Value>(&c) {
+            Ok(serde_json::Value::Object(m)) => portcullis::explain::Credentials::Claims(m),
+            _ => {
+                eprintln!("--claims must be a JSON object");
+                return ExitCode::from(1);
+            }
+        },
+        (None, None) => portcullis::explain::Credentials::None,
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return ExitCode::from(1) };
+    let d = rt.block_on(portcullis::explain::explain(&cfg, &method, path, creds));
+    for l in &d.lines {
+        println!("{l}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn run_policy_tests(cfg: Config, tests: &Path) -> bool {
+    let cases = match portcullis::explain::load_cases(tests) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return false;
+        }
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return false };
+    let cfg = std::sync::Arc::new(cfg);
+    let (lines, ok) = rt.block_on(portcullis::explain::run_cases(&cfg, &cases));
+    for l in &lines {
+        println!("{l}");
+    }
+    let failed = lines.iter().filter(|l| l.starts_with("FAIL")).count();
+    println!("policy tests: {} passed, {failed} failed", lines.len() - failed);
+    ok
+}
+
+fn check(path: &Path, tests: Option<&Path>) -> ExitCode {
     match Config::check(path) {
         Err(e) => {
             print_config_error(&e);
@@ -134,7 +203,10 @@ fn check(path: &Path) -> ExitCode {
             }
             print_summary(&cfg);
             println!("{}: configuration is valid", path.display());
-            ExitCode::SUCCESS
+            match tests {
+                Some(t) if !run_policy_tests(cfg, t) => ExitCode::from(1),
+                _ => ExitCode::SUCCESS,
+            }
         }
     }
 }
@@ -222,7 +294,7 @@ fn run(cfg: Config, workers: Option<usize>, demo: bool) -> ExitCode {
         if demo {
             portcullis::demo::print_guide(gw.https.or(gw.http), gw.admin, token_path.as_deref());
         }
-        wait_for_signal().await;
+        wait_for_signal(&gw).await;
         tracing::info!("shutting down: draining connections");
         gw.stop().await;
         tracing::info!("stopped");
@@ -230,17 +302,23 @@ fn run(cfg: Config, workers: Option<usize>, demo: bool) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads the config meanwhile.
+async fn wait_for_signal(gw: &portcullis::RunningGateway) {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let _ = gw.reload().await;
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

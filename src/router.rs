@@ -272,6 +272,22 @@ impl RouteTable {
         self.case_insensitive
     }
 
+    /// For `explain`: each route in order with whether its path and its methods match, up to the first that
+    /// matches both.
+    pub fn trace(&self, method: &Method, path: &str) -> Vec<(&Route, bool, bool)> {
+        let mut scratch = Vec::new();
+        let mut out = Vec::new();
+        for route in &self.routes {
+            let path_ok = route.pattern.matches(path, self.case_insensitive, &mut scratch);
+            let method_ok = route.allows(method);
+            out.push((route, path_ok, method_ok));
+            if path_ok && method_ok {
+                break;
+            }
+        }
+        out
+    }
+
     /// Finds the first route whose path and method match a normalised path. A path that some route matches
     /// only for other methods is 405 with `Allow`; no path match at all is 404.
     pub fn match_route<'r>(&'r self, method: &Method, path: &str) -> Result<RouteMatch<'r>, RouteError> {
