@@ -11,6 +11,18 @@ pub fn handle<B>(shared: &Shared, req: Request<B>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
     }
+    if let Some(want) = shared.gateway.load().config.admin_token.clone() {
+        let got = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        // Constant-time comparison: the admin token must not leak byte by byte through timing.
+        let ok = got.is_some_and(|g| {
+            g.len() == want.len() && aws_lc_rs::constant_time::verify_slices_are_equal(g.as_bytes(), want.as_bytes()).is_ok()
+        });
+        if !ok {
+            let mut rsp = json_response(StatusCode::UNAUTHORIZED, "unauthorized");
+            rsp.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer realm=\"portcullis-admin\""));
+            return rsp;
+        }
+    }
     match req.uri().path() {
         "/healthz" => json_ok("{\"status\":\"ok\"}"),
         "/readyz" => {

@@ -162,6 +162,14 @@ struct FileConfig {
     token_endpoint: Option<Spanned<TokenEndpointFile>>,
     headers: Option<Spanned<HeadersFile>>,
     cors: Option<Spanned<CorsFile>>,
+    admin: Option<Spanned<AdminFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    /// An environment variable holding a bearer token the admin listener requires.
+    token_env: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -406,6 +414,8 @@ pub struct Config {
     pub ipv6_prefix: u8,
     pub headers: Arc<SecureHeaders>,
     pub cors: Option<Arc<CorsPolicy>>,
+    /// A bearer token the admin listener requires, when set.
+    pub admin_token: Option<Arc<String>>,
     /// Non-fatal findings, such as a route that an earlier one shadows.
     pub warnings: Vec<Problem>,
     /// What start will do that `check` did not (generate local-use keys).
@@ -585,6 +595,20 @@ impl Validator<'_> {
         let global_cors_file = f.cors.map(|c| (c.span(), c.into_inner()));
         let global_cors = global_cors_file.as_ref().and_then(|(span, c)| self.cors(span.clone(), c)).map(Arc::new);
         self.route_headers_base = global_headers_file;
+        let admin_token = match f.admin.as_ref().and_then(|a| a.get_ref().token_env.as_ref().map(|v| (a.span(), v))) {
+            None => None,
+            Some((span, var)) => match std::env::var(var) {
+                Ok(t) if t.len() >= 16 => Some(Arc::new(t)),
+                Ok(_) => {
+                    self.error(span, format!("[admin] token_env {var}: the token must be at least 16 characters"));
+                    None
+                }
+                Err(_) => {
+                    self.error(span, format!("[admin] token_env: environment variable {var} is not set"));
+                    None
+                }
+            },
+        };
         let routes = self.routes(f.routes, &upstreams, &issuer_ids, f.routing.case_insensitive);
         if f.server.worker_threads == Some(0) {
             self.error(0..0, "`server.worker_threads` must be at least 1");
@@ -605,6 +629,7 @@ impl Validator<'_> {
             ipv6_prefix,
             headers: global_headers,
             cors: global_cors,
+            admin_token,
             warnings: Vec::new(),
             notes: Vec::new(),
             watch_files: Vec::new(),

@@ -70,16 +70,15 @@ fn full(b: impl Into<Bytes>) -> BoxBody {
 /// - `/download?bytes=N`: streams N bytes (a repeating pattern) in 64 KiB chunks.
 /// - `/upload`: reads the whole body streaming, answers `{"len":N,"sha256":"…"}`.
 /// - `/ws`: WebSocket echo (HTTP/1.1 upgrade).
+/// - `/with-server-header`: the echo JSON, plus `Server`, `X-Powered-By`, `X-AspNet-Version` and its own
+///   `X-Frame-Options: SAMEORIGIN` (for the secure-header tests: what is stripped, what is kept).
 /// - anything else: JSON `{"method","path","headers":{…}}`.
+///
 /// Every request is recorded in `seen` before it is answered.
 pub async fn spawn_upstream() -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let up = Upstream {
-        addr,
-        seen: Arc::new(Mutex::new(Vec::new())),
-        count: Arc::new(AtomicUsize::new(0)),
-    };
+    let up = Upstream { addr, seen: Arc::new(Mutex::new(Vec::new())), count: Arc::new(AtomicUsize::new(0)) };
     let state = up.clone();
     tokio::spawn(async move {
         loop {
@@ -91,10 +90,7 @@ pub async fn spawn_upstream() -> Upstream {
                 let svc = service_fn(move |req| upstream_handle(state.clone(), req));
                 let mut b = hyper::server::conn::http1::Builder::new();
                 b.timer(TokioTimer::new());
-                let _ = b
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .with_upgrades()
-                    .await;
+                let _ = b.serve_connection(TokioIo::new(tcp), svc).with_upgrades().await;
             });
         }
     });
@@ -102,23 +98,13 @@ pub async fn spawn_upstream() -> Upstream {
 }
 
 fn query_u64(req: &Request<Incoming>, key: &str) -> Option<u64> {
-    req.uri().query()?.split('&').find_map(|kv| {
-        kv.strip_prefix(&format!("{key}="))
-            .and_then(|v| v.parse().ok())
-    })
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(&format!("{key}=")).and_then(|v| v.parse().ok()))
 }
 
-async fn upstream_handle(
-    state: Upstream,
-    mut req: Request<Incoming>,
-) -> Result<Response<BoxBody>, Infallible> {
+async fn upstream_handle(state: Upstream, mut req: Request<Incoming>) -> Result<Response<BoxBody>, Infallible> {
     let seen = Seen {
         method: req.method().to_string(),
-        path_and_query: req
-            .uri()
-            .path_and_query()
-            .map(|p| p.to_string())
-            .unwrap_or_default(),
+        path_and_query: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
         headers: req.headers().clone(),
         version: req.version(),
     };
@@ -132,10 +118,7 @@ async fn upstream_handle(
         }
         "/download" => {
             let total = query_u64(&req, "bytes").unwrap_or(0);
-            let chunk: Bytes = (0..65536u32)
-                .map(|i| (i % 251) as u8)
-                .collect::<Vec<u8>>()
-                .into();
+            let chunk: Bytes = (0..65536u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
             let stream = futures_util::stream::unfold(0u64, move |sent| {
                 let chunk = chunk.clone();
                 async move {
@@ -143,10 +126,7 @@ async fn upstream_handle(
                         return None;
                     }
                     let n = (total - sent).min(chunk.len() as u64) as usize;
-                    Some((
-                        Ok::<_, std::io::Error>(Frame::data(chunk.slice(..n))),
-                        sent + n as u64,
-                    ))
+                    Some((Ok::<_, std::io::Error>(Frame::data(chunk.slice(..n))), sent + n as u64))
                 }
             });
             let mut rsp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
@@ -168,15 +148,8 @@ async fn upstream_handle(
                     Err(_) => break,
                 }
             }
-            let hex: String = ctx
-                .finish()
-                .as_ref()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            Ok(Response::new(full(format!(
-                "{{\"len\":{len},\"sha256\":\"{hex}\"}}"
-            ))))
+            let hex: String = ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            Ok(Response::new(full(format!("{{\"len\":{len},\"sha256\":\"{hex}\"}}"))))
         }
         "/ws" => {
             let key = req.headers().get("sec-websocket-key").cloned();
@@ -185,8 +158,7 @@ async fn upstream_handle(
                 *r.status_mut() = StatusCode::BAD_REQUEST;
                 return Ok(r);
             };
-            let accept =
-                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
             let on_upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 if let Ok(upgraded) = on_upgrade.await {
@@ -201,48 +173,40 @@ async fn upstream_handle(
                         if msg.is_close() {
                             break;
                         }
-                        if msg.is_text() || msg.is_binary() {
-                            if tx.send(msg).await.is_err() {
-                                break;
-                            }
+                        if (msg.is_text() || msg.is_binary()) && tx.send(msg).await.is_err() {
+                            break;
                         }
                     }
                 }
             });
             let mut rsp = Response::new(full(Bytes::new()));
             *rsp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            rsp.headers_mut()
-                .insert("connection", "upgrade".parse().unwrap());
-            rsp.headers_mut()
-                .insert("upgrade", "websocket".parse().unwrap());
-            rsp.headers_mut()
-                .insert("sec-websocket-accept", accept.parse().unwrap());
+            rsp.headers_mut().insert("connection", "upgrade".parse().unwrap());
+            rsp.headers_mut().insert("upgrade", "websocket".parse().unwrap());
+            rsp.headers_mut().insert("sec-websocket-accept", accept.parse().unwrap());
+            Ok(rsp)
+        }
+        "/with-server-header" => {
+            let mut rsp = Response::new(full("{\"with\":\"server headers\"}"));
+            let h = rsp.headers_mut();
+            h.insert("content-type", "application/json".parse().unwrap());
+            h.insert("server", "Apache/2.4.1 (Unix)".parse().unwrap());
+            h.insert("x-powered-by", "PHP/5.6.40".parse().unwrap());
+            h.insert("x-aspnet-version", "4.0.30319".parse().unwrap());
+            h.insert("x-frame-options", "SAMEORIGIN".parse().unwrap());
             Ok(rsp)
         }
         _ => {
             let mut headers = serde_json::Map::new();
             for (k, v) in req.headers() {
-                headers.insert(
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
-                );
+                headers.insert(k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned().into());
             }
             let method = req.method().to_string();
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map(|p| p.to_string())
-                .unwrap_or_default();
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            let pq = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
             let json = serde_json::json!({"method": method, "path": pq, "headers": headers, "body_sha256": sha256_hex(&body), "body_len": body.len()});
             let mut rsp = Response::new(full(json.to_string()));
-            rsp.headers_mut()
-                .insert("content-type", "application/json".parse().unwrap());
+            rsp.headers_mut().insert("content-type", "application/json".parse().unwrap());
             Ok(rsp)
         }
     }
@@ -259,27 +223,15 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub fn https_url(&self, path: &str) -> String {
-        format!(
-            "https://localhost:{}{}",
-            self.https.expect("https listener").port(),
-            path
-        )
+        format!("https://localhost:{}{}", self.https.expect("https listener").port(), path)
     }
 
     pub fn http_url(&self, path: &str) -> String {
-        format!(
-            "http://127.0.0.1:{}{}",
-            self.http.expect("http listener").port(),
-            path
-        )
+        format!("http://127.0.0.1:{}{}", self.http.expect("http listener").port(), path)
     }
 
     pub fn admin_url(&self, path: &str) -> String {
-        format!(
-            "http://127.0.0.1:{}{}",
-            self.admin.expect("admin listener").port(),
-            path
-        )
+        format!("http://127.0.0.1:{}{}", self.admin.expect("admin listener").port(), path)
     }
 
     /// The generated self-signed certificate (PEM), to trust in clients.
@@ -325,16 +277,9 @@ pub async fn spawn_gateway_with_files(config: &str, files: &[(&str, &[u8])]) -> 
     }
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).unwrap();
-    let cfg = Config::load(&path)
-        .unwrap_or_else(|e| panic!("config did not validate:\n{e}\n---\n{config}"));
+    let cfg = Config::load(&path).unwrap_or_else(|e| panic!("config did not validate:\n{e}\n---\n{config}"));
     let gw = portcullis::start(cfg).await.expect("gateway starts");
-    TestGateway {
-        https: gw.https,
-        http: gw.http,
-        admin: gw.admin,
-        gw: Some(gw),
-        dir,
-    }
+    TestGateway { https: gw.https, http: gw.http, admin: gw.admin, gw: Some(gw), dir }
 }
 
 pub async fn spawn_gateway(config: &str) -> TestGateway {
@@ -364,25 +309,15 @@ pub fn tls_config(cert: &Path, alpn: &[&[u8]]) -> rustls::ClientConfig {
 /// A client that speaks HTTP/1.1 over TLS (or plain http) to the gateway.
 pub fn client(gw: &TestGateway) -> TestClient {
     let tls = tls_config(&gw.cert_path(), &[]);
-    let conn = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .build();
+    let conn = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
     Client::builder(TokioExecutor::new()).build(conn)
 }
 
 /// A client that speaks only HTTP/2 over TLS (ALPN h2).
 pub fn h2_client(gw: &TestGateway) -> TestClient {
     let tls = tls_config(&gw.cert_path(), &[]);
-    let conn = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http2()
-        .build();
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(conn)
+    let conn = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http2().build();
+    Client::builder(TokioExecutor::new()).http2_only(true).build(conn)
 }
 
 /// A finished response with its body collected.
@@ -395,8 +330,7 @@ pub struct Answer {
 
 impl Answer {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&self.body)))
     }
 
     pub fn text(&self) -> String {
@@ -414,12 +348,7 @@ pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> Answer {
     let rsp = client.request(req).await.expect("request is answered");
     let (parts, body) = rsp.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-        version: parts.version,
-    }
+    Answer { status: parts.status, headers: parts.headers, body, version: parts.version }
 }
 
 /// GET `url` with optional bearer token.
@@ -462,14 +391,8 @@ pub fn test_key(alg: jsonwebtoken::Algorithm) -> TestKey {
         RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => {
             let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
             let pkcs8: aws_lc_rs::encoding::Pkcs8V1Der = kp.as_der().unwrap();
-            let spki: aws_lc_rs::encoding::PublicKeyX509Der =
-                aws_lc_rs::signature::KeyPair::public_key(&kp)
-                    .as_der()
-                    .unwrap();
-            (
-                pem("PRIVATE KEY", pkcs8.as_ref()),
-                pem("PUBLIC KEY", spki.as_ref()),
-            )
+            let spki: aws_lc_rs::encoding::PublicKeyX509Der = aws_lc_rs::signature::KeyPair::public_key(&kp).as_der().unwrap();
+            (pem("PRIVATE KEY", pkcs8.as_ref()), pem("PUBLIC KEY", spki.as_ref()))
         }
         ES256 | ES384 | EdDSA => {
             let a = match alg {
@@ -483,35 +406,20 @@ pub fn test_key(alg: jsonwebtoken::Algorithm) -> TestKey {
         HS256 | HS384 | HS512 => panic!("use hmac_key for HMAC"),
     };
     let encoding = match alg {
-        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => {
-            jsonwebtoken::EncodingKey::from_rsa_pem(private_pem.as_bytes()).unwrap()
-        }
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => jsonwebtoken::EncodingKey::from_rsa_pem(private_pem.as_bytes()).unwrap(),
         ES256 | ES384 => jsonwebtoken::EncodingKey::from_ec_pem(private_pem.as_bytes()).unwrap(),
         _ => jsonwebtoken::EncodingKey::from_ed_pem(private_pem.as_bytes()).unwrap(),
     };
-    TestKey {
-        alg,
-        encoding,
-        public_pem,
-        private_pem,
-    }
+    TestKey { alg, encoding, public_pem, private_pem }
 }
 
 /// An HMAC key from a secret.
 pub fn hmac_key(alg: jsonwebtoken::Algorithm, secret: &[u8]) -> TestKey {
-    TestKey {
-        alg,
-        encoding: jsonwebtoken::EncodingKey::from_secret(secret),
-        public_pem: String::new(),
-        private_pem: String::new(),
-    }
+    TestKey { alg, encoding: jsonwebtoken::EncodingKey::from_secret(secret), public_pem: String::new(), private_pem: String::new() }
 }
 
 pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
 
 /// Standard claims for `iss`/`sub`, valid for 10 minutes, with the given extra claims merged in.
@@ -536,11 +444,7 @@ pub fn mint_token(key: &TestKey, kid: Option<&str>, claims: &serde_json::Value) 
 pub fn raw_token(key: &TestKey, header: &serde_json::Value, payload_json: &str) -> String {
     use base64::Engine;
     let e = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let msg = format!(
-        "{}.{}",
-        e(header.to_string().as_bytes()),
-        e(payload_json.as_bytes())
-    );
+    let msg = format!("{}.{}", e(header.to_string().as_bytes()), e(payload_json.as_bytes()));
     let sig = jsonwebtoken::crypto::sign(msg.as_bytes(), &key.encoding, key.alg).unwrap();
     format!("{msg}.{sig}")
 }
