@@ -437,7 +437,7 @@ pub(crate) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize
         static_keys,
         jwks,
         leeway: f.leeway.map_or(30, |d| d.0.as_secs()),
-        max_lifetime: f.max_lifetime.map_or(24 * 3600, |d| d.0.as_secs()),
+        max_lifetime: f.max_lifetime.map_or(30 * 86_400, |d| d.0.as_secs()),
         roles_claim: f.roles_claim.unwrap_or_else(|| "roles".into()),
         scopes_claim: f.scopes_claim.unwrap_or_else(|| "scope".into()),
         typ,
@@ -720,7 +720,7 @@ fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, 
         None => Ok(None),
         Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
             (Some(v), _) => Ok(Some(v)),
-            (None, Some(f)) if f.is_finite() && f >= 0.0 && f < 1e15 => Ok(Some(f as u64)),
+            (None, Some(f)) if (0.0..1e15).contains(&f) => Ok(Some(f as u64)),
             _ => Err(invalid(FailReason::Malformed, format!("{name} is not a valid NumericDate"))),
         },
         Some(_) => Err(invalid(FailReason::Malformed, format!("{name} is not a number"))),
@@ -783,8 +783,10 @@ pub fn principal_from(s: &IssuerSettings, claims: Map<String, Value>) -> Princip
 /// Verified tokens, keyed by the SHA-256 of the token, kept until their `exp` and never longer. Sharded so no lock
 /// is shared by every request; bounded per shard. Only verified tokens are inserted, so invalid tokens cannot
 /// evict good entries.
+type Shard = RwLock<HashMap<[u8; 32], Arc<Principal>>>;
+
 struct TokenCache {
-    shards: Box<[RwLock<HashMap<[u8; 32], Arc<Principal>>>]>,
+    shards: Box<[Shard]>,
     per_shard: usize,
 }
 

@@ -117,7 +117,7 @@ pub fn authorize(principal: Option<&Principal>, policy: &Policy, matched: &Route
         };
     };
     if let Some(allowed) = &policy.issuers {
-        if !allowed.iter().any(|i| *i == p.issuer_id) {
+        if !allowed.contains(&p.issuer_id) {
             return Err(AuthzError::Issuer(p.issuer_id.clone()));
         }
     }

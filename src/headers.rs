@@ -91,6 +91,19 @@ pub fn strip_identity(headers: &mut HeaderMap, identity: &IdentitySettings) {
     for (name, _) in &identity.headers {
         headers.remove(name);
     }
+    // CGI/WSGI-style upstreams read `X_Auth_Subject` as `X-Auth-Subject`: strip that spelling too.
+    let aliases: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .filter(|k| {
+            let dashed = k.as_str().replace('_', "-");
+            identity.headers.iter().any(|(n, _)| n.as_str() == dashed)
+        })
+        .cloned()
+        .collect();
+    for name in aliases {
+        headers.remove(name);
+    }
 }
 
 /// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`, `Proxy-Connection`, `TE`,

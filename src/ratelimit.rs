@@ -163,7 +163,7 @@ mod tests {
 // ---------------------------------------------------------------------------------------------------------------
 // Keyed limiters (GCRA, governor): a global one before authentication, per-route ones after it.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -253,11 +253,7 @@ impl Limiter {
 
     /// Builds the bucket key for a request.
     pub fn key(&self, ip: IpAddr, subject: Option<&str>, claim: impl FnOnce(&str) -> Option<String>) -> BucketKey {
-        let hashed = |s: &str| {
-            let mut h = self.hasher.build_hasher();
-            s.hash(&mut h);
-            BucketKey::Hashed(h.finish())
-        };
+        let hashed = |s: &str| BucketKey::Hashed(self.hasher.hash_one(s));
         match &self.settings.key {
             LimitKey::Ip => BucketKey::Ip(mask(ip, self.ipv6_prefix)),
             LimitKey::Route => BucketKey::Shared,

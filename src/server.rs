@@ -50,6 +50,7 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 
 /// Accepts connections until `shutdown` flips, serving each on its own task. The semaphore bounds open
 /// connections across the public listeners: at the limit we stop accepting (the kernel backlog holds the rest).
+#[allow(clippy::too_many_arguments)] // one accept loop's whole context; a struct would only rename it
 pub async fn accept_loop(
     label: &'static str,
     listener: TcpListener,

@@ -652,7 +652,7 @@ async fn slowloris_is_cut_at_header_read_timeout_while_others_are_served() {
             "{what} client cut after {after:?}; header_read_timeout is 1s"
         );
         let read = String::from_utf8_lossy(&read);
-        assert!(status_of(&read).map_or(true, |s| s == 408), "{what}: unexpected answer {read:?}");
+        assert!(status_of(&read).is_none_or(|s| s == 408), "{what}: unexpected answer {read:?}");
     }
     // A fresh normal client is still served afterwards. (A new client: the first one's pooled connection has
     // been idle past header_read_timeout, which also bounds idle keep-alive, so the gateway may be closing it.)

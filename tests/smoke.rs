@@ -4,10 +4,7 @@ use common::*;
 #[tokio::test]
 async fn https_get_reaches_upstream() {
     let up = spawn_upstream().await;
-    let cfg = format!(
-        "{}\n[[routes]]\nname = \"all\"\npath = \"/*\"\nupstream = \"api\"\nauth = \"public\"\n",
-        base_config(&up)
-    );
+    let cfg = format!("{}\n[[routes]]\nname = \"all\"\npath = \"/*\"\nupstream = \"api\"\nauth = \"public\"\n", base_config(&up));
     let gw = spawn_gateway(&cfg).await;
     let c = client(&gw);
     let a = get(&c, &gw.https_url("/hello?x=1"), None).await;
