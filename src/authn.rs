@@ -499,10 +499,23 @@ impl Authenticator {
 
     /// Authenticates a request for a route with the given auth mode.
     pub async fn authenticate(&self, headers: &HeaderMap, mode: AuthMode) -> Result<Authenticated, AuthError> {
+        self.authenticate_from(headers, None, &TokenSources::default(), mode).await
+    }
+
+    /// Authenticates from the route's token sources: the Authorization header, and where configured a cookie or
+    /// a query parameter. More than one credential is a 400.
+    pub async fn authenticate_from(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        sources: &TokenSources,
+        mode: AuthMode,
+    ) -> Result<Authenticated, AuthError> {
         if mode == AuthMode::Public {
             return Ok(Authenticated { principal: None, cache_hit: false });
         }
-        let token = match extract_bearer(headers)? {
+        let token = extract_token(headers, query, sources)?;
+        let token = match token.as_deref() {
             Some(t) => t,
             None if mode == AuthMode::Optional => return Ok(Authenticated { principal: None, cache_hit: false }),
             None => return Err(AuthError::Missing),
@@ -621,6 +634,67 @@ fn bad_signature(alg_fits: bool) -> AuthError {
     } else {
         invalid(FailReason::Algorithm, "the token's algorithm does not fit the selected key")
     }
+}
+
+/// Where a route accepts tokens besides `Authorization: Bearer`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenSources {
+    /// A cookie holding the token.
+    pub cookie: Option<String>,
+    /// A query parameter holding the token (opt-in per route; removed before forwarding).
+    pub query: Option<String>,
+}
+
+/// Finds the one credential across the configured sources.
+pub fn extract_token<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+    sources: &TokenSources,
+) -> Result<Option<std::borrow::Cow<'a, str>>, AuthError> {
+    let mut found: Option<std::borrow::Cow<'a, str>> = extract_bearer(headers)?.map(std::borrow::Cow::Borrowed);
+    let mut add = |t: std::borrow::Cow<'a, str>| {
+        if found.is_some() {
+            return Err(AuthError::InvalidRequest("more than one credential (header, cookie or query)"));
+        }
+        found = Some(t);
+        Ok(())
+    };
+    if let Some(name) = &sources.cookie {
+        let mut values = headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v);
+        if let Some(v) = values.next() {
+            if values.next().is_some() {
+                return Err(AuthError::InvalidRequest("the token cookie appears more than once"));
+            }
+            add(std::borrow::Cow::Borrowed(v))?;
+        }
+    }
+    if let (Some(name), Some(q)) = (&sources.query, query) {
+        let mut values = form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k == name).map(|(_, v)| v.into_owned());
+        if let Some(v) = values.next() {
+            if values.next().is_some() {
+                return Err(AuthError::InvalidRequest("the token parameter appears more than once"));
+            }
+            add(std::borrow::Cow::Owned(v))?;
+        }
+    }
+    match found {
+        Some(t) if t.is_empty() => Err(invalid(FailReason::Malformed, "empty token")),
+        other => Ok(other),
+    }
+}
+
+/// Removes the token parameter from a query string (before forwarding and logging).
+pub fn strip_query_token(query: &str, name: &str) -> Option<String> {
+    let kept: Vec<&str> =
+        query.split('&').filter(|kv| form_urlencoded::parse(kv.as_bytes()).next().is_none_or(|(k, _)| k != name)).collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
 }
 
 /// Finds the one bearer credential of a request. Two `Authorization` headers are a 400; a scheme other than

@@ -163,6 +163,8 @@ struct FileConfig {
     headers: Option<Spanned<HeadersFile>>,
     cors: Option<Spanned<CorsFile>>,
     admin: Option<Spanned<AdminFile>>,
+    #[serde(default)]
+    auth: AuthFile,
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,6 +276,17 @@ struct RouteFile {
     rate_limit: Option<Spanned<LimitFile>>,
     headers: Option<Spanned<HeadersFile>>,
     cors: Option<Spanned<CorsFile>>,
+    /// A cookie that may carry the token on this route (overrides `[auth] token_cookie`).
+    token_cookie: Option<String>,
+    /// Opt in to a token in this query parameter; it is removed before forwarding.
+    token_query: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    /// A cookie that may carry the token on every route.
+    token_cookie: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -452,6 +465,7 @@ impl Config {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut v = Validator {
             text,
+            default_cookie: None,
             route_headers_base: None,
             generate,
             notes: Vec::new(),
@@ -486,6 +500,8 @@ pub(crate) struct Validator<'a> {
     text: &'a str,
     /// The global `[headers]`, which route `headers` tables override key by key.
     route_headers_base: Option<(std::ops::Range<usize>, HeadersFile)>,
+    /// `[auth] token_cookie`, which routes inherit.
+    default_cookie: Option<String>,
     /// False for `check`: report what start would generate instead of writing it.
     generate: bool,
     notes: Vec<String>,
@@ -609,6 +625,7 @@ impl Validator<'_> {
                 }
             },
         };
+        self.default_cookie = f.auth.token_cookie.clone();
         let routes = self.routes(f.routes, &upstreams, &issuer_ids, f.routing.case_insensitive);
         if f.server.worker_threads == Some(0) {
             self.error(0..0, "`server.worker_threads` must be at least 1");
@@ -980,6 +997,10 @@ impl Validator<'_> {
                 let base = self.route_headers_base.clone();
                 route.headers = Some(Arc::new(self.secure_headers(base.as_ref(), Some(&(h.span(), h.get_ref().clone())))));
             }
+            route.token_sources = crate::authn::TokenSources {
+                cookie: r.token_cookie.clone().or_else(|| self.default_cookie.clone()),
+                query: r.token_query.clone(),
+            };
             route.cors = r.cors.as_ref().and_then(|c| self.cors(c.span(), c.get_ref())).map(Arc::new);
             out.push(route);
         }

@@ -297,7 +297,7 @@ impl Gateway {
                 return Err(GatewayError::BodyTooLarge(len));
             }
         }
-        let auth = self.authn.authenticate(req.headers(), route.policy.auth).await?;
+        let auth = self.authn.authenticate_from(req.headers(), uri.query(), &route.token_sources, route.policy.auth).await?;
         if auth.principal.is_some() {
             if auth.cache_hit { &self.metrics.jwt_cache_hits } else { &self.metrics.jwt_cache_misses }.inc();
         }
@@ -323,7 +323,7 @@ impl Gateway {
             upgrading,
         );
         let mut up_req = Request::from_parts(parts, Body::limited(body, max_body));
-        proxy::rewrite_uri(&mut up_req, &upstream.settings, route.upstream_path(path), host)?;
+        proxy::rewrite_uri(&mut up_req, &upstream.settings, route.upstream_path(path), host, route.token_sources.query.as_deref())?;
 
         let sent = Instant::now();
         let result = proxy::forward(upstream, up_req).await;

@@ -92,8 +92,18 @@ pub fn upstream_tls() -> Arc<rustls::ClientConfig> {
 
 /// Points a request at the upstream: scheme and authority from the config, the routed path, the query as sent.
 /// With `preserve_host = false` the upstream's authority becomes the `Host`.
-pub fn rewrite_uri(req: &mut Request<Body>, up: &UpstreamSettings, path: &str, client_host: Option<HeaderValue>) -> Result<(), ProxyError> {
-    let pq = match req.uri().query() {
+pub fn rewrite_uri(
+    req: &mut Request<Body>,
+    up: &UpstreamSettings,
+    path: &str,
+    client_host: Option<HeaderValue>,
+    drop_param: Option<&str>,
+) -> Result<(), ProxyError> {
+    let query = match (req.uri().query(), drop_param) {
+        (Some(q), Some(name)) => crate::authn::strip_query_token(q, name).map(std::borrow::Cow::Owned),
+        (q, _) => q.map(std::borrow::Cow::Borrowed),
+    };
+    let pq = match query {
         Some(q) => PathAndQuery::try_from(format!("{path}?{q}")),
         None => PathAndQuery::try_from(path),
     }

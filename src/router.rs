@@ -167,6 +167,8 @@ pub struct Route {
     pub headers: Option<std::sync::Arc<crate::headers::SecureHeaders>>,
     /// The route's CORS policy, when it overrides the global one.
     pub cors: Option<std::sync::Arc<crate::cors::CorsPolicy>>,
+    /// Where this route accepts a token besides the Authorization header.
+    pub token_sources: crate::authn::TokenSources,
     case_insensitive: bool,
 }
 
@@ -193,6 +195,7 @@ impl Route {
             rate_limit: None,
             headers: None,
             cors: None,
+            token_sources: Default::default(),
             case_insensitive,
         }
     }
