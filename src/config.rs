@@ -240,6 +240,7 @@ struct LimitsFile {
 #[serde(deny_unknown_fields)]
 struct ServerFile {
     worker_threads: Option<usize>,
+    access_log: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -415,6 +416,8 @@ pub struct Config {
     pub tls: Option<TlsSettings>,
     pub limits: Limits,
     pub worker_threads: Option<usize>,
+    /// One log line per request (target `portcullis::access`).
+    pub access_log: bool,
     pub upstreams: BTreeMap<String, UpstreamSettings>,
     pub routes: RouteTable,
     pub trusted_proxies: Vec<Cidr>,
@@ -636,6 +639,7 @@ impl Validator<'_> {
             tls,
             limits,
             worker_threads: f.server.worker_threads,
+            access_log: f.server.access_log.unwrap_or(true),
             upstreams,
             routes,
             trusted_proxies,

@@ -68,6 +68,8 @@ pub struct Gateway {
     route_upstreams: Vec<Arc<Upstream>>,
     route_limiters: Vec<Option<Arc<Limiter>>>,
     route_metrics: Vec<RouteMetrics>,
+    /// `portcullis_upstream_duration_seconds{upstream}` of each route's upstream, resolved once.
+    route_upstream_time: Vec<prometheus::Histogram>,
     unrouted_metrics: RouteMetrics,
     global_limiter: Option<Arc<Limiter>>,
     token_endpoint: Option<TokenEndpoint>,
@@ -96,6 +98,7 @@ impl Gateway {
         let mut route_upstreams = Vec::new();
         let mut route_limiters = Vec::new();
         let mut route_metrics = Vec::new();
+        let mut route_upstream_time = Vec::new();
         for r in config.routes.routes() {
             let up = by_name
                 .get(&r.upstream)
@@ -104,6 +107,7 @@ impl Gateway {
             let old = previous.and_then(|p| p.limiter_of(&r.name));
             route_limiters.push(r.rate_limit.as_ref().map(|s| reuse_or_new(old.as_ref(), s, config.ipv6_prefix)));
             route_metrics.push(RouteMetrics::new(&metrics, &r.name));
+            route_upstream_time.push(metrics.upstream_duration.with_label_values(&[&r.upstream]));
         }
         let global_limiter =
             config.global_limit.as_ref().map(|s| reuse_or_new(previous.and_then(|p| p.global_limiter.as_ref()), s, config.ipv6_prefix));
@@ -150,6 +154,7 @@ impl Gateway {
             route_upstreams,
             route_limiters,
             route_metrics,
+            route_upstream_time,
             global_limiter,
             token_endpoint,
             _tasks: tasks,
@@ -206,6 +211,9 @@ impl Gateway {
         let rm = outcome.route.and_then(|r| self.route_metrics.get(r.index)).unwrap_or(&self.unrouted_metrics);
         rm.observe(&self.metrics, &method, rsp.status(), elapsed.as_secs_f64());
         let route_name = outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-");
+        if !self.config.access_log {
+            return rsp;
+        }
         let bytes = rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         tracing::info!(
             target: "portcullis::access",
@@ -329,7 +337,7 @@ impl Gateway {
         let result = proxy::forward(upstream, up_req).await;
         let took = sent.elapsed();
         outcome.upstream_time = Some(took);
-        self.metrics.upstream_duration.with_label_values(&[&upstream.settings.name]).observe(took.as_secs_f64());
+        self.route_upstream_time[route.index].observe(took.as_secs_f64());
         let mut rsp = result.inspect_err(|e| {
             self.metrics.upstream_errors.with_label_values(&[&upstream.settings.name, e.kind()]).inc();
         })?;
