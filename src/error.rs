@@ -110,6 +110,12 @@ impl GatewayError {
             GatewayError::Route(RouteError::MethodNotAllowed { allow }) => {
                 h.insert(header::ALLOW, allow.clone());
             }
+            GatewayError::Token(TokenError::MethodNotAllowed) => {
+                h.insert(header::ALLOW, HeaderValue::from_static("POST"));
+            }
+            GatewayError::Token(TokenError::TooManyAttempts { retry_after_secs }) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
             GatewayError::RateLimited { retry_after_secs, limit, .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
                 h.insert("ratelimit-limit", HeaderValue::from(*limit));

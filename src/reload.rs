@@ -51,14 +51,19 @@ async fn try_reload(shared: &Shared) -> Result<(), ReloadError> {
     if o.https != n.https || o.http != n.http || o.admin != n.admin {
         tracing::warn!("listen addresses changed: this needs a restart; keeping the current listeners");
     }
-    if let (Some(resolver), Some(tls)) = (&shared.tls, &config.tls) {
-        let key = crate::tls::load_certified_key(tls)?;
+    let mut new_key = None;
+    if let (Some(_), Some(tls)) = (&shared.tls, &config.tls) {
+        new_key = Some(crate::tls::load_certified_key(tls)?);
         if old.config.tls.as_ref().is_some_and(|t| t.min_version != tls.min_version) {
             tracing::warn!("tls.min_version changed: this needs a restart");
         }
-        resolver.set(key);
     }
     let gateway = Gateway::new(Arc::new(config), shared.metrics.clone(), Some(&old))?;
+    // Only once everything has loaded: a reload that fails at any step must not leave a new certificate
+    // serving beside the old config (never half-applied).
+    if let (Some(resolver), Some(key)) = (&shared.tls, new_key) {
+        resolver.set(key);
+    }
     shared.gateway.store(Arc::new(gateway));
     Ok(())
 }

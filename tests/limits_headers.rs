@@ -1,0 +1,678 @@
+//! Rate limits, secure response headers and CORS (issue 5's acceptance list), end to end: a real gateway on
+//! loopback, a real echo upstream, tokens signed here with a real Ed25519 key.
+//!
+//! Two clients with different addresses on one machine: the loopback network is all of 127.0.0.0/8, so a
+//! client socket bound to 127.0.0.2 is a second client address. Every refusal asserts the upstream was not
+//! reached. Every test body runs under a time bound.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request};
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use jsonwebtoken::Algorithm;
+use portcullis::ratelimit::{LimitKey, LimitSettings, Limiter};
+use serde_json::json;
+
+/// The longest any one test may run.
+const TEST_BOUND: Duration = Duration::from_secs(120);
+
+async fn bounded(f: impl Future<Output = ()>) {
+    tokio::time::timeout(TEST_BOUND, f).await.expect("test exceeded its time bound");
+}
+
+const ISS: &str = "https://issuer.test";
+
+// ------------------------------------------------------------------------------------------------------------
+// Clients, requests, metrics.
+
+/// A client of `gw` whose connections come from `local` (any 127.x.y.z address is loopback).
+fn client_from(gw: &TestGateway, local: &str) -> TestClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_local_address(Some(local.parse::<IpAddr>().unwrap()));
+    let tls = tls_config(&gw.cert_path(), &[]);
+    let conn = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http);
+    Client::builder(TokioExecutor::new()).build(conn)
+}
+
+/// Sends `method url` with the given headers (each appended, so names may repeat) and body.
+async fn request(c: &TestClient, method: Method, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(c, b.body(Full::new(Bytes::copy_from_slice(body))).unwrap()).await
+}
+
+async fn get_with(c: &TestClient, url: &str, headers: &[(&str, &str)]) -> Answer {
+    request(c, Method::GET, url, headers, b"").await
+}
+
+fn header<'a>(a: &'a Answer, name: &str) -> Option<&'a str> {
+    a.headers.get(name).map(|v| v.to_str().unwrap())
+}
+
+/// Reads one sample from a Prometheus text exposition: `name` with exactly these labels.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let want: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, have) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let inner = rest.strip_suffix('}')?;
+                let have: BTreeMap<String, String> = inner
+                    .split("\",")
+                    .filter(|kv| !kv.is_empty())
+                    .filter_map(|kv| kv.split_once("=\"").map(|(k, v)| (k.to_string(), v.trim_end_matches('"').to_string())))
+                    .collect();
+                (n, have)
+            }
+            None => (series, BTreeMap::new()),
+        };
+        (n == name && have == want).then(|| value.parse().ok()).flatten()
+    })
+}
+
+async fn metrics(c: &TestClient, gw: &TestGateway) -> String {
+    let a = get(c, &gw.admin_url("/metrics"), None).await;
+    assert_eq!(a.status, 200);
+    a.text()
+}
+
+/// A test issuer with a static Ed25519 key, its config and the key file to write beside it.
+struct TestIssuer {
+    key: TestKey,
+}
+
+impl TestIssuer {
+    fn new() -> TestIssuer {
+        TestIssuer { key: test_key(Algorithm::EdDSA) }
+    }
+
+    fn config(&self) -> String {
+        format!("[[issuers]]\nid = \"test\"\nissuer = \"{ISS}\"\naudiences = [\"api\"]\nalgorithms = [\"EdDSA\"]\npublic_keys = [\"issuer.pub.pem\"]\n")
+    }
+
+    fn files(&self) -> Vec<(&'static str, Vec<u8>)> {
+        vec![("issuer.pub.pem", self.key.public_pem.clone().into_bytes())]
+    }
+
+    fn token(&self, sub: &str, roles: &[&str]) -> String {
+        mint_token(&self.key, None, &claims(ISS, sub, json!({ "roles": roles })))
+    }
+}
+
+async fn spawn_with(cfg: &str, files: &[(&'static str, Vec<u8>)]) -> TestGateway {
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+    spawn_gateway_with_files(cfg, &files).await
+}
+
+const PUBLIC_API: &str = r#"
+[[routes]]
+name = "api"
+path = "/api/*"
+upstream = "api"
+auth = "public"
+"#;
+
+// ------------------------------------------------------------------------------------------------------------
+// 1. Global IP limit.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_ip_limit_refuses_burst_plus_one_and_spares_other_clients() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let cfg = format!("{}\n[rate_limit]\nglobal = {{ key = \"ip\", rate = \"1/min\", burst = 5 }}\n{PUBLIC_API}", base_config(&up));
+        let gw = spawn_gateway(&cfg).await;
+        let first = client_from(&gw, "127.0.0.1");
+        for i in 0..5 {
+            let a = get(&first, &gw.https_url("/api/x"), None).await;
+            assert_eq!(a.status, 200, "request {i}: {}", a.text());
+        }
+        let a = get(&first, &gw.https_url("/api/x"), None).await;
+        assert_eq!(a.status, 429, "{}", a.text());
+        assert_eq!(a.text(), r#"{"error":"rate_limited"}"#);
+        let retry: u64 = header(&a, "retry-after").expect("Retry-After").parse().expect("whole seconds");
+        assert!((1..=60).contains(&retry), "Retry-After {retry}");
+        assert_eq!(header(&a, "ratelimit-limit"), Some("5"));
+        assert_eq!(header(&a, "ratelimit-remaining"), Some("0"));
+        let reset: u64 = header(&a, "ratelimit-reset").expect("RateLimit-Reset").parse().unwrap();
+        assert!((1..=60).contains(&reset));
+        assert_eq!(header(&a, "cache-control"), Some("no-store"));
+        assert_eq!(up.hits(), 5, "the upstream must see exactly `burst` requests");
+
+        // The same address on the plaintext listener shares the bucket: it is keyed by client, not listener.
+        let a = get(&first, &gw.http_url("/api/x"), None).await;
+        assert_eq!(a.status, 429);
+
+        let second = client_from(&gw, "127.0.0.2");
+        let a = get(&second, &gw.https_url("/api/x"), None).await;
+        assert_eq!(a.status, 200, "a second client was limited: {}", a.text());
+        assert_eq!(up.hits(), 6);
+        assert_eq!(up.last().unwrap().headers["x-forwarded-for"], "127.0.0.2");
+
+        let text = metrics(&first, &gw).await;
+        assert_eq!(metric(&text, "portcullis_rate_limited_total", &[("route", "-"), ("key", "ip")]), Some(2.0), "{text}");
+        gw.stop().await;
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 2. Per-subject limits.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_subject_limits_are_independent_and_bad_tokens_spend_nothing() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let iss = TestIssuer::new();
+        let cfg = format!(
+            r#"{base}
+[rate_limit]
+global = {{ key = "ip", rate = "1/min", burst = 20 }}
+
+{issuer}
+
+[[routes]]
+name = "search"
+path = "/search"
+upstream = "api"
+rate_limit = {{ key = "subject", rate = "1/min", burst = 3 }}
+"#,
+            base = base_config(&up),
+            issuer = iss.config()
+        );
+        let gw = spawn_with(&cfg, &iss.files()).await;
+        let url = gw.https_url("/search");
+
+        // A flood of forged tokens for alice, from another address: the first 20 are checked and refused, the
+        // rest stop at the global limit before any signature check. Alice's own bucket is untouched.
+        let forger = test_key(Algorithm::EdDSA);
+        let forged = mint_token(&forger, None, &claims(ISS, "alice", json!({})));
+        let flood = client_from(&gw, "127.0.0.2");
+        let mut statuses = Vec::new();
+        for _ in 0..30 {
+            statuses.push(get(&flood, &url, Some(&forged)).await.status.as_u16());
+        }
+        assert_eq!(statuses.iter().filter(|s| **s == 401).count(), 20, "{statuses:?}");
+        assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 10, "{statuses:?}");
+        assert_eq!(up.hits(), 0);
+
+        let c = client_from(&gw, "127.0.0.1");
+        let text = metrics(&c, &gw).await;
+        assert_eq!(
+            metric(&text, "portcullis_auth_failures_total", &[("route", "search"), ("reason", "bad_signature")]),
+            Some(20.0),
+            "signatures checked past the global limit:\n{text}"
+        );
+
+        let alice = iss.token("alice", &["user"]);
+        let bob = iss.token("bob", &["user"]);
+        for (who, token) in [("alice", &alice), ("bob", &bob)] {
+            for i in 0..3 {
+                let a = get(&c, &url, Some(token)).await;
+                assert_eq!(a.status, 200, "{who} request {i}: {}", a.text());
+            }
+            let before = up.hits();
+            let a = get(&c, &url, Some(token)).await;
+            assert_eq!(a.status, 429, "{who} past the burst: {}", a.text());
+            assert_eq!(header(&a, "ratelimit-limit"), Some("3"));
+            assert!(header(&a, "retry-after").is_some());
+            assert_eq!(up.hits(), before, "a limited request reached the upstream");
+        }
+        assert_eq!(up.hits(), 6);
+        let text = metrics(&c, &gw).await;
+        assert_eq!(metric(&text, "portcullis_rate_limited_total", &[("route", "search"), ("key", "subject")]), Some(2.0), "{text}");
+        gw.stop().await;
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 3. X-Forwarded-For only from trusted proxies.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_changes_the_key_only_from_a_trusted_proxy() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let cfg = format!(
+            "{}\n[rate_limit]\ntrusted_proxies = [\"127.0.0.2\", \"10.0.0.0/8\"]\nglobal = {{ key = \"ip\", rate = \"1/min\", burst = 2 }}\n{PUBLIC_API}",
+            base_config(&up)
+        );
+        let gw = spawn_gateway(&cfg).await;
+        let url = gw.https_url("/api/x");
+
+        // Untrusted peer: whatever it claims, it is keyed by its socket address.
+        let untrusted = client_from(&gw, "127.0.0.1");
+        assert_eq!(get_with(&untrusted, &url, &[("x-forwarded-for", "1.2.3.4")]).await.status, 200);
+        assert_eq!(up.last().unwrap().headers["x-forwarded-for"], "127.0.0.1", "a spoofed X-Forwarded-For was passed on");
+        assert_eq!(get_with(&untrusted, &url, &[("x-forwarded-for", "5.6.7.8")]).await.status, 200);
+        let a = get_with(&untrusted, &url, &[("x-forwarded-for", "9.9.9.9")]).await;
+        assert_eq!(a.status, 429, "a spoofed X-Forwarded-For bought a fresh bucket");
+        assert_eq!(up.hits(), 2);
+
+        // Trusted proxy: the right-most untrusted address is the client.
+        let proxy = client_from(&gw, "127.0.0.2");
+        let ok = |hops: &'static [&'static str]| {
+            let (proxy, url) = (&proxy, &url);
+            async move {
+                let headers: Vec<(&str, &str)> = hops.iter().map(|h| ("x-forwarded-for", *h)).collect();
+                get_with(proxy, url, &headers).await.status.as_u16()
+            }
+        };
+        assert_eq!(ok(&["1.2.3.4"]).await, 200, "1.2.3.4 has its own bucket, not 127.0.0.1's");
+        assert_eq!(up.last().unwrap().headers["x-forwarded-for"], "1.2.3.4, 127.0.0.2");
+        assert_eq!(ok(&["1.2.3.4"]).await, 200);
+        assert_eq!(ok(&["1.2.3.4"]).await, 429, "1.2.3.4 used its burst");
+        assert_eq!(ok(&["1.2.3.4, 10.0.0.7"]).await, 429, "trusted hops on the right are skipped");
+        assert_eq!(ok(&["1.2.3.4, 7.7.7.7"]).await, 200, "the left-most entry is the client's to forge: the right-most untrusted counts");
+        assert_eq!(ok(&["7.7.7.7", "10.1.1.1"]).await, 200, "X-Forwarded-For lines are merged in order");
+        assert_eq!(ok(&["6.6.6.6, 7.7.7.7"]).await, 429, "7.7.7.7 used its burst");
+        // Garbage is neither trusted nor fatal: it falls back to the peer's own address.
+        assert_eq!(ok(&["oh, hi,,127.0.0.1,,,"]).await, 200);
+        assert_eq!(ok(&["oh, hi,,127.0.0.1,,,"]).await, 200);
+        assert_eq!(ok(&["not an address"]).await, 429, "garbage is keyed as the proxy itself");
+        assert_eq!(up.hits(), 8);
+        gw.stop().await;
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 4. Memory stays bounded under a key flood.
+
+/// Counts the heap bytes each thread holds (allocated minus freed on that thread), so a test on its own
+/// thread can measure what it allocates while other tests run in parallel.
+struct PerThreadCounting;
+
+thread_local! {
+    static HELD: Cell<isize> = const { Cell::new(0) };
+}
+
+fn held_add(n: isize) {
+    // try_with: allocations during thread teardown have no counter to update.
+    let _ = HELD.try_with(|h| h.set(h.get() + n));
+}
+
+unsafe impl GlobalAlloc for PerThreadCounting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            held_add(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            held_add(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        held_add(-(layout.size() as isize));
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            held_add(new_size as isize - layout.size() as isize);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: PerThreadCounting = PerThreadCounting;
+
+#[test]
+fn a_flood_of_100k_distinct_keys_is_pruned_back_to_near_nothing() {
+    // Its own thread, so the per-thread byte count is this flood's alone.
+    let report = std::thread::spawn(|| {
+        let held = || HELD.with(Cell::get);
+        let mut out = Vec::new();
+        for key in [LimitKey::Ip, LimitKey::Subject] {
+            let settings = LimitSettings { key: key.clone(), per: Duration::from_millis(1), burst: NonZeroU32::new(2).unwrap() };
+            let limiter = Limiter::new(settings, 64);
+            let start = held();
+            for i in 0..100_000u32 {
+                let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000u32 + i));
+                let subject = format!("user-{i}@tenant.example");
+                let k = limiter.key(ip, Some(&subject), |_| None);
+                assert!(limiter.check(&k).is_ok());
+            }
+            let flooded = held();
+            assert_eq!(limiter.len(), 100_000, "{key:?}: every key holds state before pruning");
+            // Buckets refill one cell per millisecond: after this, every key is idle again.
+            std::thread::sleep(Duration::from_millis(20));
+            limiter.prune();
+            let pruned = held();
+            let per_key = (flooded - start) as f64 / 100_000.0;
+            out.push(format!(
+                "{key:?}: {} bytes held by 100,000 keys ({per_key:.0} bytes/key), {} bytes after pruning, {} keys left",
+                flooded - start,
+                pruned - start,
+                limiter.len()
+            ));
+            assert!(flooded - start > 100_000 * 8, "{key:?}: the flood allocated implausibly little: {}", flooded - start);
+            assert!(per_key < 256.0, "{key:?}: {per_key:.0} bytes per key");
+            assert!(limiter.len() < 100, "{key:?}: {} keys survived pruning", limiter.len());
+            assert!(pruned - start < 64 * 1024, "{key:?}: {} bytes still held after pruning", pruned - start);
+            drop(limiter);
+        }
+        out
+    })
+    .join()
+    .expect("the flood thread");
+    for line in report {
+        eprintln!("{line}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 5. Secure headers.
+
+/// The configured secure headers (the issue's example, which are also the defaults).
+const HEADERS: &[(&str, &str)] = &[
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+    ("content-security-policy", "default-src 'none'; frame-ancestors 'none'"),
+    ("cross-origin-opener-policy", "same-origin"),
+];
+const HSTS: &str = "max-age=63072000; includeSubDomains";
+
+fn assert_secure_headers(a: &Answer, tls: bool, generated: bool, what: &str) {
+    for (name, value) in HEADERS {
+        assert_eq!(header(a, name), Some(*value), "{what}: {name}");
+    }
+    assert_eq!(header(a, "strict-transport-security"), tls.then_some(HSTS), "{what}: HSTS only over TLS");
+    assert!(a.headers.get("permissions-policy").is_none(), "{what}: an empty permissions_policy is not sent");
+    if generated {
+        assert_eq!(header(a, "cache-control"), Some("no-store"), "{what}");
+    }
+    for gone in ["server", "x-powered-by", "x-aspnet-version"] {
+        assert!(a.headers.get(gone).is_none(), "{what}: {gone} leaked");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_headers_on_proxied_and_generated_answers() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let dead_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let iss = TestIssuer::new();
+        let cfg = format!(
+            r#"{base}
+[upstreams.dead]
+url = "http://127.0.0.1:{dead_port}"
+connect_timeout = "1s"
+
+[limits]
+max_body_bytes = "1KiB"
+
+[headers]
+hsts = "{HSTS}"
+content_type_options = "nosniff"
+frame_options = "DENY"
+referrer_policy = "no-referrer"
+content_security_policy = "default-src 'none'; frame-ancestors 'none'"
+permissions_policy = ""
+cross_origin_opener_policy = "same-origin"
+remove = ["Server", "X-Powered-By", "X-AspNet-Version"]
+
+{issuer}
+
+[[routes]]
+name = "api"
+path = "/api/*"
+upstream = "api"
+auth = "public"
+
+[[routes]]
+name = "server-headers"
+path = "/with-server-header"
+upstream = "api"
+auth = "public"
+
+[[routes]]
+name = "forced"
+path = "/forced/*"
+upstream = "api"
+auth = "public"
+strip_prefix = "/forced"
+headers = {{ override = true }}
+
+[[routes]]
+name = "html"
+path = "/html/*"
+upstream = "api"
+auth = "public"
+headers = {{ content_security_policy = "default-src 'self'", frame_options = "" }}
+
+[[routes]]
+name = "me"
+path = "/users/me"
+upstream = "api"
+
+[[routes]]
+name = "admin"
+path = "/admin/*"
+upstream = "api"
+roles_any = ["admin"]
+
+[[routes]]
+name = "limited"
+path = "/limited"
+upstream = "api"
+auth = "public"
+rate_limit = {{ key = "route", rate = "1/min", burst = 1 }}
+
+[[routes]]
+name = "upload"
+path = "/upload"
+upstream = "api"
+auth = "public"
+
+[[routes]]
+name = "dead"
+path = "/dead/*"
+upstream = "dead"
+auth = "public"
+"#,
+            base = base_config(&up),
+            issuer = iss.config()
+        );
+        let gw = spawn_with(&cfg, &iss.files()).await;
+        let c = client(&gw);
+        let user = iss.token("bob", &["user"]);
+
+        for tls in [true, false] {
+            let url = |p: &str| if tls { gw.https_url(p) } else { gw.http_url(p) };
+            let on = if tls { "https" } else { "http" };
+
+            let a = get(&c, &url("/api/x"), None).await;
+            assert_eq!(a.status, 200);
+            assert_secure_headers(&a, tls, false, &format!("{on} proxied"));
+
+            // Server / X-Powered-By / X-AspNet-Version from the upstream are stripped; its own
+            // X-Frame-Options is kept (no override on this route).
+            let hits = up.hits();
+            let a = get(&c, &url("/with-server-header"), None).await;
+            assert_eq!(a.status, 200);
+            assert_eq!(up.hits(), hits + 1);
+            assert_eq!(header(&a, "x-frame-options"), Some("SAMEORIGIN"), "{on}: the upstream's own value is kept");
+            for gone in ["server", "x-powered-by", "x-aspnet-version"] {
+                assert!(a.headers.get(gone).is_none(), "{on}: {gone} from the upstream leaked");
+            }
+            assert_eq!(header(&a, "content-security-policy"), Some("default-src 'none'; frame-ancestors 'none'"));
+
+            // Per-route override: `override = true` replaces the upstream's value.
+            let a = get(&c, &url("/forced/with-server-header"), None).await;
+            assert_eq!(a.status, 200);
+            assert_secure_headers(&a, tls, false, &format!("{on} override route"));
+
+            // Per-route values: another CSP, X-Frame-Options disabled, the rest inherited.
+            let a = get(&c, &url("/html/page"), None).await;
+            assert_eq!(a.status, 200);
+            assert_eq!(header(&a, "content-security-policy"), Some("default-src 'self'"), "{on}");
+            assert!(a.headers.get("x-frame-options").is_none(), "{on}: frame_options = \"\" disables it");
+            assert_eq!(header(&a, "x-content-type-options"), Some("nosniff"));
+            assert_eq!(header(&a, "referrer-policy"), Some("no-referrer"));
+            assert_eq!(header(&a, "strict-transport-security"), tls.then_some(HSTS));
+
+            // Every gateway-made answer.
+            let hits = up.hits();
+            let a = get(&c, &url("/users/me"), None).await;
+            assert_eq!(a.status, 401);
+            assert_secure_headers(&a, tls, true, &format!("{on} 401"));
+            let a = get(&c, &url("/admin/x"), Some(&user)).await;
+            assert_eq!(a.status, 403);
+            assert_secure_headers(&a, tls, true, &format!("{on} 403"));
+            let a = get(&c, &url("/nowhere"), None).await;
+            assert_eq!(a.status, 404);
+            assert_secure_headers(&a, tls, true, &format!("{on} 404"));
+            let a = request(&c, Method::POST, &url("/upload"), &[], &[b'x'; 2048]).await;
+            assert_eq!(a.status, 413);
+            assert_secure_headers(&a, tls, true, &format!("{on} 413"));
+            assert_eq!(up.hits(), hits, "{on}: a refused request reached the upstream");
+            let a = get(&c, &url("/limited"), None).await;
+            assert_eq!(a.status, if tls { 200 } else { 429 });
+            let hits = up.hits();
+            let a = get(&c, &url("/limited"), None).await;
+            assert_eq!(a.status, 429);
+            assert_secure_headers(&a, tls, true, &format!("{on} 429"));
+            assert_eq!(up.hits(), hits, "{on}: a limited request reached the upstream");
+            let a = get(&c, &url("/dead/x"), None).await;
+            assert_eq!(a.status, 502);
+            assert_secure_headers(&a, tls, true, &format!("{on} 502"));
+        }
+        gw.stop().await;
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 6. CORS.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflight_and_actual_requests() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let iss = TestIssuer::new();
+        let cfg = format!(
+            r#"{base}
+[cors]
+allow_origins = ["https://app.example.com"]
+allow_methods = ["GET", "POST", "PUT", "DELETE"]
+allow_headers = ["Authorization", "Content-Type"]
+allow_credentials = true
+max_age = "10m"
+
+{issuer}
+
+[[routes]]
+name = "me"
+path = "/users/me"
+methods = ["GET"]
+upstream = "api"
+
+[[routes]]
+name = "open"
+path = "/open/*"
+upstream = "api"
+auth = "public"
+cors = {{ allow_origins = ["*"], allow_methods = ["GET"] }}
+"#,
+            base = base_config(&up),
+            issuer = iss.config()
+        );
+        let gw = spawn_with(&cfg, &iss.files()).await;
+        let c = client(&gw);
+        let url = gw.https_url("/users/me");
+        let app = "https://app.example.com";
+
+        // Preflight from an allowed origin: answered by the gateway, no token, no upstream.
+        let preflight = |origin: &'static str, method: &'static str, url: String| {
+            let c = &c;
+            async move {
+                let headers = [
+                    ("origin", origin),
+                    ("access-control-request-method", method),
+                    ("access-control-request-headers", "authorization, content-type"),
+                ];
+                request(c, Method::OPTIONS, &url, &headers, b"").await
+            }
+        };
+        let a = preflight(app, "GET", url.clone()).await;
+        assert_eq!(a.status, 204, "{}", a.text());
+        assert_eq!(header(&a, "access-control-allow-origin"), Some(app));
+        assert_eq!(header(&a, "access-control-allow-methods"), Some("GET, POST, PUT, DELETE"));
+        assert_eq!(header(&a, "access-control-allow-headers"), Some("Authorization, Content-Type"));
+        assert_eq!(header(&a, "access-control-allow-credentials"), Some("true"));
+        assert_eq!(header(&a, "access-control-max-age"), Some("600"));
+        assert!(a.headers.get_all("vary").iter().any(|v| v.to_str().unwrap().contains("Origin")));
+        assert_eq!(up.hits(), 0, "a preflight reached the upstream");
+
+        // From a disallowed origin: no allow headers at all.
+        let a = preflight("https://evil.example", "GET", url.clone()).await;
+        for h in [
+            "access-control-allow-origin",
+            "access-control-allow-methods",
+            "access-control-allow-headers",
+            "access-control-allow-credentials",
+        ] {
+            assert!(a.headers.get(h).is_none(), "disallowed origin got {h}");
+        }
+        assert_eq!(up.hits(), 0);
+
+        // The actual request from the allowed origin.
+        let token = iss.token("alice", &["user"]);
+        let auth = format!("Bearer {token}");
+        let a = get_with(&c, &url, &[("origin", app), ("authorization", &auth)]).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(header(&a, "access-control-allow-origin"), Some(app));
+        assert_eq!(header(&a, "access-control-allow-credentials"), Some("true"));
+        assert!(a.headers.get_all("vary").iter().any(|v| v.to_str().unwrap().contains("Origin")), "Vary: Origin");
+        assert_eq!(up.hits(), 1);
+        // Also on the gateway's own refusals, so the browser can read them.
+        let a = get_with(&c, &url, &[("origin", app)]).await;
+        assert_eq!(a.status, 401);
+        assert_eq!(header(&a, "access-control-allow-origin"), Some(app));
+        assert_eq!(up.hits(), 1, "a refused request reached the upstream");
+        // A disallowed origin gets the answer but no CORS permission to read it.
+        let a = get_with(&c, &url, &[("origin", "https://evil.example"), ("authorization", &auth)]).await;
+        assert_eq!(a.status, 200);
+        assert!(a.headers.get("access-control-allow-origin").is_none());
+        assert!(a.headers.get_all("vary").iter().any(|v| v.to_str().unwrap().contains("Origin")));
+
+        // Per-route override: any origin, no credentials, GET only.
+        let a = preflight("https://elsewhere.example", "GET", gw.https_url("/open/x")).await;
+        assert_eq!(a.status, 204);
+        assert_eq!(header(&a, "access-control-allow-origin"), Some("*"));
+        assert_eq!(header(&a, "access-control-allow-methods"), Some("GET"));
+        assert!(a.headers.get("access-control-allow-credentials").is_none());
+        let a = get_with(&c, &gw.https_url("/open/x"), &[("origin", "https://elsewhere.example")]).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(header(&a, "access-control-allow-origin"), Some("*"));
+        assert_eq!(up.hits(), 3);
+        gw.stop().await;
+    })
+    .await;
+}

@@ -1,0 +1,870 @@
+//! Operations (issue 6's acceptance list), end to end: Prometheus metrics (checked by `promtool`), health and
+//! readiness, hot reload of policy and certificates under load, the admin listener's isolation, and policy
+//! tests (`explain`, `check --tests`) compared with real requests against the shipped gateway.toml.
+//!
+//! Reload effects are awaited by polling with a deadline (the file watcher polls every 250 ms and applies a
+//! change once it has been stable for one more poll); everything else waits on readiness signals. Every test
+//! body runs under a time bound, and every refusal asserts the upstream was not reached.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::Algorithm;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The longest any one test may run.
+const TEST_BOUND: Duration = Duration::from_secs(180);
+
+async fn bounded(f: impl Future<Output = ()>) {
+    tokio::time::timeout(TEST_BOUND, f).await.expect("test exceeded its time bound");
+}
+
+const ISS: &str = "https://issuer.test";
+
+/// How long a change on disk may take to decide requests (acceptance: within one second).
+const RELOAD_WITHIN: Duration = Duration::from_secs(1);
+
+// ------------------------------------------------------------------------------------------------------------
+// Helpers.
+
+fn header<'a>(a: &'a Answer, name: &str) -> Option<&'a str> {
+    a.headers.get(name).map(|v| v.to_str().unwrap())
+}
+
+async fn request(c: &TestClient, method: Method, url: &str, token: Option<&str>) -> Answer {
+    let mut b = Request::builder().method(method).uri(url);
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    send(c, b.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+/// Parses a Prometheus text exposition into `name{sorted labels}` -> value.
+fn parse_metrics(text: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let inner = rest.strip_suffix('}').unwrap_or(rest);
+                let labels: BTreeMap<String, String> = inner
+                    .split("\",")
+                    .filter(|kv| !kv.is_empty())
+                    .filter_map(|kv| kv.split_once("=\"").map(|(k, v)| (k.to_string(), v.trim_end_matches('"').to_string())))
+                    .collect();
+                (n.to_string(), labels)
+            }
+            None => (series.to_string(), BTreeMap::new()),
+        };
+        if let Ok(v) = value.parse::<f64>() {
+            out.insert((name, labels), v);
+        }
+    }
+    out
+}
+
+/// Reads one sample: `name` with exactly these labels.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let want: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    parse_metrics(text).get(&(name.to_string(), want)).copied()
+}
+
+async fn metrics(c: &TestClient, gw: &TestGateway) -> String {
+    let a = get(c, &gw.admin_url("/metrics"), None).await;
+    assert_eq!(a.status, 200);
+    assert!(header(&a, "content-type").unwrap().starts_with("text/plain; version=0.0.4"));
+    a.text()
+}
+
+/// Polls `/metrics` until `name{labels}` reaches `want`, within `within`.
+async fn wait_metric(c: &TestClient, gw: &TestGateway, name: &str, labels: &[(&str, &str)], want: f64, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let text = metrics(c, gw).await;
+        let have = metric(&text, name, labels);
+        if have == Some(want) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{name}{labels:?} is {have:?}, not {want}, after {within:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Replaces a file in one step (write beside it, rename over it), as a careful deploy tool would.
+fn write_atomic(path: &Path, data: &[u8]) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, data).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+struct TestIssuer {
+    key: TestKey,
+}
+
+impl TestIssuer {
+    fn new() -> TestIssuer {
+        TestIssuer { key: test_key(Algorithm::EdDSA) }
+    }
+
+    fn config(&self) -> String {
+        format!("[[issuers]]\nid = \"test\"\nissuer = \"{ISS}\"\naudiences = [\"api\"]\nalgorithms = [\"EdDSA\"]\npublic_keys = [\"issuer.pub.pem\"]\n")
+    }
+
+    fn token(&self, sub: &str, roles: &[&str]) -> String {
+        mint_token(&self.key, None, &claims(ISS, sub, json!({ "roles": roles })))
+    }
+
+    async fn gateway(&self, cfg: &str) -> TestGateway {
+        spawn_gateway_with_files(cfg, &[("issuer.pub.pem", self.key.public_pem.as_bytes())]).await
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 1. Metrics after a mix of outcomes, and promtool.
+
+/// Runs `promtool check metrics` on `text`. Without promtool the test fails, unless PORTCULLIS_SKIP_PROMTOOL=1.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::env::var("PORTCULLIS_SKIP_PROMTOOL").as_deref() == Ok("1") {
+                eprintln!("promtool not installed: skipping `promtool check metrics` (PORTCULLIS_SKIP_PROMTOOL=1)");
+                return;
+            }
+            panic!(
+                "promtool is not installed, so the /metrics output cannot be checked. Install the Debian package \
+                 `prometheus` (apt-get install prometheus), or set PORTCULLIS_SKIP_PROMTOOL=1 to skip this check."
+            );
+        }
+        Err(e) => panic!("cannot run promtool: {e}"),
+    };
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- exposition ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_every_outcome_and_pass_promtool() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let dead_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let iss = TestIssuer::new();
+        let cfg = format!(
+            r#"{base}
+[upstreams.dead]
+url = "http://127.0.0.1:{dead_port}"
+connect_timeout = "1s"
+
+{issuer}
+
+[[routes]]
+name = "me"
+path = "/users/me"
+upstream = "api"
+
+[[routes]]
+name = "admin"
+path = "/admin/*"
+upstream = "api"
+roles_any = ["admin"]
+
+[[routes]]
+name = "limited"
+path = "/limited"
+upstream = "api"
+auth = "public"
+rate_limit = {{ key = "route", rate = "1/min", burst = 1 }}
+
+[[routes]]
+name = "dead"
+path = "/dead/*"
+upstream = "dead"
+auth = "public"
+"#,
+            base = base_config(&up),
+            issuer = iss.config()
+        );
+        let gw = iss.gateway(&cfg).await;
+        let c = client(&gw);
+        let user = iss.token("bob", &["user"]);
+        let expired = mint_token(
+            &iss.key,
+            None,
+            &claims(ISS, "bob", json!({"roles": ["user"], "iat": now() - 7200, "nbf": now() - 7200, "exp": now() - 3600})),
+        );
+
+        assert_eq!(request(&c, Method::GET, &gw.https_url("/users/me"), Some(&user)).await.status, 200);
+        assert_eq!(request(&c, Method::GET, &gw.https_url("/users/me"), Some(&expired)).await.status, 401);
+        assert_eq!(request(&c, Method::GET, &gw.https_url("/admin/x"), Some(&user)).await.status, 403);
+        assert_eq!(request(&c, Method::GET, &gw.https_url("/nowhere"), None).await.status, 404);
+        assert_eq!(request(&c, Method::GET, &gw.https_url("/limited"), None).await.status, 200);
+        assert_eq!(request(&c, Method::GET, &gw.https_url("/limited"), None).await.status, 429);
+        assert_eq!(request(&c, Method::GET, &gw.https_url("/dead/x"), None).await.status, 502);
+        assert_eq!(up.hits(), 2, "only the two allowed requests reach the upstream");
+        // A failed TLS handshake: plaintext HTTP to the TLS port.
+        let (_, closed) = raw_exchange(gw.https.unwrap(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(5)).await;
+        assert!(closed, "the TLS listener kept a plaintext connection open");
+        wait_metric(&c, &gw, "portcullis_tls_handshake_failures_total", &[], 1.0, Duration::from_secs(5)).await;
+
+        let text = metrics(&c, &gw).await;
+        let m = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
+        let req = |route: &str, status: &str| m("portcullis_requests_total", &[("route", route), ("method", "GET"), ("status", status)]);
+        assert_eq!(req("me", "200"), Some(1.0), "{text}");
+        assert_eq!(req("me", "401"), Some(1.0));
+        assert_eq!(req("admin", "403"), Some(1.0));
+        assert_eq!(req("-", "404"), Some(1.0), "unrouted requests are labelled \"-\", never by raw path");
+        assert_eq!(req("limited", "200"), Some(1.0));
+        assert_eq!(req("limited", "429"), Some(1.0));
+        assert_eq!(req("dead", "502"), Some(1.0));
+        assert!(!text.contains("/nowhere") && !text.contains("/dead/x") && !text.contains("/users/me"), "a raw path leaked into a label");
+        assert_eq!(m("portcullis_auth_failures_total", &[("route", "me"), ("reason", "expired")]), Some(1.0));
+        assert_eq!(m("portcullis_authz_denied_total", &[("route", "admin"), ("rule", "roles")]), Some(1.0));
+        assert_eq!(m("portcullis_rate_limited_total", &[("route", "limited"), ("key", "route")]), Some(1.0));
+        assert_eq!(m("portcullis_upstream_errors_total", &[("upstream", "dead"), ("kind", "connect")]), Some(1.0));
+        assert_eq!(m("portcullis_request_duration_seconds_count", &[("route", "me")]), Some(2.0));
+        assert_eq!(m("portcullis_request_duration_seconds_bucket", &[("route", "me"), ("le", "+Inf")]), Some(2.0));
+        assert_eq!(m("portcullis_upstream_duration_seconds_count", &[("upstream", "api")]), Some(2.0));
+        assert_eq!(m("portcullis_upstream_duration_seconds_count", &[("upstream", "dead")]), Some(1.0));
+        assert_eq!(m("portcullis_jwt_cache_misses_total", &[]), Some(1.0), "the user's token is verified once");
+        assert_eq!(m("portcullis_jwt_cache_hits_total", &[]), Some(1.0), "and then found in the cache");
+        assert_eq!(m("portcullis_config_reloads_total", &[("result", "ok")]), Some(1.0));
+        assert!(m("portcullis_config_last_reload_success_timestamp_seconds", &[]).unwrap() >= (now() - 600) as f64);
+        assert_eq!(m("portcullis_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+        assert!(m("portcullis_connections_active", &[("listener", "https")]).is_some(), "{text}");
+        assert_eq!(m("portcullis_tls_handshake_failures_total", &[]), Some(1.0));
+        promtool_check(&text);
+        gw.stop().await;
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 2 and 3. Hot reload of policy.
+
+/// A valid config whose `/reports` route admits `role`.
+fn reports_policy(up: &Upstream, iss: &TestIssuer, role: &str) -> String {
+    format!(
+        r#"{base}
+{issuer}
+
+[[routes]]
+name = "reports"
+path = "/reports"
+upstream = "api"
+roles_any = ["{role}"]
+
+[[routes]]
+name = "me"
+path = "/users/me"
+upstream = "api"
+"#,
+        base = base_config(up),
+        issuer = iss.config()
+    )
+}
+
+/// Polls `/reports` until it answers `want`, within [`RELOAD_WITHIN`] of `since`. Returns how long it took.
+async fn wait_policy(c: &TestClient, gw: &TestGateway, token: &str, want: u16, since: Instant) -> Duration {
+    loop {
+        let a = request(c, Method::GET, &gw.https_url("/reports"), Some(token)).await;
+        if a.status == want {
+            return since.elapsed();
+        }
+        assert!(matches!(a.status.as_u16(), 200 | 403), "unexpected answer while waiting for the policy: {} {}", a.status, a.text());
+        assert!(since.elapsed() < RELOAD_WITHIN, "the new policy did not decide within {RELOAD_WITHIN:?} (still {})", a.status);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[derive(Default)]
+struct LoadStats {
+    sent: AtomicUsize,
+    failures: Mutex<Vec<String>>,
+}
+
+/// Sends requests in a loop until `stop`: `/users/me` must always be 200, `/reports` 200 or 403.
+async fn load_loop(c: TestClient, gw_url: String, token: String, stop: Arc<AtomicBool>, stats: Arc<LoadStats>) {
+    let mut n = 0u64;
+    // Bounded in count as well as by the flag.
+    while !stop.load(Ordering::Relaxed) && n < 200_000 {
+        n += 1;
+        let (path, allowed): (&str, &[u16]) = if n % 2 == 0 { ("/users/me", &[200]) } else { ("/reports", &[200, 403]) };
+        let req = Request::get(format!("{gw_url}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+            let rsp = c.request(req).await.map_err(|e| format!("connection error: {e:?}"))?;
+            let status = rsp.status().as_u16();
+            rsp.into_body().collect().await.map_err(|e| format!("body error: {e:?}"))?;
+            Ok::<u16, String>(status)
+        })
+        .await;
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+        let problem = match outcome {
+            Err(_) => Some(format!("{path}: no answer within 5 s")),
+            Ok(Err(e)) => Some(format!("{path}: {e}")),
+            Ok(Ok(s)) if !allowed.contains(&s) => Some(format!("{path}: status {s}")),
+            Ok(Ok(_)) => None,
+        };
+        if let Some(p) = problem {
+            stats.failures.lock().unwrap().push(p);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_switches_policy_without_a_single_error() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let iss = TestIssuer::new();
+        let allow = reports_policy(&up, &iss, "user");
+        let deny = reports_policy(&up, &iss, "admin");
+        let gw = iss.gateway(&allow).await;
+        let path = gw.dir.path().join("gateway.toml");
+        let token = iss.token("bob", &["user"]);
+        let probe = client(&gw);
+        assert_eq!(request(&probe, Method::GET, &gw.https_url("/reports"), Some(&token)).await.status, 200);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(LoadStats::default());
+        let mut loops = Vec::new();
+        for _ in 0..2 {
+            loops.push(tokio::spawn(load_loop(client(&gw), gw.https_url(""), token.clone(), stop.clone(), stats.clone())));
+        }
+        let mut slowest = Duration::ZERO;
+        for i in 1..=20 {
+            let (text, want) = if i % 2 == 1 { (&deny, 403) } else { (&allow, 200) };
+            write_atomic(&path, text.as_bytes());
+            let took = wait_policy(&probe, &gw, &token, want, Instant::now()).await;
+            slowest = slowest.max(took);
+        }
+        stop.store(true, Ordering::Relaxed);
+        for l in loops {
+            tokio::time::timeout(Duration::from_secs(10), l).await.expect("load loop stops").unwrap();
+        }
+        let sent = stats.sent.load(Ordering::Relaxed);
+        let failures = stats.failures.lock().unwrap().clone();
+        eprintln!("20 reloads under load: {sent} requests, {} failures, slowest policy switch {slowest:?}", failures.len());
+        assert!(
+            failures.is_empty(),
+            "{} of {sent} requests failed during reloads: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(10)]
+        );
+        assert!(sent >= 100, "the load loop sent only {sent} requests");
+
+        let text = metrics(&probe, &gw).await;
+        assert_eq!(metric(&text, "portcullis_config_reloads_total", &[("result", "ok")]), Some(21.0), "1 start + 20 reloads");
+        assert_eq!(metric(&text, "portcullis_config_reloads_total", &[("result", "error")]), None);
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_config_on_disk_keeps_the_old_policy_until_fixed() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let iss = TestIssuer::new();
+        let allow = reports_policy(&up, &iss, "user");
+        let gw = iss.gateway(&allow).await;
+        let path = gw.dir.path().join("gateway.toml");
+        let c = client(&gw);
+        let token = iss.token("bob", &["user"]);
+        assert_eq!(request(&c, Method::GET, &gw.https_url("/reports"), Some(&token)).await.status, 200);
+
+        // The deny policy with a typo in it: an unknown key in the reports route.
+        let broken = reports_policy(&up, &iss, "admin").replace("roles_any = [\"admin\"]", "roles_any = [\"admin\"]\nrole_any = [\"x\"]");
+        let bad_line = broken.lines().position(|l| l.starts_with("role_any")).unwrap() + 1;
+        // What the reload logs: the error located at file:line:column.
+        let scratch = tempfile::tempdir().unwrap();
+        std::fs::write(scratch.path().join("issuer.pub.pem"), &iss.key.public_pem).unwrap();
+        std::fs::write(scratch.path().join("gateway.toml"), &broken).unwrap();
+        let err = Config::load(&scratch.path().join("gateway.toml")).expect_err("the broken config must not validate").to_string();
+        assert!(err.contains(&format!("gateway.toml:{bad_line}:")), "error not located at line {bad_line}: {err}");
+
+        write_atomic(&path, broken.as_bytes());
+        wait_metric(&c, &gw, "portcullis_config_reloads_total", &[("result", "error")], 1.0, Duration::from_secs(5)).await;
+        for _ in 0..5 {
+            let a = request(&c, Method::GET, &gw.https_url("/reports"), Some(&token)).await;
+            assert_eq!(a.status, 200, "the old policy must keep serving: {}", a.text());
+        }
+        let text = metrics(&c, &gw).await;
+        assert_eq!(metric(&text, "portcullis_config_reloads_total", &[("result", "ok")]), Some(1.0));
+
+        // Fixing the file reloads it.
+        let fixed = reports_policy(&up, &iss, "admin");
+        write_atomic(&path, fixed.as_bytes());
+        wait_policy(&c, &gw, &token, 403, Instant::now()).await;
+        let text = metrics(&c, &gw).await;
+        assert_eq!(metric(&text, "portcullis_config_reloads_total", &[("result", "ok")]), Some(2.0));
+        assert_eq!(metric(&text, "portcullis_config_reloads_total", &[("result", "error")]), Some(1.0));
+        let hits = up.hits();
+        let a = request(&c, Method::GET, &gw.https_url("/reports"), Some(&token)).await;
+        assert_eq!(a.status, 403);
+        assert_eq!(up.hits(), hits, "a refused request reached the upstream");
+        gw.stop().await;
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 4. Certificate swap.
+
+fn tls_client_config(roots: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+/// Opens a new TLS connection and returns it with the certificate the server presented.
+async fn handshake(
+    addr: SocketAddr,
+    cfg: &Arc<rustls::ClientConfig>,
+) -> (tokio_rustls::client::TlsStream<tokio::net::TcpStream>, CertificateDer<'static>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio::time::timeout(Duration::from_secs(5), tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    let cert = tls.get_ref().1.peer_certificates().expect("a certificate")[0].clone().into_owned();
+    (tls, cert)
+}
+
+fn first_cert(pem: &[u8]) -> CertificateDer<'static> {
+    CertificateDer::pem_slice_iter(pem).next().unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_swapped_on_disk_is_served_to_new_handshakes() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let cfg = format!("{}\n[[routes]]\nname = \"api\"\npath = \"/api/*\"\nupstream = \"api\"\nauth = \"public\"\n", base_config(&up));
+        let gw = spawn_gateway(&cfg).await;
+        let addr = gw.https.unwrap();
+        let old = first_cert(&std::fs::read(gw.cert_path()).unwrap());
+
+        let fresh = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let new = fresh.cert.der().clone();
+        assert_ne!(old, new);
+        let both = tls_client_config(&[old.clone(), new.clone()]);
+
+        let (mut held, presented) = handshake(addr, &both).await;
+        assert_eq!(presented, old);
+
+        write_atomic(&gw.dir.path().join("gateway.key"), fresh.signing_key.serialize_pem().as_bytes());
+        write_atomic(&gw.dir.path().join("gateway.crt"), fresh.cert.pem().as_bytes());
+        let since = Instant::now();
+        loop {
+            let (_, presented) = handshake(addr, &both).await;
+            if presented == new {
+                break;
+            }
+            assert_eq!(presented, old, "neither certificate was presented");
+            assert!(since.elapsed() < Duration::from_secs(5), "new handshakes still get the old certificate after 5 s");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        eprintln!("new certificate served {:?} after the swap", since.elapsed());
+
+        // A client that trusts only the new certificate now gets through, without a restart.
+        let only_new = tls_client_config(std::slice::from_ref(&new));
+        let (mut tls, _) = handshake(addr, &only_new).await;
+        let (status, _) = http1_over(&mut tls, "/api/new").await;
+        assert_eq!(status, 200);
+
+        // The connection opened before the swap is untouched.
+        let (status, _) = http1_over(&mut held, "/api/held").await;
+        assert_eq!(status, 200, "the connection from before the swap was disturbed");
+        assert_eq!(up.hits(), 2);
+        // The swap was a reload like any other (counted once it has finished).
+        wait_metric(&client(&gw), &gw, "portcullis_config_reloads_total", &[("result", "ok")], 2.0, Duration::from_secs(5)).await;
+        gw.stop().await;
+    })
+    .await;
+}
+
+/// Sends one HTTP/1.1 GET (Connection: close) over an open stream and reads the whole answer.
+async fn http1_over<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S, path: &str) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let read = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.expect("an answer");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status line: {text:?}"));
+    (status, text)
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 5. healthz and readyz.
+
+/// A loopback JWKS server whose answer can be switched from 503 to a key set.
+struct JwksServer {
+    addr: SocketAddr,
+    body: Arc<Mutex<Option<String>>>,
+    fetches: tokio::sync::watch::Sender<usize>,
+}
+
+impl JwksServer {
+    async fn start() -> JwksServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        let fetches = tokio::sync::watch::Sender::new(0usize);
+        let (b, f) = (body.clone(), fetches.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let (b, f) = (b.clone(), f.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req: Request<Incoming>| {
+                        let current = b.lock().unwrap().clone();
+                        f.send_modify(|n| *n += 1);
+                        async move {
+                            let rsp = match current {
+                                Some(jwks) => {
+                                    Response::builder().header("content-type", "application/json").body(Full::new(Bytes::from(jwks)))
+                                }
+                                None => Response::builder().status(503).body(Full::new(Bytes::from_static(b"not yet"))),
+                            };
+                            Ok::<_, Infallible>(rsp.unwrap())
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+                });
+            }
+        });
+        JwksServer { addr, body, fetches }
+    }
+
+    async fn wait_fetches(&self, n: usize, within: Duration) {
+        let mut rx = self.fetches.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|f| *f >= n)).await.expect("JWKS fetched in time").unwrap();
+    }
+}
+
+/// The JWK of an Ed25519 test key.
+fn ed25519_jwk(key: &TestKey, kid: &str) -> Value {
+    let body: String = key.public_pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(body).unwrap();
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&der[der.len() - 32..]);
+    json!({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": kid, "x": x})
+}
+
+/// One HTTP/1.1 connection to the admin listener, kept open (so it outlives the listener during a drain).
+async fn admin_connection(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn admin_get(conn: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>, path: &str) -> (u16, String) {
+    conn.ready().await.expect("admin connection open");
+    let req = Request::get(path).header("host", "admin").body(Full::new(Bytes::new())).unwrap();
+    let rsp = tokio::time::timeout(Duration::from_secs(5), conn.send_request(req)).await.expect("in time").expect("answered");
+    let status = rsp.status().as_u16();
+    let body = rsp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_issuer_keys_and_drain_while_healthz_stays_200() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let idp = JwksServer::start().await;
+        let key = test_key(Algorithm::EdDSA);
+        let cfg = format!(
+            r#"{base}
+[[issuers]]
+id = "idp"
+issuer = "https://idp.test"
+audiences = ["api"]
+algorithms = ["EdDSA"]
+jwks_url = "http://{idp}/jwks.json"
+jwks_timeout = "1s"
+
+[[routes]]
+name = "me"
+path = "/users/me"
+upstream = "api"
+"#,
+            base = base_config(&up),
+            idp = idp.addr
+        );
+        let gw = spawn_gateway(&cfg).await;
+        let c = client(&gw);
+
+        // Keys missing: two failed fetches seen by the JWKS server, and readyz says why.
+        idp.wait_fetches(2, Duration::from_secs(10)).await;
+        let a = get(&c, &gw.admin_url("/readyz"), None).await;
+        assert_eq!(a.status, 503, "{}", a.text());
+        assert_eq!(a.json()["error"], "issuer_keys_missing");
+        assert_eq!(header(&a, "cache-control"), Some("no-store"));
+        let a = get(&c, &gw.admin_url("/healthz"), None).await;
+        assert_eq!(a.status, 200);
+
+        // Keys arrive: ready.
+        *idp.body.lock().unwrap() = Some(json!({"keys": [ed25519_jwk(&key, "k1")]}).to_string());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let a = get(&c, &gw.admin_url("/readyz"), None).await;
+            if a.status == 200 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "readyz still {} after the keys arrived", a.status);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let token = mint_token(&key, Some("k1"), &claims("https://idp.test", "alice", json!({})));
+        let a = get(&c, &gw.https_url("/users/me"), Some(&token)).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+
+        // Drain: readyz turns 503 at once (on a connection opened before), healthz stays 200.
+        let mut admin = admin_connection(gw.admin.unwrap()).await;
+        assert_eq!(admin_get(&mut admin, "/readyz").await.0, 200);
+        gw.gw.as_ref().unwrap().begin_shutdown();
+        let (status, body) = admin_get(&mut admin, "/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("draining"), "{body}");
+        let (status, _) = admin_get(&mut admin, "/healthz").await;
+        assert_eq!(status, 200);
+        tokio::time::timeout(Duration::from_secs(30), gw.stop()).await.expect("drain ends");
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 6. Admin and public listeners are separate.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_and_public_listeners_serve_only_their_own_paths() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let iss = TestIssuer::new();
+        let cfg = format!(
+            "{}\n{}\n[[routes]]\nname = \"api\"\npath = \"/api/*\"\nupstream = \"api\"\nauth = \"public\"\n\n[[routes]]\nname = \"me\"\npath = \"/users/me\"\nupstream = \"api\"\n",
+            base_config(&up),
+            iss.config()
+        );
+        let gw = iss.gateway(&cfg).await;
+        let c = client(&gw);
+        let token = iss.token("alice", &["user"]);
+
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            let a = get(&c, &gw.admin_url(path), None).await;
+            assert_eq!(a.status, 200, "admin {path}");
+            for public in [gw.https_url(path), gw.http_url(path)] {
+                let a = get(&c, &public, None).await;
+                assert_eq!(a.status, 404, "{public}: {}", a.text());
+                assert!(!a.text().contains("portcullis_"), "{public} served metrics");
+            }
+        }
+        for path in ["/api/x", "/users/me"] {
+            let a = get(&c, &gw.admin_url(path), Some(&token)).await;
+            assert_eq!(a.status, 404, "admin {path}: {}", a.text());
+        }
+        let a = request(&c, Method::POST, &gw.admin_url("/metrics"), None).await;
+        assert_eq!(a.status, 405);
+        assert_eq!(up.hits(), 0, "the upstream was reached through the admin listener");
+        // The public routes still work where they belong.
+        assert_eq!(get(&c, &gw.https_url("/api/x"), None).await.status, 200);
+        assert_eq!(get(&c, &gw.https_url("/users/me"), Some(&token)).await.status, 200);
+        assert_eq!(up.hits(), 2);
+        gw.stop().await;
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 7. explain and policy tests agree with real requests on the shipped gateway.toml.
+
+fn manifest(rel: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Copies the shipped gateway.toml, policy-tests.toml and examples/ into `dir`, with the listeners on port 0
+/// and the `api` upstream pointed at `upstream`.
+fn shipped_config_in(dir: &Path, upstream: &Upstream) {
+    let mut text = std::fs::read_to_string(manifest("gateway.toml")).unwrap();
+    for (from, to) in [
+        ("\"127.0.0.1:8443\"", "\"127.0.0.1:0\"".to_string()),
+        ("\"127.0.0.1:8080\"", "\"127.0.0.1:0\"".to_string()),
+        ("\"127.0.0.1:9090\"", "\"127.0.0.1:0\"".to_string()),
+        ("url = \"http://127.0.0.1:3000\"", format!("url = \"{}\"", upstream.url())),
+    ] {
+        assert_eq!(text.matches(from).count(), 1, "the shipped gateway.toml no longer has {from} once");
+        text = text.replace(from, &to);
+    }
+    std::fs::write(dir.join("gateway.toml"), text).unwrap();
+    std::fs::copy(manifest("policy-tests.toml"), dir.join("policy-tests.toml")).unwrap();
+    std::fs::create_dir_all(dir.join("examples")).unwrap();
+    for e in std::fs::read_dir(manifest("examples")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join("examples").join(e.file_name())).unwrap();
+    }
+}
+
+/// Runs `portcullis check --config … --tests …`; returns the exit code and stdout.
+async fn check_cli(config: &Path, tests: &Path) -> (i32, String) {
+    let (config, tests) = (config.to_path_buf(), tests.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("check")
+            .arg("--config")
+            .arg(&config)
+            .arg("--tests")
+            .arg(&tests)
+            .output()
+            .expect("portcullis runs");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_agrees_with_real_requests_for_every_shipped_policy_case() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let dir = tempfile::tempdir().unwrap();
+        shipped_config_in(dir.path(), &up);
+        let config_path = dir.path().join("gateway.toml");
+        let cfg = Config::load(&config_path).unwrap_or_else(|e| panic!("the shipped config does not load:\n{e}"));
+        let key_path = dir.path().join("certs/issuer-ed25519.pem");
+        let signing = jsonwebtoken::EncodingKey::from_ed_pem(&std::fs::read(&key_path).expect("the issuer key was generated")).unwrap();
+        let gw = portcullis::start(cfg.clone()).await.expect("the shipped config starts");
+        let https = gw.https.unwrap();
+        let tls = tls_config(&dir.path().join("certs/gateway.crt"), &[]);
+        let conn = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
+        let c: TestClient = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(conn);
+
+        let cases = portcullis::explain::load_cases(&dir.path().join("policy-tests.toml")).unwrap();
+        assert!(cases.len() >= 10, "the shipped policy tests cover the shipped config");
+        for case in &cases {
+            let (method, creds) = portcullis::explain::case_request(case).unwrap();
+            let decision = portcullis::explain::explain(&cfg, &method, &case.path, creds).await;
+
+            let mut b = Request::builder().method(method.clone()).uri(format!("https://localhost:{}{}", https.port(), case.path));
+            if let Some(claims) = &case.claims {
+                let mut claims = claims.clone();
+                for (k, v) in [
+                    ("iss", json!("https://gateway.local")),
+                    ("aud", json!("api")),
+                    ("iat", json!(now())),
+                    ("nbf", json!(now())),
+                    ("exp", json!(now() + 600)),
+                ] {
+                    claims.entry(k).or_insert(v);
+                }
+                let token = jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::EdDSA), &claims, &signing).unwrap();
+                b = b.header("authorization", format!("Bearer {token}"));
+            }
+            let hits = up.hits();
+            let real = send(&c, b.body(Full::new(Bytes::new())).unwrap()).await;
+            let what = format!("case {:?} ({method} {})", case.name, case.path);
+            assert_eq!(
+                real.status.as_u16(),
+                decision.status,
+                "{what}: a real request got {} but explain says {}\n{}\n{}",
+                real.status,
+                decision.status,
+                decision.lines.join("\n"),
+                real.text()
+            );
+            assert_eq!(decision.status, case.expect, "{what}: explain disagrees with the case\n{}", decision.lines.join("\n"));
+            let forwarded = decision.upstream.is_some();
+            assert_eq!(
+                up.hits(),
+                hits + usize::from(forwarded),
+                "{what}: upstream reached = {}, explain says forward = {forwarded}",
+                up.hits() > hits
+            );
+            assert_eq!(
+                header(&real, "www-authenticate").map(str::to_string),
+                decision.www_authenticate,
+                "{what}: WWW-Authenticate differs"
+            );
+        }
+        let (lines, ok) = portcullis::explain::run_cases(&Arc::new(cfg.clone()), &cases).await;
+        assert!(ok, "{}", lines.join("\n"));
+        gw.stop().await;
+
+        // The CLI gate: the shipped file passes; a failing case exits 1 and is named.
+        let (code, out) = check_cli(&config_path, &dir.path().join("policy-tests.toml")).await;
+        assert_eq!(code, 0, "{out}");
+        let failing = dir.path().join("failing-tests.toml");
+        std::fs::write(
+            &failing,
+            r#"
+[[case]]
+name = "admins read admin"
+path = "/admin/x"
+claims = { sub = "root", roles = ["admin"] }
+expect = 200
+
+[[case]]
+name = "users may read admin (wrong on purpose)"
+path = "/admin/x"
+claims = { sub = "bob", roles = ["user"] }
+expect = 200
+"#,
+        )
+        .unwrap();
+        let (code, out) = check_cli(&config_path, &failing).await;
+        assert_eq!(code, 1, "a failing policy case must fail the check:\n{out}");
+        assert!(out.contains("FAIL users may read admin (wrong on purpose)"), "the failing case is not named:\n{out}");
+        assert!(out.contains("pass admins read admin"), "{out}");
+        assert!(out.contains("expected 200, got 403"), "{out}");
+    })
+    .await;
+}

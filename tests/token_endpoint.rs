@@ -1,0 +1,842 @@
+//! The built-in OAuth2 token endpoint (issue 4's acceptance list), end to end: a real gateway on loopback with
+//! a real Ed25519 signing key it generates itself, the shipped demo users, a real echo upstream, and real
+//! password hashes (argon2id from `portcullis hash-password`, bcrypt from Python's bcrypt and from the bcrypt
+//! crate here).
+//!
+//! The token endpoint is served by the gateway itself: every test also checks that the upstream never saw a
+//! token request. Every test body runs under a time bound and waits on readiness signals, not sleeps.
+
+mod common;
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::Full;
+use serde_json::Value;
+
+/// The longest any one test may run.
+const TEST_BOUND: Duration = Duration::from_secs(180);
+
+/// Tests in this binary run in parallel; the two that measure latency take this exclusively so that the
+/// others' password hashing does not share the two cores with them. Everyone else takes it shared.
+static TIMING: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+async fn bounded(f: impl Future<Output = ()>) {
+    let _shared = TIMING.read().await;
+    tokio::time::timeout(TEST_BOUND, f).await.expect("test exceeded its time bound");
+}
+
+/// Like [`bounded`], alone: no other test of this binary runs meanwhile.
+async fn bounded_alone(f: impl Future<Output = ()>) {
+    let _exclusive = TIMING.write().await;
+    tokio::time::timeout(TEST_BOUND, f).await.expect("test exceeded its time bound");
+}
+
+fn manifest(rel: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// The shipped demo users (john.doe / securepassword argon2id, admin.user / adminpass bcrypt).
+fn demo_users() -> String {
+    std::fs::read_to_string(manifest("examples/demo-users.toml")).unwrap()
+}
+
+/// The shipped demo client (reports-service / reports-secret, argon2id).
+fn demo_clients() -> String {
+    std::fs::read_to_string(manifest("examples/demo-clients.toml")).unwrap()
+}
+
+/// Only john.doe, argon2id: every verification (and the dummy one for unknown names) costs the same.
+fn argon_only_users() -> String {
+    let all = demo_users();
+    let start = all.find("[users.\"john.doe\"]").unwrap();
+    let end = all.find("[users.\"admin.user\"]").unwrap();
+    all[start..end].to_string()
+}
+
+/// Issuer `local` (Ed25519 key generated in the gateway's folder), the token endpoint (with `endpoint_extra`
+/// lines) and `routes`.
+fn token_config(up: &Upstream, endpoint_extra: &str, routes: &str) -> String {
+    format!(
+        r#"{base}
+[[issuers]]
+id = "local"
+issuer = "https://gateway.local"
+audiences = ["api"]
+algorithms = ["EdDSA"]
+private_key = "issuer-ed25519.pem"
+generate_key = true
+
+[token_endpoint]
+path = "/token"
+issuer = "local"
+users_file = "users.toml"
+clients_file = "clients.toml"
+access_token_ttl = "30m"
+{endpoint_extra}
+
+{routes}
+"#,
+        base = base_config(up)
+    )
+}
+
+/// The tutorial's routes: any valid token reads /users/me, admins /admin/*, writers POST /items.
+const TUTORIAL_ROUTES: &str = r#"
+[[routes]]
+name = "me"
+path = "/users/me"
+upstream = "api"
+
+[[routes]]
+name = "admin"
+path = "/admin/*"
+upstream = "api"
+roles_any = ["admin"]
+
+[[routes]]
+name = "items-write"
+path = "/items"
+methods = ["POST", "PUT", "DELETE"]
+upstream = "api"
+scopes_all = ["write:items"]
+
+[[routes]]
+name = "public"
+path = "/api/*"
+upstream = "api"
+auth = "public"
+"#;
+
+async fn token_gateway(up: &Upstream, users: &str, endpoint_extra: &str) -> TestGateway {
+    let cfg = token_config(up, endpoint_extra, TUTORIAL_ROUTES);
+    spawn_gateway_with_files(&cfg, &[("users.toml", users.as_bytes()), ("clients.toml", demo_clients().as_bytes())]).await
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Requests.
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
+}
+
+/// POSTs `body` to `url` as a form (unless `headers` sets another content type).
+async fn post(c: &TestClient, url: &str, body: impl Into<Bytes>, headers: &[(&str, &str)]) -> Answer {
+    let mut b = Request::post(url);
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+        b = b.header("content-type", "application/x-www-form-urlencoded");
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(c, b.body(Full::new(body.into())).unwrap()).await
+}
+
+async fn password_login(c: &TestClient, url: &str, user: &str, password: &str) -> Answer {
+    post(c, url, form(&[("grant_type", "password"), ("username", user), ("password", password)]), &[]).await
+}
+
+/// Logs in and returns the access token, asserting the §5.1 success answer.
+async fn login(c: &TestClient, gw: &TestGateway, user: &str, password: &str) -> String {
+    let a = password_login(c, &gw.https_url("/token"), user, password).await;
+    assert_eq!(a.status, 200, "login as {user}: {}", a.text());
+    a.json()["access_token"].as_str().expect("access_token").to_string()
+}
+
+fn bearer(url: &str, token: &str, method: http::Method) -> Request<Full<Bytes>> {
+    Request::builder().method(method).uri(url).header("authorization", format!("Bearer {token}")).body(Full::new(Bytes::new())).unwrap()
+}
+
+/// Decodes the JOSE header and the claims of a compact JWS (no verification: the gateways verify).
+fn decode(token: &str) -> (Value, Value) {
+    let dec = |s: &str| -> Value {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).unwrap();
+        serde_json::from_slice(&raw).unwrap()
+    };
+    let mut parts = token.split('.');
+    let (h, p) = (parts.next().unwrap(), parts.next().unwrap());
+    assert!(parts.next().is_some() && parts.next().is_none(), "not a compact JWS: {token}");
+    (dec(h), dec(p))
+}
+
+/// Asserts an RFC 6749 §5.2 error answer: status, JSON `error` code, never cached.
+fn assert_oauth_error(a: &Answer, status: u16, code: &str, what: &str) {
+    assert_eq!(a.status, status, "{what}: {}", a.text());
+    assert_eq!(a.headers.get("content-type").map(|v| v.to_str().unwrap()), Some("application/json"), "{what}");
+    assert_eq!(a.json()["error"], code, "{what}: {}", a.text());
+    assert_eq!(a.headers.get("cache-control").map(|v| v.to_str().unwrap()), Some("no-store"), "{what}");
+    assert_eq!(a.headers.get("pragma").map(|v| v.to_str().unwrap()), Some("no-cache"), "{what}");
+}
+
+/// The response headers that must not differ between two refusals (everything but the per-request ones).
+fn stable_headers(a: &Answer) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = a
+        .headers
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "x-request-id" | "date"))
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Runs `portcullis hash-password` with `password` on stdin and returns the hash it prints.
+async fn hash_password_cli(password: &str) -> String {
+    let password = password.to_string();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("hash-password")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("portcullis runs");
+        child.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "hash-password failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+    .await
+    .unwrap()
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 1. The tutorial flow.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tutorial_flow_over_https() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &demo_users(), "").await;
+        let c = client(&gw);
+
+        let john = login(&c, &gw, "john.doe", "securepassword").await;
+        assert_eq!(up.hits(), 0, "the token endpoint is the gateway's own");
+        let a = send(&c, bearer(&gw.https_url("/users/me"), &john, http::Method::GET)).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(up.hits(), 1);
+        assert_eq!(up.last().unwrap().headers["x-auth-subject"], "john.doe");
+        assert_eq!(up.last().unwrap().headers["x-auth-roles"], "user");
+
+        let a = send(&c, bearer(&gw.https_url("/admin/users"), &john, http::Method::GET)).await;
+        assert_eq!(a.status, 403, "{}", a.text());
+        assert_eq!(up.hits(), 1, "a refused request reached the upstream");
+
+        let admin = login(&c, &gw, "admin.user", "adminpass").await;
+        let a = send(&c, bearer(&gw.https_url("/admin/users"), &admin, http::Method::GET)).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(up.hits(), 2);
+        assert_eq!(up.last().unwrap().headers["x-auth-subject"], "admin.user");
+
+        let a = send(&c, bearer(&gw.https_url("/items"), &john, http::Method::POST)).await;
+        assert_eq!(a.status, 403, "john.doe has no write:items: {}", a.text());
+        assert!(a.headers["www-authenticate"].to_str().unwrap().contains("insufficient_scope"));
+        assert_eq!(up.hits(), 2, "a refused request reached the upstream");
+        let a = send(&c, bearer(&gw.https_url("/items"), &admin, http::Method::POST)).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(up.hits(), 3);
+        assert_eq!(up.last().unwrap().method, "POST");
+
+        // The password grant is served on the TLS listener only (allow_plaintext is not set).
+        let a = password_login(&c, &gw.http_url("/token"), "john.doe", "securepassword").await;
+        assert_eq!(a.status, 404, "plaintext /token: {}", a.text());
+        assert_eq!(up.hits(), 3);
+        gw.stop().await;
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 2. Hashes made elsewhere verify.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_bcrypt_fixture_and_hash_password_output_verify() {
+    bounded(async {
+        let cli_hash = hash_password_cli("correct horse battery staple").await;
+        assert!(cli_hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "not argon2id at the OWASP parameters: {cli_hash}");
+        let fixture = std::fs::read_to_string(manifest("tests/fixtures/bcrypt-users.toml")).unwrap();
+        assert!(fixture.contains("$2b$12$"), "the fixture is a Python bcrypt $2b$12$ hash");
+        let users = format!("{fixture}\n[users.\"cli\"]\npassword_hash = \"{cli_hash}\"\nroles = [\"user\"]\nscopes = [\"read:items\"]\n");
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &users, "").await;
+        let c = client(&gw);
+
+        let legacy = login(&c, &gw, "legacy", "secret").await;
+        assert_eq!(decode(&legacy).1["sub"], "legacy");
+        let a = send(&c, bearer(&gw.https_url("/users/me"), &legacy, http::Method::GET)).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        let a = password_login(&c, &gw.https_url("/token"), "legacy", "Secret").await;
+        assert_oauth_error(&a, 400, "invalid_grant", "wrong bcrypt password");
+
+        let cli = login(&c, &gw, "cli", "correct horse battery staple").await;
+        assert_eq!(decode(&cli).1["sub"], "cli");
+        let a = password_login(&c, &gw.https_url("/token"), "cli", "correct horse battery stapler").await;
+        assert_oauth_error(&a, 400, "invalid_grant", "wrong argon2id password");
+        assert_eq!(up.hits(), 1);
+        gw.stop().await;
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 3. RFC 6749 §5.1 / §5.2 answers.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rfc6749_error_has_its_status_body_and_headers() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &demo_users(), "rate_limit = { rate = \"5/min\", burst = 50 }").await;
+        let c = client(&gw);
+        let url = gw.https_url("/token");
+
+        let a = post(&c, &url, "grant_type=password&grant_type=password&username=john.doe&password=securepassword", &[]).await;
+        assert_oauth_error(&a, 400, "invalid_request", "repeated grant_type");
+        let a = post(&c, &url, form(&[("grant_type", "password"), ("password", "securepassword")]), &[]).await;
+        assert_oauth_error(&a, 400, "invalid_request", "missing username");
+        let a = post(&c, &url, form(&[("grant_type", "password"), ("username", "john.doe")]), &[]).await;
+        assert_oauth_error(&a, 400, "invalid_request", "missing password");
+        let a = post(&c, &url, form(&[("username", "john.doe"), ("password", "securepassword")]), &[]).await;
+        assert_oauth_error(&a, 400, "invalid_request", "missing grant_type");
+        let json = r#"{"grant_type":"password","username":"john.doe","password":"securepassword"}"#;
+        let a = post(&c, &url, json, &[("content-type", "application/json")]).await;
+        assert_oauth_error(&a, 400, "invalid_request", "JSON body instead of a form");
+        let a = post(&c, &url, form(&[("grant_type", "authorization_code"), ("code", "x")]), &[]).await;
+        assert_oauth_error(&a, 400, "unsupported_grant_type", "authorization_code");
+        let a = post(&c, &url, form(&[("grant_type", "password"), ("username", "john.doe"), ("password", "nope")]), &[]).await;
+        assert_oauth_error(&a, 400, "invalid_grant", "wrong password");
+        let a = post(
+            &c,
+            &url,
+            form(&[("grant_type", "password"), ("username", "john.doe"), ("password", "securepassword"), ("scope", "write:items")]),
+            &[],
+        )
+        .await;
+        assert_oauth_error(&a, 400, "invalid_scope", "a scope the user may not have");
+
+        let basic =
+            |id: &str, secret: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}")));
+        let cc = form(&[("grant_type", "client_credentials")]);
+        for (what, auth) in [
+            ("wrong client secret", Some(basic("reports-service", "wrong"))),
+            ("unknown client", Some(basic("nobody", "reports-secret"))),
+            ("no client authentication", None),
+        ] {
+            let headers: Vec<(&str, &str)> = auth.as_deref().map(|a| vec![("authorization", a)]).unwrap_or_default();
+            let a = post(&c, &url, cc.clone(), &headers).await;
+            assert_oauth_error(&a, 401, "invalid_client", what);
+            let challenge = a.headers.get("www-authenticate").unwrap_or_else(|| panic!("{what}: no WWW-Authenticate")).to_str().unwrap();
+            assert!(challenge.starts_with("Basic"), "{what}: {challenge}");
+        }
+        assert_eq!(up.hits(), 0, "the upstream saw a token request");
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_token_is_405_with_allow_post() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &demo_users(), "").await;
+        let c = client(&gw);
+        let a = get(&c, &gw.https_url("/token"), None).await;
+        assert_eq!(a.status, 405, "{}", a.text());
+        assert_eq!(a.json()["error"], "method_not_allowed");
+        assert_eq!(a.headers.get("cache-control").map(|v| v.to_str().unwrap()), Some("no-store"));
+        assert_eq!(a.headers.get("allow").map(|v| v.to_str().unwrap()), Some("POST"), "RFC 9110 §15.5.6: a 405 names the allowed methods");
+        assert_eq!(up.hits(), 0);
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_is_never_cached_and_the_token_carries_exactly_the_rfc9068_claims() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &demo_users(), "").await;
+        let c = client(&gw);
+        let before = common::now();
+        let a = password_login(&c, &gw.https_url("/token"), "admin.user", "adminpass").await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.headers["cache-control"], "no-store");
+        assert_eq!(a.headers["pragma"], "no-cache");
+        assert_eq!(a.headers["content-type"], "application/json");
+        let body = a.json();
+        assert_eq!(body["token_type"], "bearer");
+        assert_eq!(body["expires_in"], 1800);
+        assert_eq!(body["scope"], "read:items write:items");
+        let token = body["access_token"].as_str().unwrap();
+
+        let (header, claims) = decode(token);
+        assert_eq!(header["typ"], "at+jwt", "RFC 9068 §2.1");
+        assert_eq!(header["alg"], "EdDSA");
+        assert!(header["kid"].as_str().is_some_and(|k| !k.is_empty()), "asymmetric keys are published with a kid: {header}");
+        let mut names: Vec<&str> = claims.as_object().unwrap().keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["aud", "exp", "iat", "iss", "jti", "nbf", "roles", "scope", "sub"], "nothing else about the user: {claims}");
+        assert_eq!(claims["iss"], "https://gateway.local");
+        assert_eq!(claims["sub"], "admin.user");
+        assert_eq!(claims["aud"], "api");
+        assert_eq!(claims["roles"], serde_json::json!(["admin", "user"]));
+        assert_eq!(claims["scope"], "read:items write:items");
+        let iat = claims["iat"].as_u64().unwrap();
+        assert!(iat >= before && iat <= common::now() + 1);
+        assert_eq!(claims["nbf"].as_u64().unwrap(), iat);
+        assert_eq!(claims["exp"].as_u64().unwrap(), iat + 1800);
+
+        // Granted = requested ∩ allowed; jti unique per token.
+        let a = post(
+            &c,
+            &gw.https_url("/token"),
+            form(&[("grant_type", "password"), ("username", "admin.user"), ("password", "adminpass"), ("scope", "write:items delete:all")]),
+            &[],
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.json()["scope"], "write:items");
+        let (_, second) = decode(a.json()["access_token"].as_str().unwrap());
+        assert_eq!(second["scope"], "write:items");
+        assert_ne!(second["jti"], claims["jti"], "jti must be unique");
+        assert_eq!(up.hits(), 0);
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bcrypt_never_matches_a_password_past_72_bytes() {
+    bounded(async {
+        let x = format!("{}X", "a".repeat(72));
+        let y = format!("{}Y", "a".repeat(72));
+        let hash = bcrypt::hash(x.as_bytes(), 4).unwrap();
+        // The hazard being guarded against: bcrypt itself only reads 72 bytes.
+        assert!(bcrypt::verify(y.as_bytes(), &hash).unwrap(), "premise: plain bcrypt truncates");
+        let users = format!("[users.\"long\"]\npassword_hash = \"{hash}\"\nroles = [\"user\"]\n");
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &users, "rate_limit = { rate = \"5/min\", burst = 50 }").await;
+        let c = client(&gw);
+        let a = password_login(&c, &gw.https_url("/token"), "long", &y).await;
+        assert_oauth_error(&a, 400, "invalid_grant", "a 73-byte password sharing the hash's first 72 bytes");
+        // Rejected rather than silently truncated: even the exact long password is refused against bcrypt.
+        let a = password_login(&c, &gw.https_url("/token"), "long", &x).await;
+        assert_oauth_error(&a, 400, "invalid_grant", "a password over bcrypt's 72 bytes");
+        assert_eq!(up.hits(), 0);
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_password_is_refused_before_any_hashing() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        // Plaintext allowed so the raw socket below needs no TLS; the cap is the same on both listeners.
+        let gw = token_gateway(&up, &demo_users(), "allow_plaintext = true").await;
+        let addr = gw.http.unwrap();
+        let huge = "p".repeat(1 << 20);
+        let body = Bytes::from(form(&[("grant_type", "password"), ("username", "john.doe"), ("password", &huge)]));
+        let chunks: Vec<Bytes> = body.chunks(16 * 1024).map(Bytes::copy_from_slice).collect();
+
+        // With Content-Length: refused from the head alone.
+        let head = format!(
+            "POST /token HTTP/1.1\r\nHost: gateway.test\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let started = Instant::now();
+        let (status, text) = early_answer(addr, head, chunks.clone()).await;
+        let took = started.elapsed();
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains(r#"{"error":"invalid_request"}"#), "{text}");
+        assert!(took < Duration::from_millis(500), "a 1 MiB password took {took:?} to refuse");
+
+        // Chunked, so nothing tells the size up front: the cap still stops reading at 4 KiB.
+        let head = "POST /token HTTP/1.1\r\nHost: gateway.test\r\nContent-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n".to_string();
+        let mut framed: Vec<Bytes> = chunks.iter().map(|c| Bytes::from([format!("{:x}\r\n", c.len()).into_bytes(), c.to_vec(), b"\r\n".to_vec()].concat())).collect();
+        framed.push(Bytes::from_static(b"0\r\n\r\n"));
+        let started = Instant::now();
+        let (status, text) = early_answer(addr, head, framed).await;
+        let took = started.elapsed();
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains(r#"{"error":"invalid_request"}"#), "{text}");
+        assert!(took < Duration::from_millis(500), "a chunked 1 MiB password took {took:?} to refuse");
+
+        // And the endpoint still works for a normal login afterwards.
+        let c = client(&gw);
+        let _ = login(&c, &gw, "john.doe", "securepassword").await;
+        assert_eq!(up.hits(), 0);
+        gw.stop().await;
+    })
+    .await;
+}
+
+/// Sends a request head and body over plain TCP, carrying on past write errors (the gateway may answer and
+/// close before the body is all sent, which HTTP allows), and reads the answer until the gateway closes.
+/// Returns the status and the whole answer text.
+async fn early_answer(addr: std::net::SocketAddr, head: String, body: Vec<Bytes>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let writer = tokio::spawn(async move {
+        if wr.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for c in body {
+            if wr.write_all(&c).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let read = async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.expect("the gateway neither answered nor closed");
+    writer.abort();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (status, text)
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 4. No user enumeration.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_user_and_wrong_password_are_indistinguishable() {
+    bounded_alone(async {
+        let up = spawn_upstream().await;
+        // argon2id only, so the dummy hash spent on unknown names has the real accounts' parameters; a burst
+        // high enough that the brute-force limit never answers first.
+        let gw = token_gateway(&up, &argon_only_users(), "rate_limit = { rate = \"1000/s\", burst = 1000 }").await;
+        let c = client(&gw);
+        let url = gw.https_url("/token");
+        // Warm the connection and the hashing path.
+        let _ = password_login(&c, &url, "john.doe", "warm-up").await;
+
+        let mut unknown = Vec::new();
+        let mut wrong = Vec::new();
+        let mut first: Option<(Answer, Answer)> = None;
+        for i in 0..50 {
+            // Interleaved, alternating which goes first, so drift in machine load hits both series alike.
+            let (mut u, mut w) = (None, None);
+            for unknown_turn in if i % 2 == 0 { [true, false] } else { [false, true] } {
+                let t = Instant::now();
+                if unknown_turn {
+                    u = Some(password_login(&c, &url, &format!("nobody-{i}"), "securepassword").await);
+                    unknown.push(t.elapsed());
+                } else {
+                    w = Some(password_login(&c, &url, "john.doe", &format!("wrong-{i}")).await);
+                    wrong.push(t.elapsed());
+                }
+            }
+            let (u, w) = (u.unwrap(), w.unwrap());
+            assert_eq!(u.status, w.status);
+            assert_eq!(u.body, w.body, "bodies differ");
+            assert_eq!(stable_headers(&u), stable_headers(&w), "headers differ");
+            if first.is_none() {
+                first = Some((u, w));
+            }
+        }
+        let (u, _) = first.unwrap();
+        assert_oauth_error(&u, 400, "invalid_grant", "unknown user");
+        let (mu, mw) = (median(&mut unknown), median(&mut wrong));
+        let diff = mu.abs_diff(mw).as_secs_f64() / mu.max(mw).as_secs_f64();
+        eprintln!("median latency: unknown user {mu:?}, wrong password {mw:?} ({:.1}% apart)", diff * 100.0);
+        assert!(diff < 0.20, "median latencies differ by {:.1}%: unknown user {mu:?}, wrong password {mw:?}", diff * 100.0);
+        assert_eq!(up.hits(), 0);
+        gw.stop().await;
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 5. Brute force.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_burst_failures_even_the_right_password_is_429() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &demo_users(), "rate_limit = { rate = \"1/min\", burst = 3 }").await;
+        let c = client(&gw);
+        let url = gw.https_url("/token");
+        for i in 0..3 {
+            let a = password_login(&c, &url, "john.doe", &format!("guess-{i}")).await;
+            assert_oauth_error(&a, 400, "invalid_grant", &format!("failed attempt {i}"));
+        }
+        let a = password_login(&c, &url, "john.doe", "securepassword").await;
+        assert_eq!(a.status, 429, "the right password past the limit: {}", a.text());
+        assert_eq!(a.json()["error"], "rate_limited");
+        assert_eq!(a.headers["cache-control"], "no-store");
+        assert!(a.json().get("access_token").is_none());
+        // Another username from the same address is unaffected.
+        let admin = login(&c, &gw, "admin.user", "adminpass").await;
+        assert!(!admin.is_empty());
+        assert_eq!(up.hits(), 0);
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brute_force_429_says_when_to_retry() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &demo_users(), "rate_limit = { rate = \"1/min\", burst = 2 }").await;
+        let c = client(&gw);
+        let url = gw.https_url("/token");
+        for i in 0..2 {
+            let a = password_login(&c, &url, "john.doe", &format!("guess-{i}")).await;
+            assert_eq!(a.status, 400);
+        }
+        let a = password_login(&c, &url, "john.doe", "securepassword").await;
+        assert_eq!(a.status, 429, "{}", a.text());
+        let retry = a.headers.get("retry-after").expect("429 from the token endpoint has Retry-After");
+        let secs: u64 = retry.to_str().unwrap().parse().expect("Retry-After in whole seconds");
+        assert!((1..=60).contains(&secs), "Retry-After {secs}");
+        gw.stop().await;
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 6. client_credentials.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_with_basic_auth_issues_the_clients_token() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &demo_users(), "").await;
+        let c = client(&gw);
+        let url = gw.https_url("/token");
+        let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("reports-service:reports-secret"));
+        let a = post(&c, &url, form(&[("grant_type", "client_credentials")]), &[("authorization", &basic)]).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.headers["cache-control"], "no-store");
+        assert_eq!(a.json()["scope"], "read:items");
+        let token = a.json()["access_token"].as_str().unwrap().to_string();
+        let (header, claims) = decode(&token);
+        assert_eq!(header["typ"], "at+jwt");
+        assert_eq!(claims["sub"], "reports-service");
+        assert_eq!(claims["roles"], serde_json::json!(["reporter"]));
+        assert_eq!(claims["scope"], "read:items");
+
+        // The token works on the gateway, as the client's identity.
+        let a = send(&c, bearer(&gw.https_url("/users/me"), &token, http::Method::GET)).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(up.last().unwrap().headers["x-auth-subject"], "reports-service");
+        assert_eq!(up.last().unwrap().headers["x-auth-roles"], "reporter");
+
+        // client_id / client_secret in the body work too; both methods at once do not.
+        let body = form(&[("grant_type", "client_credentials"), ("client_id", "reports-service"), ("client_secret", "reports-secret")]);
+        let a = post(&c, &url, body.clone(), &[]).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        let a = post(&c, &url, body, &[("authorization", &basic)]).await;
+        assert_oauth_error(&a, 400, "invalid_request", "two client authentication methods");
+        assert_eq!(up.hits(), 1);
+        gw.stop().await;
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 7. Another gateway verifies the tokens through discovery and the published JWKS.
+
+/// A client for plain-http gateways (no TLS listener, so no certificate to trust).
+fn plain_client() -> TestClient {
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let conn = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(conn)
+}
+
+/// A port that was free a moment ago (bound, read and released).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+async fn wait_ready(c: &TestClient, gw: &TestGateway, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let a = get(c, &gw.admin_url("/readyz"), None).await;
+        if a.status == 200 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "readyz still {} after {within:?}: {}", a.status, a.text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_verifies_ed25519_tokens_through_discovery() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let port = free_port();
+        let issuer_url = format!("http://127.0.0.1:{port}");
+        let first_cfg = format!(
+            r#"
+[listen]
+http = "127.0.0.1:{port}"
+admin = "127.0.0.1:0"
+
+[upstreams.api]
+url = "{up}"
+
+[[issuers]]
+id = "local"
+issuer = "{issuer_url}"
+audiences = ["api"]
+algorithms = ["EdDSA"]
+private_key = "issuer-ed25519.pem"
+generate_key = true
+
+[token_endpoint]
+issuer = "local"
+users_file = "users.toml"
+allow_plaintext = true
+
+[[routes]]
+name = "me"
+path = "/users/me"
+upstream = "api"
+"#,
+            up = up.url()
+        );
+        let first = spawn_gateway_with_files(&first_cfg, &[("users.toml", demo_users().as_bytes())]).await;
+        assert_eq!(first.http.unwrap().port(), port);
+        let key_pem = std::fs::read_to_string(first.dir.path().join("issuer-ed25519.pem")).unwrap();
+        assert!(key_pem.contains("PRIVATE KEY"), "the Ed25519 key was generated");
+        let c1 = plain_client();
+
+        // What the first gateway publishes.
+        let doc = get(&c1, &first.http_url("/.well-known/openid-configuration"), None).await;
+        assert_eq!(doc.status, 200, "{}", doc.text());
+        assert_eq!(doc.json()["issuer"], issuer_url.as_str());
+        assert_eq!(doc.json()["jwks_uri"], format!("{issuer_url}/.well-known/jwks.json"));
+        assert_eq!(doc.json()["token_endpoint"], format!("{issuer_url}/token"));
+        let jwks = get(&c1, &first.http_url("/.well-known/jwks.json"), None).await;
+        assert_eq!(jwks.status, 200);
+        let keys = jwks.json()["keys"].as_array().unwrap().clone();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0]["kty"], "OKP");
+        assert_eq!(keys[0]["crv"], "Ed25519");
+        assert!(keys[0].get("d").is_none(), "the private half must never be published");
+        let kid = keys[0]["kid"].as_str().expect("kid").to_string();
+
+        let second_cfg = format!(
+            r#"{base}
+[[issuers]]
+id = "first"
+issuer = "{issuer_url}"
+audiences = ["api"]
+algorithms = ["EdDSA"]
+discovery = true
+
+[[routes]]
+name = "me"
+path = "/users/me"
+upstream = "api"
+"#,
+            base = base_config(&up)
+        );
+        let second = spawn_gateway(&second_cfg).await;
+        let c2 = client(&second);
+        wait_ready(&c2, &second, Duration::from_secs(20)).await;
+
+        let a = password_login(&c1, &first.http_url("/token"), "john.doe", "securepassword").await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        let token = a.json()["access_token"].as_str().unwrap().to_string();
+        assert_eq!(decode(&token).0["kid"], kid.as_str());
+        assert_eq!(decode(&token).0["alg"], "EdDSA");
+
+        let a = send(&c2, bearer(&second.https_url("/users/me"), &token, http::Method::GET)).await;
+        assert_eq!(a.status, 200, "the second gateway refused the first's token: {}", a.text());
+        assert_eq!(up.hits(), 1);
+        assert_eq!(up.last().unwrap().headers["x-auth-subject"], "john.doe");
+        assert_eq!(up.last().unwrap().headers["x-auth-issuer"], issuer_url.as_str());
+
+        // A token changed in transit is refused by the second gateway without reaching the upstream.
+        let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+        let mut claims = decode(&token).1;
+        claims["roles"] = serde_json::json!(["admin"]);
+        parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string());
+        let forged = parts.join(".");
+        let a = send(&c2, bearer(&second.https_url("/users/me"), &forged, http::Method::GET)).await;
+        assert_eq!(a.status, 401, "{}", a.text());
+        assert_eq!(up.hits(), 1);
+        second.stop().await;
+        first.stop().await;
+    })
+    .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// 8. A login burst does not stall proxying.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_burst_does_not_stall_proxied_requests() {
+    bounded_alone(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &argon_only_users(), "allow_plaintext = true").await;
+        let logins = client(&gw);
+        let proxied = client(&gw);
+        let ping = gw.http_url("/api/ping");
+        for _ in 0..20 {
+            assert_eq!(get(&proxied, &ping, None).await.status, 200);
+        }
+
+        let token_url = gw.http_url("/token");
+        let started = Instant::now();
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..200 {
+            let (c, url) = (logins.clone(), token_url.clone());
+            burst.spawn(async move { password_login(&c, &url, "john.doe", "securepassword").await.status });
+        }
+        let mut latencies = Vec::new();
+        let mut statuses = Vec::new();
+        while !burst.is_empty() {
+            let t = Instant::now();
+            let a = get(&proxied, &ping, None).await;
+            latencies.push(t.elapsed());
+            assert_eq!(a.status, 200);
+            while let Some(done) = burst.try_join_next() {
+                statuses.push(done.unwrap());
+            }
+        }
+        let burst_took = started.elapsed();
+        assert_eq!(statuses.len(), 200);
+        assert!(statuses.iter().all(|s| *s == 200), "logins failed: {statuses:?}");
+        latencies.sort();
+        let p99 = latencies[(latencies.len() * 99).div_ceil(100) - 1];
+        eprintln!(
+            "200 logins took {burst_took:?}; {} proxied requests meanwhile: p50 {:?}, p99 {p99:?}, max {:?}",
+            latencies.len(),
+            latencies[latencies.len() / 2],
+            latencies.last().unwrap()
+        );
+        assert!(latencies.len() >= 20, "too few proxied samples ({}) during the burst to judge", latencies.len());
+        assert!(p99 <= Duration::from_millis(50), "p99 of proxied requests during a login burst is {p99:?}");
+        gw.stop().await;
+    })
+    .await;
+}
