@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod headers;
 pub mod issuer;
 pub mod jwks;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

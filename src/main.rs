@@ -86,26 +86,27 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _log_guard = init_logging(cli.log_format, &cli.log_level);
-    match cli.command {
+    if matches!(cli.command, Command::Demo { .. }) {
+        // The shipped config may read an HMAC secret from the environment; give the demo one (before any thread).
+        demo_secret();
+    }
+    let log = init_logging(cli.log_format, &cli.log_level);
+    let code = match cli.command {
         Command::Check { config, tests } => check(&config, tests.as_deref()),
         Command::Explain { config, method, path, token, claims } => explain(&config, &method, &path, token, claims),
         Command::Run { config } => with_config(&config, cli.workers, |cfg, w| run(cfg, w, false)),
-        Command::Demo { config } => {
-            // The shipped config reads its HMAC secret (if any) from the environment; give the demo one.
-            demo_secret();
-            with_config(&config, cli.workers, |cfg, w| run(cfg, w, true))
-        }
+        Command::Demo { config } => with_config(&config, cli.workers, |cfg, w| run(cfg, w, true)),
         Command::HashPassword => hash_password(),
         Command::Token { config, issuer, sub, roles, scopes, ttl } => token(&config, &issuer, &sub, &roles, &scopes, &ttl),
-    }
+    };
+    log.flush_now();
+    code
 }
 
-/// Logs go through a background writer thread so a request never waits on a write to stderr. The guard
-/// flushes what is queued when main returns.
-fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs are buffered and written by a background thread, so a request never waits on stderr.
+fn init_logging(format: LogFormat, level: &str) -> portcullis::logging::BufferedStderr {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
+    let writer = portcullis::logging::BufferedStderr::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
@@ -114,7 +115,7 @@ fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blockin
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
-    guard
+    writer
 }
 
 fn demo_secret() {
@@ -252,12 +253,14 @@ fn with_config(path: &Path, workers: Option<usize>, f: impl FnOnce(Config, Optio
     }
 }
 
+/// Builds the runtime: one worker runs on a current-thread scheduler (no work-stealing bookkeeping to pay for);
+/// more use the multi-thread scheduler.
 fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        b.worker_threads(n.max(1));
+    let n = workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    if n == 1 {
+        return tokio::runtime::Builder::new_current_thread().enable_all().build();
     }
-    b.enable_all().build()
+    tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()
 }
 
 fn run(cfg: Config, workers: Option<usize>, demo: bool) -> ExitCode {
