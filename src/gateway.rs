@@ -381,14 +381,25 @@ impl Gateway {
 
     /// Counts a refusal in the metric of the stage that refused.
     fn count_refusal(&self, e: &GatewayError, outcome: &Outcome<'_>) {
-        let route = outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-");
-        match e {
-            GatewayError::Auth(a) => self.metrics.auth_failures.with_label_values(&[route, a.reason()]).inc(),
-            GatewayError::Authz(crate::authz::AuthzError::Issuer(_)) => {
-                self.metrics.auth_failures.with_label_values(&[route, "issuer"]).inc()
+        let rm = match (outcome.route, outcome.label) {
+            (Some(r), _) => self.route_metrics.get(r.index).unwrap_or(&self.unrouted_metrics),
+            (None, None) => &self.unrouted_metrics,
+            // Token endpoint and well-known documents: rare enough for the labelled lookup.
+            (None, Some(label)) => {
+                let m = &self.metrics;
+                match e {
+                    GatewayError::RateLimited { key, .. } => m.rate_limited.with_label_values(&[label, key]).inc(),
+                    GatewayError::Auth(a) => m.auth_failures.with_label_values(&[label, a.reason()]).inc(),
+                    _ => {}
+                }
+                return;
             }
-            GatewayError::Authz(a) => self.metrics.authz_denied.with_label_values(&[route, a.rule()]).inc(),
-            GatewayError::RateLimited { key, .. } => self.metrics.rate_limited.with_label_values(&[route, key]).inc(),
+        };
+        match e {
+            GatewayError::Auth(a) => rm.auth_failure(&self.metrics, a.reason()),
+            GatewayError::Authz(crate::authz::AuthzError::Issuer(_)) => rm.auth_failure(&self.metrics, "issuer"),
+            GatewayError::Authz(a) => rm.authz_denied(&self.metrics, a.rule()),
+            GatewayError::RateLimited { key, .. } => rm.rate_limited(&self.metrics, key),
             GatewayError::Route(_) | GatewayError::BodyTooLarge(_) | GatewayError::Proxy(_) | GatewayError::Token(_) => {}
         }
     }

@@ -423,9 +423,7 @@ impl TokenEndpoint {
         let until = match self.failures.check_key(&key) {
             Ok(snapshot) if snapshot.remaining_burst_capacity() > 0 => return,
             Ok(_) => Instant::now() + self.settings.rate,
-            Err(not_until) => {
-                Instant::now() + not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()))
-            }
+            Err(not_until) => Instant::now() + not_until.wait_time_from(governor::clock::Clock::now(self.failures.clock())),
         };
         if let Ok(mut blocked) = self.blocked.lock() {
             if blocked.len() > 100_000 {

@@ -124,11 +124,39 @@ impl Default for Metrics {
 const METHODS: [Method; 7] = [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::PATCH, Method::OPTIONS];
 const STATUSES: [u16; 22] = [101, 200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 405, 408, 413, 429, 431, 500, 502, 503, 504, 206];
 
+const AUTH_REASONS: [&str; 10] =
+    ["missing", "malformed", "bad_signature", "expired", "not_yet_valid", "issuer", "audience", "unknown_kid", "algorithm", "too_large"];
+const AUTHZ_RULES: [&str; 4] = ["roles", "scopes", "claims", "issuer"];
+const LIMIT_KEYS: [&str; 4] = ["ip", "subject", "route", "claim"];
+
 /// Pre-resolved handles for one route: the request path touches only atomics.
 pub struct RouteMetrics {
     route: String,
     duration: Histogram,
     counters: Box<[OnceLock<IntCounter>]>,
+    auth_failures: RefusalCounters,
+    authz_denied: RefusalCounters,
+    rate_limited: RefusalCounters,
+}
+
+/// One route's `{route, <reason>}` counters of a refusal metric, resolved on first use so that a flood of
+/// refusals takes no lock shared by every request.
+struct RefusalCounters {
+    labels: &'static [&'static str],
+    slots: Box<[OnceLock<IntCounter>]>,
+}
+
+impl RefusalCounters {
+    fn new(labels: &'static [&'static str]) -> RefusalCounters {
+        RefusalCounters { labels, slots: labels.iter().map(|_| OnceLock::new()).collect() }
+    }
+
+    fn inc(&self, vec: &IntCounterVec, route: &str, label: &str) {
+        match self.labels.iter().position(|l| *l == label) {
+            Some(i) => self.slots[i].get_or_init(|| vec.with_label_values(&[route, label])).inc(),
+            None => vec.with_label_values(&[route, label]).inc(),
+        }
+    }
 }
 
 impl RouteMetrics {
@@ -138,7 +166,25 @@ impl RouteMetrics {
             route: route.to_string(),
             duration: m.request_duration.with_label_values(&[route]),
             counters: (0..METHODS.len() * STATUSES.len()).map(|_| OnceLock::new()).collect(),
+            auth_failures: RefusalCounters::new(&AUTH_REASONS),
+            authz_denied: RefusalCounters::new(&AUTHZ_RULES),
+            rate_limited: RefusalCounters::new(&LIMIT_KEYS),
         }
+    }
+
+    /// Counts a refused token in `portcullis_auth_failures_total{route,reason}`.
+    pub fn auth_failure(&self, m: &Metrics, reason: &str) {
+        self.auth_failures.inc(&m.auth_failures, &self.route, reason);
+    }
+
+    /// Counts a policy denial in `portcullis_authz_denied_total{route,rule}`.
+    pub fn authz_denied(&self, m: &Metrics, rule: &str) {
+        self.authz_denied.inc(&m.authz_denied, &self.route, rule);
+    }
+
+    /// Counts a limited request in `portcullis_rate_limited_total{route,key}`.
+    pub fn rate_limited(&self, m: &Metrics, key: &str) {
+        self.rate_limited.inc(&m.rate_limited, &self.route, key);
     }
 
     /// Counts one answered request and its duration.
@@ -177,5 +223,20 @@ mod tests {
         assert!(text.contains("portcullis_requests_total{method=\"GET\",route=\"me\",status=\"200\"} 1"), "{text}");
         assert!(text.contains("portcullis_request_duration_seconds_bucket"));
         assert!(text.contains("portcullis_build_info"));
+    }
+
+    #[test]
+    fn refusals_count_under_the_route_and_reason() {
+        let m = Metrics::new();
+        let r = RouteMetrics::new(&m, "me");
+        r.auth_failure(&m, "expired");
+        r.auth_failure(&m, "expired");
+        r.authz_denied(&m, "roles");
+        r.rate_limited(&m, "subject");
+        r.rate_limited(&m, "unlisted");
+        assert_eq!(m.auth_failures.with_label_values(&["me", "expired"]).get(), 2);
+        assert_eq!(m.authz_denied.with_label_values(&["me", "roles"]).get(), 1);
+        assert_eq!(m.rate_limited.with_label_values(&["me", "subject"]).get(), 1);
+        assert_eq!(m.rate_limited.with_label_values(&["me", "unlisted"]).get(), 1);
     }
 }

@@ -168,7 +168,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 
 /// What a limit is keyed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,7 +265,8 @@ impl Limiter {
     /// Takes one cell from the bucket, or says how long until one is free.
     pub fn check(&self, key: &BucketKey) -> Result<(), Limited> {
         self.inner.check_key(key).map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            // The limiter's own clock: building a new one calibrates it, which costs microseconds.
+            let wait = not_until.wait_time_from(self.inner.clock().now());
             Limited { retry_after_secs: wait.as_millis().div_ceil(1000).max(1) as u64, limit: self.settings.burst.get() }
         })
     }
