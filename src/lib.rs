@@ -15,6 +15,7 @@ pub mod demo;
 pub mod error;
 pub mod explain;
 pub mod gateway;
+pub mod header_deadline;
 pub mod headers;
 pub mod issuer;
 pub mod jwks;

@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::Limits;
 use crate::gateway::{ConnInfo, Gateway};
+use crate::header_deadline::{ConnState, HeaderDeadline, Tracked};
 
 /// State shared by every connection: the current Gateway (swapped whole on reload) and the drain flag.
 pub struct Shared {
@@ -33,7 +34,9 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // hyper's header timer also runs while a keep-alive connection idles, so it bounds idle time here;
+        // the real header deadline is `header_deadline`'s.
+        .header_read_timeout(limits.idle_timeout.max(limits.header_read_timeout))
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true)
         .half_close(false);
@@ -108,9 +111,19 @@ async fn serve<I>(io: I, info: ConnInfo, shared: Arc<Shared>, builder: &auto::Bu
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
+    let state = Arc::new(ConnState::default());
+    let header_timeout = shared.gateway.load().config.limits.header_read_timeout;
+    let io = HeaderDeadline::new(io, state.clone(), header_timeout);
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let gateway = shared.gateway.load_full();
-        async move { Ok::<_, Infallible>(gateway.handle(req, info).await) }
+        let in_flight = state.begin(req.version());
+        async move {
+            let rsp = gateway.handle(req, info).await;
+            if rsp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
+                in_flight.upgraded();
+            }
+            Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, in_flight)))
+        }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
     if let Err(e) = watcher.watch(conn).await {

@@ -654,11 +654,78 @@ async fn slowloris_is_cut_at_header_read_timeout_while_others_are_served() {
         let read = String::from_utf8_lossy(&read);
         assert!(status_of(&read).is_none_or(|s| s == 408), "{what}: unexpected answer {read:?}");
     }
-    // A fresh normal client is still served afterwards. (A new client: the first one's pooled connection has
-    // been idle past header_read_timeout, which also bounds idle keep-alive, so the gateway may be closing it.)
-    let a = timeout(BOUND, get(&client(&gw), &gw.http_url("/after"), None)).await.unwrap();
+    // The normal client's pooled keep-alive connection, idle past header_read_timeout, still serves it.
+    let a = timeout(BOUND, get(&c, &gw.http_url("/after"), None)).await.unwrap();
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(up.hits(), 2, "only the normal requests reached the upstream");
+    gw.stop().await;
+}
+
+/// Reads one `Content-Length` response off a raw connection (the echo upstream always sends one).
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).await.expect("read response");
+        assert!(n > 0, "connection closed before a whole response: {:?}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .expect("content-length");
+            if out.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+/// Waits for the server to close `s`, returning when it did (measured from `since`).
+async fn closed_after(s: &mut TcpStream, since: Instant) -> Duration {
+    let mut buf = [0u8; 1024];
+    loop {
+        match timeout(BOUND, s.read(&mut buf)).await.expect("server never closed the connection") {
+            Ok(0) | Err(_) => return since.elapsed(),
+            Ok(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_idles_for_idle_timeout_not_header_read_timeout() {
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up, "[limits]\nheader_read_timeout = \"1s\"\nidle_timeout = \"3s\"\n")).await;
+    let http = gw.http.unwrap();
+    let request = b"GET /ka HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    // A connection that never sends a head is cut at header_read_timeout, not held for idle_timeout.
+    let mut silent = TcpStream::connect(http).await.unwrap();
+    let after = closed_after(&mut silent, Instant::now()).await;
+    assert!(after >= Duration::from_millis(900) && after < Duration::from_millis(2500), "silent connection cut after {after:?}");
+
+    // A keep-alive connection idle for longer than header_read_timeout still serves its next request...
+    let mut s = TcpStream::connect(http).await.unwrap();
+    s.write_all(request).await.unwrap();
+    assert_eq!(status_of(&read_response(&mut s).await), Some(200));
+    // (The idle time is what is under test, so it is slept.)
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    s.write_all(request).await.unwrap();
+    assert_eq!(status_of(&read_response(&mut s).await), Some(200), "idle keep-alive connection closed early");
+    // ...and is closed once idle for idle_timeout.
+    let after = closed_after(&mut s, Instant::now()).await;
+    assert!(after >= Duration::from_millis(2800) && after < Duration::from_secs(5), "idle connection closed after {after:?}");
+
+    // After a request, the next head must still arrive within header_read_timeout of its first byte.
+    let mut s = TcpStream::connect(http).await.unwrap();
+    s.write_all(request).await.unwrap();
+    assert_eq!(status_of(&read_response(&mut s).await), Some(200));
+    s.write_all(b"GET /ka HTTP/1.1\r\n").await.unwrap();
+    let after = closed_after(&mut s, Instant::now()).await;
+    assert!(after >= Duration::from_millis(900) && after < Duration::from_millis(2500), "partial second head cut after {after:?}");
+    assert_eq!(up.hits(), 3, "partial heads never reached the upstream");
     gw.stop().await;
 }
 
