@@ -98,7 +98,7 @@ fn bench_jwt(c: &mut Criterion) {
     let cfg = config(k.dir.path(), 1);
     let client = portcullis::jwks::fetch_client(None).expect("client");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
-    let authn = rt.block_on(async { Authenticator::new(&cfg.issuers, &client) });
+    let authn = rt.block_on(async { Authenticator::new(&cfg.issuers, &client, None) });
     let hs = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
     let cases = [
         ("HS256", "hs", Algorithm::HS256, &hs),

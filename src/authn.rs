@@ -155,7 +155,7 @@ pub struct IssuerFile {
 }
 
 /// Where an issuer's JWKS comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum JwksSource {
     Url(http::Uri),
     Discovery(http::Uri),
@@ -474,14 +474,21 @@ pub struct Authenticated {
 }
 
 impl Authenticator {
-    /// Builds the runtime issuers. JWKS key sets start empty and are filled by their refresh tasks.
-    pub fn new(settings: &[IssuerSettings], client: &crate::jwks::FetchClient) -> Authenticator {
+    /// Builds the runtime issuers. JWKS key sets are filled by their refresh tasks; on a reload (`previous`) an
+    /// issuer whose key source did not change starts with the keys it had, so its tokens verify meanwhile.
+    pub fn new(settings: &[IssuerSettings], client: &crate::jwks::FetchClient, previous: Option<&Authenticator>) -> Authenticator {
         let mut issuers = Vec::new();
         let mut by_iss = HashMap::new();
         for s in settings {
             by_iss.insert(s.issuer.clone(), issuers.len());
-            let jwks =
-                s.jwks.as_ref().map(|j| Arc::new(KeySet::new(s.id.clone(), s.issuer.clone(), j.clone(), s.algorithms.clone(), client)));
+            let jwks = s.jwks.as_ref().map(|j| {
+                let ks = KeySet::new(s.id.clone(), s.issuer.clone(), j.clone(), s.algorithms.clone(), client);
+                let old = previous.and_then(|p| p.issuers.iter().find(|i| i.settings.id == s.id)).and_then(|i| i.jwks.as_deref());
+                if let Some(old) = old {
+                    ks.seed_from(old);
+                }
+                Arc::new(ks)
+            });
             issuers.push(Issuer { settings: s.clone(), jwks });
         }
         Authenticator { issuers, by_iss, cache: TokenCache::new(16, 4096) }

@@ -161,7 +161,7 @@ fn principal_from_claims(config: &Config, claims: &Map<String, Value>) -> Result
 
 async fn verify_token(config: &Config, token: &str) -> Result<Principal, GatewayError> {
     let client = crate::jwks::fetch_client(None).map_err(|_| GatewayError::Auth(crate::authn::AuthError::Missing))?;
-    let authn = Authenticator::new(&config.issuers, &client);
+    let authn = Authenticator::new(&config.issuers, &client, None);
     for i in authn.issuers() {
         if let Some(ks) = &i.jwks {
             let _ = ks.refresh().await;

@@ -112,7 +112,7 @@ impl Gateway {
         let global_limiter =
             config.global_limit.as_ref().map(|s| reuse_or_new(previous.and_then(|p| p.global_limiter.as_ref()), s, config.ipv6_prefix));
         let client: FetchClient = fetch_client(None)?;
-        let authn = Authenticator::new(&config.issuers, &client);
+        let authn = Authenticator::new(&config.issuers, &client, previous.map(|p| &p.authn));
         let mut tasks = Tasks::default();
         for issuer in authn.issuers() {
             if let Some(ks) = &issuer.jwks {
@@ -142,7 +142,9 @@ impl Gateway {
                     .iter()
                     .find(|i| i.id == te.issuer)
                     .ok_or_else(|| crate::issuer::IssuerError::NoSigningKey(te.issuer.clone()))?;
-                Some(TokenEndpoint::new(te.clone(), issuer)?)
+                let endpoint = TokenEndpoint::new(te.clone(), issuer, previous.and_then(|p| p.token_endpoint.as_ref()))?;
+                tasks.0.push(tokio::spawn(endpoint.pruner()));
+                Some(endpoint)
             }
             None => None,
         };
@@ -339,7 +341,9 @@ impl Gateway {
         outcome.upstream_time = Some(took);
         self.route_upstream_time[route.index].observe(took.as_secs_f64());
         let mut rsp = result.inspect_err(|e| {
-            self.metrics.upstream_errors.with_label_values(&[&upstream.settings.name, e.kind()]).inc();
+            if let Some(kind) = e.kind() {
+                self.metrics.upstream_errors.with_label_values(&[&upstream.settings.name, kind]).inc();
+            }
         })?;
         let upgraded = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if upgraded {

@@ -271,11 +271,12 @@ pub struct TokenEndpoint {
     alg: Algorithm,
     kid: Option<String>,
     jwks: Option<Bytes>,
-    /// Spent on unknown usernames so they cost what a wrong password costs.
-    dummy_hash: String,
-    failures: FailureLimiter,
+    /// One real hash per hash kind and cost in use: every failed attempt is checked against each class once,
+    /// so an unknown name, and a wrong password for any user, cost the same time.
+    dummy_hashes: Arc<[String]>,
+    failures: Arc<FailureLimiter>,
     /// Keys that used up their burst, until when (only the token endpoint touches this).
-    blocked: Mutex<HashMap<(String, IpAddr), Instant>>,
+    blocked: Arc<Mutex<HashMap<(String, IpAddr), Instant>>>,
     hashing: Arc<tokio::sync::Semaphore>,
 }
 
@@ -292,7 +293,13 @@ fn parse_form(body: &[u8]) -> Result<HashMap<String, String>, TokenError> {
 
 impl TokenEndpoint {
     /// Builds the endpoint for its issuer.
-    pub fn new(settings: TokenEndpointSettings, issuer: &IssuerSettings) -> Result<TokenEndpoint, IssuerError> {
+    /// With `previous` (a reload) and unchanged attempt limits, failed-attempt state carries over, so a reload
+    /// never resets a brute-force counter.
+    pub fn new(
+        settings: TokenEndpointSettings,
+        issuer: &IssuerSettings,
+        previous: Option<&TokenEndpoint>,
+    ) -> Result<TokenEndpoint, IssuerError> {
         let (key, alg) = signing_key(issuer)?;
         let mut kid = None;
         let mut jwks = None;
@@ -305,14 +312,21 @@ impl TokenEndpoint {
             let set = serde_json::json!({ "keys": [jwk] });
             jwks = Some(Bytes::from(set.to_string()));
         }
-        let dummy_hash = match typical_hash(settings.users.values().chain(settings.clients.values())) {
-            Some(h) => h,
-            None => hash_password(b"portcullis-dummy").map_err(IssuerError::Key)?,
+        let mut dummy_hashes = hash_classes(settings.users.values().chain(settings.clients.values()));
+        if dummy_hashes.is_empty() {
+            dummy_hashes.push(hash_password(b"portcullis-dummy").map_err(IssuerError::Key)?);
+        }
+        let (failures, blocked) = match previous.filter(|p| p.settings.rate == settings.rate && p.settings.burst == settings.burst) {
+            Some(p) => (p.failures.clone(), p.blocked.clone()),
+            None => {
+                let per = settings.rate.max(Duration::from_millis(1));
+                let quota = governor::Quota::with_period(per)
+                    .unwrap_or_else(|| governor::Quota::per_second(NonZeroU32::MIN))
+                    .allow_burst(settings.burst);
+                let limiter = governor::RateLimiter::keyed(quota).with_middleware::<governor::middleware::StateInformationMiddleware>();
+                (Arc::new(limiter), Arc::default())
+            }
         };
-        let per = settings.rate.max(Duration::from_millis(1));
-        let quota =
-            governor::Quota::with_period(per).unwrap_or_else(|| governor::Quota::per_second(NonZeroU32::MIN)).allow_burst(settings.burst);
-        let failures = governor::RateLimiter::keyed(quota).with_middleware::<governor::middleware::StateInformationMiddleware>();
         let permits = std::thread::available_parallelism().map_or(2, |n| n.get()).max(1);
         Ok(TokenEndpoint {
             settings,
@@ -321,9 +335,9 @@ impl TokenEndpoint {
             alg,
             kid,
             jwks,
-            dummy_hash,
+            dummy_hashes: dummy_hashes.into(),
             failures,
-            blocked: Mutex::new(HashMap::new()),
+            blocked,
             hashing: Arc::new(tokio::sync::Semaphore::new(permits)),
         })
     }
@@ -434,22 +448,56 @@ impl TokenEndpoint {
         }
     }
 
-    async fn verify_off_executor(&self, password: &[u8], hash: &str) -> bool {
+    /// Returns a task that drops idle failed-attempt state every 30 s, bounding memory under a flood of
+    /// made-up usernames. It holds only that state, so it ends when no gateway uses it any more.
+    pub fn pruner(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let failures = Arc::downgrade(&self.failures);
+        let blocked = Arc::downgrade(&self.blocked);
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let (Some(failures), Some(blocked)) = (failures.upgrade(), blocked.upgrade()) else { return };
+                failures.retain_recent();
+                failures.shrink_to_fit();
+                if let Ok(mut b) = blocked.lock() {
+                    let now = Instant::now();
+                    b.retain(|_, t| *t > now);
+                };
+            }
+        }
+    }
+
+    /// Checks a secret against the account's hash (None: unknown account) off the executor. A failure also
+    /// checks it against one hash of every other class in use, so every failure costs the same.
+    async fn verify_off_executor(&self, password: &[u8], hash: Option<&str>) -> bool {
         let Ok(_permit) = self.hashing.clone().acquire_owned().await else { return false };
         let password = password.to_vec();
-        let hash = hash.to_string();
-        tokio::task::spawn_blocking(move || verify_password(&password, &hash)).await.unwrap_or(false)
+        let hash = hash.map(str::to_string);
+        let dummies = self.dummy_hashes.clone();
+        tokio::task::spawn_blocking(move || {
+            let ok = hash.as_deref().is_some_and(|h| verify_password(&password, h));
+            if !ok {
+                let own = hash.as_deref().map(hash_class);
+                for d in dummies.iter().filter(|d| Some(hash_class(d)) != own) {
+                    let _ = verify_password(&password, d);
+                }
+            }
+            ok
+        })
+        .await
+        .unwrap_or(false)
     }
 
     async fn password_grant(&self, form: &HashMap<String, String>, ip: IpAddr) -> Result<Response<Body>, TokenError> {
         let username = form.get("username").ok_or(TokenError::InvalidRequest("username is missing"))?;
         let password = form.get("password").ok_or(TokenError::InvalidRequest("password is missing"))?;
-        let key = (username.clone(), ip);
+        let key = (attempt_key(username), ip);
         self.check_blocked(&key)?;
         let account = self.settings.users.get(username);
-        // An unknown user costs the same hash verification as a wrong password.
-        let hash = account.map_or(self.dummy_hash.as_str(), |a| a.password_hash.as_str());
-        let ok = self.verify_off_executor(password.as_bytes(), hash).await;
+        // An unknown user costs the same hash verifications as a wrong password.
+        let ok = self.verify_off_executor(password.as_bytes(), account.map(|a| a.password_hash.as_str())).await;
         match account {
             Some(a) if ok && !a.disabled => self.issue(username, a, form.get("scope")),
             _ => {
@@ -476,11 +524,10 @@ impl TokenEndpoint {
             (Some(c), None) | (None, Some(c)) => c,
             (None, None) => return Err(TokenError::InvalidClient),
         };
-        let key = (format!("client:{id}"), ip);
+        let key = (format!("client:{}", attempt_key(&id)), ip);
         self.check_blocked(&key)?;
         let account = self.settings.clients.get(&id);
-        let hash = account.map_or(self.dummy_hash.as_str(), |a| a.password_hash.as_str());
-        let ok = self.verify_off_executor(secret.as_bytes(), hash).await;
+        let ok = self.verify_off_executor(secret.as_bytes(), account.map(|a| a.password_hash.as_str())).await;
         match account {
             Some(a) if ok && !a.disabled => self.issue(&id, a, form.get("scope")),
             _ => {
@@ -531,21 +578,31 @@ fn public_jwk(issuer: &IssuerSettings, key: &EncodingKey, alg: Algorithm) -> Res
     serde_json::from_value(jwk).map_err(|e| IssuerError::Key(e.to_string()))
 }
 
-/// Picks a real account's hash with the most common algorithm and cost, so an unknown name costs what a
-/// known one does.
-fn typical_hash<'a>(accounts: impl Iterator<Item = &'a Account>) -> Option<String> {
-    let mut by_params: HashMap<&str, (usize, &str)> = HashMap::new();
-    for a in accounts {
-        let h = a.password_hash.as_str();
-        // "$argon2id$v=19$m=19456,t=2,p=1$salt$hash" or "$2b$12$salthash": parameters are all but the last part(s).
-        let params = match hash_kind(h) {
-            Some(HashKind::Argon2) => h.rsplitn(3, '$').nth(2).unwrap_or(h),
-            _ => h.get(..7).unwrap_or(h),
-        };
-        let e = by_params.entry(params).or_insert((0, h));
-        e.0 += 1;
+/// A hash's class: its kind and cost parameters ("$argon2id$v=19$m=19456,t=2,p=1" or "$2b$12$"), without salt
+/// and digest.
+fn hash_class(h: &str) -> &str {
+    match hash_kind(h) {
+        Some(HashKind::Argon2) => h.rsplitn(3, '$').nth(2).unwrap_or(h),
+        _ => h.get(..7).unwrap_or(h),
     }
-    by_params.into_values().max_by_key(|(n, _)| *n).map(|(_, h)| h.to_string())
+}
+
+/// One real account hash per class in use, in a fixed order.
+fn hash_classes<'a>(accounts: impl Iterator<Item = &'a Account>) -> Vec<String> {
+    let mut by_class: std::collections::BTreeMap<&str, &str> = std::collections::BTreeMap::new();
+    for a in accounts {
+        by_class.entry(hash_class(&a.password_hash)).or_insert(&a.password_hash);
+    }
+    by_class.into_values().map(str::to_string).collect()
+}
+
+/// The failed-attempt key for a name: capped, so made-up names of any length cost a bounded amount of memory.
+fn attempt_key(name: &str) -> String {
+    let mut end = name.len().min(256);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_string()
 }
 
 fn parse_basic(v: &HeaderValue) -> Result<(String, String), TokenError> {
@@ -603,6 +660,34 @@ fn token_claims(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn account(hash: &str) -> Account {
+        Account { password_hash: hash.to_string(), roles: vec![], scopes: vec![], disabled: false }
+    }
+
+    #[test]
+    fn every_hash_class_in_use_gets_one_dummy_in_a_fixed_order() {
+        let argon = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2g";
+        let argon_other_salt = "$argon2id$v=19$m=19456,t=2,p=1$b3RoZXJzYWx0$aGFzaGhhc2g";
+        let bcrypt12 = "$2b$12$abcdefghijklmnopqrstuuabcdefghijklmnopqrstuvwxyz01234";
+        let bcrypt4 = "$2b$04$abcdefghijklmnopqrstuuabcdefghijklmnopqrstuvwxyz01234";
+        let accounts = [account(bcrypt12), account(argon), account(argon_other_salt), account(bcrypt4)];
+        let classes = hash_classes(accounts.iter());
+        assert_eq!(classes.len(), 3, "{classes:?}");
+        let reversed = hash_classes(accounts.iter().rev());
+        let names = |c: &[String]| c.iter().map(|h| hash_class(h).to_string()).collect::<Vec<_>>();
+        assert_eq!(names(&classes), names(&reversed));
+        assert_eq!(hash_class(argon), hash_class(argon_other_salt));
+        assert_ne!(hash_class(bcrypt12), hash_class(bcrypt4));
+    }
+
+    #[test]
+    fn attempt_keys_are_capped_on_a_char_boundary() {
+        assert_eq!(attempt_key("john"), "john");
+        let long = "é".repeat(200);
+        let k = attempt_key(&long);
+        assert!(k.len() <= 256 && long.starts_with(&k));
+    }
 
     #[test]
     fn bcrypt_long_passwords_do_not_match_their_prefix() {

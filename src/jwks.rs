@@ -142,6 +142,21 @@ impl KeySet {
         }
     }
 
+    /// Takes over the keys of the key set this one replaces on a reload, if both fetch the same keys the same
+    /// way for the same issuer and algorithms.
+    pub fn seed_from(&self, old: &KeySet) {
+        let same = old.issuer_id == self.issuer_id
+            && old.issuer == self.issuer
+            && old.settings.source == self.settings.source
+            && old.settings.ca_file == self.settings.ca_file
+            && old.algorithms == self.algorithms;
+        if same && old.has_keys() {
+            self.keys.store(old.keys.load_full());
+            self.keyless.store(old.keyless.load_full());
+            self.has_keys.store(true, Ordering::Release);
+        }
+    }
+
     /// Names the issuer this key set belongs to.
     pub fn issuer_id(&self) -> &str {
         &self.issuer_id

@@ -39,12 +39,14 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// Names the failure kind for metrics (`connect`, `timeout`, `reset`).
-    pub fn kind(&self) -> &'static str {
+    /// Names the upstream failure kind for metrics (`connect`, `timeout`, `reset`); None when the upstream is
+    /// not at fault (the client's body was too large, or its URI could not be forwarded).
+    pub fn kind(&self) -> Option<&'static str> {
         match self {
-            ProxyError::Connect { .. } => "connect",
-            ProxyError::Timeout { .. } => "timeout",
-            ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade | ProxyError::BodyTooLarge | ProxyError::Uri(_) => "reset",
+            ProxyError::Connect { .. } => Some("connect"),
+            ProxyError::Timeout { .. } => Some("timeout"),
+            ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade => Some("reset"),
+            ProxyError::BodyTooLarge | ProxyError::Uri(_) => None,
         }
     }
 }

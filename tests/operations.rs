@@ -669,6 +669,18 @@ upstream = "api"
         let a = get(&c, &gw.https_url("/users/me"), Some(&token)).await;
         assert_eq!(a.status, 200, "{}", a.text());
 
+        // A reload while the identity provider is down keeps the keys it had: still ready, tokens still verify.
+        *idp.body.lock().unwrap() = None;
+        let path = gw.dir.path().join("gateway.toml");
+        write_atomic(&path, format!("{cfg}\n# reloaded\n").as_bytes());
+        wait_metric(&c, &gw, "portcullis_config_reloads_total", &[("result", "ok")], 2.0, Duration::from_secs(5)).await;
+        let a = get(&c, &gw.admin_url("/readyz"), None).await;
+        assert_eq!(a.status, 200, "keys lost on reload: {}", a.text());
+        let hits = up.hits();
+        let a = get(&c, &gw.https_url("/users/me"), Some(&token)).await;
+        assert_eq!(a.status, 200, "keys lost on reload: {}", a.text());
+        assert_eq!(up.hits(), hits + 1);
+
         // Drain: readyz turns 503 at once (on a connection opened before), healthz stays 200.
         let mut admin = admin_connection(gw.admin.unwrap()).await;
         assert_eq!(admin_get(&mut admin, "/readyz").await.0, 200);
