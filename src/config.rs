@@ -398,7 +398,7 @@ pub struct Limits {
 }
 
 /// A checked upstream: a parsed http(s) origin and its timeouts.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     pub name: String,
     pub scheme: http::uri::Scheme,

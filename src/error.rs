@@ -36,7 +36,9 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::Route(e) => match e {
-                RouteError::NotAbsolutePath | RouteError::BadEscape | RouteError::ForbiddenByte => StatusCode::BAD_REQUEST,
+                RouteError::NotAbsolutePath | RouteError::BadEscape | RouteError::ForbiddenByte | RouteError::NotUtf8 => {
+                    StatusCode::BAD_REQUEST
+                }
                 RouteError::NotFound => StatusCode::NOT_FOUND,
                 RouteError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             },

@@ -93,7 +93,10 @@ impl Gateway {
         let tls = proxy::upstream_tls();
         let mut by_name = std::collections::HashMap::new();
         for (name, s) in &config.upstreams {
-            by_name.insert(name.clone(), Arc::new(Upstream::new(s.clone(), &tls)));
+            // An unchanged upstream keeps its pool across a reload: no reconnect storm.
+            let old = previous.and_then(|p| p.route_upstreams.iter().find(|u| u.settings == *s));
+            let up = old.cloned().unwrap_or_else(|| Arc::new(Upstream::new(s.clone(), &tls)));
+            by_name.insert(name.clone(), up);
         }
         let mut route_upstreams = Vec::new();
         let mut route_limiters = Vec::new();

@@ -124,8 +124,13 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let gateway = Gateway::new(config.clone(), metrics.clone(), None)?;
     metrics.config_reloads.with_label_values(&["ok"]).inc();
     metrics.config_last_reload_success.set(unix_now());
-    let shared =
-        Arc::new(server::Shared { gateway: ArcSwap::from_pointee(gateway), metrics, draining: AtomicBool::new(false), tls: resolver });
+    let shared = Arc::new(server::Shared {
+        gateway: ArcSwap::from_pointee(gateway),
+        metrics,
+        draining: AtomicBool::new(false),
+        tls: resolver,
+        reloading: Default::default(),
+    });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let builder = Arc::new(server::http_builder(&config.limits));

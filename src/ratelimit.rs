@@ -88,8 +88,14 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpA
     if !is_trusted(trusted, peer_ip) {
         return peer_ip;
     }
-    let xff: Vec<&str> =
-        headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim).collect();
+    let xff: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .collect();
     let forwarded: Vec<&str> = if xff.is_empty() {
         headers
             .get_all(http::header::FORWARDED)
@@ -154,6 +160,10 @@ mod tests {
         let mut g = HeaderMap::new();
         g.insert("x-forwarded-for", "oh, hi,,127.0.0.1,,,".parse().unwrap());
         assert_eq!(client_ip(proxy, &g, &trusted), "127.0.0.1".parse::<IpAddr>().unwrap());
+        // An empty entry (a load balancer's trailing comma) is not a hop.
+        let mut e = HeaderMap::new();
+        e.insert("x-forwarded-for", "5.6.7.8, ".parse().unwrap());
+        assert_eq!(client_ip(proxy, &e, &trusted), "5.6.7.8".parse::<IpAddr>().unwrap());
         let mut f = HeaderMap::new();
         f.insert("forwarded", "for=\"[2001:db8::1]:4711\";proto=https".parse().unwrap());
         assert_eq!(client_ip(proxy, &f, &trusted), "2001:db8::1".parse::<IpAddr>().unwrap());

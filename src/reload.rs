@@ -26,6 +26,9 @@ pub enum ReloadError {
 
 /// Loads the config file again and swaps it in if it validates. Counts the outcome either way.
 pub async fn reload(shared: &Shared) -> Result<(), ReloadError> {
+    // One at a time (SIGHUP and the file watcher may both fire): a slower reload of older content must never
+    // be stored after a newer one.
+    let _one = shared.reloading.lock().await;
     let result = try_reload(shared).await;
     let m = &shared.metrics;
     match &result {
@@ -115,8 +118,10 @@ pub async fn watch(shared: Arc<Shared>, every: Duration) {
         }
         pending = None;
         let _ = reload(&shared).await;
-        files = watched_files(&shared.gateway.load().config);
-        seen = fingerprint(&files);
+        // What triggered this reload is what was seen: a write during the reload is seen on the next tick.
+        let now_files = watched_files(&shared.gateway.load().config);
+        seen = if now_files == files { now } else { fingerprint(&now_files) };
+        files = now_files;
     }
 }
 

@@ -20,6 +20,8 @@ pub enum RouteError {
     BadEscape,
     #[error("path contains an encoded slash, a backslash or a control character")]
     ForbiddenByte,
+    #[error("a path parameter is not valid UTF-8 once decoded")]
+    NotUtf8,
     #[error("no route matches")]
     NotFound,
     #[error("route matches but the method is not allowed")]
@@ -301,16 +303,14 @@ impl RouteTable {
                 continue;
             }
             if route.allows(method) {
-                let params = scratch
-                    .iter()
-                    .filter_map(|(i, raw)| match &route.pattern.segments[*i] {
-                        Segment::Param(name) => Some(PathParam {
-                            name: name.clone(),
-                            value: percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned(),
-                        }),
-                        Segment::Literal(_) => None,
-                    })
-                    .collect();
+                let mut params = Vec::new();
+                for (i, raw) in &scratch {
+                    if let Segment::Param(name) = &route.pattern.segments[*i] {
+                        // Strict: a lossy decode would map different paths (%FF, %FE) to one value.
+                        let value = percent_encoding::percent_decode_str(raw).decode_utf8().map_err(|_| RouteError::NotUtf8)?;
+                        params.push(PathParam { name: name.clone(), value: value.into_owned() });
+                    }
+                }
                 return Ok(RouteMatch { route, params });
             }
             if let Some(ms) = &route.methods {
@@ -475,6 +475,11 @@ mod tests {
         assert_eq!(m("/"), "r2");
         let rm = t.match_route(&Method::GET, "/users/al%20ice").unwrap();
         assert_eq!(rm.param("id"), Some("al ice"));
+        // Two different invalid byte sequences must not both become U+FFFD and match one claim value.
+        for p in ["/users/%FF", "/users/%FE"] {
+            assert!(matches!(t.match_route(&Method::GET, p), Err(RouteError::NotUtf8)), "{p}");
+        }
+        assert_eq!(t.match_route(&Method::GET, "/users/%C3%A9").unwrap().param("id"), Some("é"));
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub draining: AtomicBool,
     pub tls: Option<Arc<crate::tls::CertResolver>>,
+    /// Held for the whole of a reload.
+    pub reloading: tokio::sync::Mutex<()>,
 }
 
 /// Builds the HTTP server settings from the limits: hyper's header timeout needs a timer to work.
