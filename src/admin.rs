@@ -11,7 +11,9 @@ pub fn handle<B>(shared: &Shared, req: Request<B>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
     }
-    if let Some(want) = shared.gateway.load().config.admin_token.clone() {
+    // Health probes stay open (load balancers and kubelets probe without credentials); metrics are protected.
+    let probe = matches!(req.uri().path(), "/healthz" | "/readyz");
+    if let Some(want) = shared.gateway.load().config.admin_token.clone().filter(|_| !probe) {
         let got = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         // Constant-time comparison: the admin token must not leak byte by byte through timing.
         let ok = got.is_some_and(|g| {

@@ -592,13 +592,18 @@ impl Validator<'_> {
         }
         let mut issuers = Vec::new();
         let mut issuer_ids = HashSet::new();
+        let mut issuer_urls = HashSet::new();
         for i in f.issuers {
             let span = i.span();
             // Counted even when invalid, so one bad issuer does not make every route that names it an error too.
             if !issuer_ids.insert(i.get_ref().id().to_string()) {
                 self.error(span.clone(), format!("issuer id {:?} is used twice", i.get_ref().id()));
             }
-            if let Some(settings) = authn::validate_issuer(self, span, i.into_inner()) {
+            if let Some(settings) = authn::validate_issuer(self, span.clone(), i.into_inner()) {
+                // Tokens pick their issuer by `iss`: two entries for one `iss` would silently shadow each other.
+                if !issuer_urls.insert(settings.issuer.clone()) {
+                    self.error(span, format!("issuer {:?} is configured twice", settings.issuer));
+                }
                 issuers.push(settings);
             }
         }
@@ -1025,6 +1030,16 @@ mod tests {
         assert_eq!(parse_size("64KiB"), Ok(65536));
         assert_eq!(parse_size("10MiB"), Ok(10 << 20));
         assert!(parse_size("10XB").is_err());
+    }
+
+    #[test]
+    fn one_iss_may_be_configured_only_once() {
+        let issuer = |id: &str| {
+            format!("[[issuers]]\nid = \"{id}\"\nissuer = \"https://idp.test\"\nalgorithms = [\"HS256\"]\nsecret_env = \"PATH\"\n")
+        };
+        let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n{}{}", issuer("a"), issuer("b"));
+        let err = Config::from_toml(Path::new("dup.toml"), &text).expect_err("duplicate iss must not load").to_string();
+        assert!(err.contains("configured twice"), "{err}");
     }
 
     #[test]

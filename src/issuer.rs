@@ -71,6 +71,10 @@ pub fn mint(issuer: &IssuerSettings, sub: &str, roles: &[String], scopes: &[Stri
     let (key, alg) = signing_key(issuer)?;
     let mut header = Header::new(alg);
     header.typ = Some("at+jwt".into());
+    // The same kid the token endpoint sets and publishes, so a JWKS consumer finds the key.
+    if alg.family() != AlgorithmFamily::Hmac {
+        header.kid = Some(public_jwk(issuer, &key, alg)?.thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256));
+    }
     Ok(jsonwebtoken::encode(&header, &token_claims(issuer, sub, roles, scopes, ttl_secs), &key)?)
 }
 

@@ -54,6 +54,17 @@ async fn try_reload(shared: &Shared) -> Result<(), ReloadError> {
     if o.https != n.https || o.http != n.http || o.admin != n.admin {
         tracing::warn!("listen addresses changed: this needs a restart; keeping the current listeners");
     }
+    let (o, n) = (&old.config.limits, &config.limits);
+    if o.max_connections != n.max_connections
+        || o.max_header_bytes != n.max_header_bytes
+        || o.idle_timeout != n.idle_timeout
+        || o.drain_timeout != n.drain_timeout
+    {
+        tracing::warn!(
+            "limits.max_connections, max_header_bytes, idle_timeout and drain_timeout changed: they apply at start, \
+             restart to change them (the rest of the configuration is reloaded)"
+        );
+    }
     let mut new_key = None;
     if let (Some(_), Some(tls)) = (&shared.tls, &config.tls) {
         new_key = Some(crate::tls::load_certified_key(tls)?);

@@ -737,6 +737,37 @@ async fn admin_and_public_listeners_serve_only_their_own_paths() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_protects_metrics_but_not_health_probes() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let secret = "admin-token-for-the-ops-test-0123456789";
+        // A variable only this test reads.
+        std::env::set_var("PORTCULLIS_OPS_TEST_ADMIN_TOKEN", secret);
+        let cfg = format!(
+            "{}\n[admin]\ntoken_env = \"PORTCULLIS_OPS_TEST_ADMIN_TOKEN\"\n\n[[routes]]\nname = \"api\"\npath = \"/api/*\"\nupstream = \"api\"\nauth = \"public\"\n",
+            base_config(&up)
+        );
+        let gw = spawn_gateway(&cfg).await;
+        let c = client(&gw);
+        for wrong in [None, Some("admin-token-for-the-ops-test-012345678X"), Some("short")] {
+            let a = get(&c, &gw.admin_url("/metrics"), wrong).await;
+            assert_eq!(a.status, 401, "{wrong:?}");
+            assert!(!a.text().contains("portcullis_"), "metrics served without the admin token");
+            assert_eq!(header(&a, "www-authenticate"), Some("Bearer realm=\"portcullis-admin\""));
+        }
+        let a = get(&c, &gw.admin_url("/metrics"), Some(secret)).await;
+        assert_eq!(a.status, 200);
+        assert!(a.text().contains("portcullis_build_info"));
+        for probe in ["/healthz", "/readyz"] {
+            assert_eq!(get(&c, &gw.admin_url(probe), None).await.status, 200, "{probe} must answer probes without credentials");
+        }
+        assert_eq!(up.hits(), 0);
+        gw.stop().await;
+    })
+    .await;
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // 7. explain and policy tests agree with real requests on the shipped gateway.toml.
 
