@@ -17,6 +17,8 @@ pub enum AuthzError {
     Scopes { needed: String },
     #[error("claim {0:?} does not satisfy the route's rule")]
     Claims(String),
+    #[error("the route's rules need a token and none was sent")]
+    Anonymous,
 }
 
 impl AuthzError {
@@ -27,6 +29,7 @@ impl AuthzError {
             AuthzError::Roles => "roles",
             AuthzError::Scopes { .. } => "scopes",
             AuthzError::Claims(_) => "claims",
+            AuthzError::Anonymous => "anonymous",
         }
     }
 }
@@ -107,14 +110,8 @@ pub fn authorize(principal: Option<&Principal>, policy: &Policy, matched: &Route
             // authenticate() already refuses this; kept so authorize() alone is never the weak link.
             return Err(AuthzError::Roles);
         }
-        return match policy.has_rules() {
-            false => Ok(()),
-            true if !policy.roles_any.is_empty() || !policy.roles_all.is_empty() => Err(AuthzError::Roles),
-            true if !policy.scopes_any.is_empty() || !policy.scopes_all.is_empty() => {
-                Err(AuthzError::Scopes { needed: needed_scopes(policy) })
-            }
-            true => Err(AuthzError::Claims(String::new())),
-        };
+        // No credential was sent: that calls for a challenge (401), not a 403 (RFC 6750 §3.1).
+        return if policy.has_rules() { Err(AuthzError::Anonymous) } else { Ok(()) };
     };
     if let Some(allowed) = &policy.issuers {
         if !allowed.contains(&p.issuer_id) {

@@ -48,7 +48,7 @@ impl GatewayError {
             },
             GatewayError::Authz(e) => match e {
                 // A token from an issuer the route does not accept is not a credential for it (RFC 6750 §3.1).
-                AuthzError::Issuer(_) => StatusCode::UNAUTHORIZED,
+                AuthzError::Issuer(_) | AuthzError::Anonymous => StatusCode::UNAUTHORIZED,
                 AuthzError::Roles | AuthzError::Scopes { .. } | AuthzError::Claims(_) => StatusCode::FORBIDDEN,
             },
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -75,7 +75,9 @@ impl GatewayError {
     fn code_and_challenge(&self) -> (&'static str, Option<String>) {
         const REALM: &str = "Bearer realm=\"portcullis\"";
         match self {
-            GatewayError::Auth(AuthError::Missing) => ("unauthorized", Some(REALM.to_string())),
+            GatewayError::Auth(AuthError::Missing) | GatewayError::Authz(AuthzError::Anonymous) => {
+                ("unauthorized", Some(REALM.to_string()))
+            }
             GatewayError::Auth(AuthError::InvalidRequest(_)) => ("invalid_request", Some(format!("{REALM}, error=\"invalid_request\""))),
             GatewayError::Auth(AuthError::InvalidToken { .. }) | GatewayError::Authz(AuthzError::Issuer(_)) => {
                 ("invalid_token", Some(format!("{REALM}, error=\"invalid_token\"")))

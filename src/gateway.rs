@@ -405,6 +405,7 @@ impl Gateway {
         match e {
             GatewayError::Auth(a) => rm.auth_failure(&self.metrics, a.reason()),
             GatewayError::Authz(crate::authz::AuthzError::Issuer(_)) => rm.auth_failure(&self.metrics, "issuer"),
+            GatewayError::Authz(crate::authz::AuthzError::Anonymous) => rm.auth_failure(&self.metrics, "missing"),
             GatewayError::Authz(a) => rm.authz_denied(&self.metrics, a.rule()),
             GatewayError::RateLimited { key, .. } => rm.rate_limited(&self.metrics, key),
             GatewayError::Route(_) | GatewayError::BodyTooLarge(_) | GatewayError::Proxy(_) | GatewayError::Token(_) => {}

@@ -1403,6 +1403,13 @@ upstream = "api"
 auth = "optional"
 
 [[routes]]
+name = "optional-admin"
+path = "/maybe-admin/*"
+upstream = "api"
+auth = "optional"
+roles_any = ["admin"]
+
+[[routes]]
 name = "protected"
 path = "/*"
 upstream = "api"
@@ -1437,6 +1444,18 @@ async fn client_sent_identity_headers_never_reach_the_upstream() {
                 assert!(!seen.headers.contains_key(h), "{url}: forged {h} reached the upstream");
             }
         }
+
+        // Optional route with rules: no token is a 401 challenge, an invalid token a 401 invalid_token; neither
+        // reaches the upstream.
+        let hits = up.hits();
+        let a = request(&c, Method::GET, &gw.https_url("/maybe-admin/x"), &forged).await;
+        assert_eq!(a.status, 401, "{}", a.text());
+        assert_eq!(a.headers.get("www-authenticate").unwrap(), "Bearer realm=\"portcullis\"");
+        let bad = format!("Bearer {}", tok(&hmac_key(Algorithm::HS256, b"another-secret-another-secret-xx"), HS_ISS, "eve", json!({})));
+        let a = request(&c, Method::GET, &gw.https_url("/maybe/x"), &[("authorization", bad.as_str())]).await;
+        assert_eq!(a.status, 401, "{}", a.text());
+        assert!(a.headers.get("www-authenticate").unwrap().to_str().unwrap().contains("invalid_token"));
+        assert_eq!(up.hits(), hits, "a refused request reached the upstream");
 
         // Protected route: the upstream sees the token's subject, once; headers for absent claims are not sent.
         let t = tok(&hs, HS_ISS, "alice", json!({}));
