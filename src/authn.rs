@@ -622,7 +622,14 @@ impl Authenticator {
         let found: Option<Arc<JwkKey>> = match kid {
             Some(kid) => match jwks.get(kid) {
                 Some(k) => Some(k),
-                None => jwks.refetch_for_unknown_kid(kid).await,
+                None => {
+                    // A kid that names no key: the issuer's static keys of a fitting type first (local and
+                    // cheap), then one throttled refetch.
+                    if candidates.iter().any(|k| verify_with(k)) {
+                        return Ok(());
+                    }
+                    jwks.refetch_for_unknown_kid(kid).await
+                }
             },
             None => jwks.single_key_for(alg),
         };

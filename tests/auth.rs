@@ -1531,6 +1531,38 @@ async fn underscore_spellings_of_identity_headers_are_stripped_too() {
 // 8. JWKS: fetched at start, rotation without restart, throttled refetch, failures keep the last good keys.
 
 #[tokio::test]
+async fn static_keys_beside_a_jwks_verify_tokens_whose_kid_names_no_key() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let published = test_key(Algorithm::RS256);
+        let local = test_key(Algorithm::ES256);
+        let attacker = test_key(Algorithm::ES256);
+        let idp = Idp::start(jwks(&[(&published, "idp-1")])).await;
+        const ISS: &str = "https://idp.test";
+        let cfg = jwks_gateway_config(
+            &up,
+            &idp,
+            ISS,
+            "public_keys = [{ path = \"local.pem\", kid = \"local-1\" }]\njwks_refetch_cooldown = \"1s\"",
+        );
+        let gw = spawn_gateway_with_files(&cfg, &[("local.pem", local.public_pem.as_bytes())]).await;
+        let c = client(&gw);
+        wait_ready(&c, &gw, Duration::from_secs(15)).await;
+        let url = gw.https_url("/x");
+        let t = |k: &TestKey, kid: Option<&str>| mint_token(k, kid, &claims(ISS, "alice", json!({})));
+        accepted(&c, &up, &url, &t(&published, Some("idp-1")), "JWKS key by kid").await;
+        accepted(&c, &up, &url, &t(&local, Some("local-1")), "static key by kid").await;
+        accepted(&c, &up, &url, &t(&local, Some("thumbprint-kid")), "a kid naming no key: the fitting static key").await;
+        accepted(&c, &up, &url, &t(&local, None), "no kid: the fitting static key").await;
+        refused(&c, &up, &url, &t(&attacker, Some("thumbprint-kid")), "attacker's key, unknown kid").await;
+        refused(&c, &up, &url, &t(&attacker, Some("local-1")), "attacker's key claiming the static kid").await;
+        refused(&c, &up, &url, &t(&attacker, None), "attacker's key, no kid").await;
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn jwks_fetched_at_start_and_rotated_without_restart() {
     bounded(async {
         let up = spawn_upstream().await;
