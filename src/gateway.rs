@@ -132,9 +132,9 @@ impl Gateway {
                 let mut tick = tokio::time::interval(Duration::from_secs(30));
                 loop {
                     tick.tick().await;
-                    for l in &limiters {
-                        l.prune();
-                    }
+                    // Pruning a million keys takes each shard's lock for a while: not on a request thread.
+                    let ls = limiters.clone();
+                    let _ = tokio::task::spawn_blocking(move || ls.iter().for_each(|l| l.prune())).await;
                 }
             }));
         }
@@ -222,7 +222,7 @@ impl Gateway {
         let bytes = rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         tracing::info!(
             target: "portcullis::access",
-            request_id = ?request_id,
+            request_id = request_id.to_str().unwrap_or("-"),
             client = %client,
             method = %method,
             path = uri.path(),

@@ -237,7 +237,8 @@ pub enum BucketKey {
 
 type Keyed = governor::DefaultKeyedRateLimiter<BucketKey>;
 
-/// A keyed limiter: lock-free checks that never await.
+/// A keyed limiter: checks that never await and take no lock shared by every request (governor's keyed state
+/// is sharded).
 pub struct Limiter {
     pub settings: LimitSettings,
     inner: Keyed,
