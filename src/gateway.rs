@@ -220,21 +220,20 @@ impl Gateway {
             return rsp;
         }
         let bytes = rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        tracing::info!(
-            target: "portcullis::access",
-            request_id = request_id.to_str().unwrap_or("-"),
-            client = %client,
-            method = %method,
-            path = uri.path(),
-            route = route_name,
-            status = rsp.status().as_u16(),
+        crate::logging::access(&crate::logging::AccessRecord {
+            request_id: request_id.to_str().unwrap_or("-"),
+            client,
+            method: method.as_str(),
+            path: uri.path(),
+            route: route_name,
+            status: rsp.status().as_u16(),
             bytes,
-            subject = outcome.principal.as_ref().map(|p| p.subject.as_str()),
-            issuer = outcome.principal.as_ref().map(|p| p.issuer_id.as_str()),
-            rate_limited = outcome.rate_limited,
-            duration_us = elapsed.as_micros() as u64,
-            upstream_us = outcome.upstream_time.map(|d| d.as_micros() as u64),
-        );
+            subject: outcome.principal.as_ref().map(|p| p.subject.as_str()),
+            issuer: outcome.principal.as_ref().map(|p| p.issuer_id.as_str()),
+            rate_limited: outcome.rate_limited,
+            duration_us: elapsed.as_micros() as u64,
+            upstream_us: outcome.upstream_time.map(|d| d.as_micros() as u64),
+        });
         rsp
     }
 

@@ -115,9 +115,236 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BufferedStderr {
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The access log line, written straight into the thread's buffer: tracing-subscriber's generic formatter cost
+// about 6 % of a proxied request; this writes the same line (text or JSON) without it.
+
+use std::cell::RefCell;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// 0: access lines go through `tracing` (no buffered writer installed, e.g. the library embedded elsewhere);
+/// 1: written directly as text; 2: directly as JSON.
+static DIRECT: AtomicU8 = AtomicU8::new(0);
+
+/// Called once by the CLI after installing the [`BufferedStderr`] subscriber: access lines bypass `tracing`'s
+/// formatter from then on (still honouring its level filter).
+pub fn direct_access_lines(json: bool) {
+    DIRECT.store(if json { 2 } else { 1 }, Ordering::Relaxed);
+}
+
+/// One request, as the access log records it.
+pub struct AccessRecord<'a> {
+    pub request_id: &'a str,
+    pub client: IpAddr,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub route: &'a str,
+    pub status: u16,
+    pub bytes: Option<u64>,
+    pub subject: Option<&'a str>,
+    pub issuer: Option<&'a str>,
+    pub rate_limited: bool,
+    pub duration_us: u64,
+    pub upstream_us: Option<u64>,
+}
+
+thread_local! {
+    static LINE: RefCell<(Vec<u8>, u64, [u8; 19])> = const { RefCell::new((Vec::new(), u64::MAX, [0; 19])) };
+}
+
+/// Writes one access-log line.
+pub fn access(r: &AccessRecord<'_>) {
+    let mode = DIRECT.load(Ordering::Relaxed);
+    if mode == 0 {
+        tracing::info!(
+            target: "portcullis::access",
+            request_id = r.request_id, client = %r.client, method = r.method, path = r.path, route = r.route,
+            status = r.status, bytes = r.bytes, subject = r.subject, issuer = r.issuer,
+            rate_limited = r.rate_limited, duration_us = r.duration_us, upstream_us = r.upstream_us,
+        );
+        return;
+    }
+    if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
+        return;
+    }
+    let _ = LINE.try_with(|cell| {
+        let Ok(mut guard) = cell.try_borrow_mut() else { return };
+        let (line, cached_secs, cached) = &mut *guard;
+        line.clear();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        if now.as_secs() != *cached_secs {
+            *cached_secs = now.as_secs();
+            *cached = civil_time(now.as_secs());
+        }
+        let json = mode == 2;
+        if json {
+            line.extend_from_slice(b"{\"timestamp\":\"");
+        }
+        line.extend_from_slice(&cached[..]);
+        line.push(b'.');
+        let micros = now.subsec_micros();
+        let mut m = itoa::Buffer::new();
+        let digits = m.format(micros);
+        line.extend(std::iter::repeat_n(b'0', 6 - digits.len()));
+        line.extend_from_slice(digits.as_bytes());
+        if json {
+            line.extend_from_slice(b"Z\",\"level\":\"INFO\"");
+        } else {
+            line.extend_from_slice(b"Z  INFO portcullis::access:");
+        }
+        let mut f = Fields { line, json };
+        f.str("request_id", r.request_id);
+        let mut ip = [0u8; 48];
+        let ip = {
+            use std::io::Write as _;
+            let mut w = &mut ip[..];
+            let _ = write!(w, "{}", r.client);
+            let left = w.len();
+            &ip[..48 - left]
+        };
+        f.raw_str("client", ip);
+        f.raw_str("method", r.method.as_bytes());
+        f.str("path", r.path);
+        f.str("route", r.route);
+        f.num("status", u64::from(r.status));
+        if let Some(b) = r.bytes {
+            f.num("bytes", b);
+        }
+        if let Some(s) = r.subject {
+            f.str("subject", s);
+        }
+        if let Some(s) = r.issuer {
+            f.str("issuer", s);
+        }
+        f.bool("rate_limited", r.rate_limited);
+        f.num("duration_us", r.duration_us);
+        if let Some(u) = r.upstream_us {
+            f.num("upstream_us", u);
+        }
+        if json {
+            f.line.extend_from_slice(b",\"target\":\"portcullis::access\"}");
+        }
+        f.line.push(b'\n');
+        append(f.line);
+    });
+}
+
+/// Appends `key=value` (text) or `,"key":value` (JSON) fields to a line.
+struct Fields<'a> {
+    line: &'a mut Vec<u8>,
+    json: bool,
+}
+
+impl Fields<'_> {
+    fn key(&mut self, k: &str) {
+        if self.json {
+            self.line.extend_from_slice(b",\"");
+            self.line.extend_from_slice(k.as_bytes());
+            self.line.extend_from_slice(b"\":");
+        } else {
+            self.line.push(b' ');
+            self.line.extend_from_slice(k.as_bytes());
+            self.line.push(b'=');
+        }
+    }
+
+    /// A quoted, escaped string (text quotes like `tracing` does for strings).
+    fn str(&mut self, k: &str, v: &str) {
+        self.key(k);
+        self.line.push(b'"');
+        for &b in v.as_bytes() {
+            match b {
+                b'"' | b'\\' => self.line.extend_from_slice(&[b'\\', b]),
+                b if b < 0x20 || b == 0x7f => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    self.line.extend_from_slice(b"\\u00");
+                    self.line.push(HEX[usize::from(b >> 4)]);
+                    self.line.push(HEX[usize::from(b & 15)]);
+                }
+                b => self.line.push(b),
+            }
+        }
+        self.line.push(b'"');
+    }
+
+    /// A value known to need no escaping (an address, a method token): bare in text, quoted in JSON.
+    fn raw_str(&mut self, k: &str, v: &[u8]) {
+        self.key(k);
+        if self.json {
+            self.line.push(b'"');
+        }
+        self.line.extend_from_slice(v);
+        if self.json {
+            self.line.push(b'"');
+        }
+    }
+
+    fn num(&mut self, k: &str, v: u64) {
+        self.key(k);
+        self.line.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+    }
+
+    fn bool(&mut self, k: &str, v: bool) {
+        self.key(k);
+        self.line.extend_from_slice(if v { b"true" } else { b"false" });
+    }
+}
+
+/// "YYYY-MM-DDTHH:MM:SS" (UTC) for seconds since the epoch (days to civil date: Howard Hinnant's algorithm).
+fn civil_time(secs: u64) -> [u8; 19] {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = *b"0000-00-00T00:00:00";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (0..width).rev() {
+            out[at + i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year.max(0) as u64);
+    put(5, 2, month as u64);
+    put(8, 2, day as u64);
+    put(11, 2, rem / 3600);
+    put(14, 2, rem % 3600 / 60);
+    put(17, 2, rem % 60);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn civil_time_matches_known_dates() {
+        assert_eq!(&civil_time(0), b"1970-01-01T00:00:00");
+        assert_eq!(&civil_time(951_782_400), b"2000-02-29T00:00:00");
+        assert_eq!(&civil_time(1_795_910_399), b"2026-11-28T23:59:59");
+    }
+
+    #[test]
+    fn fields_escape_strings_and_keep_json_valid() {
+        let mut line = Vec::new();
+        let mut f = Fields { line: &mut line, json: true };
+        f.str("path", "/a\"b\\c\u{1}");
+        f.num("status", 200);
+        f.bool("rate_limited", false);
+        f.raw_str("client", b"127.0.0.1");
+        let text = format!("{{\"x\":1{}}}", String::from_utf8(line).unwrap());
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["path"], "/a\"b\\c\u{1}");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["client"], "127.0.0.1");
+    }
 
     #[test]
     fn lines_from_exited_threads_are_not_lost_and_buffers_are_pruned() {

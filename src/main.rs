@@ -115,6 +115,7 @@ fn init_logging(format: LogFormat, level: &str) -> portcullis::logging::Buffered
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    portcullis::logging::direct_access_lines(matches!(format, LogFormat::Json));
     writer
 }
 
