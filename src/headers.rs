@@ -236,8 +236,9 @@ fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
     }
 }
 
-/// Renders a claim as a header value: arrays comma-joined. Values with control or non-ASCII bytes are refused
-/// (the header is not sent) rather than forwarded. `roles` and `scope` mean the issuer's configured claims.
+/// Renders a claim as a header value: arrays comma-joined. Values with control or non-ASCII bytes, and lists
+/// with an item containing a comma (`"user,admin"` would read as two roles), are refused (the header is not
+/// sent) rather than forwarded. `roles` and `scope` mean the issuer's configured claims.
 fn render_claim(p: &Principal, claim: &str) -> Option<HeaderValue> {
     let text = match claim {
         "roles" => join_nonempty(&p.roles)?,
@@ -256,7 +257,7 @@ fn render_claim(p: &Principal, claim: &str) -> Option<HeaderValue> {
                         _ => None,
                     })
                     .collect();
-                parts?.join(",")
+                join_nonempty(&parts?).unwrap_or_default()
             }
             _ => return None,
         },
@@ -271,6 +272,10 @@ fn render_claim(p: &Principal, claim: &str) -> Option<HeaderValue> {
 }
 
 fn join_nonempty(v: &[String]) -> Option<String> {
+    if v.iter().any(|item| item.contains(',')) {
+        tracing::warn!("a list claim has an item with a comma, which would be ambiguous in a header; not forwarded");
+        return None;
+    }
     (!v.is_empty()).then(|| v.join(","))
 }
 
@@ -348,6 +353,23 @@ mod tests {
         assert!(strip_hop_by_hop(&mut h, false));
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn list_claims_with_a_comma_in_an_item_are_not_forwarded() {
+        let claims = serde_json::json!({"groups": ["a", "b,c"], "teams": ["x", "y"]});
+        let p = Principal {
+            issuer_id: "i".into(),
+            subject: "s".into(),
+            roles: vec!["user,admin".into()],
+            scopes: vec!["read".into(), "write".into()],
+            claims: std::sync::Arc::new(claims.as_object().unwrap().clone()),
+            expires_at: 0,
+        };
+        assert_eq!(render_claim(&p, "roles"), None);
+        assert_eq!(render_claim(&p, "groups"), None);
+        assert_eq!(render_claim(&p, "scope").unwrap(), "read,write");
+        assert_eq!(render_claim(&p, "teams").unwrap(), "x,y");
     }
 
     #[test]
