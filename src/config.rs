@@ -996,7 +996,7 @@ impl Validator<'_> {
                 );
             }
             let route = Route::new(out.len(), name.clone(), pattern, methods, upstream, strip_prefix, policy, case_insensitive);
-            if let Some(earlier) = out.iter().find(|e| e.shadows(&route)) {
+            if let Some(earlier) = out.iter().find(|e| e.shadows(&route, case_insensitive)) {
                 let msg = format!("route {name:?} can never match: route {:?} before it matches every request it would", earlier.name);
                 self.warn(r.path.span(), msg);
             }

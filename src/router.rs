@@ -116,8 +116,9 @@ impl PathPattern {
         is_root || ends_with_slash == self.trailing_slash
     }
 
-    /// True if every path this pattern's `other` matches is also matched by `self`.
-    fn covers(&self, other: &PathPattern) -> bool {
+    /// True if every path this pattern's `other` matches is also matched by `self` (literals compared the way
+    /// the table matches them).
+    fn covers(&self, other: &PathPattern, case_insensitive: bool) -> bool {
         if !self.prefix && (other.prefix || self.segments.len() != other.segments.len() || self.trailing_slash != other.trailing_slash) {
             return false;
         }
@@ -126,7 +127,7 @@ impl PathPattern {
         }
         self.segments.iter().zip(&other.segments).all(|(a, b)| match (a, b) {
             (Segment::Param(_), _) => true,
-            (Segment::Literal(x), Segment::Literal(y)) => x == y,
+            (Segment::Literal(x), Segment::Literal(y)) => x == y || (case_insensitive && x.eq_ignore_ascii_case(y)),
             (Segment::Literal(_), Segment::Param(_)) => false,
         })
     }
@@ -207,13 +208,13 @@ impl Route {
     }
 
     /// True if this route matches every request `later` would, so `later` can never be chosen.
-    pub(crate) fn shadows(&self, later: &Route) -> bool {
+    pub(crate) fn shadows(&self, later: &Route, case_insensitive: bool) -> bool {
         let methods = match (&self.methods, &later.methods) {
             (None, _) => true,
             (Some(_), None) => false,
             (Some(a), Some(b)) => b.iter().all(|m| a.contains(m)),
         };
-        methods && self.pattern.covers(&later.pattern)
+        methods && self.pattern.covers(&later.pattern, case_insensitive)
     }
 
     /// Returns the path to send upstream: the normalised path with `strip_prefix` removed.
@@ -504,9 +505,13 @@ mod tests {
     #[test]
     fn shadowing_is_detected() {
         let t = table(&[("/*", None), ("/admin", Some(&["GET"]))], false);
-        assert!(t.routes()[0].shadows(&t.routes()[1]));
+        assert!(t.routes()[0].shadows(&t.routes()[1], false));
         let t = table(&[("/admin", Some(&["GET"])), ("/*", None)], false);
-        assert!(!t.routes()[0].shadows(&t.routes()[1]));
+        assert!(!t.routes()[0].shadows(&t.routes()[1], false));
+        // With case-insensitive matching, /Admin/* takes every request /admin/x would.
+        let t = table(&[("/Admin/*", None), ("/admin/x", None)], true);
+        assert!(t.routes()[0].shadows(&t.routes()[1], true));
+        assert!(!t.routes()[0].shadows(&t.routes()[1], false));
     }
 
     #[test]
