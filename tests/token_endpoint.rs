@@ -296,9 +296,15 @@ async fn python_bcrypt_fixture_and_hash_password_output_verify() {
 async fn every_rfc6749_error_has_its_status_body_and_headers() {
     bounded(async {
         let up = spawn_upstream().await;
-        let gw = token_gateway(&up, &demo_users(), "rate_limit = { rate = \"5/min\", burst = 50 }").await;
+        // The demo users plus a disabled account with john.doe's (correct) password.
+        let disabled = argon_only_users().replace("[users.\"john.doe\"]", "[users.\"jane.gone\"]\ndisabled = true");
+        let users = format!("{}\n{disabled}", demo_users());
+        let gw = token_gateway(&up, &users, "rate_limit = { rate = \"5/min\", burst = 50 }").await;
         let c = client(&gw);
         let url = gw.https_url("/token");
+
+        let a = post(&c, &url, form(&[("grant_type", "password"), ("username", "jane.gone"), ("password", "securepassword")]), &[]).await;
+        assert_oauth_error(&a, 400, "invalid_grant", "disabled user with the right password");
 
         let a = post(&c, &url, "grant_type=password&grant_type=password&username=john.doe&password=securepassword", &[]).await;
         assert_oauth_error(&a, 400, "invalid_request", "repeated grant_type");
