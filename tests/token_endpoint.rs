@@ -846,3 +846,64 @@ async fn a_login_burst_does_not_stall_proxied_requests() {
     })
     .await;
 }
+
+/// Polls until `check` holds, failing after `within`: reloads have no other signal than their effects.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what} not seen within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_users_file_keeps_the_old_users_and_a_fixed_one_is_picked_up() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &argon_only_users(), "").await;
+        let c = client(&gw);
+        let url = gw.https_url("/token");
+        let login = |user: &'static str| {
+            let (c, url) = (&c, &url);
+            async move {
+                post(c, url, form(&[("grant_type", "password"), ("username", user), ("password", "securepassword")]), &[]).await.status
+            }
+        };
+        assert_eq!(login("john.doe").await, 200);
+        let users = gw.dir.path().join("users.toml");
+        let write = |text: &str| {
+            let tmp = users.with_extension("tmp-write");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &users).unwrap();
+        };
+
+        // Broken: the reload is refused, counted, and the old users keep logging in.
+        write("[users.\"john.doe\"\npassword_hash = ");
+        let metrics_url = gw.admin_url("/metrics");
+        eventually(Duration::from_secs(5), "the refused reload", || {
+            let (c, u) = (&c, &metrics_url);
+            async move { get(c, u, None).await.text().contains("portcullis_config_reloads_total{result=\"error\"} 1") }
+        })
+        .await;
+        assert_eq!(login("john.doe").await, 200, "the old users must keep working");
+        assert_eq!(login("new.user").await, 400);
+
+        // Fixed, with a new user: picked up without a restart.
+        write(&format!("{}\n{}", argon_only_users(), argon_only_users().replace("john.doe", "new.user")));
+        // (Waiting on the reload, not on logins: failed logins would soon be rate limited, across the reload too.)
+        eventually(Duration::from_secs(5), "the second successful load", || {
+            let (c, u) = (&c, &metrics_url);
+            async move { get(c, u, None).await.text().contains("portcullis_config_reloads_total{result=\"ok\"} 2") }
+        })
+        .await;
+        assert_eq!(login("new.user").await, 200);
+        assert_eq!(login("john.doe").await, 200);
+        assert_eq!(up.hits(), 0);
+        gw.stop().await;
+    })
+    .await;
+}
