@@ -1,8 +1,9 @@
 //! Portcullis: a reverse-proxy authentication gateway.
 //!
-//! A request goes top to bottom through: accept and TLS ([`server`], [`tls`]) -> HTTP -> route match
-//! ([`router`]) -> authenticate ([`authn`], [`jwks`]) -> authorize ([`authz`]) -> forward ([`proxy`], [`headers`])
-//! -> response headers -> access log, all driven by [`gateway::Gateway::handle`]. Errors become answers in
+//! A request goes top to bottom through: accept and TLS ([`server`], [`tls`]) -> HTTP ([`header_deadline`])
+//! -> route match ([`router`]) -> authenticate ([`authn`], [`jwks`]) -> authorize ([`authz`]) -> rate limit
+//! ([`ratelimit`]) -> forward ([`proxy`], [`headers`]) -> response headers ([`headers`], [`cors`]) -> metrics and
+//! access log ([`metrics`], [`logging`]), all driven by [`gateway::Gateway::handle`]. Errors become answers in
 //! [`error`] only.
 
 pub mod admin;

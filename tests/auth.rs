@@ -1215,6 +1215,12 @@ claims = {{ "org.id" = "acme" }}
         let a = get(&c, &gw.https_url("/users/alice%2Fadmin"), Some(&tok(&hs, HS_ISS, "alice/admin", json!({})))).await;
         assert_eq!(a.status, 400);
         assert_eq!(up.hits(), before);
+        // Invalid UTF-8 is refused, not decoded lossily (%FF and %FE would both become U+FFFD and match one claim).
+        for path in ["/users/%FF", "/users/%FE"] {
+            let a = get(&c, &gw.https_url(path), Some(&tok(&hs, HS_ISS, "\u{FFFD}", json!({})))).await;
+            assert_eq!(a.status, 400, "{path}: {}", a.text());
+        }
+        assert_eq!(up.hits(), before);
 
         // A literal rule on a nested claim.
         let t_url = gw.https_url("/tenants/acme/orders");
