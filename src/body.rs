@@ -13,6 +13,8 @@ pub enum BodyError {
     Hyper(#[from] hyper::Error),
     #[error("body exceeds the configured limit")]
     TooLarge,
+    #[error(transparent)]
+    Upstream(#[from] crate::h1_client::H1Error),
 }
 
 /// A body that is empty, fixed bytes, or a stream from a peer (optionally capped in size).
@@ -21,6 +23,8 @@ pub enum Body {
     Empty,
     Full(Option<Bytes>),
     Stream(Incoming),
+    /// An upstream response read by the lean HTTP/1.1 client.
+    Upstream(crate::h1_client::ResponseBody),
     /// A client's request body with the bytes it may still send; the stream fails (and the upstream request
     /// is aborted) once it grows past the limit.
     Limited {
@@ -55,6 +59,7 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
+            Body::Upstream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
             Body::Limited { inner, remaining } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
@@ -76,6 +81,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
             Body::Stream(inner) | Body::Limited { inner, .. } => inner.is_end_stream(),
+            Body::Upstream(inner) => inner.is_end_stream(),
         }
     }
 
@@ -84,6 +90,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Stream(inner) | Body::Limited { inner, .. } => inner.size_hint(),
+            Body::Upstream(inner) => inner.size_hint(),
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::body::Body;
 use crate::config::Config;
 use crate::cors;
 use crate::error::GatewayError;
+use crate::h1_client;
 use crate::headers::{self, Forwarding};
 use crate::issuer::TokenEndpoint;
 use crate::jwks::{fetch_client, FetchClient};
@@ -324,6 +325,12 @@ impl Gateway {
         let host =
             req.headers().get(header::HOST).cloned().or_else(|| uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         let upstream = &self.route_upstreams[route.index];
+        let upstream_path = route.upstream_path(path);
+        let query = proxy::forwarded_query(uri.query(), route.token_sources.query.as_deref());
+        // Bodiless requests to http upstreams take the lean client; the rest hyper's.
+        let lean = upstream.lean.as_ref().filter(|_| {
+            !upgrading && http_body::Body::is_end_stream(req.body()) && h1_client::is_safe_target(upstream_path, query.as_deref())
+        });
         let (mut parts, body) = req.into_parts();
         headers::prepare_upstream(
             &mut parts.headers,
@@ -334,11 +341,25 @@ impl Gateway {
             &self.config.identity,
             upgrading,
         );
-        let mut up_req = Request::from_parts(parts, Body::limited(body, max_body));
-        proxy::rewrite_uri(&mut up_req, &upstream.settings, route.upstream_path(path), host, route.token_sources.query.as_deref())?;
 
         let sent = Instant::now();
-        let result = proxy::forward(upstream, up_req).await;
+        let result = match lean {
+            Some(lean) => {
+                let head = h1_client::Head {
+                    method: &parts.method,
+                    path: upstream_path,
+                    query: query.as_deref(),
+                    headers: &parts.headers,
+                    host: host.as_ref().filter(|_| upstream.settings.preserve_host),
+                };
+                proxy::forward_lean(upstream, lean, &head).await
+            }
+            None => {
+                let mut up_req = Request::from_parts(parts, Body::limited(body, max_body));
+                proxy::rewrite_uri(&mut up_req, &upstream.settings, upstream_path, query.as_deref(), host)?;
+                proxy::forward(upstream, up_req).await
+            }
+        };
         let took = sent.elapsed();
         outcome.upstream_time = Some(took);
         self.route_upstream_time[route.index].observe(took.as_secs_f64());
@@ -357,7 +378,7 @@ impl Gateway {
         let (mut parts, body) = rsp.into_parts();
         headers::finish_response(&mut parts.headers, request_id, upgraded);
         outcome.proxied = true;
-        Ok(Response::from_parts(parts, Body::Stream(body)))
+        Ok(Response::from_parts(parts, body))
     }
 
     /// Answers a CORS preflight for a route with a CORS policy, without a token and without the upstream.

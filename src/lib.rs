@@ -16,6 +16,7 @@ pub mod demo;
 pub mod error;
 pub mod explain;
 pub mod gateway;
+pub mod h1_client;
 pub mod header_deadline;
 pub mod headers;
 pub mod issuer;
@@ -28,6 +29,7 @@ pub mod reload;
 pub mod router;
 pub mod server;
 pub mod tls;
+pub mod upstream_pool;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

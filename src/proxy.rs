@@ -1,11 +1,12 @@
-//! Forwarding to an upstream: the rewritten URI, a pooled keep-alive client per upstream, timeouts, and the
-//! byte pipe after a successful upgrade (WebSocket).
+//! Forwarding to an upstream: the lean HTTP/1.1 exchange (`h1_client`) for bodiless requests to http upstreams,
+//! hyper's pooled client for the rest (bodies, upgrades, https), timeouts, and the byte pipe after a successful
+//! upgrade (WebSocket).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::uri::{PathAndQuery, Uri};
 use http::{HeaderValue, Request, Response, Version};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -13,6 +14,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::Body;
 use crate::config::UpstreamSettings;
+use crate::h1_client::{self, H1Error};
+
+type Source = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -20,7 +24,7 @@ pub enum ProxyError {
     Connect {
         upstream: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: Source,
     },
     #[error("upstream {upstream}: no response within {timeout:?}")]
     Timeout { upstream: String, timeout: std::time::Duration },
@@ -28,7 +32,7 @@ pub enum ProxyError {
     Reset {
         upstream: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: Source,
     },
     #[error("request body exceeded the limit while streaming")]
     BodyTooLarge,
@@ -51,10 +55,12 @@ impl ProxyError {
     }
 }
 
-/// An upstream and its connection pool.
+/// An upstream and its connection pools.
 pub struct Upstream {
     pub settings: UpstreamSettings,
     client: Client<HttpsConnector<HttpConnector>, Body>,
+    /// The lean client, for plain-http upstreams.
+    pub lean: Option<h1_client::Client>,
 }
 
 impl Upstream {
@@ -74,7 +80,8 @@ impl Upstream {
             .pool_max_idle_per_host(1024)
             .set_host(true)
             .build(connector);
-        Upstream { settings, client }
+        let lean = h1_client::Client::for_upstream(&settings);
+        Upstream { settings, client, lean }
     }
 }
 
@@ -92,19 +99,23 @@ pub fn upstream_tls() -> Arc<rustls::ClientConfig> {
     Arc::new(config)
 }
 
-/// Points a request at the upstream: scheme and authority from the config, the routed path, the query as sent.
-/// With `preserve_host = false` the upstream's authority becomes the `Host`.
+/// The query forwarded upstream: as sent, less the token parameter of a route that takes tokens from the URL.
+pub fn forwarded_query<'a>(query: Option<&'a str>, drop_param: Option<&str>) -> Option<Cow<'a, str>> {
+    match (query, drop_param) {
+        (Some(q), Some(name)) => crate::authn::strip_query_token(q, name).map(Cow::Owned),
+        (q, _) => q.map(Cow::Borrowed),
+    }
+}
+
+/// Points a request at the upstream: scheme and authority from the config, the routed path, the query as
+/// forwarded. With `preserve_host = false` the upstream's authority becomes the `Host`.
 pub fn rewrite_uri(
     req: &mut Request<Body>,
     up: &UpstreamSettings,
     path: &str,
+    query: Option<&str>,
     client_host: Option<HeaderValue>,
-    drop_param: Option<&str>,
 ) -> Result<(), ProxyError> {
-    let query = match (req.uri().query(), drop_param) {
-        (Some(q), Some(name)) => crate::authn::strip_query_token(q, name).map(std::borrow::Cow::Owned),
-        (q, _) => q.map(std::borrow::Cow::Borrowed),
-    };
     let pq = match query {
         Some(q) => PathAndQuery::try_from(format!("{path}?{q}")),
         None => PathAndQuery::try_from(path),
@@ -125,13 +136,29 @@ pub fn rewrite_uri(
     Ok(())
 }
 
-/// Sends the request and waits for the response head, bounded by the upstream's `timeout`.
-pub async fn forward(up: &Upstream, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+/// Sends a bodiless request over the lean client and waits for the response head, bounded by the upstream's
+/// `timeout`.
+pub async fn forward_lean(up: &Upstream, lean: &h1_client::Client, head: &h1_client::Head<'_>) -> Result<Response<Body>, ProxyError> {
+    let name = &up.settings.name;
+    match tokio::time::timeout(up.settings.timeout, lean.send(head)).await {
+        Err(_) => Err(ProxyError::Timeout { upstream: name.clone(), timeout: up.settings.timeout }),
+        Ok(Ok(rsp)) => Ok(rsp.map(Body::Upstream)),
+        Ok(Err(H1Error::UnexpectedUpgrade)) => Err(ProxyError::UnexpectedUpgrade),
+        Ok(Err(e @ (H1Error::Connect(_) | H1Error::ConnectTimeout(_)))) => {
+            Err(ProxyError::Connect { upstream: name.clone(), source: e.into() })
+        }
+        Ok(Err(e)) => Err(ProxyError::Reset { upstream: name.clone(), source: e.into() }),
+    }
+}
+
+/// Sends the request over hyper's pooled client and waits for the response head, bounded by the upstream's
+/// `timeout`.
+pub async fn forward(up: &Upstream, req: Request<Body>) -> Result<Response<Body>, ProxyError> {
     let name = &up.settings.name;
     match tokio::time::timeout(up.settings.timeout, up.client.request(req)).await {
         Err(_) => Err(ProxyError::Timeout { upstream: name.clone(), timeout: up.settings.timeout }),
-        Ok(Ok(rsp)) => Ok(rsp),
-        Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect { upstream: name.clone(), source: e }),
+        Ok(Ok(rsp)) => Ok(rsp.map(Body::Stream)),
+        Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect { upstream: name.clone(), source: e.into() }),
         Ok(Err(e)) => {
             let too_large = std::error::Error::source(&e)
                 .and_then(|s| s.downcast_ref::<hyper::Error>())
@@ -140,7 +167,7 @@ pub async fn forward(up: &Upstream, req: Request<Body>) -> Result<Response<Incom
             if too_large {
                 Err(ProxyError::BodyTooLarge)
             } else {
-                Err(ProxyError::Reset { upstream: name.clone(), source: e })
+                Err(ProxyError::Reset { upstream: name.clone(), source: e.into() })
             }
         }
     }

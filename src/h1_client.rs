@@ -1,0 +1,659 @@
+//! The lean HTTP/1.1 exchange with a plain-http upstream, for requests without a body (most API reads).
+//!
+//! The request head is encoded straight from the routed path and the prepared headers, the response head is
+//! parsed with httparse, and the response body is read from the upstream socket only as the client's connection
+//! asks for it: no connection task, no channels, no pool-wide lock. Requests with a body, upgrades and https
+//! upstreams go through hyper's client (`proxy::forward`).
+//!
+//! Response framing follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304; `Transfer-Encoding` wins over
+//! `Content-Length` (which is then dropped, and the connection not reused); differing `Content-Length` values are
+//! an error; otherwise the body runs to the close. A connection is reused only after a complete, cleanly framed
+//! HTTP/1.1 exchange that left no stray bytes.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::UpstreamSettings;
+use crate::upstream_pool::{Conn, Pool, READ_CHUNK};
+
+/// A response head bigger than this is refused (502).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+/// A chunk-size line (with extensions) longer than this is refused.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    #[error("connect failed: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("connection closed before the response was complete")]
+    Closed,
+    #[error("malformed response: {0}")]
+    Malformed(&'static str),
+    #[error("response head over {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    #[error("upstream switched protocols without being asked to")]
+    UnexpectedUpgrade,
+}
+
+/// The lean client of one upstream: where to connect, and its idle connections.
+pub struct Client {
+    pool: Arc<Pool>,
+    connect_to: String,
+    authority: HeaderValue,
+    connect_timeout: Duration,
+}
+
+/// What is sent: the method, the routed path, the query as forwarded, the prepared headers, and the `Host`
+/// (None: the upstream's authority).
+pub struct Head<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    pub host: Option<&'a HeaderValue>,
+}
+
+/// True when path and query can go into a request line as they are (they always can after routing: this only
+/// guards the encoder against ever writing a space or a line break into the head).
+pub fn is_safe_target(path: &str, query: Option<&str>) -> bool {
+    let ok = |s: &str| s.bytes().all(|b| b > b' ' && b != 0x7f);
+    path.starts_with('/') && ok(path) && query.is_none_or(ok)
+}
+
+enum Attempt {
+    /// The reused connection was found closed before any response byte: safe to retry an idempotent request.
+    Stale(H1Error),
+    Failed(H1Error),
+}
+
+impl Client {
+    /// Returns the lean client for a plain-http upstream, or None for https.
+    pub fn for_upstream(settings: &UpstreamSettings) -> Option<Client> {
+        if settings.scheme != http::uri::Scheme::HTTP {
+            return None;
+        }
+        let host = settings.authority.host();
+        let port = settings.authority.port_u16().unwrap_or(80);
+        let connect_to = if host.contains(':') && !host.starts_with('[') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        Some(Client {
+            pool: Pool::new(Duration::from_secs(90), 1024),
+            connect_to,
+            authority: HeaderValue::from_str(settings.authority.as_str()).ok()?,
+            connect_timeout: settings.connect_timeout,
+        })
+    }
+
+    /// Sends a bodiless request and returns the response once its head has arrived. An idempotent request
+    /// whose pooled connection turns out to be closed is retried once on a new connection.
+    pub async fn send(&self, head: &Head<'_>) -> Result<Response<ResponseBody>, H1Error> {
+        if let Some(conn) = self.pool.take() {
+            match self.exchange(conn, head).await {
+                Ok(rsp) => return Ok(rsp),
+                Err(Attempt::Stale(e)) if !is_idempotent(head.method) => return Err(e),
+                Err(Attempt::Stale(e)) => tracing::debug!(error = %e, "pooled upstream connection was closed; retrying on a new one"),
+                Err(Attempt::Failed(e)) => return Err(e),
+            }
+        }
+        let conn = self.connect().await?;
+        self.exchange(conn, head).await.map_err(|a| match a {
+            Attempt::Stale(e) | Attempt::Failed(e) => e,
+        })
+    }
+
+    async fn connect(&self) -> Result<Conn, H1Error> {
+        let io = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.connect_to.as_str())).await {
+            Err(_) => return Err(H1Error::ConnectTimeout(self.connect_timeout)),
+            Ok(Err(e)) => return Err(H1Error::Connect(e)),
+            Ok(Ok(io)) => io,
+        };
+        let _ = io.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        let _ = socket2::SockRef::from(&io).set_tcp_keepalive(&keepalive);
+        Ok(Conn::new(io))
+    }
+
+    async fn exchange(&self, mut conn: Conn, head: &Head<'_>) -> Result<Response<ResponseBody>, Attempt> {
+        encode_head(&mut conn.head, head, &self.authority);
+        if let Err(e) = conn.io.write_all(&conn.head).await {
+            return Err(Attempt::Stale(e.into()));
+        }
+        let mut received = false;
+        loop {
+            if !conn.buf.is_empty() {
+                received = true;
+                match parse_head(&mut conn.buf, head.method == Method::HEAD).map_err(Attempt::Failed)? {
+                    Parsed::Interim => continue,
+                    Parsed::Partial if conn.buf.len() > MAX_HEAD_BYTES => return Err(Attempt::Failed(H1Error::HeadTooLarge)),
+                    Parsed::Partial => {}
+                    Parsed::Complete { status, headers, framing, reusable } => {
+                        let body = ResponseBody::new(conn, framing, reusable, &self.pool);
+                        let mut rsp = Response::new(body);
+                        *rsp.status_mut() = status;
+                        *rsp.headers_mut() = headers;
+                        *rsp.version_mut() = Version::HTTP_11;
+                        return Ok(rsp);
+                    }
+                }
+            }
+            if conn.buf.capacity() - conn.buf.len() < 1024 {
+                conn.buf.reserve(READ_CHUNK);
+            }
+            match conn.io.read_buf(&mut conn.buf).await {
+                Ok(0) if received => return Err(Attempt::Failed(H1Error::Closed)),
+                Ok(0) => return Err(Attempt::Stale(H1Error::Closed)),
+                Ok(_) => {}
+                Err(e) if received => return Err(Attempt::Failed(e.into())),
+                Err(e) => return Err(Attempt::Stale(e.into())),
+            }
+        }
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+fn encode_head(out: &mut Vec<u8>, head: &Head<'_>, authority: &HeaderValue) {
+    out.clear();
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.path.as_bytes());
+    if let Some(q) = head.query {
+        out.push(b'?');
+        out.extend_from_slice(q.as_bytes());
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(head.host.unwrap_or(authority).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in head.headers {
+        if name == header::HOST {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+enum Parsed {
+    Partial,
+    /// A 1xx answer was read and discarded; the real one follows.
+    Interim,
+    Complete {
+        status: StatusCode,
+        headers: HeaderMap,
+        framing: Framing,
+        reusable: bool,
+    },
+}
+
+/// Parses a response head from the front of `buf`, consuming it when complete. Header values share the head's
+/// bytes (no copy).
+fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut rsp = httparse::Response::new(&mut slots);
+    let len = match rsp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD_BYTES => return Err(H1Error::HeadTooLarge),
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Err(H1Error::Malformed("too many header fields")),
+        Err(_) => return Err(H1Error::Malformed("unparsable head")),
+    };
+    let code = rsp.code.ok_or(H1Error::Malformed("no status"))?;
+    let status = StatusCode::from_u16(code).map_err(|_| H1Error::Malformed("bad status code"))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(H1Error::UnexpectedUpgrade);
+    }
+    if status.is_informational() {
+        buf.advance(len);
+        return Ok(Parsed::Interim);
+    }
+    let http11 = rsp.version == Some(1);
+    // Where each name and value sits in the head, so they can share its bytes once it is split off.
+    let base = buf.as_ptr() as usize;
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let count = rsp.headers.len();
+    for (span, h) in spans.iter_mut().zip(rsp.headers.iter()) {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        *span = (n, n + h.name.len(), v, v + h.value.len());
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut length: Option<u64> = None;
+    let mut transfer_encoding: Option<bool> = None; // Some(final coding is chunked)
+    let mut close = !http11;
+    for &(ns, ne, vs, ve) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| H1Error::Malformed("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| H1Error::Malformed("bad header value"))?;
+        if name == header::CONTENT_LENGTH {
+            for item in value.as_bytes().split(|&b| b == b',') {
+                let n = parse_length(item.trim_ascii()).ok_or(H1Error::Malformed("bad content-length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(H1Error::Malformed("differing content-length values"));
+                }
+                length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            let last = value.as_bytes().rsplit(|&b| b == b',').next().unwrap_or_default().trim_ascii();
+            transfer_encoding = Some(last.eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            close |= value.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+        headers.append(name, value);
+    }
+    let bodiless = head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let framing = match (bodiless, transfer_encoding, length) {
+        (true, _, _) => Framing::Length(0),
+        (false, Some(true), _) => Framing::Chunked,
+        (false, Some(false), _) => Framing::UntilClose,
+        (false, None, Some(n)) => Framing::Length(n),
+        (false, None, None) => Framing::UntilClose,
+    };
+    // Both framings at once is a smuggling smell: never pass it on, never reuse the connection.
+    let both = transfer_encoding.is_some() && length.is_some();
+    if transfer_encoding.is_some() {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let reusable = !close && !both && framing != Framing::UntilClose;
+    Ok(Parsed::Complete { status, headers, framing, reusable })
+}
+
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0')))
+}
+
+/// The body of an upstream response, read from the upstream socket on demand. The connection goes back to the
+/// pool the moment the last byte is read (if the exchange allows reuse); a body dropped early closes it.
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    state: State,
+    reusable: bool,
+    pool: Arc<Pool>,
+}
+
+enum State {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody").field("open", &self.conn.is_some()).finish()
+    }
+}
+
+impl ResponseBody {
+    fn new(conn: Conn, framing: Framing, reusable: bool, pool: &Arc<Pool>) -> ResponseBody {
+        let state = match framing {
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::Chunked(ChunkedDecoder::default()),
+            Framing::UntilClose => State::UntilClose,
+        };
+        let mut body = ResponseBody { conn: Some(conn), state, reusable, pool: pool.clone() };
+        if matches!(body.state, State::Length(0)) {
+            body.finish();
+        }
+        body
+    }
+
+    /// The exchange is complete: pool the connection if it may be reused, else close it.
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.reusable {
+                self.pool.put(conn);
+            }
+        }
+    }
+
+    /// Takes the next frame out of what has been read, if there is one.
+    fn next_frame(&mut self) -> Result<Option<Frame<Bytes>>, H1Error> {
+        let Some(conn) = self.conn.as_mut() else { return Ok(None) };
+        let buf = &mut conn.buf;
+        match &mut self.state {
+            State::Length(remaining) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = usize::try_from(*remaining).unwrap_or(usize::MAX).min(buf.len());
+                *remaining -= n as u64;
+                let data = buf.split_to(n).freeze();
+                if *remaining == 0 {
+                    self.finish();
+                }
+                Ok(Some(Frame::data(data)))
+            }
+            State::UntilClose => Ok((!buf.is_empty()).then(|| Frame::data(buf.split().freeze()))),
+            State::Chunked(dec) => match dec.decode(buf)? {
+                Step::NeedMore => Ok(None),
+                Step::Data(d) => Ok(Some(Frame::data(d))),
+                Step::Trailers(t) => {
+                    self.finish();
+                    Ok(Some(Frame::trailers(t)))
+                }
+                Step::End => {
+                    self.finish();
+                    Ok(None)
+                }
+            },
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = self.get_mut();
+        loop {
+            match this.next_frame() {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+            if conn.buf.capacity() - conn.buf.len() < 1024 {
+                conn.buf.reserve(READ_CHUNK);
+            }
+            let read = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf));
+            match read {
+                Ok(0) if matches!(this.state, State::UntilClose) => {
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(H1Error::Closed)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.conn, &self.state) {
+            (None, _) => SizeHint::with_exact(0),
+            (Some(_), State::Length(n)) => SizeHint::with_exact(*n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// Decodes `Transfer-Encoding: chunked` (RFC 9112 §7.1) strictly: CRLF line ends, bounded lines, no size
+/// overflow.
+#[derive(Debug, Default)]
+enum ChunkedDecoder {
+    #[default]
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+#[derive(Debug)]
+enum Step {
+    NeedMore,
+    Data(Bytes),
+    Trailers(HeaderMap),
+    End,
+}
+
+impl ChunkedDecoder {
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Step, H1Error> {
+        loop {
+            match self {
+                ChunkedDecoder::Size => {
+                    let Some(end) = line_end(buf)? else { return Ok(Step::NeedMore) };
+                    let size = parse_chunk_size(&buf[..end])?;
+                    buf.advance(end + 2);
+                    *self = if size == 0 { ChunkedDecoder::Trailers } else { ChunkedDecoder::Data(size) };
+                }
+                ChunkedDecoder::Data(remaining) => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    let n = usize::try_from(*remaining).unwrap_or(usize::MAX).min(buf.len());
+                    let left = *remaining - n as u64;
+                    *self = if left == 0 { ChunkedDecoder::DataEnd } else { ChunkedDecoder::Data(left) };
+                    return Ok(Step::Data(buf.split_to(n).freeze()));
+                }
+                ChunkedDecoder::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Step::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(H1Error::Malformed("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    *self = ChunkedDecoder::Size;
+                }
+                ChunkedDecoder::Trailers => {
+                    let mut slots = [httparse::EMPTY_HEADER; 32];
+                    match httparse::parse_headers(buf, &mut slots) {
+                        Ok(httparse::Status::Complete((n, fields))) => {
+                            let mut trailers = HeaderMap::with_capacity(fields.len());
+                            for f in fields.iter() {
+                                let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| H1Error::Malformed("bad trailer name"))?;
+                                let value = HeaderValue::from_bytes(f.value).map_err(|_| H1Error::Malformed("bad trailer value"))?;
+                                trailers.append(name, value);
+                            }
+                            buf.advance(n);
+                            *self = ChunkedDecoder::Done;
+                            return Ok(if trailers.is_empty() { Step::End } else { Step::Trailers(trailers) });
+                        }
+                        Ok(httparse::Status::Partial) if buf.len() > MAX_TRAILER_BYTES => {
+                            return Err(H1Error::Malformed("trailer section too large"))
+                        }
+                        Ok(httparse::Status::Partial) => return Ok(Step::NeedMore),
+                        Err(_) => return Err(H1Error::Malformed("bad trailer section")),
+                    }
+                }
+                ChunkedDecoder::Done => return Ok(Step::End),
+            }
+        }
+    }
+}
+
+/// Finds the CRLF ending the line at the front of `buf`; a bare LF or an over-long line is an error.
+fn line_end(buf: &[u8]) -> Result<Option<usize>, H1Error> {
+    let window = &buf[..buf.len().min(MAX_CHUNK_LINE)];
+    match window.iter().position(|&b| b == b'\n') {
+        Some(i) if i > 0 && window[i - 1] == b'\r' => Ok(Some(i - 1)),
+        Some(_) => Err(H1Error::Malformed("bare LF in chunk line")),
+        None if buf.len() >= MAX_CHUNK_LINE => Err(H1Error::Malformed("chunk line too long")),
+        None => Ok(None),
+    }
+}
+
+/// `chunk-size [ chunk-ext ]`: hex digits, then nothing or (optional whitespace and) `;` extensions, ignored.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(H1Error::Malformed("chunk size missing"));
+    }
+    let mut size: u64 = 0;
+    for &d in &line[..digits] {
+        let v = (d as char).to_digit(16).map_or(0, u64::from);
+        size = size.checked_mul(16).and_then(|s| s.checked_add(v)).ok_or(H1Error::Malformed("chunk size overflows"))?;
+    }
+    let rest = &line[digits..];
+    let ws = rest.iter().take_while(|b| matches!(b, b' ' | b'\t')).count();
+    let ext = &rest[ws..];
+    let visible = |b: &u8| *b == b'\t' || (*b >= b' ' && *b != 0x7f);
+    let ext_ok = rest.is_empty() || (ext.first() == Some(&b';') && ext.iter().all(visible));
+    if !ext_ok {
+        return Err(H1Error::Malformed("bad chunk extension"));
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(input: &[u8], split_every: usize) -> Result<(Vec<u8>, Option<HeaderMap>), H1Error> {
+        let mut dec = ChunkedDecoder::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut trailers = None;
+        for piece in input.chunks(split_every) {
+            buf.extend_from_slice(piece);
+            loop {
+                match dec.decode(&mut buf)? {
+                    Step::NeedMore => break,
+                    Step::Data(d) => out.extend_from_slice(&d),
+                    Step::Trailers(t) => trailers = Some(t),
+                    Step::End => return Ok((out, trailers)),
+                }
+            }
+        }
+        Err(H1Error::Closed)
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_boundaries() {
+        let input = b"5\r\nhello\r\n6;name=value\r\n world\r\n0\r\nx-checksum: abc\r\n\r\n";
+        for split in [1, 2, 3, 7, input.len()] {
+            let (body, trailers) = decode_all(input, split).unwrap();
+            assert_eq!(body, b"hello world");
+            assert_eq!(trailers.unwrap()["x-checksum"], "abc");
+        }
+        let (body, trailers) = decode_all(b"A\r\n0123456789\r\n0\r\n\r\n", 4).unwrap();
+        assert_eq!(body, b"0123456789");
+        assert!(trailers.is_none());
+    }
+
+    #[test]
+    fn malformed_chunking_is_refused() {
+        for bad in [
+            &b"5\nhello\r\n0\r\n\r\n"[..], // bare LF
+            b"5\r\nhelloXY0\r\n\r\n",      // data not followed by CRLF
+            b"fffffffffffffffff\r\n",      // 17 digits: overflow
+            b"\r\n",                       // no size
+            b"5 x\r\nhello\r\n",           // junk after the size
+            b"-5\r\nhello\r\n",
+            b"0x5\r\nhello\r\n",
+        ] {
+            assert!(decode_all(bad, 64).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        let long = [b"1;".as_slice(), &[b'a'; MAX_CHUNK_LINE]].concat();
+        assert!(decode_all(&long, 64).is_err());
+    }
+
+    fn head(raw: &[u8], head_request: bool) -> Result<Parsed, H1Error> {
+        parse_head(&mut BytesMut::from(raw), head_request)
+    }
+
+    fn complete(raw: &[u8]) -> (StatusCode, HeaderMap, Framing, bool) {
+        match head(raw, false).unwrap() {
+            Parsed::Complete { status, headers, framing, reusable } => (status, headers, framing, reusable),
+            _ => panic!("not complete"),
+        }
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let (s, h, f, r) = complete(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\n");
+        assert_eq!((s, f, r), (StatusCode::OK, Framing::Length(5), true));
+        assert_eq!(h["x-a"], "b");
+        assert_eq!(complete(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").2, Framing::Chunked);
+        assert_eq!(complete(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n").2, Framing::UntilClose);
+        let (_, _, f, r) = complete(b"HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!((f, r), (Framing::UntilClose, false));
+        assert!(!complete(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").3);
+        assert!(!complete(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").3);
+        assert_eq!(complete(b"HTTP/1.1 204 No Content\r\n\r\n").2, Framing::Length(0));
+        assert_eq!(complete(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n").2, Framing::Length(5));
+        match head(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true).unwrap() {
+            Parsed::Complete { framing, headers, .. } => {
+                assert_eq!(framing, Framing::Length(0));
+                assert_eq!(headers["content-length"], "9");
+            }
+            _ => panic!("HEAD answer not complete"),
+        }
+    }
+
+    #[test]
+    fn both_framings_are_not_passed_on_and_the_connection_not_reused() {
+        let (_, h, f, r) = complete(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!((f, r), (Framing::Chunked, false));
+        assert!(!h.contains_key("content-length"));
+    }
+
+    #[test]
+    fn bad_heads_are_refused() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+        ] {
+            assert!(head(bad, false).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn interim_answers_are_skipped() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..]);
+        assert!(matches!(parse_head(&mut buf, false).unwrap(), Parsed::Interim));
+        assert!(matches!(parse_head(&mut buf, false).unwrap(), Parsed::Complete { status: StatusCode::OK, .. }));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn the_head_is_encoded_from_the_routed_target() {
+        let mut h = HeaderMap::new();
+        h.insert("host", "ignored".parse().unwrap());
+        h.insert("x-a", "1".parse().unwrap());
+        let mut out = Vec::new();
+        let head = Head { method: &Method::GET, path: "/a/b", query: Some("x=1"), headers: &h, host: None };
+        encode_head(&mut out, &head, &HeaderValue::from_static("up:3000"));
+        assert_eq!(out, b"GET /a/b?x=1 HTTP/1.1\r\nhost: up:3000\r\nx-a: 1\r\n\r\n");
+        assert!(!is_safe_target("/a b", None));
+        assert!(!is_safe_target("/a", Some("x\r\n")));
+        assert!(is_safe_target("/a", Some("x=%20")));
+    }
+}

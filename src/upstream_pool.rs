@@ -1,0 +1,188 @@
+//! Idle keep-alive connections to one plain-http upstream, for the lean HTTP/1.1 exchange in `h1_client`.
+//!
+//! The pool is sharded by worker thread: a request takes and returns connections on its own thread's shard, so
+//! the shard's lock is uncontended (it is shared only with the reaper, every few seconds). Connections are
+//! reused newest first; one that idled past `idle_timeout`, was closed by the upstream, or has unexpected bytes
+//! waiting is dropped rather than handed out.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+
+/// One connection to the upstream with its read buffer (which is empty between exchanges).
+#[derive(Debug)]
+pub struct Conn {
+    pub io: TcpStream,
+    pub buf: BytesMut,
+    /// The request head is encoded here; kept to reuse its allocation.
+    pub head: Vec<u8>,
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Conn {
+        Conn { io, buf: BytesMut::with_capacity(READ_CHUNK), head: Vec::with_capacity(512) }
+    }
+
+    /// True while the upstream has neither closed the connection nor sent anything unasked. Costs no system
+    /// call on a quiet connection: tokio answers from the readiness the reactor recorded.
+    fn is_quiet(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+/// How much a read asks for at a time.
+pub const READ_CHUNK: usize = 16 * 1024;
+/// A read buffer grown past this (a large response head) is not kept for the next exchange.
+const MAX_KEPT_BUFFER: usize = 64 * 1024;
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+pub struct Pool {
+    shards: Box<[Mutex<Vec<Idle>>]>,
+    max_idle_per_shard: usize,
+    idle_timeout: Duration,
+}
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Pool {
+    /// Returns a pool and starts its reaper, which ends when the pool is dropped. Must run inside tokio.
+    pub fn new(idle_timeout: Duration, max_idle: usize) -> Arc<Pool> {
+        let shards = std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(1, 64);
+        let pool = Arc::new(Pool {
+            shards: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            max_idle_per_shard: max_idle.div_ceil(shards).max(1),
+            idle_timeout,
+        });
+        tokio::spawn(reap_until_dropped(Arc::downgrade(&pool), idle_timeout / 4));
+        pool
+    }
+
+    fn shard(&self) -> &Mutex<Vec<Idle>> {
+        let i = SHARD.with(|s| *s) % self.shards.len();
+        &self.shards[i]
+    }
+
+    /// Takes the most recently used connection that is still good, if any.
+    pub fn take(&self) -> Option<Conn> {
+        let mut idle = self.shard().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while let Some(i) = idle.pop() {
+            if i.since.elapsed() < self.idle_timeout && i.conn.is_quiet() {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last exchange ended cleanly.
+    pub fn put(&self, mut conn: Conn) {
+        if !conn.buf.is_empty() {
+            return;
+        }
+        if conn.buf.capacity() > MAX_KEPT_BUFFER {
+            conn.buf = BytesMut::with_capacity(READ_CHUNK);
+        }
+        let mut idle = self.shard().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() < self.max_idle_per_shard {
+            idle.push(Idle { conn, since: Instant::now() });
+        }
+    }
+
+    /// Drops connections that idled too long or that the upstream closed, so they do not linger in CLOSE_WAIT.
+    fn reap(&self) {
+        for shard in self.shards.iter() {
+            let mut idle = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            idle.retain(|i| i.since.elapsed() < self.idle_timeout && i.conn.is_quiet());
+        }
+    }
+
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().map_or(0, |v| v.len())).sum()
+    }
+}
+
+async fn reap_until_dropped(pool: Weak<Pool>, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match pool.upgrade() {
+            Some(p) => p.reap(),
+            None => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (Conn, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (Conn::new(c), s)
+    }
+
+    #[tokio::test]
+    async fn closed_connections_and_unasked_bytes_are_not_reused() {
+        let pool = Pool::new(Duration::from_secs(60), 8);
+        let (a, a_peer) = pair().await;
+        let (b, mut b_peer) = pair().await;
+        // The upstream closes one and sends garbage on the other: neither may be handed out.
+        drop(a_peer);
+        b_peer.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        a.io.readable().await.unwrap();
+        b.io.readable().await.unwrap();
+        pool.put(a);
+        pool.put(b);
+        assert_eq!(pool.idle_count(), 2);
+        assert!(pool.take().is_none());
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_reaper_drops_connections_the_upstream_closed() {
+        let pool = Pool::new(Duration::from_secs(60), 8);
+        let (a, a_peer) = pair().await;
+        drop(a_peer);
+        a.io.readable().await.unwrap();
+        pool.put(a);
+        pool.reap();
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_comes_back_and_the_cap_holds() {
+        let pool = Pool::new(Duration::from_secs(60), 1);
+        let (a, _a_peer) = pair().await;
+        let (b, _b_peer) = pair().await;
+        pool.put(a);
+        pool.put(b);
+        assert_eq!(pool.idle_count(), pool.max_idle_per_shard.min(2));
+        assert!(pool.take().is_some());
+    }
+
+    #[tokio::test]
+    async fn stale_connections_are_not_reused() {
+        let pool = Pool::new(Duration::from_millis(1), 8);
+        let (a, _peer) = pair().await;
+        pool.put(a);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(pool.take().is_none());
+    }
+}

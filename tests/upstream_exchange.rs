@@ -1,0 +1,262 @@
+//! The lean HTTP/1.1 exchange with plain-http upstreams (bodiless requests): connection reuse, the retry of an
+//! idempotent request whose pooled connection was closed under it, and what the gateway does with upstream
+//! answers that are malformed, doubly framed, truncated, chunked or bodiless. The upstream here is a scripted raw
+//! socket, so each answer is exactly the bytes under test.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::time::timeout;
+
+const BOUND: Duration = Duration::from_secs(20);
+
+/// What the scripted upstream does with one request.
+enum Act {
+    /// Writes these bytes; closes the connection afterwards when `close` (without saying so).
+    Answer(Vec<u8>, bool),
+    /// Reads the request and closes without a byte of answer (an upstream closing an idle connection just as
+    /// the request arrives).
+    Drop,
+}
+
+struct Scripted {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    /// Request lines received, in order.
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl Scripted {
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    fn as_upstream(&self) -> Upstream {
+        Upstream { addr: self.addr, seen: Default::default(), count: Default::default() }
+    }
+}
+
+/// Starts a raw upstream: `script(request line, index of the request on its connection)` decides each answer.
+async fn scripted(script: fn(&str, usize) -> Act) -> Scripted {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s = Scripted {
+        addr: listener.local_addr().unwrap(),
+        connections: Arc::new(AtomicUsize::new(0)),
+        requests: Arc::new(Mutex::new(Vec::new())),
+    };
+    let (connections, requests) = (s.connections.clone(), s.requests.clone());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            connections.fetch_add(1, Ordering::SeqCst);
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for index in 0.. {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head: Vec<u8> = buf.drain(..end).collect();
+                    let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string();
+                    requests.lock().unwrap().push(line.clone());
+                    match script(&line, index) {
+                        Act::Drop => return,
+                        Act::Answer(bytes, close) => {
+                            if tcp.write_all(&bytes).await.is_err() || close {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    s
+}
+
+fn ok(body: &str) -> Vec<u8> {
+    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}", body.len()).into_bytes()
+}
+
+fn config(up: &Scripted) -> String {
+    format!("{}\n[[routes]]\nname = \"all\"\npath = \"/*\"\nupstream = \"api\"\nauth = \"public\"\n", base_config(&up.as_upstream()))
+}
+
+/// Sends a request and returns the status, headers and the body (or the error that cut it).
+async fn exchange(c: &TestClient, method: &str, url: &str) -> (StatusCode, http::HeaderMap, Result<Bytes, String>) {
+    try_exchange(c, method, url).await.expect("request is answered")
+}
+
+/// Like `exchange`, but a connection cut before the head arrived is an `Err`.
+async fn try_exchange(c: &TestClient, method: &str, url: &str) -> Result<(StatusCode, http::HeaderMap, Result<Bytes, String>), String> {
+    let req = Request::builder().method(method).uri(url).body(Full::new(Bytes::new())).unwrap();
+    let rsp = timeout(BOUND, c.request(req)).await.expect("answered in time").map_err(|e| e.to_string())?;
+    let (parts, body) = rsp.into_parts();
+    let body = timeout(BOUND, body.collect()).await.expect("body in time").map(|b| b.to_bytes()).map_err(|e| e.to_string());
+    Ok((parts.status, parts.headers, body))
+}
+
+// The gateway runs on this test's single-threaded runtime, so every request uses the same pool shard and the
+// connection counts below are exact.
+
+#[tokio::test]
+async fn one_upstream_connection_serves_sequential_requests() {
+    let up = scripted(|_, _| Act::Answer(ok("ok"), false)).await;
+    let gw = spawn_gateway(&config(&up)).await;
+    let c = client(&gw);
+    for i in 0..10 {
+        let (status, _, body) = exchange(&c, "GET", &gw.http_url(&format!("/n/{i}"))).await;
+        assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("ok")));
+    }
+    assert_eq!(up.requests().len(), 10);
+    assert_eq!(up.connections(), 1, "the keep-alive connection to the upstream is reused");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_pooled_connection_closed_under_a_request_is_retried_only_when_idempotent() {
+    // Every connection answers its first request and silently drops its second.
+    let up = scripted(|_, index| if index == 0 { Act::Answer(ok("first"), false) } else { Act::Drop }).await;
+    let gw = spawn_gateway(&config(&up)).await;
+    let c = client(&gw);
+    assert_eq!(exchange(&c, "GET", &gw.http_url("/a")).await.0, StatusCode::OK);
+    // The pooled connection takes this GET and closes: the gateway retries it once on a new connection.
+    let (status, _, body) = exchange(&c, "GET", &gw.http_url("/b")).await;
+    assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("first")));
+    assert_eq!(up.requests(), ["GET /a HTTP/1.1", "GET /b HTTP/1.1", "GET /b HTTP/1.1"]);
+    assert_eq!(up.connections(), 2);
+    // A POST may have had an effect before the close: it is not repeated, the client gets a 502.
+    let (status, _, body) = exchange(&c, "POST", &gw.http_url("/c")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(body.unwrap(), Bytes::from(r#"{"error":"bad_gateway"}"#));
+    assert_eq!(up.requests().iter().filter(|r| r.starts_with("POST /c")).count(), 1, "the POST reached the upstream once");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_upstream_answers_are_502_without_detail() {
+    let up = scripted(|line, _| {
+        let bytes = if line.contains("/garbage") {
+            b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec()
+        } else if line.contains("/two-lengths") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!".to_vec()
+        } else if line.contains("/huge-head") {
+            format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 0\r\n\r\n", "a".repeat(70 * 1024)).into_bytes()
+        } else if line.contains("/upgrade") {
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n".to_vec()
+        } else {
+            ok("ok")
+        };
+        Act::Answer(bytes, false)
+    })
+    .await;
+    let gw = spawn_gateway(&config(&up)).await;
+    let c = client(&gw);
+    for path in ["/garbage", "/two-lengths", "/huge-head", "/upgrade"] {
+        let (status, _, body) = exchange(&c, "GET", &gw.http_url(path)).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{path}");
+        assert_eq!(body.unwrap(), Bytes::from(r#"{"error":"bad_gateway"}"#), "{path}");
+    }
+    // None of those connections is reused: the next request opens its own and is served.
+    let before = up.connections();
+    assert_eq!(exchange(&c, "GET", &gw.http_url("/fine")).await.0, StatusCode::OK);
+    assert_eq!(up.connections(), before + 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_doubly_framed_answer_is_decoded_by_transfer_encoding_and_not_passed_on() {
+    let up = scripted(|line, _| {
+        if line.contains("/both") {
+            Act::Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".to_vec(), false)
+        } else {
+            Act::Answer(ok("ok"), false)
+        }
+    })
+    .await;
+    let gw = spawn_gateway(&config(&up)).await;
+    let c = client(&gw);
+    let (status, headers, body) = exchange(&c, "GET", &gw.http_url("/both")).await;
+    assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("abc")));
+    assert_ne!(headers.get("content-length").map(|v| v.to_str().unwrap()), Some("5"), "the upstream's Content-Length is dropped");
+    // The connection that carried it is not trusted again.
+    assert_eq!(exchange(&c, "GET", &gw.http_url("/next")).await.0, StatusCode::OK);
+    assert_eq!(up.connections(), 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn head_chunked_and_bodiless_answers_keep_the_connection_in_step() {
+    let up = scripted(|line, _| {
+        let bytes = if line.starts_with("HEAD") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n".to_vec()
+        } else if line.contains("/chunked") {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 1\r\n\r\n".to_vec()
+        } else if line.contains("/none") {
+            b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()
+        } else if line.contains("/hint") {
+            b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nafter".to_vec()
+        } else {
+            ok("ok")
+        };
+        Act::Answer(bytes, false)
+    })
+    .await;
+    let gw = spawn_gateway(&config(&up)).await;
+    let c = client(&gw);
+    let (status, headers, body) = exchange(&c, "HEAD", &gw.http_url("/h")).await;
+    assert_eq!((status, body.unwrap().len()), (StatusCode::OK, 0));
+    assert_eq!(headers["content-length"], "9", "a HEAD answer keeps the length of what a GET would get");
+    let (status, _, body) = exchange(&c, "GET", &gw.http_url("/chunked")).await;
+    assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("hello world")));
+    assert_eq!(exchange(&c, "GET", &gw.http_url("/none")).await.0, StatusCode::NO_CONTENT);
+    let (status, _, body) = exchange(&c, "GET", &gw.http_url("/hint")).await;
+    assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("after")));
+    let (status, _, body) = exchange(&c, "GET", &gw.http_url("/last")).await;
+    assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("ok")));
+    assert_eq!(up.connections(), 1, "every one of these ended cleanly, so one connection carried them all");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_truncated_upstream_body_is_never_delivered_as_complete() {
+    let up = scripted(|line, _| {
+        if line.contains("/short") {
+            Act::Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc".to_vec(), true)
+        } else {
+            Act::Answer(ok("ok"), false)
+        }
+    })
+    .await;
+    let gw = spawn_gateway(&config(&up)).await;
+    let c = client(&gw);
+    // Whether the head got out before the cut or not, the client must see a broken exchange, never a short body.
+    match try_exchange(&c, "GET", &gw.http_url("/short")).await {
+        Err(_) => {}
+        Ok((status, _, body)) => assert!(body.is_err(), "{status}: a short body was delivered as complete: {body:?}"),
+    }
+    assert_eq!(up.requests().len(), 1);
+    // The gateway itself is fine.
+    assert_eq!(exchange(&client(&gw), "GET", &gw.http_url("/after")).await.0, StatusCode::OK);
+    gw.stop().await;
+}
