@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""Mint N distinct valid bench tokens (iss "bench", roles ["user","admin"], exp in 2 h, a unique sub and jti)
+for benches/cache_miss.sh: mint_tokens.py ALG KEYFILE N OUT, using both cores."""
+import sys, time, uuid
+from multiprocessing import Pool
+
+import jwt
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+ALG, KEYFILE, N, OUT = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+
+
+def key():
+    data = open(KEYFILE, "rb").read()
+    return data if ALG == "HS256" else load_pem_private_key(data, None)
+
+
+def mint(span):
+    k, now, out = key(), int(time.time()), []
+    for i in range(*span):
+        claims = {"sub": f"user-{i}", "iss": "bench", "iat": now, "exp": now + 7200,
+                  "roles": ["user", "admin"], "jti": uuid.uuid4().hex}
+        out.append(jwt.encode(claims, k, algorithm=ALG))
+    return out
+
+
+if __name__ == "__main__":
+    half = N // 2
+    with Pool(2) as p, open(OUT, "w") as f:
+        for part in p.map(mint, [(0, half), (half, N)]):
+            f.write("\n".join(part) + "\n")
