@@ -28,10 +28,19 @@ use crate::ratelimit::{client_ip, is_trusted, reuse_or_new, Limiter};
 use crate::router::{normalize_path, Route};
 
 /// The connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The peer's address as an `X-Forwarded-For` value, rendered once per connection.
+    pub peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        ConnInfo { peer, tls, peer_ip }
+    }
 }
 
 /// Background tasks owned by one Gateway (JWKS refresh, limiter pruning); aborted when it is dropped.
@@ -179,7 +188,7 @@ impl Gateway {
 
     /// Serves one request. Never fails: errors become their HTTP answer here, and every request is counted
     /// and logged.
-    pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    pub async fn handle(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
         let start = Instant::now();
         let trusted = is_trusted(&self.config.trusted_proxies, conn.peer.ip());
         let request_id = headers::request_id(req.headers(), trusted);
@@ -190,7 +199,7 @@ impl Gateway {
         let origin = req.headers().get(header::ORIGIN).cloned();
         let client = client_ip(conn.peer, req.headers(), &self.config.trusted_proxies);
         let mut outcome = Outcome { request_has_body: has_body(&req), ..Outcome::default() };
-        let fwd = Forwarding { peer: conn.peer, tls: conn.tls, from_trusted_proxy: trusted };
+        let fwd = Forwarding { peer: conn.peer, peer_ip: &conn.peer_ip, tls: conn.tls, from_trusted_proxy: trusted };
         let mut rsp = match self.handle_inner(req, &uri, &fwd, client, &request_id, &mut outcome).await {
             Ok(rsp) => rsp,
             Err(e) => {
@@ -242,7 +251,7 @@ impl Gateway {
         &'a self,
         req: Request<Incoming>,
         uri: &http::Uri,
-        fwd: &Forwarding,
+        fwd: &Forwarding<'_>,
         client: IpAddr,
         request_id: &HeaderValue,
         outcome: &mut Outcome<'a>,
@@ -264,7 +273,7 @@ impl Gateway {
         te: &TokenEndpoint,
         req: Request<Incoming>,
         path: &str,
-        fwd: &Forwarding,
+        fwd: &Forwarding<'_>,
         client: IpAddr,
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, GatewayError> {
@@ -291,7 +300,7 @@ impl Gateway {
         mut req: Request<Incoming>,
         uri: &http::Uri,
         path: &str,
-        fwd: &Forwarding,
+        fwd: &Forwarding<'_>,
         client: IpAddr,
         request_id: &HeaderValue,
         outcome: &mut Outcome<'a>,

@@ -243,7 +243,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error>
         *span = (n, n + h.name.len(), v, v + h.value.len());
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for what the gateway adds (secure headers, the request id) without growing the map.
+    let mut headers = HeaderMap::with_capacity(count + 12);
     let mut length: Option<u64> = None;
     let mut transfer_encoding: Option<bool> = None; // Some(final coding is chunked)
     let mut close = !http11;

@@ -88,55 +88,69 @@ pub fn request_id(headers: &HeaderMap, from_trusted_proxy: bool) -> HeaderValue 
 
 /// Removes the identity headers (and their client-sent copies) from an incoming request.
 pub fn strip_identity(headers: &mut HeaderMap, identity: &IdentitySettings) {
-    for (name, _) in &identity.headers {
-        headers.remove(name);
+    // CGI/WSGI-style upstreams read `X_Auth_Subject` as `X-Auth-Subject`: that spelling goes too.
+    let dashed_eq = |sent: &str, ours: &str| {
+        sent.len() == ours.len() && sent.bytes().zip(ours.bytes()).all(|(s, o)| s == o || (s == b'_' && o == b'-'))
+    };
+    remove_present(headers, |k| identity.headers.iter().any(|(n, _)| dashed_eq(k.as_str(), n.as_str())));
+}
+
+/// Removes every header whose name matches. One pass over the names; a hash lookup only for those present
+/// (usually none), and no allocation.
+fn remove_present(headers: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool) {
+    while let Some(name) = headers.keys().find(|k| matches(k)).cloned() {
+        headers.remove(&name);
     }
-    // CGI/WSGI-style upstreams read `X_Auth_Subject` as `X-Auth-Subject`: strip that spelling too.
-    let aliases: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().contains('_'))
-        .filter(|k| {
-            let dashed = k.as_str().replace('_', "-");
-            identity.headers.iter().any(|(n, _)| n.as_str() == dashed)
-        })
-        .cloned()
-        .collect();
-    for name in aliases {
-        headers.remove(name);
+}
+
+/// Removes the headers a `Connection` value lists (a token that is no valid header name names nothing).
+fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue, upgrading: bool) {
+    for token in connection.to_str().unwrap_or_default().split(',').map(str::trim) {
+        if !token.is_empty() && !(upgrading && token.eq_ignore_ascii_case("upgrade")) {
+            headers.remove(token);
+        }
     }
+}
+
+/// The hop-by-hop fields that go whatever `Connection` lists (`Upgrade` is handled apart).
+fn is_fixed_hop_by_hop(k: &HeaderName) -> bool {
+    k == header::CONNECTION
+        || k == KEEP_ALIVE
+        || k == PROXY_CONNECTION
+        || k == header::TE
+        || k == header::TRANSFER_ENCODING
+        || k == header::PROXY_AUTHORIZATION
+        || k == header::PROXY_AUTHENTICATE
 }
 
 /// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`, `Proxy-Connection`, `TE`,
 /// `Transfer-Encoding`, `Upgrade` (kept with `Connection: upgrade` when `upgrading`), `Proxy-Authorization`,
 /// `Proxy-Authenticate`. Returns true if `TE: trailers` was asked for.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) -> bool {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        if upgrading && name == header::UPGRADE {
-            continue;
+    let mut wants_trailers = false;
+    if headers.keys().any(is_fixed_hop_by_hop) {
+        // Usually one `Connection` value: taken out whole (no copy), so its tokens can name what else goes.
+        match headers.get_all(header::CONNECTION).iter().count() {
+            0 => {}
+            1 => {
+                if let Some(v) = headers.remove(header::CONNECTION) {
+                    remove_listed(headers, &v, upgrading);
+                }
+            }
+            _ => {
+                let values: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
+                values.iter().for_each(|v| remove_listed(headers, v, upgrading));
+            }
         }
-        headers.remove(&name);
+        wants_trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+        remove_present(headers, is_fixed_hop_by_hop);
     }
-    let wants_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
-    headers.remove(header::CONNECTION);
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TE);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::PROXY_AUTHORIZATION);
-    headers.remove(header::PROXY_AUTHENTICATE);
     if upgrading {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if headers.contains_key(header::UPGRADE) {
         headers.remove(header::UPGRADE);
     }
     wants_trailers
@@ -153,8 +167,10 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 
 /// What the gateway knows about the connection a request came in on.
 #[derive(Debug, Clone, Copy)]
-pub struct Forwarding {
+pub struct Forwarding<'a> {
     pub peer: SocketAddr,
+    /// `peer`'s address as a header value.
+    pub peer_ip: &'a HeaderValue,
     pub tls: bool,
     pub from_trusted_proxy: bool,
 }
@@ -163,7 +179,7 @@ pub struct Forwarding {
 /// verified identity. `host` is the authority the client addressed.
 pub fn prepare_upstream(
     headers: &mut HeaderMap,
-    fwd: &Forwarding,
+    fwd: &Forwarding<'_>,
     host: Option<&HeaderValue>,
     request_id: &HeaderValue,
     principal: Option<&Principal>,
@@ -176,9 +192,9 @@ pub fn prepare_upstream(
     }
     // The gateway answered any `Expect: 100-continue` itself by reading the body.
     headers.remove(header::EXPECT);
-    let peer = fwd.peer.ip().to_string();
     if fwd.from_trusted_proxy {
         let prior: Vec<String> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::to_string).collect();
+        let peer = fwd.peer.ip().to_string();
         let joined = if prior.is_empty() { peer } else { format!("{}, {peer}", prior.join(", ")) };
         set(headers, &X_FORWARDED_FOR, &joined);
         if !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -190,9 +206,8 @@ pub fn prepare_upstream(
             }
         }
     } else {
-        headers.remove(header::FORWARDED);
-        headers.remove(&X_REAL_IP);
-        set(headers, &X_FORWARDED_FOR, &peer);
+        remove_present(headers, |k| k == header::FORWARDED || k == X_REAL_IP);
+        headers.insert(&X_FORWARDED_FOR, fwd.peer_ip.clone());
         headers.insert(&X_FORWARDED_PROTO, proto(fwd.tls));
         match host {
             Some(h) => {
@@ -356,6 +371,36 @@ mod tests {
     }
 
     #[test]
+    fn every_connection_value_is_honoured_and_upgrades_keep_their_upgrade() {
+        let mut h = HeaderMap::new();
+        h.append("connection", "x-one".parse().unwrap());
+        h.append("connection", "X-Two, not a name".parse().unwrap());
+        h.insert("x-one", "1".parse().unwrap());
+        h.insert("x-two", "2".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        assert!(!strip_hop_by_hop(&mut h, false));
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Upgrade, x-secret".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!((h["connection"].to_str().unwrap(), h["upgrade"].to_str().unwrap()), ("upgrade", "websocket"));
+        assert!(!h.contains_key("x-secret"));
+    }
+
+    #[test]
+    fn identity_headers_go_in_either_spelling() {
+        let mut h = HeaderMap::new();
+        h.insert("x-auth-subject", "admin".parse().unwrap());
+        h.insert("x_auth_roles", "admin".parse().unwrap());
+        h.insert("x-auth-other", "kept".parse().unwrap());
+        strip_identity(&mut h, &IdentitySettings::default());
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-auth-other"]);
+    }
+
+    #[test]
     fn list_claims_with_a_comma_in_an_item_are_not_forwarded() {
         let claims = serde_json::json!({"groups": ["a", "b,c"], "teams": ["x", "y"]});
         let p = Principal {
@@ -386,7 +431,8 @@ mod tests {
         h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
         h.insert("x-real-ip", "6.6.6.6".parse().unwrap());
         h.insert("forwarded", "for=6.6.6.6".parse().unwrap());
-        let fwd = Forwarding { peer: "192.0.2.9:1".parse().unwrap(), tls: true, from_trusted_proxy: false };
+        let ip = HeaderValue::from_static("192.0.2.9");
+        let fwd = Forwarding { peer: "192.0.2.9:1".parse().unwrap(), peer_ip: &ip, tls: true, from_trusted_proxy: false };
         let rid = new_request_id();
         prepare_upstream(&mut h, &fwd, None, &rid, None, &IdentitySettings::default(), false);
         assert_eq!(h["x-forwarded-for"], "192.0.2.9");

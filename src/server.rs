@@ -92,9 +92,9 @@ pub async fn accept_loop(
             let _permit = permit;
             let _open = OpenConnection::new(shared.metrics.connections_active.with_label_values(&[label]));
             match tls {
-                None => serve(tcp, ConnInfo { peer, tls: false }, shared, &builder, watcher).await,
+                None => serve(tcp, ConnInfo::new(peer, false), shared, &builder, watcher).await,
                 Some((acceptor, timeout)) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve(stream, ConnInfo { peer, tls: true }, shared, &builder, watcher).await,
+                    Ok(Ok(stream)) => serve(stream, ConnInfo::new(peer, true), shared, &builder, watcher).await,
                     Ok(Err(e)) => {
                         shared.metrics.tls_handshake_failures.inc();
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -116,11 +116,13 @@ where
     let state = Arc::new(ConnState::default());
     let header_timeout = shared.gateway.load().config.limits.header_read_timeout;
     let io = HeaderDeadline::new(io, state.clone(), header_timeout);
+    let peer = info.peer;
     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let gateway = shared.gateway.load_full();
         let in_flight = state.begin(req.version());
+        let info = info.clone();
         async move {
-            let rsp = gateway.handle(req, info).await;
+            let rsp = gateway.handle(req, &info).await;
             if rsp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
                 in_flight.upgraded();
             }
@@ -129,7 +131,7 @@ where
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
     if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
