@@ -106,7 +106,8 @@ fn remove_present(headers: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool
 /// Removes the headers a `Connection` value lists (a token that is no valid header name names nothing).
 fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue, upgrading: bool) {
     for token in connection.to_str().unwrap_or_default().split(',').map(str::trim) {
-        if !token.is_empty() && !(upgrading && token.eq_ignore_ascii_case("upgrade")) {
+        let kept_upgrade = upgrading && token.eq_ignore_ascii_case("upgrade");
+        if !token.is_empty() && !kept_upgrade {
             headers.remove(token);
         }
     }
