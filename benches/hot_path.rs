@@ -146,7 +146,8 @@ fn bench_routes(c: &mut Criterion) {
 fn bench_headers(c: &mut Criterion) {
     let identity = IdentitySettings::default();
     let secure = SecureHeaders::defaults();
-    let fwd = Forwarding { peer: "127.0.0.1:5000".parse().expect("addr"), tls: true, from_trusted_proxy: false };
+    let peer_ip = HeaderValue::from_static("127.0.0.1");
+    let fwd = Forwarding { peer: "127.0.0.1:5000".parse().expect("addr"), peer_ip: &peer_ip, tls: true, from_trusted_proxy: false };
     let mut base = HeaderMap::new();
     for (k, v) in [
         ("host", "api.example.com"),
