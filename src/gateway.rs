@@ -338,7 +338,11 @@ impl Gateway {
         let query = proxy::forwarded_query(uri.query(), route.token_sources.query.as_deref());
         // Bodiless requests to http upstreams take the lean client; the rest hyper's.
         let lean = upstream.lean.as_ref().filter(|_| {
-            !upgrading && http_body::Body::is_end_stream(req.body()) && h1_client::is_safe_target(upstream_path, query.as_deref())
+            // CONNECT: a 2xx answer turns the upstream connection into a tunnel, never back into HTTP.
+            !upgrading
+                && req.method() != http::Method::CONNECT
+                && http_body::Body::is_end_stream(req.body())
+                && h1_client::is_safe_target(upstream_path, query.as_deref())
         });
         let (mut parts, body) = req.into_parts();
         headers::prepare_upstream(

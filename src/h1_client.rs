@@ -31,6 +31,8 @@ const MAX_HEADERS: usize = 128;
 /// A chunk-size line (with extensions) longer than this is refused.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
+/// 1xx answers skipped before the real one; more is a broken or hostile upstream.
+const MAX_INTERIM: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum H1Error {
@@ -88,12 +90,18 @@ impl Client {
             return None;
         }
         let host = settings.authority.host();
-        let port = settings.authority.port_u16().unwrap_or(80);
-        let connect_to = if host.contains(':') && !host.starts_with('[') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        let port = settings.authority.port_u16();
+        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
+        let connect_to = format!("{host}:{}", port.unwrap_or(80));
+        // Host and port only: userinfo in the configured URL never goes into a header.
+        let authority = match port {
+            Some(p) => HeaderValue::from_str(&format!("{host}:{p}")),
+            None => HeaderValue::from_str(&host),
+        };
         Some(Client {
             pool: Pool::new(Duration::from_secs(90), 1024),
             connect_to,
-            authority: HeaderValue::from_str(settings.authority.as_str()).ok()?,
+            authority: authority.ok()?,
             connect_timeout: settings.connect_timeout,
         })
     }
@@ -133,11 +141,16 @@ impl Client {
             return Err(Attempt::Stale(e.into()));
         }
         let mut received = false;
+        let mut interim = 0;
         loop {
             if !conn.buf.is_empty() {
                 received = true;
                 match parse_head(&mut conn.buf, head.method == Method::HEAD).map_err(Attempt::Failed)? {
-                    Parsed::Interim => continue,
+                    Parsed::Interim if interim >= MAX_INTERIM => return Err(Attempt::Failed(H1Error::Malformed("too many 1xx answers"))),
+                    Parsed::Interim => {
+                        interim += 1;
+                        continue;
+                    }
                     Parsed::Partial if conn.buf.len() > MAX_HEAD_BYTES => return Err(Attempt::Failed(H1Error::HeadTooLarge)),
                     Parsed::Partial => {}
                     Parsed::Complete { status, headers, framing, reusable } => {
@@ -246,13 +259,15 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error>
     // Room for what the gateway adds (secure headers, the request id) without growing the map.
     let mut headers = HeaderMap::with_capacity(count + 12);
     let mut length: Option<u64> = None;
-    let mut transfer_encoding: Option<bool> = None; // Some(final coding is chunked)
+    let mut length_values = 0;
+    let mut chunked = false;
     let mut close = !http11;
     for &(ns, ne, vs, ve) in &spans[..count] {
         let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| H1Error::Malformed("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| H1Error::Malformed("bad header value"))?;
         if name == header::CONTENT_LENGTH {
             for item in value.as_bytes().split(|&b| b == b',') {
+                length_values += 1;
                 let n = parse_length(item.trim_ascii()).ok_or(H1Error::Malformed("bad content-length"))?;
                 if length.is_some_and(|l| l != n) {
                     return Err(H1Error::Malformed("differing content-length values"));
@@ -260,25 +275,31 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error>
                 length = Some(n);
             }
         } else if name == header::TRANSFER_ENCODING {
-            let last = value.as_bytes().rsplit(|&b| b == b',').next().unwrap_or_default().trim_ascii();
-            transfer_encoding = Some(last.eq_ignore_ascii_case(b"chunked"));
+            // Only `chunked`, once: another coding would reach the client unlabelled once the hop-by-hop
+            // Transfer-Encoding is removed, and a repeated `chunked` is invalid (RFC 9112 §7).
+            if chunked || !value.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(H1Error::Malformed("unsupported transfer-coding"));
+            }
+            chunked = true;
         } else if name == header::CONNECTION {
             close |= value.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
         headers.append(name, value);
     }
     let bodiless = head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
-    let framing = match (bodiless, transfer_encoding, length) {
+    let framing = match (bodiless, chunked, length) {
         (true, _, _) => Framing::Length(0),
-        (false, Some(true), _) => Framing::Chunked,
-        (false, Some(false), _) => Framing::UntilClose,
-        (false, None, Some(n)) => Framing::Length(n),
-        (false, None, None) => Framing::UntilClose,
+        (false, true, _) => Framing::Chunked,
+        (false, false, Some(n)) => Framing::Length(n),
+        (false, false, None) => Framing::UntilClose,
     };
     // Both framings at once is a smuggling smell: never pass it on, never reuse the connection.
-    let both = transfer_encoding.is_some() && length.is_some();
-    if transfer_encoding.is_some() {
+    let both = chunked && length.is_some();
+    if chunked {
         headers.remove(header::CONTENT_LENGTH);
+    } else if let (Some(n), true) = (length, length_values > 1) {
+        // `5, 5` or a repeated field: passed on as the one value it means.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     let reusable = !close && !both && framing != Framing::UntilClose;
     Ok(Parsed::Complete { status, headers, framing, reusable })
@@ -480,6 +501,11 @@ impl ChunkedDecoder {
                                 trailers.append(name, value);
                             }
                             buf.advance(n);
+                            // Framing and connection fields mean nothing in trailers (an HTTP/2 client resets
+                            // the stream on them).
+                            crate::headers::strip_hop_by_hop(&mut trailers, false);
+                            trailers.remove(header::CONTENT_LENGTH);
+                            trailers.remove(header::HOST);
                             *self = ChunkedDecoder::Done;
                             return Ok(if trailers.is_empty() { Step::End } else { Step::Trailers(trailers) });
                         }
@@ -554,11 +580,13 @@ mod tests {
 
     #[test]
     fn chunked_bodies_decode_whatever_the_read_boundaries() {
-        let input = b"5\r\nhello\r\n6;name=value\r\n world\r\n0\r\nx-checksum: abc\r\n\r\n";
+        let input = b"5\r\nhello\r\n6;name=value\r\n world\r\n0\r\nx-checksum: abc\r\nContent-Length: 9\r\n\r\n";
         for split in [1, 2, 3, 7, input.len()] {
             let (body, trailers) = decode_all(input, split).unwrap();
             assert_eq!(body, b"hello world");
-            assert_eq!(trailers.unwrap()["x-checksum"], "abc");
+            let trailers = trailers.unwrap();
+            assert_eq!(trailers["x-checksum"], "abc");
+            assert!(!trailers.contains_key("content-length"), "framing fields are not passed on in trailers");
         }
         let (body, trailers) = decode_all(b"A\r\n0123456789\r\n0\r\n\r\n", 4).unwrap();
         assert_eq!(body, b"0123456789");
@@ -599,13 +627,15 @@ mod tests {
         assert_eq!((s, f, r), (StatusCode::OK, Framing::Length(5), true));
         assert_eq!(h["x-a"], "b");
         assert_eq!(complete(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").2, Framing::Chunked);
-        assert_eq!(complete(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n").2, Framing::UntilClose);
+        assert_eq!(complete(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n").2, Framing::Chunked);
         let (_, _, f, r) = complete(b"HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!((f, r), (Framing::UntilClose, false));
         assert!(!complete(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").3);
         assert!(!complete(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").3);
         assert_eq!(complete(b"HTTP/1.1 204 No Content\r\n\r\n").2, Framing::Length(0));
-        assert_eq!(complete(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n").2, Framing::Length(5));
+        let (_, h, f, _) = complete(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!((f, h.get_all("content-length").iter().count()), (Framing::Length(5), 1));
+        assert_eq!(h["content-length"], "5");
         match head(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true).unwrap() {
             Parsed::Complete { framing, headers, .. } => {
                 assert_eq!(framing, Framing::Length(0));
@@ -630,6 +660,9 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"SSH-2.0-OpenSSH\r\n\r\n",
         ] {
             assert!(head(bad, false).is_err(), "{:?}", String::from_utf8_lossy(bad));
@@ -642,6 +675,20 @@ mod tests {
         assert!(matches!(parse_head(&mut buf, false).unwrap(), Parsed::Interim));
         assert!(matches!(parse_head(&mut buf, false).unwrap(), Parsed::Complete { status: StatusCode::OK, .. }));
         assert!(buf.is_empty());
+    }
+
+    #[tokio::test]
+    async fn userinfo_in_the_upstream_url_never_reaches_the_host_header() {
+        let settings = UpstreamSettings {
+            name: "up".into(),
+            scheme: http::uri::Scheme::HTTP,
+            authority: "user:secret@up.internal:8080".parse().unwrap(),
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            preserve_host: false,
+        };
+        let c = Client::for_upstream(&settings).unwrap();
+        assert_eq!((c.authority.to_str().unwrap(), c.connect_to.as_str()), ("up.internal:8080", "up.internal:8080"));
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //!
 //! A request goes top to bottom through: accept and TLS ([`server`], [`tls`]) -> HTTP ([`header_deadline`])
 //! -> route match ([`router`]) -> authenticate ([`authn`], [`jwks`]) -> authorize ([`authz`]) -> rate limit
-//! ([`ratelimit`]) -> forward ([`proxy`], [`headers`]) -> response headers ([`headers`], [`cors`]) -> metrics and
-//! access log ([`metrics`], [`logging`]), all driven by [`gateway::Gateway::handle`]. Errors become answers in
-//! [`error`] only.
+//! ([`ratelimit`]) -> forward ([`proxy`], [`h1_client`], [`upstream_pool`], [`headers`]) -> response headers
+//! ([`headers`], [`cors`]) -> metrics and access log ([`metrics`], [`logging`]), all driven by
+//! [`gateway::Gateway::handle`]. Errors become answers in [`error`] only.
 
 pub mod admin;
 pub mod authn;

@@ -26,11 +26,14 @@ impl Conn {
         Conn { io, buf: BytesMut::with_capacity(READ_CHUNK), head: Vec::with_capacity(512) }
     }
 
-    /// True while the upstream has neither closed the connection nor sent anything unasked. Costs no system
-    /// call on a quiet connection: tokio answers from the readiness the reactor recorded.
+    /// True while the upstream has neither closed the connection nor sent anything unasked. Asks the socket
+    /// itself (a non-blocking peek): tokio's recorded readiness can lag a FIN or stray bytes that arrived since
+    /// the last read, and a connection with stray bytes must never carry another exchange. Bytes that arrive
+    /// after this check are still caught: they are read as the next answer's head and fail to parse, or the
+    /// close is seen before any answer byte (then an idempotent request is retried).
     fn is_quiet(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        matches!(socket2::SockRef::from(&self.io).peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
@@ -153,6 +156,24 @@ mod tests {
         assert_eq!(pool.idle_count(), 2);
         assert!(pool.take().is_none());
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn bytes_the_runtime_has_not_yet_seen_still_keep_a_connection_out() {
+        let pool = Pool::new(Duration::from_secs(60), 8);
+        let (a, mut a_peer) = pair().await;
+        // No await between the upstream's write and the take: tokio's reactor has recorded nothing yet, so
+        // only asking the socket itself can see the stray bytes.
+        a_peer.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        for _ in 0..1000 {
+            if socket2::SockRef::from(&a.io).peek(&mut probe).is_ok() {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        pool.put(a);
+        assert!(pool.take().is_none());
     }
 
     #[tokio::test]
