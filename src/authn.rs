@@ -98,6 +98,9 @@ pub struct Principal {
     pub claims: Arc<Map<String, Value>>,
     /// `exp`, in seconds since the epoch.
     pub expires_at: u64,
+    /// The identity header values, rendered on first use and reused while the token is cached (the cache lives
+    /// as long as the config, and with it the `[identity]` settings).
+    pub identity_values: std::sync::OnceLock<Vec<Option<http::HeaderValue>>>,
 }
 
 /// Finds a claim: a top-level name spelled exactly so wins (`https://example.com/roles`), else a dotted path
@@ -865,7 +868,7 @@ pub fn principal_from(s: &IssuerSettings, claims: Map<String, Value>) -> Princip
     let scopes = string_list(lookup_claim(&claims, &s.scopes_claim));
     let subject = claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_string();
     let expires_at = numeric_date(&claims, "exp").ok().flatten().unwrap_or(0);
-    Principal { issuer_id: s.id.clone(), subject, roles, scopes, claims: Arc::new(claims), expires_at }
+    Principal { issuer_id: s.id.clone(), subject, roles, scopes, claims: Arc::new(claims), expires_at, identity_values: Default::default() }
 }
 
 /// One shard: the verified principals by token digest, and the digests in insertion order for eviction.
@@ -944,6 +947,7 @@ mod tests {
             scopes: vec![],
             claims: Arc::new(Map::new()),
             expires_at,
+            identity_values: Default::default(),
         })
     }
 

@@ -169,6 +169,7 @@ mod tests {
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             claims: Arc::new(claims.as_object().cloned().unwrap_or_default()),
             expires_at: u64::MAX,
+            identity_values: Default::default(),
         }
     }
 

@@ -224,10 +224,12 @@ pub fn prepare_upstream(
         headers.remove(header::AUTHORIZATION);
     }
     if let Some(p) = principal {
-        for (name, claim) in &identity.headers {
-            match render_claim(p, claim) {
+        // Rendered once per cached token, not per request.
+        let values = p.identity_values.get_or_init(|| identity.headers.iter().map(|(_, claim)| render_claim(p, claim)).collect());
+        for ((name, _), value) in identity.headers.iter().zip(values) {
+            match value {
                 Some(v) => {
-                    headers.insert(name.clone(), v);
+                    headers.insert(name.clone(), v.clone());
                 }
                 None => {
                     headers.remove(name);
@@ -411,6 +413,7 @@ mod tests {
             scopes: vec!["read".into(), "write".into()],
             claims: std::sync::Arc::new(claims.as_object().unwrap().clone()),
             expires_at: 0,
+            identity_values: Default::default(),
         };
         assert_eq!(render_claim(&p, "roles"), None);
         assert_eq!(render_claim(&p, "groups"), None);
