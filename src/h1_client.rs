@@ -142,9 +142,12 @@ impl Client {
         }
         let mut received = false;
         let mut interim = 0;
+        // A head can only have completed if a line ended in what was just read: an upstream dribbling its head a
+        // byte at a time costs one parse per line, not one per byte.
+        let mut line_ended = true;
         loop {
-            if !conn.buf.is_empty() {
-                received = true;
+            received |= !conn.buf.is_empty();
+            if !conn.buf.is_empty() && line_ended {
                 match parse_head(&mut conn.buf, head.method == Method::HEAD).map_err(Attempt::Failed)? {
                     Parsed::Interim if interim >= MAX_INTERIM => return Err(Attempt::Failed(H1Error::Malformed("too many 1xx answers"))),
                     Parsed::Interim => {
@@ -166,10 +169,14 @@ impl Client {
             if conn.buf.capacity() - conn.buf.len() < 1024 {
                 conn.buf.reserve(READ_CHUNK);
             }
+            if conn.buf.len() > MAX_HEAD_BYTES {
+                return Err(Attempt::Failed(H1Error::HeadTooLarge));
+            }
+            let before = conn.buf.len();
             match conn.io.read_buf(&mut conn.buf).await {
                 Ok(0) if received => return Err(Attempt::Failed(H1Error::Closed)),
                 Ok(0) => return Err(Attempt::Stale(H1Error::Closed)),
-                Ok(_) => {}
+                Ok(_) => line_ended = conn.buf[before..].contains(&b'\n'),
                 Err(e) if received => return Err(Attempt::Failed(e.into())),
                 Err(e) => return Err(Attempt::Stale(e.into())),
             }

@@ -27,6 +27,8 @@ enum Act {
     /// Reads the request and closes without a byte of answer (an upstream closing an idle connection just as
     /// the request arrives).
     Drop,
+    /// Writes these bytes one at a time, each in its own segment.
+    Dribble(Vec<u8>),
 }
 
 struct Scripted {
@@ -81,6 +83,15 @@ async fn scripted(script: fn(&str, usize) -> Act) -> Scripted {
                     requests.lock().unwrap().push(line.clone());
                     match script(&line, index) {
                         Act::Drop => return,
+                        Act::Dribble(bytes) => {
+                            let _ = tcp.set_nodelay(true);
+                            for b in bytes {
+                                if tcp.write_all(&[b]).await.is_err() {
+                                    return;
+                                }
+                                tokio::task::yield_now().await;
+                            }
+                        }
                         Act::Answer(bytes, close) => {
                             if tcp.write_all(&bytes).await.is_err() || close {
                                 return;
@@ -214,6 +225,8 @@ async fn head_chunked_and_bodiless_answers_keep_the_connection_in_step() {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 1\r\n\r\n".to_vec()
         } else if line.contains("/none") {
             b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()
+        } else if line.contains("/dribble") {
+            return Act::Dribble(b"HTTP/1.1 200 OK\r\nX-Slow: yes\r\nContent-Length: 7\r\n\r\ndribble".to_vec());
         } else if line.contains("/hint") {
             b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nafter".to_vec()
         } else {
@@ -232,6 +245,9 @@ async fn head_chunked_and_bodiless_answers_keep_the_connection_in_step() {
     assert_eq!(exchange(&c, "GET", &gw.http_url("/none")).await.0, StatusCode::NO_CONTENT);
     let (status, _, body) = exchange(&c, "GET", &gw.http_url("/hint")).await;
     assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("after")));
+    let (status, headers, body) = exchange(&c, "GET", &gw.http_url("/dribble")).await;
+    assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("dribble")), "a head and body sent a byte at a time");
+    assert_eq!(headers["x-slow"], "yes");
     let (status, _, body) = exchange(&c, "GET", &gw.http_url("/last")).await;
     assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("ok")));
     assert_eq!(up.connections(), 1, "every one of these ended cleanly, so one connection carried them all");
