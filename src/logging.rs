@@ -32,7 +32,11 @@ impl Drop for ThreadBuffer {
 
 fn write_out(buf: &Mutex<Vec<u8>>) {
     let pending = match buf.lock() {
-        Ok(mut b) if !b.is_empty() => std::mem::take(&mut *b),
+        // The thread keeps a buffer of the same size, so it does not grow it again from nothing.
+        Ok(mut b) if !b.is_empty() => {
+            let capacity = b.capacity().min(FLUSH_AT + FLUSH_AT / 4);
+            std::mem::replace(&mut *b, Vec::with_capacity(capacity))
+        }
         _ => return,
     };
     let _ = std::io::stderr().lock().write_all(&pending);
@@ -253,6 +257,13 @@ impl Fields<'_> {
     fn str(&mut self, k: &str, v: &str) {
         self.key(k);
         self.line.push(b'"');
+        let plain = |b: &u8| *b >= 0x20 && *b != 0x7f && *b != b'"' && *b != b'\\';
+        if v.as_bytes().iter().all(plain) {
+            // The usual case (ids, paths, names): one copy.
+            self.line.extend_from_slice(v.as_bytes());
+            self.line.push(b'"');
+            return;
+        }
         for &b in v.as_bytes() {
             match b {
                 b'"' | b'\\' => self.line.extend_from_slice(&[b'\\', b]),
