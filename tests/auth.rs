@@ -2095,6 +2095,14 @@ async fn weak_or_unfit_keys_are_refused_at_load() {
     let e = load("algorithms = [\"RS256\"]\npublic_keys = [\"es.pem\"]").unwrap_err();
     assert!(e.contains("fits none"), "{e}");
     assert!(load("algorithms = [\"ES256\"]\npublic_keys = [\"junk.pem\"]").is_err());
+    // An RSA key under 2048 bits: a PKCS#1 public key with a 1024-bit modulus (the public half is all a verifier
+    // holds, so any odd 1024-bit number with e = 65537 stands for one).
+    let mut der = vec![0x30, 0x81, 0x89, 0x02, 0x81, 0x81, 0x00, 0xc5];
+    der.extend((1..128u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 | 1));
+    der.extend([0x02, 0x03, 0x01, 0x00, 0x01]);
+    std::fs::write(dir.path().join("rsa1024.pem"), pem("RSA PUBLIC KEY", &der)).unwrap();
+    let e = load("algorithms = [\"RS256\"]\npublic_keys = [\"rsa1024.pem\"]").unwrap_err();
+    assert!(e.contains("1024 bits is too small"), "{e}");
     for alg in ["none", "None", "hs256"] {
         assert!(load(&format!("algorithms = [\"{alg}\"]\nsecret_file = \"ok.secret\"")).is_err(), "{alg}");
     }
