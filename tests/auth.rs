@@ -2107,3 +2107,84 @@ async fn weak_or_unfit_keys_are_refused_at_load() {
         assert!(load(&format!("algorithms = [\"{alg}\"]\nsecret_file = \"ok.secret\"")).is_err(), "{alg}");
     }
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// JWKS over HTTPS from an identity provider on a private CA: trusted only through the issuer's `ca_file`.
+
+/// A JWKS server over TLS with a leaf certificate for 127.0.0.1 issued by a fresh private CA. Returns its
+/// address, the CA certificate (PEM) and a counter of TLS handshakes the server saw fail.
+async fn tls_jwks_server(keys: Value) -> (SocketAddr, String, watch::Receiver<usize>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()))
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (failed_tx, failed_rx) = watch::channel(0usize);
+    let body = keys.to_string();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, body, failed_tx) = (acceptor.clone(), body.clone(), failed_tx.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    failed_tx.send_modify(|n| *n += 1);
+                    return;
+                };
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    let body = body.clone();
+                    async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    (addr, ca_cert.pem(), failed_rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_over_https_is_trusted_through_ca_file_and_refused_without_it() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let key = test_key(Algorithm::RS256);
+        let (addr, ca_pem, mut failed) = tls_jwks_server(jwks(&[(&key, "k1")])).await;
+        const ISS: &str = "https://idp.test";
+        let config = |ca_line: &str| {
+            format!(
+                "{base}\n[[issuers]]\nid = \"idp\"\nissuer = \"{ISS}\"\naudiences = [\"api\"]\nalgorithms = [\"RS256\"]\n\
+                 jwks_url = \"https://{addr}/jwks.json\"\njwks_timeout = \"2s\"\n{ca_line}\n\n\
+                 [[routes]]\nname = \"all\"\npath = \"/*\"\nupstream = \"api\"\n",
+                base = base_config(&up)
+            )
+        };
+        let token = mint_token(&key, Some("k1"), &claims(ISS, "alice", json!({})));
+
+        // With the private CA in ca_file: keys arrive, the gateway is ready, the token is accepted.
+        let gw = spawn_gateway_with_files(&config("ca_file = \"idp-ca.pem\""), &[("idp-ca.pem", ca_pem.as_bytes())]).await;
+        let c = client(&gw);
+        wait_ready(&c, &gw, Duration::from_secs(15)).await;
+        let a = accepted(&c, &up, &gw.https_url("/x"), &token, "JWKS over HTTPS via ca_file").await;
+        assert_eq!(a.upstream_header("x-auth-subject").as_deref(), Some("alice"));
+        gw.stop().await;
+
+        // Without it the provider's certificate is not trusted: no keys, not ready, and the token is refused.
+        let gw = spawn_gateway(&config("")).await;
+        let c = client(&gw);
+        tokio::time::timeout(Duration::from_secs(15), failed.wait_for(|n| *n >= 1)).await.expect("a refused handshake").unwrap();
+        assert_eq!(get(&c, &gw.admin_url("/readyz"), None).await.status, 503);
+        refused(&c, &up, &gw.https_url("/x"), &token, "JWKS server not trusted").await;
+        gw.stop().await;
+    })
+    .await;
+}
