@@ -907,3 +907,50 @@ async fn a_broken_users_file_keeps_the_old_users_and_a_fixed_one_is_picked_up() 
     })
     .await;
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// The `portcullis token` CLI mints with the issuer's own key what the running gateway accepts.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_cli_mints_tokens_the_gateway_accepts_and_judges() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &demo_users(), "").await;
+        let c = client(&gw);
+        let config = gw.dir.path().join("gateway.toml");
+        let mint = |args: &[&str]| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .arg("token")
+                .arg("--config")
+                .arg(&config)
+                .args(args)
+                .output()
+                .expect("the CLI runs")
+        };
+        let out = mint(&["--issuer", "local", "--sub", "ops.bot", "--roles", "admin", "--scopes", "write:items", "--ttl", "5m"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let admin = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let a = send(&c, bearer(&gw.https_url("/admin/users"), &admin, http::Method::GET)).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(up.last().unwrap().headers["x-auth-subject"], "ops.bot");
+        let a = send(&c, bearer(&gw.https_url("/items"), &admin, http::Method::POST)).await;
+        assert_eq!(a.status, 200, "the scope was minted in: {}", a.text());
+        let (_, claims) = decode(&admin);
+        assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 300, "--ttl 5m");
+
+        // A CLI token is judged like any other: no admin role, no admin route.
+        let out = mint(&["--issuer", "local", "--sub", "someone", "--roles", "user"]);
+        let user = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let hits = up.hits();
+        let a = send(&c, bearer(&gw.https_url("/admin/users"), &user, http::Method::GET)).await;
+        assert_eq!(a.status, 403, "{}", a.text());
+        assert_eq!(up.hits(), hits, "a refused request reached the upstream");
+
+        // An issuer the config does not have: exit 1 and nothing on stdout.
+        let out = mint(&["--issuer", "nope", "--sub", "x"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(out.stdout.is_empty());
+        gw.stop().await;
+    })
+    .await;
+}
