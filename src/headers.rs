@@ -358,16 +358,26 @@ pub fn finish_response(headers: &mut HeaderMap, request_id: &HeaderValue, upgrad
 mod tests {
     use super::*;
 
+    /// A header map from pairs, repeated names appended.
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
     #[test]
     fn hop_by_hop_headers_go() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", "x-secret, keep-alive".parse().unwrap());
-        h.insert("x-secret", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert("te", "trailers, gzip".parse().unwrap());
-        h.insert("upgrade", "websocket".parse().unwrap());
-        h.insert("proxy-authorization", "x".parse().unwrap());
-        h.insert("x-keep", "1".parse().unwrap());
+        let mut h = map(&[
+            ("connection", "x-secret, keep-alive"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers, gzip"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "x"),
+            ("x-keep", "1"),
+        ]);
         assert!(strip_hop_by_hop(&mut h, false));
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
@@ -375,19 +385,11 @@ mod tests {
 
     #[test]
     fn every_connection_value_is_honoured_and_upgrades_keep_their_upgrade() {
-        let mut h = HeaderMap::new();
-        h.append("connection", "x-one".parse().unwrap());
-        h.append("connection", "X-Two, not a name".parse().unwrap());
-        h.insert("x-one", "1".parse().unwrap());
-        h.insert("x-two", "2".parse().unwrap());
-        h.insert("x-keep", "1".parse().unwrap());
+        let mut h = map(&[("connection", "x-one"), ("connection", "X-Two, not a name"), ("x-one", "1"), ("x-two", "2"), ("x-keep", "1")]);
         assert!(!strip_hop_by_hop(&mut h, false));
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
 
-        let mut h = HeaderMap::new();
-        h.insert("connection", "Upgrade, x-secret".parse().unwrap());
-        h.insert("upgrade", "websocket".parse().unwrap());
-        h.insert("x-secret", "1".parse().unwrap());
+        let mut h = map(&[("connection", "Upgrade, x-secret"), ("upgrade", "websocket"), ("x-secret", "1")]);
         strip_hop_by_hop(&mut h, true);
         assert_eq!((h["connection"].to_str().unwrap(), h["upgrade"].to_str().unwrap()), ("upgrade", "websocket"));
         assert!(!h.contains_key("x-secret"));
@@ -395,10 +397,7 @@ mod tests {
 
     #[test]
     fn identity_headers_go_in_either_spelling() {
-        let mut h = HeaderMap::new();
-        h.insert("x-auth-subject", "admin".parse().unwrap());
-        h.insert("x_auth_roles", "admin".parse().unwrap());
-        h.insert("x-auth-other", "kept".parse().unwrap());
+        let mut h = map(&[("x-auth-subject", "admin"), ("x_auth_roles", "admin"), ("x-auth-other", "kept")]);
         strip_identity(&mut h, &IdentitySettings::default());
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-auth-other"]);
     }
@@ -431,10 +430,7 @@ mod tests {
 
     #[test]
     fn untrusted_forwarding_headers_are_replaced() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
-        h.insert("x-real-ip", "6.6.6.6".parse().unwrap());
-        h.insert("forwarded", "for=6.6.6.6".parse().unwrap());
+        let mut h = map(&[("x-forwarded-for", "6.6.6.6"), ("x-real-ip", "6.6.6.6"), ("forwarded", "for=6.6.6.6")]);
         let ip = HeaderValue::from_static("192.0.2.9");
         let fwd = Forwarding { peer: "192.0.2.9:1".parse().unwrap(), peer_ip: &ip, tls: true, from_trusted_proxy: false };
         let rid = new_request_id();

@@ -53,7 +53,8 @@ impl Scripted {
 }
 
 /// Starts a raw upstream: `script(request line, index of the request on its connection)` decides each answer.
-async fn scripted(script: fn(&str, usize) -> Act) -> Scripted {
+async fn scripted(script: impl Fn(&str, usize) -> Act + Send + Sync + 'static) -> Scripted {
+    let script = Arc::new(script);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let s = Scripted {
         addr: listener.local_addr().unwrap(),
@@ -64,7 +65,7 @@ async fn scripted(script: fn(&str, usize) -> Act) -> Scripted {
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             connections.fetch_add(1, Ordering::SeqCst);
-            let requests = requests.clone();
+            let (requests, script) = (requests.clone(), script.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -107,6 +108,16 @@ async fn scripted(script: fn(&str, usize) -> Act) -> Scripted {
 
 fn ok(body: &str) -> Vec<u8> {
     format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}", body.len()).into_bytes()
+}
+
+/// An upstream that answers `path` with `answer` (closing afterwards when `close`) and anything else with "ok",
+/// a gateway in front of it, and a client.
+async fn special_answer(path: &'static str, answer: &'static [u8], close: bool) -> (Scripted, TestGateway, TestClient) {
+    let up =
+        scripted(move |line, _| if line.contains(path) { Act::Answer(answer.to_vec(), close) } else { Act::Answer(ok("ok"), false) }).await;
+    let gw = spawn_gateway(&config(&up)).await;
+    let c = client(&gw);
+    (up, gw, c)
 }
 
 fn config(up: &Scripted) -> String {
@@ -197,16 +208,8 @@ async fn malformed_upstream_answers_are_502_without_detail() {
 
 #[tokio::test]
 async fn a_doubly_framed_answer_is_decoded_by_transfer_encoding_and_not_passed_on() {
-    let up = scripted(|line, _| {
-        if line.contains("/both") {
-            Act::Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".to_vec(), false)
-        } else {
-            Act::Answer(ok("ok"), false)
-        }
-    })
-    .await;
-    let gw = spawn_gateway(&config(&up)).await;
-    let c = client(&gw);
+    let both = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let (up, gw, c) = special_answer("/both", both, false).await;
     let (status, headers, body) = exchange(&c, "GET", &gw.http_url("/both")).await;
     assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("abc")));
     assert_ne!(headers.get("content-length").map(|v| v.to_str().unwrap()), Some("5"), "the upstream's Content-Length is dropped");
@@ -256,16 +259,7 @@ async fn head_chunked_and_bodiless_answers_keep_the_connection_in_step() {
 
 #[tokio::test]
 async fn a_truncated_upstream_body_is_never_delivered_as_complete() {
-    let up = scripted(|line, _| {
-        if line.contains("/short") {
-            Act::Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc".to_vec(), true)
-        } else {
-            Act::Answer(ok("ok"), false)
-        }
-    })
-    .await;
-    let gw = spawn_gateway(&config(&up)).await;
-    let c = client(&gw);
+    let (up, gw, c) = special_answer("/short", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", true).await;
     // Whether the head got out before the cut or not, the client must see a broken exchange, never a short body.
     match try_exchange(&c, "GET", &gw.http_url("/short")).await {
         Err(_) => {}
