@@ -17,6 +17,39 @@ pub enum BodyError {
     Upstream(#[from] crate::h1_client::H1Error),
 }
 
+/// A client's request body: hyper's stream, or none (a bodiless request read by `h1_server`).
+#[derive(Debug)]
+pub enum RequestBody {
+    Hyper(Incoming),
+    Empty,
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(inner) => Pin::new(inner).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(inner) => inner.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Hyper(inner) => inner.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// A body that is empty, fixed bytes, or a stream from a peer (optionally capped in size).
 #[derive(Debug)]
 pub enum Body {
@@ -28,7 +61,7 @@ pub enum Body {
     /// A client's request body with the bytes it may still send; the stream fails (and the upstream request
     /// is aborted) once it grows past the limit.
     Limited {
-        inner: Incoming,
+        inner: RequestBody,
         remaining: u64,
     },
 }
@@ -45,7 +78,7 @@ impl Body {
     }
 
     /// Returns a streaming body that fails after `limit` bytes.
-    pub fn limited(inner: Incoming, limit: u64) -> Body {
+    pub fn limited(inner: RequestBody, limit: u64) -> Body {
         Body::Limited { inner, remaining: limit }
     }
 }
@@ -80,7 +113,8 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
-            Body::Stream(inner) | Body::Limited { inner, .. } => inner.is_end_stream(),
+            Body::Stream(inner) => inner.is_end_stream(),
+            Body::Limited { inner, .. } => inner.is_end_stream(),
             Body::Upstream(inner) => inner.is_end_stream(),
         }
     }
@@ -89,7 +123,8 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Stream(inner) | Body::Limited { inner, .. } => inner.size_hint(),
+            Body::Stream(inner) => inner.size_hint(),
+            Body::Limited { inner, .. } => inner.size_hint(),
             Body::Upstream(inner) => inner.size_hint(),
         }
     }

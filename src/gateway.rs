@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 
 use crate::authn::{Authenticator, Principal};
 use crate::authz::authorize;
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::config::Config;
 use crate::cors;
 use crate::error::GatewayError;
@@ -188,7 +187,7 @@ impl Gateway {
 
     /// Serves one request. Never fails: errors become their HTTP answer here, and every request is counted
     /// and logged.
-    pub async fn handle(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
+    pub async fn handle(&self, mut req: Request<RequestBody>, conn: &ConnInfo) -> Response<Body> {
         let start = Instant::now();
         let trusted = is_trusted(&self.config.trusted_proxies, conn.peer.ip());
         let request_id = headers::request_id(req.headers(), trusted);
@@ -249,7 +248,7 @@ impl Gateway {
 
     async fn handle_inner<'a>(
         &'a self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         uri: &http::Uri,
         fwd: &Forwarding<'_>,
         client: IpAddr,
@@ -271,7 +270,7 @@ impl Gateway {
     async fn token_endpoint(
         &self,
         te: &TokenEndpoint,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         path: &str,
         fwd: &Forwarding<'_>,
         client: IpAddr,
@@ -297,7 +296,7 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     async fn routed<'a>(
         &'a self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         uri: &http::Uri,
         path: &str,
         fwd: &Forwarding<'_>,
@@ -395,7 +394,7 @@ impl Gateway {
     }
 
     /// Answers a CORS preflight for a route with a CORS policy, without a token and without the upstream.
-    fn preflight<'a>(&'a self, req: &Request<Incoming>, path: &str, outcome: &mut Outcome<'a>) -> Option<Response<Body>> {
+    fn preflight<'a>(&'a self, req: &Request<RequestBody>, path: &str, outcome: &mut Outcome<'a>) -> Option<Response<Body>> {
         let method = cors::requested_method(req.headers())?;
         let matched = self.config.routes.match_route(&method, path).ok()?;
         let policy = matched.route.cors.as_ref().or(self.config.cors.as_ref())?;

@@ -93,9 +93,10 @@ pub struct HeaderDeadline<I> {
 }
 
 impl<I> HeaderDeadline<I> {
-    /// Wraps a just-accepted connection: its first head must be complete within `timeout` from now.
-    pub fn new(io: I, state: Arc<ConnState>, timeout: Duration) -> HeaderDeadline<I> {
-        HeaderDeadline { io, state, timeout, sleep: Box::pin(tokio::time::sleep(timeout)), armed: true }
+    /// Wraps a connection whose next head must be complete by `first_head_by`, later ones within `timeout` of
+    /// their first byte.
+    pub fn new(io: I, state: Arc<ConnState>, timeout: Duration, first_head_by: Instant) -> HeaderDeadline<I> {
+        HeaderDeadline { io, state, timeout, sleep: Box::pin(tokio::time::sleep_until(first_head_by)), armed: true }
     }
 
     fn timed_out() -> io::Error {

@@ -377,7 +377,7 @@ impl TokenEndpoint {
     /// name (for metrics) with the outcome.
     pub async fn handle(
         &self,
-        req: Request<hyper::body::Incoming>,
+        req: Request<crate::body::RequestBody>,
         client_ip: IpAddr,
     ) -> (&'static str, Result<Response<Body>, TokenError>) {
         let mut grant = "unknown";
@@ -387,7 +387,7 @@ impl TokenEndpoint {
 
     async fn handle_grant(
         &self,
-        req: Request<hyper::body::Incoming>,
+        req: Request<crate::body::RequestBody>,
         client_ip: IpAddr,
         grant: &mut &'static str,
     ) -> Result<Response<Body>, TokenError> {

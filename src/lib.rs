@@ -17,6 +17,7 @@ pub mod error;
 pub mod explain;
 pub mod gateway;
 pub mod h1_client;
+pub mod h1_server;
 pub mod header_deadline;
 pub mod headers;
 pub mod issuer;

@@ -1,24 +1,31 @@
 //! Accept loops for the public listeners (https, http) and the admin listener: connection limits, the TLS
-//! handshake timeout, HTTP/1.1 + HTTP/2 serving with hyper's timers, and graceful drain.
+//! handshake timeout, HTTP/1.1 (`h1_server`, handing over to hyper where it must) and HTTP/2 (hyper), and
+//! graceful drain.
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::{Buf, Bytes};
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Limits;
 use crate::gateway::{ConnInfo, Gateway};
+use crate::h1_server::{self, Ended};
 use crate::header_deadline::{ConnState, HeaderDeadline, Tracked};
 
 /// State shared by every connection: the current Gateway (swapped whole on reload) and the drain flag.
@@ -88,13 +95,18 @@ pub async fn accept_loop(
         let shared = shared.clone();
         let builder = builder.clone();
         let tls = tls.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _open = OpenConnection::new(shared.metrics.connections_active.with_label_values(&[label]));
             match tls {
-                None => serve(tcp, ConnInfo::new(peer, false), shared, &builder, watcher).await,
+                None => serve(tcp, ConnInfo::new(peer, false), shared, &builder, watcher, Some(shutdown)).await,
                 Some((acceptor, timeout)) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve(stream, ConnInfo::new(peer, true), shared, &builder, watcher).await,
+                    Ok(Ok(stream)) => {
+                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let shutdown = (!h2).then_some(shutdown);
+                        serve(stream, ConnInfo::new(peer, true), shared, &builder, watcher, shutdown).await
+                    }
                     Ok(Err(e)) => {
                         shared.metrics.tls_handshake_failures.inc();
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -109,20 +121,57 @@ pub async fn accept_loop(
     }
 }
 
-async fn serve<I>(io: I, info: ConnInfo, shared: Arc<Shared>, builder: &auto::Builder<TokioExecutor>, watcher: Watcher)
-where
+/// Serves one connection: HTTP/1.1 through `h1_server` (with `shutdown`), until it hands the connection to
+/// hyper; HTTP/2 (`shutdown` None) through hyper from the start. The watcher keeps the drain waiting either way.
+async fn serve<I>(
+    io: I,
+    info: ConnInfo,
+    shared: Arc<Shared>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    shutdown: Option<watch::Receiver<bool>>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let lean = {
+        let gateway = shared.gateway.load();
+        let limits = &gateway.config.limits;
+        h1_server::Limits {
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+            max_header_bytes: limits.max_header_bytes,
+        }
+    };
+    let (io, read, deadline) = match shutdown {
+        Some(shutdown) => match h1_server::serve(io, &info, &shared, lean, shutdown).await {
+            Ended::Closed => return,
+            Ended::HandOver { io, read, deadline } => (io, read, deadline),
+        },
+        None => (io, Bytes::new(), tokio::time::Instant::now() + lean.header_read_timeout),
+    };
+    serve_hyper(Prefixed { read, io }, info, shared, builder, watcher, lean.header_read_timeout, deadline).await
+}
+
+async fn serve_hyper<I>(
+    io: I,
+    info: ConnInfo,
+    shared: Arc<Shared>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    header_timeout: Duration,
+    first_head_by: tokio::time::Instant,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = Arc::new(ConnState::default());
-    let header_timeout = shared.gateway.load().config.limits.header_read_timeout;
-    let io = HeaderDeadline::new(io, state.clone(), header_timeout);
+    let io = HeaderDeadline::new(io, state.clone(), header_timeout, first_head_by);
     let peer = info.peer;
     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let gateway = shared.gateway.load_full();
         let in_flight = state.begin(req.version());
         let info = info.clone();
         async move {
-            let rsp = gateway.handle(req, &info).await;
+            let rsp = gateway.handle(req.map(crate::body::RequestBody::Hyper), &info).await;
             if rsp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
                 in_flight.upgraded();
             }
@@ -152,6 +201,47 @@ pub async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown
             b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
             let _ = b.serve_connection(TokioIo::new(tcp), service).await;
         });
+    }
+}
+
+/// A connection with bytes already read from it in front: hyper reads those first.
+struct Prefixed<I> {
+    read: Bytes,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.read.is_empty() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let n = this.read.len().min(buf.remaining());
+        buf.put_slice(&this.read[..n]);
+        this.read.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

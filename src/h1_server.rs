@@ -1,0 +1,608 @@
+//! The client side of an HTTP/1.1 connection, served without hyper for the common case.
+//!
+//! A request without a body and without an upgrade (most API traffic) is parsed here with httparse, its header
+//! values sharing the bytes read, answered by the Gateway, and its response written with a single write when it
+//! fits. Anything else is handed to hyper together with the bytes already read, and hyper keeps the connection
+//! from then on: HTTP/1.0, `Content-Length`, `Transfer-Encoding`, `Expect`, `Upgrade`, CONNECT, a target that is
+//! not origin-form, and any head that is malformed, too large or has too many fields. hyper's answers to hostile
+//! heads (400, 431, the smuggling refusals) therefore stay the only ones; this path only ever sees heads that
+//! httparse accepted whole and that carry no framing of their own.
+//!
+//! Time limits match the hyper path: the first head must be complete within `header_read_timeout` of accept, a
+//! later one within `header_read_timeout` of its first byte, and an idle keep-alive connection is closed after
+//! `idle_timeout`. One timer per connection is re-armed lazily, so a request touches no timer. A client that
+//! closes its side while its request is being served cancels the request (hyper's rule with half-close off).
+//! An idle connection holds no read buffer: reads land on the stack and only a request's bytes are kept.
+
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::{pin, Pin};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::body::{Body, RequestBody};
+use crate::gateway::ConnInfo;
+use crate::server::Shared;
+
+/// More header fields than this go to hyper (which allows 100, then answers 431).
+const MAX_HEADERS: usize = 64;
+/// One read's worth, taken on the stack.
+const READ_CHUNK: usize = 4096;
+/// Response bytes gathered before a write; a larger body frame is written on its own.
+const WRITE_BATCH: usize = 16 * 1024;
+
+/// The connection's time and size limits, read once at accept (they are restart-only settings).
+#[derive(Clone, Copy)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+/// How a connection left this module.
+pub enum Ended<I> {
+    Closed,
+    /// hyper takes over: `read` holds the bytes read and not yet served, `deadline` is when the pending head
+    /// must be complete.
+    HandOver {
+        io: I,
+        read: Bytes,
+        deadline: Instant,
+    },
+}
+
+/// What a request asked of its connection.
+#[derive(Clone, Copy, Default)]
+struct Meta {
+    head: bool,
+    close: bool,
+    trailers: bool,
+}
+
+#[allow(clippy::large_enum_variant)] // returned once per request and taken apart at once, never stored
+enum Parsed {
+    Request(Request<RequestBody>, Meta),
+    Partial,
+    HandOver,
+}
+
+struct Conn<I> {
+    io: I,
+    /// Bytes read and not yet parsed; empty (no allocation) between requests on a quiet connection.
+    buf: BytesMut,
+    out: Vec<u8>,
+    limits: Limits,
+    timer: Pin<Box<Sleep>>,
+    /// When waiting for the next head ends the connection.
+    deadline: Instant,
+}
+
+/// Serves HTTP/1.1 requests on `io` until the connection closes or needs hyper.
+pub async fn serve<I>(io: I, info: &ConnInfo, shared: &Shared, limits: Limits, mut shutdown: watch::Receiver<bool>) -> Ended<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + limits.header_read_timeout;
+    let mut conn =
+        Conn { io, buf: BytesMut::new(), out: Vec::new(), limits, timer: Box::pin(tokio::time::sleep_until(deadline)), deadline };
+    // Polled until it has registered this task's waker; a shutdown then wakes the task and `is_draining` says why.
+    let mut shutdown = Shutdown { changed: pin!(shutdown.changed()), registered: false };
+    let mut first = true;
+    loop {
+        let (req, meta) = match conn.read_head(shared, &mut shutdown, first).await {
+            Some(Ok(parsed)) => parsed,
+            Some(Err(())) => return conn.hand_over(),
+            None => return Ended::Closed,
+        };
+        first = false;
+        let gateway = shared.gateway.load_full();
+        let Some(rsp) = conn.serve_request(pin!(gateway.handle(req, info))).await else {
+            return Ended::Closed;
+        };
+        let keep_alive = !meta.close && !shared.is_draining();
+        if !matches!(conn.write_response(rsp, meta, keep_alive).await, Ok(true)) {
+            let _ = conn.io.shutdown().await;
+            return Ended::Closed;
+        }
+        if conn.out.capacity() > WRITE_BATCH {
+            conn.out = Vec::new();
+        }
+        // A pipelined head already begun is timed from now; otherwise the connection idles.
+        let wait = if conn.buf.is_empty() { limits.idle_timeout } else { limits.header_read_timeout };
+        conn.deadline = Instant::now() + wait;
+    }
+}
+
+struct Shutdown<'a, F> {
+    changed: Pin<&'a mut F>,
+    registered: bool,
+}
+
+impl<F: Future> Shutdown<'_, F> {
+    fn poll_signalled(&mut self, cx: &mut Context<'_>, shared: &Shared) -> bool {
+        if shared.is_draining() {
+            return true;
+        }
+        if !self.registered && self.changed.as_mut().poll(cx).is_ready() {
+            self.registered = true;
+            return shared.is_draining();
+        }
+        self.registered = true;
+        false
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
+    /// Reads until a whole head is buffered. None: the connection ends (closed by the client, timed out, or
+    /// idle during a shutdown); Some(Err): hyper must take it.
+    async fn read_head<F: Future>(
+        &mut self,
+        shared: &Shared,
+        shutdown: &mut Shutdown<'_, F>,
+        first: bool,
+    ) -> Option<Result<(Request<RequestBody>, Meta), ()>> {
+        let mut timed = first || !self.buf.is_empty();
+        loop {
+            if !self.buf.is_empty() {
+                match parse(&mut self.buf) {
+                    Parsed::Request(req, meta) => return Some(Ok((req, meta))),
+                    Parsed::HandOver => return Some(Err(())),
+                    Parsed::Partial if self.buf.len() > self.limits.max_header_bytes => return Some(Err(())),
+                    Parsed::Partial if !timed => {
+                        // The head's first bytes are here: from now on its own deadline applies.
+                        self.deadline = Instant::now() + self.limits.header_read_timeout;
+                        timed = true;
+                    }
+                    Parsed::Partial => {}
+                }
+            }
+            let idle = self.buf.is_empty();
+            let read = std::future::poll_fn(|cx| {
+                if idle && shutdown.poll_signalled(cx, shared) {
+                    return Poll::Ready(Ok(0));
+                }
+                if let Poll::Ready(r) = self.poll_fill(cx) {
+                    return Poll::Ready(r);
+                }
+                if self.poll_deadline(cx).is_ready() {
+                    return Poll::Ready(Ok(0));
+                }
+                Poll::Pending
+            })
+            .await;
+            match read {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Runs the request while watching the client: a close cancels it; pipelined bytes wait in the buffer.
+    async fn serve_request(&mut self, mut handling: Pin<&mut impl Future<Output = Response<Body>>>) -> Option<Response<Body>> {
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(rsp) = handling.as_mut().poll(cx) {
+                return Poll::Ready(Some(rsp));
+            }
+            while self.buf.len() <= self.limits.max_header_bytes {
+                match self.poll_fill(cx) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Pending => break,
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// One read into the stack, appended to the buffer. Ok(0) is the client's close.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut rb = ReadBuf::uninit(&mut chunk);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+        self.buf.extend_from_slice(rb.filled());
+        Poll::Ready(Ok(rb.filled().len()))
+    }
+
+    /// Ready once the deadline has passed. The timer may sit at an older, earlier instant: it is moved only
+    /// when it fires early, or when the deadline comes before it.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.timer.deadline() > self.deadline {
+            self.timer.as_mut().reset(self.deadline);
+        }
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= self.deadline {
+                return Poll::Ready(());
+            }
+            self.timer.as_mut().reset(self.deadline);
+        }
+        Poll::Pending
+    }
+
+    fn hand_over(self) -> Ended<I> {
+        Ended::HandOver { io: self.io, read: self.buf.freeze(), deadline: self.deadline }
+    }
+
+    /// Writes the response; Ok(true) when the connection can carry another request.
+    async fn write_response(&mut self, rsp: Response<Body>, meta: Meta, keep_alive: bool) -> io::Result<bool> {
+        let (parts, mut body) = rsp.into_parts();
+        let framing = encode_head(&mut self.out, parts.status, &parts.headers, &body, meta, keep_alive);
+        let keep_alive = keep_alive && !wants_close(&parts.headers);
+        let mut last_chunk_written = false;
+        let mut remaining = match framing {
+            Framing::None => {
+                drop(body);
+                self.flush().await?;
+                return Ok(keep_alive);
+            }
+            Framing::Length(n) => Some(n),
+            Framing::Chunked => None,
+        };
+        loop {
+            // Write what is gathered only when the body has nothing more ready.
+            let next = match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                Poll::Ready(next) => next,
+                Poll::Pending => {
+                    self.flush().await?;
+                    std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                }
+            };
+            let frame = match next {
+                None => break,
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    // The client sees a cut response: a short body or a missing last chunk.
+                    tracing::debug!(error = %e, "response body failed; closing the connection");
+                    self.flush().await?;
+                    return Ok(false);
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    match remaining.as_mut() {
+                        Some(left) => {
+                            if data.len() as u64 > *left {
+                                tracing::debug!("response body longer than its Content-Length; closing the connection");
+                                let fits = usize::try_from(*left).unwrap_or(usize::MAX);
+                                self.write_data(&data[..fits]).await?;
+                                self.flush().await?;
+                                return Ok(false);
+                            }
+                            *left -= data.len() as u64;
+                            self.write_data(&data).await?;
+                        }
+                        None => {
+                            push_chunk_size(&mut self.out, data.len());
+                            self.write_data(&data).await?;
+                            self.out.extend_from_slice(b"\r\n");
+                        }
+                    }
+                }
+                Err(frame) => {
+                    // Trailers only where the client said it takes them, and only chunked can carry them.
+                    if let (None, true, Ok(trailers)) = (remaining, meta.trailers, frame.into_trailers()) {
+                        self.out.extend_from_slice(b"0\r\n");
+                        push_fields(&mut self.out, &trailers);
+                        self.out.extend_from_slice(b"\r\n");
+                        last_chunk_written = true;
+                        break;
+                    }
+                }
+            }
+        }
+        match remaining {
+            // A body that ended before its declared length: only a close tells the client.
+            Some(left) if left > 0 => {
+                self.flush().await?;
+                return Ok(false);
+            }
+            Some(_) => {}
+            None if last_chunk_written => {}
+            None => self.out.extend_from_slice(b"0\r\n\r\n"),
+        }
+        self.flush().await?;
+        Ok(keep_alive)
+    }
+
+    async fn write_data(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.out.len() + data.len() <= WRITE_BATCH {
+            self.out.extend_from_slice(data);
+            return Ok(());
+        }
+        self.flush().await?;
+        self.io.write_all(data).await
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.io.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        self.io.flush().await
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Encodes the status line and fields (adding `Date`, the framing and `Connection: close` as needed) and says
+/// how the body is framed. As hyper does: no body for HEAD, 1xx, 204 and 304; a declared `Content-Length` is
+/// kept; otherwise an exact size becomes one, and an unknown size is chunked.
+fn encode_head(out: &mut Vec<u8>, status: StatusCode, headers: &HeaderMap, body: &Body, meta: Meta, keep_alive: bool) -> Framing {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    for (name, value) in headers {
+        // Framing is ours to write; a stray Transfer-Encoding (never forwarded) would contradict it.
+        if name == header::TRANSFER_ENCODING || (name == header::CONTENT_LENGTH && (bodiless || declared.is_none())) {
+            continue;
+        }
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !headers.contains_key(header::DATE) {
+        date::push(out);
+    }
+    if !keep_alive && !wants_close(headers) {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    let framing = if bodiless || meta.head {
+        Framing::None
+    } else if let Some(n) = declared {
+        Framing::Length(n)
+    } else if let Some(n) = body.size_hint().exact() {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        Framing::Length(n)
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    out.extend_from_slice(b"\r\n");
+    match framing {
+        Framing::Length(0) => Framing::None,
+        f => f,
+    }
+}
+
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+}
+
+fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn wants_close(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| has_token(v.as_bytes(), b"close"))
+}
+
+/// True when the comma-separated list `value` holds `token` (case-insensitive).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Parses one request head from the front of `buf`, taking its bytes out only when the request is ours.
+fn parse(buf: &mut BytesMut) -> Parsed {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::HandOver,
+    };
+    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::HandOver;
+    };
+    if method == "CONNECT" || !path.starts_with('/') {
+        return Parsed::HandOver;
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else { return Parsed::HandOver };
+    let base = buf.as_ptr() as usize;
+    let range = |s: &[u8]| (s.as_ptr() as usize - base, s.as_ptr() as usize - base + s.len());
+    let target = range(path.as_bytes());
+    let mut meta = Meta { head: method == Method::HEAD, ..Meta::default() };
+    let mut names: [Option<HeaderName>; MAX_HEADERS] = [const { None }; MAX_HEADERS];
+    let mut values = [(0, 0); MAX_HEADERS];
+    let count = req.headers.len();
+    for (i, field) in req.headers.iter().enumerate() {
+        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else { return Parsed::HandOver };
+        // Bodies, upgrades and expectations are hyper's to frame.
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::EXPECT {
+            return Parsed::HandOver;
+        }
+        if name == header::CONNECTION && has_token(field.value, b"close") {
+            meta.close = true;
+        }
+        if name == header::TE && has_token(field.value, b"trailers") {
+            meta.trailers = true;
+        }
+        names[i] = Some(name);
+        values[i] = range(field.value);
+    }
+    let head = buf.split_to(len).freeze();
+    let built = build_request(&head, method, target, &mut names[..count], &values[..count]);
+    match built {
+        Some(req) => Parsed::Request(req, meta),
+        None => {
+            // Whatever hyper makes of it (a 400): put the bytes back as they were.
+            let mut all = BytesMut::with_capacity(head.len() + buf.len());
+            all.extend_from_slice(&head);
+            all.extend_from_slice(buf);
+            *buf = all;
+            Parsed::HandOver
+        }
+    }
+}
+
+fn build_request(
+    head: &Bytes,
+    method: Method,
+    target: (usize, usize),
+    names: &mut [Option<HeaderName>],
+    values: &[(usize, usize)],
+) -> Option<Request<RequestBody>> {
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.1)).ok()?;
+    let mut headers = HeaderMap::with_capacity(names.len());
+    for (name, &(start, end)) in names.iter_mut().zip(values) {
+        let value = HeaderValue::from_maybe_shared(head.slice(start..end)).ok()?;
+        headers.append(name.take()?, value);
+    }
+    let mut req = Request::new(RequestBody::Empty);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    Some(req)
+}
+
+/// The `Date` field, rendered once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static RENDERED: RefCell<(u64, Vec<u8>)> = const { RefCell::new((0, Vec::new())) };
+    }
+
+    pub fn push(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        RENDERED.with_borrow_mut(|(at, line)| {
+            if *at != secs || line.is_empty() {
+                line.clear();
+                line.extend_from_slice(b"date: ");
+                line.extend_from_slice(httpdate::fmt_http_date(now).as_bytes());
+                line.extend_from_slice(b"\r\n");
+                *at = secs;
+            }
+            out.extend_from_slice(line);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(raw: &str) -> Parsed {
+        parse(&mut BytesMut::from(raw))
+    }
+
+    #[test]
+    fn a_plain_get_is_ours_with_fields_in_order() {
+        let mut buf =
+            BytesMut::from("GET /a/b?x=1 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nx-a: 2\r\nConnection: keep-alive, Close\r\n\r\nGET /next");
+        let Parsed::Request(req, meta) = parse(&mut buf) else { panic!("not ours") };
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri().path(), "/a/b");
+        assert_eq!(req.uri().query(), Some("x=1"));
+        assert_eq!(req.headers().get_all("x-a").iter().collect::<Vec<_>>(), ["1", "2"]);
+        assert!(meta.close && !meta.head && !meta.trailers);
+        assert_eq!(&buf[..], b"GET /next", "a pipelined head stays buffered");
+        assert!(matches!(parse(&mut buf), Parsed::Partial));
+    }
+
+    #[test]
+    fn framing_upgrades_odd_targets_and_bad_heads_go_to_hyper() {
+        for raw in [
+            "POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "PUT / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+            "CONNECT h:443 HTTP/1.1\r\n\r\n",
+            "GET http://h/ HTTP/1.1\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET / HTTP/1.1\r\nA : b\r\n\r\n",
+            "GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n",
+            "GET /a|b^` HTTP/1.1\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(raw);
+            assert!(matches!(parse(&mut buf), Parsed::HandOver), "{raw:?}");
+            assert_eq!(&buf[..], raw.as_bytes(), "bytes kept whole for hyper: {raw:?}");
+        }
+        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "a: b\r\n".repeat(MAX_HEADERS + 1));
+        assert!(matches!(parsed(&many), Parsed::HandOver));
+    }
+
+    #[test]
+    fn heads_are_framed_like_hyper_frames_them() {
+        let meta = Meta::default();
+        let mut out = Vec::new();
+        let f = encode_head(&mut out, StatusCode::OK, &HeaderMap::new(), &Body::full("hi"), meta, true);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(f, Framing::Length(2));
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\ndate: ") && text.ends_with("content-length: 2\r\n\r\n"), "{text}");
+
+        let mut out = Vec::new();
+        let empty = Body::Limited { inner: RequestBody::Empty, remaining: 1 };
+        let mut h = HeaderMap::new();
+        h.insert(header::DATE, HeaderValue::from_static("x"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+        let f = encode_head(&mut out, StatusCode::NOT_FOUND, &h, &empty, meta, false);
+        assert_eq!(String::from_utf8(out).unwrap(), "HTTP/1.1 404 Not Found\r\ndate: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(f, Framing::None);
+
+        for (status, m) in [(StatusCode::NO_CONTENT, meta), (StatusCode::OK, Meta { head: true, ..meta })] {
+            let mut out = Vec::new();
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+            assert_eq!(encode_head(&mut out, status, &h, &Body::empty(), m, true), Framing::None);
+            let text = String::from_utf8(out).unwrap();
+            assert_eq!(text.contains("content-length: 5"), m.head, "{text}");
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_are_lowercase_hex() {
+        for (n, want) in [(0, "0\r\n"), (10, "a\r\n"), (4096, "1000\r\n"), (0x1f2e, "1f2e\r\n")] {
+            let mut out = Vec::new();
+            push_chunk_size(&mut out, n);
+            assert_eq!(out, want.as_bytes());
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The client side of HTTP/1.1 connections (`h1_server`): pipelining, `Connection: close`, HEAD, a connection
+//! that moves to hyper mid-life (a body, a malformed head), a client that leaves while its request is served,
+//! and idle connections during a shutdown. Raw sockets, so every byte on the wire is the one under test.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+
+const BOUND: Duration = Duration::from_secs(20);
+
+fn public_config(up: &Upstream) -> String {
+    format!("{}\n[[routes]]\nname = \"all\"\npath = \"/*\"\nupstream = \"api\"\nauth = \"public\"\n", base_config(up))
+}
+
+/// One raw client connection, reading answers one at a time (pipelined ones stay buffered).
+struct Raw<S = TcpStream> {
+    s: S,
+    buf: Vec<u8>,
+}
+
+/// One answer: the head as text (status line and fields) and the decoded body.
+struct Answer {
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn status(&self) -> u16 {
+        self.head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+
+    fn field(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+
+    /// The `path` the echo upstream reports having received.
+    fn echoed_path(&self) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).expect("echo JSON");
+        v["path"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Raw {
+        Raw { s: TcpStream::connect(addr).await.unwrap(), buf: Vec::new() }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
+    async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads more bytes; false once the gateway has closed.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 8192];
+        match timeout(BOUND, self.s.read(&mut chunk)).await.expect("gateway answers within the bound") {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// Reads one answer (framed by Content-Length or chunked; none for `head_request`).
+    async fn answer(&mut self, head_request: bool) -> Answer {
+        let end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            assert!(self.fill().await, "closed before a whole head: {:?}", String::from_utf8_lossy(&self.buf));
+        };
+        let head = String::from_utf8(self.buf.drain(..end).collect()).unwrap();
+        let mut a = Answer { head, body: Vec::new() };
+        if head_request || a.status() == 204 || a.status() == 304 {
+            return a;
+        }
+        if let Some(len) = a.field("content-length") {
+            let len: usize = len.parse().unwrap();
+            while self.buf.len() < len {
+                assert!(self.fill().await, "closed inside a body");
+            }
+            a.body = self.buf.drain(..len).collect();
+            return a;
+        }
+        assert_eq!(a.field("transfer-encoding").as_deref(), Some("chunked"), "an answer without framing: {}", a.head);
+        loop {
+            let line_end = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                assert!(self.fill().await, "closed inside a chunk size");
+            };
+            let size = usize::from_str_radix(std::str::from_utf8(&self.buf[..line_end]).unwrap(), 16).unwrap();
+            self.buf.drain(..line_end + 2);
+            while self.buf.len() < size + 2 {
+                assert!(self.fill().await, "closed inside a chunk");
+            }
+            a.body.extend(self.buf.drain(..size));
+            self.buf.drain(..2);
+            if size == 0 {
+                return a;
+            }
+        }
+    }
+
+    /// True when the gateway closes the connection within `within` without sending anything more.
+    async fn closes_within(&mut self, within: Duration) -> bool {
+        let mut chunk = [0u8; 64];
+        matches!(timeout(within, self.s.read(&mut chunk)).await, Ok(Ok(0) | Err(_)))
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up)).await;
+    let mut c = Raw::connect(gw.http.unwrap()).await;
+    c.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b?q=1 HTTP/1.1\r\nHost: x\r\n\r\nGET /c HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    for want in ["/a", "/b?q=1", "/c"] {
+        let a = c.answer(false).await;
+        assert_eq!(a.status(), 200, "{}", a.head);
+        assert_eq!(a.echoed_path(), want);
+        assert!(a.field("date").is_some() && a.field("x-request-id").is_some(), "{}", a.head);
+    }
+    assert_eq!(up.hits(), 3);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn connection_close_head_and_gateway_answers_keep_the_connection_in_step() {
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up)).await;
+    let mut c = Raw::connect(gw.http.unwrap()).await;
+    // HEAD: the upstream's length is kept, no body follows, and the next answer is read in step.
+    c.send(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let a = c.answer(true).await;
+    assert_eq!(a.status(), 200);
+    assert!(a.field("content-length").is_some(), "{}", a.head);
+    // A gateway-made answer: an encoded slash is refused before routing.
+    c.send(b"GET /a%2fb HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!(a.status(), 400, "{}", a.head);
+    assert_eq!(a.field("content-length").map(|l| l.parse::<usize>().unwrap()), Some(a.body.len()));
+    c.send(b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!(a.echoed_path(), "/last");
+    assert_eq!(a.field("connection").as_deref(), Some("close"));
+    assert!(c.closes_within(Duration::from_secs(2)).await, "the gateway closes after Connection: close");
+    assert_eq!(up.hits(), 2, "HEAD and the last GET reached the upstream; the refused path did not");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_moves_to_hyper_for_a_body_and_keeps_serving() {
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up)).await;
+    let mut c = Raw::connect(gw.http.unwrap()).await;
+    c.send(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.echoed_path(), "/first");
+    // The body arrives pipelined behind its head and before the next request.
+    c.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /after HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!(a.status(), 200, "{}", a.head);
+    let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(v["len"], 5);
+    assert_eq!(c.answer(false).await.echoed_path(), "/after");
+    assert_eq!(up.hits(), 3);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_head_after_a_plain_request_gets_hyper_400_and_a_close() {
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up)).await;
+    for bad in [
+        &b"GET / HTTP/1.1\r\nHost : x\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n",
+    ] {
+        let mut c = Raw::connect(gw.http.unwrap()).await;
+        c.send(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(c.answer(false).await.status(), 200);
+        c.send(bad).await;
+        let a = c.answer(false).await;
+        assert_eq!(a.status(), 400, "{:?}: {}", String::from_utf8_lossy(bad), a.head);
+        assert!(c.closes_within(Duration::from_secs(2)).await);
+    }
+    assert_eq!(up.hits(), 3, "only the plain requests reached the upstream");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversize_head_is_431_from_a_fresh_or_a_used_connection() {
+    let up = spawn_upstream().await;
+    let cfg = public_config(&up).replace("[[routes]]", "[limits]\nmax_header_bytes = \"8KiB\"\n\n[[routes]]");
+    let gw = spawn_gateway(&cfg).await;
+    let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(20 * 1024));
+    for warm in [false, true] {
+        let mut c = Raw::connect(gw.http.unwrap()).await;
+        if warm {
+            c.send(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            assert_eq!(c.answer(false).await.status(), 200);
+        }
+        c.send(big.as_bytes()).await;
+        assert_eq!(c.answer(false).await.status(), 431);
+    }
+    assert_eq!(up.hits(), 1);
+    gw.stop().await;
+}
+
+/// An upstream that takes requests and never answers, counting the connections the gateway closed on it.
+async fn silent_upstream() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (received, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (r, c) = (received.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let (r, c) = (r.clone(), c.clone());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            c.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        Ok(_) => {
+                            r.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, received, closed)
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_cancels_its_request_upstream() {
+    let (addr, received, closed) = silent_upstream().await;
+    let up = Upstream { addr, seen: Default::default(), count: Default::default() };
+    // The upstream timeout (5s) would end the request anyway; the cancellation must come well before it.
+    let gw = spawn_gateway(&public_config(&up)).await;
+    let mut c = Raw::connect(gw.http.unwrap()).await;
+    c.send(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    timeout(BOUND, async {
+        while received.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the request reached the upstream");
+    let left = Instant::now();
+    drop(c);
+    timeout(BOUND, async {
+        while closed.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the upstream connection was closed");
+    assert!(left.elapsed() < Duration::from_secs(2), "cancelled after {:?}, not by the client leaving", left.elapsed());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn idle_connections_close_at_once_when_a_drain_begins() {
+    let up = spawn_upstream().await;
+    let mut gw = spawn_gateway(&public_config(&up)).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut c = Raw::connect(gw.http.unwrap()).await;
+        c.send(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(c.answer(false).await.status(), 200);
+        idle.push(c);
+    }
+    let running = gw.gw.take().unwrap();
+    let t = Instant::now();
+    running.begin_shutdown();
+    for c in &mut idle {
+        assert!(c.closes_within(Duration::from_secs(2)).await, "an idle keep-alive connection stayed open in the drain");
+    }
+    timeout(Duration::from_secs(5), running.wait()).await.expect("the drain ends once idle connections are closed");
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn pipelined_requests_over_tls_http1() {
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up)).await;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(&gw.cert_path(), &[b"http/1.1"])));
+    let tcp = TcpStream::connect(gw.https.unwrap()).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = timeout(BOUND, connector.connect(name, tcp)).await.unwrap().unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let mut c = Raw { s: tls, buf: Vec::new() };
+    c.send(b"GET /one HTTP/1.1\r\nHost: localhost\r\n\r\nGET /two HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    for want in ["/one", "/two"] {
+        let a = c.answer(false).await;
+        assert_eq!(a.echoed_path(), want);
+        assert!(a.field("strict-transport-security").is_some(), "{}", a.head);
+    }
+    assert_eq!(up.hits(), 2);
+    gw.stop().await;
+}
