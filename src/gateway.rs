@@ -232,6 +232,7 @@ impl Gateway {
         crate::logging::access(&crate::logging::AccessRecord {
             request_id: request_id.to_str().unwrap_or("-"),
             client,
+            client_text: (client == conn.peer.ip()).then(|| conn.peer_ip.to_str().ok()).flatten(),
             method: method.as_str(),
             path: uri.path(),
             route: route_name,

@@ -234,9 +234,9 @@ enum Parsed {
 /// Parses a response head from the front of `buf`, consuming it when complete. Header values share the head's
 /// bytes (no copy).
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut rsp = httparse::Response::new(&mut slots);
-    let len = match rsp.parse(buf) {
+    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut rsp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut rsp, buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) if n > MAX_HEAD_BYTES => return Err(H1Error::HeadTooLarge),
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),

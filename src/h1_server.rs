@@ -424,34 +424,58 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
     value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
-/// Parses one request head from the front of `buf`, taking its bytes out only when the request is ours.
+/// Parses one request head from the front of `buf`, taking its bytes out only when the request is ours. Header
+/// values and the target share the bytes read (no copy).
 fn parse(buf: &mut BytesMut) -> Parsed {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
-    let len = match req.parse(buf) {
+    let read = std::mem::take(buf).freeze();
+    match parse_frozen(&read) {
+        Ok((req, meta, len)) => {
+            if len < read.len() {
+                // Pipelined bytes: copied out so the next read does not grow the shared head.
+                *buf = BytesMut::from(&read[len..]);
+            }
+            Parsed::Request(req, meta)
+        }
+        Err(not_ours) => {
+            // Nothing kept a reference: the bytes go back as they were, without a copy.
+            *buf = read.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+            match not_ours {
+                NotOurs::Partial => Parsed::Partial,
+                NotOurs::HandOver => Parsed::HandOver,
+            }
+        }
+    }
+}
+
+enum NotOurs {
+    Partial,
+    HandOver,
+}
+
+fn parse_frozen(read: &Bytes) -> Result<(Request<RequestBody>, Meta, usize), NotOurs> {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(read, &mut fields) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::HandOver,
+        Ok(httparse::Status::Partial) => return Err(NotOurs::Partial),
+        Err(_) => return Err(NotOurs::HandOver),
     };
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
-        return Parsed::HandOver;
+        return Err(NotOurs::HandOver);
     };
     if method == "CONNECT" || !path.starts_with('/') {
-        return Parsed::HandOver;
+        return Err(NotOurs::HandOver);
     }
-    let Ok(method) = Method::from_bytes(method.as_bytes()) else { return Parsed::HandOver };
-    let base = buf.as_ptr() as usize;
-    let range = |s: &[u8]| (s.as_ptr() as usize - base, s.as_ptr() as usize - base + s.len());
-    let target = range(path.as_bytes());
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| NotOurs::HandOver)?;
+    let uri = Uri::from_maybe_shared(read.slice_ref(path.as_bytes())).map_err(|_| NotOurs::HandOver)?;
     let mut meta = Meta { head: method == Method::HEAD, ..Meta::default() };
-    let mut names: [Option<HeaderName>; MAX_HEADERS] = [const { None }; MAX_HEADERS];
-    let mut values = [(0, 0); MAX_HEADERS];
-    let count = req.headers.len();
-    for (i, field) in req.headers.iter().enumerate() {
-        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else { return Parsed::HandOver };
+    // Room for the fields `prepare_upstream` adds (X-Forwarded-*, the request id, identity), so it never regrows.
+    let mut headers = HeaderMap::with_capacity(req.headers.len() + 12);
+    for field in req.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| NotOurs::HandOver)?;
         // Bodies, upgrades and expectations are hyper's to frame.
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::EXPECT {
-            return Parsed::HandOver;
+            return Err(NotOurs::HandOver);
         }
         if name == header::CONNECTION && has_token(field.value, b"close") {
             meta.close = true;
@@ -459,43 +483,15 @@ fn parse(buf: &mut BytesMut) -> Parsed {
         if name == header::TE && has_token(field.value, b"trailers") {
             meta.trailers = true;
         }
-        names[i] = Some(name);
-        values[i] = range(field.value);
-    }
-    let head = buf.split_to(len).freeze();
-    let built = build_request(&head, method, target, &mut names[..count], &values[..count]);
-    match built {
-        Some(req) => Parsed::Request(req, meta),
-        None => {
-            // Whatever hyper makes of it (a 400): put the bytes back as they were.
-            let mut all = BytesMut::with_capacity(head.len() + buf.len());
-            all.extend_from_slice(&head);
-            all.extend_from_slice(buf);
-            *buf = all;
-            Parsed::HandOver
-        }
-    }
-}
-
-fn build_request(
-    head: &Bytes,
-    method: Method,
-    target: (usize, usize),
-    names: &mut [Option<HeaderName>],
-    values: &[(usize, usize)],
-) -> Option<Request<RequestBody>> {
-    let uri = Uri::from_maybe_shared(head.slice(target.0..target.1)).ok()?;
-    let mut headers = HeaderMap::with_capacity(names.len());
-    for (name, &(start, end)) in names.iter_mut().zip(values) {
-        let value = HeaderValue::from_maybe_shared(head.slice(start..end)).ok()?;
-        headers.append(name.take()?, value);
+        let value = HeaderValue::from_maybe_shared(read.slice_ref(field.value)).map_err(|_| NotOurs::HandOver)?;
+        headers.append(name, value);
     }
     let mut req = Request::new(RequestBody::Empty);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
-    Some(req)
+    Ok((req, meta, len))
 }
 
 /// The `Date` field, rendered once a second per thread.

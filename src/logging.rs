@@ -141,6 +141,8 @@ pub fn direct_access_lines(json: bool) {
 pub struct AccessRecord<'a> {
     pub request_id: &'a str,
     pub client: IpAddr,
+    /// `client` already rendered (the connection's peer), when it is that.
+    pub client_text: Option<&'a str>,
     pub method: &'a str,
     pub path: &'a str,
     pub route: &'a str,
@@ -200,12 +202,15 @@ pub fn access(r: &AccessRecord<'_>) {
         let mut f = Fields { line, json };
         f.str("request_id", r.request_id);
         let mut ip = [0u8; 48];
-        let ip = {
-            use std::io::Write as _;
-            let mut w = &mut ip[..];
-            let _ = write!(w, "{}", r.client);
-            let left = w.len();
-            &ip[..48 - left]
+        let ip = match r.client_text {
+            Some(text) => text.as_bytes(),
+            None => {
+                use std::io::Write as _;
+                let mut w = &mut ip[..];
+                let _ = write!(w, "{}", r.client);
+                let left = w.len();
+                &ip[..48 - left]
+            }
         };
         f.raw_str("client", ip);
         f.raw_str("method", r.method.as_bytes());
