@@ -19,7 +19,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::config::UpstreamSettings;
@@ -50,6 +50,8 @@ pub enum H1Error {
     HeadTooLarge,
     #[error("upstream switched protocols without being asked to")]
     UnexpectedUpgrade,
+    #[error("no response head before the deadline")]
+    Timeout,
 }
 
 /// The lean client of one upstream: where to connect, and its idle connections.
@@ -106,19 +108,20 @@ impl Client {
         })
     }
 
-    /// Sends a bodiless request and returns the response once its head has arrived. An idempotent request
-    /// whose pooled connection turns out to be closed is retried once on a new connection.
-    pub async fn send(&self, head: &Head<'_>) -> Result<Response<ResponseBody>, H1Error> {
+    /// Sends a bodiless request and returns the response once its head has arrived, within `timeout`. An
+    /// idempotent request whose pooled connection turns out to be closed is retried once on a new connection.
+    pub async fn send(&self, head: &Head<'_>, timeout: Duration) -> Result<Response<ResponseBody>, H1Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
         if let Some(conn) = self.pool.take() {
-            match self.exchange(conn, head).await {
+            match self.exchange(conn, head, deadline).await {
                 Ok(rsp) => return Ok(rsp),
                 Err(Attempt::Stale(e)) if !is_idempotent(head.method) => return Err(e),
                 Err(Attempt::Stale(e)) => tracing::debug!(error = %e, "pooled upstream connection was closed; retrying on a new one"),
                 Err(Attempt::Failed(e)) => return Err(e),
             }
         }
-        let conn = self.connect().await?;
-        self.exchange(conn, head).await.map_err(|a| match a {
+        let conn = tokio::time::timeout_at(deadline, self.connect()).await.map_err(|_| H1Error::Timeout)??;
+        self.exchange(conn, head, deadline).await.map_err(|a| match a {
             Attempt::Stale(e) | Attempt::Failed(e) => e,
         })
     }
@@ -135,10 +138,13 @@ impl Client {
         Ok(Conn::new(io))
     }
 
-    async fn exchange(&self, mut conn: Conn, head: &Head<'_>) -> Result<Response<ResponseBody>, Attempt> {
+    async fn exchange(&self, mut conn: Conn, head: &Head<'_>, deadline: tokio::time::Instant) -> Result<Response<ResponseBody>, Attempt> {
         encode_head(&mut conn.head, head, &self.authority);
-        if let Err(e) = conn.io.write_all(&conn.head).await {
-            return Err(Attempt::Stale(e.into()));
+        conn.deadline.set(deadline);
+        match write_head(&mut conn).await {
+            Ok(()) => {}
+            Err(e @ H1Error::Timeout) => return Err(Attempt::Failed(e)),
+            Err(e) => return Err(Attempt::Stale(e)),
         }
         let mut received = false;
         let mut interim = 0;
@@ -173,15 +179,48 @@ impl Client {
                 return Err(Attempt::Failed(H1Error::HeadTooLarge));
             }
             let before = conn.buf.len();
-            match conn.io.read_buf(&mut conn.buf).await {
+            match read_some(&mut conn).await {
                 Ok(0) if received => return Err(Attempt::Failed(H1Error::Closed)),
                 Ok(0) => return Err(Attempt::Stale(H1Error::Closed)),
                 Ok(_) => line_ended = conn.buf[before..].contains(&b'\n'),
-                Err(e) if received => return Err(Attempt::Failed(e.into())),
-                Err(e) => return Err(Attempt::Stale(e.into())),
+                Err(e @ H1Error::Timeout) => return Err(Attempt::Failed(e)),
+                Err(e) if received => return Err(Attempt::Failed(e)),
+                Err(e) => return Err(Attempt::Stale(e)),
             }
         }
     }
+}
+
+/// Writes the encoded request head, unless the deadline passes first.
+async fn write_head(conn: &mut Conn) -> Result<(), H1Error> {
+    let mut written = 0;
+    std::future::poll_fn(|cx| {
+        while written < conn.head.len() {
+            match Pin::new(&mut conn.io).poll_write(cx, &conn.head[written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(H1Error::Io(std::io::ErrorKind::WriteZero.into()))),
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                Poll::Pending => {
+                    ready!(conn.deadline.poll_expired(cx));
+                    return Poll::Ready(Err(H1Error::Timeout));
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    })
+    .await
+}
+
+/// Reads what the upstream has sent into the connection's buffer, unless the deadline passes first.
+async fn read_some(conn: &mut Conn) -> Result<usize, H1Error> {
+    std::future::poll_fn(|cx| match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
+        Poll::Ready(r) => Poll::Ready(r.map_err(H1Error::from)),
+        Poll::Pending => {
+            ready!(conn.deadline.poll_expired(cx));
+            Poll::Ready(Err(H1Error::Timeout))
+        }
+    })
+    .await
 }
 
 fn is_idempotent(m: &Method) -> bool {

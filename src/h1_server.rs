@@ -10,7 +10,7 @@
 //!
 //! Time limits match the hyper path: the first head must be complete within `header_read_timeout` of accept, a
 //! later one within `header_read_timeout` of its first byte, and an idle keep-alive connection is closed after
-//! `idle_timeout`. One timer per connection is re-armed lazily, so a request touches no timer. A client that
+//! `idle_timeout`, on one `Deadline` per connection, so a request touches no timer. A client that
 //! closes its side while its request is being served cancels the request (hyper's rule with half-close off).
 //! An idle connection holds no read buffer: reads land on the stack and only a request's bytes are kept.
 
@@ -27,9 +27,10 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::body::{Body, RequestBody};
+use crate::deadline::Deadline;
 use crate::gateway::ConnInfo;
 use crate::server::Shared;
 
@@ -81,9 +82,8 @@ struct Conn<I> {
     buf: BytesMut,
     out: Vec<u8>,
     limits: Limits,
-    timer: Pin<Box<Sleep>>,
     /// When waiting for the next head ends the connection.
-    deadline: Instant,
+    deadline: Deadline,
 }
 
 /// Serves HTTP/1.1 requests on `io` until the connection closes or needs hyper.
@@ -91,9 +91,8 @@ pub async fn serve<I>(io: I, info: &ConnInfo, shared: &Shared, limits: Limits, m
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let deadline = Instant::now() + limits.header_read_timeout;
-    let mut conn =
-        Conn { io, buf: BytesMut::new(), out: Vec::new(), limits, timer: Box::pin(tokio::time::sleep_until(deadline)), deadline };
+    let deadline = Deadline::new(Instant::now() + limits.header_read_timeout);
+    let mut conn = Conn { io, buf: BytesMut::new(), out: Vec::new(), limits, deadline };
     // Polled until it has registered this task's waker; a shutdown then wakes the task and `is_draining` says why.
     let mut shutdown = Shutdown { changed: pin!(shutdown.changed()), registered: false };
     let mut first = true;
@@ -118,7 +117,7 @@ where
         }
         // A pipelined head already begun is timed from now; otherwise the connection idles.
         let wait = if conn.buf.is_empty() { limits.idle_timeout } else { limits.header_read_timeout };
-        conn.deadline = Instant::now() + wait;
+        conn.deadline.set(Instant::now() + wait);
     }
 }
 
@@ -159,7 +158,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                     Parsed::Partial if self.buf.len() > self.limits.max_header_bytes => return Some(Err(())),
                     Parsed::Partial if !timed => {
                         // The head's first bytes are here: from now on its own deadline applies.
-                        self.deadline = Instant::now() + self.limits.header_read_timeout;
+                        self.deadline.set(Instant::now() + self.limits.header_read_timeout);
                         timed = true;
                     }
                     Parsed::Partial => {}
@@ -173,7 +172,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 if let Poll::Ready(r) = self.poll_fill(cx) {
                     return Poll::Ready(r);
                 }
-                if self.poll_deadline(cx).is_ready() {
+                if self.deadline.poll_expired(cx).is_ready() {
                     return Poll::Ready(Ok(0));
                 }
                 Poll::Pending
@@ -213,23 +212,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         Poll::Ready(Ok(rb.filled().len()))
     }
 
-    /// Ready once the deadline has passed. The timer may sit at an older, earlier instant: it is moved only
-    /// when it fires early, or when the deadline comes before it.
-    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.timer.deadline() > self.deadline {
-            self.timer.as_mut().reset(self.deadline);
-        }
-        while self.timer.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= self.deadline {
-                return Poll::Ready(());
-            }
-            self.timer.as_mut().reset(self.deadline);
-        }
-        Poll::Pending
-    }
-
     fn hand_over(self) -> Ended<I> {
-        Ended::HandOver { io: self.io, read: self.buf.freeze(), deadline: self.deadline }
+        Ended::HandOver { io: self.io, read: self.buf.freeze(), deadline: self.deadline.at() }
     }
 
     /// Writes the response; Ok(true) when the connection can carry another request.

@@ -12,6 +12,7 @@ pub mod authz;
 pub mod body;
 pub mod config;
 pub mod cors;
+pub mod deadline;
 pub mod demo;
 pub mod error;
 pub mod explain;

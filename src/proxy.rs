@@ -140,14 +140,14 @@ pub fn rewrite_uri(
 /// `timeout`.
 pub async fn forward_lean(up: &Upstream, lean: &h1_client::Client, head: &h1_client::Head<'_>) -> Result<Response<Body>, ProxyError> {
     let name = &up.settings.name;
-    match tokio::time::timeout(up.settings.timeout, lean.send(head)).await {
-        Err(_) => Err(ProxyError::Timeout { upstream: name.clone(), timeout: up.settings.timeout }),
-        Ok(Ok(rsp)) => Ok(rsp.map(Body::Upstream)),
-        Ok(Err(H1Error::UnexpectedUpgrade)) => Err(ProxyError::UnexpectedUpgrade),
-        Ok(Err(e @ (H1Error::Connect(_) | H1Error::ConnectTimeout(_)))) => {
+    match lean.send(head, up.settings.timeout).await {
+        Err(H1Error::Timeout) => Err(ProxyError::Timeout { upstream: name.clone(), timeout: up.settings.timeout }),
+        Ok(rsp) => Ok(rsp.map(Body::Upstream)),
+        Err(H1Error::UnexpectedUpgrade) => Err(ProxyError::UnexpectedUpgrade),
+        Err(e @ (H1Error::Connect(_) | H1Error::ConnectTimeout(_))) => {
             Err(ProxyError::Connect { upstream: name.clone(), source: e.into() })
         }
-        Ok(Err(e)) => Err(ProxyError::Reset { upstream: name.clone(), source: e.into() }),
+        Err(e) => Err(ProxyError::Reset { upstream: name.clone(), source: e.into() }),
     }
 }
 

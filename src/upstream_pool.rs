@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
+use crate::deadline::Deadline;
+
 /// One connection to the upstream with its read buffer (which is empty between exchanges).
 #[derive(Debug)]
 pub struct Conn {
@@ -19,11 +21,15 @@ pub struct Conn {
     pub buf: BytesMut,
     /// The request head is encoded here; kept to reuse its allocation.
     pub head: Vec<u8>,
+    /// The current exchange's response deadline; its timer lives as long as the connection.
+    pub deadline: Deadline,
 }
 
 impl Conn {
+    /// Wraps a new connection. Must run inside tokio (the deadline's timer).
     pub fn new(io: TcpStream) -> Conn {
-        Conn { io, buf: BytesMut::with_capacity(READ_CHUNK), head: Vec::with_capacity(512) }
+        let deadline = Deadline::new(tokio::time::Instant::now());
+        Conn { io, buf: BytesMut::with_capacity(READ_CHUNK), head: Vec::with_capacity(512), deadline }
     }
 
     /// True unless the upstream has closed the connection or sent bytes nobody asked for. The socket itself is

@@ -29,6 +29,8 @@ enum Act {
     Drop,
     /// Writes these bytes one at a time, each in its own segment.
     Dribble(Vec<u8>),
+    /// Never answers, and keeps the connection open.
+    Silent,
 }
 
 struct Scripted {
@@ -84,6 +86,10 @@ async fn scripted(script: impl Fn(&str, usize) -> Act + Send + Sync + 'static) -
                     requests.lock().unwrap().push(line.clone());
                     match script(&line, index) {
                         Act::Drop => return,
+                        Act::Silent => {
+                            let _ = tcp.read(&mut chunk).await;
+                            return;
+                        }
                         Act::Dribble(bytes) => {
                             let _ = tcp.set_nodelay(true);
                             for b in bytes {
@@ -172,6 +178,25 @@ async fn a_pooled_connection_closed_under_a_request_is_retried_only_when_idempot
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(body.unwrap(), Bytes::from(r#"{"error":"bad_gateway"}"#));
     assert_eq!(up.requests().iter().filter(|r| r.starts_with("POST /c")).count(), 1, "the POST reached the upstream once");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_pooled_connection_that_stops_answering_is_504_at_the_timeout() {
+    // Each connection answers its first request and never its second.
+    let up = scripted(|_, index| if index == 0 { Act::Answer(ok("first"), false) } else { Act::Silent }).await;
+    let gw = spawn_gateway(&config(&up).replace("timeout = \"5s\"", "timeout = \"1s\"")).await;
+    let c = client(&gw);
+    assert_eq!(exchange(&c, "GET", &gw.http_url("/a")).await.0, StatusCode::OK);
+    // The deadline of the first exchange has not passed when the second begins; the second's own one counts.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let asked = std::time::Instant::now();
+    let (status, _, body) = exchange(&c, "GET", &gw.http_url("/b")).await;
+    let took = asked.elapsed();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(body.unwrap(), Bytes::from(r#"{"error":"gateway_timeout"}"#));
+    assert!(took >= std::time::Duration::from_millis(950) && took < std::time::Duration::from_secs(3), "answered after {took:?}");
+    assert_eq!(up.connections(), 1, "the silent connection was the pooled one");
     gw.stop().await;
 }
 

@@ -1,0 +1,74 @@
+//! A deadline that moves on every request but costs a timer operation only when its timer fires.
+//!
+//! Setting a deadline only records an instant. The one timer behind it stays where it was armed; when it fires
+//! before the recorded instant it is re-armed for it, and it is moved earlier only when the deadline comes before
+//! it. A connection serving requests back to back therefore touches the timer wheel about once per timeout
+//! period instead of twice per request.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::time::{Instant, Sleep};
+
+#[derive(Debug)]
+pub struct Deadline {
+    at: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Deadline {
+    /// Returns a deadline at `at`.
+    pub fn new(at: Instant) -> Deadline {
+        Deadline { at, timer: Box::pin(tokio::time::sleep_until(at)) }
+    }
+
+    /// Moves the deadline (later or earlier).
+    pub fn set(&mut self, at: Instant) {
+        self.at = at;
+    }
+
+    /// Returns the current deadline.
+    pub fn at(&self) -> Instant {
+        self.at
+    }
+
+    /// Ready once the deadline has passed; otherwise the task is woken when the timer fires.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.timer.deadline() > self.at {
+            self.timer.as_mut().reset(self.at);
+        }
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= self.at {
+                return Poll::Ready(());
+            }
+            self.timer.as_mut().reset(self.at);
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn expires(d: &mut Deadline) {
+        std::future::poll_fn(|cx| d.poll_expired(cx)).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_moved_later_or_earlier_fires_at_its_last_instant() {
+        let start = Instant::now();
+        let mut d = Deadline::new(start + Duration::from_secs(1));
+        d.set(start + Duration::from_secs(5));
+        expires(&mut d).await;
+        assert_eq!(Instant::now() - start, Duration::from_secs(5), "the early timer was re-armed, not obeyed");
+
+        let start = Instant::now();
+        d.set(start + Duration::from_secs(60));
+        d.set(start + Duration::from_secs(2));
+        expires(&mut d).await;
+        assert_eq!(Instant::now() - start, Duration::from_secs(2), "a deadline moved earlier fires then");
+    }
+}
