@@ -30,6 +30,8 @@ struct Raw<S = TcpStream> {
 struct Answer {
     head: String,
     body: Vec<u8>,
+    /// The trailer section of a chunked answer, as text.
+    trailers: String,
 }
 
 impl Answer {
@@ -83,7 +85,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
             assert!(self.fill().await, "closed before a whole head: {:?}", String::from_utf8_lossy(&self.buf));
         };
         let head = String::from_utf8(self.buf.drain(..end).collect()).unwrap();
-        let mut a = Answer { head, body: Vec::new() };
+        let mut a = Answer { head, body: Vec::new(), trailers: String::new() };
         if head_request || a.status() == 204 || a.status() == 304 {
             return a;
         }
@@ -105,14 +107,24 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
             };
             let size = usize::from_str_radix(std::str::from_utf8(&self.buf[..line_end]).unwrap(), 16).unwrap();
             self.buf.drain(..line_end + 2);
+            if size == 0 {
+                let end = loop {
+                    if self.buf.starts_with(b"\r\n") {
+                        break 2;
+                    }
+                    if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    assert!(self.fill().await, "closed inside the trailer section");
+                };
+                a.trailers = String::from_utf8(self.buf.drain(..end).collect()).unwrap();
+                return a;
+            }
             while self.buf.len() < size + 2 {
                 assert!(self.fill().await, "closed inside a chunk");
             }
             a.body.extend(self.buf.drain(..size));
             self.buf.drain(..2);
-            if size == 0 {
-                return a;
-            }
         }
     }
 
@@ -315,5 +327,52 @@ async fn pipelined_requests_over_tls_http1() {
         assert!(a.field("strict-transport-security").is_some(), "{}", a.head);
     }
     assert_eq!(up.hits(), 2);
+    gw.stop().await;
+}
+
+/// An upstream that answers every request with a chunked body and a trailer field, keeping the connection.
+async fn trailer_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..i + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
+                                       5\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc123\r\n\r\n";
+                        if tcp.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn chunked_answers_keep_their_trailers_for_clients_that_accept_them() {
+    let up = Upstream { addr: trailer_upstream().await, seen: Default::default(), count: Default::default() };
+    let gw = spawn_gateway(&public_config(&up)).await;
+    let mut c = Raw::connect(gw.http.unwrap()).await;
+    c.send(b"GET /t HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!(a.body, b"hello world");
+    assert_eq!(a.field("transfer-encoding").as_deref(), Some("chunked"));
+    assert!(a.trailers.to_ascii_lowercase().contains("x-checksum: abc123"), "trailers: {:?}", a.trailers);
+    // Without `TE: trailers` the body is the same and no trailer field is sent.
+    c.send(b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!(a.body, b"hello world");
+    assert_eq!(a.trailers, "\r\n", "an empty trailer section");
     gw.stop().await;
 }
