@@ -149,7 +149,8 @@ async fn serve<I>(
         },
         None => (io, Bytes::new(), tokio::time::Instant::now() + lean.header_read_timeout),
     };
-    serve_hyper(Prefixed { read, io }, info, shared, builder, watcher, lean.header_read_timeout, deadline).await
+    // Boxed: hyper's connection state is only paid for by connections that reach it.
+    Box::pin(serve_hyper(Prefixed { read, io }, info, shared, builder, watcher, lean.header_read_timeout, deadline)).await
 }
 
 async fn serve_hyper<I>(
@@ -261,14 +262,47 @@ impl Drop for OpenConnection {
     }
 }
 
+/// Connections the kernel queues while the accept loop is busy. std's default (128) overflows under a burst of
+/// new connections (every overflow costs the client a 1 s SYN retry); the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds a listener; port 0 picks a free port.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 impl Shared {
     /// Returns true once draining has begun.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_listen_queue_holds_a_burst_the_accept_loop_has_not_reached() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Nothing accepts: every connection waits in the kernel's queue (std's default of 128 would drop the rest).
+        let held = tokio::task::spawn_blocking(move || {
+            let mut held = Vec::new();
+            while let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                held.push(c);
+                if held.len() == 600 {
+                    break;
+                }
+            }
+            held
+        })
+        .await
+        .unwrap();
+        assert_eq!(held.len(), 600, "the listen queue dropped a connection");
+        drop(listener);
     }
 }
