@@ -11,6 +11,13 @@ use std::task::{Context, Poll};
 
 use tokio::time::{Instant, Sleep};
 
+/// Returns the instant `d` from now; an absurdly long `d` (a config may say "10000000000000000000s") means about
+/// thirty years rather than an overflow.
+pub fn deadline_after(d: std::time::Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d).unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365 * 30))
+}
+
 #[derive(Debug)]
 pub struct Deadline {
     at: Instant,

@@ -111,7 +111,7 @@ impl Client {
     /// Sends a bodiless request and returns the response once its head has arrived, within `timeout`. An
     /// idempotent request whose pooled connection turns out to be closed is retried once on a new connection.
     pub async fn send(&self, head: &Head<'_>, timeout: Duration) -> Result<Response<ResponseBody>, H1Error> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::deadline::deadline_after(timeout);
         if let Some(conn) = self.pool.take() {
             match self.exchange(conn, head, deadline).await {
                 Ok(rsp) => return Ok(rsp),

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::{Body, RequestBody};
-use crate::deadline::Deadline;
+use crate::deadline::{deadline_after, Deadline};
 use crate::gateway::ConnInfo;
 use crate::server::Shared;
 
@@ -91,10 +91,11 @@ pub async fn serve<I>(io: I, info: &ConnInfo, shared: &Shared, limits: Limits, m
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let deadline = Deadline::new(Instant::now() + limits.header_read_timeout);
+    let deadline = Deadline::new(deadline_after(limits.header_read_timeout));
     let mut conn = Conn { io, buf: BytesMut::new(), out: Vec::new(), limits, deadline };
     // Polled until it has registered this task's waker; a shutdown then wakes the task and `is_draining` says why.
-    let mut shutdown = Shutdown { changed: pin!(shutdown.changed()), registered: false };
+    // Unconstrained: a first poll with the task's budget spent would return Pending without registering.
+    let mut shutdown = Shutdown { changed: pin!(tokio::task::unconstrained(shutdown.changed())), registered: false };
     let mut first = true;
     loop {
         let (req, meta) = match conn.read_head(shared, &mut shutdown, first).await {
@@ -117,7 +118,7 @@ where
         }
         // A pipelined head already begun is timed from now; otherwise the connection idles.
         let wait = if conn.buf.is_empty() { limits.idle_timeout } else { limits.header_read_timeout };
-        conn.deadline.set(Instant::now() + wait);
+        conn.deadline.set(deadline_after(wait));
     }
 }
 
@@ -142,7 +143,7 @@ impl<F: Future> Shutdown<'_, F> {
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     /// Reads until a whole head is buffered. None: the connection ends (closed by the client, timed out, or
-    /// idle during a shutdown); Some(Err): hyper must take it.
+    /// idle during a shutdown); Some(Err): hyper must take it (with the head's own deadline set).
     async fn read_head<F: Future>(
         &mut self,
         shared: &Shared,
@@ -150,21 +151,27 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         first: bool,
     ) -> Option<Result<(Request<RequestBody>, Meta), ()>> {
         let mut timed = first || !self.buf.is_empty();
+        // A head can only have completed if a line ended in what was just read: a client dribbling its head a
+        // byte at a time costs one parse per line, not one per byte.
+        let mut line_ended = !self.buf.is_empty();
         loop {
-            if !self.buf.is_empty() {
-                match parse(&mut self.buf) {
+            if !self.buf.is_empty() && !timed {
+                // The head's first bytes are here: from now on its own deadline applies (here or in hyper).
+                self.deadline.set(deadline_after(self.limits.header_read_timeout));
+                timed = true;
+            }
+            if line_ended {
+                match parse(&mut self.buf, self.limits.max_header_bytes) {
                     Parsed::Request(req, meta) => return Some(Ok((req, meta))),
                     Parsed::HandOver => return Some(Err(())),
-                    Parsed::Partial if self.buf.len() > self.limits.max_header_bytes => return Some(Err(())),
-                    Parsed::Partial if !timed => {
-                        // The head's first bytes are here: from now on its own deadline applies.
-                        self.deadline.set(Instant::now() + self.limits.header_read_timeout);
-                        timed = true;
-                    }
                     Parsed::Partial => {}
                 }
             }
+            if self.buf.len() > self.limits.max_header_bytes {
+                return Some(Err(()));
+            }
             let idle = self.buf.is_empty();
+            let before = self.buf.len();
             let read = std::future::poll_fn(|cx| {
                 if idle && shutdown.poll_signalled(cx, shared) {
                     return Poll::Ready(Ok(0));
@@ -180,27 +187,34 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             .await;
             match read {
                 Ok(0) | Err(_) => return None,
-                Ok(_) => {}
+                Ok(_) => line_ended = self.buf[before..].contains(&b'\n'),
             }
         }
     }
 
-    /// Runs the request while watching the client: a close cancels it; pipelined bytes wait in the buffer.
+    /// Runs the request while watching the client: a close cancels it. Once bytes of a next request are
+    /// buffered the client is no longer read (hyper's rule: a half-close after pipelined requests still gets
+    /// every answer).
     async fn serve_request(&mut self, mut handling: Pin<&mut impl Future<Output = Response<Body>>>) -> Option<Response<Body>> {
         std::future::poll_fn(|cx| {
             if let Poll::Ready(rsp) = handling.as_mut().poll(cx) {
                 return Poll::Ready(Some(rsp));
             }
-            while self.buf.len() <= self.limits.max_header_bytes {
-                match self.poll_fill(cx) {
-                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
-                    Poll::Ready(Ok(_)) => {}
-                    Poll::Pending => break,
-                }
+            if self.client_left(cx) {
+                return Poll::Ready(None);
             }
             Poll::Pending
         })
         .await
+    }
+
+    /// True once the client has closed (or broken) its side while nothing of a next request is buffered.
+    /// Otherwise the task is woken when the client sends or closes, or more is buffered.
+    fn client_left(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        matches!(self.poll_fill(cx), Poll::Ready(Ok(0) | Err(_)))
     }
 
     /// One read into the stack, appended to the buffer. Ok(0) is the client's close.
@@ -237,7 +251,17 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 Poll::Ready(next) => next,
                 Poll::Pending => {
                     self.flush().await?;
-                    std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                    // A long poll or an event stream: a client that leaves meanwhile ends it (and the upstream's).
+                    let next = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+                        Poll::Ready(next) => Poll::Ready(Some(next)),
+                        Poll::Pending if self.client_left(cx) => Poll::Ready(None),
+                        Poll::Pending => Poll::Pending,
+                    })
+                    .await;
+                    match next {
+                        Some(next) => next,
+                        None => return Ok(false),
+                    }
                 }
             };
             let frame = match next {
@@ -336,10 +360,18 @@ fn encode_head(out: &mut Vec<u8>, status: StatusCode, headers: &HeaderMap, body:
     out.extend_from_slice(b"\r\n");
     let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let mut length_written = false;
     for (name, value) in headers {
         // Framing is ours to write; a stray Transfer-Encoding (never forwarded) would contradict it.
-        if name == header::TRANSFER_ENCODING || (name == header::CONTENT_LENGTH && (bodiless || declared.is_none())) {
+        if name == header::TRANSFER_ENCODING {
             continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            // Once, and only what was parsed as the length (repeats of it are the same value).
+            if bodiless || declared.is_none() || length_written {
+                continue;
+            }
+            length_written = true;
         }
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
@@ -410,9 +442,9 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
 
 /// Parses one request head from the front of `buf`, taking its bytes out only when the request is ours. Header
 /// values and the target share the bytes read (no copy).
-fn parse(buf: &mut BytesMut) -> Parsed {
+fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let read = std::mem::take(buf).freeze();
-    match parse_frozen(&read) {
+    match parse_frozen(&read, max_head) {
         Ok((req, meta, len)) => {
             if len < read.len() {
                 // Pipelined bytes: copied out so the next read does not grow the shared head.
@@ -436,10 +468,12 @@ enum NotOurs {
     HandOver,
 }
 
-fn parse_frozen(read: &Bytes) -> Result<(Request<RequestBody>, Meta, usize), NotOurs> {
+fn parse_frozen(read: &Bytes, max_head: usize) -> Result<(Request<RequestBody>, Meta, usize), NotOurs> {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(read, &mut fields) {
+        // Too large, though complete: hyper answers 431.
+        Ok(httparse::Status::Complete(len)) if len > max_head => return Err(NotOurs::HandOver),
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Err(NotOurs::Partial),
         Err(_) => return Err(NotOurs::HandOver),
@@ -508,21 +542,21 @@ mod tests {
     use super::*;
 
     fn parsed(raw: &str) -> Parsed {
-        parse(&mut BytesMut::from(raw))
+        parse(&mut BytesMut::from(raw), 1 << 20)
     }
 
     #[test]
     fn a_plain_get_is_ours_with_fields_in_order() {
         let mut buf =
             BytesMut::from("GET /a/b?x=1 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nx-a: 2\r\nConnection: keep-alive, Close\r\n\r\nGET /next");
-        let Parsed::Request(req, meta) = parse(&mut buf) else { panic!("not ours") };
+        let Parsed::Request(req, meta) = parse(&mut buf, 1 << 20) else { panic!("not ours") };
         assert_eq!(req.method(), Method::GET);
         assert_eq!(req.uri().path(), "/a/b");
         assert_eq!(req.uri().query(), Some("x=1"));
         assert_eq!(req.headers().get_all("x-a").iter().collect::<Vec<_>>(), ["1", "2"]);
         assert!(meta.close && !meta.head && !meta.trailers);
         assert_eq!(&buf[..], b"GET /next", "a pipelined head stays buffered");
-        assert!(matches!(parse(&mut buf), Parsed::Partial));
+        assert!(matches!(parse(&mut buf, 1 << 20), Parsed::Partial));
     }
 
     #[test]
@@ -542,7 +576,7 @@ mod tests {
             "GET /a|b^` HTTP/1.1\r\n\r\n",
         ] {
             let mut buf = BytesMut::from(raw);
-            assert!(matches!(parse(&mut buf), Parsed::HandOver), "{raw:?}");
+            assert!(matches!(parse(&mut buf, 1 << 20), Parsed::HandOver), "{raw:?}");
             assert_eq!(&buf[..], raw.as_bytes(), "bytes kept whole for hyper: {raw:?}");
         }
         let many = format!("GET / HTTP/1.1\r\n{}\r\n", "a: b\r\n".repeat(MAX_HEADERS + 1));

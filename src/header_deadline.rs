@@ -123,7 +123,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeaderDeadline<I> {
                 }
                 if !busy && !this.armed && buf.filled().len() > before {
                     // The first byte of a new head: the clock starts now, and more bytes do not extend it.
-                    this.sleep.as_mut().reset(Instant::now() + this.timeout);
+                    this.sleep.as_mut().reset(crate::deadline::deadline_after(this.timeout));
                     this.armed = true;
                 }
                 Poll::Ready(Ok(()))

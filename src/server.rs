@@ -147,7 +147,7 @@ async fn serve<I>(
             Ended::Closed => return,
             Ended::HandOver { io, read, deadline } => (io, read, deadline),
         },
-        None => (io, Bytes::new(), tokio::time::Instant::now() + lean.header_read_timeout),
+        None => (io, Bytes::new(), crate::deadline::deadline_after(lean.header_read_timeout)),
     };
     // Boxed: hyper's connection state is only paid for by connections that reach it.
     Box::pin(serve_hyper(Prefixed { read, io }, info, shared, builder, watcher, lean.header_read_timeout, deadline)).await

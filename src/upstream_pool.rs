@@ -5,6 +5,7 @@
 //! reused newest first; one that idled past `idle_timeout`, was closed by the upstream, or has unexpected bytes
 //! waiting is dropped rather than handed out.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -35,12 +36,14 @@ impl Conn {
     /// True unless the upstream has closed the connection or sent bytes nobody asked for. The socket itself is
     /// asked (a non-blocking peek) only when tokio's reactor has seen it become readable since the last read
     /// drained it, as an event loop proxy such as nginx decides: a quiet pooled connection costs no system call.
-    /// A FIN or stray bytes the reactor has not yet picked up (they would have to arrive within microseconds of
-    /// the reuse) are still caught: they are read as the next answer's head and fail to parse, or the close is
+    /// A FIN or stray bytes the reactor has not yet picked up (it polls the sockets when a worker parks, or every
+    /// few dozen task polls on a busy one) are still caught: they are read as the next answer's head and fail to parse, or the close is
     /// seen before any answer byte (then an idempotent request is retried).
     fn is_quiet(&self) -> bool {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
+        // Unconstrained: with the task's budget spent the readiness check would say Pending without looking.
+        let ready = std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| self.io.poll_read_ready(cx))));
+        match ready.poll(&mut cx) {
             std::task::Poll::Pending => true,
             std::task::Poll::Ready(_) => self.is_quiet_now(),
         }

@@ -233,8 +233,9 @@ async fn an_oversize_head_is_431_from_a_fresh_or_a_used_connection() {
     gw.stop().await;
 }
 
-/// An upstream that takes requests and never answers, counting the connections the gateway closed on it.
-async fn silent_upstream() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+/// An upstream that answers each request with `begin` (possibly nothing) and then never another byte, counting
+/// the requests it received and the connections the gateway closed on it.
+async fn stalling_upstream(begin: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (received, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -252,6 +253,10 @@ async fn silent_upstream() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
                         }
                         Ok(_) => {
                             r.fetch_add(1, Ordering::SeqCst);
+                            if tcp.write_all(begin).await.is_err() {
+                                c.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
                         }
                     }
                 }
@@ -263,7 +268,7 @@ async fn silent_upstream() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
 
 #[tokio::test]
 async fn a_client_that_leaves_cancels_its_request_upstream() {
-    let (addr, received, closed) = silent_upstream().await;
+    let (addr, received, closed) = stalling_upstream(b"").await;
     let up = Upstream { addr, seen: Default::default(), count: Default::default() };
     // The upstream timeout (5s) would end the request anyway; the cancellation must come well before it.
     let gw = spawn_gateway(&public_config(&up)).await;
@@ -374,5 +379,64 @@ async fn chunked_answers_keep_their_trailers_for_clients_that_accept_them() {
     let a = c.answer(false).await;
     assert_eq!(a.body, b"hello world");
     assert_eq!(a.trailers, "\r\n", "an empty trailer section");
+    gw.stop().await;
+}
+
+/// Waits until `n` reaches at least 1, within the bound.
+async fn until_counted(n: &AtomicUsize, what: &str) {
+    timeout(BOUND, async {
+        while n.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}"));
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_during_a_stalled_answer_ends_it_upstream() {
+    let (addr, received, closed) = stalling_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst bytes").await;
+    let up = Upstream { addr, seen: Default::default(), count: Default::default() };
+    let gw = spawn_gateway(&public_config(&up)).await;
+    let mut c = Raw::connect(gw.http.unwrap()).await;
+    c.send(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    until_counted(&received, "the request reached the upstream").await;
+    // The head and the first bytes arrive; the rest never will.
+    while !c.buf.windows(11).any(|w| w == b"first bytes") {
+        assert!(c.fill().await, "the head and first bytes were forwarded");
+    }
+    let left = Instant::now();
+    drop(c);
+    until_counted(&closed, "the upstream connection was closed").await;
+    assert!(left.elapsed() < Duration::from_secs(2), "ended after {:?}, not by the client leaving", left.elapsed());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_half_close_after_pipelined_requests_still_answers_those_served_before_it_is_read() {
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up)).await;
+    let mut c = Raw::connect(gw.http.unwrap()).await;
+    c.send(b"GET /slow?ms=200 HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    c.s.shutdown().await.unwrap();
+    // While the second head waits in the buffer the client is not read, so its close cannot cancel the first.
+    assert_eq!(c.answer(false).await.body, b"slow done");
+    // The last one is served with nothing buffered: the close is seen and taken as the client leaving (hyper's
+    // rule with half-close off, and nginx's), so it ends without an answer.
+    assert!(c.closes_within(Duration::from_secs(2)).await);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_head_over_max_header_bytes_is_431_even_when_it_arrives_whole() {
+    let up = spawn_upstream().await;
+    let cfg = public_config(&up).replace("[[routes]]", "[limits]\nmax_header_bytes = \"8KiB\"\n\n[[routes]]");
+    let gw = spawn_gateway(&cfg).await;
+    // Complete within three reads, never partial and over the limit at once.
+    let head = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(8 * 1024 + 512));
+    let mut c = Raw::connect(gw.http.unwrap()).await;
+    c.send(head.as_bytes()).await;
+    assert_eq!(c.answer(false).await.status(), 431);
+    assert_eq!(up.hits(), 0);
     gw.stop().await;
 }
