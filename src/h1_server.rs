@@ -173,11 +173,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             let idle = self.buf.is_empty();
             let before = self.buf.len();
             let read = std::future::poll_fn(|cx| {
-                if idle && shutdown.poll_signalled(cx, shared) {
-                    return Poll::Ready(Ok(0));
-                }
+                // Bytes already sent are read first: a request that arrived before the drain is served.
                 if let Poll::Ready(r) = self.poll_fill(cx) {
                     return Poll::Ready(r);
+                }
+                if idle && shutdown.poll_signalled(cx, shared) {
+                    return Poll::Ready(Ok(0));
                 }
                 if self.deadline.poll_expired(cx).is_ready() {
                     return Poll::Ready(Ok(0));

@@ -3,6 +3,7 @@
 //! graceful drain.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -142,15 +143,63 @@ async fn serve<I>(
             max_header_bytes: limits.max_header_bytes,
         }
     };
-    let (io, read, deadline) = match shutdown {
+    let (io, read, deadline, from_h1) = match shutdown {
         Some(shutdown) => match h1_server::serve(io, &info, &shared, lean, shutdown).await {
             Ended::Closed => return,
-            Ended::HandOver { io, read, deadline } => (io, read, deadline),
+            Ended::HandOver { io, read, deadline } => (io, read, deadline, true),
         },
-        None => (io, Bytes::new(), crate::deadline::deadline_after(lean.header_read_timeout)),
+        None => (io, Bytes::new(), crate::deadline::deadline_after(lean.header_read_timeout), false),
     };
+    let io = Prefixed { read, io };
     // Boxed: hyper's connection state is only paid for by connections that reach it.
-    Box::pin(serve_hyper(Prefixed { read, io }, info, shared, builder, watcher, lean.header_read_timeout, deadline)).await
+    if from_h1 && shared.is_draining() {
+        // hyper-util's graceful watch would cancel its protocol detection and drop the request already read:
+        // HTTP/1 only, this request served, then closed. The watcher is held so the drain still waits for it.
+        Box::pin(serve_last_http1(io, info, shared, lean, deadline)).await;
+        drop(watcher);
+        return;
+    }
+    Box::pin(serve_hyper(io, info, shared, builder, watcher, lean.header_read_timeout, deadline)).await
+}
+
+/// Serves a handed-over HTTP/1 connection during a drain: the request it carries, without keep-alive.
+async fn serve_last_http1<I>(io: I, info: ConnInfo, shared: Arc<Shared>, lean: h1_server::Limits, first_head_by: tokio::time::Instant)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = Arc::new(ConnState::default());
+    let io = HeaderDeadline::new(io, state.clone(), lean.header_read_timeout, first_head_by);
+    let peer = info.peer;
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new()).max_buf_size(lean.max_header_bytes.max(8192)).keep_alive(false).half_close(false);
+    if let Err(e) = b.serve_connection(TokioIo::new(io), gateway_service(info, shared, state)).with_upgrades().await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// The hyper service over the current Gateway, tracking each request for the connection's header deadline.
+fn gateway_service(
+    info: ConnInfo,
+    shared: Arc<Shared>,
+    state: Arc<ConnState>,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<Tracked<crate::body::Body>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<hyper::Response<Tracked<crate::body::Body>>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let gateway = shared.gateway.load_full();
+        let in_flight = state.begin(req.version());
+        let info = info.clone();
+        async move {
+            let rsp = gateway.handle(req.map(crate::body::RequestBody::Hyper), &info).await;
+            if rsp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
+                in_flight.upgraded();
+            }
+            Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, in_flight)))
+        }
+    })
 }
 
 async fn serve_hyper<I>(
@@ -167,19 +216,7 @@ async fn serve_hyper<I>(
     let state = Arc::new(ConnState::default());
     let io = HeaderDeadline::new(io, state.clone(), header_timeout, first_head_by);
     let peer = info.peer;
-    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let gateway = shared.gateway.load_full();
-        let in_flight = state.begin(req.version());
-        let info = info.clone();
-        async move {
-            let rsp = gateway.handle(req.map(crate::body::RequestBody::Hyper), &info).await;
-            if rsp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
-                in_flight.upgraded();
-            }
-            Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, in_flight)))
-        }
-    });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), gateway_service(info, shared, state)).into_owned();
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
