@@ -463,3 +463,21 @@ async fn a_request_handed_to_hyper_during_a_drain_is_still_answered() {
     assert!(c.closes_within(Duration::from_secs(2)).await, "closed after the one request");
     timeout(Duration::from_secs(5), running.wait()).await.expect("the drain ends after it");
 }
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_on_the_plain_listener_is_handed_to_hyper() {
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up)).await;
+    // The HTTP/2 preface is no HTTP/1.1 head: the connection goes to hyper, which finds HTTP/2 in it.
+    let h2c: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
+    for path in ["/one", "/two"] {
+        let req = http::Request::get(gw.http_url(path)).body(http_body_util::Full::new(bytes::Bytes::new())).unwrap();
+        let rsp = timeout(BOUND, h2c.request(req)).await.expect("answered in time").unwrap();
+        assert_eq!(rsp.version(), http::Version::HTTP_2);
+        assert_eq!(rsp.status(), 200);
+    }
+    assert_eq!(up.hits(), 2);
+    assert_eq!(up.last().unwrap().path_and_query, "/two");
+    gw.stop().await;
+}
