@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use http::Version;
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -86,6 +87,8 @@ impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
 /// A connection whose reads fail with `TimedOut` once a request head has taken longer than the timeout.
 pub struct HeaderDeadline<I> {
     io: I,
+    /// Bytes already read from the connection (by `h1_server`), served before anything from `io`.
+    read: Bytes,
     state: Arc<ConnState>,
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
@@ -94,9 +97,9 @@ pub struct HeaderDeadline<I> {
 
 impl<I> HeaderDeadline<I> {
     /// Wraps a connection whose next head must be complete by `first_head_by`, later ones within `timeout` of
-    /// their first byte.
-    pub fn new(io: I, state: Arc<ConnState>, timeout: Duration, first_head_by: Instant) -> HeaderDeadline<I> {
-        HeaderDeadline { io, state, timeout, sleep: Box::pin(tokio::time::sleep_until(first_head_by)), armed: true }
+    /// their first byte. `read` holds bytes already taken from it, which its reader gets first.
+    pub fn new(io: I, read: Bytes, state: Arc<ConnState>, timeout: Duration, first_head_by: Instant) -> HeaderDeadline<I> {
+        HeaderDeadline { io, read, state, timeout, sleep: Box::pin(tokio::time::sleep_until(first_head_by)), armed: true }
     }
 
     fn timed_out() -> io::Error {
@@ -107,6 +110,13 @@ impl<I> HeaderDeadline<I> {
 impl<I: AsyncRead + Unpin> AsyncRead for HeaderDeadline<I> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.read.is_empty() {
+            // Part of the head the deadline is already armed for.
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read[..n]);
+            this.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         if this.state.off.load(Ordering::Relaxed) {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         }

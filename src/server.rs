@@ -4,22 +4,19 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -150,25 +147,30 @@ async fn serve<I>(
         },
         None => (io, Bytes::new(), crate::deadline::deadline_after(lean.header_read_timeout), false),
     };
-    let io = Prefixed { read, io };
     // Boxed: hyper's connection state is only paid for by connections that reach it.
     if from_h1 && shared.is_draining() {
         // hyper-util's graceful watch would cancel its protocol detection and drop the request already read:
         // HTTP/1 only, this request served, then closed. The watcher is held so the drain still waits for it.
-        Box::pin(serve_last_http1(io, info, shared, lean, deadline)).await;
+        Box::pin(serve_last_http1(io, read, info, shared, lean, deadline)).await;
         drop(watcher);
         return;
     }
-    Box::pin(serve_hyper(io, info, shared, builder, watcher, lean.header_read_timeout, deadline)).await
+    Box::pin(serve_hyper(io, read, info, shared, builder, watcher, lean.header_read_timeout, deadline)).await
 }
 
 /// Serves a handed-over HTTP/1 connection during a drain: the request it carries, without keep-alive.
-async fn serve_last_http1<I>(io: I, info: ConnInfo, shared: Arc<Shared>, lean: h1_server::Limits, first_head_by: tokio::time::Instant)
-where
+async fn serve_last_http1<I>(
+    io: I,
+    read: Bytes,
+    info: ConnInfo,
+    shared: Arc<Shared>,
+    lean: h1_server::Limits,
+    first_head_by: tokio::time::Instant,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = Arc::new(ConnState::default());
-    let io = HeaderDeadline::new(io, state.clone(), lean.header_read_timeout, first_head_by);
+    let io = HeaderDeadline::new(io, read, state.clone(), lean.header_read_timeout, first_head_by);
     let peer = info.peer;
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new()).max_buf_size(lean.max_header_bytes.max(8192)).keep_alive(false).half_close(false);
@@ -202,8 +204,10 @@ fn gateway_service(
     })
 }
 
+#[allow(clippy::too_many_arguments)] // one connection's whole context; a struct would only rename it
 async fn serve_hyper<I>(
     io: I,
+    read: Bytes,
     info: ConnInfo,
     shared: Arc<Shared>,
     builder: &auto::Builder<TokioExecutor>,
@@ -214,7 +218,7 @@ async fn serve_hyper<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = Arc::new(ConnState::default());
-    let io = HeaderDeadline::new(io, state.clone(), header_timeout, first_head_by);
+    let io = HeaderDeadline::new(io, read, state.clone(), header_timeout, first_head_by);
     let peer = info.peer;
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), gateway_service(info, shared, state)).into_owned();
     if let Err(e) = watcher.watch(conn).await {
@@ -239,47 +243,6 @@ pub async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown
             b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
             let _ = b.serve_connection(TokioIo::new(tcp), service).await;
         });
-    }
-}
-
-/// A connection with bytes already read from it in front: hyper reads those first.
-struct Prefixed<I> {
-    read: Bytes,
-    io: I,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.read.is_empty() {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
-        }
-        let n = this.read.len().min(buf.remaining());
-        buf.put_slice(&this.read[..n]);
-        this.read.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

@@ -274,22 +274,10 @@ async fn a_client_that_leaves_cancels_its_request_upstream() {
     let gw = spawn_gateway(&public_config(&up)).await;
     let mut c = Raw::connect(gw.http.unwrap()).await;
     c.send(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    timeout(BOUND, async {
-        while received.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the request reached the upstream");
+    until_counted(&received, "the request reached the upstream").await;
     let left = Instant::now();
     drop(c);
-    timeout(BOUND, async {
-        while closed.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the upstream connection was closed");
+    until_counted(&closed, "the upstream connection was closed").await;
     assert!(left.elapsed() < Duration::from_secs(2), "cancelled after {:?}, not by the client leaving", left.elapsed());
     gw.stop().await;
 }
