@@ -175,7 +175,8 @@ fn bench_headers(c: &mut Criterion) {
         b.iter(|| {
             let mut h = rsp.clone();
             let rid = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
-            headers::finish_response(&mut h, &rid, false);
+            headers::finish_response(&mut h, false);
+            h.insert(headers::request_id_header().clone(), rid);
             headers::apply_secure_headers(&mut h, &secure, true, false);
             h
         })

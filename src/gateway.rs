@@ -219,6 +219,7 @@ impl Gateway {
         if let Some(policy) = outcome.route.and_then(|r| r.cors.as_ref()).or(self.config.cors.as_ref()) {
             cors::apply(policy, origin.as_ref(), h);
         }
+        // Also replaces any the upstream sent.
         h.insert(headers::request_id_header().clone(), request_id.clone());
 
         let elapsed = start.elapsed();
@@ -389,7 +390,7 @@ impl Gateway {
             }
         }
         let (mut parts, body) = rsp.into_parts();
-        headers::finish_response(&mut parts.headers, request_id, upgraded);
+        headers::finish_response(&mut parts.headers, upgraded);
         outcome.proxied = true;
         Ok(Response::from_parts(parts, body))
     }

@@ -28,6 +28,8 @@ use crate::upstream_pool::{Conn, Pool, READ_CHUNK};
 /// A response head bigger than this is refused (502).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
+/// Header fields of a usual answer, located without a heap allocation.
+const FEW_HEADERS: usize = 24;
 /// A chunk-size line (with extensions) longer than this is refused.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
@@ -294,8 +296,16 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error>
     let http11 = rsp.version == Some(1);
     // Where each name and value sits in the head, so they can share its bytes once it is split off.
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    // A small array covers usual answers (zeroing one sized for MAX_HEADERS cost more than the rest of the parse).
+    let mut few = [(0usize, 0usize, 0usize, 0usize); FEW_HEADERS];
+    let mut many = Vec::new();
     let count = rsp.headers.len();
+    let spans = if count <= FEW_HEADERS {
+        &mut few[..count]
+    } else {
+        many.resize(count, (0, 0, 0, 0));
+        &mut many[..]
+    };
     for (span, h) in spans.iter_mut().zip(rsp.headers.iter()) {
         let n = h.name.as_ptr() as usize - base;
         let v = h.value.as_ptr() as usize - base;
@@ -308,7 +318,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error>
     let mut length_values = 0;
     let mut chunked = false;
     let mut close = !http11;
-    for &(ns, ne, vs, ve) in &spans[..count] {
+    for &(ns, ne, vs, ve) in spans.iter() {
         let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| H1Error::Malformed("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| H1Error::Malformed("bad header value"))?;
         if name == header::CONTENT_LENGTH {

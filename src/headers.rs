@@ -328,30 +328,50 @@ impl SecureHeaders {
 
 /// Adds the secure headers to an answer. `generated`: the gateway made it (always set, whatever was there).
 pub fn apply_secure_headers(h: &mut HeaderMap, s: &SecureHeaders, tls: bool, generated: bool) {
-    for name in &s.remove {
-        h.remove(name);
-    }
     let force = generated || s.override_upstream;
-    for (name, value) in &s.set {
-        if force || !h.contains_key(name) {
+    // One pass over the answer's few names instead of a hash lookup per configured name (most are absent).
+    let mut present = 0u64; // bit i: `s.set[i]` is there (and not about to be removed)
+    let mut hsts_present = false;
+    let mut remove_any = false;
+    for name in h.keys() {
+        if s.remove.contains(name) {
+            remove_any = true;
+            continue;
+        }
+        if !force {
+            for (i, (n, _)) in s.set.iter().enumerate().take(64) {
+                if n == name {
+                    present |= 1 << i;
+                }
+            }
+            hsts_present |= name == header::STRICT_TRANSPORT_SECURITY;
+        }
+    }
+    if remove_any {
+        for name in &s.remove {
+            h.remove(name);
+        }
+    }
+    for (i, (name, value)) in s.set.iter().enumerate() {
+        let there = if i < 64 { present & (1 << i) != 0 } else { h.contains_key(name) };
+        if force || !there {
             h.insert(name.clone(), value.clone());
         }
     }
     if let (true, Some(hsts)) = (tls, &s.hsts) {
-        if force || !h.contains_key(header::STRICT_TRANSPORT_SECURITY) {
+        if force || !hsts_present {
             h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
     }
 }
 
 /// Cleans an upstream response for the client: hop-by-hop removed; `Content-Length` dropped when the upstream
-/// also sent `Transfer-Encoding` (never pass both framings on); the request id echoed.
-pub fn finish_response(headers: &mut HeaderMap, request_id: &HeaderValue, upgraded: bool) {
+/// also sent `Transfer-Encoding` (never pass both framings on). (The request id is set on every answer later.)
+pub fn finish_response(headers: &mut HeaderMap, upgraded: bool) {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
     }
     strip_hop_by_hop(headers, upgraded);
-    headers.insert(&X_REQUEST_ID, request_id.clone());
 }
 
 #[cfg(test)]
@@ -365,6 +385,28 @@ mod tests {
             h.append(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn secure_headers_keep_the_upstreams_own_unless_generated_and_removed_names_go() {
+        let mut s = SecureHeaders::defaults();
+        // A name both removed and set: the configured value wins over the upstream's.
+        s.remove.push(header::X_FRAME_OPTIONS);
+        let upstream = map(&[("server", "nginx"), ("x-content-type-options", "upstream"), ("x-frame-options", "SAMEORIGIN")]);
+        let mut h = upstream.clone();
+        apply_secure_headers(&mut h, &s, false, false);
+        assert!(!h.contains_key("server"));
+        assert_eq!(h["x-content-type-options"], "upstream");
+        assert_eq!(h["x-frame-options"], "DENY");
+        assert_eq!(h["referrer-policy"], "no-referrer");
+        assert!(!h.contains_key("strict-transport-security"), "no HSTS without TLS");
+        let mut h = upstream.clone();
+        apply_secure_headers(&mut h, &s, true, true);
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["strict-transport-security"], "max-age=63072000; includeSubDomains");
+        let mut h = map(&[("strict-transport-security", "max-age=1")]);
+        apply_secure_headers(&mut h, &s, true, false);
+        assert_eq!(h["strict-transport-security"], "max-age=1");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! A log writer that never puts a syscall, a thread wake-up or a lock shared by every request on the request
 //! path: each thread appends whole lines to its own buffer (its lock is contended only by the flusher), and a
-//! background thread writes all buffers to stderr every 100 ms, or a thread writes its own at once past 256 KiB,
+//! background thread writes all buffers to stderr every 100 ms, or a thread writes its own at once past 64 KiB,
 //! which bounds memory. At most the last 100 ms of lines can be lost if the process is killed; lines from
 //! different threads may reach stderr slightly out of order (each carries its timestamp).
 
@@ -10,12 +10,21 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
-const FLUSH_AT: usize = 256 * 1024;
+const FLUSH_AT: usize = 64 * 1024;
 
-type Buffer = Arc<Mutex<Vec<u8>>>;
+/// A thread's lines. `active` is appended to; writing out swaps in `spare` (emptied after the previous write), so
+/// neither buffer is reallocated and the memory lines are appended to stays warm in cache. `spare` is held for the
+/// whole write, which keeps one thread's lines in order when the thread and the flusher write out at once.
+#[derive(Default)]
+struct Lines {
+    active: Mutex<Vec<u8>>,
+    spare: Mutex<Vec<u8>>,
+}
+
+type Buffer = Arc<Lines>;
 
 /// Every live thread's buffer, for the flusher. Touched once per thread, not per line.
-static BUFFERS: Mutex<Vec<Weak<Mutex<Vec<u8>>>>> = Mutex::new(Vec::new());
+static BUFFERS: Mutex<Vec<Weak<Lines>>> = Mutex::new(Vec::new());
 
 thread_local! {
     static LOCAL: OnceCell<ThreadBuffer> = const { OnceCell::new() };
@@ -30,40 +39,45 @@ impl Drop for ThreadBuffer {
     }
 }
 
-fn write_out(buf: &Mutex<Vec<u8>>) {
-    let pending = match buf.lock() {
-        // The thread keeps a buffer of the same size, so it does not grow it again from nothing.
-        Ok(mut b) if !b.is_empty() => {
-            let capacity = b.capacity().min(FLUSH_AT + FLUSH_AT / 4);
-            std::mem::replace(&mut *b, Vec::with_capacity(capacity))
-        }
+fn write_out(lines: &Lines) {
+    let Ok(mut out) = lines.spare.lock() else { return };
+    match lines.active.lock() {
+        Ok(mut active) if !active.is_empty() => std::mem::swap(&mut *active, &mut *out),
         _ => return,
-    };
-    let _ = std::io::stderr().lock().write_all(&pending);
+    }
+    let _ = std::io::stderr().lock().write_all(&out);
+    out.clear();
+    // One huge line must not keep a huge buffer.
+    out.shrink_to(FLUSH_AT * 2);
+}
+
+/// Runs `f` on the calling thread's buffer (returns false during thread teardown, when it is gone).
+fn with_buffer(f: impl FnOnce(&mut Vec<u8>)) -> bool {
+    LOCAL
+        .try_with(|cell| {
+            let local = cell.get_or_init(|| {
+                let buf = Buffer::default();
+                if let Ok(mut all) = BUFFERS.lock() {
+                    all.push(Arc::downgrade(&buf));
+                }
+                ThreadBuffer(buf)
+            });
+            let full = match local.0.active.lock() {
+                Ok(mut b) => {
+                    f(&mut b);
+                    b.len() >= FLUSH_AT
+                }
+                Err(_) => false,
+            };
+            if full {
+                write_out(&local.0);
+            }
+        })
+        .is_ok()
 }
 
 fn append(data: &[u8]) {
-    let appended = LOCAL.try_with(|cell| {
-        let local = cell.get_or_init(|| {
-            let buf = Buffer::default();
-            if let Ok(mut all) = BUFFERS.lock() {
-                all.push(Arc::downgrade(&buf));
-            }
-            ThreadBuffer(buf)
-        });
-        let full = match local.0.lock() {
-            Ok(mut b) => {
-                b.extend_from_slice(data);
-                b.len() >= FLUSH_AT
-            }
-            Err(_) => false,
-        };
-        if full {
-            write_out(&local.0);
-        }
-    });
-    // During thread teardown the thread-local is gone: write directly.
-    if appended.is_err() {
+    if !with_buffer(|b| b.extend_from_slice(data)) {
         let _ = std::io::stderr().lock().write_all(data);
     }
 }
@@ -123,7 +137,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BufferedStderr {
 // The access log line, written straight into the thread's buffer: tracing-subscriber's generic formatter cost
 // about 6 % of a proxied request; this writes the same line (text or JSON) without it.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -156,7 +170,8 @@ pub struct AccessRecord<'a> {
 }
 
 thread_local! {
-    static LINE: RefCell<(Vec<u8>, u64, [u8; 19])> = const { RefCell::new((Vec::new(), u64::MAX, [0; 19])) };
+    /// The second the cached civil time is for, and that time.
+    static CLOCK: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
 }
 
 /// Writes one access-log line.
@@ -174,20 +189,24 @@ pub fn access(r: &AccessRecord<'_>) {
     if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
         return;
     }
-    let _ = LINE.try_with(|cell| {
-        let Ok(mut guard) = cell.try_borrow_mut() else { return };
-        let (line, cached_secs, cached) = &mut *guard;
-        line.clear();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        if now.as_secs() != *cached_secs {
-            *cached_secs = now.as_secs();
-            *cached = civil_time(now.as_secs());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let civil = CLOCK.try_with(|c| {
+        let (secs, civil) = c.get();
+        if secs == now.as_secs() {
+            return civil;
         }
+        let civil = civil_time(now.as_secs());
+        c.set((now.as_secs(), civil));
+        civil
+    });
+    let civil = civil.unwrap_or_else(|_| civil_time(now.as_secs()));
+    // Formatted straight into the thread's buffer: no second copy of the line.
+    with_buffer(|line| {
         let json = mode == 2;
         if json {
             line.extend_from_slice(b"{\"timestamp\":\"");
         }
-        line.extend_from_slice(&cached[..]);
+        line.extend_from_slice(&civil[..]);
         line.push(b'.');
         let micros = now.subsec_micros();
         let mut m = itoa::Buffer::new();
@@ -235,7 +254,6 @@ pub fn access(r: &AccessRecord<'_>) {
             f.line.extend_from_slice(b",\"target\":\"portcullis::access\"}");
         }
         f.line.push(b'\n');
-        append(f.line);
     });
 }
 
