@@ -164,7 +164,7 @@ fn bench_headers(c: &mut Criterion) {
             let mut h = base.clone();
             headers::strip_identity(&mut h, &identity);
             let rid = headers::new_request_id();
-            headers::prepare_upstream(&mut h, &fwd, Some(&host), &rid, None, &identity, false);
+            headers::prepare_upstream(&mut h, &fwd, Some(&host), &rid, None, &identity, false).insert_into(&mut h);
             h
         })
     });

@@ -54,6 +54,25 @@ impl Drop for Tasks {
     }
 }
 
+/// What every answer gets last: the secure headers it lacks and the request id. None of them is in the answer's
+/// map, so a codec may write them straight after the map's fields instead of inserting them.
+pub struct Additions<'a> {
+    pub secure: headers::SecureAdd<'a>,
+    pub request_id: HeaderValue,
+}
+
+impl Additions<'_> {
+    pub fn insert_into(&self, h: &mut http::HeaderMap) {
+        self.secure.insert_into(h);
+        h.insert(headers::request_id_header().clone(), self.request_id.clone());
+    }
+
+    /// The fields in the order a codec writes them.
+    pub fn fields(&self) -> impl Iterator<Item = (&http::HeaderName, &HeaderValue)> {
+        self.secure.fields().chain(std::iter::once((headers::request_id_header(), &self.request_id)))
+    }
+}
+
 /// What a request did, for the answer's headers, the metrics and the access log.
 #[derive(Default)]
 struct Outcome<'a> {
@@ -187,7 +206,14 @@ impl Gateway {
 
     /// Serves one request. Never fails: errors become their HTTP answer here, and every request is counted
     /// and logged.
-    pub async fn handle(&self, mut req: Request<RequestBody>, conn: &ConnInfo) -> Response<Body> {
+    pub async fn handle(&self, req: Request<RequestBody>, conn: &ConnInfo) -> Response<Body> {
+        let (mut rsp, additions) = self.serve(req, conn).await;
+        additions.insert_into(rsp.headers_mut());
+        rsp
+    }
+
+    /// [`Gateway::handle`] for a codec that writes the answer's [`Additions`] itself, straight into the head.
+    pub async fn serve(&self, mut req: Request<RequestBody>, conn: &ConnInfo) -> (Response<Body>, Additions<'_>) {
         let start = Instant::now();
         let trusted = is_trusted(&self.config.trusted_proxies, conn.peer.ip());
         let request_id = headers::request_id(req.headers(), trusted);
@@ -215,19 +241,17 @@ impl Gateway {
         };
         let h = rsp.headers_mut();
         let secure = outcome.route.and_then(|r| r.headers.as_ref()).unwrap_or(&self.config.headers);
-        headers::apply_secure_headers(h, secure, conn.tls, !outcome.proxied);
+        let secure = headers::prepare_answer(h, secure, conn.tls, !outcome.proxied);
         if let Some(policy) = outcome.route.and_then(|r| r.cors.as_ref()).or(self.config.cors.as_ref()) {
             cors::apply(policy, origin.as_ref(), h);
         }
-        // Also replaces any the upstream sent.
-        h.insert(headers::request_id_header().clone(), request_id.clone());
 
         let elapsed = start.elapsed();
         let rm = outcome.route.and_then(|r| self.route_metrics.get(r.index)).unwrap_or(&self.unrouted_metrics);
         rm.observe(&self.metrics, &method, rsp.status(), elapsed.as_secs_f64());
         let route_name = outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-");
         if !self.config.access_log {
-            return rsp;
+            return (rsp, Additions { secure, request_id });
         }
         let bytes = rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         crate::logging::access(&crate::logging::AccessRecord {
@@ -245,7 +269,7 @@ impl Gateway {
             duration_us: elapsed.as_micros() as u64,
             upstream_us: outcome.upstream_time.map(|d| d.as_micros() as u64),
         });
-        rsp
+        (rsp, Additions { secure, request_id })
     }
 
     async fn handle_inner<'a>(
@@ -346,7 +370,7 @@ impl Gateway {
                 && h1_client::is_safe_target(upstream_path, query.as_deref())
         });
         let (mut parts, body) = req.into_parts();
-        headers::prepare_upstream(
+        let additions = headers::prepare_upstream(
             &mut parts.headers,
             fwd,
             host.as_ref(),
@@ -356,6 +380,7 @@ impl Gateway {
             upgrading,
         );
 
+        let lean_used = lean.is_some();
         let sent = Instant::now();
         let result = match lean {
             Some(lean) => {
@@ -364,11 +389,13 @@ impl Gateway {
                     path: upstream_path,
                     query: query.as_deref(),
                     headers: &parts.headers,
+                    additions: &additions,
                     host: host.as_ref().filter(|_| upstream.settings.preserve_host),
                 };
                 proxy::forward_lean(upstream, lean, &head).await
             }
             None => {
+                additions.insert_into(&mut parts.headers);
                 let mut up_req = Request::from_parts(parts, Body::limited(body, max_body));
                 proxy::rewrite_uri(&mut up_req, &upstream.settings, upstream_path, query.as_deref(), host)?;
                 proxy::forward(upstream, up_req).await
@@ -389,10 +416,12 @@ impl Gateway {
                 None => return Err(GatewayError::Proxy(proxy::ProxyError::UnexpectedUpgrade)),
             }
         }
-        let (mut parts, body) = rsp.into_parts();
-        headers::finish_response(&mut parts.headers, upgraded);
+        if !lean_used {
+            // The lean client's answers come without hop-by-hop fields; hyper's keep them.
+            headers::finish_response(rsp.headers_mut(), upgraded);
+        }
         outcome.proxied = true;
-        Ok(Response::from_parts(parts, body))
+        Ok(rsp)
     }
 
     /// Answers a CORS preflight for a route with a CORS policy, without a token and without the upstream.

@@ -8,7 +8,8 @@
 //! Response framing follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304; `Transfer-Encoding` wins over
 //! `Content-Length` (which is then dropped, and the connection not reused); differing `Content-Length` values are
 //! an error; otherwise the body runs to the close. A connection is reused only after a complete, cleanly framed
-//! HTTP/1.1 exchange that left no stray bytes.
+//! HTTP/1.1 exchange that left no stray bytes. The answer's map holds end-to-end fields only: hop-by-hop ones
+//! (RFC 9110 §7.6.1, and whatever `Connection` names) are left out as the head is parsed.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::config::UpstreamSettings;
+use crate::headers;
 use crate::upstream_pool::{Conn, Pool, READ_CHUNK};
 
 /// A response head bigger than this is refused (502).
@@ -71,6 +73,8 @@ pub struct Head<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
+    /// Written after `headers` (none of their names is in it).
+    pub additions: &'a headers::UpstreamFields<'a>,
     pub host: Option<&'a HeaderValue>,
 }
 
@@ -241,10 +245,7 @@ fn encode_head(out: &mut Vec<u8>, head: &Head<'_>, authority: &HeaderValue) {
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(head.host.unwrap_or(authority).as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in head.headers {
-        if name == header::HOST {
-            continue;
-        }
+    for (name, value) in head.headers.iter().filter(|(n, _)| *n != header::HOST).chain(head.additions.fields()) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -318,6 +319,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error>
     let mut length_values = 0;
     let mut chunked = false;
     let mut close = !http11;
+    let mut lists_others = false;
     for &(ns, ne, vs, ve) in spans.iter() {
         let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| H1Error::Malformed("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| H1Error::Malformed("bad header value"))?;
@@ -338,9 +340,29 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error>
             }
             chunked = true;
         } else if name == header::CONNECTION {
-            close |= value.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            let mut others = false;
+            for token in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    others = true;
+                }
+            }
+            // Kept only when it names other fields, which the full strip below then removes with it.
+            if others {
+                lists_others = true;
+                headers.append(name, value);
+            }
+            continue;
+        }
+        // The fields are end-to-end only (RFC 9110 §7.6.1): hop-by-hop ones never reach the map.
+        if headers::is_hop_by_hop(&name) {
+            continue;
         }
         headers.append(name, value);
+    }
+    if lists_others {
+        headers::strip_hop_by_hop(&mut headers, false);
     }
     let bodiless = head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let framing = match (bodiless, chunked, length) {
@@ -753,9 +775,15 @@ mod tests {
         h.insert("host", "ignored".parse().unwrap());
         h.insert("x-a", "1".parse().unwrap());
         let mut out = Vec::new();
-        let head = Head { method: &Method::GET, path: "/a/b", query: Some("x=1"), headers: &h, host: None };
+        let ip = HeaderValue::from_static("192.0.2.9");
+        let fwd = headers::Forwarding { peer: "192.0.2.9:1".parse().unwrap(), peer_ip: &ip, tls: false, from_trusted_proxy: false };
+        let rid = HeaderValue::from_static("r1");
+        let additions = headers::prepare_upstream(&mut h, &fwd, None, &rid, None, &Default::default(), false);
+        let head = Head { method: &Method::GET, path: "/a/b", query: Some("x=1"), headers: &h, additions: &additions, host: None };
         encode_head(&mut out, &head, &HeaderValue::from_static("up:3000"));
-        assert_eq!(out, b"GET /a/b?x=1 HTTP/1.1\r\nhost: up:3000\r\nx-a: 1\r\n\r\n");
+        let expected = "GET /a/b?x=1 HTTP/1.1\r\nhost: up:3000\r\nx-a: 1\r\n\
+                        x-forwarded-for: 192.0.2.9\r\nx-forwarded-proto: http\r\nx-request-id: r1\r\n\r\n";
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
         assert!(!is_safe_target("/a b", None));
         assert!(!is_safe_target("/a", Some("x\r\n")));
         assert!(is_safe_target("/a", Some("x=%20")));

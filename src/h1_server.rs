@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::body::{Body, RequestBody};
 use crate::deadline::{deadline_after, Deadline};
-use crate::gateway::ConnInfo;
+use crate::gateway::{Additions, ConnInfo};
 use crate::server::Shared;
 
 /// More header fields than this go to hyper (which allows 100, then answers 431).
@@ -105,11 +105,11 @@ where
         };
         first = false;
         let gateway = shared.gateway.load_full();
-        let Some(rsp) = conn.serve_request(pin!(gateway.handle(req, info))).await else {
+        let Some((rsp, additions)) = conn.serve_request(pin!(gateway.serve(req, info))).await else {
             return Ended::Closed;
         };
         let keep_alive = !meta.close && !shared.is_draining();
-        if !matches!(conn.write_response(rsp, meta, keep_alive).await, Ok(true)) {
+        if !matches!(conn.write_response(rsp, &additions, meta, keep_alive).await, Ok(true)) {
             let _ = conn.io.shutdown().await;
             return Ended::Closed;
         }
@@ -196,7 +196,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     /// Runs the request while watching the client: a close cancels it. Once bytes of a next request are
     /// buffered the client is no longer read (hyper's rule: a half-close after pipelined requests still gets
     /// every answer).
-    async fn serve_request(&mut self, mut handling: Pin<&mut impl Future<Output = Response<Body>>>) -> Option<Response<Body>> {
+    async fn serve_request<T>(&mut self, mut handling: Pin<&mut impl Future<Output = T>>) -> Option<T> {
         std::future::poll_fn(|cx| {
             if let Poll::Ready(rsp) = handling.as_mut().poll(cx) {
                 return Poll::Ready(Some(rsp));
@@ -232,10 +232,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     }
 
     /// Writes the response; Ok(true) when the connection can carry another request.
-    async fn write_response(&mut self, rsp: Response<Body>, meta: Meta, keep_alive: bool) -> io::Result<bool> {
+    async fn write_response(&mut self, rsp: Response<Body>, additions: &Additions<'_>, meta: Meta, keep_alive: bool) -> io::Result<bool> {
         let (parts, mut body) = rsp.into_parts();
-        let framing = encode_head(&mut self.out, parts.status, &parts.headers, &body, meta, keep_alive);
-        let keep_alive = keep_alive && !wants_close(&parts.headers);
+        let fields = Fields { map: &parts.headers, additions: Some(additions) };
+        let (framing, close_asked) = encode_head(&mut self.out, parts.status, fields, &body, meta, keep_alive);
+        let keep_alive = keep_alive && !close_asked;
         let mut last_chunk_written = false;
         let mut remaining = match framing {
             Framing::None => {
@@ -353,35 +354,57 @@ enum Framing {
 /// Encodes the status line and fields (adding `Date`, the framing and `Connection: close` as needed) and says
 /// how the body is framed. As hyper does: no body for HEAD, 1xx, 204 and 304; a declared `Content-Length` is
 /// kept; otherwise an exact size becomes one, and an unknown size is chunked.
-fn encode_head(out: &mut Vec<u8>, status: StatusCode, headers: &HeaderMap, body: &Body, meta: Meta, keep_alive: bool) -> Framing {
+/// An answer's header fields: its map, then what the gateway adds without inserting it there.
+#[derive(Clone, Copy)]
+struct Fields<'a> {
+    map: &'a HeaderMap,
+    additions: Option<&'a Additions<'a>>,
+}
+
+/// Writes the status line and fields. Returns the body's framing and whether the answer asks to close.
+fn encode_head(out: &mut Vec<u8>, status: StatusCode, fields: Fields<'_>, body: &Body, meta: Meta, keep_alive: bool) -> (Framing, bool) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    let mut length_written = false;
-    for (name, value) in headers {
+    // What the framing depends on is found in the one pass that writes the fields.
+    let mut declared: Option<Option<u64>> = None;
+    let mut dated = false;
+    let mut close_asked = false;
+    for (name, value) in fields.map {
         // Framing is ours to write; a stray Transfer-Encoding (never forwarded) would contradict it.
         if name == header::TRANSFER_ENCODING {
             continue;
         }
         if name == header::CONTENT_LENGTH {
-            // Once, and only what was parsed as the length (repeats of it are the same value).
-            if bodiless || declared.is_none() || length_written {
+            // Once, and only what the first value parses as (repeats of it are the same value).
+            if declared.is_some() {
                 continue;
             }
-            length_written = true;
+            let n = value.to_str().ok().and_then(|v| v.parse::<u64>().ok());
+            declared = Some(n);
+            if bodiless || n.is_none() {
+                continue;
+            }
+        } else if name == header::DATE {
+            dated = true;
+        } else if name == header::CONNECTION {
+            close_asked |= has_token(value.as_bytes(), b"close");
         }
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if !headers.contains_key(header::DATE) {
+    for (name, value) in fields.additions.into_iter().flat_map(Additions::fields) {
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !dated {
         date::push(out);
     }
-    if !keep_alive && !wants_close(headers) {
+    if !keep_alive && !close_asked {
         out.extend_from_slice(b"connection: close\r\n");
     }
+    let declared = declared.flatten();
     let framing = if bodiless || meta.head {
         Framing::None
     } else if let Some(n) = declared {
@@ -396,10 +419,11 @@ fn encode_head(out: &mut Vec<u8>, status: StatusCode, headers: &HeaderMap, body:
         Framing::Chunked
     };
     out.extend_from_slice(b"\r\n");
-    match framing {
+    let framing = match framing {
         Framing::Length(0) => Framing::None,
         f => f,
-    }
+    };
+    (framing, close_asked)
 }
 
 fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -430,10 +454,6 @@ fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
     }
     out.extend_from_slice(&digits[i..]);
     out.extend_from_slice(b"\r\n");
-}
-
-fn wants_close(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| has_token(v.as_bytes(), b"close"))
 }
 
 /// True when the comma-separated list `value` holds `token` (case-insensitive).
@@ -588,7 +608,8 @@ mod tests {
     fn heads_are_framed_like_hyper_frames_them() {
         let meta = Meta::default();
         let mut out = Vec::new();
-        let f = encode_head(&mut out, StatusCode::OK, &HeaderMap::new(), &Body::full("hi"), meta, true);
+        let map = HeaderMap::new();
+        let (f, _) = encode_head(&mut out, StatusCode::OK, Fields { map: &map, additions: None }, &Body::full("hi"), meta, true);
         let text = String::from_utf8(out).unwrap();
         assert_eq!(f, Framing::Length(2));
         assert!(text.starts_with("HTTP/1.1 200 OK\r\ndate: ") && text.ends_with("content-length: 2\r\n\r\n"), "{text}");
@@ -598,7 +619,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::DATE, HeaderValue::from_static("x"));
         h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
-        let f = encode_head(&mut out, StatusCode::NOT_FOUND, &h, &empty, meta, false);
+        let (f, _) = encode_head(&mut out, StatusCode::NOT_FOUND, Fields { map: &h, additions: None }, &empty, meta, false);
         assert_eq!(String::from_utf8(out).unwrap(), "HTTP/1.1 404 Not Found\r\ndate: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
         assert_eq!(f, Framing::None);
 
@@ -606,7 +627,8 @@ mod tests {
             let mut out = Vec::new();
             let mut h = HeaderMap::new();
             h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-            assert_eq!(encode_head(&mut out, status, &h, &Body::empty(), m, true), Framing::None);
+            let (f, _) = encode_head(&mut out, status, Fields { map: &h, additions: None }, &Body::empty(), m, true);
+            assert_eq!(f, Framing::None);
             let text = String::from_utf8(out).unwrap();
             assert_eq!(text.contains("content-length: 5"), m.head, "{text}");
         }

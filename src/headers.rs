@@ -124,12 +124,18 @@ fn is_fixed_hop_by_hop(k: &HeaderName) -> bool {
         || k == header::PROXY_AUTHENTICATE
 }
 
+/// True for a field that is hop-by-hop whatever `Connection` lists (`Upgrade` included).
+pub fn is_hop_by_hop(k: &HeaderName) -> bool {
+    is_fixed_hop_by_hop(k) || k == header::UPGRADE
+}
+
 /// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`, `Proxy-Connection`, `TE`,
 /// `Transfer-Encoding`, `Upgrade` (kept with `Connection: upgrade` when `upgrading`), `Proxy-Authorization`,
 /// `Proxy-Authenticate`. Returns true if `TE: trailers` was asked for.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) -> bool {
     let mut wants_trailers = false;
-    if headers.keys().any(is_fixed_hop_by_hop) {
+    // Usually none is there: one pass over the names, no hash lookup.
+    if headers.keys().any(is_hop_by_hop) {
         // Usually one `Connection` value: taken out whole (no copy), so its tokens can name what else goes.
         match headers.get_all(header::CONNECTION).iter().count() {
             0 => {}
@@ -147,12 +153,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) -> bool {
             .get_all(header::TE)
             .iter()
             .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
-        remove_present(headers, is_fixed_hop_by_hop);
+        remove_present(headers, |k| is_fixed_hop_by_hop(k) || (!upgrading && k == header::UPGRADE));
     }
     if upgrading {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else if headers.contains_key(header::UPGRADE) {
-        headers.remove(header::UPGRADE);
     }
     wants_trailers
 }
@@ -176,24 +180,49 @@ pub struct Forwarding<'a> {
     pub from_trusted_proxy: bool,
 }
 
-/// Prepares request headers for the upstream: hop-by-hop removed, `X-Forwarded-*` set, the request id, and the
-/// verified identity. `host` is the authority the client addressed.
-pub fn prepare_upstream(
+/// What the gateway adds to a request for the upstream. None of these names is left in the request's map by
+/// [`prepare_upstream`], so a codec may write them straight after the map's fields (or
+/// [`UpstreamFields::insert_into`] adds them to it).
+pub struct UpstreamFields<'a> {
+    /// `X-Forwarded-For`, `-Proto`, `-Host` for a client that is not a trusted proxy (a trusted proxy's are merged
+    /// in the map).
+    forwarded: Option<[Option<HeaderValue>; 3]>,
+    request_id: &'a HeaderValue,
+}
+
+impl UpstreamFields<'_> {
+    /// The fields, in the order a codec writes them.
+    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        let names = [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST];
+        let forwarded =
+            self.forwarded.iter().flat_map(move |values| names.into_iter().zip(values).filter_map(|(n, v)| Some((n, v.as_ref()?))));
+        forwarded.chain(std::iter::once((&X_REQUEST_ID, self.request_id)))
+    }
+
+    pub fn insert_into(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.fields() {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+/// Prepares request headers for the upstream: hop-by-hop removed, the client's `X-Forwarded-*` replaced (or a
+/// trusted proxy's extended), the request id, and the verified identity. `host` is the authority the client
+/// addressed. Returns the fields still to add.
+pub fn prepare_upstream<'a>(
     headers: &mut HeaderMap,
     fwd: &Forwarding<'_>,
     host: Option<&HeaderValue>,
-    request_id: &HeaderValue,
+    request_id: &'a HeaderValue,
     principal: Option<&Principal>,
     identity: &IdentitySettings,
     upgrading: bool,
-) {
+) -> UpstreamFields<'a> {
     let wants_trailers = strip_hop_by_hop(headers, upgrading);
     if wants_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    // The gateway answered any `Expect: 100-continue` itself by reading the body.
-    headers.remove(header::EXPECT);
-    if fwd.from_trusted_proxy {
+    let forwarded = if fwd.from_trusted_proxy {
         let prior: Vec<String> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::to_string).collect();
         let peer = fwd.peer.ip().to_string();
         let joined = if prior.is_empty() { peer } else { format!("{}, {peer}", prior.join(", ")) };
@@ -206,20 +235,22 @@ pub fn prepare_upstream(
                 headers.insert(&X_FORWARDED_HOST, h.clone());
             }
         }
+        // The gateway answered any `Expect: 100-continue` itself by reading the body.
+        remove_present(headers, |k| k == header::EXPECT || k == X_REQUEST_ID);
+        None
     } else {
-        remove_present(headers, |k| k == header::FORWARDED || k == X_REAL_IP);
-        headers.insert(&X_FORWARDED_FOR, fwd.peer_ip.clone());
-        headers.insert(&X_FORWARDED_PROTO, proto(fwd.tls));
-        match host {
-            Some(h) => {
-                headers.insert(&X_FORWARDED_HOST, h.clone());
-            }
-            None => {
-                headers.remove(&X_FORWARDED_HOST);
-            }
-        }
-    }
-    headers.insert(&X_REQUEST_ID, request_id.clone());
+        // Replaced, not trusted; usually none is there (one pass over the names, no hash lookup).
+        remove_present(headers, |k| {
+            k == header::EXPECT
+                || k == X_REQUEST_ID
+                || k == X_FORWARDED_FOR
+                || k == X_FORWARDED_PROTO
+                || k == X_FORWARDED_HOST
+                || k == header::FORWARDED
+                || k == X_REAL_IP
+        });
+        Some([Some(fwd.peer_ip.clone()), Some(proto(fwd.tls)), host.cloned()])
+    };
     if !identity.forward_authorization {
         headers.remove(header::AUTHORIZATION);
     }
@@ -237,6 +268,7 @@ pub fn prepare_upstream(
             }
         }
     }
+    UpstreamFields { forwarded, request_id }
 }
 
 fn proto(tls: bool) -> HeaderValue {
@@ -301,6 +333,7 @@ fn join_nonempty(v: &[String]) -> Option<String> {
 /// always on gateway-made answers. HSTS only over TLS.
 #[derive(Debug, Clone)]
 pub struct SecureHeaders {
+    /// At most 64 (one bit each in [`SecureAdd`]); the config has six names.
     pub set: Vec<(HeaderName, HeaderValue)>,
     pub hsts: Option<HeaderValue>,
     pub remove: Vec<HeaderName>,
@@ -326,43 +359,81 @@ impl SecureHeaders {
     }
 }
 
-/// Adds the secure headers to an answer. `generated`: the gateway made it (always set, whatever was there).
-pub fn apply_secure_headers(h: &mut HeaderMap, s: &SecureHeaders, tls: bool, generated: bool) {
+/// The secure headers an answer still lacks, found by [`prepare_answer`]. None of them is in the answer's map, so
+/// a codec may write them straight after the map's fields (or [`SecureAdd::insert_into`] adds them to it).
+#[derive(Clone, Copy)]
+pub struct SecureAdd<'a> {
+    headers: &'a SecureHeaders,
+    /// Bit i: `headers.set[i]` is to be added.
+    missing: u64,
+    hsts: bool,
+}
+
+impl<'a> SecureAdd<'a> {
+    /// The fields to add, in configuration order.
+    pub fn fields(&self) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + 'a {
+        let (missing, set) = (self.missing, &self.headers.set);
+        let hsts = self.hsts.then_some(self.headers.hsts.as_ref()).flatten();
+        set.iter()
+            .enumerate()
+            .filter(move |(i, _)| missing & (1 << i) != 0)
+            .map(|(_, (n, v))| (n, v))
+            .chain(hsts.map(|v| (&header::STRICT_TRANSPORT_SECURITY, v)))
+    }
+
+    pub fn insert_into(&self, h: &mut HeaderMap) {
+        for (name, value) in self.fields() {
+            h.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+/// Readies an answer's headers for the client: removes the configured `remove` names and any request id (the
+/// gateway sets its own), and finds which secure headers it lacks. `generated`: the gateway made the answer
+/// (secure headers always set, whatever was there). HSTS only over TLS.
+pub fn prepare_answer<'a>(h: &mut HeaderMap, s: &'a SecureHeaders, tls: bool, generated: bool) -> SecureAdd<'a> {
     let force = generated || s.override_upstream;
     // One pass over the answer's few names instead of a hash lookup per configured name (most are absent).
-    let mut present = 0u64; // bit i: `s.set[i]` is there (and not about to be removed)
+    let mut present = 0u64; // bit i: `s.set[i]` is there
     let mut hsts_present = false;
     let mut remove_any = false;
     for name in h.keys() {
-        if s.remove.contains(name) {
+        if s.remove.contains(name) || name == X_REQUEST_ID {
             remove_any = true;
             continue;
         }
-        if !force {
-            for (i, (n, _)) in s.set.iter().enumerate().take(64) {
-                if n == name {
-                    present |= 1 << i;
-                }
+        for (i, (n, _)) in s.set.iter().enumerate() {
+            if n == name {
+                present |= 1 << i;
             }
-            hsts_present |= name == header::STRICT_TRANSPORT_SECURITY;
         }
+        hsts_present |= name == header::STRICT_TRANSPORT_SECURITY;
     }
     if remove_any {
         for name in &s.remove {
             h.remove(name);
         }
+        h.remove(&X_REQUEST_ID);
     }
-    for (i, (name, value)) in s.set.iter().enumerate() {
-        let there = if i < 64 { present & (1 << i) != 0 } else { h.contains_key(name) };
-        if force || !there {
-            h.insert(name.clone(), value.clone());
+    let mut missing = 0u64;
+    for (i, (name, _)) in s.set.iter().enumerate() {
+        if present & (1 << i) == 0 {
+            missing |= 1 << i;
+        } else if force {
+            h.remove(name);
+            missing |= 1 << i;
         }
     }
-    if let (true, Some(hsts)) = (tls, &s.hsts) {
-        if force || !hsts_present {
-            h.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
-        }
+    let hsts = tls && s.hsts.is_some() && (force || !hsts_present);
+    if hsts && hsts_present {
+        h.remove(header::STRICT_TRANSPORT_SECURITY);
     }
+    SecureAdd { headers: s, missing, hsts }
+}
+
+/// Adds the secure headers to an answer's map (see [`prepare_answer`]).
+pub fn apply_secure_headers(h: &mut HeaderMap, s: &SecureHeaders, tls: bool, generated: bool) {
+    prepare_answer(h, s, tls, generated).insert_into(h);
 }
 
 /// Cleans an upstream response for the client: hop-by-hop removed; `Content-Length` dropped when the upstream
@@ -472,13 +543,33 @@ mod tests {
 
     #[test]
     fn untrusted_forwarding_headers_are_replaced() {
-        let mut h = map(&[("x-forwarded-for", "6.6.6.6"), ("x-real-ip", "6.6.6.6"), ("forwarded", "for=6.6.6.6")]);
+        let sent = [
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-host", "evil"),
+            ("x-real-ip", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-request-id", "forged"),
+            ("expect", "100-continue"),
+            ("x-kept", "1"),
+        ];
         let ip = HeaderValue::from_static("192.0.2.9");
         let fwd = Forwarding { peer: "192.0.2.9:1".parse().unwrap(), peer_ip: &ip, tls: true, from_trusted_proxy: false };
         let rid = new_request_id();
-        prepare_upstream(&mut h, &fwd, None, &rid, None, &IdentitySettings::default(), false);
+        let mut h = map(&sent);
+        let add = prepare_upstream(&mut h, &fwd, None, &rid, None, &IdentitySettings::default(), false);
+        // Nothing the gateway sets is left in the map: a codec writing the additions after it sends each once.
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+        let added: Vec<(&str, &str)> = add.fields().map(|(n, v)| (n.as_str(), v.to_str().unwrap())).collect();
+        assert_eq!(added, [("x-forwarded-for", "192.0.2.9"), ("x-forwarded-proto", "https"), ("x-request-id", rid.to_str().unwrap())]);
+        add.insert_into(&mut h);
         assert_eq!(h["x-forwarded-for"], "192.0.2.9");
         assert_eq!(h["x-forwarded-proto"], "https");
-        assert!(!h.contains_key("x-real-ip") && !h.contains_key("forwarded"));
+        assert!(!h.contains_key("x-real-ip") && !h.contains_key("forwarded") && !h.contains_key("x-forwarded-host"));
+
+        let host = HeaderValue::from_static("api.example");
+        let mut h = map(&sent);
+        prepare_upstream(&mut h, &fwd, Some(&host), &rid, None, &IdentitySettings::default(), false).insert_into(&mut h);
+        assert_eq!(h["x-forwarded-host"], "api.example");
+        assert_eq!(h["x-request-id"], rid);
     }
 }

@@ -295,3 +295,27 @@ async fn a_truncated_upstream_body_is_never_delivered_as_complete() {
     assert_eq!(exchange(&client(&gw), "GET", &gw.http_url("/after")).await.0, StatusCode::OK);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn hop_by_hop_fields_of_an_answer_stay_with_the_upstream_and_the_gateway_sets_its_own() {
+    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\n\
+                   Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nUpgrade: h2c\r\nX-Request-Id: from-upstream\r\n\
+                   Server: secret/1.0\r\nX-Content-Type-Options: upstream\r\nX-End: kept\r\n\r\nok";
+    let (up, gw, c) = special_answer("/hop", answer, false).await;
+    let (status, headers, body) = exchange(&c, "GET", &gw.http_url("/hop")).await;
+    assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("ok")));
+    for name in ["connection", "x-hop", "keep-alive", "proxy-authenticate", "upgrade", "server"] {
+        assert!(!headers.contains_key(name), "{name} reached the client: {headers:?}");
+    }
+    let ids: Vec<_> = headers.get_all("x-request-id").iter().collect();
+    assert_eq!(ids.len(), 1, "one request id: {ids:?}");
+    assert!(ids[0].len() == 32 && ids[0] != "from-upstream", "the gateway's own request id: {ids:?}");
+    let xcto: Vec<_> = headers.get_all("x-content-type-options").iter().collect();
+    assert_eq!(xcto, ["upstream"], "the upstream's own secure header is kept, once");
+    assert_eq!(headers["x-frame-options"], "DENY", "a missing secure header is added");
+    assert_eq!(headers["x-end"], "kept");
+    // The answer asked for nothing that stops reuse.
+    assert_eq!(exchange(&c, "GET", &gw.http_url("/next")).await.0, StatusCode::OK);
+    assert_eq!(up.connections(), 1);
+    gw.stop().await;
+}
