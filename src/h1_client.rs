@@ -313,8 +313,9 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error>
         *span = (n, n + h.name.len(), v, v + h.value.len());
     }
     let head = buf.split_to(len).freeze();
-    // Room for what the gateway adds (secure headers, the request id) without growing the map.
-    let mut headers = HeaderMap::with_capacity(count + 12);
+    // The gateway's own answer fields are written after the map (HTTP/1) or inserted by hyper's path (HTTP/2,
+    // which may grow it once).
+    let mut headers = HeaderMap::with_capacity(count + 2);
     let mut length: Option<u64> = None;
     let mut length_values = 0;
     let mut chunked = false;

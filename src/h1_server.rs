@@ -508,8 +508,9 @@ fn parse_frozen(read: &Bytes, max_head: usize) -> Result<(Request<RequestBody>, 
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| NotOurs::HandOver)?;
     let uri = Uri::from_maybe_shared(read.slice_ref(path.as_bytes())).map_err(|_| NotOurs::HandOver)?;
     let mut meta = Meta { head: method == Method::HEAD, ..Meta::default() };
-    // Room for the fields `prepare_upstream` adds (X-Forwarded-*, the request id, identity), so it never regrows.
-    let mut headers = HeaderMap::with_capacity(req.headers.len() + 12);
+    // Room for the identity fields `prepare_upstream` inserts (X-Forwarded-* and the request id are written after
+    // the map), so it never regrows.
+    let mut headers = HeaderMap::with_capacity(req.headers.len() + 5);
     for field in req.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| NotOurs::HandOver)?;
         // Bodies, upgrades and expectations are hyper's to frame.

@@ -396,10 +396,15 @@ pub fn prepare_answer<'a>(h: &mut HeaderMap, s: &'a SecureHeaders, tls: bool, ge
     // One pass over the answer's few names instead of a hash lookup per configured name (most are absent).
     let mut present = 0u64; // bit i: `s.set[i]` is there
     let mut hsts_present = false;
-    let mut remove_any = false;
+    // Bit i: `s.remove[i]` is there (usually only an upstream's `Server`); bit 63: a request id.
+    let mut to_remove = 0u64;
     for name in h.keys() {
-        if s.remove.contains(name) || name == X_REQUEST_ID {
-            remove_any = true;
+        if name == X_REQUEST_ID {
+            to_remove |= 1 << 63;
+            continue;
+        }
+        if let Some(i) = s.remove.iter().position(|r| r == name) {
+            to_remove |= 1 << i.min(62);
             continue;
         }
         for (i, (n, _)) in s.set.iter().enumerate() {
@@ -409,11 +414,16 @@ pub fn prepare_answer<'a>(h: &mut HeaderMap, s: &'a SecureHeaders, tls: bool, ge
         }
         hsts_present |= name == header::STRICT_TRANSPORT_SECURITY;
     }
-    if remove_any {
-        for name in &s.remove {
-            h.remove(name);
+    if to_remove != 0 {
+        for (i, name) in s.remove.iter().enumerate() {
+            // Past 62 names (never configured in practice) every one is tried.
+            if i >= 62 || to_remove & (1 << i) != 0 {
+                h.remove(name);
+            }
         }
-        h.remove(&X_REQUEST_ID);
+        if to_remove & (1 << 63) != 0 {
+            h.remove(&X_REQUEST_ID);
+        }
     }
     let mut missing = 0u64;
     for (i, (name, _)) in s.set.iter().enumerate() {

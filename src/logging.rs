@@ -174,6 +174,19 @@ thread_local! {
     static CLOCK: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
 }
 
+/// A field's key as written before its value: ` key=` (text) or `,"key":` (JSON), one copy each.
+#[derive(Clone, Copy)]
+struct Key {
+    text: &'static str,
+    json: &'static str,
+}
+
+macro_rules! key {
+    ($name:literal) => {
+        Key { text: concat!(" ", $name, "="), json: concat!(",\"", $name, "\":") }
+    };
+}
+
 /// Writes one access-log line.
 pub fn access(r: &AccessRecord<'_>) {
     let mode = DIRECT.load(Ordering::Relaxed);
@@ -219,7 +232,7 @@ pub fn access(r: &AccessRecord<'_>) {
             line.extend_from_slice(b"Z  INFO portcullis::access:");
         }
         let mut f = Fields { line, json };
-        f.str("request_id", r.request_id);
+        f.str(key!("request_id"), r.request_id);
         let mut ip = [0u8; 48];
         let ip = match r.client_text {
             Some(text) => text.as_bytes(),
@@ -231,24 +244,24 @@ pub fn access(r: &AccessRecord<'_>) {
                 &ip[..48 - left]
             }
         };
-        f.raw_str("client", ip);
-        f.raw_str("method", r.method.as_bytes());
-        f.str("path", r.path);
-        f.str("route", r.route);
-        f.num("status", u64::from(r.status));
+        f.raw_str(key!("client"), ip);
+        f.raw_str(key!("method"), r.method.as_bytes());
+        f.str(key!("path"), r.path);
+        f.str(key!("route"), r.route);
+        f.num(key!("status"), u64::from(r.status));
         if let Some(b) = r.bytes {
-            f.num("bytes", b);
+            f.num(key!("bytes"), b);
         }
         if let Some(s) = r.subject {
-            f.str("subject", s);
+            f.str(key!("subject"), s);
         }
         if let Some(s) = r.issuer {
-            f.str("issuer", s);
+            f.str(key!("issuer"), s);
         }
-        f.bool("rate_limited", r.rate_limited);
-        f.num("duration_us", r.duration_us);
+        f.bool(key!("rate_limited"), r.rate_limited);
+        f.num(key!("duration_us"), r.duration_us);
         if let Some(u) = r.upstream_us {
-            f.num("upstream_us", u);
+            f.num(key!("upstream_us"), u);
         }
         if json {
             f.line.extend_from_slice(b",\"target\":\"portcullis::access\"}");
@@ -264,20 +277,12 @@ struct Fields<'a> {
 }
 
 impl Fields<'_> {
-    fn key(&mut self, k: &str) {
-        if self.json {
-            self.line.extend_from_slice(b",\"");
-            self.line.extend_from_slice(k.as_bytes());
-            self.line.extend_from_slice(b"\":");
-        } else {
-            self.line.push(b' ');
-            self.line.extend_from_slice(k.as_bytes());
-            self.line.push(b'=');
-        }
+    fn key(&mut self, k: Key) {
+        self.line.extend_from_slice(if self.json { k.json } else { k.text }.as_bytes());
     }
 
     /// A quoted, escaped string (text quotes like `tracing` does for strings).
-    fn str(&mut self, k: &str, v: &str) {
+    fn str(&mut self, k: Key, v: &str) {
         self.key(k);
         self.line.push(b'"');
         let plain = |b: &u8| *b >= 0x20 && *b != 0x7f && *b != b'"' && *b != b'\\';
@@ -303,7 +308,7 @@ impl Fields<'_> {
     }
 
     /// A value known to need no escaping (an address, a method token): bare in text, quoted in JSON.
-    fn raw_str(&mut self, k: &str, v: &[u8]) {
+    fn raw_str(&mut self, k: Key, v: &[u8]) {
         self.key(k);
         if self.json {
             self.line.push(b'"');
@@ -314,12 +319,12 @@ impl Fields<'_> {
         }
     }
 
-    fn num(&mut self, k: &str, v: u64) {
+    fn num(&mut self, k: Key, v: u64) {
         self.key(k);
         self.line.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
     }
 
-    fn bool(&mut self, k: &str, v: bool) {
+    fn bool(&mut self, k: Key, v: bool) {
         self.key(k);
         self.line.extend_from_slice(if v { b"true" } else { b"false" });
     }
@@ -369,10 +374,10 @@ mod tests {
     fn fields_escape_strings_and_keep_json_valid() {
         let mut line = Vec::new();
         let mut f = Fields { line: &mut line, json: true };
-        f.str("path", "/a\"b\\c\u{1}");
-        f.num("status", 200);
-        f.bool("rate_limited", false);
-        f.raw_str("client", b"127.0.0.1");
+        f.str(key!("path"), "/a\"b\\c\u{1}");
+        f.num(key!("status"), 200);
+        f.bool(key!("rate_limited"), false);
+        f.raw_str(key!("client"), b"127.0.0.1");
         let text = format!("{{\"x\":1{}}}", String::from_utf8(line).unwrap());
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["path"], "/a\"b\\c\u{1}");
