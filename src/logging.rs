@@ -1,16 +1,22 @@
 //! A log writer that never puts a syscall, a thread wake-up or a lock shared by every request on the request
 //! path: each thread appends whole lines to its own buffer (its lock is contended only by the flusher), and a
-//! background thread writes all buffers to stderr every 100 ms, or a thread writes its own at once past 64 KiB,
-//! which bounds memory. At most the last 100 ms of lines can be lost if the process is killed; lines from
-//! different threads may reach stderr slightly out of order (each carries its timestamp).
+//! background thread writes all buffers to stderr every 100 ms, or at once when a thread's buffer passes 64 KiB
+//! (that thread writes its own only past 256 KiB, when the flusher has fallen behind: memory stays bounded).
+//! At most the last 100 ms of lines can be lost if the process is killed; lines from different threads may reach
+//! stderr slightly out of order (each carries its timestamp).
 
 use std::cell::OnceCell;
 use std::io::Write;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const FLUSH_AT: usize = 64 * 1024;
+/// Past this a thread writes its buffer itself.
+const WRITE_AT: usize = 4 * FLUSH_AT;
+
+/// The flusher thread, woken early when a thread's buffer is full.
+static FLUSHER: OnceLock<std::thread::Thread> = OnceLock::new();
 
 /// A thread's lines. `active` is appended to; writing out swaps in `spare` (emptied after the previous write), so
 /// neither buffer is reallocated and the memory lines are appended to stays warm in cache. `spare` is held for the
@@ -62,15 +68,19 @@ fn with_buffer(f: impl FnOnce(&mut Vec<u8>)) -> bool {
                 }
                 ThreadBuffer(buf)
             });
-            let full = match local.0.active.lock() {
+            let len = match local.0.active.lock() {
                 Ok(mut b) => {
                     f(&mut b);
-                    b.len() >= FLUSH_AT
+                    b.len()
                 }
-                Err(_) => false,
+                Err(_) => 0,
             };
-            if full {
-                write_out(&local.0);
+            if len >= FLUSH_AT {
+                match FLUSHER.get() {
+                    // A wake-up (a syscall only if the flusher sleeps), not a write on the request path.
+                    Some(flusher) if len < WRITE_AT => flusher.unpark(),
+                    _ => write_out(&local.0),
+                }
             }
         })
         .is_ok()
@@ -89,10 +99,13 @@ pub struct BufferedStderr(());
 impl BufferedStderr {
     /// Starts the flusher thread and returns the writer factory.
     pub fn start() -> BufferedStderr {
-        let _ = std::thread::Builder::new().name("portcullis-log".into()).spawn(|| loop {
-            std::thread::sleep(FLUSH_EVERY);
+        let flusher = std::thread::Builder::new().name("portcullis-log".into()).spawn(|| loop {
+            std::thread::park_timeout(FLUSH_EVERY);
             BufferedStderr(()).flush_now();
         });
+        if let Ok(handle) = flusher {
+            let _ = FLUSHER.set(handle.thread().clone());
+        }
         BufferedStderr(())
     }
 
