@@ -14,8 +14,12 @@ use tokio::time::{Instant, Sleep};
 /// Returns the instant `d` from now; an absurdly long `d` (a config may say "10000000000000000000s") means about
 /// thirty years rather than an overflow.
 pub fn deadline_after(d: std::time::Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d).unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365 * 30))
+    later(Instant::now(), d)
+}
+
+/// Returns `start + d`, saturating like [`deadline_after`] (for a caller that already read the clock).
+pub fn later(start: Instant, d: std::time::Duration) -> Instant {
+    start.checked_add(d).unwrap_or_else(|| start + std::time::Duration::from_secs(86_400 * 365 * 30))
 }
 
 #[derive(Debug)]

@@ -98,6 +98,8 @@ pub struct Gateway {
     route_metrics: Vec<RouteMetrics>,
     /// `portcullis_upstream_duration_seconds{upstream}` of each route's upstream, resolved once.
     route_upstream_time: Vec<prometheus::Histogram>,
+    /// Some CORS policy exists (global or on a route): only then is a request's `Origin` looked up.
+    cors_configured: bool,
     unrouted_metrics: RouteMetrics,
     global_limiter: Option<Arc<Limiter>>,
     token_endpoint: Option<TokenEndpoint>,
@@ -179,6 +181,7 @@ impl Gateway {
             }
             None => None,
         };
+        let cors_configured = config.cors.is_some() || config.routes.routes().iter().any(|r| r.cors.is_some());
         Ok(Gateway {
             unrouted_metrics: RouteMetrics::new(&metrics, "-"),
             config,
@@ -188,6 +191,7 @@ impl Gateway {
             route_limiters,
             route_metrics,
             route_upstream_time,
+            cors_configured,
             global_limiter,
             token_endpoint,
             _tasks: tasks,
@@ -221,7 +225,7 @@ impl Gateway {
         headers::strip_identity(req.headers_mut(), &self.config.identity);
         let method = req.method().clone();
         let uri = req.uri().clone();
-        let origin = req.headers().get(header::ORIGIN).cloned();
+        let origin = if self.cors_configured { req.headers().get(header::ORIGIN).cloned() } else { None };
         let client = client_ip(conn.peer, req.headers(), &self.config.trusted_proxies);
         let mut outcome = Outcome { request_has_body: has_body(&req), ..Outcome::default() };
         let fwd = Forwarding { peer: conn.peer, peer_ip: &conn.peer_ip, tls: conn.tls, from_trusted_proxy: trusted };
@@ -392,7 +396,7 @@ impl Gateway {
                     additions: &additions,
                     host: host.as_ref().filter(|_| upstream.settings.preserve_host),
                 };
-                proxy::forward_lean(upstream, lean, &head).await
+                proxy::forward_lean(upstream, lean, &head, sent).await
             }
             None => {
                 additions.insert_into(&mut parts.headers);
@@ -476,10 +480,15 @@ impl Gateway {
     }
 }
 
-fn has_body<B>(req: &Request<B>) -> bool {
-    declared_length(req).is_some_and(|n| n > 0) || req.headers().contains_key(header::TRANSFER_ENCODING)
+fn has_body(req: &Request<RequestBody>) -> bool {
+    !matches!(req.body(), RequestBody::Empty)
+        && (declared_length(req).is_some_and(|n| n > 0) || req.headers().contains_key(header::TRANSFER_ENCODING))
 }
 
-fn declared_length<B>(req: &Request<B>) -> Option<u64> {
+fn declared_length(req: &Request<RequestBody>) -> Option<u64> {
+    // Our own HTTP/1 codec passes on only requests framed without a body.
+    if matches!(req.body(), RequestBody::Empty) {
+        return None;
+    }
     req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }

@@ -114,11 +114,12 @@ impl Client {
         })
     }
 
-    /// Sends a bodiless request and returns the response once its head has arrived, within `timeout`. An
-    /// idempotent request whose pooled connection turns out to be closed is retried once on a new connection.
-    pub async fn send(&self, head: &Head<'_>, timeout: Duration) -> Result<Response<ResponseBody>, H1Error> {
-        let deadline = crate::deadline::deadline_after(timeout);
-        if let Some(conn) = self.pool.take() {
+    /// Sends a bodiless request and returns the response once its head has arrived, within `timeout` of `now`
+    /// (the caller's clock reading, taken just before). An idempotent request whose pooled connection turns out
+    /// to be closed is retried once on a new connection.
+    pub async fn send(&self, head: &Head<'_>, timeout: Duration, now: std::time::Instant) -> Result<Response<ResponseBody>, H1Error> {
+        let deadline = crate::deadline::later(now.into(), timeout);
+        if let Some(conn) = self.pool.take(now) {
             match self.exchange(conn, head, deadline).await {
                 Ok(rsp) => return Ok(rsp),
                 Err(Attempt::Stale(e)) if !is_idempotent(head.method) => return Err(e),
@@ -313,9 +314,9 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error>
         *span = (n, n + h.name.len(), v, v + h.value.len());
     }
     let head = buf.split_to(len).freeze();
-    // The gateway's own answer fields are written after the map (HTTP/1) or inserted by hyper's path (HTTP/2,
-    // which may grow it once).
-    let mut headers = HeaderMap::with_capacity(count + 2);
+    // Sized for what is parsed: the gateway's own answer fields are written after the map (HTTP/1) or inserted
+    // on hyper's path (HTTP/2, which may grow it once). Small maps also stay in the allocator's fast path.
+    let mut headers = HeaderMap::with_capacity(count);
     let mut length: Option<u64> = None;
     let mut length_values = 0;
     let mut chunked = false;

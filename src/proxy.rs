@@ -138,9 +138,14 @@ pub fn rewrite_uri(
 
 /// Sends a bodiless request over the lean client and waits for the response head, bounded by the upstream's
 /// `timeout`.
-pub async fn forward_lean(up: &Upstream, lean: &h1_client::Client, head: &h1_client::Head<'_>) -> Result<Response<Body>, ProxyError> {
+pub async fn forward_lean(
+    up: &Upstream,
+    lean: &h1_client::Client,
+    head: &h1_client::Head<'_>,
+    now: std::time::Instant,
+) -> Result<Response<Body>, ProxyError> {
     let name = &up.settings.name;
-    match lean.send(head, up.settings.timeout).await {
+    match lean.send(head, up.settings.timeout, now).await {
         Err(H1Error::Timeout) => Err(ProxyError::Timeout { upstream: name.clone(), timeout: up.settings.timeout }),
         Ok(rsp) => Ok(rsp.map(Body::Upstream)),
         Err(H1Error::UnexpectedUpgrade) => Err(ProxyError::UnexpectedUpgrade),

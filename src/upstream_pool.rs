@@ -97,10 +97,10 @@ impl Pool {
     }
 
     /// Takes the most recently used connection that is still good, if any.
-    pub fn take(&self) -> Option<Conn> {
+    pub fn take(&self, now: Instant) -> Option<Conn> {
         let mut idle = self.shard().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while let Some(i) = idle.pop() {
-            if i.since.elapsed() < self.idle_timeout && i.conn.is_quiet() {
+            if now.saturating_duration_since(i.since) < self.idle_timeout && i.conn.is_quiet() {
                 return Some(i.conn);
             }
         }
@@ -173,7 +173,7 @@ mod tests {
         pool.put(a);
         pool.put(b);
         assert_eq!(pool.idle_count(), 2);
-        assert!(pool.take().is_none());
+        assert!(pool.take(Instant::now()).is_none());
         assert_eq!(pool.idle_count(), 0);
     }
 
@@ -215,7 +215,7 @@ mod tests {
         pool.put(a);
         pool.put(b);
         assert_eq!(pool.idle_count(), pool.max_idle_per_shard.min(2));
-        assert!(pool.take().is_some());
+        assert!(pool.take(Instant::now()).is_some());
     }
 
     #[tokio::test]
@@ -224,6 +224,6 @@ mod tests {
         let (a, _peer) = pair().await;
         pool.put(a);
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(pool.take().is_none());
+        assert!(pool.take(Instant::now()).is_none());
     }
 }
