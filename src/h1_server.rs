@@ -78,7 +78,8 @@ enum Parsed {
 
 struct Conn<I> {
     io: I,
-    /// Bytes read and not yet parsed; empty (no allocation) between requests on a quiet connection.
+    /// Bytes read and not yet parsed. Between requests it keeps the allocation the last head was read into (about
+    /// a head's size), which the next read reuses in place once that request is gone.
     buf: BytesMut,
     out: Vec<u8>,
     limits: Limits,
@@ -464,7 +465,9 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
 /// Parses one request head from the front of `buf`, taking its bytes out only when the request is ours. Header
 /// values and the target share the bytes read (no copy).
 fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
-    let read = std::mem::take(buf).freeze();
+    // Split off rather than taken: slices of a split buffer share it by reference count (no allocation to promote
+    // it per request), and the buffer keeps its allocation for the next read.
+    let read = buf.split().freeze();
     match parse_frozen(&read, max_head) {
         Ok((req, meta, len)) => {
             if len < read.len() {
@@ -474,7 +477,9 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
             Parsed::Request(req, meta)
         }
         Err(not_ours) => {
-            // Nothing kept a reference: the bytes go back as they were, without a copy.
+            // Once the empty remainder lets go of the allocation nothing else refers to it: the bytes go back as
+            // they were, without a copy.
+            *buf = BytesMut::new();
             *buf = read.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
             match not_ours {
                 NotOurs::Partial => Parsed::Partial,
@@ -603,6 +608,25 @@ mod tests {
         }
         let many = format!("GET / HTTP/1.1\r\n{}\r\n", "a: b\r\n".repeat(MAX_HEADERS + 1));
         assert!(matches!(parsed(&many), Parsed::HandOver));
+    }
+
+    #[test]
+    fn the_read_buffer_is_reused_in_place_once_a_request_is_gone() {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n");
+        let start = buf.as_ptr();
+        let Parsed::Request(req, _) = parse(&mut buf, 1 << 20) else { panic!("not ours") };
+        // The buffer still holds its allocation, just past the head the request now refers to.
+        assert_eq!(buf.as_ptr(), start.wrapping_add(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n".len()));
+        drop(req);
+        buf.extend_from_slice(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n");
+        assert_eq!(buf.as_ptr(), start, "the next head landed in the same allocation");
+        let Parsed::Request(req, _) = parse(&mut buf, 1 << 20) else { panic!("not ours") };
+        assert_eq!((req.uri().path(), req.headers()["host"].as_bytes()), ("/b", &b"x"[..]));
+        // A partial head after a request stays whole.
+        buf.extend_from_slice(b"GET /c HTTP/1.1\r\nho");
+        assert!(matches!(parse(&mut buf, 1 << 20), Parsed::Partial));
+        assert_eq!(&buf[..], b"GET /c HTTP/1.1\r\nho");
     }
 
     #[test]
