@@ -4,6 +4,7 @@
 //! counts it, and writes the access log. `handle_inner()` runs one stage per line:
 //! global limit -> route -> authenticate -> authorize -> route limit -> forward -> finish.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +60,9 @@ impl Drop for Tasks {
 pub struct Additions<'a> {
     pub secure: headers::SecureAdd<'a>,
     pub request_id: HeaderValue,
+    /// When the answer was ready: the clock reading the request's duration was taken from, for a codec to time
+    /// its next wait from without reading the clock again.
+    pub ready_at: Instant,
 }
 
 impl Additions<'_> {
@@ -211,14 +215,15 @@ impl Gateway {
     /// Serves one request. Never fails: errors become their HTTP answer here, and every request is counted
     /// and logged.
     pub async fn handle(&self, req: Request<RequestBody>, conn: &ConnInfo) -> Response<Body> {
-        let (mut rsp, additions) = self.serve(req, conn).await;
+        let (mut rsp, additions) = self.serve(req, conn, None).await;
         additions.insert_into(rsp.headers_mut());
         rsp
     }
 
     /// [`Gateway::handle`] for a codec that writes the answer's [`Additions`] itself, straight into the head.
-    pub async fn serve(&self, mut req: Request<RequestBody>, conn: &ConnInfo) -> (Response<Body>, Additions<'_>) {
-        let start = Instant::now();
+    /// `arrived`: when the request's first bytes were read, if the codec knows (the request is timed from then).
+    pub async fn serve(&self, mut req: Request<RequestBody>, conn: &ConnInfo, arrived: Option<Instant>) -> (Response<Body>, Additions<'_>) {
+        let start = arrived.unwrap_or_else(Instant::now);
         let trusted = is_trusted(&self.config.trusted_proxies, conn.peer.ip());
         let request_id = headers::request_id(req.headers(), trusted);
         // Before anything else: a client can never forge its identity to the upstream.
@@ -229,7 +234,14 @@ impl Gateway {
         let client = client_ip(conn.peer, req.headers(), &self.config.trusted_proxies);
         let mut outcome = Outcome { request_has_body: has_body(&req), ..Outcome::default() };
         let fwd = Forwarding { peer: conn.peer, peer_ip: &conn.peer_ip, tls: conn.tls, from_trusted_proxy: trusted };
-        let mut rsp = match self.handle_inner(req, &uri, &fwd, client, &request_id, &mut outcome).await {
+        // Awaited here rather than in a function of their own: one layer less for the request and the answer
+        // to be moved through.
+        let result = match self.admit(&uri, client, &mut outcome) {
+            Err(e) => Err(e),
+            Ok((path, Some(te))) => self.token_endpoint(te, req, &path, &fwd, client, &mut outcome).await,
+            Ok((path, None)) => self.routed(req, &uri, &path, &fwd, client, &request_id, &mut outcome).await,
+        };
+        let mut rsp = match result {
             Ok(rsp) => rsp,
             Err(e) => {
                 self.count_refusal(&e, &outcome);
@@ -250,12 +262,13 @@ impl Gateway {
             cors::apply(policy, origin.as_ref(), h);
         }
 
-        let elapsed = start.elapsed();
+        let ready_at = Instant::now();
+        let elapsed = ready_at.saturating_duration_since(start);
         let rm = outcome.route.and_then(|r| self.route_metrics.get(r.index)).unwrap_or(&self.unrouted_metrics);
         rm.observe(&self.metrics, &method, rsp.status(), elapsed.as_secs_f64());
         let route_name = outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-");
         if !self.config.access_log {
-            return (rsp, Additions { secure, request_id });
+            return (rsp, Additions { secure, request_id, ready_at });
         }
         let bytes = rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         crate::logging::access(&crate::logging::AccessRecord {
@@ -272,28 +285,26 @@ impl Gateway {
             rate_limited: outcome.rate_limited,
             duration_us: elapsed.as_micros() as u64,
             upstream_us: outcome.upstream_time.map(|d| d.as_micros() as u64),
+            at: ready_at,
         });
-        (rsp, Additions { secure, request_id })
+        (rsp, Additions { secure, request_id, ready_at })
     }
 
-    async fn handle_inner<'a>(
-        &'a self,
-        req: Request<RequestBody>,
-        uri: &http::Uri,
-        fwd: &Forwarding<'_>,
+    /// The checks before routing: the global rate limit and the path's form. Returns the normalized path, and
+    /// the token endpoint when it serves that path.
+    fn admit<'u>(
+        &self,
+        uri: &'u http::Uri,
         client: IpAddr,
-        request_id: &HeaderValue,
-        outcome: &mut Outcome<'a>,
-    ) -> Result<Response<Body>, GatewayError> {
+        outcome: &mut Outcome<'_>,
+    ) -> Result<(Cow<'u, str>, Option<&TokenEndpoint>), GatewayError> {
         // Before any parsing or signature check, so a flood of bad tokens costs almost nothing.
         if let Some(l) = &self.global_limiter {
             self.check_limit(l, client, None, outcome)?;
         }
         let path = normalize_path(uri.path())?;
-        if let Some(te) = self.token_endpoint.as_ref().filter(|te| te.serves(&path)) {
-            return self.token_endpoint(te, req, &path, fwd, client, outcome).await;
-        }
-        self.routed(req, uri, &path, fwd, client, request_id, outcome).await
+        let te = self.token_endpoint.as_ref().filter(|te| te.serves(&path));
+        Ok((path, te))
     }
 
     /// Serves the token endpoint and the well-known documents.
@@ -395,8 +406,12 @@ impl Gateway {
                     headers: &parts.headers,
                     additions: &additions,
                     host: host.as_ref().filter(|_| upstream.settings.preserve_host),
+                    answer_rules: route.headers.as_ref().unwrap_or(&self.config.headers),
                 };
-                proxy::forward_lean(upstream, lean, &head, sent).await
+                match lean.send(&head, upstream.settings.timeout, sent).await {
+                    Ok(rsp) => Ok(rsp.map(Body::Upstream)),
+                    Err(e) => Err(proxy::lean_error(upstream, e)),
+                }
             }
             None => {
                 additions.insert_into(&mut parts.headers);

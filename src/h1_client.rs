@@ -17,7 +17,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWrite;
@@ -76,6 +76,8 @@ pub struct Head<'a> {
     /// Written after `headers` (none of their names is in it).
     pub additions: &'a headers::UpstreamFields<'a>,
     pub host: Option<&'a HeaderValue>,
+    /// The route's answer rules: fields they remove are left out of the answer as it is parsed.
+    pub answer_rules: &'a headers::SecureHeaders,
 }
 
 /// True when path and query can go into a request line as they are (they always can after routing: this only
@@ -133,7 +135,7 @@ impl Client {
         })
     }
 
-    async fn connect(&self) -> Result<Conn, H1Error> {
+    async fn connect(&self) -> Result<Box<Conn>, H1Error> {
         let io = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.connect_to.as_str())).await {
             Err(_) => return Err(H1Error::ConnectTimeout(self.connect_timeout)),
             Ok(Err(e)) => return Err(H1Error::Connect(e)),
@@ -142,10 +144,15 @@ impl Client {
         let _ = io.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
         let _ = socket2::SockRef::from(&io).set_tcp_keepalive(&keepalive);
-        Ok(Conn::new(io))
+        Ok(Box::new(Conn::new(io)))
     }
 
-    async fn exchange(&self, mut conn: Conn, head: &Head<'_>, deadline: tokio::time::Instant) -> Result<Response<ResponseBody>, Attempt> {
+    async fn exchange(
+        &self,
+        mut conn: Box<Conn>,
+        head: &Head<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<ResponseBody>, Attempt> {
         encode_head(&mut conn.head, head, &self.authority);
         conn.deadline.set(deadline);
         match write_head(&mut conn).await {
@@ -161,7 +168,7 @@ impl Client {
         loop {
             received |= !conn.buf.is_empty();
             if !conn.buf.is_empty() && line_ended {
-                match parse_head(&mut conn.buf, head.method == Method::HEAD).map_err(Attempt::Failed)? {
+                match parse_head(&mut conn.buf, head.method == Method::HEAD, head.answer_rules).map_err(Attempt::Failed)? {
                     Parsed::Interim if interim >= MAX_INTERIM => return Err(Attempt::Failed(H1Error::Malformed("too many 1xx answers"))),
                     Parsed::Interim => {
                         interim += 1;
@@ -276,7 +283,7 @@ enum Parsed {
 
 /// Parses a response head from the front of `buf`, consuming it when complete. Header values share the head's
 /// bytes (no copy).
-fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error> {
+fn parse_head(buf: &mut BytesMut, head_request: bool, rules: &headers::SecureHeaders) -> Result<Parsed, H1Error> {
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut rsp = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut rsp, buf, &mut slots) {
@@ -323,7 +330,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error>
     let mut close = !http11;
     let mut lists_others = false;
     for &(ns, ne, vs, ve) in spans.iter() {
-        let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| H1Error::Malformed("bad header name"))?;
+        let name = headers::parse_name(&head[ns..ne]).map_err(|_| H1Error::Malformed("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| H1Error::Malformed("bad header value"))?;
         if name == header::CONTENT_LENGTH {
             for item in value.as_bytes().split(|&b| b == b',') {
@@ -357,8 +364,9 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, H1Error>
             }
             continue;
         }
-        // The fields are end-to-end only (RFC 9110 §7.6.1): hop-by-hop ones never reach the map.
-        if headers::is_hop_by_hop(&name) {
+        // The fields are end-to-end only (RFC 9110 §7.6.1): hop-by-hop ones never reach the map, nor do those
+        // the answer rules would remove.
+        if headers::is_hop_by_hop(&name) || headers::dropped_from_answer(&name, rules) {
             continue;
         }
         headers.append(name, value);
@@ -395,7 +403,9 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
 /// The body of an upstream response, read from the upstream socket on demand. The connection goes back to the
 /// pool the moment the last byte is read (if the exchange allows reuse); a body dropped early closes it.
 pub struct ResponseBody {
-    conn: Option<Conn>,
+    /// Boxed, like every pooled connection: it moves through the request's async layers and the pool, where a
+    /// pointer moves cheaper than the connection's 112 bytes.
+    conn: Option<Box<Conn>>,
     state: State,
     reusable: bool,
     pool: Arc<Pool>,
@@ -414,7 +424,7 @@ impl std::fmt::Debug for ResponseBody {
 }
 
 impl ResponseBody {
-    fn new(conn: Conn, framing: Framing, reusable: bool, pool: &Arc<Pool>) -> ResponseBody {
+    fn new(conn: Box<Conn>, framing: Framing, reusable: bool, pool: &Arc<Pool>) -> ResponseBody {
         let state = match framing {
             Framing::Length(n) => State::Length(n),
             Framing::Chunked => State::Chunked(ChunkedDecoder::default()),
@@ -576,7 +586,7 @@ impl ChunkedDecoder {
                         Ok(httparse::Status::Complete((n, fields))) => {
                             let mut trailers = HeaderMap::with_capacity(fields.len());
                             for f in fields.iter() {
-                                let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| H1Error::Malformed("bad trailer name"))?;
+                                let name = headers::parse_name(f.name.as_bytes()).map_err(|_| H1Error::Malformed("bad trailer name"))?;
                                 let value = HeaderValue::from_bytes(f.value).map_err(|_| H1Error::Malformed("bad trailer value"))?;
                                 trailers.append(name, value);
                             }
@@ -691,7 +701,7 @@ mod tests {
     }
 
     fn head(raw: &[u8], head_request: bool) -> Result<Parsed, H1Error> {
-        parse_head(&mut BytesMut::from(raw), head_request)
+        parse_head(&mut BytesMut::from(raw), head_request, &headers::SecureHeaders::defaults())
     }
 
     fn complete(raw: &[u8]) -> (StatusCode, HeaderMap, Framing, bool) {
@@ -726,6 +736,25 @@ mod tests {
     }
 
     #[test]
+    fn fields_the_answer_rules_remove_are_left_out_as_the_head_is_parsed() {
+        let raw = b"HTTP/1.1 200 OK\r\nServer: up/1.0\r\nX-Request-Id: upstream\r\nX-Powered-By: php\r\nDate: d\r\n\
+                    X-Keep: k\r\nContent-Length: 0\r\n\r\n";
+        let (_, h, _, _) = complete(raw);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["date", "x-keep", "content-length"]);
+        // With the rules' `remove` emptied, only the upstream's request id still goes.
+        let mut keep_all = headers::SecureHeaders::defaults();
+        keep_all.remove.clear();
+        match parse_head(&mut BytesMut::from(&raw[..]), false, &keep_all).unwrap() {
+            Parsed::Complete { headers, .. } => {
+                assert_eq!(headers["server"], "up/1.0");
+                assert_eq!(headers["x-powered-by"], "php");
+                assert!(!headers.contains_key("x-request-id"));
+            }
+            _ => panic!("not complete"),
+        }
+    }
+
+    #[test]
     fn both_framings_are_not_passed_on_and_the_connection_not_reused() {
         let (_, h, f, r) = complete(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!((f, r), (Framing::Chunked, false));
@@ -752,8 +781,9 @@ mod tests {
     #[test]
     fn interim_answers_are_skipped() {
         let mut buf = BytesMut::from(&b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..]);
-        assert!(matches!(parse_head(&mut buf, false).unwrap(), Parsed::Interim));
-        assert!(matches!(parse_head(&mut buf, false).unwrap(), Parsed::Complete { status: StatusCode::OK, .. }));
+        let rules = headers::SecureHeaders::defaults();
+        assert!(matches!(parse_head(&mut buf, false, &rules).unwrap(), Parsed::Interim));
+        assert!(matches!(parse_head(&mut buf, false, &rules).unwrap(), Parsed::Complete { status: StatusCode::OK, .. }));
         assert!(buf.is_empty());
     }
 
@@ -781,7 +811,15 @@ mod tests {
         let fwd = headers::Forwarding { peer: "192.0.2.9:1".parse().unwrap(), peer_ip: &ip, tls: false, from_trusted_proxy: false };
         let rid = HeaderValue::from_static("r1");
         let additions = headers::prepare_upstream(&mut h, &fwd, None, &rid, None, &Default::default(), false);
-        let head = Head { method: &Method::GET, path: "/a/b", query: Some("x=1"), headers: &h, additions: &additions, host: None };
+        let head = Head {
+            method: &Method::GET,
+            path: "/a/b",
+            query: Some("x=1"),
+            headers: &h,
+            additions: &additions,
+            host: None,
+            answer_rules: &headers::SecureHeaders::defaults(),
+        };
         encode_head(&mut out, &head, &HeaderValue::from_static("up:3000"));
         let expected = "GET /a/b?x=1 HTTP/1.1\r\nhost: up:3000\r\nx-a: 1\r\n\
                         x-forwarded-for: 192.0.2.9\r\nx-forwarded-proto: http\r\nx-request-id: r1\r\n\r\n";

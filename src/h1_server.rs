@@ -22,7 +22,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::{Body, RequestBody};
-use crate::deadline::{deadline_after, Deadline};
+use crate::deadline::{deadline_after, later, Deadline};
 use crate::gateway::{Additions, ConnInfo};
 use crate::server::Shared;
 
@@ -99,14 +99,14 @@ where
     let mut shutdown = Shutdown { changed: pin!(tokio::task::unconstrained(shutdown.changed())), registered: false };
     let mut first = true;
     loop {
-        let (req, meta) = match conn.read_head(shared, &mut shutdown, first).await {
+        let (req, meta, arrived) = match conn.read_head(shared, &mut shutdown, first).await {
             Some(Ok(parsed)) => parsed,
             Some(Err(())) => return conn.hand_over(),
             None => return Ended::Closed,
         };
         first = false;
         let gateway = shared.gateway.load_full();
-        let Some((rsp, additions)) = conn.serve_request(pin!(gateway.serve(req, info))).await else {
+        let Some((rsp, additions)) = conn.serve_request(pin!(gateway.serve(req, info, arrived.map(Instant::into_std)))).await else {
             return Ended::Closed;
         };
         let keep_alive = !meta.close && !shared.is_draining();
@@ -117,9 +117,10 @@ where
         if conn.out.capacity() > WRITE_BATCH {
             conn.out = Vec::new();
         }
-        // A pipelined head already begun is timed from now; otherwise the connection idles.
+        // A pipelined head already begun is timed from now (the answer's write took no time worth a clock
+        // read); otherwise the connection idles.
         let wait = if conn.buf.is_empty() { limits.idle_timeout } else { limits.header_read_timeout };
-        conn.deadline.set(deadline_after(wait));
+        conn.deadline.set(later(Instant::from_std(additions.ready_at), wait));
     }
 }
 
@@ -150,20 +151,24 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         shared: &Shared,
         shutdown: &mut Shutdown<'_, F>,
         first: bool,
-    ) -> Option<Result<(Request<RequestBody>, Meta), ()>> {
+    ) -> Option<Result<(Request<RequestBody>, Meta, Option<Instant>), ()>> {
         let mut timed = first || !self.buf.is_empty();
+        // When the head's first bytes were read, if that was here (the request is timed from then).
+        let mut arrived = None;
         // A head can only have completed if a line ended in what was just read: a client dribbling its head a
         // byte at a time costs one parse per line, not one per byte.
         let mut line_ended = !self.buf.is_empty();
         loop {
             if !self.buf.is_empty() && !timed {
                 // The head's first bytes are here: from now on its own deadline applies (here or in hyper).
-                self.deadline.set(deadline_after(self.limits.header_read_timeout));
+                let now = Instant::now();
+                self.deadline.set(later(now, self.limits.header_read_timeout));
+                arrived = Some(now);
                 timed = true;
             }
             if line_ended {
                 match parse(&mut self.buf, self.limits.max_header_bytes) {
-                    Parsed::Request(req, meta) => return Some(Ok((req, meta))),
+                    Parsed::Request(req, meta) => return Some(Ok((req, meta, arrived))),
                     Parsed::HandOver => return Some(Err(())),
                     Parsed::Partial => {}
                 }
@@ -517,7 +522,7 @@ fn parse_frozen(read: &Bytes, max_head: usize) -> Result<(Request<RequestBody>, 
     // the map), so it never regrows.
     let mut headers = HeaderMap::with_capacity(req.headers.len() + 5);
     for field in req.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| NotOurs::HandOver)?;
+        let name = crate::headers::parse_name(field.name.as_bytes()).map_err(|_| NotOurs::HandOver)?;
         // Bodies, upgrades and expectations are hyper's to frame.
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::EXPECT {
             return Err(NotOurs::HandOver);

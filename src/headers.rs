@@ -388,6 +388,80 @@ impl<'a> SecureAdd<'a> {
     }
 }
 
+/// True for an answer field the gateway never passes on: a configured `remove` name, or an upstream's request id
+/// (the gateway sets its own). The HTTP/1 client leaves these out as it parses; [`prepare_answer`] removes them
+/// from any other answer.
+pub fn dropped_from_answer(name: &HeaderName, s: &SecureHeaders) -> bool {
+    name == X_REQUEST_ID || s.remove.contains(name)
+}
+
+/// [`HeaderName::from_bytes`] with a fast path for the names most heads carry: one comparison against the one
+/// candidate their length and first letter point to, instead of lowercasing into a buffer and matching the whole
+/// standard table.
+pub fn parse_name(b: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    use header::*;
+    let lower = |i: usize| b.get(i).map_or(0, |c| c | 0x20);
+    let candidate = match (b.len(), lower(0)) {
+        (4, b'd') => DATE,
+        (4, b'e') => ETAG,
+        (4, b'h') => HOST,
+        (4, b'v') => VARY,
+        (6, b'a') => ACCEPT,
+        (6, b'c') => COOKIE,
+        (6, b'o') => ORIGIN,
+        (6, b's') => SERVER,
+        (7, b'e') => EXPIRES,
+        (8, b'l') => LOCATION,
+        (10, b'c') => CONNECTION,
+        (10, b's') => SET_COOKIE,
+        (10, b'u') => USER_AGENT,
+        (12, b'c') => CONTENT_TYPE,
+        (13, b'a') if lower(1) == b'c' => ACCEPT_RANGES,
+        (13, b'a') => AUTHORIZATION,
+        (13, b'c') => CACHE_CONTROL,
+        (13, b'l') => LAST_MODIFIED,
+        (14, b'c') => CONTENT_LENGTH,
+        (15, b'a') if lower(7) == b'e' => ACCEPT_ENCODING,
+        (15, b'a') => ACCEPT_LANGUAGE,
+        (16, b'c') if lower(8) == b'e' => CONTENT_ENCODING,
+        (17, b't') => TRANSFER_ENCODING,
+        _ => return HeaderName::from_bytes(b),
+    };
+    if eq_folded(b, candidate.as_str().as_bytes()) {
+        Ok(candidate)
+    } else {
+        HeaderName::from_bytes(b)
+    }
+}
+
+/// True when `b` is `lower` in any ASCII case. `lower` holds only lowercase letters and dashes (every candidate
+/// above does): a letter's 0x40 bit, shifted, is the case bit folded into `b`, so a dash must match exactly.
+/// Eight bytes at a time, the last word overlapping the one before (`eq_ignore_ascii_case` goes byte by byte).
+fn eq_folded(b: &[u8], lower: &[u8]) -> bool {
+    fn word<const N: usize>(s: &[u8], i: usize) -> Option<[u8; N]> {
+        s.get(i..i + N)?.try_into().ok()
+    }
+    let n = b.len();
+    if n != lower.len() {
+        return false;
+    }
+    if n < 4 {
+        return b.eq_ignore_ascii_case(lower);
+    }
+    if n < 8 {
+        let same = |i| match (word(b, i).map(u32::from_le_bytes), word(lower, i).map(u32::from_le_bytes)) {
+            (Some(x), Some(l)) => x | ((l & 0x4040_4040) >> 1) == l,
+            _ => false,
+        };
+        return same(0) && same(n - 4);
+    }
+    let same = |i| match (word(b, i).map(u64::from_le_bytes), word(lower, i).map(u64::from_le_bytes)) {
+        (Some(x), Some(l)) => x | ((l & 0x4040_4040_4040_4040) >> 1) == l,
+        _ => false,
+    };
+    (0..n - 8).step_by(8).all(same) && same(n - 8)
+}
+
 /// Readies an answer's headers for the client: removes the configured `remove` names and any request id (the
 /// gateway sets its own), and finds which secure headers it lacks. `generated`: the gateway made the answer
 /// (secure headers always set, whatever was there). HSTS only over TLS.
@@ -466,6 +540,62 @@ mod tests {
             h.append(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn the_fast_name_parse_agrees_with_the_full_one() {
+        let names = [
+            "date",
+            "etag",
+            "host",
+            "vary",
+            "accept",
+            "cookie",
+            "origin",
+            "server",
+            "expires",
+            "location",
+            "connection",
+            "set-cookie",
+            "user-agent",
+            "content-type",
+            "accept-ranges",
+            "authorization",
+            "cache-control",
+            "last-modified",
+            "content-length",
+            "accept-encoding",
+            "accept-language",
+            "content-encoding",
+            "content-language",
+            "content-location",
+            "transfer-encoding",
+            "keep-alive",
+            "x-request-id",
+            "a",
+            "",
+        ];
+        let mut cases: Vec<Vec<u8>> = Vec::new();
+        for n in names {
+            cases.push(n.as_bytes().to_vec());
+            cases.push(n.to_ascii_uppercase().into_bytes());
+            // Mixed case, and near misses of the same length and first letter.
+            cases.push(n.bytes().enumerate().map(|(i, b)| if i % 2 == 0 { b.to_ascii_uppercase() } else { b }).collect());
+            for bad in [b'x', b' ', b':', 0, 0xc3] {
+                if let Some(last) = n.len().checked_sub(1) {
+                    let mut c = n.as_bytes().to_vec();
+                    c[last] = bad;
+                    cases.push(c);
+                }
+            }
+        }
+        for c in cases {
+            match (parse_name(&c), HeaderName::from_bytes(&c)) {
+                (Ok(fast), Ok(full)) => assert_eq!(fast, full, "{:?}", String::from_utf8_lossy(&c)),
+                (Err(_), Err(_)) => {}
+                (fast, full) => panic!("{:?}: fast {fast:?}, full {full:?}", String::from_utf8_lossy(&c)),
+            }
+        }
     }
 
     #[test]

@@ -180,11 +180,36 @@ pub struct AccessRecord<'a> {
     pub rate_limited: bool,
     pub duration_us: u64,
     pub upstream_us: Option<u64>,
+    /// When the line's event happened (the line's timestamp).
+    pub at: std::time::Instant,
 }
 
 thread_local! {
     /// The second the cached civil time is for, and that time.
     static CLOCK: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+    /// A monotonic reading and the wall-clock time at it, taken together at most a second ago: the wall time of
+    /// a later reading is derived from it instead of read (a clock step shows within a second).
+    static WALL: Cell<Option<(std::time::Instant, Duration)>> = const { Cell::new(None) };
+}
+
+/// The wall-clock time (since the Unix epoch) at the monotonic instant `at`.
+fn wall_time(at: std::time::Instant) -> Duration {
+    let read = || {
+        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        (std::time::Instant::now(), wall)
+    };
+    let derived = WALL.try_with(|w| {
+        let (base, wall) = match w.get() {
+            Some((base, wall)) if at >= base && at - base < Duration::from_secs(1) => (base, wall),
+            _ => {
+                let fresh = read();
+                w.set(Some(fresh));
+                fresh
+            }
+        };
+        wall + at.saturating_duration_since(base)
+    });
+    derived.unwrap_or_else(|_| read().1)
 }
 
 /// A field's key as written before its value: ` key=` (text) or `,"key":` (JSON), one copy each.
@@ -215,7 +240,7 @@ pub fn access(r: &AccessRecord<'_>) {
     if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
         return;
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = wall_time(r.at);
     let civil = CLOCK.try_with(|c| {
         let (secs, civil) = c.get();
         if secs == now.as_secs() {

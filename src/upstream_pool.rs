@@ -62,7 +62,7 @@ pub const READ_CHUNK: usize = 16 * 1024;
 const MAX_KEPT_BUFFER: usize = 64 * 1024;
 
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -97,7 +97,7 @@ impl Pool {
     }
 
     /// Takes the most recently used connection that is still good, if any.
-    pub fn take(&self, now: Instant) -> Option<Conn> {
+    pub fn take(&self, now: Instant) -> Option<Box<Conn>> {
         let mut idle = self.shard().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while let Some(i) = idle.pop() {
             if now.saturating_duration_since(i.since) < self.idle_timeout && i.conn.is_quiet() {
@@ -108,7 +108,7 @@ impl Pool {
     }
 
     /// Returns a connection whose last exchange ended cleanly.
-    pub fn put(&self, mut conn: Conn) {
+    pub fn put(&self, mut conn: Box<Conn>) {
         if !conn.buf.is_empty() {
             return;
         }
@@ -153,11 +153,11 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
-    async fn pair() -> (Conn, TcpStream) {
+    async fn pair() -> (Box<Conn>, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
-        (Conn::new(c), s)
+        (Box::new(Conn::new(c)), s)
     }
 
     #[tokio::test]
