@@ -229,7 +229,8 @@ impl Gateway {
         // Before anything else: a client can never forge its identity to the upstream.
         headers::strip_identity(req.headers_mut(), &self.config.identity);
         let method = req.method().clone();
-        let uri = req.uri().clone();
+        // Taken, not cloned: every stage after this reads the URI from here (the forwarded one is built anew).
+        let uri = std::mem::take(req.uri_mut());
         let origin = if self.cors_configured { req.headers().get(header::ORIGIN).cloned() } else { None };
         let client = client_ip(conn.peer, req.headers(), &self.config.trusted_proxies);
         let mut outcome = Outcome { request_has_body: has_body(&req), ..Outcome::default() };

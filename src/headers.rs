@@ -65,11 +65,15 @@ fn next_random() -> u64 {
 
 /// Generates a new request id: 32 hex digits.
 pub fn new_request_id() -> HeaderValue {
-    let mut buf = [0u8; 32];
-    let n = (u128::from(next_random()) << 64) | u128::from(next_random());
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    let mut buf = [0u8; 32];
+    for half in buf.chunks_exact_mut(16) {
+        let n = next_random();
+        for (i, pair) in half.chunks_exact_mut(2).enumerate() {
+            let byte = (n >> (8 * i)) as u8;
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 15)];
+        }
     }
     HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
 }

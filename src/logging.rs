@@ -155,13 +155,18 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// 0: access lines go through `tracing` (no buffered writer installed, e.g. the library embedded elsewhere);
-/// 1: written directly as text; 2: directly as JSON.
+/// 1: written directly as text; 2: directly as JSON; 3: not written (the level filter leaves them out).
 static DIRECT: AtomicU8 = AtomicU8::new(0);
 
 /// Called once by the CLI after installing the [`BufferedStderr`] subscriber: access lines bypass `tracing`'s
-/// formatter from then on (still honouring its level filter).
+/// formatter from then on. Its level filter is asked here, once (it is fixed at start).
 pub fn direct_access_lines(json: bool) {
-    DIRECT.store(if json { 2 } else { 1 }, Ordering::Relaxed);
+    let mode = match (tracing::enabled!(target: "portcullis::access", tracing::Level::INFO), json) {
+        (false, _) => 3,
+        (true, true) => 2,
+        (true, false) => 1,
+    };
+    DIRECT.store(mode, Ordering::Relaxed);
 }
 
 /// One request, as the access log records it.
@@ -237,7 +242,7 @@ pub fn access(r: &AccessRecord<'_>) {
         );
         return;
     }
-    if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
+    if mode == 3 {
         return;
     }
     let now = wall_time(r.at);
