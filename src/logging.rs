@@ -424,6 +424,22 @@ mod tests {
     }
 
     #[test]
+    fn wall_time_is_derived_from_the_monotonic_reading() {
+        let wall = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        let (before, at) = (wall(), std::time::Instant::now());
+        let derived = wall_time(at);
+        assert!(derived + Duration::from_millis(50) >= before && derived <= wall() + Duration::from_millis(50));
+        // A reading 400 ms on is 400 ms on (an offset from the anchor while it is under a second old).
+        let next = std::time::Instant::now();
+        let (a, b) = (wall_time(next), wall_time(next + Duration::from_millis(400)));
+        assert!(b.abs_diff(a + Duration::from_millis(400)) < Duration::from_millis(5), "{a:?} {b:?}");
+        // Past a second the anchor is renewed; an instant before the anchor is read afresh, never underflows.
+        let far = std::time::Instant::now() + Duration::from_secs(5);
+        assert!(wall_time(far) >= wall() + Duration::from_secs(4));
+        assert!(wall_time(at) + Duration::from_millis(50) >= before);
+    }
+
+    #[test]
     fn fields_escape_strings_and_keep_json_valid() {
         let mut line = Vec::new();
         let mut f = Fields { line: &mut line, json: true };
