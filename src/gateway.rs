@@ -1,7 +1,7 @@
 //! The Gateway: everything one config needs at run time, and the request path through it.
 //!
 //! `handle()` is infallible: it times the request, turns any error into its answer, adds the response headers,
-//! counts it, and writes the access log. `handle_inner()` runs one stage per line:
+//! counts it, and writes the access log. `admit()` and `routed()` run one stage per line:
 //! global limit -> route -> authenticate -> authorize -> route limit -> forward -> finish.
 
 use std::borrow::Cow;
@@ -60,9 +60,6 @@ impl Drop for Tasks {
 pub struct Additions<'a> {
     pub secure: headers::SecureAdd<'a>,
     pub request_id: HeaderValue,
-    /// When the answer was ready: the clock reading the request's duration was taken from, for a codec to time
-    /// its next wait from without reading the clock again.
-    pub ready_at: Instant,
 }
 
 impl Additions<'_> {
@@ -215,15 +212,14 @@ impl Gateway {
     /// Serves one request. Never fails: errors become their HTTP answer here, and every request is counted
     /// and logged.
     pub async fn handle(&self, req: Request<RequestBody>, conn: &ConnInfo) -> Response<Body> {
-        let (mut rsp, additions) = self.serve(req, conn, None).await;
+        let (mut rsp, additions) = self.serve(req, conn).await;
         additions.insert_into(rsp.headers_mut());
         rsp
     }
 
     /// [`Gateway::handle`] for a codec that writes the answer's [`Additions`] itself, straight into the head.
-    /// `arrived`: when the request's first bytes were read, if the codec knows (the request is timed from then).
-    pub async fn serve(&self, mut req: Request<RequestBody>, conn: &ConnInfo, arrived: Option<Instant>) -> (Response<Body>, Additions<'_>) {
-        let start = arrived.unwrap_or_else(Instant::now);
+    pub async fn serve(&self, mut req: Request<RequestBody>, conn: &ConnInfo) -> (Response<Body>, Additions<'_>) {
+        let start = Instant::now();
         let trusted = is_trusted(&self.config.trusted_proxies, conn.peer.ip());
         let request_id = headers::request_id(req.headers(), trusted);
         // Before anything else: a client can never forge its identity to the upstream.
@@ -269,7 +265,7 @@ impl Gateway {
         rm.observe(&self.metrics, &method, rsp.status(), elapsed.as_secs_f64());
         let route_name = outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-");
         if !self.config.access_log {
-            return (rsp, Additions { secure, request_id, ready_at });
+            return (rsp, Additions { secure, request_id });
         }
         let bytes = rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         crate::logging::access(&crate::logging::AccessRecord {
@@ -288,7 +284,7 @@ impl Gateway {
             upstream_us: outcome.upstream_time.map(|d| d.as_micros() as u64),
             at: ready_at,
         });
-        (rsp, Additions { secure, request_id, ready_at })
+        (rsp, Additions { secure, request_id })
     }
 
     /// The checks before routing: the global rate limit and the path's form. Returns the normalized path, and

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::{Body, RequestBody};
-use crate::deadline::{deadline_after, later, Deadline};
+use crate::deadline::{deadline_after, Deadline};
 use crate::gateway::{Additions, ConnInfo};
 use crate::server::Shared;
 
@@ -99,14 +99,14 @@ where
     let mut shutdown = Shutdown { changed: pin!(tokio::task::unconstrained(shutdown.changed())), registered: false };
     let mut first = true;
     loop {
-        let (req, meta, arrived) = match conn.read_head(shared, &mut shutdown, first).await {
+        let (req, meta) = match conn.read_head(shared, &mut shutdown, first).await {
             Some(Ok(parsed)) => parsed,
             Some(Err(())) => return conn.hand_over(),
             None => return Ended::Closed,
         };
         first = false;
         let gateway = shared.gateway.load_full();
-        let Some((rsp, additions)) = conn.serve_request(pin!(gateway.serve(req, info, arrived.map(Instant::into_std)))).await else {
+        let Some((rsp, additions)) = conn.serve_request(pin!(gateway.serve(req, info))).await else {
             return Ended::Closed;
         };
         let keep_alive = !meta.close && !shared.is_draining();
@@ -117,10 +117,10 @@ where
         if conn.out.capacity() > WRITE_BATCH {
             conn.out = Vec::new();
         }
-        // A pipelined head already begun is timed from now (the answer's write took no time worth a clock
-        // read); otherwise the connection idles.
+        // A pipelined head already begun is timed from now; otherwise the connection idles. (From after the
+        // write: a streamed answer may take longer than either wait.)
         let wait = if conn.buf.is_empty() { limits.idle_timeout } else { limits.header_read_timeout };
-        conn.deadline.set(later(Instant::from_std(additions.ready_at), wait));
+        conn.deadline.set(deadline_after(wait));
     }
 }
 
@@ -151,24 +151,20 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         shared: &Shared,
         shutdown: &mut Shutdown<'_, F>,
         first: bool,
-    ) -> Option<Result<(Request<RequestBody>, Meta, Option<Instant>), ()>> {
+    ) -> Option<Result<(Request<RequestBody>, Meta), ()>> {
         let mut timed = first || !self.buf.is_empty();
-        // When the head's first bytes were read, if that was here (the request is timed from then).
-        let mut arrived = None;
         // A head can only have completed if a line ended in what was just read: a client dribbling its head a
         // byte at a time costs one parse per line, not one per byte.
         let mut line_ended = !self.buf.is_empty();
         loop {
             if !self.buf.is_empty() && !timed {
                 // The head's first bytes are here: from now on its own deadline applies (here or in hyper).
-                let now = Instant::now();
-                self.deadline.set(later(now, self.limits.header_read_timeout));
-                arrived = Some(now);
+                self.deadline.set(deadline_after(self.limits.header_read_timeout));
                 timed = true;
             }
             if line_ended {
                 match parse(&mut self.buf, self.limits.max_header_bytes) {
-                    Parsed::Request(req, meta) => return Some(Ok((req, meta, arrived))),
+                    Parsed::Request(req, meta) => return Some(Ok((req, meta))),
                     Parsed::HandOver => return Some(Err(())),
                     Parsed::Partial => {}
                 }

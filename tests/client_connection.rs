@@ -320,8 +320,8 @@ async fn pipelined_requests_over_tls_http1() {
     gw.stop().await;
 }
 
-/// An upstream that answers every request with a chunked body and a trailer field, keeping the connection.
-async fn trailer_upstream() -> SocketAddr {
+/// An upstream that answers every request with `parts`, `pause` apart, keeping the connection.
+async fn scripted_upstream(parts: &'static [&'static [u8]], pause: Duration) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -332,10 +332,13 @@ async fn trailer_upstream() -> SocketAddr {
                 loop {
                     while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                         buf.drain(..i + 4);
-                        let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
-                                       5\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc123\r\n\r\n";
-                        if tcp.write_all(answer).await.is_err() {
-                            return;
+                        for (k, part) in parts.iter().enumerate() {
+                            if k > 0 {
+                                tokio::time::sleep(pause).await;
+                            }
+                            if tcp.write_all(part).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     match tcp.read(&mut chunk).await {
@@ -346,12 +349,37 @@ async fn trailer_upstream() -> SocketAddr {
             });
         }
     });
-    addr
+    Upstream { addr, seen: Default::default(), count: Default::default() }
+}
+
+/// A chunked body with a trailer field.
+async fn trailer_upstream() -> Upstream {
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
+                            5\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc123\r\n\r\n";
+    scripted_upstream(&[ANSWER], Duration::ZERO).await
+}
+
+#[tokio::test]
+async fn a_connection_idles_for_idle_timeout_after_an_answer_that_streamed_for_longer() {
+    // The idle wait starts once the answer is written, not when it began.
+    const PARTS: &[&[u8]] = &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n", b"1\r\nb\r\n", b"0\r\n\r\n"];
+    let up = scripted_upstream(PARTS, Duration::from_millis(700)).await;
+    let gw = spawn_gateway(&format!("{}[limits]\nidle_timeout = \"1s\"\n", public_config(&up))).await;
+    let mut c = Raw::connect(gw.http.unwrap()).await;
+    let started = Instant::now();
+    c.send(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.body, b"ab");
+    assert!(started.elapsed() > Duration::from_secs(1), "the answer streamed for longer than idle_timeout");
+    // Idle for a fifth of idle_timeout, then the next request on the same connection.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.send(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.body, b"ab", "the connection was closed before idle_timeout");
+    gw.stop().await;
 }
 
 #[tokio::test]
 async fn chunked_answers_keep_their_trailers_for_clients_that_accept_them() {
-    let up = Upstream { addr: trailer_upstream().await, seen: Default::default(), count: Default::default() };
+    let up = trailer_upstream().await;
     let gw = spawn_gateway(&public_config(&up)).await;
     let mut c = Raw::connect(gw.http.unwrap()).await;
     c.send(b"GET /t HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n").await;
