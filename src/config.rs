@@ -818,42 +818,44 @@ impl Validator<'_> {
         global: Option<&(std::ops::Range<usize>, HeadersFile)>,
         route: Option<&(std::ops::Range<usize>, HeadersFile)>,
     ) -> SecureHeaders {
-        let mut out = SecureHeaders::defaults();
+        let d = SecureHeaders::defaults();
+        let (mut set, mut hsts, mut remove, mut override_upstream) =
+            (d.set().to_vec(), d.hsts().cloned(), d.remove().to_vec(), d.override_upstream());
         for (span, f) in [global, route].into_iter().flatten() {
-            let mut set = |v: &mut Self, name: http::HeaderName, value: &Option<String>| {
+            let mut put = |v: &mut Self, name: http::HeaderName, value: &Option<String>| {
                 let Some(value) = value else { return };
-                out.set.retain(|(n, _)| *n != name);
+                set.retain(|(n, _)| *n != name);
                 if value.is_empty() {
                     return;
                 }
                 match http::HeaderValue::from_str(value) {
-                    Ok(hv) => out.set.push((name, hv)),
+                    Ok(hv) => set.push((name, hv)),
                     Err(_) => v.error(span.clone(), format!("[headers] {name}: {value:?} is not a valid header value")),
                 }
             };
-            set(self, http::header::X_CONTENT_TYPE_OPTIONS, &f.content_type_options);
-            set(self, http::header::X_FRAME_OPTIONS, &f.frame_options);
-            set(self, http::header::REFERRER_POLICY, &f.referrer_policy);
-            set(self, http::header::CONTENT_SECURITY_POLICY, &f.content_security_policy);
-            set(self, http::HeaderName::from_static("permissions-policy"), &f.permissions_policy);
-            set(self, http::HeaderName::from_static("cross-origin-opener-policy"), &f.cross_origin_opener_policy);
+            put(self, http::header::X_CONTENT_TYPE_OPTIONS, &f.content_type_options);
+            put(self, http::header::X_FRAME_OPTIONS, &f.frame_options);
+            put(self, http::header::REFERRER_POLICY, &f.referrer_policy);
+            put(self, http::header::CONTENT_SECURITY_POLICY, &f.content_security_policy);
+            put(self, http::HeaderName::from_static("permissions-policy"), &f.permissions_policy);
+            put(self, http::HeaderName::from_static("cross-origin-opener-policy"), &f.cross_origin_opener_policy);
             if let Some(h) = &f.hsts {
-                out.hsts = if h.is_empty() { None } else { http::HeaderValue::from_str(h).ok() };
+                hsts = if h.is_empty() { None } else { http::HeaderValue::from_str(h).ok() };
             }
-            if let Some(remove) = &f.remove {
-                out.remove.clear();
-                for r in remove {
+            if let Some(names) = &f.remove {
+                remove.clear();
+                for r in names {
                     match http::HeaderName::from_bytes(r.as_bytes()) {
-                        Ok(n) => out.remove.push(n),
+                        Ok(n) => remove.push(n),
                         Err(_) => self.error(span.clone(), format!("[headers] remove: {r:?} is not a header name")),
                     }
                 }
             }
             if let Some(o) = f.override_upstream {
-                out.override_upstream = o;
+                override_upstream = o;
             }
         }
-        out
+        SecureHeaders::new(set, hsts, remove, override_upstream)
     }
 
     fn cors(&mut self, span: std::ops::Range<usize>, c: &CorsFile) -> Option<CorsPolicy> {

@@ -67,11 +67,6 @@ impl Additions<'_> {
         self.secure.insert_into(h);
         h.insert(headers::request_id_header().clone(), self.request_id.clone());
     }
-
-    /// The fields in the order a codec writes them.
-    pub fn fields(&self) -> impl Iterator<Item = (&http::HeaderName, &HeaderValue)> {
-        self.secure.fields().chain(std::iter::once((headers::request_id_header(), &self.request_id)))
-    }
 }
 
 /// What a request did, for the answer's headers, the metrics and the access log.

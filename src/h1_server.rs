@@ -397,8 +397,9 @@ fn encode_head(out: &mut Vec<u8>, status: StatusCode, fields: Fields<'_>, body: 
         }
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    for (name, value) in fields.additions.into_iter().flat_map(Additions::fields) {
-        push_field(out, name.as_str().as_bytes(), value.as_bytes());
+    if let Some(a) = fields.additions {
+        a.secure.write_lines(out);
+        push_field(out, crate::headers::request_id_header().as_str().as_bytes(), a.request_id.as_bytes());
     }
     if !dated {
         date::push(out);

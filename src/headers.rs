@@ -334,32 +334,83 @@ fn join_nonempty(v: &[String]) -> Option<String> {
 }
 
 /// Secure response headers: set on proxied answers (keeping the upstream's own value unless `override`) and
-/// always on gateway-made answers. HSTS only over TLS.
+/// always on gateway-made answers. HSTS only over TLS. Built once per config ([`SecureHeaders::new`]), with the
+/// field lines HTTP/1 answers get rendered ahead.
 #[derive(Debug, Clone)]
 pub struct SecureHeaders {
-    /// At most 64 (one bit each in [`SecureAdd`]); the config has six names.
-    pub set: Vec<(HeaderName, HeaderValue)>,
-    pub hsts: Option<HeaderValue>,
-    pub remove: Vec<HeaderName>,
-    pub override_upstream: bool,
+    /// At most 64 (one bit each in [`SecureAdd`]); the config has seven names at most.
+    set: Vec<(HeaderName, HeaderValue)>,
+    hsts: Option<HeaderValue>,
+    remove: Vec<HeaderName>,
+    override_upstream: bool,
+    /// `set` as HTTP/1 field lines, in order, and where each line ends: an answer usually lacks them all, and then
+    /// gets them in one copy.
+    lines: Vec<u8>,
+    line_ends: Vec<usize>,
+    hsts_line: Vec<u8>,
+    /// Bit n (n < 63; bit 63: 63 or more): some name of `set`, or HSTS, is n bytes long. An answer's name of
+    /// another length is none of them, without a comparison.
+    set_lengths: u64,
+    /// The same for `remove` and X-Request-Id.
+    remove_lengths: u64,
+}
+
+fn length_bit(name: &HeaderName) -> u64 {
+    1 << name.as_str().len().min(63)
 }
 
 impl SecureHeaders {
+    pub fn new(set: Vec<(HeaderName, HeaderValue)>, hsts: Option<HeaderValue>, remove: Vec<HeaderName>, override_upstream: bool) -> Self {
+        let field_line = |out: &mut Vec<u8>, n: &HeaderName, v: &HeaderValue| {
+            out.extend_from_slice(n.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        };
+        let (mut lines, mut line_ends, mut hsts_line) = (Vec::new(), Vec::new(), Vec::new());
+        for (n, v) in &set {
+            field_line(&mut lines, n, v);
+            line_ends.push(lines.len());
+        }
+        if let Some(v) = &hsts {
+            field_line(&mut hsts_line, &header::STRICT_TRANSPORT_SECURITY, v);
+        }
+        let set_lengths = set.iter().fold(length_bit(&header::STRICT_TRANSPORT_SECURITY), |m, (n, _)| m | length_bit(n));
+        let remove_lengths = remove.iter().fold(length_bit(&X_REQUEST_ID), |m, n| m | length_bit(n));
+        SecureHeaders { set, hsts, remove, override_upstream, lines, line_ends, hsts_line, set_lengths, remove_lengths }
+    }
+
     /// The defaults when `[headers]` is absent.
     pub fn defaults() -> SecureHeaders {
         let v = HeaderValue::from_static;
-        SecureHeaders {
-            set: vec![
+        SecureHeaders::new(
+            vec![
                 (header::X_CONTENT_TYPE_OPTIONS, v("nosniff")),
                 (header::X_FRAME_OPTIONS, v("DENY")),
                 (header::REFERRER_POLICY, v("no-referrer")),
                 (header::CONTENT_SECURITY_POLICY, v("default-src 'none'; frame-ancestors 'none'")),
                 (HeaderName::from_static("cross-origin-opener-policy"), v("same-origin")),
             ],
-            hsts: Some(v("max-age=63072000; includeSubDomains")),
-            remove: vec![header::SERVER, HeaderName::from_static("x-powered-by"), HeaderName::from_static("x-aspnet-version")],
-            override_upstream: false,
-        }
+            Some(v("max-age=63072000; includeSubDomains")),
+            vec![header::SERVER, HeaderName::from_static("x-powered-by"), HeaderName::from_static("x-aspnet-version")],
+            false,
+        )
+    }
+
+    pub fn set(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.set
+    }
+
+    pub fn hsts(&self) -> Option<&HeaderValue> {
+        self.hsts.as_ref()
+    }
+
+    pub fn remove(&self) -> &[HeaderName] {
+        &self.remove
+    }
+
+    pub fn override_upstream(&self) -> bool {
+        self.override_upstream
     }
 }
 
@@ -390,13 +441,33 @@ impl<'a> SecureAdd<'a> {
             h.insert(name.clone(), value.clone());
         }
     }
+
+    /// Writes the fields as HTTP/1 lines, in configuration order (the usual case, all of them: one copy).
+    pub fn write_lines(&self, out: &mut Vec<u8>) {
+        let s = self.headers;
+        let n = s.line_ends.len();
+        if n > 0 && self.missing == u64::MAX >> (64 - n) {
+            out.extend_from_slice(&s.lines);
+        } else {
+            let mut start = 0;
+            for (i, &end) in s.line_ends.iter().enumerate() {
+                if self.missing & (1 << i) != 0 {
+                    out.extend_from_slice(&s.lines[start..end]);
+                }
+                start = end;
+            }
+        }
+        if self.hsts {
+            out.extend_from_slice(&s.hsts_line);
+        }
+    }
 }
 
 /// True for an answer field the gateway never passes on: a configured `remove` name, or an upstream's request id
 /// (the gateway sets its own). The HTTP/1 client leaves these out as it parses; [`prepare_answer`] removes them
 /// from any other answer.
 pub fn dropped_from_answer(name: &HeaderName, s: &SecureHeaders) -> bool {
-    name == X_REQUEST_ID || s.remove.contains(name)
+    s.remove_lengths & length_bit(name) != 0 && (name == X_REQUEST_ID || s.remove.contains(name))
 }
 
 /// [`HeaderName::from_bytes`] with a fast path for the names most heads carry: one comparison against the one
@@ -477,12 +548,18 @@ pub fn prepare_answer<'a>(h: &mut HeaderMap, s: &'a SecureHeaders, tls: bool, ge
     // Bit i: `s.remove[i]` is there (usually only an upstream's `Server`); bit 63: a request id.
     let mut to_remove = 0u64;
     for name in h.keys() {
-        if name == X_REQUEST_ID {
-            to_remove |= 1 << 63;
-            continue;
+        let length = length_bit(name);
+        if s.remove_lengths & length != 0 {
+            if name == X_REQUEST_ID {
+                to_remove |= 1 << 63;
+                continue;
+            }
+            if let Some(i) = s.remove.iter().position(|r| r == name) {
+                to_remove |= 1 << i.min(62);
+                continue;
+            }
         }
-        if let Some(i) = s.remove.iter().position(|r| r == name) {
-            to_remove |= 1 << i.min(62);
+        if s.set_lengths & length == 0 {
             continue;
         }
         for (i, (n, _)) in s.set.iter().enumerate() {
@@ -603,10 +680,41 @@ mod tests {
     }
 
     #[test]
+    fn secure_header_lines_are_the_fields_an_answer_lacks_in_order() {
+        // Every combination of upstream-set secure headers, with and without TLS (HSTS).
+        let s = SecureHeaders::defaults();
+        for present in 0u32..(1 << s.set().len()) {
+            for tls in [false, true] {
+                let mut h = HeaderMap::new();
+                for (i, (n, _)) in s.set().iter().enumerate() {
+                    if present & (1 << i) != 0 {
+                        h.insert(n.clone(), HeaderValue::from_static("upstream"));
+                    }
+                }
+                h.insert("content-type", HeaderValue::from_static("application/json"));
+                let add = prepare_answer(&mut h, &s, tls, false);
+                let mut expected = Vec::new();
+                for (n, v) in add.fields() {
+                    expected.extend_from_slice(format!("{}: {}\r\n", n, v.to_str().unwrap()).as_bytes());
+                }
+                let mut lines = Vec::new();
+                add.write_lines(&mut lines);
+                assert_eq!(String::from_utf8(lines).unwrap(), String::from_utf8(expected).unwrap(), "present {present:b}, tls {tls}");
+            }
+        }
+        // No secure headers configured at all: nothing written (HSTS over TLS aside).
+        let none = SecureHeaders::new(Vec::new(), None, Vec::new(), false);
+        let mut lines = Vec::new();
+        prepare_answer(&mut HeaderMap::new(), &none, true, true).write_lines(&mut lines);
+        assert!(lines.is_empty());
+    }
+
+    #[test]
     fn secure_headers_keep_the_upstreams_own_unless_generated_and_removed_names_go() {
-        let mut s = SecureHeaders::defaults();
+        let d = SecureHeaders::defaults();
         // A name both removed and set: the configured value wins over the upstream's.
-        s.remove.push(header::X_FRAME_OPTIONS);
+        let remove = [d.remove(), &[header::X_FRAME_OPTIONS]].concat();
+        let s = SecureHeaders::new(d.set().to_vec(), d.hsts().cloned(), remove, false);
         let upstream = map(&[("server", "nginx"), ("x-content-type-options", "upstream"), ("x-frame-options", "SAMEORIGIN")]);
         let mut h = upstream.clone();
         apply_secure_headers(&mut h, &s, false, false);
