@@ -18,7 +18,7 @@ use crate::body::{Body, RequestBody};
 use crate::config::Config;
 use crate::cors;
 use crate::error::GatewayError;
-use crate::h1_client;
+use crate::h1_client::{self, AnswerFields};
 use crate::headers::{self, Forwarding};
 use crate::issuer::TokenEndpoint;
 use crate::jwks::{fetch_client, FetchClient};
@@ -55,17 +55,20 @@ impl Drop for Tasks {
     }
 }
 
-/// What every answer gets last: the secure headers it lacks and the request id. None of them is in the answer's
-/// map, so a codec may write them straight after the map's fields instead of inserting them.
+/// What an answer carries besides its map: an upstream's own fields still in the lines of its head (lean
+/// answers), then the secure headers it lacks and the request id. None of them is in the map, so a codec may
+/// write them straight after the map's fields instead of inserting them.
 pub struct Additions<'a> {
+    pub passed: AnswerFields,
     pub secure: headers::SecureAdd<'a>,
     pub request_id: HeaderValue,
 }
 
 impl Additions<'_> {
-    pub fn insert_into(&self, h: &mut http::HeaderMap) {
+    pub fn insert_into(mut self, h: &mut http::HeaderMap) {
+        self.passed.move_into(h);
         self.secure.insert_into(h);
-        h.insert(headers::request_id_header().clone(), self.request_id.clone());
+        h.insert(headers::request_id_header().clone(), self.request_id);
     }
 }
 
@@ -80,6 +83,8 @@ struct Outcome<'a> {
     request_has_body: bool,
     /// The answer came from the upstream (not made by the gateway).
     proxied: bool,
+    /// A lean answer's fields, left in the upstream's head.
+    passed: AnswerFields,
     rate_limited: bool,
 }
 
@@ -249,8 +254,11 @@ impl Gateway {
         };
         let h = rsp.headers_mut();
         let secure = outcome.route.and_then(|r| r.headers.as_ref()).unwrap_or(&self.config.headers);
-        let secure = headers::prepare_answer(h, secure, conn.tls, !outcome.proxied);
+        let mut passed = std::mem::take(&mut outcome.passed);
+        let secure = headers::prepare_answer(h, &mut passed, secure, conn.tls, !outcome.proxied);
         if let Some(policy) = outcome.route.and_then(|r| r.cors.as_ref()).or(self.config.cors.as_ref()) {
+            // The policy's allow headers replace an upstream's own: in the map, where replacing is one insert.
+            passed.move_into(h);
             cors::apply(policy, origin.as_ref(), h);
         }
 
@@ -260,9 +268,10 @@ impl Gateway {
         rm.observe(&self.metrics, &method, rsp.status(), elapsed.as_secs_f64());
         let route_name = outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-");
         if !self.config.access_log {
-            return (rsp, Additions { secure, request_id });
+            return (rsp, Additions { passed, secure, request_id });
         }
-        let bytes = rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let declared = rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let bytes = declared.or(passed.content_length);
         crate::logging::access(&crate::logging::AccessRecord {
             request_id: request_id.to_str().unwrap_or("-"),
             client,
@@ -279,7 +288,7 @@ impl Gateway {
             upstream_us: outcome.upstream_time.map(|d| d.as_micros() as u64),
             at: ready_at,
         });
-        (rsp, Additions { secure, request_id })
+        (rsp, Additions { passed, secure, request_id })
     }
 
     /// The checks before routing: the global rate limit and the path's form. Returns the normalized path, and
@@ -401,7 +410,10 @@ impl Gateway {
                     answer_rules: route.headers.as_ref().unwrap_or(&self.config.headers),
                 };
                 match lean.send(&head, upstream.settings.timeout, sent).await {
-                    Ok(rsp) => Ok(rsp.map(Body::Upstream)),
+                    Ok((rsp, fields)) => {
+                        outcome.passed = fields;
+                        Ok(rsp.map(Body::Upstream))
+                    }
                     Err(e) => Err(proxy::lean_error(upstream, e)),
                 }
             }

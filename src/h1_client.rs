@@ -8,8 +8,9 @@
 //! Response framing follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304; `Transfer-Encoding` wins over
 //! `Content-Length` (which is then dropped, and the connection not reused); differing `Content-Length` values are
 //! an error; otherwise the body runs to the close. A connection is reused only after a complete, cleanly framed
-//! HTTP/1.1 exchange that left no stray bytes. The answer's map holds end-to-end fields only: hop-by-hop ones
-//! (RFC 9110 §7.6.1, and whatever `Connection` names) are left out as the head is parsed.
+//! HTTP/1.1 exchange that left no stray bytes. The answer's end-to-end fields stay lines of the upstream's head
+//! ([`AnswerFields`]): no header map is built for them, and the client's HTTP/1 codec writes them out as they
+//! came. Hop-by-hop ones (RFC 9110 §7.6.1, and whatever `Connection` names) are left out as the head is parsed.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWrite;
@@ -87,6 +88,10 @@ pub fn is_safe_target(path: &str, query: Option<&str>) -> bool {
     path.starts_with('/') && ok(path) && query.is_none_or(ok)
 }
 
+/// An upstream's answer: its status and body, and its end-to-end fields as lines of its head (the map is empty
+/// unless the answer's `Connection` named fields to remove).
+pub type Answer = (Response<ResponseBody>, AnswerFields);
+
 enum Attempt {
     /// The reused connection was found closed before any response byte: safe to retry an idempotent request.
     Stale(H1Error),
@@ -119,7 +124,7 @@ impl Client {
     /// Sends a bodiless request and returns the response once its head has arrived, within `timeout` of `now`
     /// (the caller's clock reading, taken just before). An idempotent request whose pooled connection turns out
     /// to be closed is retried once on a new connection.
-    pub async fn send(&self, head: &Head<'_>, timeout: Duration, now: std::time::Instant) -> Result<Response<ResponseBody>, H1Error> {
+    pub async fn send(&self, head: &Head<'_>, timeout: Duration, now: std::time::Instant) -> Result<Answer, H1Error> {
         let deadline = crate::deadline::later(now.into(), timeout);
         if let Some(conn) = self.pool.take(now) {
             match self.exchange(conn, head, deadline).await {
@@ -147,12 +152,7 @@ impl Client {
         Ok(Box::new(Conn::new(io)))
     }
 
-    async fn exchange(
-        &self,
-        mut conn: Box<Conn>,
-        head: &Head<'_>,
-        deadline: tokio::time::Instant,
-    ) -> Result<Response<ResponseBody>, Attempt> {
+    async fn exchange(&self, mut conn: Box<Conn>, head: &Head<'_>, deadline: tokio::time::Instant) -> Result<Answer, Attempt> {
         encode_head(&mut conn.head, head, &self.authority);
         conn.deadline.set(deadline);
         match write_head(&mut conn).await {
@@ -176,13 +176,13 @@ impl Client {
                     }
                     Parsed::Partial if conn.buf.len() > MAX_HEAD_BYTES => return Err(Attempt::Failed(H1Error::HeadTooLarge)),
                     Parsed::Partial => {}
-                    Parsed::Complete { status, headers, framing, reusable } => {
+                    Parsed::Complete { status, headers, fields, framing, reusable } => {
                         let body = ResponseBody::new(conn, framing, reusable, &self.pool);
                         let mut rsp = Response::new(body);
                         *rsp.status_mut() = status;
                         *rsp.headers_mut() = headers;
                         *rsp.version_mut() = Version::HTTP_11;
-                        return Ok(rsp);
+                        return Ok((rsp, fields));
                     }
                 }
             }
@@ -276,10 +276,99 @@ enum Parsed {
     Complete {
         status: StatusCode,
         headers: HeaderMap,
+        fields: AnswerFields,
         framing: Framing,
         reusable: bool,
     },
 }
+
+/// The end-to-end fields of an upstream's answer, left as lines of its head: the HTTP/1 codec writes them out as
+/// they came (no header map is built for a usual answer), and [`AnswerFields::move_into`] puts them in a map
+/// where one is needed (HTTP/2 clients, CORS). Hop-by-hop fields, `Content-Length` (kept as a number) and the
+/// fields the answer rules remove are never among them. Names and values are as httparse checked them: token
+/// characters, and visible characters, spaces and tabs (what `HeaderName` and `HeaderValue` accept).
+#[derive(Debug, Default)]
+pub struct AnswerFields {
+    head: Bytes,
+    /// Name start, name end, value start, value end, in `head` (a head is at most 64 KiB).
+    spans: Vec<[u16; 4]>,
+    /// The `Content-Length` passed on (its one value; none for a chunked answer).
+    pub content_length: Option<u64>,
+    /// A `Date` is among the fields.
+    pub dated: bool,
+}
+
+impl AnswerFields {
+    /// The fields as name and value bytes, in the upstream's order and spelling.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let at = |a: u16, b: u16| self.head.get(usize::from(a)..usize::from(b)).unwrap_or_default();
+        self.spans.iter().map(move |&[ns, ne, vs, ve]| (at(ns, ne), at(vs, ve)))
+    }
+
+    /// Removes every field of this name (any case).
+    pub fn remove(&mut self, name: &HeaderName) {
+        let head = &self.head;
+        let name = name.as_str().as_bytes();
+        self.spans.retain(|&[ns, ne, ..]| !head.get(usize::from(ns)..usize::from(ne)).is_some_and(|n| n.eq_ignore_ascii_case(name)));
+        self.dated &= name != b"date";
+    }
+
+    /// Fields as an upstream's head would carry them (tests of what is done with them later).
+    #[cfg(test)]
+    pub(crate) fn from_pairs(pairs: &[(&str, &str)]) -> AnswerFields {
+        let mut head = Vec::new();
+        let mut spans = Vec::new();
+        for (n, v) in pairs {
+            let at = |x: usize| u16::try_from(x).unwrap();
+            let ns = head.len();
+            head.extend_from_slice(format!("{n}: ").as_bytes());
+            let vs = head.len();
+            head.extend_from_slice(format!("{v}\r\n").as_bytes());
+            spans.push([at(ns), at(ns + n.len()), at(vs), at(vs + v.len())]);
+        }
+        let dated = pairs.iter().any(|(n, _)| n.eq_ignore_ascii_case("date"));
+        AnswerFields { head: head.into(), spans, content_length: None, dated }
+    }
+
+    /// Moves the fields (and the `Content-Length`) into a map, leaving none here.
+    pub fn move_into(&mut self, h: &mut HeaderMap) {
+        let AnswerFields { head, spans, content_length, .. } = std::mem::take(self);
+        for [ns, ne, vs, ve] in spans {
+            let name = head.get(usize::from(ns)..usize::from(ne)).and_then(|n| headers::parse_name(n).ok());
+            let value = HeaderValue::from_maybe_shared(head.slice(usize::from(vs)..usize::from(ve))).ok();
+            // Both always parse: httparse admits exactly what they accept (tested below).
+            if let (Some(n), Some(v)) = (name, value) {
+                h.append(n, v);
+            }
+        }
+        if let Some(n) = content_length {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+}
+
+/// Bit n: some field that parsing must look at by name (framing, hop-by-hop, `Date`) is n bytes long.
+const LOOKED_AT_LENGTHS: u64 = {
+    let names: [&str; 10] = [
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "date",
+    ];
+    let mut mask = 0u64;
+    let mut i = 0;
+    while i < names.len() {
+        mask |= 1 << names[i].len();
+        i += 1;
+    }
+    mask
+};
 
 /// Parses a response head from the front of `buf`, consuming it when complete. Header values share the head's
 /// bytes (no copy).
@@ -321,58 +410,60 @@ fn parse_head(buf: &mut BytesMut, head_request: bool, rules: &headers::SecureHea
         *span = (n, n + h.name.len(), v, v + h.value.len());
     }
     let head = buf.split_to(len).freeze();
-    // Sized for what is parsed: the gateway's own answer fields are written after the map (HTTP/1) or inserted
-    // on hyper's path (HTTP/2, which may grow it once). Small maps also stay in the allocator's fast path.
-    let mut headers = HeaderMap::with_capacity(count);
+    let mut kept = Vec::with_capacity(count);
     let mut length: Option<u64> = None;
-    let mut length_values = 0;
     let mut chunked = false;
     let mut close = !http11;
-    let mut lists_others = false;
+    let mut dated = false;
+    // Values of `Connection` fields that name other fields (rare): those go too, through a map.
+    let mut listing = Vec::new();
+    // Only names of a length that some rule is about are looked at; the rest pass on as they are.
+    let looked_at = LOOKED_AT_LENGTHS | rules.remove_lengths();
     for &(ns, ne, vs, ve) in spans.iter() {
-        let name = headers::parse_name(&head[ns..ne]).map_err(|_| H1Error::Malformed("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| H1Error::Malformed("bad header value"))?;
-        if name == header::CONTENT_LENGTH {
-            for item in value.as_bytes().split(|&b| b == b',') {
-                length_values += 1;
-                let n = parse_length(item.trim_ascii()).ok_or(H1Error::Malformed("bad content-length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(H1Error::Malformed("differing content-length values"));
+        let raw_name = &head[ns..ne];
+        if looked_at & (1 << raw_name.len().min(63)) != 0 {
+            let name = headers::parse_name(raw_name).map_err(|_| H1Error::Malformed("bad header name"))?;
+            let value = &head[vs..ve];
+            if name == header::CONTENT_LENGTH {
+                for item in value.split(|&b| b == b',') {
+                    let n = parse_length(item.trim_ascii()).ok_or(H1Error::Malformed("bad content-length"))?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(H1Error::Malformed("differing content-length values"));
+                    }
+                    length = Some(n);
                 }
-                length = Some(n);
-            }
-        } else if name == header::TRANSFER_ENCODING {
-            // Only `chunked`, once: another coding would reach the client unlabelled once the hop-by-hop
-            // Transfer-Encoding is removed, and a repeated `chunked` is invalid (RFC 9112 §7).
-            if chunked || !value.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return Err(H1Error::Malformed("unsupported transfer-coding"));
-            }
-            chunked = true;
-        } else if name == header::CONNECTION {
-            let mut others = false;
-            for token in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
-                    others = true;
+                continue;
+            } else if name == header::TRANSFER_ENCODING {
+                // Only `chunked`, once: another coding would reach the client unlabelled once the hop-by-hop
+                // Transfer-Encoding is removed, and a repeated `chunked` is invalid (RFC 9112 §7).
+                if chunked || !value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    return Err(H1Error::Malformed("unsupported transfer-coding"));
                 }
+                chunked = true;
+                continue;
+            } else if name == header::CONNECTION {
+                let mut others = false;
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                        others = true;
+                    }
+                }
+                if others {
+                    listing.push(HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| H1Error::Malformed("bad header value"))?);
+                }
+                continue;
             }
-            // Kept only when it names other fields, which the full strip below then removes with it.
-            if others {
-                lists_others = true;
-                headers.append(name, value);
+            // The fields are end-to-end only (RFC 9110 §7.6.1): hop-by-hop ones are left out, and so are those
+            // the answer rules would remove.
+            if headers::is_hop_by_hop(&name) || headers::dropped_from_answer(&name, rules) {
+                continue;
             }
-            continue;
+            dated |= name == header::DATE;
         }
-        // The fields are end-to-end only (RFC 9110 §7.6.1): hop-by-hop ones never reach the map, nor do those
-        // the answer rules would remove.
-        if headers::is_hop_by_hop(&name) || headers::dropped_from_answer(&name, rules) {
-            continue;
-        }
-        headers.append(name, value);
-    }
-    if lists_others {
-        headers::strip_hop_by_hop(&mut headers, false);
+        let at = |i: usize| u16::try_from(i).map_err(|_| H1Error::HeadTooLarge);
+        kept.push([at(ns)?, at(ne)?, at(vs)?, at(ve)?]);
     }
     let bodiless = head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let framing = match (bodiless, chunked, length) {
@@ -383,14 +474,19 @@ fn parse_head(buf: &mut BytesMut, head_request: bool, rules: &headers::SecureHea
     };
     // Both framings at once is a smuggling smell: never pass it on, never reuse the connection.
     let both = chunked && length.is_some();
-    if chunked {
-        headers.remove(header::CONTENT_LENGTH);
-    } else if let (Some(n), true) = (length, length_values > 1) {
-        // `5, 5` or a repeated field: passed on as the one value it means.
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    // `5, 5` or a repeated field is passed on as the one value it means; with chunking, not at all.
+    let content_length = if chunked { None } else { length };
+    let mut fields = AnswerFields { head, spans: kept, content_length, dated };
+    let mut headers = HeaderMap::new();
+    if !listing.is_empty() {
+        fields.move_into(&mut headers);
+        for v in listing {
+            headers.append(header::CONNECTION, v);
+        }
+        headers::strip_hop_by_hop(&mut headers, false);
     }
     let reusable = !close && !both && framing != Framing::UntilClose;
-    Ok(Parsed::Complete { status, headers, framing, reusable })
+    Ok(Parsed::Complete { status, headers, fields, framing, reusable })
 }
 
 fn parse_length(digits: &[u8]) -> Option<u64> {
@@ -704,10 +800,77 @@ mod tests {
         parse_head(&mut BytesMut::from(raw), head_request, &headers::SecureHeaders::defaults())
     }
 
+    /// A complete answer, with its passed fields moved into its map.
     fn complete(raw: &[u8]) -> (StatusCode, HeaderMap, Framing, bool) {
         match head(raw, false).unwrap() {
-            Parsed::Complete { status, headers, framing, reusable } => (status, headers, framing, reusable),
+            Parsed::Complete { status, mut headers, mut fields, framing, reusable } => {
+                fields.move_into(&mut headers);
+                (status, headers, framing, reusable)
+            }
             _ => panic!("not complete"),
+        }
+    }
+
+    fn passed(raw: &[u8], head_request: bool) -> (HeaderMap, AnswerFields) {
+        match head(raw, head_request).unwrap() {
+            Parsed::Complete { headers, fields, .. } => (headers, fields),
+            _ => panic!("not complete"),
+        }
+    }
+
+    fn lines(f: &AnswerFields) -> Vec<String> {
+        f.iter().map(|(n, v)| format!("{}: {}", String::from_utf8_lossy(n), String::from_utf8_lossy(v))).collect()
+    }
+
+    #[test]
+    fn end_to_end_fields_stay_lines_of_the_head_as_the_upstream_spelt_them() {
+        let raw = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 29 Nov 2026 10:00:00 GMT\r\nContent-Type: text/plain\r\n\
+                    Content-Length: 5\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Custom:  v  1 \r\n\
+                    ETag: \"x\"\r\nUpgrade: h2c\r\nProxy-Authenticate: Basic\r\nX-Request-Id: theirs\r\n\r\n";
+        let (map, f) = passed(raw, false);
+        assert!(map.is_empty(), "no map is built for a usual answer");
+        assert_eq!(lines(&f), ["Date: Sun, 29 Nov 2026 10:00:00 GMT", "Content-Type: text/plain", "X-Custom: v  1", "ETag: \"x\""]);
+        assert_eq!((f.content_length, f.dated), (Some(5), true));
+        // A HEAD answer's length is the resource's, passed on though no body follows; chunked answers have none.
+        assert_eq!(passed(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true).1.content_length, Some(9));
+        let (_, f) = passed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n", false);
+        assert_eq!((lines(&f), f.content_length, f.dated), (vec!["X-A: 1".to_string()], None, false));
+        // Removing works in any case, and a removed Date is no longer counted.
+        let (_, mut f) = passed(raw, false);
+        f.remove(&header::DATE);
+        f.remove(&header::ETAG);
+        assert_eq!((lines(&f), f.dated), (vec!["Content-Type: text/plain".to_string(), "X-Custom: v  1".to_string()], false));
+    }
+
+    #[test]
+    fn fields_a_connection_header_names_go_through_the_map() {
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: x-secret, close\r\nX-Secret: s\r\nX-Kept: k\r\nDate: d\r\nContent-Length: 0\r\n\r\n";
+        let (map, f) = passed(raw, false);
+        assert_eq!(f.iter().count(), 0);
+        assert!(!f.dated && f.content_length.is_none(), "all in the map now");
+        let mut names = map.keys().map(|k| k.as_str()).collect::<Vec<_>>();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "date", "x-kept"]);
+    }
+
+    #[test]
+    fn what_httparse_admits_in_a_field_a_header_map_accepts() {
+        // Passed fields are written out as httparse checked them, or moved into a map: both must agree on every byte.
+        for b in 0..=255u8 {
+            let mut name = b"HTTP/1.1 200 OK\r\nX-".to_vec();
+            name.extend_from_slice(&[b, b'a', b':', b' ', b'v', b'\r', b'\n', b'\r', b'\n']);
+            if let Ok(Parsed::Complete { mut headers, mut fields, .. }) = head(&name, false) {
+                let n = fields.iter().count();
+                fields.move_into(&mut headers);
+                assert_eq!(headers.len(), n, "name byte {b:#x}");
+            }
+            let mut value = b"HTTP/1.1 200 OK\r\nX-A: a".to_vec();
+            value.extend_from_slice(&[b, b'z', b'\r', b'\n', b'\r', b'\n']);
+            if let Ok(Parsed::Complete { mut headers, mut fields, .. }) = head(&value, false) {
+                let n = fields.iter().count();
+                fields.move_into(&mut headers);
+                assert_eq!((n, headers.len()), (1, 1), "value byte {b:#x}");
+            }
         }
     }
 
@@ -727,9 +890,9 @@ mod tests {
         assert_eq!((f, h.get_all("content-length").iter().count()), (Framing::Length(5), 1));
         assert_eq!(h["content-length"], "5");
         match head(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true).unwrap() {
-            Parsed::Complete { framing, headers, .. } => {
+            Parsed::Complete { framing, fields, .. } => {
                 assert_eq!(framing, Framing::Length(0));
-                assert_eq!(headers["content-length"], "9");
+                assert_eq!(fields.content_length, Some(9));
             }
             _ => panic!("HEAD answer not complete"),
         }
@@ -745,7 +908,8 @@ mod tests {
         let d = headers::SecureHeaders::defaults();
         let keep_all = headers::SecureHeaders::new(d.set().to_vec(), d.hsts().cloned(), Vec::new(), false);
         match parse_head(&mut BytesMut::from(&raw[..]), false, &keep_all).unwrap() {
-            Parsed::Complete { headers, .. } => {
+            Parsed::Complete { mut headers, mut fields, .. } => {
+                fields.move_into(&mut headers);
                 assert_eq!(headers["server"], "up/1.0");
                 assert_eq!(headers["x-powered-by"], "php");
                 assert!(!headers.contains_key("x-request-id"));

@@ -398,6 +398,19 @@ fn encode_head(out: &mut Vec<u8>, status: StatusCode, fields: Fields<'_>, body: 
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if let Some(a) = fields.additions {
+        let passed = &a.passed;
+        for (name, value) in passed.iter() {
+            push_field(out, name, value);
+        }
+        dated |= passed.dated;
+        if let (None, Some(n)) = (declared, passed.content_length) {
+            declared = Some(Some(n));
+            if !bodiless {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
         a.secure.write_lines(out);
         push_field(out, crate::headers::request_id_header().as_str().as_bytes(), a.request_id.as_bytes());
     }
@@ -658,6 +671,24 @@ mod tests {
             assert_eq!(f, Framing::None);
             let text = String::from_utf8(out).unwrap();
             assert_eq!(text.contains("content-length: 5"), m.head, "{text}");
+        }
+    }
+
+    #[test]
+    fn an_upstreams_fields_are_written_as_they_came_and_their_length_frames_the_answer() {
+        let none = crate::headers::SecureHeaders::new(Vec::new(), None, Vec::new(), false);
+        for m in [Meta::default(), Meta { head: true, ..Meta::default() }] {
+            let mut passed = crate::h1_client::AnswerFields::from_pairs(&[("Date", "d"), ("Content-Type", "text/plain")]);
+            passed.content_length = Some(3);
+            let secure = crate::headers::prepare_answer(&mut HeaderMap::new(), &mut passed, &none, false, false);
+            let a = Additions { passed, secure, request_id: HeaderValue::from_static("r1") };
+            let mut out = Vec::new();
+            // The body's own size is not what frames it: the upstream's length is.
+            let body = Body::Limited { inner: RequestBody::Empty, remaining: 1 };
+            let (f, _) = encode_head(&mut out, StatusCode::OK, Fields { map: &HeaderMap::new(), additions: Some(&a) }, &body, m, true);
+            let expected = "HTTP/1.1 200 OK\r\nDate: d\r\nContent-Type: text/plain\r\ncontent-length: 3\r\nx-request-id: r1\r\n\r\n";
+            assert_eq!(String::from_utf8(out).unwrap(), expected);
+            assert_eq!(f, if m.head { Framing::None } else { Framing::Length(3) });
         }
     }
 

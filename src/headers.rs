@@ -12,6 +12,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
 use crate::authn::{lookup_claim, Principal};
+use crate::h1_client::AnswerFields;
 
 /// Which claims the upstream receives, in which headers, and whether the bearer token goes along.
 #[derive(Debug, Clone)]
@@ -412,6 +413,11 @@ impl SecureHeaders {
     pub fn override_upstream(&self) -> bool {
         self.override_upstream
     }
+
+    /// Bit n: a name the answer rules remove (or X-Request-Id) is n bytes long (bit 63: 63 or more).
+    pub fn remove_lengths(&self) -> u64 {
+        self.remove_lengths
+    }
 }
 
 /// The secure headers an answer still lacks, found by [`prepare_answer`]. None of them is in the answer's map, so
@@ -537,24 +543,28 @@ fn eq_folded(b: &[u8], lower: &[u8]) -> bool {
     (0..n - 8).step_by(8).all(same) && same(n - 8)
 }
 
-/// Readies an answer's headers for the client: removes the configured `remove` names and any request id (the
-/// gateway sets its own), and finds which secure headers it lacks. `generated`: the gateway made the answer
-/// (secure headers always set, whatever was there). HSTS only over TLS.
-pub fn prepare_answer<'a>(h: &mut HeaderMap, s: &'a SecureHeaders, tls: bool, generated: bool) -> SecureAdd<'a> {
+/// Readies an answer's headers for the client, in its map and among the upstream's fields still in its head:
+/// removes the configured `remove` names and any request id (the gateway sets its own), and finds which secure
+/// headers it lacks. `generated`: the gateway made the answer (secure headers always set, whatever was there).
+/// HSTS only over TLS.
+pub fn prepare_answer<'a>(h: &mut HeaderMap, passed: &mut AnswerFields, s: &'a SecureHeaders, tls: bool, generated: bool) -> SecureAdd<'a> {
     let force = generated || s.override_upstream;
     // One pass over the answer's few names instead of a hash lookup per configured name (most are absent).
     let mut present = 0u64; // bit i: `s.set[i]` is there
     let mut hsts_present = false;
     // Bit i: `s.remove[i]` is there (usually only an upstream's `Server`); bit 63: a request id.
     let mut to_remove = 0u64;
-    for name in h.keys() {
-        let length = length_bit(name);
+    let names = h.keys().map(|n| n.as_str().as_bytes());
+    // The upstream's own spelling: compared in any case.
+    let passed_names = passed.iter().map(|(n, _)| n);
+    for name in names.chain(passed_names) {
+        let length = 1 << name.len().min(63);
         if s.remove_lengths & length != 0 {
-            if name == X_REQUEST_ID {
+            if name.eq_ignore_ascii_case(X_REQUEST_ID.as_str().as_bytes()) {
                 to_remove |= 1 << 63;
                 continue;
             }
-            if let Some(i) = s.remove.iter().position(|r| r == name) {
+            if let Some(i) = s.remove.iter().position(|r| name.eq_ignore_ascii_case(r.as_str().as_bytes())) {
                 to_remove |= 1 << i.min(62);
                 continue;
             }
@@ -563,21 +573,25 @@ pub fn prepare_answer<'a>(h: &mut HeaderMap, s: &'a SecureHeaders, tls: bool, ge
             continue;
         }
         for (i, (n, _)) in s.set.iter().enumerate() {
-            if n == name {
+            if name.eq_ignore_ascii_case(n.as_str().as_bytes()) {
                 present |= 1 << i;
             }
         }
-        hsts_present |= name == header::STRICT_TRANSPORT_SECURITY;
+        hsts_present |= name.eq_ignore_ascii_case(header::STRICT_TRANSPORT_SECURITY.as_str().as_bytes());
     }
+    let mut remove = |name: &HeaderName| {
+        h.remove(name);
+        passed.remove(name);
+    };
     if to_remove != 0 {
         for (i, name) in s.remove.iter().enumerate() {
             // Past 62 names (never configured in practice) every one is tried.
             if i >= 62 || to_remove & (1 << i) != 0 {
-                h.remove(name);
+                remove(name);
             }
         }
         if to_remove & (1 << 63) != 0 {
-            h.remove(&X_REQUEST_ID);
+            remove(&X_REQUEST_ID);
         }
     }
     let mut missing = 0u64;
@@ -585,20 +599,20 @@ pub fn prepare_answer<'a>(h: &mut HeaderMap, s: &'a SecureHeaders, tls: bool, ge
         if present & (1 << i) == 0 {
             missing |= 1 << i;
         } else if force {
-            h.remove(name);
+            remove(name);
             missing |= 1 << i;
         }
     }
     let hsts = tls && s.hsts.is_some() && (force || !hsts_present);
     if hsts && hsts_present {
-        h.remove(header::STRICT_TRANSPORT_SECURITY);
+        remove(&header::STRICT_TRANSPORT_SECURITY);
     }
     SecureAdd { headers: s, missing, hsts }
 }
 
 /// Adds the secure headers to an answer's map (see [`prepare_answer`]).
 pub fn apply_secure_headers(h: &mut HeaderMap, s: &SecureHeaders, tls: bool, generated: bool) {
-    prepare_answer(h, s, tls, generated).insert_into(h);
+    prepare_answer(h, &mut AnswerFields::default(), s, tls, generated).insert_into(h);
 }
 
 /// Cleans an upstream response for the client: hop-by-hop removed; `Content-Length` dropped when the upstream
@@ -692,7 +706,7 @@ mod tests {
                     }
                 }
                 h.insert("content-type", HeaderValue::from_static("application/json"));
-                let add = prepare_answer(&mut h, &s, tls, false);
+                let add = prepare_answer(&mut h, &mut AnswerFields::default(), &s, tls, false);
                 let mut expected = Vec::new();
                 for (n, v) in add.fields() {
                     expected.extend_from_slice(format!("{}: {}\r\n", n, v.to_str().unwrap()).as_bytes());
@@ -705,8 +719,22 @@ mod tests {
         // No secure headers configured at all: nothing written (HSTS over TLS aside).
         let none = SecureHeaders::new(Vec::new(), None, Vec::new(), false);
         let mut lines = Vec::new();
-        prepare_answer(&mut HeaderMap::new(), &none, true, true).write_lines(&mut lines);
+        prepare_answer(&mut HeaderMap::new(), &mut AnswerFields::default(), &none, true, true).write_lines(&mut lines);
         assert!(lines.is_empty());
+    }
+
+    /// An upstream answer readied for the client, its fields either in its map (hyper's answers) or passed as
+    /// lines of its head (the lean client's), then everything in one map to compare.
+    fn readied(upstream: &[(&'static str, &'static str)], in_head: bool, s: &SecureHeaders, tls: bool, generated: bool) -> HeaderMap {
+        let (mut h, mut passed) =
+            if in_head { (HeaderMap::new(), AnswerFields::from_pairs(upstream)) } else { (map(upstream), AnswerFields::default()) };
+        let add = prepare_answer(&mut h, &mut passed, s, tls, generated);
+        passed.move_into(&mut h);
+        // Appended, as a codec writes them: a secure header the answer had would show twice.
+        for (n, v) in add.fields() {
+            h.append(n.clone(), v.clone());
+        }
+        h
     }
 
     #[test]
@@ -715,21 +743,27 @@ mod tests {
         // A name both removed and set: the configured value wins over the upstream's.
         let remove = [d.remove(), &[header::X_FRAME_OPTIONS]].concat();
         let s = SecureHeaders::new(d.set().to_vec(), d.hsts().cloned(), remove, false);
-        let upstream = map(&[("server", "nginx"), ("x-content-type-options", "upstream"), ("x-frame-options", "SAMEORIGIN")]);
-        let mut h = upstream.clone();
-        apply_secure_headers(&mut h, &s, false, false);
-        assert!(!h.contains_key("server"));
-        assert_eq!(h["x-content-type-options"], "upstream");
-        assert_eq!(h["x-frame-options"], "DENY");
-        assert_eq!(h["referrer-policy"], "no-referrer");
-        assert!(!h.contains_key("strict-transport-security"), "no HSTS without TLS");
-        let mut h = upstream.clone();
-        apply_secure_headers(&mut h, &s, true, true);
-        assert_eq!(h["x-content-type-options"], "nosniff");
-        assert_eq!(h["strict-transport-security"], "max-age=63072000; includeSubDomains");
-        let mut h = map(&[("strict-transport-security", "max-age=1")]);
-        apply_secure_headers(&mut h, &s, true, false);
-        assert_eq!(h["strict-transport-security"], "max-age=1");
+        let upstream =
+            [("Server", "nginx"), ("X-Content-Type-Options", "upstream"), ("x-frame-options", "SAMEORIGIN"), ("X-Request-ID", "theirs")];
+        for in_head in [false, true] {
+            let h = readied(&upstream, in_head, &s, false, false);
+            assert!(!h.contains_key("server"), "in head: {in_head}");
+            assert!(!h.contains_key("x-request-id"));
+            assert_eq!(h["x-content-type-options"], "upstream");
+            assert_eq!(h.get_all("x-frame-options").iter().collect::<Vec<_>>(), ["DENY"]);
+            assert_eq!(h["referrer-policy"], "no-referrer");
+            assert!(!h.contains_key("strict-transport-security"), "no HSTS without TLS");
+            let h = readied(&upstream, in_head, &s, true, true);
+            assert_eq!(h.get_all("x-content-type-options").iter().collect::<Vec<_>>(), ["nosniff"]);
+            assert_eq!(h["strict-transport-security"], "max-age=63072000; includeSubDomains");
+            let h = readied(&[("Strict-Transport-Security", "max-age=1")], in_head, &s, true, false);
+            assert_eq!(h.get_all("strict-transport-security").iter().collect::<Vec<_>>(), ["max-age=1"]);
+            let forced = SecureHeaders::new(d.set().to_vec(), d.hsts().cloned(), d.remove().to_vec(), true);
+            let h =
+                readied(&[("Strict-Transport-Security", "max-age=1"), ("X-Frame-Options", "SAMEORIGIN")], in_head, &forced, true, false);
+            assert_eq!(h.get_all("strict-transport-security").iter().collect::<Vec<_>>(), ["max-age=63072000; includeSubDomains"]);
+            assert_eq!(h.get_all("x-frame-options").iter().collect::<Vec<_>>(), ["DENY"]);
+        }
     }
 
     #[test]

@@ -65,6 +65,11 @@ fn header<'a>(a: &'a Answer, name: &str) -> Option<&'a str> {
     a.headers.get(name).map(|v| v.to_str().unwrap())
 }
 
+/// Every value of a field (a field the gateway sets must not also arrive with the upstream's value).
+fn all<'a>(a: &'a Answer, name: &str) -> Vec<&'a str> {
+    a.headers.get_all(name).iter().map(|v| v.to_str().unwrap()).collect()
+}
+
 /// Reads one sample from a Prometheus text exposition: `name` with exactly these labels.
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let want: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -402,7 +407,7 @@ const HSTS: &str = "max-age=63072000; includeSubDomains";
 
 fn assert_secure_headers(a: &Answer, tls: bool, generated: bool, what: &str) {
     for (name, value) in HEADERS {
-        assert_eq!(header(a, name), Some(*value), "{what}: {name}");
+        assert_eq!(all(a, name), [*value], "{what}: {name}");
     }
     assert_eq!(header(a, "strict-transport-security"), tls.then_some(HSTS), "{what}: HSTS only over TLS");
     assert!(a.headers.get("permissions-policy").is_none(), "{what}: an empty permissions_policy is not sent");
@@ -519,7 +524,9 @@ auth = "public"
             let a = get(&c, &url("/with-server-header"), None).await;
             assert_eq!(a.status, 200);
             assert_eq!(up.hits(), hits + 1);
-            assert_eq!(header(&a, "x-frame-options"), Some("SAMEORIGIN"), "{on}: the upstream's own value is kept");
+            assert_eq!(all(&a, "x-frame-options"), ["SAMEORIGIN"], "{on}: the upstream's own value is kept, and only it");
+            let id = all(&a, "x-request-id");
+            assert!(id.len() == 1 && id[0] != "upstream-id", "{on}: the gateway's request id replaces the upstream's: {id:?}");
             for gone in ["server", "x-powered-by", "x-aspnet-version"] {
                 assert!(a.headers.get(gone).is_none(), "{on}: {gone} from the upstream leaked");
             }
@@ -529,6 +536,7 @@ auth = "public"
             let a = get(&c, &url("/forced/with-server-header"), None).await;
             assert_eq!(a.status, 200);
             assert_secure_headers(&a, tls, false, &format!("{on} override route"));
+            assert_eq!(all(&a, "x-frame-options"), ["DENY"], "{on}: the override replaces the upstream's value");
 
             // Per-route values: another CSP, X-Frame-Options disabled, the rest inherited.
             let a = get(&c, &url("/html/page"), None).await;
@@ -601,6 +609,12 @@ path = "/open/*"
 upstream = "api"
 auth = "public"
 cors = {{ allow_origins = ["*"], allow_methods = ["GET"] }}
+
+[[routes]]
+name = "own-cors"
+path = "/with-server-header"
+upstream = "api"
+auth = "public"
 "#,
             base = base_config(&up),
             issuer = iss.config()
@@ -674,6 +688,11 @@ cors = {{ allow_origins = ["*"], allow_methods = ["GET"] }}
         assert_eq!(a.status, 200);
         assert_eq!(header(&a, "access-control-allow-origin"), Some("*"));
         assert_eq!(up.hits(), 3);
+        // An upstream's own allow header gives way to the policy's (one value, not two).
+        let a = get_with(&c, &gw.https_url("/with-server-header"), &[("origin", app)]).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(all(&a, "access-control-allow-origin"), [app]);
+        assert_eq!(up.hits(), 4);
         gw.stop().await;
     })
     .await;

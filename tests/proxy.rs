@@ -285,6 +285,21 @@ async fn http2_client_reaches_http1_upstream() {
     let rid = h.get("x-request-id").expect("upstream saw X-Request-Id");
     assert_eq!(a.headers.get("x-request-id"), Some(rid));
     assert_eq!(up.hits(), 1);
+
+    // A bodiless GET takes the lean HTTP/1.1 client: its answer's fields reach the HTTP/2 client too, each once.
+    let request = req("GET", &gw.https_url("/with-server-header")).body(Full::new(Bytes::new())).unwrap();
+    let a = timeout(BOUND, send(&c, request)).await.expect("answered in time");
+    assert_eq!((a.status, a.version), (StatusCode::OK, http::Version::HTTP_2));
+    assert_eq!(&a.body[..], b"{\"with\":\"server headers\"}");
+    let all = |name: &str| a.headers.get_all(name).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(all("content-type"), ["application/json"]);
+    assert_eq!(all("x-frame-options"), ["SAMEORIGIN"], "the upstream's own, not also the gateway's");
+    assert_eq!(all("x-content-type-options"), ["nosniff"]);
+    assert!(all("server").is_empty() && all("x-powered-by").is_empty());
+    let id = all("x-request-id");
+    assert!(id.len() == 1 && id[0] != "upstream-id", "{id:?}");
+    assert_eq!(up.last().unwrap().headers["x-request-id"], id[0]);
+    assert_eq!(up.hits(), 2);
     gw.stop().await;
 }
 

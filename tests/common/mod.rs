@@ -70,8 +70,9 @@ fn full(b: impl Into<Bytes>) -> BoxBody {
 /// - `/download?bytes=N`: streams N bytes (a repeating pattern) in 64 KiB chunks.
 /// - `/upload`: reads the whole body streaming, answers `{"len":N,"sha256":"…"}`.
 /// - `/ws`: WebSocket echo (HTTP/1.1 upgrade).
-/// - `/with-server-header`: the echo JSON, plus `Server`, `X-Powered-By`, `X-AspNet-Version` and its own
-///   `X-Frame-Options: SAMEORIGIN` (for the secure-header tests: what is stripped, what is kept).
+/// - `/with-server-header`: the echo JSON, plus `Server`, `X-Powered-By`, `X-AspNet-Version`, its own
+///   `X-Frame-Options: SAMEORIGIN`, `X-Request-Id: upstream-id` and `Access-Control-Allow-Origin: *` (for the
+///   secure-header and CORS tests: what is stripped, what is kept, what is replaced).
 /// - anything else: JSON `{"method","path","headers":{…}}`.
 ///
 /// Every request is recorded in `seen` before it is answered.
@@ -194,6 +195,8 @@ async fn upstream_handle(state: Upstream, mut req: Request<Incoming>) -> Result<
             h.insert("x-powered-by", "PHP/5.6.40".parse().unwrap());
             h.insert("x-aspnet-version", "4.0.30319".parse().unwrap());
             h.insert("x-frame-options", "SAMEORIGIN".parse().unwrap());
+            h.insert("x-request-id", "upstream-id".parse().unwrap());
+            h.insert("access-control-allow-origin", "*".parse().unwrap());
             Ok(rsp)
         }
         _ => {
