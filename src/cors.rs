@@ -1,6 +1,6 @@
 //! CORS: preflights answered by the gateway (no token, no upstream), and allow headers on actual responses.
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 
 use crate::body::Body;
@@ -61,6 +61,24 @@ fn allow_origin(policy: &CorsPolicy, origin: &HeaderValue, h: &mut HeaderMap) {
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
     if policy.credentials {
         h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+    }
+}
+
+/// The CORS fields of an answer: the gateway's policy decides them, never the upstream.
+const ANSWER_FIELDS: [HeaderName; 6] = [
+    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+    header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+    header::ACCESS_CONTROL_EXPOSE_HEADERS,
+    header::ACCESS_CONTROL_ALLOW_METHODS,
+    header::ACCESS_CONTROL_ALLOW_HEADERS,
+    header::ACCESS_CONTROL_MAX_AGE,
+];
+
+/// Removes an upstream's own CORS fields from its answer on a route with a policy: the route then lets exactly the
+/// origins the policy allows read it.
+pub fn remove_upstreams_own(h: &mut HeaderMap) {
+    for name in &ANSWER_FIELDS {
+        h.remove(name);
     }
 }
 

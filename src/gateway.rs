@@ -257,8 +257,11 @@ impl Gateway {
         let mut passed = std::mem::take(&mut outcome.passed);
         let secure = headers::prepare_answer(h, &mut passed, secure, conn.tls, !outcome.proxied);
         if let Some(policy) = outcome.route.and_then(|r| r.cors.as_ref()).or(self.config.cors.as_ref()) {
-            // The policy's allow headers replace an upstream's own: in the map, where replacing is one insert.
-            passed.move_into(h);
+            // The policy decides alone: an upstream's own CORS fields go (in the map, where removing is cheap).
+            if outcome.proxied {
+                passed.move_into(h);
+                cors::remove_upstreams_own(h);
+            }
             cors::apply(policy, origin.as_ref(), h);
         }
 

@@ -36,8 +36,6 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Returns the name of the request-id header.
 pub fn request_id_header() -> &'static HeaderName {
@@ -118,20 +116,34 @@ fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue, upgrading: b
     }
 }
 
-/// The hop-by-hop fields that go whatever `Connection` lists (`Upgrade` is handled apart).
-fn is_fixed_hop_by_hop(k: &HeaderName) -> bool {
-    k == header::CONNECTION
-        || k == KEEP_ALIVE
-        || k == PROXY_CONNECTION
-        || k == header::TE
-        || k == header::TRANSFER_ENCODING
-        || k == header::PROXY_AUTHORIZATION
-        || k == header::PROXY_AUTHENTICATE
+/// The hop-by-hop fields (RFC 9110 §7.6.1): they go whatever `Connection` lists, `upgrade` apart (kept on an
+/// upgrade). The one list every check of them is built from.
+pub const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "proxy-authorization", "proxy-authenticate", "upgrade"];
+
+/// Bit n: one of `names` is n bytes long (bit 63: 63 or more). A name of another length is none of them.
+pub const fn lengths_of(names: &[&str]) -> u64 {
+    let mut mask = 0u64;
+    let mut i = 0;
+    while i < names.len() {
+        let n = names[i].len();
+        mask |= 1 << if n < 63 { n } else { 63 };
+        i += 1;
+    }
+    mask
 }
+
+const HOP_BY_HOP_LENGTHS: u64 = lengths_of(&HOP_BY_HOP);
 
 /// True for a field that is hop-by-hop whatever `Connection` lists (`Upgrade` included).
 pub fn is_hop_by_hop(k: &HeaderName) -> bool {
-    is_fixed_hop_by_hop(k) || k == header::UPGRADE
+    let k = k.as_str();
+    HOP_BY_HOP_LENGTHS & (1 << k.len().min(63)) != 0 && HOP_BY_HOP.contains(&k)
+}
+
+/// [`is_hop_by_hop`], `Upgrade` aside.
+fn is_fixed_hop_by_hop(k: &HeaderName) -> bool {
+    k != header::UPGRADE && is_hop_by_hop(k)
 }
 
 /// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`, `Proxy-Connection`, `TE`,

@@ -692,7 +692,11 @@ auth = "public"
         let a = get_with(&c, &gw.https_url("/with-server-header"), &[("origin", app)]).await;
         assert_eq!(a.status, 200);
         assert_eq!(all(&a, "access-control-allow-origin"), [app]);
-        assert_eq!(up.hits(), 4);
+        // Nor does it open the answer to an origin the policy does not allow.
+        let a = get_with(&c, &gw.https_url("/with-server-header"), &[("origin", "https://evil.example")]).await;
+        assert_eq!(a.status, 200);
+        assert!(all(&a, "access-control-allow-origin").is_empty(), "the upstream's `*` reached a disallowed origin");
+        assert_eq!(up.hits(), 5);
         gw.stop().await;
     })
     .await;

@@ -319,3 +319,37 @@ async fn hop_by_hop_fields_of_an_answer_stay_with_the_upstream_and_the_gateway_s
     assert_eq!(up.connections(), 1);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_answers_own_fields_reach_an_http1_client_as_checked_lines_each_once() {
+    // Every field the lean client leaves in the upstream's head, and every one it must not pass on, in odd cases.
+    let answer = b"HTTP/1.1 200 OK\r\nDATE: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 5, 5\r\nKEEP-ALIVE: timeout=5\r\n\
+                   Upgrade: h2c\r\nProxy-Authenticate: Basic\r\nTE: trailers\r\nX-REQUEST-ID: from-upstream\r\nSERVER: up\r\n\
+                   X-Powered-By: php\r\nContent-Type:   text/plain  \r\nX-Frame-Options: SAMEORIGIN\r\nX-Odd: a\tb\r\n\
+                   Content-Length: 5\r\n\r\nhello";
+    let (up, gw, _c) = special_answer("/raw", answer, false).await;
+    let request = b"GET /raw HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let (text, closed) = raw_exchange(gw.http.expect("http listener"), request, BOUND).await;
+    assert!(closed, "the gateway closes after the answer it was asked to close after");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a whole head");
+    assert_eq!(body, "hello");
+    let mut lines = head.split("\r\n");
+    assert_eq!(lines.next(), Some("HTTP/1.1 200 OK"));
+    let fields: Vec<(String, &str)> =
+        lines.map(|l| l.split_once(": ").map(|(n, v)| (n.to_ascii_lowercase(), v)).expect("a field line")).collect();
+    let values = |name: &str| fields.iter().filter(|(n, _)| n == name).map(|(_, v)| *v).collect::<Vec<_>>();
+    assert_eq!(values("date"), ["Sun, 06 Nov 1994 08:49:37 GMT"], "the upstream's Date, and no second one");
+    assert_eq!(values("content-length"), ["5"], "one length, as the one value it means");
+    assert_eq!(values("content-type"), ["text/plain"]);
+    assert_eq!(values("x-frame-options"), ["SAMEORIGIN"], "the upstream's own secure header, once");
+    assert_eq!(values("x-content-type-options"), ["nosniff"]);
+    assert_eq!(values("x-odd"), ["a\tb"]);
+    assert_eq!(values("connection"), ["close"]);
+    let ids = values("x-request-id");
+    assert!(ids.len() == 1 && ids[0].len() == 32, "the gateway's own request id only: {ids:?}");
+    for gone in ["keep-alive", "upgrade", "proxy-authenticate", "te", "server", "x-powered-by", "transfer-encoding"] {
+        assert!(values(gone).is_empty(), "{gone} reached the client: {head}");
+    }
+    assert_eq!(up.requests().len(), 1);
+    gw.stop().await;
+}
