@@ -300,6 +300,12 @@ async fn http2_client_reaches_http1_upstream() {
     assert!(id.len() == 1 && id[0] != "upstream-id", "{id:?}");
     assert_eq!(up.last().unwrap().headers["x-request-id"], id[0]);
     assert_eq!(up.hits(), 2);
+    // HEAD: no body, but the length a GET would have, carried from the lean answer into the HTTP/2 head.
+    let request = req("HEAD", &gw.https_url("/with-server-header")).body(Full::new(Bytes::new())).unwrap();
+    let a = timeout(BOUND, send(&c, request)).await.expect("answered in time");
+    assert_eq!((a.status, a.body.len()), (StatusCode::OK, 0));
+    assert_eq!(a.headers.get_all("content-length").iter().collect::<Vec<_>>(), ["25"]);
+    assert_eq!(up.hits(), 3);
     gw.stop().await;
 }
 
