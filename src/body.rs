@@ -57,7 +57,7 @@ pub enum Body {
     Full(Option<Bytes>),
     Stream(Incoming),
     /// An upstream response read by the lean HTTP/1.1 client.
-    Upstream(crate::h1_client::ResponseBody),
+    Upstream(crate::h1_answer::ResponseBody),
     /// A client's request body with the bytes it may still send; the stream fails (and the upstream request
     /// is aborted) once it grows past the limit.
     Limited {

@@ -678,7 +678,7 @@ mod tests {
     fn an_upstreams_fields_are_written_as_they_came_and_their_length_frames_the_answer() {
         let none = crate::headers::SecureHeaders::new(Vec::new(), None, Vec::new(), false);
         for m in [Meta::default(), Meta { head: true, ..Meta::default() }] {
-            let mut passed = crate::h1_client::AnswerFields::from_pairs(&[("Date", "d"), ("Content-Type", "text/plain")]);
+            let mut passed = crate::h1_answer::AnswerFields::from_pairs(&[("Date", "d"), ("Content-Type", "text/plain")]);
             passed.content_length = Some(3);
             let secure = crate::headers::prepare_answer(&mut HeaderMap::new(), &mut passed, &none, false, false);
             let a = Additions { passed, secure, request_id: HeaderValue::from_static("r1") };

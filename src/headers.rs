@@ -12,7 +12,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
 use crate::authn::{lookup_claim, Principal};
-use crate::h1_client::AnswerFields;
+use crate::h1_answer::AnswerFields;
 
 /// Which claims the upstream receives, in which headers, and whether the bearer token goes along.
 #[derive(Debug, Clone)]

@@ -2,8 +2,8 @@
 //!
 //! A request goes top to bottom through: accept and TLS ([`server`], [`tls`]) -> HTTP ([`header_deadline`])
 //! -> route match ([`router`]) -> authenticate ([`authn`], [`jwks`]) -> authorize ([`authz`]) -> rate limit
-//! ([`ratelimit`]) -> forward ([`proxy`], [`h1_client`], [`upstream_pool`], [`headers`]) -> response headers
-//! ([`headers`], [`cors`]) -> metrics and access log ([`metrics`], [`logging`]), all driven by
+//! ([`ratelimit`]) -> forward ([`proxy`], [`h1_client`], [`h1_answer`], [`upstream_pool`], [`headers`])
+//! -> response headers ([`headers`], [`cors`]) -> metrics and access log ([`metrics`], [`logging`]), all driven by
 //! [`gateway::Gateway::handle`]. Errors become answers in [`error`] only.
 
 pub mod admin;
@@ -17,6 +17,7 @@ pub mod demo;
 pub mod error;
 pub mod explain;
 pub mod gateway;
+pub mod h1_answer;
 pub mod h1_client;
 pub mod h1_server;
 pub mod header_deadline;
