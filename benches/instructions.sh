@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request (callgrind: deterministic, unlike timings on a shared VM), Portcullis
+# beside nginx as plain proxies of one worker in front of the same nginx upstream, with the harness's settings.
+#   benches/instructions.sh            # needs valgrind, nginx and wrk (../shared/bench/setup.sh installs the last two)
+#   ACCESS_LOG=false benches/instructions.sh   # Portcullis without its access line (nginx runs without one)
+# Loopback only; each target runs 2 s of warm-up and 5 s measured under valgrind, then stops.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for tool in valgrind callgrind_annotate callgrind_control nginx wrk; do
+    command -v "$tool" >/dev/null || { echo "needs $tool"; exit 1; }
+done
+cargo build -q --release --locked --bin portcullis
+BIN=$PWD/target/release/portcullis
+DIR=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
+UP=18380 N=18381 GW=18382
+
+nginx_conf() { # name, listen port, location body
+    mkdir -p "$DIR/$1.tmp"
+    cat >"$DIR/$1.conf" <<EOF
+worker_processes 1;
+pid $DIR/$1.pid;
+error_log $DIR/$1.error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    client_body_temp_path $DIR/$1.tmp/body;
+    proxy_temp_path $DIR/$1.tmp/proxy;
+    fastcgi_temp_path $DIR/$1.tmp/fastcgi;
+    uwsgi_temp_path $DIR/$1.tmp/uwsgi;
+    scgi_temp_path $DIR/$1.tmp/scgi;
+    upstream u { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$2 backlog=4096;
+        default_type application/json;
+        location / { $3 }
+    }
+}
+EOF
+}
+nginx_conf upstream $UP "return 200 '{\"ok\":true}';"
+nginx_conf proxy $N 'proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection "";'
+cat >"$DIR/gateway.toml" <<EOF
+[listen]
+http = "127.0.0.1:$GW"
+[server]
+access_log = ${ACCESS_LOG:-true}
+[upstreams.up]
+url = "http://127.0.0.1:$UP"
+[[routes]]
+name = "all"
+path = "/*"
+upstream = "up"
+auth = "public"
+EOF
+
+taskset -c 1 nginx -c "$DIR/upstream.conf" -g 'daemon off;' &
+
+# Instructions per request of the process started by "$@" (listening on port $1, the first argument).
+measure() {
+    local port=$1
+    shift
+    valgrind --tool=callgrind --callgrind-out-file="$DIR/cg.%p" "$@" >"$DIR/target.log" 2>&1 &
+    local pid=$!
+    for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+    taskset -c 1 wrk -t1 -c16 -d2s "http://127.0.0.1:$port/" >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    local requests
+    requests=$(taskset -c 1 wrk -t1 -c16 -d5s "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}')
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    sleep 0.5
+    local total
+    total=$(callgrind_annotate "$DIR/cg.$pid.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    rm -f "$DIR"/cg.*
+    echo $((total / requests))
+}
+
+export PORTCULLIS_WORKERS=1 # one worker, as in the harness (valgrind must start the binary itself)
+gw=$(measure $GW "$BIN" run --config "$DIR/gateway.toml")
+ng=$(measure $N nginx -c "$DIR/proxy.conf" -g 'daemon off; master_process off;')
+echo "user-space instructions per proxied request: Portcullis $gw, nginx $ng (ratio $(echo "scale=2; $gw / $ng" | bc))"
