@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A/B runs of one ../shared/bench target with two gateway config templates, alternating (ROUNDS pairs), printing
-# req/s and the gateway's own CPU µs per request for each run. Used by limits.sh and observability.sh.
+# req/s, p99 and the gateway's own CPU µs per request for each run. Used by limits.sh and observability.sh.
 #   benches/ab.sh TARGET NAME LABEL_A TEMPLATE_A LABEL_B TEMPLATE_B   ("-" = the harness's own template)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,6 @@ for i in $(seq "${ROUNDS:-3}"); do
     GATEWAY_CONFIG_TEMPLATE=$tpl ROUNDS=1 OUT=$OUT/$label-$i GATEWAY_BIN=$PWD/target/release/portcullis \
       "$BENCH/run.sh" bench "$target" >/dev/null
     row=$(grep "^| $target " "$OUT/$label-$i/summary.md")
-    echo "$name $label, run $i: $(awk -F'|' '{gsub(/ /,"",$5); gsub(/ /,"",$11); print $5 " req/s, " $11 " µs CPU/req"}' <<<"$row")"
+    echo "$name $label, run $i: $(awk -F'|' '{gsub(/ /,"",$5); gsub(/ /,"",$8); gsub(/ /,"",$11); print $5 " req/s, p99 " $8 " ms, " $11 " µs CPU/req"}' <<<"$row")"
   done
 done | tee "$OUT.txt"
