@@ -5,13 +5,20 @@
 //! `idle_timeout`, and this wrapper around the connection enforces `header_read_timeout`: from accept for the
 //! first request, and from the first byte of each later head, until the request reaches the service.
 //! HTTP/2 and upgraded connections turn it off at their first request (they have their own framing and pings).
+//!
+//! The same wrapper closes an HTTP/1 connection in stages when an answer refused a request whose body was left
+//! unread (401, 403, 413… before the upload ended): closing a socket with unread input makes the kernel send a
+//! reset, which can reach the client before it has read the answer, so it sees "connection reset" instead of
+//! the 413. As RFC 9112 §9.6 advises, the write side is shut first (the client reads the answer and an end of
+//! stream), then what the client still sends is read and dropped until it closes too, for at most `LINGER`.
 
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -26,6 +33,7 @@ use tokio::time::{Instant, Sleep};
 pub struct ConnState {
     in_flight: AtomicUsize,
     off: AtomicBool,
+    linger: AtomicBool,
 }
 
 impl ConnState {
@@ -46,6 +54,11 @@ impl InFlight {
     /// The connection now carries another protocol (WebSocket…): no more HTTP heads to time.
     pub fn upgraded(&self) {
         self.0.off.store(true, Ordering::Relaxed);
+    }
+
+    /// The answer closes the connection with the request's body unread: read it out when closing.
+    pub fn linger_on_close(&self) {
+        self.0.linger.store(true, Ordering::Relaxed);
     }
 }
 
@@ -93,13 +106,20 @@ pub struct HeaderDeadline<I> {
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
     armed: bool,
+    /// The staged close: the write side is shut, input is being read out until `sleep`.
+    lingering: bool,
 }
+
+/// How long a staged close reads out what a refused client still sends (nginx's `lingering_timeout` default).
+pub const LINGER: Duration = Duration::from_secs(5);
+/// Reads per poll while lingering, so a client sending at full speed cannot hold the worker.
+const LINGER_READS: usize = 16;
 
 impl<I> HeaderDeadline<I> {
     /// Wraps a connection whose next head must be complete by `first_head_by`, later ones within `timeout` of
     /// their first byte. `read` holds bytes already taken from it, which its reader gets first.
     pub fn new(io: I, read: Bytes, state: Arc<ConnState>, timeout: Duration, first_head_by: Instant) -> HeaderDeadline<I> {
-        HeaderDeadline { io, read, state, timeout, sleep: Box::pin(tokio::time::sleep_until(first_head_by)), armed: true }
+        HeaderDeadline { io, read, state, timeout, sleep: Box::pin(tokio::time::sleep_until(first_head_by)), armed: true, lingering: false }
     }
 
     fn timed_out() -> io::Error {
@@ -149,7 +169,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeaderDeadline<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for HeaderDeadline<I> {
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for HeaderDeadline<I> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
@@ -167,6 +187,79 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeaderDeadline<I> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        if !this.lingering {
+            ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+            if !this.state.linger.load(Ordering::Relaxed) {
+                return Poll::Ready(Ok(()));
+            }
+            this.lingering = true;
+            this.sleep.as_mut().reset(crate::deadline::deadline_after(LINGER));
+        }
+        let mut chunk = [MaybeUninit::<u8>::uninit(); 4096];
+        for _ in 0..LINGER_READS {
+            if this.sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut rb = ReadBuf::uninit(&mut chunk);
+            match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => {}
+                // The client closed (or broke) its side: nothing is left to cause a reset.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // The client is still sending at full speed: let other tasks run, then read on.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn wrapped(linger: bool) -> (HeaderDeadline<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
+        let (ours, client) = tokio::io::duplex(64 * 1024);
+        let state = Arc::new(ConnState::default());
+        if linger {
+            state.begin(Version::HTTP_11).linger_on_close();
+        }
+        (HeaderDeadline::new(ours, Bytes::new(), state, Duration::from_secs(10), Instant::now()), client)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_close_ends_at_the_clients_close_or_after_linger() {
+        // The client closes: the staged close ends then, having read out what it sent.
+        let (mut conn, mut client) = wrapped(true);
+        client.write_all(&[1u8; 50_000]).await.unwrap();
+        let closing = tokio::spawn(async move { conn.shutdown().await });
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "the write side is shut first: the client sees the end of stream at once");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!closing.is_finished(), "closed while the client had not closed");
+        drop(client);
+        tokio::time::timeout(Duration::from_millis(1), closing).await.expect("the client's close ends it").unwrap().unwrap();
+
+        // The client never closes and keeps sending: the close happens after LINGER all the same.
+        let (mut conn, mut client) = wrapped(true);
+        let start = Instant::now();
+        let sender = tokio::spawn(async move {
+            while client.write_all(&[2u8; 1024]).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        tokio::time::timeout(LINGER * 2, conn.shutdown()).await.expect("the linger is bounded").unwrap();
+        assert_eq!(start.elapsed(), LINGER);
+        drop(conn);
+        sender.await.unwrap();
+
+        // No refusal with an unread body: no linger at all.
+        let (mut conn, _client) = wrapped(false);
+        let start = Instant::now();
+        conn.shutdown().await.unwrap();
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 }

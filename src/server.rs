@@ -192,12 +192,17 @@ fn gateway_service(
 > + Clone {
     service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let gateway = shared.gateway.load_full();
-        let in_flight = state.begin(req.version());
+        let version = req.version();
+        let in_flight = state.begin(version);
         let info = info.clone();
         async move {
             let rsp = gateway.handle(req.map(crate::body::RequestBody::Hyper), &info).await;
             if rsp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
                 in_flight.upgraded();
+            } else if version < hyper::Version::HTTP_2 && rsp.headers().contains_key(hyper::header::CONNECTION) {
+                // Only the gateway's own refusals carry Connection (an upstream's is hop-by-hop, removed): one
+                // that left the body unread.
+                in_flight.linger_on_close();
             }
             Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, in_flight)))
         }

@@ -608,6 +608,87 @@ async fn oversize_body_is_413_and_oversize_headers_431_before_the_upstream() {
     gw.stop().await;
 }
 
+/// Reads one answer with a Content-Length body from any stream.
+async fn read_answer<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = timeout(BOUND, s.read(&mut buf)).await.expect("no answer").expect("read answer");
+        assert!(n > 0, "closed before a whole answer: {:?}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .expect("content-length");
+            if out.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+/// Declares an upload of `len` bytes, reads the refusal, then sends the body anyway, as a client that writes its whole
+/// upload before it looks at the answer does. Returns the answer, how the upload went, and whether the gateway
+/// then ended the stream (after the client's own close at the latest).
+async fn refused_upload<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    path: &str,
+    len: usize,
+) -> (String, std::io::Result<()>, bool) {
+    s.write_all(format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(&[b'u'; 4096]).await.unwrap();
+    s.flush().await.unwrap();
+    let answer = read_answer(s).await;
+    let mut sent = Ok(());
+    for _ in 0..(len - 4096) / 65536 {
+        if let Err(e) = s.write_all(&[b'u'; 65536]).await.and(s.flush().await) {
+            sent = Err(e);
+            break;
+        }
+    }
+    let _ = s.shutdown().await;
+    let mut rest = Vec::new();
+    let ended = matches!(timeout(BOUND, s.read_to_end(&mut rest)).await, Ok(Ok(0)));
+    (answer, sent, ended)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upload_is_read_out_so_the_client_gets_its_answer_not_a_reset() {
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    let config = public_config(&up, "[limits]\nmax_body_bytes = \"1MiB\"\n");
+    let config = config.replacen(
+        "[[routes]]",
+        "[[routes]]\nname = \"private\"\npath = \"/private/*\"\nupstream = \"api\"\nauth = \"required\"\n\n[[routes]]",
+        1,
+    );
+    let config = format!("{config}\n[[issuers]]\nid = \"t\"\nissuer = \"t\"\nalgorithms = [\"HS256\"]\nsecret_file = \"hs.secret\"\n");
+    let gw = spawn_gateway_with_files(&config, &[("hs.secret", &[7u8; 32])]).await;
+
+    // 413 on the declared length, and 401 on a missing token, both before the body: the gateway shuts its side,
+    // reads out the rest, and closes only after the client, so the client's writes never meet a reset.
+    for (path, len, status) in [("/upload", 4 << 20, "413"), ("/private/x", 768 << 10, "401")] {
+        let mut s = TcpStream::connect(gw.http.unwrap()).await.unwrap();
+        let (answer, sent, ended) = refused_upload(&mut s, path, len).await;
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status} ")), "{answer}");
+        assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+        assert!(sent.is_ok(), "{path}: the upload met {sent:?} after the {status}: the gateway closed with input unread");
+        assert!(ended, "{path}: the gateway never closed after the client did");
+    }
+
+    // The same through TLS: the staged close happens under TLS (close_notify, then the rest is read out).
+    let connector = tls_connector(tls_config(&gw.cert_path(), &[b"http/1.1"]));
+    let mut s = tls_connect(gw.https.unwrap(), &connector).await.unwrap();
+    let (answer, sent, ended) = refused_upload(&mut s, "/upload", 4 << 20).await;
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(sent.is_ok(), "over TLS the upload met {sent:?} after the 413");
+    assert!(ended);
+    assert_eq!(up.hits(), 0, "a refused upload reached the upstream");
+    gw.stop().await;
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // 8. Slowloris
 
