@@ -608,27 +608,6 @@ async fn oversize_body_is_413_and_oversize_headers_431_before_the_upstream() {
     gw.stop().await;
 }
 
-/// Reads one answer with a Content-Length body from any stream.
-async fn read_answer<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = timeout(BOUND, s.read(&mut buf)).await.expect("no answer").expect("read answer");
-        assert!(n > 0, "closed before a whole answer: {:?}", String::from_utf8_lossy(&out));
-        out.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&out).to_string();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-                .expect("content-length");
-            if out.len() >= end + 4 + len {
-                return text;
-            }
-        }
-    }
-}
-
 /// Declares an upload of `len` bytes, reads the refusal, then sends the body anyway, as a client that writes its whole
 /// upload before it looks at the answer does. Returns the answer, how the upload went, and whether the gateway
 /// then ended the stream (after the client's own close at the latest).
@@ -640,7 +619,7 @@ async fn refused_upload<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>
     s.write_all(format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n").as_bytes()).await.unwrap();
     s.write_all(&[b'u'; 4096]).await.unwrap();
     s.flush().await.unwrap();
-    let answer = read_answer(s).await;
+    let answer = read_response(s).await;
     let mut sent = Ok(());
     for _ in 0..(len - 4096) / 65536 {
         if let Err(e) = s.write_all(&[b'u'; 65536]).await.and(s.flush().await) {
@@ -764,11 +743,11 @@ async fn slowloris_is_cut_at_header_read_timeout_while_others_are_served() {
 }
 
 /// Reads one `Content-Length` response off a raw connection (the echo upstream always sends one).
-async fn read_response(s: &mut TcpStream) -> String {
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        let n = s.read(&mut buf).await.expect("read response");
+        let n = timeout(BOUND, s.read(&mut buf)).await.expect("no response").expect("read response");
         assert!(n > 0, "connection closed before a whole response: {:?}", String::from_utf8_lossy(&out));
         out.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&out).to_string();
