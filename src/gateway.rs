@@ -81,7 +81,8 @@ struct Outcome<'a> {
     label: Option<&'static str>,
     upstream_time: Option<Duration>,
     principal: Option<Arc<Principal>>,
-    request_has_body: bool,
+    /// An HTTP/1 request with a body: refused unread, its connection must close.
+    http1_body: bool,
     /// The answer came from the upstream (not made by the gateway).
     proxied: bool,
     /// A lean answer's fields, left in the upstream's head.
@@ -230,7 +231,9 @@ impl Gateway {
         let uri = std::mem::take(req.uri_mut());
         let origin = if self.cors_configured { req.headers().get(header::ORIGIN).cloned() } else { None };
         let client = client_ip(conn.peer, req.headers(), &self.config.trusted_proxies);
-        let mut outcome = Outcome { request_has_body: has_body(&req), ..Outcome::default() };
+        // Only an HTTP/1 body left unread needs the connection closed (HTTP/2 resets just the stream).
+        let unread_closes = req.version() < Version::HTTP_2 && has_body(&req);
+        let mut outcome = Outcome { http1_body: unread_closes, ..Outcome::default() };
         let fwd = Forwarding { peer: conn.peer, peer_ip: &conn.peer_ip, tls: conn.tls, from_trusted_proxy: trusted };
         // Awaited here rather than in a function of their own: one layer less for the request and the answer
         // to be moved through.
@@ -249,7 +252,7 @@ impl Gateway {
                     tracing::debug!(request_id = ?request_id, error = %e, "request refused");
                 }
                 // An unread HTTP/1 body would be taken as the next request; close instead.
-                let close = outcome.request_has_body && outcome.upstream_time.is_none();
+                let close = outcome.http1_body && outcome.upstream_time.is_none();
                 e.to_response(close)
             }
         };
