@@ -353,3 +353,47 @@ async fn an_answers_own_fields_reach_an_http1_client_as_checked_lines_each_once(
     assert_eq!(up.requests().len(), 1);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn bodiless_answers_on_a_cors_route_keep_their_framing_and_take_the_policys_fields() {
+    // HEAD and 304 answers carry no body whatever their length fields say; on a CORS route their fields move into
+    // the map (where the policy replaces the upstream's own Access-Control-*), and the framing must survive that.
+    let up = scripted(|line, _| {
+        let bytes = if line.starts_with("HEAD") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nAccess-Control-Allow-Origin: *\r\nETag: \"h\"\r\n\r\n".to_vec()
+        } else if line.contains("/cached") {
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nAccess-Control-Allow-Origin: *\r\nCache-Control: max-age=60\r\n\r\n".to_vec()
+        } else {
+            ok("ok")
+        };
+        Act::Answer(bytes, false)
+    })
+    .await;
+    let cors = "\n[cors]\nallow_origins = [\"https://app.example.com\"]\nallow_methods = [\"GET\", \"HEAD\"]\n";
+    let gw = spawn_gateway(&format!("{}{cors}", config(&up))).await;
+    let ask = |method: &str, path: &str, last: bool| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example.com\r\n{}\r\n",
+            if last { "Connection: close\r\n" } else { "" }
+        )
+    };
+    // Pipelined on one connection: a body read where there is none would swallow the next answer.
+    let requests = ask("HEAD", "/h", false) + &ask("GET", "/cached", false) + &ask("GET", "/after", true);
+    let (text, closed) = raw_exchange(gw.http.expect("http listener"), requests.as_bytes(), BOUND).await;
+    assert!(closed, "{text}");
+    let answers: Vec<&str> = text.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 3, "three answers, each framed right: {text}");
+    for (i, (status, length)) in [("200", Some("9")), ("304", None), ("200", Some("2"))].into_iter().enumerate() {
+        let a = answers[i].to_ascii_lowercase();
+        assert!(a.starts_with(status), "answer {i}: {a}");
+        let (head, body) = a.split_once("\r\n\r\n").expect("a whole head");
+        let values = |name: &str| head.lines().filter_map(|l| l.strip_prefix(name)).map(str::trim).collect::<Vec<_>>();
+        assert_eq!(values("access-control-allow-origin:"), ["https://app.example.com"], "answer {i}: the policy's, once");
+        assert_eq!(values("content-length:"), length.into_iter().collect::<Vec<_>>(), "answer {i}");
+        assert_eq!(body, if i == 2 { "ok" } else { "" }, "answer {i}: no body on HEAD and 304");
+    }
+    assert!(answers[0].to_ascii_lowercase().contains("etag: \"h\""), "{}", answers[0]);
+    assert!(answers[1].to_ascii_lowercase().contains("etag: \"v1\""), "{}", answers[1]);
+    assert_eq!(up.connections(), 1, "the upstream connection stayed in step too");
+    gw.stop().await;
+}
