@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +21,51 @@ pub enum BodyError {
 #[derive(Debug)]
 pub enum RequestBody {
     Hyper(Incoming),
+    /// An HTTP/2 stream's body, read out to its end if dropped unread (see `Drop`). Always `Some` until dropped.
+    Http2 {
+        body: Option<Incoming>,
+        read_out_up_to: u64,
+    },
     Empty,
+}
+
+impl RequestBody {
+    /// An HTTP/2 request body that, if refused unread, is read out (up to `read_out_up_to` bytes, for at most
+    /// `LINGER`) rather than reset.
+    pub fn http2(body: Incoming, read_out_up_to: u64) -> RequestBody {
+        RequestBody::Http2 { body: Some(body), read_out_up_to }
+    }
+}
+
+/// Why: an HTTP/2 stream whose body is dropped unread is reset (RST_STREAM after the answer, as RFC 9113 §8.1
+/// allows), and widespread clients (curl before 8) then report a stream error instead of the 401 or 403 they
+/// were sent. Read to its end, the stream closes normally, as nginx does by discarding a refused body. A body
+/// declared larger than the bound, or still coming after it or after `LINGER`, is reset as before.
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        let RequestBody::Http2 { body, read_out_up_to } = self else { return };
+        let Some(body) = body.take() else { return };
+        if body.is_end_stream() || body.size_hint().lower() > *read_out_up_to {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(read_out(body, *read_out_up_to));
+        }
+    }
+}
+
+async fn read_out(mut body: Incoming, up_to: u64) {
+    use http_body_util::BodyExt;
+    let reading = async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > up_to {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(crate::header_deadline::LINGER, reading).await;
 }
 
 impl http_body::Body for RequestBody {
@@ -30,22 +74,22 @@ impl http_body::Body for RequestBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            RequestBody::Hyper(inner) => Pin::new(inner).poll_frame(cx),
-            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Hyper(inner) | RequestBody::Http2 { body: Some(inner), .. } => Pin::new(inner).poll_frame(cx),
+            RequestBody::Http2 { body: None, .. } | RequestBody::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Hyper(inner) => inner.is_end_stream(),
-            RequestBody::Empty => true,
+            RequestBody::Hyper(inner) | RequestBody::Http2 { body: Some(inner), .. } => inner.is_end_stream(),
+            RequestBody::Http2 { body: None, .. } | RequestBody::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Hyper(inner) => inner.size_hint(),
-            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Hyper(inner) | RequestBody::Http2 { body: Some(inner), .. } => inner.size_hint(),
+            RequestBody::Http2 { body: None, .. } | RequestBody::Empty => SizeHint::with_exact(0),
         }
     }
 }

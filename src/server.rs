@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use crate::body::RequestBody;
 use crate::config::Limits;
 use crate::gateway::{ConnInfo, Gateway};
 use crate::h1_server::{self, Ended};
@@ -196,7 +197,12 @@ fn gateway_service(
         let in_flight = state.begin(version);
         let info = info.clone();
         async move {
-            let rsp = gateway.handle(req.map(crate::body::RequestBody::Hyper), &info).await;
+            let req = if version >= hyper::Version::HTTP_2 {
+                req.map(|b| RequestBody::http2(b, gateway.config.limits.max_body_bytes))
+            } else {
+                req.map(RequestBody::Hyper)
+            };
+            let rsp = gateway.handle(req, &info).await;
             if rsp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
                 in_flight.upgraded();
             } else if version < hyper::Version::HTTP_2 && rsp.headers().contains_key(hyper::header::CONNECTION) {

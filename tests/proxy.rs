@@ -608,6 +608,18 @@ async fn oversize_body_is_413_and_oversize_headers_431_before_the_upstream() {
     gw.stop().await;
 }
 
+/// A gateway with a 1 MiB body limit, a token-protected `/private/*` and everything else public.
+async fn refusing_gateway(up: &Upstream) -> TestGateway {
+    let config = public_config(up, "[limits]\nmax_body_bytes = \"1MiB\"\n");
+    let config = config.replacen(
+        "[[routes]]",
+        "[[routes]]\nname = \"private\"\npath = \"/private/*\"\nupstream = \"api\"\nauth = \"required\"\n\n[[routes]]",
+        1,
+    );
+    let config = format!("{config}\n[[issuers]]\nid = \"t\"\nissuer = \"t\"\nalgorithms = [\"HS256\"]\nsecret_file = \"hs.secret\"\n");
+    spawn_gateway_with_files(&config, &[("hs.secret", &[7u8; 32])]).await
+}
+
 /// Declares an upload of `len` bytes, reads the refusal, then sends the body anyway, as a client that writes its whole
 /// upload before it looks at the answer does. Returns the answer, how the upload went, and whether the gateway
 /// then ended the stream (after the client's own close at the latest).
@@ -637,14 +649,7 @@ async fn refused_upload<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>
 async fn a_refused_upload_is_read_out_so_the_client_gets_its_answer_not_a_reset() {
     let _shared = PROCESS.read().await;
     let up = spawn_upstream().await;
-    let config = public_config(&up, "[limits]\nmax_body_bytes = \"1MiB\"\n");
-    let config = config.replacen(
-        "[[routes]]",
-        "[[routes]]\nname = \"private\"\npath = \"/private/*\"\nupstream = \"api\"\nauth = \"required\"\n\n[[routes]]",
-        1,
-    );
-    let config = format!("{config}\n[[issuers]]\nid = \"t\"\nissuer = \"t\"\nalgorithms = [\"HS256\"]\nsecret_file = \"hs.secret\"\n");
-    let gw = spawn_gateway_with_files(&config, &[("hs.secret", &[7u8; 32])]).await;
+    let gw = refusing_gateway(&up).await;
 
     // 413 on the declared length, and 401 on a missing token, both before the body: the gateway shuts its side,
     // reads out the rest, and closes only after the client, so the client's writes never meet a reset.
@@ -665,6 +670,44 @@ async fn a_refused_upload_is_read_out_so_the_client_gets_its_answer_not_a_reset(
     assert!(sent.is_ok(), "over TLS the upload met {sent:?} after the 413");
     assert!(ended);
     assert_eq!(up.hits(), 0, "a refused upload reached the upstream");
+    gw.stop().await;
+}
+
+/// Sends `len` bytes on an HTTP/2 stream as flow control allows (so the server must read them for this to end).
+async fn send_through_flow_control(stream: &mut h2::SendStream<Bytes>, mut left: usize) -> Result<(), String> {
+    while left > 0 {
+        stream.reserve_capacity(left);
+        let granted = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await;
+        let n = granted.ok_or("the stream closed")?.map_err(|e| e.to_string())?.min(left);
+        stream.send_data(Bytes::from(vec![b'h'; n]), n == left).map_err(|e| e.to_string())?;
+        left -= n;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_http2_upload_is_read_out_not_reset() {
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    let gw = refusing_gateway(&up).await;
+    let tls = tls_connect(gw.https.unwrap(), &tls_connector(tls_config(&gw.cert_path(), &[b"h2"]))).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
+    tokio::spawn(connection);
+
+    // A 200 KiB upload without a token: the 401 comes at once; the body, more than the stream's first window,
+    // can still be sent whole (the gateway reads it out) and the stream is never reset.
+    let len = 200 * 1024;
+    let request = Request::post(gw.https_url("/private/x")).header("content-length", len).body(()).unwrap();
+    let (answer, mut body) = h2.send_request(request, false).expect("request sent");
+    let answer = timeout(BOUND, answer).await.expect("answered in time").expect("an answer, not a reset");
+    assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
+    timeout(BOUND, send_through_flow_control(&mut body, len)).await.expect("upload in time").expect("the refused upload went through");
+    // The connection serves a next stream: any reset of the first was sent (and seen) before this answer.
+    let (next, _) = h2.send_request(Request::get(gw.https_url("/public")).body(()).unwrap(), true).unwrap();
+    assert_eq!(timeout(BOUND, next).await.unwrap().unwrap().status(), StatusCode::OK);
+    let reset = futures_util::FutureExt::now_or_never(std::future::poll_fn(|cx| body.poll_reset(cx)));
+    assert!(reset.is_none(), "the refused stream was reset: {reset:?}");
+    assert_eq!(up.hits(), 1, "only the public request reached the upstream");
     gw.stop().await;
 }
 
