@@ -119,7 +119,8 @@ pub fn server_config(s: &TlsSettings, resolver: Arc<CertResolver>) -> Result<Arc
         .map_err(|e| TlsError::Pair(e.to_string()))?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // http/1.0 last: an HTTP/1.0 client that names it (curl -0) is served, not refused with no_application_protocol.
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     // 0-RTT data is replayable; an auth gateway never accepts it.
     cfg.max_early_data_size = 0;
     cfg.send_half_rtt_data = false;

@@ -1045,19 +1045,34 @@ async fn tls_refuses_tls11_and_negotiates_alpn() {
         }
     }
 
-    // ALPN: the server offers h2 first, and http/1.1.
+    // ALPN: the server offers h2 first, and http/1.1 (http/1.0 last, for HTTP/1.0 clients that name it).
     let cert = gw.cert_path();
-    let cases: [(&[&[u8]], &[u8]); 4] =
-        [(&[b"h2", b"http/1.1"], b"h2"), (&[b"http/1.1", b"h2"], b"h2"), (&[b"http/1.1"], b"http/1.1"), (&[b"h2"], b"h2")];
+    let cases: [(&[&[u8]], &[u8]); 6] = [
+        (&[b"h2", b"http/1.1"], b"h2"),
+        (&[b"http/1.1", b"h2"], b"h2"),
+        (&[b"http/1.1"], b"http/1.1"),
+        (&[b"h2"], b"h2"),
+        (&[b"http/1.0", b"http/1.1"], b"http/1.1"),
+        (&[b"http/1.0"], b"http/1.0"),
+    ];
     for (offer, want) in cases {
         let tls = tls_connect(https, &tls_connector(tls_config(&cert, offer))).await.expect("handshake");
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(want), "offered {offer:?}");
     }
+    // An HTTP/1.0 client that named http/1.0 is served.
+    let mut tls = tls_connect(https, &tls_connector(tls_config(&cert, &[b"http/1.0"]))).await.unwrap();
+    tls.write_all(b"GET /via-http10 HTTP/1.0\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    timeout(BOUND, tls.read_to_end(&mut answer)).await.expect("answered and closed").ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.0 200 ") || answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    let hits_after_http10 = up.hits();
     // A TLS 1.2-only client is served by the default (min 1.2) listener.
     let tls12 = tls12_only(&cert);
     let tls = tls_connect(https, &tls_connector(tls12)).await.expect("TLS 1.2 is allowed by default");
     assert_eq!(tls.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
-    assert_eq!(up.hits(), 0);
+    assert_eq!(up.hits(), hits_after_http10);
+    assert_eq!(hits_after_http10, 1, "only the HTTP/1.0 request was forwarded");
     gw.stop().await;
 
     // min_version = "1.3" refuses it.
@@ -1069,7 +1084,7 @@ async fn tls_refuses_tls11_and_negotiates_alpn() {
     assert!(tls_connect(https, &tls_connector(tls12)).await.is_err(), "a TLS 1.2 client got through min_version = 1.3");
     let tls = tls_connect(https, &tls_connector(tls_config(&gw.cert_path(), &[]))).await.expect("TLS 1.3 client");
     assert_eq!(tls.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
-    assert_eq!(up.hits(), 0, "no handshake in this test sends a request");
+    assert_eq!(up.hits(), hits_after_http10, "no handshake in this test sends a request");
     gw.stop().await;
 }
 
