@@ -35,6 +35,13 @@ impl RequestBody {
     pub fn http2(body: Incoming, read_out_up_to: u64) -> RequestBody {
         RequestBody::Http2 { body: Some(body), read_out_up_to }
     }
+
+    /// Past the size limit: when dropped, reset rather than read out (reading on is only a cost).
+    fn abandon(&mut self) {
+        if let RequestBody::Http2 { read_out_up_to, .. } = self {
+            *read_out_up_to = 0;
+        }
+    }
 }
 
 /// Why: an HTTP/2 stream whose body is dropped unread is reset (RST_STREAM after the answer, as RFC 9113 §8.1
@@ -45,7 +52,7 @@ impl Drop for RequestBody {
     fn drop(&mut self) {
         let RequestBody::Http2 { body, read_out_up_to } = self else { return };
         let Some(body) = body.take() else { return };
-        if body.is_end_stream() || body.size_hint().lower() > *read_out_up_to {
+        if body.is_end_stream() || *read_out_up_to == 0 || body.size_hint().lower() > *read_out_up_to {
             return;
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -137,11 +144,12 @@ impl http_body::Body for Body {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
             Body::Upstream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
-            Body::Limited { inner, remaining } => match Pin::new(inner).poll_frame(cx) {
+            Body::Limited { inner, remaining } => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         let n = data.len() as u64;
                         if n > *remaining {
+                            inner.abandon();
                             return Poll::Ready(Some(Err(BodyError::TooLarge)));
                         }
                         *remaining -= n;
