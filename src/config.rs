@@ -251,6 +251,7 @@ struct UpstreamFile {
     timeout: Option<DurationValue>,
     #[serde(default = "yes")]
     preserve_host: bool,
+    ca_file: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -406,6 +407,8 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     pub timeout: Duration,
     pub preserve_host: bool,
+    /// PEM CA certificates trusted for this https upstream, beside the system roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The whole checked configuration. Built only by [`Config::load`] / [`Config::from_toml`].
@@ -695,14 +698,25 @@ impl Validator<'_> {
         let ok_scheme = scheme.as_ref().is_some_and(|s| *s == http::uri::Scheme::HTTP || *s == http::uri::Scheme::HTTPS);
         let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
         match (scheme, uri.authority().cloned()) {
-            (Some(scheme), Some(authority)) if ok_scheme && path_ok => Some(UpstreamSettings {
-                name: name.to_string(),
-                scheme,
-                authority,
-                connect_timeout: u.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
-                timeout: u.timeout.map_or(Duration::from_secs(30), |d| d.0),
-                preserve_host: u.preserve_host,
-            }),
+            (Some(scheme), Some(authority)) if ok_scheme && path_ok => {
+                let ca_file = u.ca_file.as_ref().map(|p| self.resolve(p));
+                if let Some(ca) = &ca_file {
+                    if scheme != http::uri::Scheme::HTTPS {
+                        self.error(u.url.span(), format!("upstream {name:?}: ca_file applies to https:// upstreams only"));
+                    } else if let Err(e) = crate::tls::client_config(Some(ca)) {
+                        self.error(u.url.span(), format!("upstream {name:?}: ca_file {e}"));
+                    }
+                }
+                Some(UpstreamSettings {
+                    name: name.to_string(),
+                    scheme,
+                    authority,
+                    connect_timeout: u.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
+                    timeout: u.timeout.map_or(Duration::from_secs(30), |d| d.0),
+                    preserve_host: u.preserve_host,
+                    ca_file,
+                })
+            }
             _ => {
                 self.error(
                     u.url.span(),
@@ -1042,6 +1056,24 @@ mod tests {
         let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n{}{}", issuer("a"), issuer("b"));
         let err = Config::from_toml(Path::new("dup.toml"), &text).expect_err("duplicate iss must not load").to_string();
         assert!(err.contains("configured twice"), "{err}");
+    }
+
+    #[test]
+    fn an_upstream_ca_file_must_be_a_readable_pem_ca_and_only_for_https() {
+        let dir = std::env::temp_dir().join(format!("portcullis-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("empty.pem"), "not a certificate\n").expect("write");
+        let load = |url: &str, ca: &str| {
+            let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.u]\nurl = \"{url}\"\nca_file = \"{ca}\"\n");
+            Config::from_toml(&dir.join("gateway.toml"), &text).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let e = load("http://127.0.0.1:1", "empty.pem").expect_err("ca_file on http");
+        assert!(e.contains("https:// upstreams only") && e.contains(":4:7"), "{e}");
+        let e = load("https://127.0.0.1:1", "missing.pem").expect_err("unreadable ca_file");
+        assert!(e.contains("missing.pem"), "{e}");
+        let e = load("https://127.0.0.1:1", "empty.pem").expect_err("a file without certificates");
+        assert!(e.contains("no PEM certificate"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -117,18 +117,37 @@ pub enum BuildError {
     Jwks(#[from] crate::jwks::JwksError),
     #[error("token endpoint: {0}")]
     Issuer(#[from] crate::issuer::IssuerError),
+    #[error("upstream {name:?}: ca_file {source}")]
+    UpstreamTls {
+        name: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
 }
 
 impl Gateway {
     /// Builds the runtime state for a checked config. Must run inside a tokio runtime (background tasks start
     /// here). With `previous`, limiter state of unchanged limits is carried over.
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, previous: Option<&Gateway>) -> Result<Gateway, BuildError> {
-        let tls = proxy::upstream_tls();
+        let mut system_roots = None;
         let mut by_name = std::collections::HashMap::new();
         for (name, s) in &config.upstreams {
             // An unchanged upstream keeps its pool across a reload: no reconnect storm.
             let old = previous.and_then(|p| p.route_upstreams.iter().find(|u| u.settings == *s));
-            let up = old.cloned().unwrap_or_else(|| Arc::new(Upstream::new(s.clone(), &tls)));
+            let up = match old {
+                Some(up) => up.clone(),
+                None => {
+                    let failed = |source| BuildError::UpstreamTls { name: name.clone(), source };
+                    let tls = match &s.ca_file {
+                        Some(ca) => proxy::upstream_tls(Some(ca)).map_err(failed)?,
+                        None => match &system_roots {
+                            Some(tls) => Arc::clone(tls),
+                            None => system_roots.insert(proxy::upstream_tls(None).map_err(failed)?).clone(),
+                        },
+                    };
+                    Arc::new(Upstream::new(s.clone(), &tls))
+                }
+            };
             by_name.insert(name.clone(), up);
         }
         let mut route_upstreams = Vec::new();

@@ -71,26 +71,7 @@ pub type FetchClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 /// Builds a fetch client trusting the system roots and, if given, the CA certificates in `ca_file`.
 pub fn fetch_client(ca_file: Option<&Path>) -> Result<FetchClient, JwksError> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = ca_file {
-        let certs =
-            rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| JwksError::Tls(format!("{}: {e}", path.display())))?;
-        for c in certs {
-            let c = c.map_err(|e| JwksError::Tls(format!("{}: {e}", path.display())))?;
-            roots.add(c).map_err(|e| JwksError::Tls(format!("{}: {e}", path.display())))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| JwksError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = crate::tls::client_config(ca_file).map_err(|e| JwksError::Tls(e.to_string()))?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
     Ok(Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector))
 }

@@ -64,7 +64,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the pooled client for an upstream (TLS to https upstreams verifies against the system roots).
+    /// Builds the pooled client for an upstream (TLS to https upstreams verifies against `tls`'s roots).
     pub fn new(settings: UpstreamSettings, tls: &Arc<rustls::ClientConfig>) -> Upstream {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -85,18 +85,9 @@ impl Upstream {
     }
 }
 
-/// Builds the TLS client config used for https upstreams.
-pub fn upstream_tls() -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = match rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions() {
-        Ok(b) => b.with_root_certificates(roots).with_no_client_auth(),
-        Err(_) => rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth(),
-    };
-    Arc::new(config)
+/// Builds the TLS client config for https upstreams: system roots, plus the upstream's own `ca_file`.
+pub fn upstream_tls(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
+    crate::tls::client_config(ca_file).map(Arc::new)
 }
 
 /// The query forwarded upstream: as sent, less the token parameter of a route that takes tokens from the URL.

@@ -29,6 +29,34 @@ pub enum TlsError {
     Pair(String),
     #[error("cannot generate the self-signed pair: {0}")]
     Generate(String),
+    #[error("{path}: {detail}")]
+    Ca { path: String, detail: String },
+}
+
+/// The TLS client config for servers the gateway connects to (https upstreams, JWKS endpoints): the system roots
+/// plus, if given, every PEM CA certificate in `ca_file` (a private PKI).
+pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let ca = |detail: String| TlsError::Ca { path: path.display().to_string(), detail };
+        let mut added = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca(e.to_string()))? {
+            roots.add(cert.map_err(|e| ca(e.to_string()))?).map_err(|e| ca(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(ca("no PEM certificate found".into()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Pair(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Returns true if the pair is missing and `self_signed` will generate it at start.

@@ -2114,21 +2114,7 @@ async fn weak_or_unfit_keys_are_refused_at_load() {
 /// A JWKS server over TLS with a leaf certificate for 127.0.0.1 issued by a fresh private CA. Returns its
 /// address, the CA certificate (PEM) and a counter of TLS handshakes the server saw fail.
 async fn tls_jwks_server(keys: Value) -> (SocketAddr, String, watch::Receiver<usize>) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone()], rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()))
-        .unwrap();
+    let (server, ca_pem) = private_ca_server_config();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -2150,7 +2136,7 @@ async fn tls_jwks_server(keys: Value) -> (SocketAddr, String, watch::Receiver<us
             });
         }
     });
-    (addr, ca_cert.pem(), failed_rx)
+    (addr, ca_pem, failed_rx)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -564,6 +564,56 @@ auth = "public"
     gw.stop().await;
 }
 
+/// An https upstream on a private CA: answers every request with "over tls" and counts the requests it got.
+async fn tls_upstream() -> (SocketAddr, String, Arc<AtomicU64>) {
+    let (server, ca_pem) = private_ca_server_config();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, hits) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    async { Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from("over tls")))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    (addr, ca_pem, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_on_a_private_ca_is_trusted_through_its_ca_file_only() {
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    let (addr, ca_pem, hits) = tls_upstream().await;
+    let config = |ca_line: &str| {
+        format!(
+            "{}\n[upstreams.secure]\nurl = \"https://{addr}\"\n{ca_line}\n\n[[routes]]\nname = \"secure\"\npath = \"/*\"\nupstream = \"secure\"\nauth = \"public\"\n",
+            base_config(&up)
+        )
+    };
+    let gw = spawn_gateway_with_files(&config("ca_file = \"upstream-ca.pem\""), &[("upstream-ca.pem", ca_pem.as_bytes())]).await;
+    let a = get(&client(&gw), &gw.http_url("/x"), None).await;
+    assert_eq!((a.status, a.text().as_str()), (StatusCode::OK, "over tls"));
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    gw.stop().await;
+
+    // Without the CA the upstream's certificate cannot be verified: 502, and no request reached it.
+    let gw = spawn_gateway(&config("")).await;
+    let a = get(&client(&gw), &gw.http_url("/x"), None).await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    assert!(!a.text().contains("certificate"), "internal detail leaked: {}", a.text());
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "an unverified upstream was sent a request");
+    gw.stop().await;
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // 7. Body and header limits
 

@@ -474,3 +474,24 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (St
     };
     (String::from_utf8_lossy(&out).into_owned(), closed)
 }
+
+/// A TLS server config whose leaf certificate (for 127.0.0.1) is issued by a fresh private CA, and that CA's
+/// certificate (PEM), for servers the gateway must trust only through a `ca_file`.
+pub fn private_ca_server_config() -> (rustls::ServerConfig, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()))
+        .unwrap();
+    (server, ca_cert.pem())
+}
