@@ -226,10 +226,14 @@ fn check(path: &Path, tests: Option<&Path>) -> ExitCode {
     }
 }
 
+/// A listener's address, or "-" when it is not configured.
+fn show_addr(a: Option<std::net::SocketAddr>) -> String {
+    a.map_or_else(|| "-".to_string(), |a| a.to_string())
+}
+
 fn print_summary(cfg: &Config) {
     let l = &cfg.listen;
-    let show = |a: Option<std::net::SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
-    println!("listeners: https {}  http {}  admin {}", show(l.https), show(l.http), show(l.admin));
+    println!("listeners: https {}  http {}  admin {}", show_addr(l.https), show_addr(l.http), show_addr(l.admin));
     println!("upstreams:");
     for (name, u) in &cfg.upstreams {
         println!("  {name:<16} {}://{}  connect {:?}, timeout {:?}", u.scheme, u.authority, u.connect_timeout, u.timeout);
@@ -307,7 +311,7 @@ fn run(cfg: Config, workers: Option<usize>, demo: bool) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        tracing::info!(https = ?gw.https, http = ?gw.http, admin = ?gw.admin, "portcullis started");
+        tracing::info!(https = %show_addr(gw.https), http = %show_addr(gw.http), admin = %show_addr(gw.admin), "portcullis started");
         if demo {
             portcullis::demo::print_guide(gw.https.or(gw.http), gw.admin, token_path.as_deref());
         }
