@@ -408,7 +408,15 @@ pub struct UpstreamSettings {
     pub timeout: Duration,
     pub preserve_host: bool,
     /// PEM CA certificates trusted for this https upstream, beside the system roots.
-    pub ca_file: Option<PathBuf>,
+    pub ca: Option<CaFile>,
+}
+
+/// A CA file as read at load: its contents are part of the settings, so a reload after the file changed in place
+/// builds the upstream anew (an unchanged upstream keeps its pool).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaFile {
+    pub path: PathBuf,
+    pub pem: Arc<[u8]>,
 }
 
 /// The whole checked configuration. Built only by [`Config::load`] / [`Config::from_toml`].
@@ -699,14 +707,24 @@ impl Validator<'_> {
         let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
         match (scheme, uri.authority().cloned()) {
             (Some(scheme), Some(authority)) if ok_scheme && path_ok => {
-                let ca_file = u.ca_file.as_ref().map(|p| self.resolve(p));
-                if let Some(ca) = &ca_file {
+                let ca = u.ca_file.as_ref().map(|p| self.resolve(p)).and_then(|path| {
                     if scheme != http::uri::Scheme::HTTPS {
                         self.error(u.url.span(), format!("upstream {name:?}: ca_file applies to https:// upstreams only"));
-                    } else if let Err(e) = crate::tls::client_config(Some(ca)) {
-                        self.error(u.url.span(), format!("upstream {name:?}: ca_file {e}"));
+                        return None;
                     }
-                }
+                    let pem = match std::fs::read(&path) {
+                        Ok(pem) => pem,
+                        Err(e) => {
+                            self.error(u.url.span(), format!("upstream {name:?}: cannot read ca_file {}: {e}", path.display()));
+                            return None;
+                        }
+                    };
+                    if let Err(e) = crate::tls::client_config(Some((&path, &pem))) {
+                        self.error(u.url.span(), format!("upstream {name:?}: ca_file {e}"));
+                        return None;
+                    }
+                    Some(CaFile { path, pem: pem.into() })
+                });
                 Some(UpstreamSettings {
                     name: name.to_string(),
                     scheme,
@@ -714,7 +732,7 @@ impl Validator<'_> {
                     connect_timeout: u.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
                     timeout: u.timeout.map_or(Duration::from_secs(30), |d| d.0),
                     preserve_host: u.preserve_host,
-                    ca_file,
+                    ca,
                 })
             }
             _ => {

@@ -138,7 +138,7 @@ impl Gateway {
                 Some(up) => up.clone(),
                 None => {
                     let failed = |source| BuildError::UpstreamTls { name: name.clone(), source };
-                    let tls = match &s.ca_file {
+                    let tls = match &s.ca {
                         Some(ca) => proxy::upstream_tls(Some(ca)).map_err(failed)?,
                         None => match &system_roots {
                             Some(tls) => Arc::clone(tls),

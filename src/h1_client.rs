@@ -259,7 +259,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             preserve_host: false,
-            ca_file: None,
+            ca: None,
         };
         let c = Client::for_upstream(&settings).unwrap();
         assert_eq!((c.authority.to_str().unwrap(), c.connect_to.as_str()), ("up.internal:8080", "up.internal:8080"));

@@ -71,7 +71,11 @@ pub type FetchClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 /// Builds a fetch client trusting the system roots and, if given, the CA certificates in `ca_file`.
 pub fn fetch_client(ca_file: Option<&Path>) -> Result<FetchClient, JwksError> {
-    let tls = crate::tls::client_config(ca_file).map_err(|e| JwksError::Tls(e.to_string()))?;
+    let pem = match ca_file {
+        Some(path) => Some((path, std::fs::read(path).map_err(|e| JwksError::Tls(format!("{}: {e}", path.display())))?)),
+        None => None,
+    };
+    let tls = crate::tls::client_config(pem.as_ref().map(|(p, b)| (*p, b.as_slice()))).map_err(|e| JwksError::Tls(e.to_string()))?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
     Ok(Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector))
 }

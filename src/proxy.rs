@@ -85,9 +85,9 @@ impl Upstream {
     }
 }
 
-/// Builds the TLS client config for https upstreams: system roots, plus the upstream's own `ca_file`.
-pub fn upstream_tls(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
-    crate::tls::client_config(ca_file).map(Arc::new)
+/// Builds the TLS client config for https upstreams: system roots, plus the upstream's own CA file.
+pub fn upstream_tls(ca: Option<&crate::config::CaFile>) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
+    crate::tls::client_config(ca.map(|c| (c.path.as_path(), &c.pem[..]))).map(Arc::new)
 }
 
 /// The query forwarded upstream: as sent, less the token parameter of a route that takes tokens from the URL.

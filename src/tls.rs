@@ -34,16 +34,16 @@ pub enum TlsError {
 }
 
 /// The TLS client config for servers the gateway connects to (https upstreams, JWKS endpoints): the system roots
-/// plus, if given, every PEM CA certificate in `ca_file` (a private PKI).
-pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
+/// plus, if given, every CA certificate in a PEM file (a private PKI), passed as its path (for messages) and bytes.
+pub fn client_config(ca: Option<(&Path, &[u8])>) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
     }
-    if let Some(path) = ca_file {
+    if let Some((path, pem)) = ca {
         let ca = |detail: String| TlsError::Ca { path: path.display().to_string(), detail };
         let mut added = 0;
-        for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca(e.to_string()))? {
+        for cert in CertificateDer::pem_slice_iter(pem) {
             roots.add(cert.map_err(|e| ca(e.to_string()))?).map_err(|e| ca(e.to_string()))?;
             added += 1;
         }

@@ -911,3 +911,29 @@ expect = 200
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_ca_file_rewritten_in_place_applies_at_the_reload() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let (addr, upstream_ca, hits) = tls_upstream().await;
+        let (_, another_ca) = private_ca_server_config();
+        let config = format!(
+            "{}\n[upstreams.secure]\nurl = \"https://{addr}\"\nca_file = \"up-ca.pem\"\n\n[[routes]]\nname = \"secure\"\n\
+             path = \"/*\"\nupstream = \"secure\"\nauth = \"public\"\n",
+            base_config(&up)
+        );
+        let gw = spawn_gateway_with_files(&config, &[("up-ca.pem", another_ca.as_bytes())]).await;
+        let c = client(&gw);
+        assert_eq!(get(&c, &gw.http_url("/x"), None).await.status, 502, "trusted through the wrong CA");
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        // The CA file is replaced under the same name (a rotation): the reload it triggers builds the upstream anew.
+        write_atomic(&gw.dir.path().join("up-ca.pem"), upstream_ca.as_bytes());
+        wait_metric(&c, &gw, "portcullis_config_reloads_total", &[("result", "ok")], 2.0, Duration::from_secs(5)).await;
+        let a = get(&c, &gw.http_url("/x"), None).await;
+        assert_eq!((a.status.as_u16(), a.text().as_str()), (200, "over tls"));
+        gw.stop().await;
+    })
+    .await;
+}

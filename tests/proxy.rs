@@ -564,30 +564,6 @@ auth = "public"
     gw.stop().await;
 }
 
-/// An https upstream on a private CA: answers every request with "over tls" and counts the requests it got.
-async fn tls_upstream() -> (SocketAddr, String, Arc<AtomicU64>) {
-    let (server, ca_pem) = private_ca_server_config();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let hits = Arc::new(AtomicU64::new(0));
-    let counted = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, hits) = (acceptor.clone(), counted.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
-                    hits.fetch_add(1, Ordering::SeqCst);
-                    async { Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from("over tls")))) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
-            });
-        }
-    });
-    (addr, ca_pem, hits)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_upstream_on_a_private_ca_is_trusted_through_its_ca_file_only() {
     let _shared = PROCESS.read().await;

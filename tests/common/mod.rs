@@ -495,3 +495,29 @@ pub fn private_ca_server_config() -> (rustls::ServerConfig, String) {
         .unwrap();
     (server, ca_cert.pem())
 }
+
+/// An https upstream on a private CA: answers every request with "over tls" and counts the requests it got.
+pub async fn tls_upstream() -> (std::net::SocketAddr, String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let (server, ca_pem) = private_ca_server_config();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, hits) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                    hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("over tls"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    (addr, ca_pem, hits)
+}
