@@ -1,11 +1,14 @@
 //! The one body type used in both directions, and small constructors for gateway-made answers.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
+
+use crate::headers::IdentitySettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -110,10 +113,11 @@ pub enum Body {
     /// An upstream response read by the lean HTTP/1.1 client.
     Upstream(crate::h1_answer::ResponseBody),
     /// A client's request body with the bytes it may still send; the stream fails (and the upstream request
-    /// is aborted) once it grows past the limit.
+    /// is aborted) once it grows past the limit. Its trailers lose what `identity` and the gateway own.
     Limited {
         inner: RequestBody,
         remaining: u64,
+        identity: Arc<IdentitySettings>,
     },
 }
 
@@ -128,9 +132,10 @@ impl Body {
         Body::Full(Some(b.into()))
     }
 
-    /// Returns a streaming body that fails after `limit` bytes.
-    pub fn limited(inner: RequestBody, limit: u64) -> Body {
-        Body::Limited { inner, remaining: limit }
+    /// Returns a client's request body for the upstream: it fails after `limit` bytes, and its trailers are
+    /// stripped of identity and gateway fields.
+    pub fn limited(inner: RequestBody, limit: u64, identity: Arc<IdentitySettings>) -> Body {
+        Body::Limited { inner, remaining: limit, identity }
     }
 }
 
@@ -144,7 +149,7 @@ impl http_body::Body for Body {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
             Body::Upstream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
-            Body::Limited { inner, remaining } => match Pin::new(&mut *inner).poll_frame(cx) {
+            Body::Limited { inner, remaining, identity } => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         let n = data.len() as u64;
@@ -153,8 +158,15 @@ impl http_body::Body for Body {
                             return Poll::Ready(Some(Err(BodyError::TooLarge)));
                         }
                         *remaining -= n;
+                        return Poll::Ready(Some(Ok(frame)));
                     }
-                    Poll::Ready(Some(Ok(frame)))
+                    match frame.into_trailers() {
+                        Ok(mut trailers) => {
+                            crate::headers::strip_request_trailers(&mut trailers, identity);
+                            Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                        }
+                        Err(frame) => Poll::Ready(Some(Ok(frame))),
+                    }
                 }
                 other => other.map_err(BodyError::from),
             },

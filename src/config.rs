@@ -433,7 +433,8 @@ pub struct Config {
     pub routes: RouteTable,
     pub trusted_proxies: Vec<Cidr>,
     pub issuers: Vec<IssuerSettings>,
-    pub identity: IdentitySettings,
+    /// Shared with request bodies in flight (their trailers are checked against it).
+    pub identity: Arc<IdentitySettings>,
     pub token_endpoint: Option<TokenEndpointSettings>,
     /// The global limit, checked before authentication.
     pub global_limit: Option<LimitSettings>,
@@ -619,8 +620,8 @@ impl Validator<'_> {
             }
         }
         let identity = match f.identity {
-            Some(i) => self.identity(i),
-            None => IdentitySettings::default(),
+            Some(i) => Arc::new(self.identity(i)),
+            None => Arc::default(),
         };
         let token_endpoint = f.token_endpoint.and_then(|t| self.token_endpoint(t, &mut issuers));
         let global_limit = f.rate_limit.global.as_ref().and_then(|l| self.limit(l, true));

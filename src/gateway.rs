@@ -445,7 +445,7 @@ impl Gateway {
             }
             None => {
                 additions.insert_into(&mut parts.headers);
-                let mut up_req = Request::from_parts(parts, Body::limited(body, max_body));
+                let mut up_req = Request::from_parts(parts, Body::limited(body, max_body, self.config.identity.clone()));
                 proxy::rewrite_uri(&mut up_req, &upstream.settings, upstream_path, query.as_deref(), host)?;
                 proxy::forward(upstream, up_req).await
             }

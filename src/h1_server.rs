@@ -655,7 +655,7 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 200 OK\r\ndate: ") && text.ends_with("content-length: 2\r\n\r\n"), "{text}");
 
         let mut out = Vec::new();
-        let empty = Body::Limited { inner: RequestBody::Empty, remaining: 1 };
+        let empty = Body::limited(RequestBody::Empty, 1, Default::default());
         let mut h = HeaderMap::new();
         h.insert(header::DATE, HeaderValue::from_static("x"));
         h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
@@ -684,7 +684,7 @@ mod tests {
             let a = Additions { passed, secure, request_id: HeaderValue::from_static("r1") };
             let mut out = Vec::new();
             // The body's own size is not what frames it: the upstream's length is.
-            let body = Body::Limited { inner: RequestBody::Empty, remaining: 1 };
+            let body = Body::limited(RequestBody::Empty, 1, Default::default());
             let (f, _) = encode_head(&mut out, StatusCode::OK, Fields { map: &HeaderMap::new(), additions: Some(&a) }, &body, m, true);
             let expected = "HTTP/1.1 200 OK\r\nDate: d\r\nContent-Type: text/plain\r\ncontent-length: 3\r\nx-request-id: r1\r\n\r\n";
             assert_eq!(String::from_utf8(out).unwrap(), expected);

@@ -89,6 +89,29 @@ pub fn request_id(headers: &HeaderMap, from_trusted_proxy: bool) -> HeaderValue 
     new_request_id()
 }
 
+/// The fields that say where a request came from: the gateway sets them (or extends a trusted proxy's).
+fn is_forwarding(k: &HeaderName) -> bool {
+    k == X_REQUEST_ID || k == X_FORWARDED_FOR || k == X_FORWARDED_PROTO || k == X_FORWARDED_HOST || k == header::FORWARDED || k == X_REAL_IP
+}
+
+/// Removes from a request's trailer section every field the gateway decides on or sets: identity, forwarding,
+/// credentials, framing and hop-by-hop fields. RFC 9110 §6.5.1: they have no meaning after the content, and an
+/// upstream that merges trailers into its headers would take a client's `X-Auth-Subject` trailer for the
+/// gateway's. Other fields pass when the request's `Trailer` field declares them (hyper's encoder checks that).
+pub fn strip_request_trailers(trailers: &mut HeaderMap, identity: &IdentitySettings) {
+    strip_identity(trailers, identity);
+    strip_hop_by_hop(trailers, false);
+    remove_present(trailers, |k| {
+        is_forwarding(k)
+            || k == header::AUTHORIZATION
+            || k == header::COOKIE
+            || k == header::HOST
+            || k == header::CONTENT_LENGTH
+            || k == header::EXPECT
+            || k == header::TRAILER
+    });
+}
+
 /// Removes the identity headers (and their client-sent copies) from an incoming request.
 pub fn strip_identity(headers: &mut HeaderMap, identity: &IdentitySettings) {
     // CGI/WSGI-style upstreams read `X_Auth_Subject` as `X-Auth-Subject`: that spelling goes too.
@@ -257,15 +280,7 @@ pub fn prepare_upstream<'a>(
         None
     } else {
         // Replaced, not trusted; usually none is there (one pass over the names, no hash lookup).
-        remove_present(headers, |k| {
-            k == header::EXPECT
-                || k == X_REQUEST_ID
-                || k == X_FORWARDED_FOR
-                || k == X_FORWARDED_PROTO
-                || k == X_FORWARDED_HOST
-                || k == header::FORWARDED
-                || k == X_REAL_IP
-        });
+        remove_present(headers, |k| k == header::EXPECT || is_forwarding(k));
         Some([Some(fwd.peer_ip.clone()), Some(proto(fwd.tls)), host.cloned()])
     };
     if !identity.forward_authorization {

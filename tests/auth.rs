@@ -18,9 +18,10 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, Request, Response};
 use http_body_util::Full;
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::Algorithm;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -1422,6 +1423,81 @@ upstream = "api"
 "#,
         base = base_config(up)
     )
+}
+
+/// Trailer fields a client may try to pass off as the gateway's, and one (`X-Checksum`) an upstream may take from
+/// trailers. All are declared in the request's `Trailer` field, so only the gateway's filter stands between them
+/// and the upstream.
+const FORGED_TRAILERS: [(&str, &str); 9] = [
+    ("x-auth-subject", "admin"),
+    ("x_auth_roles", "admin"),
+    ("x-auth-tenant", "acme"),
+    ("x-forwarded-for", "10.0.0.1"),
+    ("forwarded", "for=10.0.0.1"),
+    ("x-request-id", "forged"),
+    ("authorization", "Bearer forged"),
+    ("cookie", "session=forged"),
+    ("x-checksum", "sha256=abc"),
+];
+
+type TrailedBody = http_body_util::StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+/// A streamed upload of `payload` that ends in [`FORGED_TRAILERS`], declared in `Trailer`.
+fn upload_with_forged_trailers(url: &str, token: Option<&str>) -> Request<TrailedBody> {
+    let mut trailers = http::HeaderMap::new();
+    for (k, v) in FORGED_TRAILERS {
+        trailers.insert(http::HeaderName::from_static(k), http::HeaderValue::from_static(v));
+    }
+    let declared = FORGED_TRAILERS.map(|(k, _)| k).join(", ");
+    let mut b = Request::post(url).header("trailer", declared).header("te", "trailers");
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    let frames = vec![Ok(Frame::data(Bytes::from_static(b"payload"))), Ok(Frame::trailers(trailers))];
+    b.body(http_body_util::StreamBody::new(futures_util::stream::iter(frames))).unwrap()
+}
+
+/// The upstream's `/upload` answer: body length and the trailer fields it received.
+async fn upload_answer(rsp: Response<Incoming>) -> Value {
+    use http_body_util::BodyExt;
+    assert_eq!(rsp.status(), 200);
+    serde_json::from_slice(&rsp.into_body().collect().await.unwrap().to_bytes()).unwrap()
+}
+
+#[tokio::test]
+async fn identity_and_gateway_fields_sent_as_trailers_never_reach_the_upstream() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let uploads = "[[routes]]\nname = \"public-upload\"\npath = \"/up/*\"\nstrip_prefix = \"/up\"\nupstream = \"api\"\nauth = \"public\"\n\n\
+                       [[routes]]\nname = \"protected-upload\"\npath = \"/pup/*\"\nstrip_prefix = \"/pup\"\nupstream = \"api\"\n\n[[routes]]";
+        let config = identity_config(&up).replacen("[[routes]]", uploads, 1);
+        let gw = spawn_gateway_with_files(&config, &[("hs.secret", HMAC_SECRET)]).await;
+        let only_checksum = json!({"x-checksum": "sha256=abc"});
+
+        // HTTP/1.1, chunked, to a public route.
+        let tcp = tokio::net::TcpStream::connect(gw.http.unwrap()).await.unwrap();
+        let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(conn);
+        let rsp = h1.send_request(upload_with_forged_trailers(&gw.http_url("/up/upload"), None)).await.unwrap();
+        let answer = upload_answer(rsp).await;
+        assert_eq!(answer["len"], 7);
+        assert_eq!(answer["trailers"], only_checksum, "HTTP/1.1: forged trailers reached the upstream");
+
+        // HTTP/2 over TLS, to a protected route with a valid token: the header carries the token's subject, and
+        // no trailer contradicts it.
+        let token = tok(&hmac_key(Algorithm::HS256, HMAC_SECRET), HS_ISS, "alice", json!({}));
+        let tls = gateway_tls(&gw, &[b"h2"]).await;
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(conn);
+        let rsp = h2.send_request(upload_with_forged_trailers(&gw.https_url("/pup/upload"), Some(&token))).await.unwrap();
+        let answer = upload_answer(rsp).await;
+        assert_eq!(answer["trailers"], only_checksum, "HTTP/2: forged trailers reached the upstream");
+        let seen = up.last().unwrap();
+        assert_eq!(seen.headers.get_all("x-auth-subject").iter().collect::<Vec<_>>(), ["alice"]);
+        assert_eq!(up.hits(), 2);
+        gw.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -68,7 +68,7 @@ fn full(b: impl Into<Bytes>) -> BoxBody {
 /// Starts the echo upstream on 127.0.0.1:0. Paths with special meaning:
 /// - `/slow?ms=N`: waits N ms before answering.
 /// - `/download?bytes=N`: streams N bytes (a repeating pattern) in 64 KiB chunks.
-/// - `/upload`: reads the whole body streaming, answers `{"len":N,"sha256":"…"}`.
+/// - `/upload`: reads the whole body streaming, answers `{"len":N,"sha256":"…","trailers":{…}}`.
 /// - `/ws`: WebSocket echo (HTTP/1.1 upgrade).
 /// - `/with-server-header`: the echo JSON, plus `Server`, `X-Powered-By`, `X-AspNet-Version`, its own
 ///   `X-Frame-Options: SAMEORIGIN`, `X-Request-Id: upstream-id` and `Access-Control-Allow-Origin: *` (for the
@@ -138,19 +138,23 @@ async fn upstream_handle(state: Upstream, mut req: Request<Incoming>) -> Result<
             let mut body = req.into_body();
             let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
             let mut len = 0u64;
+            let mut trailers = serde_json::Map::new();
             while let Some(frame) = body.frame().await {
-                match frame {
-                    Ok(f) => {
-                        if let Some(d) = f.data_ref() {
-                            len += d.len() as u64;
-                            ctx.update(d);
+                match frame.map(Frame::into_data) {
+                    Ok(Ok(d)) => {
+                        len += d.len() as u64;
+                        ctx.update(&d);
+                    }
+                    Ok(Err(f)) => {
+                        for (k, v) in f.into_trailers().unwrap_or_default().iter() {
+                            trailers.insert(k.to_string(), String::from_utf8_lossy(v.as_bytes()).into());
                         }
                     }
                     Err(_) => break,
                 }
             }
             let hex: String = ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
-            Ok(Response::new(full(format!("{{\"len\":{len},\"sha256\":\"{hex}\"}}"))))
+            Ok(Response::new(full(serde_json::json!({"len": len, "sha256": hex, "trailers": trailers}).to_string())))
         }
         "/ws" => {
             let key = req.headers().get("sec-websocket-key").cloned();
@@ -287,6 +291,14 @@ pub async fn spawn_gateway_with_files(config: &str, files: &[(&str, &[u8])]) -> 
 
 pub async fn spawn_gateway(config: &str) -> TestGateway {
     spawn_gateway_with_files(config, &[]).await
+}
+
+/// A TLS connection to the gateway's https listener, trusting its certificate and offering `alpn`.
+pub async fn gateway_tls(gw: &TestGateway, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(&gw.cert_path(), alpn)));
+    let tcp = tokio::net::TcpStream::connect(gw.https.expect("https listener")).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await.expect("handshake in time").expect("handshake")
 }
 
 /// An HTTP client for the gateway: https trusting `cert` (ALPN h2 + http/1.1), or plain http.
