@@ -91,6 +91,40 @@ impl Policy {
         }
     }
 
+    /// True if every request this policy admits, `other` admits too (false when that cannot be shown from the
+    /// rules alone): forwarding this policy's requests into `other`'s paths then grants nothing `other` refuses.
+    pub fn admits_no_more_than(&self, other: &Policy) -> bool {
+        // An anonymous request gets no identity headers, so `optional` without rules admits as much as `public`.
+        if other.auth == AuthMode::Public || !other.has_rules() && other.auth == AuthMode::Optional {
+            return true;
+        }
+        if self.auth == AuthMode::Public || self.auth == AuthMode::Optional && !self.has_rules() {
+            return false;
+        }
+        // Names every admitted token is sure to carry: all of `*_all`, and the one of a single-name `*_any`.
+        let sure =
+            |all: &[String], any: &[String]| -> Vec<String> { all.iter().chain(if any.len() == 1 { any } else { &[] }).cloned().collect() };
+        let covers = |all: &[String], any: &[String], other_all: &[String], other_any: &[String]| {
+            let sure = sure(all, any);
+            other_all.iter().all(|n| sure.contains(n))
+                && (other_any.is_empty()
+                    || sure.iter().any(|n| other_any.contains(n))
+                    || !any.is_empty() && any.iter().all(|n| other_any.contains(n)))
+        };
+        let issuers = match (&self.issuers, &other.issuers) {
+            (_, None) => true,
+            (Some(mine), Some(theirs)) => mine.iter().all(|i| theirs.contains(i)),
+            (None, Some(_)) => false,
+        };
+        // Claim rules depend on each route's own path parameters: only a bypass role every token carries
+        // settles them.
+        let claims = other.claims.is_empty() || sure(&self.roles_all, &self.roles_any).iter().any(|r| other.bypass_roles.contains(r));
+        issuers
+            && covers(&self.roles_all, &self.roles_any, &other.roles_all, &other.roles_any)
+            && covers(&self.scopes_all, &self.scopes_any, &other.scopes_all, &other.scopes_any)
+            && claims
+    }
+
     /// Returns true if the policy has any rule beyond "a valid token".
     pub fn has_rules(&self) -> bool {
         self.issuers.is_some()

@@ -945,6 +945,7 @@ impl Validator<'_> {
         case_insensitive: bool,
     ) -> RouteTable {
         let mut out: Vec<Route> = Vec::new();
+        let mut strip_spans = Vec::new();
         let mut names = HashSet::new();
         for r in routes {
             let name = r.name.get_ref().clone();
@@ -1046,9 +1047,46 @@ impl Validator<'_> {
                 query: r.token_query.clone(),
             };
             route.cors = r.cors.as_ref().and_then(|c| self.cors(c.span(), c.get_ref())).map(Arc::new);
+            strip_spans.push(r.strip_prefix.as_ref().map(|p| p.span()));
             out.push(route);
         }
+        self.check_rewrites(&out, &strip_spans, upstreams, case_insensitive);
         RouteTable::new(out, case_insensitive)
+    }
+
+    /// A route that strips a prefix forwards into the upstream's own path space: if those paths are another
+    /// route's on the same upstream origin, under rules this route's requests need not meet, a client allowed
+    /// here reaches them without those rules (`/api/*` stripping `/api` would serve `/api/admin/x` as
+    /// `/admin/x` to any valid token, past `/admin/*`'s `roles_any`). Refused rather than warned about.
+    fn check_rewrites(
+        &mut self,
+        routes: &[Route],
+        strip_spans: &[Option<std::ops::Range<usize>>],
+        upstreams: &BTreeMap<String, UpstreamSettings>,
+        case_insensitive: bool,
+    ) {
+        let origin = |r: &Route| upstreams.get(&r.upstream).map(|u| (u.scheme.clone(), u.authority.clone()));
+        for (a, span) in routes.iter().zip(strip_spans) {
+            let (Some(prefix), Some(span)) = (&a.strip_prefix, span) else { continue };
+            let Some((forwarded, _)) = a.pattern.stripped(prefix, case_insensitive) else { continue };
+            let exposed = routes.iter().find(|b| {
+                b.index != a.index
+                    && origin(b) == origin(a)
+                    && b.forwarded_patterns().iter().any(|p| forwarded.overlaps(p, case_insensitive))
+                    && !a.policy.admits_no_more_than(&b.policy)
+            });
+            if let Some(b) = exposed {
+                let msg = format!(
+                    "route {an:?} strips {prefix:?}, so it forwards \"{forwarded}\" into the paths of route {bn:?} (\"{bp}\") on the same \
+                     upstream without {bn:?}'s rules: a request allowed on {an:?} would reach them unchecked; give {an:?} its own \
+                     upstream, a narrower path, or rules at least as strict",
+                    an = a.name,
+                    bn = b.name,
+                    bp = b.pattern
+                );
+                self.error(span.clone(), msg);
+            }
+        }
     }
 }
 
@@ -1075,6 +1113,49 @@ mod tests {
         let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n{}{}", issuer("a"), issuer("b"));
         let err = Config::from_toml(Path::new("dup.toml"), &text).expect_err("duplicate iss must not load").to_string();
         assert!(err.contains("configured twice"), "{err}");
+    }
+
+    #[test]
+    fn a_stripping_route_may_not_forward_into_stricter_routes_of_its_upstream() {
+        let load = |routes: &str| {
+            let text = format!(
+                "[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.a]\nurl = \"http://127.0.0.1:1\"\n[upstreams.b]\nurl = \"http://127.0.0.1:1\"\n\
+                 [upstreams.other]\nurl = \"http://127.0.0.1:2\"\n[[issuers]]\nid = \"i\"\nissuer = \"https://idp.test\"\n\
+                 algorithms = [\"HS256\"]\nsecret_env = \"PATH\"\n{routes}"
+            );
+            Config::from_toml(Path::new("g.toml"), &text).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let route = |name: &str, path: &str, up: &str, rest: &str| {
+            format!("[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nupstream = \"{up}\"\n{rest}\n")
+        };
+        let admin = route("admin", "/admin/*", "a", "roles_any = [\"admin\"]");
+        let profile = route("profile", "/users/{id}", "a", "claims = { sub = \"{id}\" }\nbypass_roles = [\"admin\"]");
+
+        // Any token, stripped to "/*", on the same upstream, or on another name for the same origin: refused.
+        for up in ["a", "b"] {
+            let e = load(&format!("{admin}{}", route("api", "/api/*", up, "strip_prefix = \"/api\""))).expect_err("a bypass must not load");
+            assert!(e.contains("route \"api\" strips \"/api\"") && e.contains("route \"admin\" (\"/admin/*\")"), "{e}");
+        }
+        // Public, stripped to "/users/{id}": refused (the claim rule is skipped); an admin-only route may (admins bypass it).
+        let e = load(&format!("{profile}{}", route("v2", "/v2/users/*", "a", "auth = \"public\"\nstrip_prefix = \"/v2\""))).unwrap_err();
+        assert!(e.contains("\"profile\""), "{e}");
+        load(&format!("{profile}{}", route("v2", "/v2/users/*", "a", "roles_any = [\"admin\"]\nstrip_prefix = \"/v2\"")))
+            .expect("admins bypass the claim");
+
+        // Two stripping routes compare what each forwards: public "/up/x" and token-only "/pup/x" both reach "/x".
+        let pup = route("pup", "/pup/*", "a", "strip_prefix = \"/pup\"");
+        let e = load(&format!("{pup}{}", route("up", "/up/*", "a", "auth = \"public\"\nstrip_prefix = \"/up\""))).unwrap_err();
+        assert!(e.contains("route \"up\" strips") && e.contains("\"pup\""), "{e}");
+
+        // Allowed: another origin; paths that cannot meet; rules as strict or stricter; a weaker route.
+        load(&format!("{admin}{}", route("api", "/api/*", "other", "strip_prefix = \"/api\""))).expect("another origin");
+        load(&format!("{admin}{}", route("api", "/api/items/*", "a", "strip_prefix = \"/api\""))).expect("stripped into /items/* only");
+        load(&format!("{admin}{}", route("api", "/api/*", "a", "roles_all = [\"admin\", \"ops\"]\nstrip_prefix = \"/api\"")))
+            .expect("stricter rules");
+        let public = route("public", "/public/*", "a", "auth = \"public\"");
+        load(&format!("{public}{}", route("v1", "/v1/*", "a", "strip_prefix = \"/v1\""))).expect("into a public route");
+        // A prefix the route's paths never start with strips nothing.
+        load(&format!("{admin}{}", route("api", "/api/*", "a", "strip_prefix = \"/apx\""))).expect("nothing stripped");
     }
 
     #[test]

@@ -133,6 +133,47 @@ impl PathPattern {
     }
 }
 
+impl PathPattern {
+    /// The pattern of the paths a route forwards once `prefix` is stripped from those it applies to (None if
+    /// it applies to none of this pattern's paths), and whether it applies to all of them (a `{param}` or a
+    /// short `/*` may let others through, which go upstream as they were routed).
+    pub(crate) fn stripped(&self, prefix: &str, case_insensitive: bool) -> Option<(PathPattern, bool)> {
+        if prefix.contains("//") {
+            return None;
+        }
+        let (mut k, mut always) = (0, true);
+        for part in prefix.split('/').filter(|p| !p.is_empty()) {
+            match self.segments.get(k) {
+                // A prefix pattern that ends inside the stripped part: anything may follow.
+                None if self.prefix => return Some((PathPattern { segments: Vec::new(), prefix: true, trailing_slash: false }, false)),
+                None => return None,
+                Some(Segment::Literal(l)) if !(l == part || (case_insensitive && l.eq_ignore_ascii_case(part))) => return None,
+                Some(Segment::Literal(_)) => k += 1,
+                Some(Segment::Param(_)) => (k, always) = (k + 1, false),
+            }
+        }
+        let segments = self.segments[k..].to_vec();
+        let trailing_slash = self.trailing_slash && !segments.is_empty();
+        Some((PathPattern { segments, prefix: self.prefix, trailing_slash }, always))
+    }
+
+    /// True if some path matches both patterns.
+    pub(crate) fn overlaps(&self, other: &PathPattern, case_insensitive: bool) -> bool {
+        let literals_agree = self.segments.iter().zip(&other.segments).all(|(a, b)| match (a, b) {
+            (Segment::Literal(x), Segment::Literal(y)) => x == y || (case_insensitive && x.eq_ignore_ascii_case(y)),
+            _ => true,
+        });
+        let (a, b) = (self.segments.len(), other.segments.len());
+        literals_agree
+            && match (self.prefix, other.prefix) {
+                (true, true) => true,
+                (true, false) => b >= a,
+                (false, true) => a >= b,
+                (false, false) => a == b && (a == 0 || self.trailing_slash == other.trailing_slash),
+            }
+    }
+}
+
 impl std::fmt::Display for PathPattern {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.segments.is_empty() && !self.prefix {
@@ -215,6 +256,15 @@ impl Route {
             (Some(a), Some(b)) => b.iter().all(|m| a.contains(m)),
         };
         methods && self.pattern.covers(&later.pattern, case_insensitive)
+    }
+
+    /// The patterns of the paths this route sends upstream: its own, or what `strip_prefix` leaves of them.
+    pub(crate) fn forwarded_patterns(&self) -> Vec<PathPattern> {
+        match self.strip_prefix.as_deref().and_then(|p| self.pattern.stripped(p, self.case_insensitive)) {
+            Some((stripped, true)) => vec![stripped],
+            Some((stripped, false)) => vec![stripped, self.pattern.clone()],
+            None => vec![self.pattern.clone()],
+        }
     }
 
     /// Returns the path to send upstream: the normalised path with `strip_prefix` removed.

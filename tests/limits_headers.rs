@@ -460,7 +460,7 @@ auth = "public"
 
 [[routes]]
 name = "forced"
-path = "/forced/*"
+path = "/forced/with-server-header"
 upstream = "api"
 auth = "public"
 strip_prefix = "/forced"
