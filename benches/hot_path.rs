@@ -162,7 +162,7 @@ fn bench_headers(c: &mut Criterion) {
     c.bench_function("headers_request_prepare", |b| {
         b.iter(|| {
             let mut h = base.clone();
-            headers::strip_identity(&mut h, &identity);
+            headers::strip_forged(&mut h, &identity);
             let rid = headers::new_request_id();
             headers::prepare_upstream(&mut h, &fwd, Some(&host), &rid, None, &identity, false).insert_into(&mut h);
             h

@@ -244,7 +244,7 @@ impl Gateway {
         let trusted = is_trusted(&self.config.trusted_proxies, conn.peer.ip());
         let request_id = headers::request_id(req.headers(), trusted);
         // Before anything else: a client can never forge its identity to the upstream.
-        headers::strip_identity(req.headers_mut(), &self.config.identity);
+        headers::strip_forged(req.headers_mut(), &self.config.identity);
         let method = req.method().clone();
         // Taken, not cloned: every stage after this reads the URI from here (the forwarded one is built anew).
         let uri = std::mem::take(req.uri_mut());

@@ -35,7 +35,6 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Returns the name of the request-id header.
 pub fn request_id_header() -> &'static HeaderName {
@@ -89,9 +88,40 @@ pub fn request_id(headers: &HeaderMap, from_trusted_proxy: bool) -> HeaderValue 
     new_request_id()
 }
 
-/// The fields that say where a request came from: the gateway sets them (or extends a trusted proxy's).
+/// The fields that say where a request came from: the gateway sets them, or extends a trusted proxy's. Every
+/// `X-Forwarded-*` (`-Prefix` and `-Port` move routing in Spring and Werkzeug), and the other client-address
+/// fields frameworks read.
 fn is_forwarding(k: &HeaderName) -> bool {
-    k == X_REQUEST_ID || k == X_FORWARDED_FOR || k == X_FORWARDED_PROTO || k == X_FORWARDED_HOST || k == header::FORWARDED || k == X_REAL_IP
+    let k = k.as_str();
+    k.starts_with("x-forwarded-") || CLIENT_ADDRESS_LENGTHS & (1 << k.len().min(63)) != 0 && CLIENT_ADDRESS.contains(&k)
+}
+
+const CLIENT_ADDRESS: [&str; 6] = ["forwarded", "x-real-ip", "x-client-ip", "true-client-ip", "x-cluster-client-ip", "x-request-id"];
+const CLIENT_ADDRESS_LENGTHS: u64 = lengths_of(&CLIENT_ADDRESS);
+
+/// Fields some frameworks route or dispatch on instead of the request line (IIS, older Symfony and Zend; method
+/// overrides): the upstream must act on the path and method the policy decided on, so no client sets them.
+const ROUTING_OVERRIDES: [&str; 6] =
+    ["x-original-url", "x-rewrite-url", "x-original-uri", "x-http-method-override", "x-http-method", "x-method-override"];
+const ROUTING_OVERRIDES_LENGTHS: u64 = lengths_of(&ROUTING_OVERRIDES);
+
+/// `sent` is `ours` or its underscore spelling, which CGI/WSGI-style upstreams read as the same field.
+fn dashed_eq(sent: &str, ours: &str) -> bool {
+    sent.len() == ours.len() && sent.bytes().zip(ours.bytes()).all(|(s, o)| s == o || (s == b'_' && o == b'-'))
+}
+
+/// An underscore spelling of a field the gateway sets or frames by (`X_Forwarded_For`, `Content_Length`): the
+/// gateway does not read it, an upstream that maps `_` to `-` would.
+fn is_underscored_managed(k: &str) -> bool {
+    if !k.contains('_') {
+        return false;
+    }
+    let dashed = k.replace('_', "-");
+    let d = dashed.as_str();
+    d.starts_with("x-forwarded-")
+        || CLIENT_ADDRESS.contains(&d)
+        || HOP_BY_HOP.contains(&d)
+        || matches!(d, "content-length" | "host" | "expect")
 }
 
 /// Removes from a request's trailer section every field the gateway decides on or sets: identity, forwarding,
@@ -99,7 +129,7 @@ fn is_forwarding(k: &HeaderName) -> bool {
 /// upstream that merges trailers into its headers would take a client's `X-Auth-Subject` trailer for the
 /// gateway's. Other fields pass when the request's `Trailer` field declares them (hyper's encoder checks that).
 pub fn strip_request_trailers(trailers: &mut HeaderMap, identity: &IdentitySettings) {
-    strip_identity(trailers, identity);
+    strip_forged(trailers, identity);
     strip_hop_by_hop(trailers, false);
     remove_present(trailers, |k| {
         is_forwarding(k)
@@ -112,13 +142,15 @@ pub fn strip_request_trailers(trailers: &mut HeaderMap, identity: &IdentitySetti
     });
 }
 
-/// Removes the identity headers (and their client-sent copies) from an incoming request.
-pub fn strip_identity(headers: &mut HeaderMap, identity: &IdentitySettings) {
-    // CGI/WSGI-style upstreams read `X_Auth_Subject` as `X-Auth-Subject`: that spelling goes too.
-    let dashed_eq = |sent: &str, ours: &str| {
-        sent.len() == ours.len() && sent.bytes().zip(ours.bytes()).all(|(s, o)| s == o || (s == b'_' && o == b'-'))
-    };
-    remove_present(headers, |k| identity.headers.iter().any(|(n, _)| dashed_eq(k.as_str(), n.as_str())));
+/// Removes what no client may tell the upstream, trusted proxies included: the identity headers, the
+/// routing and method overrides, and underscore spellings of the fields the gateway sets or frames by.
+pub fn strip_forged(headers: &mut HeaderMap, identity: &IdentitySettings) {
+    remove_present(headers, |k| {
+        let k = k.as_str();
+        identity.headers.iter().any(|(n, _)| dashed_eq(k, n.as_str()))
+            || ROUTING_OVERRIDES_LENGTHS & (1 << k.len().min(63)) != 0 && ROUTING_OVERRIDES.iter().any(|n| dashed_eq(k, n))
+            || is_underscored_managed(k)
+    });
 }
 
 /// Removes every header whose name matches. One pass over the names; a hash lookup only for those present
@@ -824,7 +856,7 @@ mod tests {
     #[test]
     fn identity_headers_go_in_either_spelling() {
         let mut h = map(&[("x-auth-subject", "admin"), ("x_auth_roles", "admin"), ("x-auth-other", "kept")]);
-        strip_identity(&mut h, &IdentitySettings::default());
+        strip_forged(&mut h, &IdentitySettings::default());
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-auth-other"]);
     }
 

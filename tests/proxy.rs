@@ -253,6 +253,54 @@ async fn https_forwarding_sets_forwarding_headers_and_strips_hop_by_hop() {
     gw.stop().await;
 }
 
+/// What a client may try to tell the upstream about where a request came from, where it goes or what it is.
+const CLIENT_CLAIMS: [(&str, &str); 14] = [
+    ("x-forwarded-prefix", "/admin"),
+    ("x-forwarded-port", "8443"),
+    ("x-forwarded-ssl", "on"),
+    ("x_forwarded_for", "6.6.6.6"),
+    ("x-forwarded_host", "evil.test"),
+    ("x-real-ip", "6.6.6.6"),
+    ("x_real_ip", "6.6.6.6"),
+    ("true-client-ip", "6.6.6.6"),
+    ("x-original-url", "/admin/secret"),
+    ("x-rewrite-url", "/admin/secret"),
+    ("x-http-method-override", "DELETE"),
+    ("x_http_method_override", "DELETE"),
+    ("content_length", "5"),
+    ("transfer_encoding", "chunked"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_and_routing_override_fields_from_clients_never_reach_the_upstream() {
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    for trusted in [false, true] {
+        let extra = if trusted { "[rate_limit]\ntrusted_proxies = [\"127.0.0.1\"]\n" } else { "" };
+        let gw = spawn_gateway(&public_config(&up, extra)).await;
+        let mut request = req("GET", &gw.http_url("/x")).header("x-forwarded-for", "10.1.1.1");
+        for (k, v) in CLIENT_CLAIMS {
+            request = request.header(k, v);
+        }
+        let a = timeout(BOUND, send(&client(&gw), request.body(empty()).unwrap())).await.expect("answered in time");
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+        let h = up.last().unwrap().headers;
+        // A trusted proxy's own X-Forwarded-* go on (For extended with it); from anyone else they are replaced.
+        let (xff, kept_prefix) = if trusted { ("10.1.1.1, 127.0.0.1", Some("/admin")) } else { ("127.0.0.1", None) };
+        assert_eq!(h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(), [xff], "trusted: {trusted}");
+        assert_eq!(h.get("x-forwarded-prefix").map(|v| v.to_str().unwrap()), kept_prefix, "trusted: {trusted}");
+        // Underscore spellings, routing and method overrides: from nobody.
+        let set_by_a_trusted_proxy = ["x-forwarded-prefix", "x-forwarded-port", "x-forwarded-ssl", "x-real-ip", "true-client-ip"];
+        for (k, _) in CLIENT_CLAIMS {
+            if !(trusted && set_by_a_trusted_proxy.contains(&k)) {
+                assert!(!h.contains_key(k), "trusted: {trusted}: the upstream saw {k}: {h:?}");
+            }
+        }
+        gw.stop().await;
+    }
+    assert_eq!(up.hits(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_client_reaches_http1_upstream() {
     let _shared = PROCESS.read().await;
