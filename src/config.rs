@@ -965,6 +965,9 @@ impl Validator<'_> {
                     let mut out = Vec::new();
                     for s in m.get_ref() {
                         match http::Method::from_bytes(s.to_ascii_uppercase().as_bytes()) {
+                            Ok(http::Method::CONNECT) => {
+                                self.error(m.span(), format!("route {name:?}: CONNECT opens a tunnel and cannot be routed to an upstream"))
+                            }
                             Ok(method) => out.push(method),
                             Err(_) => self.error(m.span(), format!("route {name:?}: invalid method {s:?}")),
                         }

@@ -41,6 +41,7 @@ impl GatewayError {
                 }
                 RouteError::NotFound => StatusCode::NOT_FOUND,
                 RouteError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+                RouteError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             },
             GatewayError::Auth(e) => match e {
                 AuthError::Missing | AuthError::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
@@ -88,6 +89,7 @@ impl GatewayError {
             GatewayError::Authz(AuthzError::Roles | AuthzError::Claims(_)) => ("forbidden", None),
             GatewayError::Route(RouteError::NotFound) => ("not_found", None),
             GatewayError::Route(RouteError::MethodNotAllowed { .. }) => ("method_not_allowed", None),
+            GatewayError::Route(RouteError::NotImplemented(_)) => ("not_implemented", None),
             GatewayError::Route(_) => ("bad_request", None),
             GatewayError::RateLimited { .. } => ("rate_limited", None),
             GatewayError::BodyTooLarge(_) | GatewayError::Proxy(ProxyError::BodyTooLarge) => ("payload_too_large", None),

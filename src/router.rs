@@ -1,10 +1,10 @@
 //! Path normalisation and route matching (exact, `{param}`, `/*` prefix); first match in file order wins.
 //!
 //! Threat model: a client crafts a path that the gateway routes one way and the upstream reads another
-//! (`//admin`, `/./admin`, `/x/../admin`, `/%61dmin`, `/admin%2fx`, `\admin`). The defence is to decide on one
+//! (`//admin`, `/./admin`, `/x/../admin`, `/%61dmin`, `/admin%2fx`, `\admin`, `/public/..;/admin`). The defence is to decide on one
 //! canonical form and forward exactly that form: dot-segments are removed and slashes merged after unreserved
-//! characters are decoded, and anything whose meaning differs between servers (an encoded `/` or `\`, NUL, other
-//! control bytes) is refused with 400 rather than guessed at. The upstream never sees a path the policy did not.
+//! characters are decoded, and anything whose meaning differs between servers (an encoded `/` or `\`, a `;` path
+//! parameter, NUL, other control bytes) is refused with 400 rather than guessed at. The upstream never sees a path the policy did not.
 
 use std::borrow::Cow;
 
@@ -18,7 +18,7 @@ pub enum RouteError {
     NotAbsolutePath,
     #[error("path has a malformed percent-escape")]
     BadEscape,
-    #[error("path contains an encoded slash, a backslash or a control character")]
+    #[error("path contains an encoded slash, a backslash, a ';' or a control character")]
     ForbiddenByte,
     #[error("a path parameter is not valid UTF-8 once decoded")]
     NotUtf8,
@@ -26,6 +26,9 @@ pub enum RouteError {
     NotFound,
     #[error("route matches but the method is not allowed")]
     MethodNotAllowed { allow: HeaderValue },
+    /// CONNECT, or TRACE on a route that does not list it.
+    #[error("method {0} is not proxied")]
+    NotImplemented(Method),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,8 +247,13 @@ impl Route {
         }
     }
 
+    /// Without `methods`, any method but CONNECT (a tunnel, meaningless to an upstream origin) and TRACE (it
+    /// echoes the request, forwarded credentials and identity headers included).
     fn allows(&self, method: &Method) -> bool {
-        self.methods.as_ref().is_none_or(|m| m.contains(method) || (*method == Method::HEAD && m.contains(&Method::GET)))
+        match &self.methods {
+            None => *method != Method::CONNECT && *method != Method::TRACE,
+            Some(m) => m.contains(method) || (*method == Method::HEAD && m.contains(&Method::GET)),
+        }
     }
 
     /// True if this route matches every request `later` would, so `later` can never be chosen.
@@ -349,6 +357,7 @@ impl RouteTable {
     pub fn match_route<'r>(&'r self, method: &Method, path: &str) -> Result<RouteMatch<'r>, RouteError> {
         let mut scratch = Vec::new();
         let mut allowed: Vec<&Method> = Vec::new();
+        let mut any_method_route = false;
         for route in &self.routes {
             if !route.pattern.matches(path, self.case_insensitive, &mut scratch) {
                 continue;
@@ -364,9 +373,13 @@ impl RouteTable {
                 }
                 return Ok(RouteMatch { route, params });
             }
-            if let Some(ms) = &route.methods {
-                allowed.extend(ms.iter());
+            match &route.methods {
+                Some(ms) => allowed.extend(ms.iter()),
+                None => any_method_route = true,
             }
+        }
+        if any_method_route {
+            return Err(RouteError::NotImplemented(method.clone()));
         }
         if allowed.is_empty() {
             return Err(RouteError::NotFound);
@@ -400,7 +413,7 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, RouteError> {
     if bytes.first() != Some(&b'/') {
         return Err(RouteError::NotAbsolutePath);
     }
-    let needs_work = bytes.iter().any(|&b| b == b'%' || b == b'\\' || b < 0x20 || b == 0x7f)
+    let needs_work = bytes.iter().any(|&b| b == b'%' || b == b'\\' || b == b';' || b < 0x20 || b == 0x7f)
         || raw.contains("//")
         || raw.contains("/./")
         || raw.contains("/../")
@@ -432,7 +445,9 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, RouteError> {
                 }
                 i += 3;
             }
-            b'\\' => return Err(RouteError::ForbiddenByte),
+            // A path parameter: servers that strip ";…" from a segment before routing (Tomcat, Jetty, Spring) would
+            // read "/public/..;/admin" as "/admin" and "/admin;x" as "/admin".
+            b'\\' | b';' => return Err(RouteError::ForbiddenByte),
             b if b < 0x20 || b == 0x7f => return Err(RouteError::ForbiddenByte),
             _ => {
                 // Non-ASCII cannot occur in a parsed URI; keep whole chars anyway to stay on char boundaries.
@@ -486,6 +501,15 @@ mod tests {
     }
 
     #[test]
+    fn connect_never_and_trace_only_where_listed() {
+        let t = table(&[("/echo", Some(&["TRACE"])), ("/*", None)], false);
+        assert_eq!(t.match_route(&Method::TRACE, "/echo").unwrap().route.index, 0);
+        assert!(matches!(t.match_route(&Method::TRACE, "/x"), Err(RouteError::NotImplemented(_))));
+        assert!(matches!(t.match_route(&Method::CONNECT, "/x"), Err(RouteError::NotImplemented(_))));
+        assert_eq!(t.match_route(&Method::PATCH, "/x").unwrap().route.index, 1);
+    }
+
+    #[test]
     fn normalises_bypass_attempts_to_one_form() {
         for p in [
             "/admin/x",
@@ -507,7 +531,8 @@ mod tests {
 
     #[test]
     fn refuses_ambiguous_bytes() {
-        for p in ["/admin%2fx", "/admin%2Fx", "/admin%5cx", "/a\\b", "/a%00", "/a%0d%0a", "/a%zz", "/a%4"] {
+        for p in ["/admin%2fx", "/admin%2Fx", "/admin%5cx", "/a\\b", "/a%00", "/a%0d%0a", "/a%zz", "/a%4", "/public/..;/admin", "/admin;x"]
+        {
             assert!(normalize_path(p).is_err(), "{p}");
         }
         assert!(normalize_path("admin").is_err());

@@ -541,6 +541,20 @@ async fn unrouted_is_404_and_wrong_method_is_405_without_reaching_upstream() {
     assert_eq!(a.text(), r#"{"error":"method_not_allowed"}"#);
     assert_eq!(up.hits(), 0, "a refused method reached the upstream");
 
+    // A route without `methods` takes any method but CONNECT (hyper's client would send it on as
+    // "CONNECT host:port", the path lost) and TRACE (it echoes credentials): 501, nothing forwarded.
+    for method in ["CONNECT", "TRACE"] {
+        let (rsp, _) = raw_lenient(
+            gw.http.unwrap(),
+            format!("{method} /public/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(2),
+        )
+        .await;
+        assert_eq!(status_of(&rsp), Some(501), "{method}: {rsp}");
+        assert!(rsp.ends_with(r#"{"error":"not_implemented"}"#), "{rsp}");
+    }
+    assert_eq!(up.hits(), 0, "CONNECT or TRACE reached the upstream");
+
     // The routes themselves work.
     let a = timeout(BOUND, get(&c, &gw.https_url("/get-only"), None)).await.unwrap();
     assert_eq!(a.status, StatusCode::OK);
