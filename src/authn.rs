@@ -474,6 +474,15 @@ pub struct Authenticator {
 pub struct Authenticated {
     pub principal: Option<Arc<Principal>>,
     pub cache_hit: bool,
+    /// The `Authorization` field held the verified token: only then does it go upstream on a route that
+    /// authenticates (anything else there is a credential the policy did not see).
+    pub authorization_verified: bool,
+}
+
+impl Authenticated {
+    fn anonymous() -> Authenticated {
+        Authenticated { principal: None, cache_hit: false, authorization_verified: false }
+    }
 }
 
 impl Authenticator {
@@ -522,22 +531,21 @@ impl Authenticator {
         mode: AuthMode,
     ) -> Result<Authenticated, AuthError> {
         if mode == AuthMode::Public {
-            return Ok(Authenticated { principal: None, cache_hit: false });
+            return Ok(Authenticated::anonymous());
         }
-        let token = extract_token(headers, query, sources)?;
-        let token = match token.as_deref() {
-            Some(t) => t,
-            None if mode == AuthMode::Optional => return Ok(Authenticated { principal: None, cache_hit: false }),
+        let (token, from_header) = match extract_token(headers, query, sources)? {
+            Some(found) => found,
+            None if mode == AuthMode::Optional => return Ok(Authenticated::anonymous()),
             None => return Err(AuthError::Missing),
         };
         let now = unix_now();
-        let key = TokenCache::key(token);
+        let key = TokenCache::key(&token);
         if let Some(p) = self.cache.get(&key, now) {
-            return Ok(Authenticated { principal: Some(p), cache_hit: true });
+            return Ok(Authenticated { principal: Some(p), cache_hit: true, authorization_verified: from_header });
         }
-        let principal = Arc::new(self.verify(token, now).await?);
+        let principal = Arc::new(self.verify(&token, now).await?);
         self.cache.insert(key, principal.clone());
-        Ok(Authenticated { principal: Some(principal), cache_hit: false })
+        Ok(Authenticated { principal: Some(principal), cache_hit: false, authorization_verified: from_header })
     }
 
     /// Fully verifies one token: header, issuer, key, signature, claims.
@@ -662,18 +670,20 @@ pub struct TokenSources {
     pub query: Option<String>,
 }
 
-/// Finds the one credential across the configured sources.
+/// Finds the one credential across the configured sources, and whether it came from `Authorization`. Each
+/// source is read as leniently as the most lenient upstream would read it (a cookie name with spaces around it,
+/// a query name in another case or after a `;`), so nothing an upstream could take for a token goes unverified.
 pub fn extract_token<'a>(
     headers: &'a HeaderMap,
     query: Option<&'a str>,
     sources: &TokenSources,
-) -> Result<Option<std::borrow::Cow<'a, str>>, AuthError> {
-    let mut found: Option<std::borrow::Cow<'a, str>> = extract_bearer(headers)?.map(std::borrow::Cow::Borrowed);
+) -> Result<Option<(std::borrow::Cow<'a, str>, bool)>, AuthError> {
+    let mut found: Option<(std::borrow::Cow<'a, str>, bool)> = extract_bearer(headers)?.map(|t| (std::borrow::Cow::Borrowed(t), true));
     let mut add = |t: std::borrow::Cow<'a, str>| {
         if found.is_some() {
             return Err(AuthError::InvalidRequest("more than one credential (header, cookie or query)"));
         }
-        found = Some(t);
+        found = Some((t, false));
         Ok(())
     };
     if let Some(name) = &sources.cookie {
@@ -682,9 +692,9 @@ pub fn extract_token<'a>(
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().split_once('='))
-            .filter(|(k, _)| k == name)
-            .map(|(_, v)| v);
+            .filter_map(|c| c.split_once('='))
+            .filter(|(k, _)| k.trim_matches(is_space) == name)
+            .map(|(_, v)| v.trim_matches(is_space));
         if let Some(v) = values.next() {
             if values.next().is_some() {
                 return Err(AuthError::InvalidRequest("the token cookie appears more than once"));
@@ -693,7 +703,7 @@ pub fn extract_token<'a>(
         }
     }
     if let (Some(name), Some(q)) = (&sources.query, query) {
-        let mut values = form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k == name).map(|(_, v)| v.into_owned());
+        let mut values = query_params(q).filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.into_owned());
         if let Some(v) = values.next() {
             if values.next().is_some() {
                 return Err(AuthError::InvalidRequest("the token parameter appears more than once"));
@@ -702,20 +712,30 @@ pub fn extract_token<'a>(
         }
     }
     match found {
-        Some(t) if t.is_empty() => Err(invalid(FailReason::Malformed, "empty token")),
+        Some((t, _)) if t.is_empty() => Err(invalid(FailReason::Malformed, "empty token")),
         other => Ok(other),
     }
 }
 
-/// Removes the token parameter from a query string (before forwarding and logging).
+fn is_space(c: char) -> bool {
+    c == ' ' || c == '\t'
+}
+
+/// A query's parameters, split at `&` and at `;` (which older servers and frameworks also take as a separator).
+fn query_params(q: &str) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> {
+    q.split(['&', ';']).filter_map(|kv| form_urlencoded::parse(kv.as_bytes()).next())
+}
+
+/// Removes the token parameter from a query string (before forwarding and logging): every `&`-separated part
+/// that names it, in any case, also after a `;`.
 pub fn strip_query_token(query: &str, name: &str) -> Option<String> {
-    let kept: Vec<&str> =
-        query.split('&').filter(|kv| form_urlencoded::parse(kv.as_bytes()).next().is_none_or(|(k, _)| k != name)).collect();
+    let kept: Vec<&str> = query.split('&').filter(|part| !query_params(part).any(|(k, _)| k.eq_ignore_ascii_case(name))).collect();
     (!kept.is_empty()).then(|| kept.join("&"))
 }
 
 /// Finds the one bearer credential of a request. Two `Authorization` headers are a 400; a scheme other than
-/// Bearer counts as no token.
+/// Bearer counts as no token. A tab after the scheme is taken as a space (lenient servers do), so
+/// `Bearer<TAB>token` is verified, not ignored.
 pub fn extract_bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
     let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
@@ -725,15 +745,15 @@ pub fn extract_bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
         return Err(AuthError::InvalidRequest("more than one Authorization header"));
     }
     let value = value.to_str().map_err(|_| invalid(FailReason::Malformed, "Authorization header is not visible ASCII"))?;
-    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    let (scheme, rest) = value.split_once(is_space).unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Ok(None);
     }
-    let token = rest.trim_matches(' ');
+    let token = rest.trim_matches(is_space);
     if token.is_empty() {
         return Err(invalid(FailReason::Malformed, "Bearer with no token"));
     }
-    if token.contains(' ') {
+    if token.contains(is_space) {
         return Err(AuthError::InvalidRequest("more than one credential in Authorization"));
     }
     Ok(Some(token))
@@ -992,6 +1012,10 @@ mod tests {
         assert_eq!(extract_bearer(&h).unwrap(), Some("abc"));
         h.insert("authorization", "Bearer ".parse().unwrap());
         assert!(extract_bearer(&h).is_err());
+        h.insert("authorization", "Bearer\tabc\t".parse().unwrap());
+        assert_eq!(extract_bearer(&h).unwrap(), Some("abc"));
+        h.insert("authorization", "Bearer abc\tdef".parse().unwrap());
+        assert!(matches!(extract_bearer(&h), Err(AuthError::InvalidRequest(_))));
         h.insert("authorization", "Basic abc".parse().unwrap());
         assert!(matches!(extract_bearer(&h), Ok(None)));
         h.append("authorization", "Bearer x".parse().unwrap());

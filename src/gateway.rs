@@ -412,6 +412,11 @@ impl Gateway {
                 && h1_client::is_safe_target(upstream_path, query.as_deref())
         });
         let (mut parts, body) = req.into_parts();
+        if route.policy.auth != crate::config::AuthMode::Public && !auth.authorization_verified {
+            // `Basic …`, `Token …` on an anonymous request, or a field beside a cookie or query token: a credential
+            // the policy did not decide on never reaches the upstream.
+            parts.headers.remove(header::AUTHORIZATION);
+        }
         let additions = headers::prepare_upstream(
             &mut parts.headers,
             fwd,

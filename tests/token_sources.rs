@@ -26,6 +26,12 @@ upstream = "api"
 token_query = "access_token"
 
 [[routes]]
+name = "optional"
+path = "/opt/*"
+upstream = "api"
+auth = "optional"
+
+[[routes]]
 name = "plain"
 path = "/*"
 upstream = "api"
@@ -73,5 +79,66 @@ async fn cookie_and_opt_in_query_tokens() {
     assert_eq!(a.status, 400);
     assert_eq!(a.json()["error"], "invalid_request");
     assert_eq!(up.hits(), hits);
+    gw.stop().await;
+}
+
+fn request(url: &str, headers: &[(&str, String)]) -> http::Request<Full<Bytes>> {
+    let mut b = http::Request::get(url);
+    for (k, v) in headers {
+        b = b.header(*k, v);
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+/// A forged token (signed with another key), and one signed by the issuer.
+fn tokens() -> (String, String) {
+    let claims = claims("https://issuer.test", "alice", serde_json::json!({"roles": ["admin"]}));
+    let forged = mint_token(&hmac_key(jsonwebtoken::Algorithm::HS256, b"not-the-issuer-secret-not-the-issuer"), None, &claims);
+    (forged, mint_token(&hmac_key(jsonwebtoken::Algorithm::HS256, SECRET), None, &claims))
+}
+
+#[tokio::test]
+async fn whatever_an_upstream_could_read_as_a_token_is_verified_or_removed() {
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway_with_files(&config(&up), &[("hs.secret", SECRET)]).await;
+    let c = client(&gw);
+    let (forged, valid) = tokens();
+
+    // Spellings lenient parsers take for the token: verified, so a forged one is refused before the upstream.
+    let hits = up.hits();
+    for (url, headers) in [
+        ("/opt/x", vec![("authorization", format!("Bearer\t{forged}"))]),
+        ("/opt/x", vec![("cookie", format!("theme=dark; session ={forged}"))]),
+        ("/q/x", vec![("cookie", format!(" session\t= {forged}"))]),
+        (&format!("/q/x?ACCESS_TOKEN={forged}"), vec![]),
+        (&format!("/q/x?a=1;access_token={forged}"), vec![]),
+    ] {
+        let a = send(&c, request(&gw.https_url(url), &headers)).await;
+        assert_eq!(a.status, 401, "{url} {headers:?}: {}", a.text());
+        assert_eq!(a.json()["error"], "invalid_token");
+    }
+    // Beside a valid header token, a second spelling is a second credential.
+    let a = send(&c, request(&gw.https_url(&format!("/q/x?Access_Token={forged}")), &[("authorization", format!("Bearer {valid}"))])).await;
+    assert_eq!(a.status, 400, "{}", a.text());
+    assert_eq!(up.hits(), hits, "an unverified token reached the upstream");
+
+    // Another scheme on an anonymous request is no credential the policy saw: the upstream does not get it.
+    let a = send(&c, request(&gw.https_url("/opt/x"), &[("authorization", format!("Token {forged}"))])).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.upstream_header("authorization"), None);
+    assert_eq!(a.upstream_header("x-auth-subject"), None);
+    // Nor beside a cookie token, which is what was verified.
+    let headers = [("authorization", format!("Basic {forged}")), ("cookie", format!("session={valid}"))];
+    let a = send(&c, request(&gw.https_url("/opt/x"), &headers)).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.upstream_header("authorization"), None);
+    assert_eq!(a.upstream_header("x-auth-subject").as_deref(), Some("alice"));
+    // A valid query token in another case is verified and removed like the exact name.
+    let a = send(&c, request(&gw.https_url(&format!("/q/x?a=1&Access_Token={valid}")), &[])).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["path"], "/q/x?a=1");
+    // A verified header token still goes on.
+    let a = send(&c, request(&gw.https_url("/opt/x"), &[("authorization", format!("Bearer {valid}"))])).await;
+    assert_eq!(a.upstream_header("authorization"), Some(format!("Bearer {valid}")));
     gw.stop().await;
 }
