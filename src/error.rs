@@ -36,9 +36,11 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::Route(e) => match e {
-                RouteError::NotAbsolutePath | RouteError::BadEscape | RouteError::ForbiddenByte | RouteError::NotUtf8 => {
-                    StatusCode::BAD_REQUEST
-                }
+                RouteError::NotAbsolutePath
+                | RouteError::BadEscape
+                | RouteError::ForbiddenByte
+                | RouteError::NotUtf8
+                | RouteError::BadHost(_) => StatusCode::BAD_REQUEST,
                 RouteError::NotFound => StatusCode::NOT_FOUND,
                 RouteError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
                 RouteError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,

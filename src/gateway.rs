@@ -256,7 +256,10 @@ impl Gateway {
         let fwd = Forwarding { peer: conn.peer, peer_ip: &conn.peer_ip, tls: conn.tls, from_trusted_proxy: trusted };
         // Awaited here rather than in a function of their own: one layer less for the request and the answer
         // to be moved through.
-        let result = match self.admit(&uri, client, &mut outcome) {
+        let admitted = crate::router::check_host(req.headers(), uri.authority(), req.version())
+            .map_err(GatewayError::from)
+            .and_then(|()| self.admit(&uri, client, &mut outcome));
+        let result = match admitted {
             Err(e) => Err(e),
             Ok((path, Some(te))) => self.token_endpoint(te, req, &path, &fwd, client, &mut outcome).await,
             Ok((path, None)) => self.routed(req, &uri, &path, &fwd, client, &request_id, &mut outcome).await,
@@ -398,8 +401,12 @@ impl Gateway {
 
         let upgrading = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
         let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
-        let host =
-            req.headers().get(header::HOST).cloned().or_else(|| uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        // An absolute-form target's authority (or HTTP/2's :authority, which `check_host` matched to any `host`)
+        // wins over `Host` (RFC 9112 §3.2.2).
+        let host = match uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => req.headers().get(header::HOST).cloned(),
+        };
         let upstream = &self.route_upstreams[route.index];
         let upstream_path = route.upstream_path(path);
         let query = proxy::forwarded_query(uri.query(), route.token_sources.query.as_deref());

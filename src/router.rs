@@ -26,6 +26,8 @@ pub enum RouteError {
     NotFound,
     #[error("route matches but the method is not allowed")]
     MethodNotAllowed { allow: HeaderValue },
+    #[error("bad Host: {0}")]
+    BadHost(&'static str),
     /// CONNECT, or TRACE on a route that does not list it.
     #[error("method {0} is not proxied")]
     NotImplemented(Method),
@@ -290,6 +292,34 @@ impl Route {
             rest if rest.starts_with('/') => rest,
             _ => path,
         }
+    }
+}
+
+/// Checks the request's host (RFC 9112 §3.2, RFC 9113 §8.3.1): an HTTP/1.1 request needs exactly one `Host`,
+/// of host[:port] syntax (no path, query or userinfo an upstream could read a different origin from), and on
+/// HTTP/2 a `host` beside `:authority` must name the same. An absolute-form HTTP/1.1 target's authority wins
+/// over its `Host` (the caller uses it).
+pub fn check_host(headers: &http::HeaderMap, authority: Option<&http::uri::Authority>, version: http::Version) -> Result<(), RouteError> {
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(RouteError::BadHost("more than one Host field"));
+    }
+    let Some(host) = host else {
+        return match version {
+            http::Version::HTTP_11 if authority.is_none() => Err(RouteError::BadHost("an HTTP/1.1 request without Host")),
+            _ => Ok(()),
+        };
+    };
+    let host_syntax = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(b);
+    if !host.as_bytes().iter().all(host_syntax) {
+        return Err(RouteError::BadHost("not of host[:port] syntax"));
+    }
+    match authority {
+        Some(a) if version == http::Version::HTTP_2 && !a.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()) => {
+            Err(RouteError::BadHost("host differs from :authority"))
+        }
+        _ => Ok(()),
     }
 }
 

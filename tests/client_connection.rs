@@ -500,3 +500,57 @@ async fn http2_with_prior_knowledge_on_the_plain_listener_is_handed_to_hyper() {
     assert_eq!(up.last().unwrap().path_and_query, "/two");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_names_one_host_of_host_syntax_and_an_absolute_target_wins() {
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up)).await;
+    let addr = gw.http.unwrap();
+    // RFC 9112 §3.2: no Host on HTTP/1.1, two of them, or one an upstream could read another origin or a path
+    // from, is a 400; nothing is forwarded.
+    for head in [
+        "GET /x HTTP/1.1\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: evil.test/admin?x=@y\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: user@evil.test\r\n\r\n",
+    ] {
+        let mut c = Raw::connect(addr).await;
+        c.send(head.as_bytes()).await;
+        let a = c.answer(false).await;
+        assert_eq!(a.status(), 400, "{head:?}: {}", a.head);
+    }
+    assert_eq!(up.hits(), 0, "a request with a bad Host reached the upstream");
+
+    // HTTP/1.0 needs none; an IPv6 literal with a port is a host.
+    for head in ["GET /ten HTTP/1.0\r\n\r\n", "GET /six HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n"] {
+        let mut c = Raw::connect(addr).await;
+        c.send(head.as_bytes()).await;
+        assert_eq!(c.answer(false).await.status(), 200, "{head:?}");
+    }
+    assert_eq!(up.last().unwrap().headers["host"], "[::1]:8080");
+
+    // An absolute-form target's authority wins over Host (RFC 9112 §3.2.2), for the upstream as for the log.
+    let mut c = Raw::connect(addr).await;
+    c.send(b"GET http://good.test/abs HTTP/1.1\r\nHost: evil.test\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!(a.status(), 200, "{}", a.head);
+    assert_eq!(a.echoed_path(), "/abs");
+    let seen = up.last().unwrap().headers;
+    assert_eq!(seen["host"], "good.test");
+    assert_eq!(seen["x-forwarded-host"], "good.test");
+
+    // HTTP/2: a `host` naming another origin than :authority is malformed (RFC 9113 §8.3.1).
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    tokio::spawn(conn);
+    let hits = up.hits();
+    for (host, status) in [("evil.test", 400), ("127.0.0.1", 200)] {
+        let authority = format!("127.0.0.1:{}", addr.port());
+        let host = if status == 200 { authority.clone() } else { host.to_string() };
+        let req = http::Request::get(format!("http://{authority}/h2")).header("host", host).body(()).unwrap();
+        let (answer, _) = h2.send_request(req, true).unwrap();
+        assert_eq!(timeout(BOUND, answer).await.unwrap().unwrap().status(), status);
+    }
+    assert_eq!(up.hits(), hits + 1);
+    gw.stop().await;
+}
