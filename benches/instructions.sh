@@ -3,14 +3,17 @@
 # beside nginx as plain proxies of one worker in front of the same nginx upstream, with the harness's settings.
 #   benches/instructions.sh            # needs valgrind, nginx and wrk (../shared/bench/setup.sh installs the last two)
 #   ACCESS_LOG=false benches/instructions.sh   # Portcullis without its access line (nginx runs without one)
+#   GATEWAY_BIN=/tmp/old/portcullis benches/instructions.sh   # another build, not rebuilt
 # Loopback only; each target runs 2 s of warm-up and 5 s measured under valgrind, then stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for tool in valgrind callgrind_annotate callgrind_control nginx wrk; do
     command -v "$tool" >/dev/null || { echo "needs $tool"; exit 1; }
 done
-cargo build -q --release --locked --bin portcullis
-BIN=$PWD/target/release/portcullis
+if [ -z "${GATEWAY_BIN:-}" ]; then # GATEWAY_BIN=/path/to/portcullis compares another build
+    cargo build -q --release --locked --bin portcullis
+fi
+BIN=${GATEWAY_BIN:-$PWD/target/release/portcullis}
 DIR=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
 UP=18380 N=18381 GW=18382

@@ -256,13 +256,13 @@ impl Gateway {
         let fwd = Forwarding { peer: conn.peer, peer_ip: &conn.peer_ip, tls: conn.tls, from_trusted_proxy: trusted };
         // Awaited here rather than in a function of their own: one layer less for the request and the answer
         // to be moved through.
-        let admitted = crate::router::check_host(req.headers(), uri.authority(), req.version())
+        let admitted = crate::router::request_host(req.headers(), uri.authority(), req.version())
             .map_err(GatewayError::from)
-            .and_then(|()| self.admit(&uri, client, &mut outcome));
+            .and_then(|host| Ok((host, self.admit(&uri, client, &mut outcome)?)));
         let result = match admitted {
             Err(e) => Err(e),
-            Ok((path, Some(te))) => self.token_endpoint(te, req, &path, &fwd, client, &mut outcome).await,
-            Ok((path, None)) => self.routed(req, &uri, &path, &fwd, client, &request_id, &mut outcome).await,
+            Ok((_, (path, Some(te)))) => self.token_endpoint(te, req, &path, &fwd, client, &mut outcome).await,
+            Ok((host, (path, None))) => self.routed(req, &uri, &path, host, &fwd, client, &request_id, &mut outcome).await,
         };
         let mut rsp = match result {
             Ok(rsp) => rsp,
@@ -370,6 +370,7 @@ impl Gateway {
         mut req: Request<RequestBody>,
         uri: &http::Uri,
         path: &str,
+        host: Option<HeaderValue>,
         fwd: &Forwarding<'_>,
         client: IpAddr,
         request_id: &HeaderValue,
@@ -401,12 +402,6 @@ impl Gateway {
 
         let upgrading = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
         let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
-        // An absolute-form target's authority (or HTTP/2's :authority, which `check_host` matched to any `host`)
-        // wins over `Host` (RFC 9112 §3.2.2).
-        let host = match uri.authority() {
-            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-            None => req.headers().get(header::HOST).cloned(),
-        };
         let upstream = &self.route_upstreams[route.index];
         let upstream_path = route.upstream_path(path);
         let query = proxy::forwarded_query(uri.query(), route.token_sources.query.as_deref());

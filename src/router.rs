@@ -295,31 +295,46 @@ impl Route {
     }
 }
 
-/// Checks the request's host (RFC 9112 §3.2, RFC 9113 §8.3.1): an HTTP/1.1 request needs exactly one `Host`,
-/// of host[:port] syntax (no path, query or userinfo an upstream could read a different origin from), and on
-/// HTTP/2 a `host` beside `:authority` must name the same. An absolute-form HTTP/1.1 target's authority wins
-/// over its `Host` (the caller uses it).
-pub fn check_host(headers: &http::HeaderMap, authority: Option<&http::uri::Authority>, version: http::Version) -> Result<(), RouteError> {
+/// Bytes of `host[:port]`: reg-name (unreserved, pct-encoded, sub-delims), an IP literal's brackets, the port's
+/// colon. A table: this runs on every request.
+static HOST_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let allowed = b"-._~%!$&'()*+,;=:[]0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut i = 0;
+    while i < allowed.len() {
+        t[allowed[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
+/// Checks the request's host (RFC 9112 §3.2, RFC 9113 §8.3.1) and returns the one to forward: an HTTP/1.1
+/// request needs exactly one `Host`, of host[:port] syntax (no path, query or userinfo an upstream could read a
+/// different origin from); on HTTP/2 a `host` beside `:authority` must name the same. The target's authority
+/// (absolute-form, or `:authority`) wins over `Host`.
+pub fn request_host(
+    headers: &http::HeaderMap,
+    authority: Option<&http::uri::Authority>,
+    version: http::Version,
+) -> Result<Option<HeaderValue>, RouteError> {
     let mut hosts = headers.get_all(http::header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
         return Err(RouteError::BadHost("more than one Host field"));
     }
-    let Some(host) = host else {
-        return match version {
-            http::Version::HTTP_11 if authority.is_none() => Err(RouteError::BadHost("an HTTP/1.1 request without Host")),
-            _ => Ok(()),
-        };
-    };
-    let host_syntax = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(b);
-    if !host.as_bytes().iter().all(host_syntax) {
-        return Err(RouteError::BadHost("not of host[:port] syntax"));
+    if let Some(h) = host {
+        if !h.as_bytes().iter().all(|&b| HOST_BYTES[usize::from(b)]) {
+            return Err(RouteError::BadHost("not of host[:port] syntax"));
+        }
     }
-    match authority {
-        Some(a) if version == http::Version::HTTP_2 && !a.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()) => {
+    match (authority, host) {
+        (Some(a), Some(h)) if version == http::Version::HTTP_2 && !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) => {
             Err(RouteError::BadHost("host differs from :authority"))
         }
-        _ => Ok(()),
+        (Some(a), _) => Ok(HeaderValue::from_str(a.as_str()).ok()),
+        (None, Some(h)) => Ok(Some(h.clone())),
+        (None, None) if version == http::Version::HTTP_11 => Err(RouteError::BadHost("an HTTP/1.1 request without Host")),
+        (None, None) => Ok(None),
     }
 }
 
