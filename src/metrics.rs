@@ -197,8 +197,16 @@ impl RouteMetrics {
                 let slot = &self.counters[mi * STATUSES.len() + si];
                 slot.get_or_init(|| m.requests.with_label_values(&[&self.route, method.as_str(), status.as_str()])).inc();
             }
-            // Rare method or status: the labelled lookup is fine off the common path.
-            _ => m.requests.with_label_values(&[&self.route, method.as_str(), status.as_str()]).inc(),
+            // Rare method or status: the labelled lookup is fine off the common path. Methods are client text: any
+            // other than the common ones is "OTHER", or each made-up method would add a series (unbounded memory).
+            _ => {
+                let method = match mi {
+                    Some(_) => method.as_str(),
+                    None if [Method::TRACE, Method::CONNECT].contains(method) => method.as_str(),
+                    None => "OTHER",
+                };
+                m.requests.with_label_values(&[&self.route, method, status.as_str()]).inc()
+            }
         }
     }
 
@@ -218,9 +226,11 @@ mod tests {
         let r = RouteMetrics::new(&m, "me");
         r.observe(&m, &Method::GET, StatusCode::OK, 0.001);
         r.observe(&m, &Method::from_bytes(b"PROPFIND").unwrap(), StatusCode::IM_A_TEAPOT, 0.001);
+        r.observe(&m, &Method::from_bytes(b"MADEUP").unwrap(), StatusCode::IM_A_TEAPOT, 0.001);
         m.auth_failures.with_label_values(&["me", "expired"]).inc();
         let text = String::from_utf8(m.render()).unwrap();
         assert!(text.contains("portcullis_requests_total{method=\"GET\",route=\"me\",status=\"200\"} 1"), "{text}");
+        assert!(text.contains("portcullis_requests_total{method=\"OTHER\",route=\"me\",status=\"418\"} 2"), "{text}");
         assert!(text.contains("portcullis_request_duration_seconds_bucket"));
         assert!(text.contains("portcullis_build_info"));
     }

@@ -231,6 +231,10 @@ auth = "public"
         assert_eq!(request(&c, Method::GET, &gw.https_url("/limited"), None).await.status, 200);
         assert_eq!(request(&c, Method::GET, &gw.https_url("/limited"), None).await.status, 429);
         assert_eq!(request(&c, Method::GET, &gw.https_url("/dead/x"), None).await.status, 502);
+        // Made-up methods are client text: they are counted, but under one "OTHER" label, never a series each.
+        for made_up in ["FOO1", "FOO2", "FOO3"] {
+            assert_eq!(request(&c, Method::from_bytes(made_up.as_bytes()).unwrap(), &gw.https_url("/nowhere"), None).await.status, 404);
+        }
         assert_eq!(up.hits(), 2, "only the two allowed requests reach the upstream");
         // A failed TLS handshake: plaintext HTTP to the TLS port.
         let (_, closed) = raw_exchange(gw.https.unwrap(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(5)).await;
@@ -248,6 +252,9 @@ auth = "public"
         assert_eq!(req("limited", "429"), Some(1.0));
         assert_eq!(req("dead", "502"), Some(1.0));
         assert!(!text.contains("/nowhere") && !text.contains("/dead/x") && !text.contains("/users/me"), "a raw path leaked into a label");
+        let other = m("portcullis_requests_total", &[("route", "-"), ("method", "OTHER"), ("status", "404")]);
+        assert_eq!(other, Some(3.0), "{text}");
+        assert!(!text.contains("FOO1"), "a made-up method became a label");
         assert_eq!(m("portcullis_auth_failures_total", &[("route", "me"), ("reason", "expired")]), Some(1.0));
         assert_eq!(m("portcullis_authz_denied_total", &[("route", "admin"), ("rule", "roles")]), Some(1.0));
         assert_eq!(m("portcullis_rate_limited_total", &[("route", "limited"), ("key", "route")]), Some(1.0));
