@@ -623,7 +623,7 @@ impl Validator<'_> {
             Some(i) => Arc::new(self.identity(i)),
             None => Arc::default(),
         };
-        let token_endpoint = f.token_endpoint.and_then(|t| self.token_endpoint(t, &mut issuers));
+        let token_endpoint = f.token_endpoint.and_then(|t| self.token_endpoint(t, &mut issuers, limits.header_read_timeout));
         let global_limit = f.rate_limit.global.as_ref().and_then(|l| self.limit(l, true));
         let ipv6_prefix = f.rate_limit.ipv6_prefix.unwrap_or(64).min(128);
         let global_headers_file = f.headers.map(|h| (h.span(), h.into_inner()));
@@ -746,7 +746,12 @@ impl Validator<'_> {
         }
     }
 
-    fn token_endpoint(&mut self, t: Spanned<TokenEndpointFile>, issuers: &mut [IssuerSettings]) -> Option<TokenEndpointSettings> {
+    fn token_endpoint(
+        &mut self,
+        t: Spanned<TokenEndpointFile>,
+        issuers: &mut [IssuerSettings],
+        form_timeout: Duration,
+    ) -> Option<TokenEndpointSettings> {
         let span = t.span();
         let t = t.into_inner();
         let before = self.problems.len();
@@ -787,6 +792,16 @@ impl Validator<'_> {
         };
         let users = load(&t.users_file, false, self);
         let clients = load(&t.clients_file, true, self);
+        // Both grants put the account's name in `sub`: a client named like a user would pass that user's
+        // `claims = { sub = "{id}" }` rules.
+        if let (Some(u), Some(c)) = (&users, &clients) {
+            for name in u.keys().filter(|n| c.contains_key(*n)) {
+                self.error(
+                    span.clone(),
+                    format!("[token_endpoint] {name:?} is both a user and a client: their tokens would carry the same sub"),
+                );
+            }
+        }
         let (burst, rate) = match &t.rate_limit {
             None => (5, Duration::from_secs(12)),
             Some(r) => match crate::ratelimit::parse_rate(&r.rate) {
@@ -811,6 +826,7 @@ impl Validator<'_> {
             rate,
             burst: std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN),
             allow_plaintext: t.allow_plaintext,
+            form_timeout,
         })
     }
 

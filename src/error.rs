@@ -69,6 +69,7 @@ impl GatewayError {
                 TokenError::InvalidClient => StatusCode::UNAUTHORIZED,
                 TokenError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
                 TokenError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
+                TokenError::Busy => StatusCode::SERVICE_UNAVAILABLE,
                 TokenError::Signing(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
@@ -120,6 +121,9 @@ impl GatewayError {
             }
             GatewayError::Token(TokenError::MethodNotAllowed) => {
                 h.insert(header::ALLOW, HeaderValue::from_static("POST"));
+            }
+            GatewayError::Token(TokenError::Busy) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             GatewayError::Token(TokenError::TooManyAttempts { retry_after_secs }) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));

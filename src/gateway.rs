@@ -197,7 +197,8 @@ impl Gateway {
                     .iter()
                     .find(|i| i.id == te.issuer)
                     .ok_or_else(|| crate::issuer::IssuerError::NoSigningKey(te.issuer.clone()))?;
-                let endpoint = TokenEndpoint::new(te.clone(), issuer, previous.and_then(|p| p.token_endpoint.as_ref()))?;
+                let endpoint =
+                    TokenEndpoint::new(te.clone(), issuer, config.ipv6_prefix, previous.and_then(|p| p.token_endpoint.as_ref()))?;
                 tasks.0.push(tokio::spawn(endpoint.pruner()));
                 Some(endpoint)
             }

@@ -102,8 +102,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -112,6 +112,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 
+use crate::attempts::{Attempt, Attempts, Refusal};
 use crate::body::Body;
 
 /// Forms and passwords larger than this are refused before any hashing.
@@ -133,6 +134,8 @@ pub enum TokenError {
     MethodNotAllowed,
     #[error("too many failed attempts")]
     TooManyAttempts { retry_after_secs: u64 },
+    #[error("too many token requests waiting for a password check")]
+    Busy,
     #[error("token signing failed: {0}")]
     Signing(String),
 }
@@ -148,6 +151,7 @@ impl TokenError {
             TokenError::InvalidScope => "invalid_scope",
             TokenError::MethodNotAllowed => "method_not_allowed",
             TokenError::TooManyAttempts { .. } => "rate_limited",
+            TokenError::Busy => "temporarily_unavailable",
             TokenError::Signing(_) => "server_error",
         }
     }
@@ -258,14 +262,9 @@ pub struct TokenEndpointSettings {
     pub rate: Duration,
     pub burst: NonZeroU32,
     pub allow_plaintext: bool,
+    /// How long a token request's form may take to arrive (`[limits] header_read_timeout`).
+    pub form_timeout: Duration,
 }
-
-type FailureLimiter = governor::RateLimiter<
-    (String, IpAddr),
-    governor::state::keyed::DefaultKeyedStateStore<(String, IpAddr)>,
-    governor::clock::DefaultClock,
-    governor::middleware::StateInformationMiddleware,
->;
 
 /// The running token endpoint: accounts, the signing key, the brute-force limiter, and the published JWKS.
 pub struct TokenEndpoint {
@@ -278,9 +277,8 @@ pub struct TokenEndpoint {
     /// One real hash per hash kind and cost in use: every failed attempt is checked against each class once,
     /// so an unknown name, and a wrong password for any user, cost the same time.
     dummy_hashes: Arc<[String]>,
-    failures: Arc<FailureLimiter>,
-    /// Keys that used up their burst, until when (only the token endpoint touches this).
-    blocked: Arc<Mutex<HashMap<(String, IpAddr), Instant>>>,
+    /// Failed attempts per account and client, and the hashes waiting per client (see `attempts`).
+    attempts: Arc<Attempts>,
     hashing: Arc<tokio::sync::Semaphore>,
 }
 
@@ -302,6 +300,7 @@ impl TokenEndpoint {
     pub fn new(
         settings: TokenEndpointSettings,
         issuer: &IssuerSettings,
+        ipv6_prefix: u8,
         previous: Option<&TokenEndpoint>,
     ) -> Result<TokenEndpoint, IssuerError> {
         let (key, alg) = signing_key(issuer)?;
@@ -320,16 +319,9 @@ impl TokenEndpoint {
         if dummy_hashes.is_empty() {
             dummy_hashes.push(hash_password(b"portcullis-dummy").map_err(IssuerError::Key)?);
         }
-        let (failures, blocked) = match previous.filter(|p| p.settings.rate == settings.rate && p.settings.burst == settings.burst) {
-            Some(p) => (p.failures.clone(), p.blocked.clone()),
-            None => {
-                let per = settings.rate.max(Duration::from_millis(1));
-                let quota = governor::Quota::with_period(per)
-                    .unwrap_or_else(|| governor::Quota::per_second(NonZeroU32::MIN))
-                    .allow_burst(settings.burst);
-                let limiter = governor::RateLimiter::keyed(quota).with_middleware::<governor::middleware::StateInformationMiddleware>();
-                (Arc::new(limiter), Arc::default())
-            }
+        let attempts = match previous.filter(|p| p.attempts.same_limits(settings.rate, settings.burst.get(), ipv6_prefix)) {
+            Some(p) => p.attempts.clone(),
+            None => Arc::new(Attempts::new(settings.rate, settings.burst.get(), ipv6_prefix)),
         };
         let permits = std::thread::available_parallelism().map_or(2, |n| n.get()).max(1);
         Ok(TokenEndpoint {
@@ -340,8 +332,7 @@ impl TokenEndpoint {
             kid,
             jwks,
             dummy_hashes: dummy_hashes.into(),
-            failures,
-            blocked,
+            attempts,
             hashing: Arc::new(tokio::sync::Semaphore::new(permits)),
         })
     }
@@ -403,9 +394,12 @@ impl TokenEndpoint {
             return Err(TokenError::InvalidRequest("the form is too large"));
         }
         let basic = req.headers().get(header::AUTHORIZATION).cloned();
-        let body = http_body_util::Limited::new(req.into_body(), MAX_FORM_BYTES)
-            .collect()
+        // A deadline: a client that declares a form and sends it a byte at a time would otherwise hold its
+        // connection (a `max_connections` place) for as long as it likes.
+        let reading = http_body_util::Limited::new(req.into_body(), MAX_FORM_BYTES).collect();
+        let body = tokio::time::timeout(self.settings.form_timeout, reading)
             .await
+            .map_err(|_| TokenError::InvalidRequest("the form did not arrive in time"))?
             .map_err(|_| TokenError::InvalidRequest("the form is too large or was cut off"))?
             .to_bytes();
         let form = parse_form(&body)?;
@@ -423,52 +417,25 @@ impl TokenEndpoint {
         }
     }
 
-    fn check_blocked(&self, key: &(String, IpAddr)) -> Result<(), TokenError> {
-        let Ok(mut blocked) = self.blocked.lock() else { return Ok(()) };
-        if let Some(until) = blocked.get(key).copied() {
-            let now = Instant::now();
-            if until > now {
-                let secs = (until - now).as_millis().div_ceil(1000) as u64;
-                return Err(TokenError::TooManyAttempts { retry_after_secs: secs.max(1) });
-            }
-            blocked.remove(key);
-        }
-        Ok(())
-    }
-
-    /// Counts a failed attempt; once the burst is used up the key is blocked until a cell frees up.
-    fn record_failure(&self, key: (String, IpAddr)) {
-        let until = match self.failures.check_key(&key) {
-            Ok(snapshot) if snapshot.remaining_burst_capacity() > 0 => return,
-            Ok(_) => Instant::now() + self.settings.rate,
-            Err(not_until) => Instant::now() + not_until.wait_time_from(governor::clock::Clock::now(self.failures.clock())),
-        };
-        if let Ok(mut blocked) = self.blocked.lock() {
-            if blocked.len() > 100_000 {
-                let now = Instant::now();
-                blocked.retain(|_, t| *t > now);
-            }
-            blocked.insert(key, until);
-        }
+    /// Starts an attempt, or refuses it before any hashing (too many failures, or too many hashes waiting).
+    fn begin(&self, account: String, ip: IpAddr) -> Result<Attempt, TokenError> {
+        self.attempts.begin(account, ip).map_err(|r| match r {
+            Refusal::TooMany { retry_after_secs } => TokenError::TooManyAttempts { retry_after_secs },
+            Refusal::Busy => TokenError::Busy,
+        })
     }
 
     /// Returns a task that drops idle failed-attempt state every 30 s, bounding memory under a flood of
     /// made-up usernames. It holds only that state, so it ends when no gateway uses it any more.
     pub fn pruner(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let failures = Arc::downgrade(&self.failures);
-        let blocked = Arc::downgrade(&self.blocked);
+        let attempts = Arc::downgrade(&self.attempts);
         async move {
             let mut tick = tokio::time::interval(Duration::from_secs(30));
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let (Some(failures), Some(blocked)) = (failures.upgrade(), blocked.upgrade()) else { return };
-                failures.retain_recent();
-                failures.shrink_to_fit();
-                if let Ok(mut b) = blocked.lock() {
-                    let now = Instant::now();
-                    b.retain(|_, t| *t > now);
-                };
+                let Some(attempts) = attempts.upgrade() else { return };
+                attempts.prune();
             }
         }
     }
@@ -497,15 +464,15 @@ impl TokenEndpoint {
     async fn password_grant(&self, form: &HashMap<String, String>, ip: IpAddr) -> Result<Response<Body>, TokenError> {
         let username = form.get("username").ok_or(TokenError::InvalidRequest("username is missing"))?;
         let password = form.get("password").ok_or(TokenError::InvalidRequest("password is missing"))?;
-        let key = (attempt_key(username), ip);
-        self.check_blocked(&key)?;
-        let account = self.settings.users.get(username);
+        let attempt = self.begin(attempt_key(username), ip)?;
+        // A disabled account is checked like an unknown one: the same hash verifications, whatever the password.
+        let account = self.settings.users.get(username).filter(|a| !a.disabled);
         // An unknown user costs the same hash verifications as a wrong password.
         let ok = self.verify_off_executor(password.as_bytes(), account.map(|a| a.password_hash.as_str())).await;
         match account {
-            Some(a) if ok && !a.disabled => self.issue(username, a, form.get("scope")),
+            Some(a) if ok => self.issue(username, a, form.get("scope")),
             _ => {
-                self.record_failure(key);
+                attempt.failed();
                 Err(TokenError::InvalidGrant)
             }
         }
@@ -528,14 +495,13 @@ impl TokenEndpoint {
             (Some(c), None) | (None, Some(c)) => c,
             (None, None) => return Err(TokenError::InvalidClient),
         };
-        let key = (format!("client:{}", attempt_key(&id)), ip);
-        self.check_blocked(&key)?;
-        let account = self.settings.clients.get(&id);
+        let attempt = self.begin(format!("client:{}", attempt_key(&id)), ip)?;
+        let account = self.settings.clients.get(&id).filter(|a| !a.disabled);
         let ok = self.verify_off_executor(secret.as_bytes(), account.map(|a| a.password_hash.as_str())).await;
         match account {
-            Some(a) if ok && !a.disabled => self.issue(&id, a, form.get("scope")),
+            Some(a) if ok => self.issue(&id, a, form.get("scope")),
             _ => {
-                self.record_failure(key);
+                attempt.failed();
                 Err(TokenError::InvalidClient)
             }
         }

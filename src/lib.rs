@@ -7,6 +7,7 @@
 //! [`gateway::Gateway::handle`]. Errors become answers in [`error`] only.
 
 pub mod admin;
+pub mod attempts;
 pub mod authn;
 pub mod authz;
 pub mod body;

@@ -300,7 +300,7 @@ impl Limiter {
 }
 
 /// Keys an address: IPv4 as is, IPv6 by its first `prefix` bits, so rotating inside one allocation buys nothing.
-fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+pub(crate) fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     match canonical(ip) {
         IpAddr::V6(v6) if prefix < 128 => {
             let bits = u128::from(v6);

@@ -114,9 +114,17 @@ auth = "public"
 "#;
 
 async fn token_gateway(up: &Upstream, users: &str, endpoint_extra: &str) -> TestGateway {
-    let cfg = token_config(up, endpoint_extra, TUTORIAL_ROUTES);
+    token_gateway_with(up, users, endpoint_extra, "").await
+}
+
+/// [`token_gateway`] with more tables (`[limits]`, `[rate_limit]`) after the routes.
+async fn token_gateway_with(up: &Upstream, users: &str, endpoint_extra: &str, more: &str) -> TestGateway {
+    let cfg = format!("{}\n{more}", token_config(up, endpoint_extra, TUTORIAL_ROUTES));
     spawn_gateway_with_files(&cfg, &[("users.toml", users.as_bytes()), ("clients.toml", demo_clients().as_bytes())]).await
 }
+
+/// Every client a trusted proxy's `X-Forwarded-For` names is its own client.
+const BEHIND_A_PROXY: &str = "[rate_limit]\ntrusted_proxies = [\"127.0.0.1\"]\n";
 
 // ------------------------------------------------------------------------------------------------------------
 // Requests.
@@ -528,44 +536,50 @@ async fn early_answer(addr: std::net::SocketAddr, head: String, body: Vec<Bytes>
 async fn unknown_user_and_wrong_password_are_indistinguishable() {
     bounded_alone(async {
         let up = spawn_upstream().await;
-        // argon2id only, so the dummy hash spent on unknown names has the real accounts' parameters; a burst
-        // high enough that the brute-force limit never answers first.
-        let gw = token_gateway(&up, &argon_only_users(), "rate_limit = { rate = \"1000/s\", burst = 1000 }").await;
+        // Two hash classes (argon2id, bcrypt), so a failure also pays for the class it did not use; a burst high
+        // enough that the brute-force limit never answers first. A disabled account with john.doe's hash: its
+        // right password must cost what a wrong one does (or timing would confirm it).
+        let disabled = argon_only_users().replace("[users.\"john.doe\"]", "[users.\"jane.gone\"]\ndisabled = true");
+        let users = format!("{}\n{disabled}", demo_users());
+        let gw = token_gateway(&up, &users, "rate_limit = { rate = \"1000/s\", burst = 1000 }").await;
         let c = client(&gw);
         let url = gw.https_url("/token");
         // Warm the connection and the hashing path.
         let _ = password_login(&c, &url, "john.doe", "warm-up").await;
 
-        let mut unknown = Vec::new();
-        let mut wrong = Vec::new();
-        let mut first: Option<(Answer, Answer)> = None;
-        for i in 0..50 {
-            // Interleaved, alternating which goes first, so drift in machine load hits both series alike.
-            let (mut u, mut w) = (None, None);
-            for unknown_turn in if i % 2 == 0 { [true, false] } else { [false, true] } {
+        // Unknown name, wrong password, disabled account with its right password.
+        let mut series: [Vec<Duration>; 3] = Default::default();
+        let mut first: Option<Answer> = None;
+        for i in 0..20 {
+            // Interleaved, rotating which goes first, so drift in machine load hits every series alike.
+            let mut answers = Vec::new();
+            for k in 0..3 {
+                let which = (i + k) % 3;
+                let (user, password) = match which {
+                    0 => (format!("nobody-{i}"), "securepassword".to_string()),
+                    1 => ("john.doe".to_string(), format!("wrong-{i}")),
+                    _ => ("jane.gone".to_string(), "securepassword".to_string()),
+                };
                 let t = Instant::now();
-                if unknown_turn {
-                    u = Some(password_login(&c, &url, &format!("nobody-{i}"), "securepassword").await);
-                    unknown.push(t.elapsed());
-                } else {
-                    w = Some(password_login(&c, &url, "john.doe", &format!("wrong-{i}")).await);
-                    wrong.push(t.elapsed());
-                }
+                answers.push(password_login(&c, &url, &user, &password).await);
+                series[which].push(t.elapsed());
             }
-            let (u, w) = (u.unwrap(), w.unwrap());
-            assert_eq!(u.status, w.status);
-            assert_eq!(u.body, w.body, "bodies differ");
-            assert_eq!(stable_headers(&u), stable_headers(&w), "headers differ");
+            for a in &answers[1..] {
+                assert_eq!(a.status, answers[0].status);
+                assert_eq!(a.body, answers[0].body, "bodies differ");
+                assert_eq!(stable_headers(a), stable_headers(&answers[0]), "headers differ");
+            }
             if first.is_none() {
-                first = Some((u, w));
+                first = answers.pop();
             }
         }
-        let (u, _) = first.unwrap();
-        assert_oauth_error(&u, 400, "invalid_grant", "unknown user");
-        let (mu, mw) = (median(&mut unknown), median(&mut wrong));
-        let diff = mu.abs_diff(mw).as_secs_f64() / mu.max(mw).as_secs_f64();
-        eprintln!("median latency: unknown user {mu:?}, wrong password {mw:?} ({:.1}% apart)", diff * 100.0);
-        assert!(diff < 0.20, "median latencies differ by {:.1}%: unknown user {mu:?}, wrong password {mw:?}", diff * 100.0);
+        assert_oauth_error(&first.unwrap(), 400, "invalid_grant", "a failed login");
+        let [mu, mw, md] = series.each_mut().map(|s| median(s));
+        eprintln!("median latency: unknown user {mu:?}, wrong password {mw:?}, disabled account {md:?}");
+        for (what, m) in [("wrong password", mw), ("disabled account, right password", md)] {
+            let diff = mu.abs_diff(m).as_secs_f64() / mu.max(m).as_secs_f64();
+            assert!(diff < 0.20, "median latencies differ by {:.1}%: unknown user {mu:?}, {what} {m:?}", diff * 100.0);
+        }
         assert_eq!(up.hits(), 0);
         gw.stop().await;
     })
@@ -619,6 +633,94 @@ async fn the_brute_force_429_says_when_to_retry() {
         gw.stop().await;
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guesses_sent_at_once_count_before_their_hashes_end() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &demo_users(), "rate_limit = { rate = \"1/min\", burst = 5 }").await;
+        let c = client(&gw);
+        let url = gw.https_url("/token");
+        // A batch sent at once: each attempt counts from its start, so no more than the burst is ever checked,
+        // however many arrive before the first check ends (and one client only queues a few at a time).
+        let batch = (0..12).map(|i| {
+            let (c, url) = (c.clone(), url.clone());
+            async move { password_login(&c, &url, "john.doe", &format!("guess-{i}")).await.status }
+        });
+        let mut statuses = futures_util::future::join_all(batch).await;
+        // Then one at a time until the limit answers.
+        for i in 0..6 {
+            let a = password_login(&c, &url, "john.doe", &format!("more-{i}")).await;
+            statuses.push(a.status);
+            if a.status == 429 {
+                break;
+            }
+        }
+        let checked = statuses.iter().filter(|s| **s == 400).count();
+        assert_eq!(checked, 5, "guesses checked: {statuses:?}");
+        assert!(statuses.iter().all(|s| *s == 400 || *s == 429), "{statuses:?}");
+        let a = password_login(&c, &url, "john.doe", "securepassword").await;
+        assert_eq!(a.status, 429, "the right password after the burst: {}", a.text());
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guesses_rotating_inside_one_ipv6_prefix_share_one_limit() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let extra = "rate_limit = { rate = \"1/min\", burst = 2 }";
+        let gw = token_gateway_with(&up, &demo_users(), extra, BEHIND_A_PROXY).await;
+        let c = client(&gw);
+        let url = gw.https_url("/token");
+        let guess = |from: &'static str| {
+            let (c, url) = (c.clone(), url.clone());
+            let body = form(&[("grant_type", "password"), ("username", "john.doe"), ("password", "guess")]);
+            async move { post(&c, &url, body, &[("x-forwarded-for", from)]).await.status }
+        };
+        assert_eq!(guess("2001:db8:1:2::1").await, 400);
+        assert_eq!(guess("2001:db8:1:2::2").await, 400);
+        assert_eq!(guess("2001:db8:1:2:ffff::3").await, 429, "a new address inside the same /64 is the same client");
+        assert_eq!(guess("2001:db8:1:3::1").await, 400, "another /64 is another client");
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_that_never_finishes_arriving_is_cut_at_header_read_timeout() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway_with(&up, &demo_users(), "allow_plaintext = true", "[limits]\nheader_read_timeout = \"1s\"\n").await;
+        // Declares 1000 bytes, sends 11, then holds the connection (a max_connections place) open.
+        let head =
+            "POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\ngrant_type=";
+        let started = Instant::now();
+        let (answer, _) = raw_exchange(gw.http.unwrap(), head.as_bytes(), Duration::from_secs(8)).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "no answer to a stalled form within 8 s: {answer:?}");
+        assert!(started.elapsed() < Duration::from_secs(6), "answered after {:?}", started.elapsed());
+        assert!(answer.contains("invalid_request"), "{answer}");
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[test]
+fn a_name_that_is_both_a_user_and_a_client_does_not_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = demo_users().replace("[users.\"john.doe\"]", "[users.\"reports-service\"]");
+    std::fs::write(dir.path().join("users.toml"), users).unwrap();
+    std::fs::write(dir.path().join("clients.toml"), demo_clients()).unwrap();
+    let cfg = token_config(
+        &Upstream { addr: "127.0.0.1:9".parse().unwrap(), seen: Default::default(), count: Default::default() },
+        "",
+        TUTORIAL_ROUTES,
+    );
+    std::fs::write(dir.path().join("gateway.toml"), cfg).unwrap();
+    let e = Config::load(&dir.path().join("gateway.toml")).map(|_| ()).expect_err("a shared sub must not load").to_string();
+    assert!(e.contains("\"reports-service\" is both a user and a client"), "{e}");
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -803,7 +905,8 @@ upstream = "api"
 async fn a_login_burst_does_not_stall_proxied_requests() {
     bounded_alone(async {
         let up = spawn_upstream().await;
-        let gw = token_gateway(&up, &argon_only_users(), "allow_plaintext = true").await;
+        // 200 clients behind a trusted proxy (each its own address): one client may only queue a few hashes.
+        let gw = token_gateway_with(&up, &argon_only_users(), "allow_plaintext = true", BEHIND_A_PROXY).await;
         let logins = client(&gw);
         let proxied = client(&gw);
         let ping = gw.http_url("/api/ping");
@@ -814,9 +917,11 @@ async fn a_login_burst_does_not_stall_proxied_requests() {
         let token_url = gw.http_url("/token");
         let started = Instant::now();
         let mut burst = tokio::task::JoinSet::new();
-        for _ in 0..200 {
+        for i in 0..200 {
             let (c, url) = (logins.clone(), token_url.clone());
-            burst.spawn(async move { password_login(&c, &url, "john.doe", "securepassword").await.status });
+            let body = form(&[("grant_type", "password"), ("username", "john.doe"), ("password", "securepassword")]);
+            let from = format!("10.0.{}.{}", i / 100, i % 100);
+            burst.spawn(async move { post(&c, &url, body, &[("x-forwarded-for", &from)]).await.status });
         }
         let mut latencies = Vec::new();
         let mut statuses = Vec::new();
