@@ -189,7 +189,7 @@ fn bench_limiter(c: &mut Criterion) {
         64,
     );
     let ip = "192.0.2.7".parse().expect("ip");
-    c.bench_function("limiter_check_allowed", |b| b.iter(|| l.check(&l.key(ip, Some(black_box("alice")), |_| None)).is_ok()));
+    c.bench_function("limiter_check_allowed", |b| b.iter(|| l.check(&l.key(ip, Some(black_box(("local", "alice"))), |_| None)).is_ok()));
     let tight = Limiter::new(LimitSettings { key: LimitKey::Ip, per: Duration::from_secs(3600), burst: NonZeroU32::MIN }, 64);
     let k = tight.key(ip, None, |_| None);
     let _ = tight.check(&k);

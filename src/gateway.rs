@@ -497,7 +497,7 @@ impl Gateway {
         principal: Option<&Principal>,
         outcome: &mut Outcome<'_>,
     ) -> Result<(), GatewayError> {
-        let key = l.key(client, principal.map(|p| p.subject.as_str()), |claim| {
+        let key = l.key(client, principal.map(|p| (p.issuer_id.as_str(), p.subject.as_str())), |claim| {
             principal.and_then(|p| crate::authn::lookup_claim(&p.claims, claim)).and_then(|v| v.as_str().map(str::to_string))
         });
         l.check(&key).map_err(|limited| {

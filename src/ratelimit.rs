@@ -262,14 +262,19 @@ impl Limiter {
         Limiter { inner: governor::RateLimiter::keyed(quota), settings, hasher: Default::default(), ipv6_prefix }
     }
 
-    /// Builds the bucket key for a request.
-    pub fn key(&self, ip: IpAddr, subject: Option<&str>, claim: impl FnOnce(&str) -> Option<String>) -> BucketKey {
-        let hashed = |s: &str| BucketKey::Hashed(self.hasher.hash_one(s));
+    /// Builds the bucket key for a request. `who` is the verified token's issuer id and subject: a subject (or
+    /// claim value) is only the same caller under the same issuer, so `bob` of one issuer never spends `bob` of
+    /// another's bucket.
+    pub fn key(&self, ip: IpAddr, who: Option<(&str, &str)>, claim: impl FnOnce(&str) -> Option<String>) -> BucketKey {
+        let by_ip = || BucketKey::Ip(mask(ip, self.ipv6_prefix));
         match &self.settings.key {
-            LimitKey::Ip => BucketKey::Ip(mask(ip, self.ipv6_prefix)),
+            LimitKey::Ip => by_ip(),
             LimitKey::Route => BucketKey::Shared,
-            LimitKey::Subject => subject.map_or(BucketKey::Ip(mask(ip, self.ipv6_prefix)), hashed),
-            LimitKey::Claim(c) => claim(c).map_or(BucketKey::Ip(mask(ip, self.ipv6_prefix)), |v| hashed(&v)),
+            LimitKey::Subject => who.map_or_else(by_ip, |w| BucketKey::Hashed(self.hasher.hash_one(w))),
+            LimitKey::Claim(c) => match (who, claim(c)) {
+                (Some((issuer, _)), Some(v)) => BucketKey::Hashed(self.hasher.hash_one((issuer, v))),
+                _ => by_ip(),
+            },
         }
     }
 
@@ -345,6 +350,14 @@ mod limiter_tests {
     }
 
     #[test]
+    fn a_subject_is_keyed_with_its_issuer() {
+        let l = Limiter::new(LimitSettings { key: LimitKey::Subject, per: Duration::from_secs(1), burst: NonZeroU32::MIN }, 64);
+        let ip = "192.0.2.1".parse().unwrap();
+        assert_eq!(l.key(ip, Some(("a", "bob")), |_| None), l.key(ip, Some(("a", "bob")), |_| None));
+        assert_ne!(l.key(ip, Some(("a", "bob")), |_| None), l.key(ip, Some(("b", "bob")), |_| None));
+    }
+
+    #[test]
     fn ipv6_keyed_by_prefix() {
         let l = Limiter::new(LimitSettings { key: LimitKey::Ip, per: Duration::from_secs(1), burst: NonZeroU32::MIN }, 64);
         let a = l.key("2001:db8:1:2::1".parse().unwrap(), None, |_| None);
@@ -356,7 +369,7 @@ mod limiter_tests {
     fn pruning_bounds_memory_after_a_key_flood() {
         let l = Limiter::new(LimitSettings { key: LimitKey::Subject, per: Duration::from_nanos(1), burst: NonZeroU32::MIN }, 64);
         for i in 0..100_000u32 {
-            let k = l.key("192.0.2.1".parse().unwrap(), Some(&i.to_string()), |_| None);
+            let k = l.key("192.0.2.1".parse().unwrap(), Some(("iss", &i.to_string())), |_| None);
             let _ = l.check(&k);
         }
         assert!(l.len() > 50_000);

@@ -190,6 +190,12 @@ async fn per_subject_limits_are_independent_and_bad_tokens_spend_nothing() {
 global = {{ key = "ip", rate = "1/min", burst = 20 }}
 
 {issuer}
+[[issuers]]
+id = "second"
+issuer = "https://second.test"
+audiences = ["api"]
+algorithms = ["EdDSA"]
+public_keys = ["second.pub.pem"]
 
 [[routes]]
 name = "search"
@@ -200,7 +206,10 @@ rate_limit = {{ key = "subject", rate = "1/min", burst = 3 }}
             base = base_config(&up),
             issuer = iss.config()
         );
-        let gw = spawn_with(&cfg, &iss.files()).await;
+        let second = test_key(Algorithm::EdDSA);
+        let mut files = iss.files();
+        files.push(("second.pub.pem", second.public_pem.clone().into_bytes()));
+        let gw = spawn_with(&cfg, &files).await;
         let url = gw.https_url("/search");
 
         // A flood of forged tokens for alice, from another address: the first 20 are checked and refused, the
@@ -239,6 +248,10 @@ rate_limit = {{ key = "subject", rate = "1/min", burst = 3 }}
             assert_eq!(up.hits(), before, "a limited request reached the upstream");
         }
         assert_eq!(up.hits(), 6);
+        // Another issuer's "alice" is another caller: her own bucket, not the first alice's.
+        let other_alice = mint_token(&second, None, &claims("https://second.test", "alice", json!({})));
+        let a = get(&c, &url, Some(&other_alice)).await;
+        assert_eq!(a.status, 200, "a subject of another issuer shared the bucket: {}", a.text());
         let text = metrics(&c, &gw).await;
         assert_eq!(metric(&text, "portcullis_rate_limited_total", &[("route", "search"), ("key", "subject")]), Some(2.0), "{text}");
         gw.stop().await;
@@ -361,7 +374,7 @@ fn a_flood_of_100k_distinct_keys_is_pruned_back_to_near_nothing() {
             for i in 0..100_000u32 {
                 let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000u32 + i));
                 let subject = format!("user-{i}@tenant.example");
-                let k = limiter.key(ip, Some(&subject), |_| None);
+                let k = limiter.key(ip, Some(("local", &subject)), |_| None);
                 assert!(limiter.check(&k).is_ok());
             }
             let flooded = held();
