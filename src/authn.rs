@@ -425,6 +425,13 @@ pub(crate) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize
     if static_keys.is_empty() && jwks.is_none() && !pending && v.problem_count() == before {
         err(v, "no keys: set secret_env/secret_file, public_keys, private_key, jwks_url or discovery = true".into());
     }
+    if jwks.is_some() && f.audiences.as_ref().is_none_or(Vec::is_empty) {
+        let msg = format!(
+            "issuer {id:?} has no `audiences`: a token it signs for any of its clients, ID tokens included, is accepted; \
+             set the audience it issues for this API"
+        );
+        v.warn(span.clone(), msg);
+    }
     let typ = match &f.typ {
         None => vec![None, Some("jwt".to_string()), Some("at+jwt".to_string())],
         Some(list) => list.iter().map(|t| if t.is_empty() { None } else { Some(normalize_typ(t)) }).collect(),
@@ -858,6 +865,13 @@ fn check_claims(s: &IssuerSettings, claims: &Map<String, Value>, now: u64) -> Re
     match claims.get("sub") {
         Some(Value::String(sub)) if !sub.is_empty() => {}
         _ => return Err(invalid(FailReason::Malformed, "no string sub claim")),
+    }
+    // Keycloak marks its tokens in the payload: "Bearer" for access tokens, "ID", "Refresh", "Logout"… for the
+    // others, which share the header `typ: JWT` and the signing key. Only an access token is a credential here.
+    match claims.get("typ") {
+        None => {}
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") || normalize_typ(t) == "at+jwt" => {}
+        Some(t) => return Err(invalid(FailReason::Malformed, format!("payload typ {t} is not an access token"))),
     }
     if !s.audiences.is_empty() {
         let ok = match claims.get("aud") {

@@ -544,7 +544,7 @@ impl Validator<'_> {
         self.problems.push(Problem { line, column, message: message.to_string() });
     }
 
-    fn warn(&mut self, span: std::ops::Range<usize>, message: impl fmt::Display) {
+    pub(crate) fn warn(&mut self, span: std::ops::Range<usize>, message: impl fmt::Display) {
         let (line, column) = line_col(self.text, span.start);
         self.warnings.push(Problem { line, column, message: message.to_string() });
     }
@@ -1175,6 +1175,20 @@ mod tests {
         load(&format!("{public}{}", route("v1", "/v1/*", "a", "strip_prefix = \"/v1\""))).expect("into a public route");
         // A prefix the route's paths never start with strips nothing.
         load(&format!("{admin}{}", route("api", "/api/*", "a", "strip_prefix = \"/apx\""))).expect("nothing stripped");
+    }
+
+    #[test]
+    fn an_identity_provider_without_audiences_is_warned_about() {
+        let load = |audiences: &str| {
+            let text = format!(
+                "[listen]\nhttp = \"127.0.0.1:0\"\n[[issuers]]\nid = \"idp\"\nissuer = \"https://idp.test\"\n\
+                 algorithms = [\"RS256\"]\njwks_url = \"https://idp.test/keys\"\n{audiences}"
+            );
+            Config::from_toml(Path::new("g.toml"), &text).expect("loads").warnings.iter().map(|w| w.message.clone()).collect::<Vec<_>>()
+        };
+        let w = load("");
+        assert!(w.iter().any(|w| w.contains("issuer \"idp\" has no `audiences`") && w.contains("ID tokens")), "{w:?}");
+        assert!(load("audiences = [\"api\"]").is_empty());
     }
 
     #[test]

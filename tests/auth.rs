@@ -693,6 +693,9 @@ async fn forged_and_invalid_tokens_are_refused_without_reaching_upstream() {
         }
         let t = jws(&s.hs, r#"{"alg":"HS256"}"#, &hs_payload);
         accepted(&c, &s.up, &url, &t, "no typ").await;
+        // Keycloak's access tokens say so in the payload.
+        let keycloak_access = claims(HS_ISS, "alice", json!({"typ": "Bearer"})).to_string();
+        accepted(&c, &s.up, &url, &jws(&s.hs, r#"{"alg":"HS256","typ":"JWT"}"#, &keycloak_access), "payload typ Bearer").await;
 
         let mut cases: Vec<(String, String)> = Vec::new();
         let mut case = |what: &str, token: String| cases.push((what.to_string(), token));
@@ -790,6 +793,11 @@ async fn forged_and_invalid_tokens_are_refused_without_reaching_upstream() {
             case(&format!("typ {typ}"), jws(&s.hs, &json!({"alg": "HS256", "typ": typ}).to_string(), &hs_payload));
         }
         case("non-string typ", jws(&s.hs, r#"{"alg":"HS256","typ":1}"#, &hs_payload));
+        // Keycloak's ID, refresh and logout tokens: header `typ: JWT` like its access tokens, told apart only here.
+        for typ in [json!("ID"), json!("Refresh"), json!("Logout"), json!(1)] {
+            let payload = claims(HS_ISS, "alice", json!({"typ": typ})).to_string();
+            case(&format!("payload typ {typ}"), jws(&s.hs, r#"{"alg":"HS256","typ":"JWT"}"#, &payload));
+        }
 
         // One strict parse: a repeated claim name is refused (not last-one-wins), at any depth, and in the header.
         let dup = format!(r#"{{"iss":"{HS_ISS}","sub":"a","sub":"admin","aud":"api","exp":{}}}"#, now + 600);
