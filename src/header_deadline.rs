@@ -32,6 +32,8 @@ use tokio::time::{Instant, Sleep};
 #[derive(Default)]
 pub struct ConnState {
     in_flight: AtomicUsize,
+    /// Requests begun on the connection, ever: the idle check compares it across a period.
+    begun: AtomicUsize,
     off: AtomicBool,
     linger: AtomicBool,
 }
@@ -43,7 +45,13 @@ impl ConnState {
             self.off.store(true, Ordering::Relaxed);
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.begun.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// Requests begun so far, and whether none is being served now.
+    pub fn activity(&self) -> (usize, bool) {
+        (self.begun.load(Ordering::Relaxed), self.in_flight.load(Ordering::Acquire) == 0)
     }
 }
 

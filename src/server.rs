@@ -99,12 +99,11 @@ pub async fn accept_loop(
             let _permit = permit;
             let _open = OpenConnection::new(shared.metrics.connections_active.with_label_values(&[label]));
             match tls {
-                None => serve(tcp, ConnInfo::new(peer, false), shared, &builder, watcher, Some(shutdown)).await,
+                None => serve(tcp, ConnInfo::new(peer, false), shared, &builder, watcher, shutdown, false).await,
                 Some((acceptor, timeout)) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        let shutdown = (!h2).then_some(shutdown);
-                        serve(stream, ConnInfo::new(peer, true), shared, &builder, watcher, shutdown).await
+                        serve(stream, ConnInfo::new(peer, true), shared, &builder, watcher, shutdown, h2).await
                     }
                     Ok(Err(e)) => {
                         shared.metrics.tls_handshake_failures.inc();
@@ -120,15 +119,16 @@ pub async fn accept_loop(
     }
 }
 
-/// Serves one connection: HTTP/1.1 through `h1_server` (with `shutdown`), until it hands the connection to
-/// hyper; HTTP/2 (`shutdown` None) through hyper from the start. The watcher keeps the drain waiting either way.
+/// Serves one connection: HTTP/1.1 through `h1_server`, until it hands the connection to hyper; HTTP/2 (ALPN
+/// `h2`) through hyper from the start. The watcher keeps the drain waiting either way.
 async fn serve<I>(
     io: I,
     info: ConnInfo,
     shared: Arc<Shared>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
-    shutdown: Option<watch::Receiver<bool>>,
+    shutdown: watch::Receiver<bool>,
+    h2: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -141,12 +141,12 @@ async fn serve<I>(
             max_header_bytes: limits.max_header_bytes,
         }
     };
-    let (io, read, deadline, from_h1) = match shutdown {
-        Some(shutdown) => match h1_server::serve(io, &info, &shared, lean, shutdown).await {
+    let (io, read, deadline, from_h1) = match h2 {
+        false => match h1_server::serve(io, &info, &shared, lean, shutdown.clone()).await {
             Ended::Closed => return,
             Ended::HandOver { io, read, deadline } => (io, read, deadline, true),
         },
-        None => (io, Bytes::new(), crate::deadline::deadline_after(lean.header_read_timeout), false),
+        true => (io, Bytes::new(), crate::deadline::deadline_after(lean.header_read_timeout), false),
     };
     // Boxed: hyper's connection state is only paid for by connections that reach it.
     if from_h1 && shared.is_draining() {
@@ -156,7 +156,7 @@ async fn serve<I>(
         drop(watcher);
         return;
     }
-    Box::pin(serve_hyper(io, read, info, shared, builder, watcher, lean.header_read_timeout, deadline)).await
+    Box::pin(serve_hyper(io, read, info, shared, builder, (watcher, shutdown), lean, deadline)).await
 }
 
 /// Serves a handed-over HTTP/1 connection during a drain: the request it carries, without keep-alive.
@@ -215,6 +215,10 @@ fn gateway_service(
     })
 }
 
+/// Serves a connection through hyper until it ends, closing it gracefully (GOAWAY on HTTP/2) when the drain
+/// begins or when it has served nothing for a whole `idle_timeout` (checked once per `idle_timeout`, so closed
+/// within twice it): an HTTP/2 client answers hyper's pings, so without this an idle connection would hold its
+/// `max_connections` place for ever.
 #[allow(clippy::too_many_arguments)] // one connection's whole context; a struct would only rename it
 async fn serve_hyper<I>(
     io: I,
@@ -222,17 +226,41 @@ async fn serve_hyper<I>(
     info: ConnInfo,
     shared: Arc<Shared>,
     builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
-    header_timeout: Duration,
+    (watcher, mut shutdown): (Watcher, watch::Receiver<bool>),
+    limits: h1_server::Limits,
     first_head_by: tokio::time::Instant,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = Arc::new(ConnState::default());
-    let io = HeaderDeadline::new(io, read, state.clone(), header_timeout, first_head_by);
+    let io = HeaderDeadline::new(io, read, state.clone(), limits.header_read_timeout, first_head_by);
     let peer = info.peer;
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), gateway_service(info, shared, state)).into_owned();
-    if let Err(e) = watcher.watch(conn).await {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), gateway_service(info, shared, state.clone())).into_owned();
+    let mut conn = std::pin::pin!(conn);
+    let mut idle_check = tokio::time::interval_at(tokio::time::Instant::now() + limits.idle_timeout, limits.idle_timeout);
+    // Idle at the last check with nothing begun since, and idle now: idle for a whole period at least.
+    let (mut seen, mut was_idle) = state.activity();
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = shutdown.wait_for(|s| *s), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = idle_check.tick(), if !closing => {
+                let (begun, idle) = state.activity();
+                if idle && was_idle && begun == seen {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                (seen, was_idle) = (begun, idle);
+            }
+        }
+    };
+    // Held until here, so the drain waits for this connection.
+    drop(watcher);
+    if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

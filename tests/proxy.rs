@@ -941,6 +941,30 @@ async fn keep_alive_idles_for_idle_timeout_not_header_read_timeout() {
     gw.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_though_it_answers_pings() {
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up, "[limits]\nidle_timeout = \"1s\"\n")).await;
+    let tls = tls_connect(gw.https.unwrap(), &tls_connector(tls_config(&gw.cert_path(), &[b"h2"]))).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
+    // The h2 client answers the gateway's pings by itself, as every HTTP/2 stack does.
+    let connection = tokio::spawn(connection);
+
+    // A request that takes longer than idle_timeout is not idle time: it completes.
+    let slow = Request::get(gw.https_url("/slow?ms=2500")).body(()).unwrap();
+    let (answer, _) = h2.send_request(slow, true).unwrap();
+    assert_eq!(timeout(BOUND, answer).await.unwrap().expect("answered, not cut").status(), StatusCode::OK);
+
+    // Then nothing (the client keeps its handle: dropping it would end the connection from this side): the gateway says goodbye within twice idle_timeout (it checks once per idle_timeout).
+    let since = Instant::now();
+    let ended = timeout(Duration::from_secs(5), connection).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection was still open after {:?}", since.elapsed());
+    assert!(since.elapsed() >= Duration::from_millis(900), "closed after {:?}", since.elapsed());
+    drop(h2);
+    gw.stop().await;
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // 9. WebSocket
 
