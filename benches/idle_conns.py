@@ -29,7 +29,8 @@ warm = socket.create_connection(("127.0.0.1", port))
 get(warm)
 time.sleep(0.3)
 base = rss_kib()
-conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+# Spread over source addresses 127.0.0.1-8: one client may hold only `max_connections_per_client` (1000).
+conns = [socket.create_connection(("127.0.0.1", port), source_address=(f"127.0.0.{1 + i % 8}", 0)) for i in range(n)]
 for s in conns:
     get(s)
 time.sleep(0.5)

@@ -233,6 +233,7 @@ struct LimitsFile {
     header_read_timeout: Option<DurationValue>,
     idle_timeout: Option<DurationValue>,
     max_connections: Option<usize>,
+    max_connections_per_client: Option<usize>,
     drain_timeout: Option<DurationValue>,
 }
 
@@ -395,6 +396,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Connections one client address (IPv6: its `ipv6_prefix`) may hold; trusted proxies are not counted.
+    pub max_connections_per_client: usize,
     pub drain_timeout: Duration,
 }
 
@@ -584,8 +587,12 @@ impl Validator<'_> {
             header_read_timeout: d(f.limits.header_read_timeout, 10),
             idle_timeout: d(f.limits.idle_timeout, 60),
             max_connections: f.limits.max_connections.unwrap_or(10_000),
+            max_connections_per_client: f.limits.max_connections_per_client.unwrap_or(1_000),
             drain_timeout: d(f.limits.drain_timeout, 30),
         };
+        if limits.max_connections_per_client == 0 {
+            self.error(0..0, "`limits.max_connections_per_client` must be at least 1");
+        }
         if limits.max_connections == 0 {
             self.error(0..0, "`limits.max_connections` must be at least 1");
         }

@@ -137,6 +137,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         draining: AtomicBool::new(false),
         tls: resolver,
         reloading: Default::default(),
+        per_client: Default::default(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub jwks_keys: IntGaugeVec,
     pub connections_active: IntGaugeVec,
     pub tls_handshake_failures: IntCounter,
+    pub connections_refused: IntCounter,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: IntGauge,
 }
@@ -101,6 +102,10 @@ impl Metrics {
             jwks_keys: gauge_vec("portcullis_jwks_keys", "Keys currently held per JWKS issuer.", &["issuer"]),
             connections_active: gauge_vec("portcullis_connections_active", "Open client connections by listener.", &["listener"]),
             tls_handshake_failures: counter("portcullis_tls_handshake_failures_total", "TLS handshakes that failed or timed out."),
+            connections_refused: counter(
+                "portcullis_connections_refused_total",
+                "Connections closed at accept: their client held max_connections_per_client already.",
+            ),
             config_reloads: counter_vec(&r, "portcullis_config_reloads_total", "Config loads and reloads by result.", &["result"]),
             config_last_reload_success: last,
             registry: r,

@@ -35,6 +35,42 @@ pub struct Shared {
     pub tls: Option<Arc<crate::tls::CertResolver>>,
     /// Held for the whole of a reload.
     pub reloading: tokio::sync::Mutex<()>,
+    /// Open public connections per client address, for `max_connections_per_client`.
+    pub per_client: Arc<PerClient>,
+}
+
+/// Open connections per client address (IPv6 by its prefix), so that one client cannot hold every
+/// `max_connections` place. Touched once per connection, never per request.
+#[derive(Default)]
+pub struct PerClient(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One counted connection; dropped with it.
+pub struct ClientSlot(Arc<PerClient>, std::net::IpAddr);
+
+impl PerClient {
+    /// Counts a connection from `ip` unless it holds `max` already.
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut open = self.0.lock().ok()?;
+        let n = open.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.0 .0.lock() {
+            if let Some(n) = open.get_mut(&self.1) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&self.1);
+                }
+            }
+        }
+    }
 }
 
 /// Builds the HTTP server settings from the limits: hyper's header timeout needs a timer to work.
@@ -89,6 +125,23 @@ pub async fn accept_loop(
                 }
             },
         };
+        let client_slot = {
+            let gateway = shared.gateway.load();
+            let config = &gateway.config;
+            if crate::ratelimit::is_trusted(&config.trusted_proxies, peer.ip()) {
+                None
+            } else {
+                let ip = crate::ratelimit::mask(peer.ip(), config.ipv6_prefix);
+                match shared.per_client.admit(ip, config.limits.max_connections_per_client) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        shared.metrics.connections_refused.inc();
+                        tracing::debug!(%peer, "connection refused: its client is at max_connections_per_client");
+                        continue;
+                    }
+                }
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let watcher = graceful.watcher();
         let shared = shared.clone();
@@ -97,6 +150,7 @@ pub async fn accept_loop(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _client_slot = client_slot;
             let _open = OpenConnection::new(shared.metrics.connections_active.with_label_values(&[label]));
             match tls {
                 None => serve(tcp, ConnInfo::new(peer, false), shared, &builder, watcher, shutdown, false).await,

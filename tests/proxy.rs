@@ -965,6 +965,63 @@ async fn an_idle_http2_connection_is_closed_though_it_answers_pings() {
     gw.stop().await;
 }
 
+/// A plain connection to `addr` from the local address `from` (any 127.x.y.z is this machine).
+async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Sends one GET on `s` and returns the answer's status, or None if the gateway closed instead.
+async fn one_get(s: &mut TcpStream) -> Option<u16> {
+    s.write_all(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n").await.ok()?;
+    let mut buf = vec![0u8; 4096];
+    let n = timeout(BOUND, s.read(&mut buf)).await.ok()?.ok()?;
+    status_of(&String::from_utf8_lossy(&buf[..n]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_hold_more_than_max_connections_per_client() {
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up, "[limits]\nmax_connections_per_client = 3\n")).await;
+    let http = gw.http.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = connect_from("127.0.0.1", http).await;
+        assert_eq!(one_get(&mut s).await, Some(200));
+        held.push(s);
+    }
+    // A fourth from the same client is closed at accept; another client is served meanwhile.
+    let mut fourth = connect_from("127.0.0.1", http).await;
+    assert_eq!(one_get(&mut fourth).await, None, "a fourth connection from one client was served");
+    let mut other = connect_from("127.0.0.2", http).await;
+    assert_eq!(one_get(&mut other).await, Some(200), "another client was refused");
+    assert_eq!(up.hits(), 4);
+    // Once one of the three closes, its place is the client's again (the gateway notices the close first).
+    drop(held.pop());
+    let started = Instant::now();
+    loop {
+        let mut again = connect_from("127.0.0.1", http).await;
+        if one_get(&mut again).await == Some(200) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "the place of a closed connection was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = admin_metrics(&gw).await;
+    let refused =
+        text.lines().find_map(|l| l.strip_prefix("portcullis_connections_refused_total ")).map(|v| v.trim().parse::<f64>().unwrap());
+    assert!(refused.is_some_and(|n| n >= 1.0), "refusals not counted: {refused:?}");
+    gw.stop().await;
+}
+
+/// The admin listener's metrics text, over a plain connection.
+async fn admin_metrics(gw: &TestGateway) -> String {
+    let (text, _) = raw_lenient(gw.admin.unwrap(), b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", BOUND).await;
+    text
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // 9. WebSocket
 
