@@ -700,7 +700,7 @@ pub fn extract_token<'a>(
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
             .filter_map(|c| c.split_once('='))
-            .filter(|(k, _)| k.trim_matches(is_space) == name)
+            .filter(|(k, _)| k.trim_matches(is_space).eq_ignore_ascii_case(name))
             .map(|(_, v)| v.trim_matches(is_space));
         if let Some(v) = values.next() {
             if values.next().is_some() {

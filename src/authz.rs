@@ -94,9 +94,12 @@ impl Policy {
     /// True if every request this policy admits, `other` admits too (false when that cannot be shown from the
     /// rules alone): forwarding this policy's requests into `other`'s paths then grants nothing `other` refuses.
     pub fn admits_no_more_than(&self, other: &Policy) -> bool {
-        // An anonymous request gets no identity headers, so `optional` without rules admits as much as `public`.
-        if other.auth == AuthMode::Public || !other.has_rules() && other.auth == AuthMode::Optional {
+        if other.auth == AuthMode::Public {
             return true;
+        }
+        // `optional` without rules admits anyone, but refuses a token it cannot verify, which `public` passes on.
+        if other.auth == AuthMode::Optional && !other.has_rules() {
+            return self.auth != AuthMode::Public;
         }
         if self.auth == AuthMode::Public || self.auth == AuthMode::Optional && !self.has_rules() {
             return false;

@@ -590,6 +590,11 @@ impl Validator<'_> {
             max_connections_per_client: f.limits.max_connections_per_client.unwrap_or(1_000),
             drain_timeout: d(f.limits.drain_timeout, 30),
         };
+        for (name, d) in [("idle_timeout", limits.idle_timeout), ("header_read_timeout", limits.header_read_timeout)] {
+            if d.is_zero() {
+                self.error(0..0, format!("`limits.{name}` must be more than 0"));
+            }
+        }
         if limits.max_connections_per_client == 0 {
             self.error(0..0, "`limits.max_connections_per_client` must be at least 1");
         }
@@ -1091,7 +1096,15 @@ impl Validator<'_> {
         upstreams: &BTreeMap<String, UpstreamSettings>,
         case_insensitive: bool,
     ) {
-        let origin = |r: &Route| upstreams.get(&r.upstream).map(|u| (u.scheme.clone(), u.authority.clone()));
+        // One server under two spellings is one origin: default ports, `localhost` and the loopback addresses.
+        let origin = |r: &Route| {
+            upstreams.get(&r.upstream).map(|u| {
+                let host = u.authority.host().trim_matches(['[', ']']).to_ascii_lowercase();
+                let host = if matches!(host.as_str(), "localhost" | "127.0.0.1" | "::1") { "loopback".to_string() } else { host };
+                let port = u.authority.port_u16().unwrap_or(if u.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 });
+                (u.scheme.clone(), host, port)
+            })
+        };
         for (a, span) in routes.iter().zip(strip_spans) {
             let (Some(prefix), Some(span)) = (&a.strip_prefix, span) else { continue };
             let Some((forwarded, _)) = a.pattern.stripped(prefix, case_insensitive) else { continue };
@@ -1173,6 +1186,18 @@ mod tests {
         let e = load(&format!("{pup}{}", route("up", "/up/*", "a", "auth = \"public\"\nstrip_prefix = \"/up\""))).unwrap_err();
         assert!(e.contains("route \"up\" strips") && e.contains("\"pup\""), "{e}");
 
+        // The same server under another spelling, and a trailing slash, do not escape the check.
+        let spelled = "[upstreams.c]\nurl = \"http://localhost:1/\"\n";
+        let e = load(&format!("{admin}{}{spelled}", route("api", "/api/*", "c", "strip_prefix = \"/api\""))).unwrap_err();
+        assert!(e.contains("\"admin\""), "{e}");
+        let users = route("users", "/users", "a", "roles_any = [\"admin\"]");
+        let e = load(&format!("{users}{}", route("v1", "/v1/users/", "a", "strip_prefix = \"/v1\""))).unwrap_err();
+        assert!(e.contains("\"users\""), "{e}");
+        // A public route may not strip into an optional one: it passes on tokens the optional route would refuse.
+        let maybe = route("maybe", "/maybe/*", "a", "auth = \"optional\"");
+        assert!(load(&format!("{maybe}{}", route("p", "/p/*", "a", "auth = \"public\"\nstrip_prefix = \"/p\""))).is_err());
+        load(&format!("{maybe}{}", route("r", "/r/*", "a", "strip_prefix = \"/r\""))).expect("a token route into an optional one");
+
         // Allowed: another origin; paths that cannot meet; rules as strict or stricter; a weaker route.
         load(&format!("{admin}{}", route("api", "/api/*", "other", "strip_prefix = \"/api\""))).expect("another origin");
         load(&format!("{admin}{}", route("api", "/api/items/*", "a", "strip_prefix = \"/api\""))).expect("stripped into /items/* only");
@@ -1182,6 +1207,15 @@ mod tests {
         load(&format!("{public}{}", route("v1", "/v1/*", "a", "strip_prefix = \"/v1\""))).expect("into a public route");
         // A prefix the route's paths never start with strips nothing.
         load(&format!("{admin}{}", route("api", "/api/*", "a", "strip_prefix = \"/apx\""))).expect("nothing stripped");
+    }
+
+    #[test]
+    fn zero_timeouts_do_not_load() {
+        for key in ["idle_timeout", "header_read_timeout"] {
+            let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n[limits]\n{key} = \"0s\"\n");
+            let e = Config::from_toml(Path::new("g.toml"), &text).map(|_| ()).expect_err("a zero timeout").to_string();
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     #[test]

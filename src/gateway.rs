@@ -35,12 +35,25 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The peer's address as an `X-Forwarded-For` value, rendered once per connection.
     pub peer_ip: HeaderValue,
+    /// The connection's places in the connection limits, held as long as it lives: an upgraded connection
+    /// (WebSocket) outlives hyper's, so its byte pipe holds them too.
+    pub places: Option<Places>,
+}
+
+/// A connection's places in the limits (type-erased: the accept loop owns what they are).
+#[derive(Clone)]
+pub struct Places(pub Arc<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for Places {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Places")
+    }
 }
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ConnInfo { peer, tls, peer_ip }
+        ConnInfo { peer, tls, peer_ip, places: None }
     }
 }
 
@@ -402,7 +415,7 @@ impl Gateway {
         }
 
         let upgrading = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
-        let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrading.then(|| (hyper::upgrade::on(&mut req), req.extensions().get::<Places>().cloned()));
         let upstream = &self.route_upstreams[route.index];
         let upstream_path = route.upstream_path(path);
         let query = proxy::forwarded_query(uri.query(), route.token_sources.query.as_deref());
@@ -469,7 +482,7 @@ impl Gateway {
         let upgraded = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if upgraded {
             match client_upgrade {
-                Some(client) => proxy::splice_upgrade(client, hyper::upgrade::on(&mut rsp)),
+                Some((client, places)) => proxy::splice_upgrade(client, hyper::upgrade::on(&mut rsp), places),
                 None => return Err(GatewayError::Proxy(proxy::ProxyError::UnexpectedUpgrade)),
             }
         }

@@ -103,26 +103,31 @@ const CLIENT_ADDRESS_LENGTHS: u64 = lengths_of(&CLIENT_ADDRESS);
 /// overrides): the upstream must act on the path and method the policy decided on, so no client sets them.
 const ROUTING_OVERRIDES: [&str; 6] =
     ["x-original-url", "x-rewrite-url", "x-original-uri", "x-http-method-override", "x-http-method", "x-method-override"];
-const ROUTING_OVERRIDES_LENGTHS: u64 = lengths_of(&ROUTING_OVERRIDES);
 
-/// `sent` is `ours` or its underscore spelling, which CGI/WSGI-style upstreams read as the same field.
-fn dashed_eq(sent: &str, ours: &str) -> bool {
-    sent.len() == ours.len() && sent.bytes().zip(ours.bytes()).all(|(s, o)| s == o || (s == b'_' && o == b'-'))
+/// `sent` names `ours` for some server: CGI/WSGI-style servers read `X_Auth_Subject` as `X-Auth-Subject`, and
+/// others map every separator alike (`X.Auth.Subject`), so two names that agree on their letters and digits are
+/// the same name. Most names differ at their first letter, where this stops.
+fn loose_eq(sent: &str, ours: &str) -> bool {
+    let mut a = sent.bytes().filter(u8::is_ascii_alphanumeric);
+    let mut b = ours.bytes().filter(u8::is_ascii_alphanumeric);
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            (x, y) if x == y => {}
+            _ => return false,
+        }
+    }
 }
 
-/// An underscore spelling of a field the gateway sets or frames by (`X_Forwarded_For`, `Content_Length`): the
-/// gateway does not read it, an upstream that maps `_` to `-` would.
-fn is_underscored_managed(k: &str) -> bool {
+/// Another spelling (`X_Forwarded_For`, `Content.Length`) of a field the gateway sets or frames by: the gateway
+/// does not read it, a server that maps separators would.
+fn is_respelled_managed(k: &str) -> bool {
     // A plain loop: names are short, and a memchr call costs more than it saves on them.
-    if !k.bytes().any(|b| b == b'_') {
+    if k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         return false;
     }
-    let dashed = k.replace('_', "-");
-    let d = dashed.as_str();
-    d.starts_with("x-forwarded-")
-        || CLIENT_ADDRESS.contains(&d)
-        || HOP_BY_HOP.contains(&d)
-        || matches!(d, "content-length" | "host" | "expect")
+    let forwarded = k.bytes().filter(u8::is_ascii_alphanumeric).take(10).eq(b"xforwarded".iter().copied());
+    forwarded || CLIENT_ADDRESS.iter().chain(&HOP_BY_HOP).chain(&["content-length", "host", "expect"]).any(|n| loose_eq(k, n))
 }
 
 /// Removes from a request's trailer section every field the gateway decides on or sets: identity, forwarding,
@@ -148,9 +153,11 @@ pub fn strip_request_trailers(trailers: &mut HeaderMap, identity: &IdentitySetti
 pub fn strip_forged(headers: &mut HeaderMap, identity: &IdentitySettings) {
     remove_present(headers, |k| {
         let k = k.as_str();
-        identity.headers.iter().any(|(n, _)| dashed_eq(k, n.as_str()))
-            || ROUTING_OVERRIDES_LENGTHS & (1 << k.len().min(63)) != 0 && ROUTING_OVERRIDES.iter().any(|n| dashed_eq(k, n))
-            || is_underscored_managed(k)
+        // Compared whole only with names of the same first letter (every routing override starts with `x`).
+        let first = k.bytes().find(u8::is_ascii_alphanumeric);
+        identity.headers.iter().any(|(n, _)| n.as_str().bytes().find(u8::is_ascii_alphanumeric) == first && loose_eq(k, n.as_str()))
+            || first == Some(b'x') && ROUTING_OVERRIDES.iter().any(|n| loose_eq(k, n))
+            || is_respelled_managed(k)
     });
 }
 

@@ -441,19 +441,24 @@ impl TokenEndpoint {
     }
 
     /// Checks a secret against the account's hash (None: unknown account) off the executor. A failure also
-    /// checks it against one hash of every other class in use, so every failure costs the same.
-    async fn verify_off_executor(&self, password: &[u8], hash: Option<&str>) -> bool {
-        let Ok(_permit) = self.hashing.clone().acquire_owned().await else { return false };
+    /// checks it against one hash of every other class in use, so every failure costs the same. The attempt and
+    /// the hashing place go with the hash into the blocking task: a client that cancels its request (an HTTP/2
+    /// reset) cannot free them while its hash still runs, and a failure is charged when the hash ends, whether
+    /// or not anyone still waits for the answer.
+    async fn verify_off_executor(&self, attempt: Attempt, password: &[u8], hash: Option<&str>) -> bool {
+        let Ok(permit) = self.hashing.clone().acquire_owned().await else { return false };
         let password = password.to_vec();
         let hash = hash.map(str::to_string);
         let dummies = self.dummy_hashes.clone();
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let ok = hash.as_deref().is_some_and(|h| verify_password(&password, h));
             if !ok {
                 let own = hash.as_deref().map(hash_class);
                 for d in dummies.iter().filter(|d| Some(hash_class(d)) != own) {
                     let _ = verify_password(&password, d);
                 }
+                attempt.failed();
             }
             ok
         })
@@ -468,13 +473,10 @@ impl TokenEndpoint {
         // A disabled account is checked like an unknown one: the same hash verifications, whatever the password.
         let account = self.settings.users.get(username).filter(|a| !a.disabled);
         // An unknown user costs the same hash verifications as a wrong password.
-        let ok = self.verify_off_executor(password.as_bytes(), account.map(|a| a.password_hash.as_str())).await;
+        let ok = self.verify_off_executor(attempt, password.as_bytes(), account.map(|a| a.password_hash.as_str())).await;
         match account {
             Some(a) if ok => self.issue(username, a, form.get("scope")),
-            _ => {
-                attempt.failed();
-                Err(TokenError::InvalidGrant)
-            }
+            _ => Err(TokenError::InvalidGrant),
         }
     }
 
@@ -497,13 +499,10 @@ impl TokenEndpoint {
         };
         let attempt = self.begin(format!("client:{}", attempt_key(&id)), ip)?;
         let account = self.settings.clients.get(&id).filter(|a| !a.disabled);
-        let ok = self.verify_off_executor(secret.as_bytes(), account.map(|a| a.password_hash.as_str())).await;
+        let ok = self.verify_off_executor(attempt, secret.as_bytes(), account.map(|a| a.password_hash.as_str())).await;
         match account {
             Some(a) if ok => self.issue(&id, a, form.get("scope")),
-            _ => {
-                attempt.failed();
-                Err(TokenError::InvalidClient)
-            }
+            _ => Err(TokenError::InvalidClient),
         }
     }
 

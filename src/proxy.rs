@@ -162,8 +162,10 @@ pub async fn forward(up: &Upstream, req: Request<Body>) -> Result<Response<Body>
 }
 
 /// Joins the client's and the upstream's upgraded connections and copies bytes both ways until either closes.
-pub fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+pub fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, places: Option<crate::gateway::Places>) {
     tokio::spawn(async move {
+        // The client connection's places in the limits, until the pipe ends.
+        let _places = places;
         match tokio::try_join!(client, upstream) {
             Ok((c, u)) => {
                 let mut c = TokioIo::new(c);

@@ -174,7 +174,8 @@ impl PathPattern {
                 (true, true) => true,
                 (true, false) => b >= a,
                 (false, true) => a >= b,
-                (false, false) => a == b && (a == 0 || self.trailing_slash == other.trailing_slash),
+                // A trailing slash is told apart here, but most upstream frameworks treat `/x/` as `/x`.
+                (false, false) => a == b,
             }
     }
 }
@@ -322,10 +323,10 @@ pub fn request_host(
     if hosts.next().is_some() {
         return Err(RouteError::BadHost("more than one Host field"));
     }
-    if let Some(h) = host {
-        if !h.as_bytes().iter().all(|&b| HOST_BYTES[usize::from(b)]) {
-            return Err(RouteError::BadHost("not of host[:port] syntax"));
-        }
+    let host_syntax = |b: &[u8]| b.iter().all(|&b| HOST_BYTES[usize::from(b)]);
+    // The target's authority too: `http::uri::Authority` takes userinfo (`GET http://x@victim/`).
+    if !host.is_none_or(|h| host_syntax(h.as_bytes())) || !authority.is_none_or(|a| host_syntax(a.as_str().as_bytes())) {
+        return Err(RouteError::BadHost("not of host[:port] syntax"));
     }
     match (authority, host) {
         (Some(a), Some(h)) if version == http::Version::HTTP_2 && !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) => {

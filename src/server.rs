@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::RequestBody;
 use crate::config::Limits;
-use crate::gateway::{ConnInfo, Gateway};
+use crate::gateway::{ConnInfo, Gateway, Places};
 use crate::h1_server::{self, Ended};
 use crate::header_deadline::{ConnState, HeaderDeadline, Tracked};
 
@@ -149,15 +149,15 @@ pub async fn accept_loop(
         let tls = tls.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let _client_slot = client_slot;
-            let _open = OpenConnection::new(shared.metrics.connections_active.with_label_values(&[label]));
+            let open = OpenConnection::new(shared.metrics.connections_active.with_label_values(&[label]));
+            let places = Places(Arc::new((permit, client_slot, open)));
+            let info = |tls| ConnInfo { places: Some(places.clone()), ..ConnInfo::new(peer, tls) };
             match tls {
-                None => serve(tcp, ConnInfo::new(peer, false), shared, &builder, watcher, shutdown, false).await,
+                None => serve(tcp, info(false), shared, &builder, watcher, shutdown, false).await,
                 Some((acceptor, timeout)) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        serve(stream, ConnInfo::new(peer, true), shared, &builder, watcher, shutdown, h2).await
+                        serve(stream, info(true), shared, &builder, watcher, shutdown, h2).await
                     }
                     Ok(Err(e)) => {
                         shared.metrics.tls_handshake_failures.inc();
@@ -245,9 +245,13 @@ fn gateway_service(
     Error = Infallible,
     Future = impl Future<Output = Result<hyper::Response<Tracked<crate::body::Body>>, Infallible>> + Send,
 > + Clone {
-    service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+    service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let gateway = shared.gateway.load_full();
         let version = req.version();
+        if let Some(places) = info.places.as_ref().filter(|_| crate::headers::is_upgrade_request(req.headers())) {
+            // An upgrade's byte pipe outlives this connection's task: it takes the connection's places along.
+            req.extensions_mut().insert(places.clone());
+        }
         let in_flight = state.begin(version);
         let info = info.clone();
         async move {

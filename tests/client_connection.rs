@@ -513,6 +513,7 @@ async fn a_request_names_one_host_of_host_syntax_and_an_absolute_target_wins() {
         "GET /x HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
         "GET /x HTTP/1.1\r\nHost: evil.test/admin?x=@y\r\n\r\n",
         "GET /x HTTP/1.1\r\nHost: user@evil.test\r\n\r\n",
+        "GET http://user@evil.test/x HTTP/1.1\r\nHost: evil.test\r\n\r\n",
     ] {
         let mut c = Raw::connect(addr).await;
         c.send(head.as_bytes()).await;

@@ -254,7 +254,10 @@ async fn https_forwarding_sets_forwarding_headers_and_strips_hop_by_hop() {
 }
 
 /// What a client may try to tell the upstream about where a request came from, where it goes or what it is.
-const CLIENT_CLAIMS: [(&str, &str); 14] = [
+const CLIENT_CLAIMS: [(&str, &str); 17] = [
+    ("x.forwarded.for", "6.6.6.6"),
+    ("x.original.url", "/admin/secret"),
+    ("content.length", "5"),
     ("x-forwarded-prefix", "/admin"),
     ("x-forwarded-port", "8443"),
     ("x-forwarded-ssl", "on"),
@@ -1013,6 +1016,43 @@ async fn one_client_cannot_hold_more_than_max_connections_per_client() {
     let refused =
         text.lines().find_map(|l| l.strip_prefix("portcullis_connections_refused_total ")).map(|v| v.trim().parse::<f64>().unwrap());
     assert!(refused.is_some_and(|n| n >= 1.0), "refusals not counted: {refused:?}");
+    drop(held);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_keeps_its_connection_place_while_it_lives() {
+    use tokio_tungstenite::tungstenite::Message;
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up, "[limits]\nmax_connections_per_client = 2\n")).await;
+    let http = gw.http.unwrap();
+    // Two WebSockets: once upgraded, hyper is done with their connections, but the byte pipes are not.
+    let mut sockets = Vec::new();
+    for _ in 0..2 {
+        let tcp = connect_from("127.0.0.1", http).await;
+        let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://127.0.0.1:{}/ws", http.port()), tcp).await.expect("upgrade");
+        ws.send(Message::text("ping")).await.unwrap();
+        assert!(matches!(timeout(BOUND, ws.next()).await.unwrap(), Some(Ok(Message::Text(_)))));
+        sockets.push(ws);
+    }
+    let mut third = connect_from("127.0.0.1", http).await;
+    assert_eq!(one_get(&mut third).await, None, "a client with two live WebSockets got a third connection");
+    // Closing one gives its place back.
+    let mut ws = sockets.pop().unwrap();
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = timeout(BOUND, ws.next()).await.unwrap() {}
+    drop(ws);
+    let started = Instant::now();
+    loop {
+        let mut again = connect_from("127.0.0.1", http).await;
+        if one_get(&mut again).await == Some(200) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "a closed WebSocket's place was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(sockets);
     gw.stop().await;
 }
 

@@ -110,6 +110,7 @@ async fn whatever_an_upstream_could_read_as_a_token_is_verified_or_removed() {
         ("/opt/x", vec![("authorization", format!("Bearer\t{forged}"))]),
         ("/opt/x", vec![("cookie", format!("theme=dark; session ={forged}"))]),
         ("/q/x", vec![("cookie", format!(" session\t= {forged}"))]),
+        ("/opt/x", vec![("cookie", format!("SESSION={forged}"))]),
         (&format!("/q/x?ACCESS_TOKEN={forged}"), vec![]),
         (&format!("/q/x?a=1;access_token={forged}"), vec![]),
     ] {
