@@ -983,6 +983,20 @@ async fn one_get(s: &mut TcpStream) -> Option<u16> {
     status_of(&String::from_utf8_lossy(&buf[..n]))
 }
 
+/// Connects from 127.0.0.1 until a request is served: the gateway frees a closed connection's place once it has
+/// seen the close, which has no signal of its own.
+async fn served_again_within(http: SocketAddr, within: Duration, what: &str) {
+    let started = Instant::now();
+    loop {
+        let mut again = connect_from("127.0.0.1", http).await;
+        if one_get(&mut again).await == Some(200) {
+            return;
+        }
+        assert!(started.elapsed() < within, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_cannot_hold_more_than_max_connections_per_client() {
     let _shared = PROCESS.read().await;
@@ -1003,15 +1017,7 @@ async fn one_client_cannot_hold_more_than_max_connections_per_client() {
     assert_eq!(up.hits(), 4);
     // Once one of the three closes, its place is the client's again (the gateway notices the close first).
     drop(held.pop());
-    let started = Instant::now();
-    loop {
-        let mut again = connect_from("127.0.0.1", http).await;
-        if one_get(&mut again).await == Some(200) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(5), "the place of a closed connection was never freed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    served_again_within(http, Duration::from_secs(5), "the place of a closed connection was never freed").await;
     let text = admin_metrics(&gw).await;
     let refused =
         text.lines().find_map(|l| l.strip_prefix("portcullis_connections_refused_total ")).map(|v| v.trim().parse::<f64>().unwrap());
@@ -1043,15 +1049,7 @@ async fn a_websocket_keeps_its_connection_place_while_it_lives() {
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = timeout(BOUND, ws.next()).await.unwrap() {}
     drop(ws);
-    let started = Instant::now();
-    loop {
-        let mut again = connect_from("127.0.0.1", http).await;
-        if one_get(&mut again).await == Some(200) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(5), "a closed WebSocket's place was never freed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    served_again_within(http, Duration::from_secs(5), "a closed WebSocket's place was never freed").await;
     drop(sockets);
     gw.stop().await;
 }
