@@ -433,6 +433,9 @@ impl Gateway {
             // the policy did not decide on never reaches the upstream.
             parts.headers.remove(header::AUTHORIZATION);
         }
+        if parts.version == Version::HTTP_2 {
+            headers::join_cookie_crumbs(&mut parts.headers);
+        }
         let additions = headers::prepare_upstream(
             &mut parts.headers,
             fwd,

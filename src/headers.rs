@@ -161,6 +161,19 @@ fn remove_present(headers: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool
     }
 }
 
+/// Joins an HTTP/2 request's cookie crumbs into one field for HTTP/1.1 (RFC 9113 §8.2.3): many HTTP/1 servers
+/// read only the first or the last `Cookie` line, and would see other cookies than the gateway did.
+pub fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// Removes the headers a `Connection` value lists (a token that is no valid header name names nothing).
 fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue, upgrading: bool) {
     for token in connection.to_str().unwrap_or_default().split(',').map(str::trim) {
@@ -382,12 +395,22 @@ fn render_claim(p: &Principal, claim: &str) -> Option<HeaderValue> {
         }
         return None;
     }
+    // HTTP parsers drop a field value's outer spaces: "admin " would reach the upstream as "admin", which is
+    // not what the policy compared.
+    if text.starts_with(' ') || text.ends_with(' ') {
+        tracing::warn!(claim, "claim value starts or ends with a space, which a header would lose; not forwarded");
+        return None;
+    }
     HeaderValue::from_str(&text).ok()
 }
 
 fn join_nonempty(v: &[String]) -> Option<String> {
-    if v.iter().any(|item| item.contains(',')) {
-        tracing::warn!("a list claim has an item with a comma, which would be ambiguous in a header; not forwarded");
+    // A reader of the joined list splits at commas and trims: " admin" would read as "admin", which the
+    // policy did not see.
+    if v.iter().any(|item| item.contains(',') || item.is_empty() || item.trim() != item) {
+        tracing::warn!(
+            "a list claim has an empty item, or one with a comma or outer spaces, which would be ambiguous in a header; not forwarded"
+        );
         return None;
     }
     (!v.is_empty()).then(|| v.join(","))

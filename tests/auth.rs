@@ -1599,6 +1599,26 @@ async fn client_sent_identity_headers_never_reach_the_upstream() {
         assert!(!seen.headers.contains_key("x-auth-tenant"));
         assert!(!seen.headers.contains_key("x-injected"));
 
+        // Values a header would change are not forwarded either: outer spaces (dropped by every HTTP parser, so
+        // "admin " would arrive as "admin"), and list items with outer spaces or empty (" admin" reads as
+        // "admin" once the list is split and trimmed). The policy saw neither "admin".
+        for (what, extra) in [
+            ("a subject with a trailing space", json!({"tid": "acme "})),
+            ("a list item with a leading space", json!({"roles": ["user", " admin"]})),
+            ("an empty list item", json!({"roles": ["user", ""]})),
+        ] {
+            let t = tok(&hs, HS_ISS, "dave", extra);
+            let bearer = format!("Bearer {t}");
+            let a = request(&c, Method::GET, &gw.https_url("/protected"), &[("authorization", bearer.as_str())]).await;
+            assert_eq!(a.status, 200, "{what}");
+            let seen = up.last().unwrap();
+            assert!(
+                !seen.headers.contains_key("x-auth-tenant") && !seen.headers.contains_key("x-auth-roles"),
+                "{what}: {:?}",
+                seen.headers
+            );
+        }
+
         // A refused request with forged headers forwards nothing at all.
         let before = up.hits();
         let a = request(&c, Method::GET, &gw.https_url("/protected"), &forged).await;

@@ -945,6 +945,23 @@ async fn keep_alive_idles_for_idle_timeout_not_header_read_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cookie_crumbs_reach_an_http1_upstream_as_one_field() {
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
+    let tls = tls_connect(gw.https.unwrap(), &tls_connector(tls_config(&gw.cert_path(), &[b"h2"]))).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let req = Request::get(gw.https_url("/c")).header("cookie", "a=1").header("cookie", "b=2").body(()).unwrap();
+    let (answer, _) = h2.send_request(req, true).unwrap();
+    assert_eq!(timeout(BOUND, answer).await.unwrap().unwrap().status(), StatusCode::OK);
+    // RFC 9113 §8.2.3: one field, joined with "; " (HTTP/1 servers often read only one Cookie line).
+    let seen = up.last().unwrap();
+    assert_eq!(seen.headers.get_all("cookie").iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_is_closed_though_it_answers_pings() {
     let _shared = PROCESS.read().await;
     let up = spawn_upstream().await;
