@@ -232,7 +232,11 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool, rules: &headers::Secur
         }
         headers::strip_hop_by_hop(&mut headers, false);
     }
-    let reusable = !close && !both && framing != Framing::UntilClose;
+    // An answer that has no body by definition (HEAD, 204, 304) but declares one: a server that got HEAD or
+    // 204 wrong may well send that body after all, late, and the next request on the connection would read it
+    // as its answer. Not reused (HEAD answers with a length mostly; they are rare in APIs).
+    let declares_body = chunked || length.is_some_and(|n| n > 0);
+    let reusable = !(close || both || framing == Framing::UntilClose || bodiless && declares_body);
     Ok(Parsed::Complete { status, headers, fields, framing, reusable })
 }
 

@@ -31,6 +31,8 @@ enum Act {
     Dribble(Vec<u8>),
     /// Never answers, and keeps the connection open.
     Silent,
+    /// Writes the first bytes, then the second after a pause (a body sent late, or not asked for).
+    Late(Vec<u8>, Duration, Vec<u8>),
 }
 
 struct Scripted {
@@ -101,6 +103,15 @@ async fn scripted(script: impl Fn(&str, usize) -> Act + Send + Sync + 'static) -
                         }
                         Act::Answer(bytes, close) => {
                             if tcp.write_all(&bytes).await.is_err() || close {
+                                return;
+                            }
+                        }
+                        Act::Late(first, pause, second) => {
+                            if tcp.write_all(&first).await.is_err() {
+                                return;
+                            }
+                            tokio::time::sleep(pause).await;
+                            if tcp.write_all(&second).await.is_err() {
                                 return;
                             }
                         }
@@ -278,7 +289,32 @@ async fn head_chunked_and_bodiless_answers_keep_the_connection_in_step() {
     assert_eq!(headers["x-slow"], "yes");
     let (status, _, body) = exchange(&c, "GET", &gw.http_url("/last")).await;
     assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("ok")));
-    assert_eq!(up.connections(), 1, "every one of these ended cleanly, so one connection carried them all");
+    // Every one of these ended cleanly, so one connection carried them all but the HEAD answer's: it declared
+    // a body it must not send, and is not trusted to keep to that (see the next test).
+    assert_eq!(up.connections(), 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_body_after_a_head_answer_never_becomes_the_next_requests_answer() {
+    // A server that gets HEAD wrong: the head, then (late, in its own segment) a body, here shaped as a whole
+    // answer. On a reused connection the next request would read it as its own.
+    let up = scripted(|line, _| {
+        if line.starts_with("HEAD") {
+            let late = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL".to_vec();
+            Act::Late(b"HTTP/1.1 200 OK\r\nContent-Length: 22\r\n\r\n".to_vec(), Duration::from_millis(50), late)
+        } else {
+            Act::Answer(ok("ok"), false)
+        }
+    })
+    .await;
+    let gw = spawn_gateway(&config(&up)).await;
+    let c = client(&gw);
+    for _ in 0..3 {
+        assert_eq!(exchange(&c, "HEAD", &gw.http_url("/sloppy")).await.0, StatusCode::OK);
+        let (status, _, body) = exchange(&c, "GET", &gw.http_url("/next")).await;
+        assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("ok")), "the next request got the late body");
+    }
     gw.stop().await;
 }
 
@@ -394,6 +430,7 @@ async fn bodiless_answers_on_a_cors_route_keep_their_framing_and_take_the_policy
     }
     assert!(answers[0].to_ascii_lowercase().contains("etag: \"h\""), "{}", answers[0]);
     assert!(answers[1].to_ascii_lowercase().contains("etag: \"v1\""), "{}", answers[1]);
-    assert_eq!(up.connections(), 1, "the upstream connection stayed in step too");
+    // The HEAD answer declared a body, so its connection was not reused; the 304 one was (it declared none).
+    assert_eq!(up.connections(), 2, "the upstream connections stayed in step too");
     gw.stop().await;
 }
