@@ -296,6 +296,8 @@ async fn serve_hyper<I>(
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), gateway_service(info, shared, state.clone())).into_owned();
     let mut conn = std::pin::pin!(conn);
     let mut idle_check = tokio::time::interval_at(tokio::time::Instant::now() + limits.idle_timeout, limits.idle_timeout);
+    // Never two checks back to back (a late one would otherwise be followed by a catch-up one at once).
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Idle at the last check with nothing begun since, and idle now: idle for a whole period at least.
     let (mut seen, mut was_idle) = state.activity();
     let mut closing = false;
