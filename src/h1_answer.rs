@@ -28,6 +28,32 @@ const FEW_HEADERS: usize = 24;
 /// A chunk-size line (with extensions) longer than this is refused.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
+/// Fields never passed on from an answer's trailer section: RFC 9110 §6.5.1 framing, routing and
+/// authentication fields, and those a client acts on in the head (the gateway's `[headers]` rules see only the head).
+const HEAD_ONLY: [&str; 22] = [
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "content-range",
+    "host",
+    "trailer",
+    "authorization",
+    "www-authenticate",
+    "proxy-authenticate",
+    "set-cookie",
+    "location",
+    "cache-control",
+    "expires",
+    "age",
+    "vary",
+    "strict-transport-security",
+    "content-security-policy",
+    "x-frame-options",
+    "x-content-type-options",
+    "referrer-policy",
+    "permissions-policy",
+    "cross-origin-opener-policy",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -435,14 +461,16 @@ impl ChunkedDecoder {
                             for f in fields.iter() {
                                 let name = headers::parse_name(f.name.as_bytes()).map_err(|_| H1Error::Malformed("bad trailer name"))?;
                                 let value = HeaderValue::from_bytes(f.value).map_err(|_| H1Error::Malformed("bad trailer value"))?;
+                                if HEAD_ONLY.contains(&name.as_str()) || name.as_str().starts_with("access-control-") {
+                                    continue;
+                                }
                                 trailers.append(name, value);
                             }
                             buf.advance(n);
                             // Framing and connection fields mean nothing in trailers (an HTTP/2 client resets
-                            // the stream on them).
+                            // the stream on them), and fields a client acts on in the head (cookies, security
+                            // policy, redirects, challenges) must not slip past the answer rules as trailers.
                             crate::headers::strip_hop_by_hop(&mut trailers, false);
-                            trailers.remove(header::CONTENT_LENGTH);
-                            trailers.remove(header::HOST);
                             *self = ChunkedDecoder::Done;
                             return Ok(if trailers.is_empty() { Step::End } else { Step::Trailers(trailers) });
                         }
@@ -517,13 +545,14 @@ mod tests {
 
     #[test]
     fn chunked_bodies_decode_whatever_the_read_boundaries() {
-        let input = b"5\r\nhello\r\n6;name=value\r\n world\r\n0\r\nx-checksum: abc\r\nContent-Length: 9\r\n\r\n";
+        let input = b"5\r\nhello\r\n6;name=value\r\n world\r\n0\r\nx-checksum: abc\r\nContent-Length: 9\r\nSet-Cookie: s=1\r\nStrict-Transport-Security: max-age=0\r\nAccess-Control-Allow-Origin: *\r\n\r\n";
         for split in [1, 2, 3, 7, input.len()] {
             let (body, trailers) = decode_all(input, split).unwrap();
             assert_eq!(body, b"hello world");
             let trailers = trailers.unwrap();
             assert_eq!(trailers["x-checksum"], "abc");
             assert!(!trailers.contains_key("content-length"), "framing fields are not passed on in trailers");
+            assert_eq!(trailers.len(), 1, "fields a client acts on in the head are not passed on as trailers: {trailers:?}");
         }
         let (body, trailers) = decode_all(b"A\r\n0123456789\r\n0\r\n\r\n", 4).unwrap();
         assert_eq!(body, b"0123456789");
