@@ -147,7 +147,20 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
+            // An answer from hyper's client: its trailers lose what the lean client's lose too.
+            Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from).map_ok(|frame| match frame.into_trailers() {
+                Ok(mut trailers) => {
+                    crate::headers::strip_hop_by_hop(&mut trailers, false);
+                    let mut kept = http::HeaderMap::with_capacity(trailers.len());
+                    for (name, value) in &trailers {
+                        if crate::h1_answer::passes_as_trailer(name) {
+                            kept.append(name.clone(), value.clone());
+                        }
+                    }
+                    Frame::trailers(kept)
+                }
+                Err(frame) => frame,
+            }),
             Body::Upstream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
             Body::Limited { inner, remaining, identity } => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {

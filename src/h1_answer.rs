@@ -28,6 +28,11 @@ const FEW_HEADERS: usize = 24;
 /// A chunk-size line (with extensions) longer than this is refused.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
+/// True for a field an answer's trailer section may pass on (see [`HEAD_ONLY`]; `Access-Control-*` neither).
+pub fn passes_as_trailer(name: &HeaderName) -> bool {
+    !HEAD_ONLY.contains(&name.as_str()) && !name.as_str().starts_with("access-control-")
+}
+
 /// Fields never passed on from an answer's trailer section: RFC 9110 §6.5.1 framing, routing and
 /// authentication fields, and those a client acts on in the head (the gateway's `[headers]` rules see only the head).
 const HEAD_ONLY: [&str; 22] = [
@@ -461,7 +466,7 @@ impl ChunkedDecoder {
                             for f in fields.iter() {
                                 let name = headers::parse_name(f.name.as_bytes()).map_err(|_| H1Error::Malformed("bad trailer name"))?;
                                 let value = HeaderValue::from_bytes(f.value).map_err(|_| H1Error::Malformed("bad trailer value"))?;
-                                if HEAD_ONLY.contains(&name.as_str()) || name.as_str().starts_with("access-control-") {
+                                if !passes_as_trailer(&name) {
                                     continue;
                                 }
                                 trailers.append(name, value);

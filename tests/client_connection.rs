@@ -395,7 +395,33 @@ async fn chunked_answers_keep_their_trailers_for_clients_that_accept_them() {
     gw.stop().await;
 }
 
-/// Waits until `n` reaches at least 1, within the bound.
+#[tokio::test]
+async fn answer_trailers_lose_the_fields_a_client_acts_on_in_the_head() {
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum, Set-Cookie, Strict-Transport-Security\r\n\r\n\
+                            5\r\nhello\r\n0\r\nX-Checksum: abc123\r\nSet-Cookie: session=upstream\r\nStrict-Transport-Security: max-age=0\r\n\r\n";
+    let up = scripted_upstream(&[ANSWER], Duration::ZERO).await;
+    let gw = spawn_gateway(&public_config(&up)).await;
+    let (mut h2, connection) = h2::client::handshake(gateway_tls(&gw, &[b"h2"]).await).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    // A bodiless GET takes the lean client; a POST with a body hyper's: the same rule on both.
+    for (method, body) in [("GET", None), ("POST", Some(&b"data"[..]))] {
+        let req = http::Request::builder().method(method).uri(gw.https_url("/t")).body(()).unwrap();
+        let (answer, mut send) = h2.send_request(req, body.is_none()).unwrap();
+        if let Some(b) = body {
+            send.send_data(bytes::Bytes::from_static(b), true).unwrap();
+        }
+        let mut body = timeout(BOUND, answer).await.unwrap().unwrap().into_body();
+        while let Some(chunk) = timeout(BOUND, body.data()).await.unwrap() {
+            chunk.unwrap();
+        }
+        let trailers = timeout(BOUND, body.trailers()).await.unwrap().unwrap().expect("trailers");
+        assert_eq!(trailers.get("x-checksum").map(|v| v.to_str().unwrap()), Some("abc123"), "{method}");
+        assert_eq!(trailers.len(), 1, "{method}: head-only fields passed as trailers: {trailers:?}");
+    }
+    gw.stop().await;
+}
+
+/// Waits until `n` reaches at least 1, within the bound./// Waits until `n` reaches at least 1, within the bound.
 async fn until_counted(n: &AtomicUsize, what: &str) {
     timeout(BOUND, async {
         while n.load(Ordering::SeqCst) == 0 {
