@@ -9,12 +9,21 @@ use crate::server::Shared;
 /// Answers one admin request.
 pub fn handle<B>(shared: &Shared, req: Request<B>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return json_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+        let mut rsp = json_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+        rsp.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("GET, HEAD"));
+        return rsp;
     }
     // Health probes stay open (load balancers and kubelets probe without credentials); metrics are protected.
     let probe = matches!(req.uri().path(), "/healthz" | "/readyz");
     if let Some(want) = shared.gateway.load().config.admin_token.clone().filter(|_| !probe) {
-        let got = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        let got = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim_start_matches(' '));
         // Constant-time comparison: the admin token must not leak byte by byte through timing.
         let ok = got.is_some_and(|g| {
             g.len() == want.len() && aws_lc_rs::constant_time::verify_slices_are_equal(g.as_bytes(), want.as_bytes()).is_ok()

@@ -101,6 +101,9 @@ pub struct Principal {
     /// The identity header values, rendered on first use and reused while the token is cached (the cache lives
     /// as long as the config, and with it the `[identity]` settings).
     pub identity_values: std::sync::OnceLock<Vec<Option<http::HeaderValue>>>,
+    /// For a token of a JWKS issuer: the issuer's index and its key generation when the token was verified. A
+    /// cached token is only reused while that generation is current.
+    pub key_generation: Option<(usize, u64)>,
 }
 
 /// Finds a claim: a top-level name spelled exactly so wins (`https://example.com/roles`), else a dotted path
@@ -417,9 +420,27 @@ pub(crate) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize
         timeout: f.jwks_timeout.map_or(Duration::from_secs(5), |d| d.0),
         ca_file: f.ca_file.as_ref().map(|p| v.resolve(p)),
     });
-    if let Some(ca) = jwks.as_ref().and_then(|j| j.ca_file.as_ref()) {
-        if let Err(e) = std::fs::File::open(ca) {
-            err(v, format!("cannot read ca_file {}: {e}", ca.display()));
+    if let Some(j) = &jwks {
+        // Floors: under them a key-id flood or a refresh loop would hammer the IdP, or no fetch could finish.
+        for (name, value, floor) in [
+            ("jwks_refresh", j.refresh, Duration::from_secs(1)),
+            ("jwks_refetch_cooldown", j.refetch_cooldown, Duration::from_secs(1)),
+            ("jwks_timeout", j.timeout, Duration::from_millis(100)),
+        ] {
+            if value < floor {
+                err(v, format!("{name} must be at least {floor:?}"));
+            }
+        }
+        // Parsed, not just opened: a CA file without a certificate would leave the issuer without keys for good.
+        if let Some(ca) = &j.ca_file {
+            match std::fs::read(ca) {
+                Ok(pem) => {
+                    if let Err(e) = crate::tls::client_config(Some((ca.as_path(), pem.as_slice()))) {
+                        err(v, format!("ca_file {}: {e}", ca.display()));
+                    }
+                }
+                Err(e) => err(v, format!("cannot read ca_file {}: {e}", ca.display())),
+            }
         }
     }
     if static_keys.is_empty() && jwks.is_none() && !pending && v.problem_count() == before {
@@ -513,6 +534,25 @@ impl Authenticator {
         Authenticator { issuers, by_iss, cache: TokenCache::new(16, 4096) }
     }
 
+    /// On a reload: fetches the keys of every JWKS issuer that had keys under `previous` but has none yet here
+    /// (its key source changed), so that swapping this config in does not refuse every token of that issuer
+    /// until a fetch succeeds. The first failure is returned with the issuer's id.
+    pub async fn fetch_keys_lost_since(&self, previous: &Authenticator) -> Result<(), (String, crate::jwks::JwksError)> {
+        for issuer in &self.issuers {
+            let Some(ks) = issuer.jwks.as_ref().filter(|k| !k.has_keys()) else { continue };
+            let had_keys = previous
+                .issuers
+                .iter()
+                .find(|p| p.settings.id == issuer.settings.id)
+                .and_then(|p| p.jwks.as_ref())
+                .is_some_and(|k| k.has_keys());
+            if had_keys {
+                ks.refresh().await.map_err(|e| (issuer.settings.id.clone(), e))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Lists the issuers.
     pub fn issuers(&self) -> &[Issuer] {
         &self.issuers
@@ -547,12 +587,19 @@ impl Authenticator {
         };
         let now = unix_now();
         let key = TokenCache::key(&token);
-        if let Some(p) = self.cache.get(&key, now) {
+        if let Some(p) = self.cache.get(&key, now).filter(|p| self.keys_unchanged(p)) {
             return Ok(Authenticated { principal: Some(p), cache_hit: true, authorization_verified: from_header });
         }
         let principal = Arc::new(self.verify(&token, now).await?);
         self.cache.insert(key, principal.clone());
         Ok(Authenticated { principal: Some(principal), cache_hit: false, authorization_verified: from_header })
+    }
+
+    /// Whether the JWKS a cached token was verified against is still the issuer's (a withdrawn key must stop
+    /// working for tokens verified before it went).
+    fn keys_unchanged(&self, p: &Principal) -> bool {
+        p.key_generation
+            .is_none_or(|(i, generation)| self.issuers.get(i).and_then(|x| x.jwks.as_ref()).is_some_and(|k| k.generation() == generation))
     }
 
     /// Fully verifies one token: header, issuer, key, signature, claims.
@@ -587,11 +634,10 @@ impl Authenticator {
         };
         let claims = decode_json(p64).map_err(|e| invalid(FailReason::Malformed, format!("payload: {e}")))?;
         let iss = claims.get("iss").and_then(Value::as_str).ok_or_else(|| invalid(FailReason::Issuer, "no string iss claim"))?;
-        let issuer = self
-            .by_iss
-            .get(iss)
-            .map(|&i| &self.issuers[i])
-            .ok_or_else(|| invalid(FailReason::Issuer, format!("unknown issuer {iss:?}")))?;
+        let index = *self.by_iss.get(iss).ok_or_else(|| invalid(FailReason::Issuer, format!("unknown issuer {iss:?}")))?;
+        let issuer = &self.issuers[index];
+        // Read before the key is looked up: a refresh in between leaves the token with the older generation.
+        let key_generation = issuer.jwks.as_ref().map(|k| (index, k.generation()));
         let s = &issuer.settings;
         let typ = match header.get("typ") {
             None => None,
@@ -608,7 +654,7 @@ impl Authenticator {
         let message = &token.as_bytes()[..message_len];
         self.check_signature(issuer, kid, alg, message, s64).await?;
         check_claims(s, &claims, now)?;
-        Ok(principal_from(s, claims))
+        Ok(Principal { key_generation, ..principal_from(s, claims) })
     }
 
     async fn check_signature(
@@ -902,7 +948,16 @@ pub fn principal_from(s: &IssuerSettings, claims: Map<String, Value>) -> Princip
     let scopes = string_list(lookup_claim(&claims, &s.scopes_claim));
     let subject = claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_string();
     let expires_at = numeric_date(&claims, "exp").ok().flatten().unwrap_or(0);
-    Principal { issuer_id: s.id.clone(), subject, roles, scopes, claims: Arc::new(claims), expires_at, identity_values: Default::default() }
+    Principal {
+        issuer_id: s.id.clone(),
+        subject,
+        roles,
+        scopes,
+        claims: Arc::new(claims),
+        expires_at,
+        identity_values: Default::default(),
+        key_generation: None,
+    }
 }
 
 /// One shard: the verified principals by token digest, and the digests in insertion order for eviction.
@@ -982,6 +1037,7 @@ mod tests {
             claims: Arc::new(Map::new()),
             expires_at,
             identity_values: Default::default(),
+            key_generation: None,
         })
     }
 

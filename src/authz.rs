@@ -207,6 +207,7 @@ mod tests {
             claims: Arc::new(claims.as_object().cloned().unwrap_or_default()),
             expires_at: u64::MAX,
             identity_values: Default::default(),
+            key_generation: None,
         }
     }
 

@@ -802,6 +802,19 @@ impl Validator<'_> {
                 }
             },
         };
+        let ttl = t.access_token_ttl.map_or(Duration::from_secs(1800), |d| d.0);
+        // The gateway refuses tokens living longer than their issuer's max_lifetime: it must not issue them.
+        if ttl.as_secs() > issuer.max_lifetime {
+            self.error(
+                span.clone(),
+                format!(
+                    "[token_endpoint] access_token_ttl ({}s) is longer than issuer {:?}'s max_lifetime ({}s): its tokens would be refused",
+                    ttl.as_secs(),
+                    issuer.id,
+                    issuer.max_lifetime
+                ),
+            );
+        }
         let users = load(&t.users_file, false, self);
         let clients = load(&t.clients_file, true, self);
         // Both grants put the account's name in `sub`: a client named like a user would pass that user's
@@ -834,7 +847,7 @@ impl Validator<'_> {
             clients_file: t.clients_file.as_ref().map(|f| self.resolve(f)),
             users: std::sync::Arc::new(users.unwrap_or_default()),
             clients: std::sync::Arc::new(clients.unwrap_or_default()),
-            ttl: t.access_token_ttl.map_or(Duration::from_secs(1800), |d| d.0),
+            ttl,
             rate,
             burst: std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN),
             allow_plaintext: t.allow_plaintext,

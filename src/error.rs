@@ -67,7 +67,7 @@ impl GatewayError {
                     StatusCode::BAD_REQUEST
                 }
                 TokenError::InvalidClient => StatusCode::UNAUTHORIZED,
-                TokenError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+                TokenError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
                 TokenError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
                 TokenError::Busy => StatusCode::SERVICE_UNAVAILABLE,
                 TokenError::Signing(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -119,8 +119,8 @@ impl GatewayError {
             GatewayError::Route(RouteError::MethodNotAllowed { allow }) => {
                 h.insert(header::ALLOW, allow.clone());
             }
-            GatewayError::Token(TokenError::MethodNotAllowed) => {
-                h.insert(header::ALLOW, HeaderValue::from_static("POST"));
+            GatewayError::Token(TokenError::MethodNotAllowed { allow }) => {
+                h.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
             GatewayError::Token(TokenError::Busy) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

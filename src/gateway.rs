@@ -239,6 +239,11 @@ impl Gateway {
         self.route_limiters.get(r.index).cloned().flatten()
     }
 
+    /// On a reload, before this gateway replaces `previous`: see [`Authenticator::fetch_keys_lost_since`].
+    pub async fn fetch_keys_lost_since(&self, previous: &Gateway) -> Result<(), (String, crate::jwks::JwksError)> {
+        self.authn.fetch_keys_lost_since(&previous.authn).await
+    }
+
     /// Returns true when every issuer has keys (the admin `readyz`).
     pub fn ready(&self) -> bool {
         self.authn.ready()
@@ -361,9 +366,9 @@ impl Gateway {
         client: IpAddr,
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, GatewayError> {
-        if let Some(rsp) = te.well_known(path) {
+        if let Some(rsp) = te.well_known(req.method(), path) {
             outcome.label = Some("well-known");
-            return Ok(rsp);
+            return rsp.map_err(GatewayError::Token);
         }
         outcome.label = Some("token");
         // The password grant only over TLS, unless allowed for local use.

@@ -894,6 +894,7 @@ mod tests {
             claims: std::sync::Arc::new(claims.as_object().unwrap().clone()),
             expires_at: 0,
             identity_values: Default::default(),
+            key_generation: None,
         };
         assert_eq!(render_claim(&p, "roles"), None);
         assert_eq!(render_claim(&p, "groups"), None);

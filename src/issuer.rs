@@ -75,7 +75,7 @@ pub fn mint(issuer: &IssuerSettings, sub: &str, roles: &[String], scopes: &[Stri
     if alg.family() != AlgorithmFamily::Hmac {
         header.kid = Some(public_jwk(issuer, &key, alg)?.thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256));
     }
-    Ok(jsonwebtoken::encode(&header, &token_claims(issuer, sub, roles, scopes, ttl_secs), &key)?)
+    Ok(jsonwebtoken::encode(&header, &token_claims(issuer, sub, roles, scopes, ttl_secs, None), &key)?)
 }
 
 /// Writes a new Ed25519 PKCS#8 private key (mode 0600) for local use.
@@ -130,8 +130,8 @@ pub enum TokenError {
     InvalidClient,
     #[error("requested scope is not allowed")]
     InvalidScope,
-    #[error("only POST is allowed")]
-    MethodNotAllowed,
+    #[error("only {allow} is allowed")]
+    MethodNotAllowed { allow: &'static str },
     #[error("too many failed attempts")]
     TooManyAttempts { retry_after_secs: u64 },
     #[error("too many token requests waiting for a password check")]
@@ -149,7 +149,7 @@ impl TokenError {
             TokenError::InvalidGrant => "invalid_grant",
             TokenError::InvalidClient => "invalid_client",
             TokenError::InvalidScope => "invalid_scope",
-            TokenError::MethodNotAllowed => "method_not_allowed",
+            TokenError::MethodNotAllowed { .. } => "method_not_allowed",
             TokenError::TooManyAttempts { .. } => "rate_limited",
             TokenError::Busy => "temporarily_unavailable",
             TokenError::Signing(_) => "server_error",
@@ -228,9 +228,10 @@ pub fn verify_password(password: &[u8], hash: &str) -> bool {
             Ok(parsed) => argon2::PasswordVerifier::verify_password(&argon2::Argon2::default(), password, &parsed).is_ok(),
             Err(_) => false,
         },
-        // bcrypt reads only 72 bytes: a longer password must not match a hash of its prefix.
-        Some(HashKind::Bcrypt) if password.len() > 72 => {
-            let _ = bcrypt::verify(&password[..72], hash);
+        // bcrypt reads only 72 bytes, and stops at a NUL byte: a longer password must not match a hash of its
+        // prefix, nor "pw\0anything" a hash of "pw". Same work, then no match.
+        Some(HashKind::Bcrypt) if password.len() > 72 || password.contains(&0) => {
+            let _ = bcrypt::verify(&password[..password.len().min(72)], hash);
             false
         }
         Some(HashKind::Bcrypt) => bcrypt::verify(password, hash).unwrap_or(false),
@@ -282,10 +283,14 @@ pub struct TokenEndpoint {
     hashing: Arc<tokio::sync::Semaphore>,
 }
 
-/// A parsed `application/x-www-form-urlencoded` body; a repeated parameter is an error (RFC 6749 §3.2).
+/// A parsed `application/x-www-form-urlencoded` body; a repeated parameter is an error (RFC 6749 §3.2), and
+/// one without a value counts as omitted (§3.1).
 fn parse_form(body: &[u8]) -> Result<HashMap<String, String>, TokenError> {
     let mut out = HashMap::new();
     for (k, v) in form_urlencoded::parse(body) {
+        if v.is_empty() {
+            continue;
+        }
         if out.insert(k.into_owned(), v.into_owned()).is_some() {
             return Err(TokenError::InvalidRequest("a parameter is repeated"));
         }
@@ -343,9 +348,17 @@ impl TokenEndpoint {
             || (self.jwks.is_some() && matches!(path, "/.well-known/jwks.json" | "/.well-known/openid-configuration"))
     }
 
-    /// Answers the well-known documents when the path names one (asymmetric keys only).
-    pub fn well_known(&self, path: &str) -> Option<Response<Body>> {
+    /// Answers the well-known documents when the path names one (asymmetric keys only); they are read-only.
+    pub fn well_known(&self, method: &Method, path: &str) -> Option<Result<Response<Body>, TokenError>> {
         let jwks = self.jwks.as_ref()?;
+        let doc = self.well_known_doc(jwks, path)?;
+        if method != Method::GET && method != Method::HEAD {
+            return Some(Err(TokenError::MethodNotAllowed { allow: "GET, HEAD" }));
+        }
+        Some(Ok(doc))
+    }
+
+    fn well_known_doc(&self, jwks: &Bytes, path: &str) -> Option<Response<Body>> {
         match path {
             "/.well-known/jwks.json" => Some(json_answer(StatusCode::OK, jwks.clone(), false)),
             "/.well-known/openid-configuration" => {
@@ -383,7 +396,7 @@ impl TokenEndpoint {
         grant: &mut &'static str,
     ) -> Result<Response<Body>, TokenError> {
         if req.method() != Method::POST {
-            return Err(TokenError::MethodNotAllowed);
+            return Err(TokenError::MethodNotAllowed { allow: "POST" });
         }
         let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/x-www-form-urlencoded") {
@@ -407,7 +420,7 @@ impl TokenEndpoint {
             None => Err(TokenError::InvalidRequest("grant_type is missing")),
             Some("password") => {
                 *grant = "password";
-                self.password_grant(&form, client_ip).await
+                self.password_grant(&form, basic.as_ref(), client_ip).await
             }
             Some("client_credentials") => {
                 *grant = "client_credentials";
@@ -466,17 +479,39 @@ impl TokenEndpoint {
         .unwrap_or(false)
     }
 
-    async fn password_grant(&self, form: &HashMap<String, String>, ip: IpAddr) -> Result<Response<Body>, TokenError> {
+    async fn password_grant(
+        &self,
+        form: &HashMap<String, String>,
+        basic: Option<&HeaderValue>,
+        ip: IpAddr,
+    ) -> Result<Response<Body>, TokenError> {
         let username = form.get("username").ok_or(TokenError::InvalidRequest("username is missing"))?;
         let password = form.get("password").ok_or(TokenError::InvalidRequest("password is missing"))?;
+        // RFC 6749 §4.3.2: a client that includes its credentials is authenticated, and a wrong one refused,
+        // before the user's password is looked at.
+        let client = match presented_client(form, basic)? {
+            Some((id, secret)) => Some(self.authenticate_client(id, &secret, ip).await?.0),
+            None => None,
+        };
         let attempt = self.begin(attempt_key(username), ip)?;
         // A disabled account is checked like an unknown one: the same hash verifications, whatever the password.
         let account = self.settings.users.get(username).filter(|a| !a.disabled);
         // An unknown user costs the same hash verifications as a wrong password.
         let ok = self.verify_off_executor(attempt, password.as_bytes(), account.map(|a| a.password_hash.as_str())).await;
         match account {
-            Some(a) if ok => self.issue(username, a, form.get("scope")),
+            Some(a) if ok => self.issue(username, a, form.get("scope"), client.as_deref()),
             _ => Err(TokenError::InvalidGrant),
+        }
+    }
+
+    /// Checks a client's secret (off the executor, as a counted attempt): its id and account, or `invalid_client`.
+    async fn authenticate_client(&self, id: String, secret: &str, ip: IpAddr) -> Result<(String, &Account), TokenError> {
+        let attempt = self.begin(format!("client:{}", attempt_key(&id)), ip)?;
+        let account = self.settings.clients.get(&id).filter(|a| !a.disabled);
+        let ok = self.verify_off_executor(attempt, secret.as_bytes(), account.map(|a| a.password_hash.as_str())).await;
+        match account {
+            Some(a) if ok => Ok((id, a)),
+            _ => Err(TokenError::InvalidClient),
         }
     }
 
@@ -486,32 +521,22 @@ impl TokenEndpoint {
         basic: Option<&HeaderValue>,
         ip: IpAddr,
     ) -> Result<Response<Body>, TokenError> {
-        let from_body = match (form.get("client_id"), form.get("client_secret")) {
-            (Some(id), Some(secret)) => Some((id.clone(), secret.clone())),
-            (None, None) => None,
-            _ => return Err(TokenError::InvalidRequest("client_id and client_secret go together")),
-        };
-        let from_header = basic.map(parse_basic).transpose()?;
-        let (id, secret) = match (from_header, from_body) {
-            (Some(_), Some(_)) => return Err(TokenError::InvalidRequest("use one client authentication method")),
-            (Some(c), None) | (None, Some(c)) => c,
-            (None, None) => return Err(TokenError::InvalidClient),
-        };
-        let attempt = self.begin(format!("client:{}", attempt_key(&id)), ip)?;
-        let account = self.settings.clients.get(&id).filter(|a| !a.disabled);
-        let ok = self.verify_off_executor(attempt, secret.as_bytes(), account.map(|a| a.password_hash.as_str())).await;
-        match account {
-            Some(a) if ok => self.issue(&id, a, form.get("scope")),
-            _ => Err(TokenError::InvalidClient),
-        }
+        let (id, secret) = presented_client(form, basic)?.ok_or(TokenError::InvalidClient)?;
+        let (id, account) = self.authenticate_client(id, &secret, ip).await?;
+        self.issue(&id, account, form.get("scope"), Some(&id))
     }
 
-    fn issue(&self, sub: &str, account: &Account, requested: Option<&String>) -> Result<Response<Body>, TokenError> {
-        let granted: Vec<String> = match requested.map(|s| s.split_whitespace().collect::<Vec<_>>()) {
+    /// Issues the token: the granted scopes are the requested ones the account has (all of its own when none
+    /// are requested). `client` is the authenticated client, if any (RFC 9068 `client_id`).
+    fn issue(&self, sub: &str, account: &Account, requested: Option<&String>, client: Option<&str>) -> Result<Response<Body>, TokenError> {
+        let granted: Vec<String> = match requested {
             None => account.scopes.clone(),
-            Some(req) if req.is_empty() => account.scopes.clone(),
             Some(req) => {
-                let g: Vec<String> = req.iter().filter(|s| account.scopes.iter().any(|a| a == *s)).map(|s| s.to_string()).collect();
+                let req = requested_scopes(req)?;
+                if req.is_empty() {
+                    return self.issue(sub, account, None, client);
+                }
+                let g: Vec<String> = req.into_iter().filter(|s| account.scopes.iter().any(|a| a == s)).map(str::to_string).collect();
                 if g.is_empty() {
                     return Err(TokenError::InvalidScope);
                 }
@@ -519,13 +544,16 @@ impl TokenEndpoint {
             }
         };
         let ttl = self.settings.ttl.as_secs();
-        let token = self.sign(sub, &account.roles, &granted, ttl).map_err(|e| TokenError::Signing(e.to_string()))?;
-        let body = serde_json::json!({"access_token": token, "token_type": "bearer", "expires_in": ttl, "scope": granted.join(" ")});
+        let token = self.sign(sub, &account.roles, &granted, ttl, client).map_err(|e| TokenError::Signing(e.to_string()))?;
+        let mut body = serde_json::json!({"access_token": token, "token_type": "bearer", "expires_in": ttl});
+        if !granted.is_empty() {
+            body["scope"] = granted.join(" ").into();
+        }
         Ok(json_answer(StatusCode::OK, Bytes::from(body.to_string()), true))
     }
 
-    fn sign(&self, sub: &str, roles: &[String], scopes: &[String], ttl: u64) -> Result<String, IssuerError> {
-        let claims = token_claims(&self.issuer, sub, roles, scopes, ttl);
+    fn sign(&self, sub: &str, roles: &[String], scopes: &[String], ttl: u64, client: Option<&str>) -> Result<String, IssuerError> {
+        let claims = token_claims(&self.issuer, sub, roles, scopes, ttl, client);
         let mut header = Header::new(self.alg);
         header.typ = Some("at+jwt".into());
         header.kid = self.kid.clone();
@@ -583,9 +611,45 @@ fn parse_basic(v: &HeaderValue) -> Result<(String, String), TokenError> {
     let raw = base64::engine::general_purpose::STANDARD.decode(cred.trim()).map_err(|_| TokenError::InvalidClient)?;
     let raw = String::from_utf8(raw).map_err(|_| TokenError::InvalidClient)?;
     let (id, secret) = raw.split_once(':').ok_or(TokenError::InvalidClient)?;
-    // RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
-    let dec = |s: &str| form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default();
-    Ok((dec(id), dec(secret)))
+    // RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding, so each is decoded whole (an `&`
+    // in it is data, not a separator).
+    let dec = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8()
+            .map(|d| d.into_owned())
+            .map_err(|_| TokenError::InvalidClient)
+    };
+    Ok((dec(id)?, dec(secret)?))
+}
+
+/// The client credentials a request presents: HTTP Basic, or `client_id` with `client_secret` in the form (not
+/// both, and not an id without its secret).
+fn presented_client(form: &HashMap<String, String>, basic: Option<&HeaderValue>) -> Result<Option<(String, String)>, TokenError> {
+    let from_body = match (form.get("client_id"), form.get("client_secret")) {
+        (Some(id), Some(secret)) => Some((id.clone(), secret.clone())),
+        (None, None) => None,
+        _ => return Err(TokenError::InvalidRequest("client_id and client_secret go together")),
+    };
+    match (basic.map(parse_basic).transpose()?, from_body) {
+        (Some(_), Some(_)) => Err(TokenError::InvalidRequest("use one client authentication method")),
+        (Some(c), None) | (None, Some(c)) => Ok(Some(c)),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A `scope` parameter's tokens (RFC 6749 §3.3: separated by single spaces, each of printable ASCII other than
+/// `"` and `\`), without repeats; a malformed one is `invalid_scope`.
+fn requested_scopes(req: &str) -> Result<Vec<&str>, TokenError> {
+    let mut out: Vec<&str> = Vec::new();
+    for s in req.split(' ').filter(|s| !s.is_empty()) {
+        if !s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
+            return Err(TokenError::InvalidScope);
+        }
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    Ok(out)
 }
 
 fn json_answer(status: StatusCode, body: Bytes, no_store: bool) -> Response<Body> {
@@ -609,6 +673,7 @@ fn token_claims(
     roles: &[String],
     scopes: &[String],
     ttl: u64,
+    client: Option<&str>,
 ) -> serde_json::Map<String, serde_json::Value> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut claims = serde_json::Map::new();
@@ -620,10 +685,26 @@ fn token_claims(
     claims.insert("iat".into(), now.into());
     claims.insert("nbf".into(), now.into());
     claims.insert("exp".into(), (now + ttl).into());
-    claims.insert("jti".into(), crate::headers::new_request_id().to_str().unwrap_or_default().into());
+    claims.insert("jti".into(), unpredictable_id().into());
+    if let Some(client) = client {
+        claims.insert("client_id".into(), client.into());
+    }
     claims.insert(issuer.roles_claim.clone(), roles.to_vec().into());
-    claims.insert(issuer.scopes_claim.clone(), scopes.join(" ").into());
+    if !scopes.is_empty() {
+        claims.insert(issuer.scopes_claim.clone(), scopes.join(" ").into());
+    }
     claims
+}
+
+/// 128 random bits in hex, from the system's CSPRNG: a token id no one can guess from request ids or earlier
+/// tokens (the request-id generator is fast, not secret).
+fn unpredictable_id() -> String {
+    let mut b = [0u8; 16];
+    if aws_lc_rs::rand::fill(&mut b).is_err() {
+        // No randomness at all: still unique per process, if guessable.
+        return crate::headers::new_request_id().to_str().unwrap_or_default().to_string();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -667,6 +748,31 @@ mod tests {
         assert!(!verify_password(x.as_bytes(), &h));
         let short = bcrypt::hash("pw", 4).unwrap();
         assert!(verify_password(b"pw", &short));
+    }
+
+    #[test]
+    fn bcrypt_never_matches_a_password_with_a_nul_byte() {
+        // bcrypt stops at NUL and repeats the key: "pw\0pw" would otherwise match a hash of "pw".
+        let h = bcrypt::hash("pw", 4).unwrap();
+        assert!(verify_password(b"pw", &h));
+        assert!(!verify_password(b"pw\0pw", &h));
+        assert!(!verify_password(b"pw\0", &h));
+    }
+
+    #[test]
+    fn scopes_split_at_spaces_only_and_count_once() {
+        assert_eq!(requested_scopes("a b  a").ok(), Some(vec!["a", "b"]));
+        assert!(requested_scopes("a\tb").is_err());
+        assert!(requested_scopes("a\\b").is_err());
+        assert_eq!(requested_scopes(" ").ok(), Some(vec![]));
+    }
+
+    #[test]
+    fn token_ids_are_random_128_bit_hex() {
+        let (a, b) = (unpredictable_id(), unpredictable_id());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,11 @@ pub struct KeySet {
     client: Option<FetchClient>,
     client_error: Option<String>,
     has_keys: AtomicBool,
+    /// Bumped whenever a fetch brings keys that differ from the last ones: tokens verified under an older
+    /// generation are verified again, so a key the IdP withdrew stops working for cached tokens too.
+    generation: AtomicU64,
+    /// The last fetched `keys` array, to tell a changed JWKS from the same one fetched again.
+    keys_doc: Mutex<Option<serde_json::Value>>,
     /// When the last refetch for an unknown kid happened (the miss path only).
     last_refetch: Mutex<Option<Instant>>,
     fetching: tokio::sync::Mutex<()>,
@@ -122,24 +127,34 @@ impl KeySet {
             client,
             client_error,
             has_keys: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            keys_doc: Mutex::new(None),
             last_refetch: Mutex::new(None),
             fetching: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Takes over the keys of the key set this one replaces on a reload, if both fetch the same keys the same
-    /// way for the same issuer and algorithms.
+    /// way for the same issuer. A change of `algorithms` alone keeps them: every token's algorithm is checked
+    /// against the issuer's list before any key is used, and the reload's fetch rebinds them at once.
     pub fn seed_from(&self, old: &KeySet) {
         let same = old.issuer_id == self.issuer_id
             && old.issuer == self.issuer
             && old.settings.source == self.settings.source
-            && old.settings.ca_file == self.settings.ca_file
-            && old.algorithms == self.algorithms;
+            && old.settings.ca_file == self.settings.ca_file;
         if same && old.has_keys() {
             self.keys.store(old.keys.load_full());
             self.keyless.store(old.keyless.load_full());
             self.has_keys.store(true, Ordering::Release);
+            if let (Ok(mut mine), Ok(theirs)) = (self.keys_doc.lock(), old.keys_doc.lock()) {
+                mine.clone_from(&theirs);
+            }
         }
+    }
+
+    /// The generation of the keys held now (see the field).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Names the issuer this key set belongs to.
@@ -220,6 +235,14 @@ impl KeySet {
         self.keys.store(Arc::new(keys));
         self.keyless.store(Arc::new(keyless));
         self.has_keys.store(true, Ordering::Release);
+        // After the new keys are in place: a token verified after this load was verified with them.
+        if let Ok(mut last) = self.keys_doc.lock() {
+            let now = doc.get("keys");
+            if last.as_ref() != now {
+                *last = now.cloned();
+                self.generation.fetch_add(1, Ordering::AcqRel);
+            }
+        }
         // max-age shortens the interval (floored at 5 s so a tiny max-age cannot hammer the IdP), never lengthens
         // it. Not `clamp`: that panics when the configured interval is itself under 5 s, killing the refresh task
         // (and, on the unknown-kid refetch path, the request).

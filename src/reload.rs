@@ -22,6 +22,8 @@ pub enum ReloadError {
     Build(#[from] crate::gateway::BuildError),
     #[error("the config loader task failed")]
     Task,
+    #[error("issuer {issuer:?} had keys, and its new key source gave none: {source}")]
+    Jwks { issuer: String, source: crate::jwks::JwksError },
 }
 
 /// Loads the config file again and swaps it in if it validates. Counts the outcome either way.
@@ -73,6 +75,9 @@ async fn try_reload(shared: &Shared) -> Result<(), ReloadError> {
         }
     }
     let gateway = Gateway::new(Arc::new(config), shared.metrics.clone(), Some(&old))?;
+    // A validating config must not take a working gateway to refusing every user of an issuer: keys from a
+    // changed source are fetched before the swap, and if they cannot be, the running config stays.
+    gateway.fetch_keys_lost_since(&old).await.map_err(|(issuer, source)| ReloadError::Jwks { issuer, source })?;
     // Only once everything has loaded: a reload that fails at any step must not leave a new certificate
     // serving beside the old config (never half-applied).
     if let (Some(resolver), Some(key)) = (&shared.tls, new_key) {

@@ -1714,6 +1714,9 @@ async fn jwks_fetched_at_start_and_rotated_without_restart() {
         // k1 is gone from the JWKS; a fresh k1 token (not in the verified-token cache) no longer verifies.
         let t1b = mint_token(&k1, Some("k1"), &claims(ISS, "alice2", json!({})));
         refused(&c, &up, &url, &t1b, "retired k1").await;
+        // And a k1 token verified (and cached) before k1 was withdrawn stops working too: a key the IdP pulls,
+        // say a leaked one, must not live on in the verified-token cache until its tokens expire.
+        refused(&c, &up, &url, &t1, "a cached token whose key was withdrawn").await;
 
         // Second rotation: within the cool-down an unknown kid does not refetch; once it has passed, one does.
         idp.set_jwks(jwks(&[(&k2, "k2"), (&k3, "k3")]));
@@ -1733,6 +1736,48 @@ async fn jwks_fetched_at_start_and_rotated_without_restart() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(idp.jwks_fetches(), fetches_before + 1, "exactly one refetch once the cool-down passed");
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_to_a_new_key_source_fetches_its_keys_before_the_swap() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let k1 = test_key(Algorithm::RS256);
+        let k2 = test_key(Algorithm::RS256);
+        let idp1 = Idp::start(jwks(&[(&k1, "k1")])).await;
+        let broken = Idp::start(jwks(&[(&k2, "k2")])).await;
+        broken.set_status(500);
+        let idp2 = Idp::start(jwks(&[(&k2, "k2")])).await;
+        const ISS: &str = "https://idp.test";
+        let gw = spawn_gateway(&jwks_gateway_config(&up, &idp1, ISS, "")).await;
+        let c = client(&gw);
+        wait_ready(&c, &gw, Duration::from_secs(15)).await;
+        let url = gw.https_url("/x");
+        let running = gw.gw.as_ref().unwrap();
+        accepted(&c, &up, &url, &mint_token(&k1, Some("k1"), &claims(ISS, "alice", json!({}))), "k1 before any reload").await;
+
+        // A new key source that gives no keys: the reload is refused, and the running config keeps verifying.
+        std::fs::write(gw.dir.path().join("gateway.toml"), jwks_gateway_config(&up, &broken, ISS, "")).unwrap();
+        let e = running.reload().await.expect_err("a key source that gives no keys must not be swapped in").to_string();
+        assert!(e.contains("had keys"), "{e}");
+        assert_ready(&c, &gw, "after the refused reload").await;
+        accepted(&c, &up, &url, &mint_token(&k1, Some("k1"), &claims(ISS, "bob", json!({}))), "k1 after the refused reload").await;
+
+        // A working new source: its keys are in place the moment the reload returns.
+        std::fs::write(gw.dir.path().join("gateway.toml"), jwks_gateway_config(&up, &idp2, ISS, "")).unwrap();
+        running.reload().await.expect("a working key source reloads");
+        accepted(&c, &up, &url, &mint_token(&k2, Some("k2"), &claims(ISS, "carol", json!({}))), "k2 right after the reload").await;
+        refused(&c, &up, &url, &mint_token(&k1, Some("k1"), &claims(ISS, "dave", json!({}))), "k1 once its source is gone").await;
+
+        // Changing only `algorithms` keeps the keys held meanwhile.
+        idp2.set_status(500);
+        let more_algs = jwks_gateway_config(&up, &idp2, ISS, "").replace("[\"RS256\", \"ES256\"]", "[\"RS256\", \"ES256\", \"PS256\"]");
+        std::fs::write(gw.dir.path().join("gateway.toml"), more_algs).unwrap();
+        running.reload().await.expect("an algorithms change with the same key source reloads");
+        accepted(&c, &up, &url, &mint_token(&k2, Some("k2"), &claims(ISS, "erin", json!({}))), "k2 after an algorithms change").await;
         gw.stop().await;
     })
     .await;
@@ -2220,6 +2265,33 @@ async fn weak_or_unfit_keys_are_refused_at_load() {
     for alg in ["none", "None", "hs256"] {
         assert!(load(&format!("algorithms = [\"{alg}\"]\nsecret_file = \"ok.secret\"")).is_err(), "{alg}");
     }
+}
+
+#[tokio::test]
+async fn jwks_settings_that_would_hammer_the_idp_or_never_fetch_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("garbage-ca.pem"), b"not a certificate\n").unwrap();
+    let load = |extra: &str| {
+        let text = format!(
+            "[listen]\nhttp = \"127.0.0.1:0\"\n\n[[issuers]]\nid = \"i\"\nissuer = \"https://i.test\"\naudiences = [\"api\"]\n\
+             algorithms = [\"RS256\"]\njwks_url = \"https://i.test/jwks\"\n{extra}\n"
+        );
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, &text).unwrap();
+        Config::load(&path).map(|_| ()).map_err(|e| e.to_string())
+    };
+    load("").unwrap();
+    load("jwks_refresh = \"1s\"\njwks_refetch_cooldown = \"1s\"\njwks_timeout = \"100ms\"").unwrap();
+    for (extra, name) in [
+        ("jwks_refetch_cooldown = \"0s\"", "jwks_refetch_cooldown"),
+        ("jwks_refresh = \"10ms\"", "jwks_refresh"),
+        ("jwks_timeout = \"0s\"", "jwks_timeout"),
+    ] {
+        let e = load(extra).unwrap_err();
+        assert!(e.contains(&format!("{name} must be at least")), "{extra}: {e}");
+    }
+    let e = load("ca_file = \"garbage-ca.pem\"").unwrap_err();
+    assert!(e.contains("garbage-ca.pem"), "a CA file with no certificate must not load: {e}");
 }
 
 // ------------------------------------------------------------------------------------------------------------

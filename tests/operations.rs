@@ -766,6 +766,17 @@ async fn admin_token_protects_metrics_but_not_health_probes() {
         let a = get(&c, &gw.admin_url("/metrics"), Some(secret)).await;
         assert_eq!(a.status, 200);
         assert!(a.text().contains("portcullis_build_info"));
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        let req = http::Request::get(gw.admin_url("/metrics"))
+            .header("authorization", format!("bearer {secret}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        assert_eq!(send(&c, req).await.status, 200);
+        // The admin listener only reads: other methods get 405 naming the ones it takes.
+        let req = http::Request::post(gw.admin_url("/healthz")).body(http_body_util::Full::new(bytes::Bytes::new())).unwrap();
+        let a = send(&c, req).await;
+        assert_eq!(a.status, 405);
+        assert_eq!(header(&a, "allow"), Some("GET, HEAD"));
         for probe in ["/healthz", "/readyz"] {
             assert_eq!(get(&c, &gw.admin_url(probe), None).await.status, 200, "{probe} must answer probes without credentials");
         }

@@ -763,6 +763,123 @@ async fn client_credentials_with_basic_auth_issues_the_clients_token() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_grant_with_client_credentials_checks_them_first() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &demo_users(), "rate_limit = { rate = \"5/min\", burst = 50 }").await;
+        let c = client(&gw);
+        let url = gw.https_url("/token");
+        let login = form(&[("grant_type", "password"), ("username", "admin.user"), ("password", "adminpass")]);
+        let basic = |cred: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(cred));
+        // RFC 6749 §4.3.2: included client authentication is checked, even though the user's password is right.
+        for (what, auth) in [
+            ("wrong client secret", basic("reports-service:wrong")),
+            ("unknown client", basic("nosuch:bad")),
+            ("Basic that is not base64", "Basic !!!".to_string()),
+            // §2.3.1: each part is form-urlencoded, so an `&` is part of the secret, not the end of it.
+            ("secret with a raw & after the right one", basic("reports-service:reports-secret&junk")),
+        ] {
+            let a = post(&c, &url, login.clone(), &[("authorization", &auth)]).await;
+            assert_oauth_error(&a, 401, "invalid_client", what);
+            assert!(a.json().get("access_token").is_none(), "{what}");
+        }
+        let with_body = |id: &str, secret: &str| {
+            form(&[
+                ("grant_type", "password"),
+                ("username", "admin.user"),
+                ("password", "adminpass"),
+                ("client_id", id),
+                ("client_secret", secret),
+            ])
+        };
+        let a = post(&c, &url, with_body("nosuch", "bad"), &[]).await;
+        assert_oauth_error(&a, 401, "invalid_client", "unknown client in the body");
+
+        // The right client: the token names it (RFC 9068 client_id), the user stays the subject.
+        for auth in [basic("reports-service:reports-secret"), basic("reports%2Dservice:reports%2Dsecret")] {
+            let a = post(&c, &url, login.clone(), &[("authorization", &auth)]).await;
+            assert_eq!(a.status, 200, "{auth}: {}", a.text());
+            let (_, claims) = decode(a.json()["access_token"].as_str().unwrap());
+            assert_eq!(claims["sub"], "admin.user");
+            assert_eq!(claims["client_id"], "reports-service");
+        }
+        let a = post(&c, &url, with_body("reports-service", "reports-secret"), &[]).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        // And the client credentials grant names its client too.
+        let a =
+            post(&c, &url, form(&[("grant_type", "client_credentials")]), &[("authorization", &basic("reports-service:reports-secret"))])
+                .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(decode(a.json()["access_token"].as_str().unwrap()).1["client_id"], "reports-service");
+        assert_eq!(up.hits(), 0);
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scope_and_empty_parameters_follow_rfc6749() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &demo_users(), "rate_limit = { rate = \"5/min\", burst = 50 }").await;
+        let c = client(&gw);
+        let url = gw.https_url("/token");
+        let with_scope =
+            |scope: &str| form(&[("grant_type", "password"), ("username", "admin.user"), ("password", "adminpass"), ("scope", scope)]);
+        // §3.3: scope tokens are separated by spaces only; a tab or another space character is not a separator.
+        for scope in ["read:items\twrite:items", "read:items\u{3000}write:items", "read:items \"x\""] {
+            let a = post(&c, &url, with_scope(scope), &[]).await;
+            assert_oauth_error(&a, 400, "invalid_scope", scope);
+        }
+        let a = post(&c, &url, with_scope("write:items  write:items"), &[]).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.json()["scope"], "write:items", "a repeated scope counts once");
+        assert_eq!(decode(a.json()["access_token"].as_str().unwrap()).1["scope"], "write:items");
+
+        // §3.1: a parameter without a value counts as omitted.
+        let a = post(&c, &url, "grant_type=&username=admin.user&password=adminpass", &[]).await;
+        assert_oauth_error(&a, 400, "invalid_request", "empty grant_type");
+        let a = post(&c, &url, "grant_type=password&username=&password=adminpass", &[]).await;
+        assert_oauth_error(&a, 400, "invalid_request", "empty username");
+        let a = post(&c, &url, "grant_type=password&username=admin.user&password=adminpass&scope=", &[]).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.json()["scope"], "read:items write:items", "an empty scope is no scope: all the user's own");
+
+        // The published documents are read-only.
+        for method in [http::Method::POST, http::Method::DELETE] {
+            let req = Request::builder()
+                .method(method.clone())
+                .uri(gw.https_url("/.well-known/jwks.json"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let a = send(&c, req).await;
+            assert_eq!(a.status, 405, "{method}: {}", a.text());
+            assert_eq!(a.headers.get("allow").map(|v| v.to_str().unwrap()), Some("GET, HEAD"));
+        }
+        assert_eq!(get(&c, &gw.https_url("/.well-known/jwks.json"), None).await.status, 200);
+        assert_eq!(up.hits(), 0);
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[test]
+fn a_token_lifetime_the_issuer_would_refuse_does_not_load() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("users.toml"), demo_users()).unwrap();
+    std::fs::write(dir.path().join("clients.toml"), demo_clients()).unwrap();
+    let cfg = token_config(
+        &Upstream { addr: "127.0.0.1:9".parse().unwrap(), seen: Default::default(), count: Default::default() },
+        "",
+        TUTORIAL_ROUTES,
+    )
+    .replace("access_token_ttl = \"30m\"", "access_token_ttl = \"60d\"");
+    std::fs::write(dir.path().join("gateway.toml"), cfg).unwrap();
+    let e = Config::load(&dir.path().join("gateway.toml")).map(|_| ()).expect_err("a 60-day token must not load").to_string();
+    assert!(e.contains("access_token_ttl (5184000s) is longer than issuer"), "{e}");
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // 7. Another gateway verifies the tokens through discovery and the published JWKS.
 
