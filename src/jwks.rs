@@ -17,10 +17,22 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
 use crate::authn::{bind_key, JwksSettings, JwksSource, VerifyKey};
+
+/// An error and its causes, one after another (hyper's client names only the outermost, "client error (Connect)").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
 
 /// Largest JWKS or discovery document accepted.
 const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
@@ -29,7 +41,7 @@ const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 pub enum JwksError {
     #[error("cannot build the TLS client: {0}")]
     Tls(String),
-    #[error("request to {url} failed: {source}")]
+    #[error("request to {url} failed: {}", chain(.source))]
     Request {
         url: String,
         #[source]
@@ -37,7 +49,7 @@ pub enum JwksError {
     },
     #[error("request to {0} timed out")]
     Timeout(String),
-    #[error("{url} answered {status} (redirects are not followed)")]
+    #[error("{url} answered {status}{}", if .status.is_redirection() { " (redirects are not followed)" } else { "" })]
     Status { url: String, status: http::StatusCode },
     #[error("reading {0} failed or exceeded the size cap")]
     Body(String),
@@ -114,6 +126,7 @@ impl KeySet {
             None => (Some(shared.clone()), None),
             Some(ca) => match fetch_client(Some(ca)) {
                 Ok(c) => (Some(c), None),
+                Err(JwksError::Tls(e)) => (None, Some(e)),
                 Err(e) => (None, Some(e.to_string())),
             },
         };
@@ -188,17 +201,31 @@ impl KeySet {
 
     /// Refetches the JWKS for an unknown kid, at most once per cool-down window across all requests.
     pub async fn refetch_for_unknown_kid(&self, kid: &str) -> Option<Arc<JwkKey>> {
-        {
+        // Whether this request refetches, decided together with taking the fetch lock: a request right behind
+        // it must find the fetch under way and wait for it, not look before it has begun.
+        let claim = {
             let Ok(mut last) = self.last_refetch.lock() else {
                 return None;
             };
             if last.is_some_and(|t| t.elapsed() < self.settings.refetch_cooldown) {
-                return None;
+                None
+            } else {
+                *last = Some(Instant::now());
+                Some(self.fetching.try_lock().ok())
             }
-            *last = Some(Instant::now());
-        }
+        };
+        let Some(held) = claim else {
+            // Within the cool-down: wait for a fetch under way (a rotation's first token started it) and look
+            // again, so the tokens right behind the first are not refused meanwhile.
+            drop(self.fetching.lock().await);
+            return self.get(kid);
+        };
+        let _one_at_a_time = match held {
+            Some(guard) => guard,
+            None => self.fetching.lock().await,
+        };
         tracing::info!(issuer = %self.issuer_id, "unknown kid: refetching JWKS");
-        if let Err(e) = self.refresh().await {
+        if let Err(e) = self.fetch_and_swap().await {
             tracing::warn!(issuer = %self.issuer_id, error = %e, "JWKS refetch failed; keeping the last good keys");
         }
         self.get(kid)
@@ -207,6 +234,11 @@ impl KeySet {
     /// Fetches the JWKS now and swaps it in. Returns how long until the next refresh is due.
     pub async fn refresh(&self) -> Result<Duration, JwksError> {
         let _one_at_a_time = self.fetching.lock().await;
+        self.fetch_and_swap().await
+    }
+
+    /// [`KeySet::refresh`] under the fetch lock.
+    async fn fetch_and_swap(&self) -> Result<Duration, JwksError> {
         let Some(client) = &self.client else {
             return Err(JwksError::Tls(self.client_error.clone().unwrap_or_default()));
         };
@@ -294,8 +326,14 @@ impl KeySet {
 
     fn parse_key(&self, raw: &serde_json::Value) -> Result<JwkKey, String> {
         let jwk: Jwk = serde_json::from_value(raw.clone()).map_err(|e| format!("unreadable: {e}"))?;
-        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
-            return Err("marked \"use\": \"enc\"".into());
+        match &jwk.common.public_key_use {
+            None | Some(PublicKeyUse::Signature) => {}
+            Some(PublicKeyUse::Encryption) => return Err("marked \"use\": \"enc\"".into()),
+            Some(_) => return Err("its \"use\" is not \"sig\"".into()),
+        }
+        // RFC 7517 §4.3: a key that lists its operations is only for those.
+        if jwk.common.key_operations.as_ref().is_some_and(|ops| !ops.contains(&KeyOperations::Verify)) {
+            return Err("its \"key_ops\" do not include \"verify\"".into());
         }
         let curve_alg = match &jwk.algorithm {
             AlgorithmParameters::OctetKey(_) => return Err("symmetric (oct) keys are never taken from a JWKS".into()),

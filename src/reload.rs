@@ -67,11 +67,14 @@ async fn try_reload(shared: &Shared) -> Result<(), ReloadError> {
              restart to change them (the rest of the configuration is reloaded)"
         );
     }
+    if old.config.worker_threads != config.worker_threads {
+        tracing::warn!("server.worker_threads changed: this needs a restart");
+    }
     let mut new_key = None;
     if let (Some(_), Some(tls)) = (&shared.tls, &config.tls) {
         new_key = Some(crate::tls::load_certified_key(tls)?);
-        if old.config.tls.as_ref().is_some_and(|t| t.min_version != tls.min_version) {
-            tracing::warn!("tls.min_version changed: this needs a restart");
+        if old.config.tls.as_ref().is_some_and(|t| t.min_version != tls.min_version || t.handshake_timeout != tls.handshake_timeout) {
+            tracing::warn!("tls.min_version or tls.handshake_timeout changed: this needs a restart");
         }
     }
     let gateway = Gateway::new(Arc::new(config), shared.metrics.clone(), Some(&old))?;

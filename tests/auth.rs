@@ -9,7 +9,7 @@ mod common;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -191,6 +191,8 @@ async fn raw_get(addr: SocketAddr, target: &str, extra_headers: &str) -> (u16, S
 struct IdpState {
     jwks_body: Mutex<String>,
     jwks_status: AtomicU16,
+    /// How long the JWKS answer takes (a slow identity provider), in milliseconds.
+    jwks_delay_ms: AtomicU64,
     cache_control: Mutex<Option<String>>,
     /// The discovery document; `None` serves the default (issuer and jwks_uri on this server).
     discovery: Mutex<Option<Value>>,
@@ -212,6 +214,7 @@ impl Idp {
         let state = Arc::new(IdpState {
             jwks_body: Mutex::new(keys.to_string()),
             jwks_status: AtomicU16::new(200),
+            jwks_delay_ms: AtomicU64::new(0),
             cache_control: Mutex::new(None),
             discovery: Mutex::new(None),
             jwks_fetches: watch::Sender::new(0),
@@ -249,6 +252,10 @@ impl Idp {
 
     fn set_jwks_raw(&self, body: &str) {
         *self.state.jwks_body.lock().unwrap() = body.to_string();
+    }
+
+    fn set_delay(&self, delay: Duration) {
+        self.state.jwks_delay_ms.store(u64::try_from(delay.as_millis()).unwrap(), Ordering::SeqCst);
     }
 
     fn set_status(&self, status: u16) {
@@ -314,6 +321,7 @@ async fn idp_handle(st: Arc<IdpState>, addr: SocketAddr, req: Request<Incoming>)
     let mut cache_control = None;
     let (status, body) = match req.uri().path() {
         "/jwks.json" => {
+            tokio::time::sleep(Duration::from_millis(st.jwks_delay_ms.load(Ordering::SeqCst))).await;
             st.jwks_fetches.send_modify(|n| *n += 1);
             cache_control = st.cache_control.lock().unwrap().clone();
             (st.jwks_status.load(Ordering::SeqCst), st.jwks_body.lock().unwrap().clone())
@@ -1784,6 +1792,37 @@ async fn a_reload_to_a_new_key_source_fetches_its_keys_before_the_swap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_right_behind_a_rotations_first_wait_for_its_refetch() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let k1 = test_key(Algorithm::RS256);
+        let k2 = test_key(Algorithm::RS256);
+        let idp = Idp::start(jwks(&[(&k1, "k1")])).await;
+        const ISS: &str = "https://idp.test";
+        let gw = spawn_gateway(&jwks_gateway_config(&up, &idp, ISS, "jwks_refetch_cooldown = \"1h\"")).await;
+        let c = client(&gw);
+        wait_ready(&c, &gw, Duration::from_secs(15)).await;
+        let url = gw.https_url("/x");
+        // The IdP rotates to k2 and answers slowly: the first k2 token starts the one refetch; the others, sent
+        // with it, wait for that refetch instead of being refused within the cool-down.
+        idp.set_delay(Duration::from_millis(500));
+        idp.set_jwks(jwks(&[(&k1, "k1"), (&k2, "k2")]));
+        let fetches = idp.jwks_fetches();
+        let sends = (0..10).map(|i| {
+            let (c, url) = (c.clone(), url.clone());
+            let token = mint_token(&k2, Some("k2"), &claims(ISS, &format!("user{i}"), json!({})));
+            tokio::spawn(async move { get(&c, &url, Some(&token)).await.status.as_u16() })
+        });
+        let statuses: Vec<u16> = futures_util::future::join_all(sends).await.into_iter().map(Result::unwrap).collect();
+        assert_eq!(statuses, vec![200; 10]);
+        assert_eq!(up.hits(), 10);
+        assert_eq!(idp.jwks_fetches(), fetches + 1, "one refetch for all of them");
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_kid_storm_refetches_at_most_once() {
     bounded(async {
         let up = spawn_upstream().await;
@@ -2193,7 +2232,17 @@ async fn jwks_keys_are_bound_to_their_declared_algorithm_and_use() {
         let mut enc_jwk = jwk(&enc, "enc");
         enc_jwk["use"] = "enc".into();
         let oct = json!({"kty": "oct", "kid": "oct", "k": b64(HMAC_SECRET), "alg": "HS256"});
-        let idp = Idp::start(json!({"keys": [rsa_jwk, ec_jwk, enc_jwk, oct, jwk(&good, "g")]})).await;
+        // RFC 7517: a `use` other than "sig", or `key_ops` without "verify", is not a key to verify with.
+        let (odd_use, encrypt_only, verify_only) = (test_key(Algorithm::ES256), test_key(Algorithm::ES256), test_key(Algorithm::RS256));
+        let mut odd_use_jwk = jwk(&odd_use, "odd-use");
+        odd_use_jwk["use"] = "foo".into();
+        let mut encrypt_only_jwk = jwk(&encrypt_only, "encrypt-only");
+        encrypt_only_jwk["key_ops"] = json!(["encrypt"]);
+        let mut verify_only_jwk = jwk(&verify_only, "verify-only");
+        verify_only_jwk["key_ops"] = json!(["verify"]);
+        let idp =
+            Idp::start(json!({"keys": [rsa_jwk, ec_jwk, enc_jwk, oct, jwk(&good, "g"), odd_use_jwk, encrypt_only_jwk, verify_only_jwk]}))
+                .await;
         const ISS: &str = "https://idp.test";
         let cfg = format!(
             r#"{base}
@@ -2227,6 +2276,9 @@ upstream = "api"
         refused(&c, &up, &url, &t(&mislabelled_ec, Algorithm::ES256, Some("e")), "EC key whose alg disagrees").await;
         refused(&c, &up, &url, &t(&mislabelled_ec, Algorithm::ES256, None), "no kid, skipped key").await;
         refused(&c, &up, &url, &t(&enc, Algorithm::ES256, Some("enc")), "encryption key").await;
+        refused(&c, &up, &url, &t(&odd_use, Algorithm::ES256, Some("odd-use")), "a key whose use is not sig").await;
+        refused(&c, &up, &url, &t(&encrypt_only, Algorithm::ES256, Some("encrypt-only")), "key_ops without verify").await;
+        accepted(&c, &up, &url, &t(&verify_only, Algorithm::RS256, Some("verify-only")), "key_ops with verify").await;
         let hs = hmac_key(Algorithm::HS256, HMAC_SECRET);
         refused(&c, &up, &url, &t(&hs, Algorithm::HS256, Some("oct")), "oct key from a JWKS").await;
         gw.stop().await;
