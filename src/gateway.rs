@@ -185,10 +185,11 @@ impl Gateway {
         for issuer in authn.issuers() {
             if let Some(ks) = &issuer.jwks {
                 let m = metrics.clone();
-                tasks.0.push(tokio::spawn(ks.clone().run_refresh(move |issuer, ok, keys| {
+                ks.report_to(Box::new(move |issuer, ok, keys| {
                     m.jwks_refresh.with_label_values(&[issuer, if ok { "ok" } else { "error" }]).inc();
                     m.jwks_keys.with_label_values(&[issuer]).set(i64::try_from(keys).unwrap_or(i64::MAX));
-                })));
+                }));
+                tasks.0.push(tokio::spawn(ks.clone().run_refresh()));
             }
         }
         let limiters: Vec<Arc<Limiter>> = route_limiters.iter().flatten().chain(global_limiter.iter()).cloned().collect();

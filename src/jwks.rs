@@ -34,6 +34,9 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Receives a key set's fetch outcomes: issuer id, whether the fetch succeeded, keys held.
+pub type Reporter = Box<dyn Fn(&str, bool, usize) + Send + Sync>;
+
 /// Largest JWKS or discovery document accepted.
 const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 
@@ -114,6 +117,8 @@ pub struct KeySet {
     generation: AtomicU64,
     /// The last fetched `keys` array, to tell a changed JWKS from the same one fetched again.
     keys_doc: Mutex<Option<serde_json::Value>>,
+    /// Where fetch outcomes are counted (the gateway's metrics), from the refresh loop and refetches alike.
+    reporter: std::sync::OnceLock<Reporter>,
     /// When the last refetch for an unknown kid happened (the miss path only).
     last_refetch: Mutex<Option<Instant>>,
     fetching: tokio::sync::Mutex<()>,
@@ -142,6 +147,7 @@ impl KeySet {
             has_keys: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             keys_doc: Mutex::new(None),
+            reporter: std::sync::OnceLock::new(),
             last_refetch: Mutex::new(None),
             fetching: tokio::sync::Mutex::new(()),
         }
@@ -162,6 +168,17 @@ impl KeySet {
             if let (Ok(mut mine), Ok(theirs)) = (self.keys_doc.lock(), old.keys_doc.lock()) {
                 mine.clone_from(&theirs);
             }
+        }
+    }
+
+    /// Sets where fetch outcomes go: `(issuer id, succeeded, keys held)`. Once; later calls are ignored.
+    pub fn report_to(&self, reporter: Reporter) {
+        let _ = self.reporter.set(reporter);
+    }
+
+    fn report(&self, ok: bool) {
+        if let Some(r) = self.reporter.get() {
+            r(&self.issuer_id, ok, self.key_count());
         }
     }
 
@@ -225,16 +242,21 @@ impl KeySet {
             None => self.fetching.lock().await,
         };
         tracing::info!(issuer = %self.issuer_id, "unknown kid: refetching JWKS");
-        if let Err(e) = self.fetch_and_swap().await {
+        let fetched = self.fetch_and_swap().await;
+        self.report(fetched.is_ok());
+        if let Err(e) = fetched {
             tracing::warn!(issuer = %self.issuer_id, error = %e, "JWKS refetch failed; keeping the last good keys");
         }
         self.get(kid)
     }
 
-    /// Fetches the JWKS now and swaps it in. Returns how long until the next refresh is due.
+    /// Fetches the JWKS now and swaps it in, and reports the outcome. Returns how long until the next refresh
+    /// is due.
     pub async fn refresh(&self) -> Result<Duration, JwksError> {
         let _one_at_a_time = self.fetching.lock().await;
-        self.fetch_and_swap().await
+        let fetched = self.fetch_and_swap().await;
+        self.report(fetched.is_ok());
+        fetched
     }
 
     /// [`KeySet::refresh`] under the fetch lock.
@@ -312,7 +334,15 @@ impl KeySet {
             match self.parse_key(raw) {
                 Ok(k) => match k.key.kid.clone() {
                     Some(kid) => {
-                        keys.insert(kid, Arc::new(k));
+                        match keys.entry(kid) {
+                            // Which of the two signed a token cannot be told: the first published is kept.
+                            std::collections::hash_map::Entry::Occupied(e) => {
+                                tracing::warn!(issuer = %self.issuer_id, kid = e.key(), "JWKS lists two keys with one kid; keeping the first");
+                            }
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                e.insert(Arc::new(k));
+                            }
+                        }
                     }
                     None => keyless.push(Arc::new(k)),
                 },
@@ -367,17 +397,15 @@ impl KeySet {
     }
 
     /// Runs the background refresh loop until the task is aborted. Retries quickly while no keys are held.
-    pub async fn run_refresh(self: Arc<Self>, mut on_result: impl FnMut(&str, bool, usize) + Send) {
+    pub async fn run_refresh(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(500);
         loop {
             let wait = match self.refresh().await {
                 Ok(next) => {
-                    on_result(&self.issuer_id, true, self.key_count());
                     backoff = Duration::from_millis(500);
                     next
                 }
                 Err(e) => {
-                    on_result(&self.issuer_id, false, self.key_count());
                     tracing::warn!(issuer = %self.issuer_id, error = %e, "JWKS refresh failed; keeping the last good keys");
                     let wait = if self.has_keys() { backoff.max(Duration::from_secs(5)).min(self.settings.refresh) } else { backoff };
                     backoff = (backoff * 2).min(Duration::from_secs(30));

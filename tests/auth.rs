@@ -1817,6 +1817,9 @@ async fn tokens_right_behind_a_rotations_first_wait_for_its_refetch() {
         assert_eq!(statuses, vec![200; 10]);
         assert_eq!(up.hits(), 10);
         assert_eq!(idp.jwks_fetches(), fetches + 1, "one refetch for all of them");
+        // The refetch is counted like a refresh: the gauge shows the keys now held.
+        let metrics = get(&c, &gw.admin_url("/metrics"), None).await.text();
+        assert!(metrics.contains("portcullis_jwks_keys{issuer=\"idp\"} 2"), "{metrics}");
         gw.stop().await;
     })
     .await;
@@ -2240,9 +2243,12 @@ async fn jwks_keys_are_bound_to_their_declared_algorithm_and_use() {
         encrypt_only_jwk["key_ops"] = json!(["encrypt"]);
         let mut verify_only_jwk = jwk(&verify_only, "verify-only");
         verify_only_jwk["key_ops"] = json!(["verify"]);
-        let idp =
-            Idp::start(json!({"keys": [rsa_jwk, ec_jwk, enc_jwk, oct, jwk(&good, "g"), odd_use_jwk, encrypt_only_jwk, verify_only_jwk]}))
-                .await;
+        // Two keys under one kid: the first published is kept.
+        let (dup_first, dup_second) = (test_key(Algorithm::RS256), test_key(Algorithm::RS256));
+        let keys = json!([rsa_jwk, ec_jwk, enc_jwk, oct, jwk(&good, "g"), odd_use_jwk, encrypt_only_jwk, verify_only_jwk]);
+        let mut keys = keys.as_array().unwrap().clone();
+        keys.extend([jwk(&dup_first, "dup"), jwk(&dup_second, "dup")]);
+        let idp = Idp::start(json!({ "keys": keys })).await;
         const ISS: &str = "https://idp.test";
         let cfg = format!(
             r#"{base}
@@ -2279,6 +2285,8 @@ upstream = "api"
         refused(&c, &up, &url, &t(&odd_use, Algorithm::ES256, Some("odd-use")), "a key whose use is not sig").await;
         refused(&c, &up, &url, &t(&encrypt_only, Algorithm::ES256, Some("encrypt-only")), "key_ops without verify").await;
         accepted(&c, &up, &url, &t(&verify_only, Algorithm::RS256, Some("verify-only")), "key_ops with verify").await;
+        accepted(&c, &up, &url, &t(&dup_first, Algorithm::RS256, Some("dup")), "the first key under a repeated kid").await;
+        refused(&c, &up, &url, &t(&dup_second, Algorithm::RS256, Some("dup")), "the second key under a repeated kid").await;
         let hs = hmac_key(Algorithm::HS256, HMAC_SECRET);
         refused(&c, &up, &url, &t(&hs, Algorithm::HS256, Some("oct")), "oct key from a JWKS").await;
         gw.stop().await;
