@@ -138,6 +138,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         tls: resolver,
         reloading: Default::default(),
         per_client: Default::default(),
+        started: config.clone(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());

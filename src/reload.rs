@@ -52,11 +52,12 @@ async fn try_reload(shared: &Shared) -> Result<(), ReloadError> {
     let old = shared.gateway.load_full();
     let path = old.config.path.clone();
     let config = tokio::task::spawn_blocking(move || Config::load(&path)).await.map_err(|_| ReloadError::Task)??;
-    let (o, n) = (&old.config.listen, &config.listen);
+    let started = &shared.started;
+    let (o, n) = (&started.listen, &config.listen);
     if o.https != n.https || o.http != n.http || o.admin != n.admin {
         tracing::warn!("listen addresses changed: this needs a restart; keeping the current listeners");
     }
-    let (o, n) = (&old.config.limits, &config.limits);
+    let (o, n) = (&started.limits, &config.limits);
     if o.max_connections != n.max_connections
         || o.max_header_bytes != n.max_header_bytes
         || o.idle_timeout != n.idle_timeout
@@ -67,13 +68,13 @@ async fn try_reload(shared: &Shared) -> Result<(), ReloadError> {
              restart to change them (the rest of the configuration is reloaded)"
         );
     }
-    if old.config.worker_threads != config.worker_threads {
+    if started.worker_threads != config.worker_threads {
         tracing::warn!("server.worker_threads changed: this needs a restart");
     }
     let mut new_key = None;
     if let (Some(_), Some(tls)) = (&shared.tls, &config.tls) {
         new_key = Some(crate::tls::load_certified_key(tls)?);
-        if old.config.tls.as_ref().is_some_and(|t| t.min_version != tls.min_version || t.handshake_timeout != tls.handshake_timeout) {
+        if started.tls.as_ref().is_some_and(|t| t.min_version != tls.min_version || t.handshake_timeout != tls.handshake_timeout) {
             tracing::warn!("tls.min_version or tls.handshake_timeout changed: this needs a restart");
         }
     }

@@ -37,6 +37,9 @@ pub struct Shared {
     pub reloading: tokio::sync::Mutex<()>,
     /// Open public connections per client address, for `max_connections_per_client`.
     pub per_client: Arc<PerClient>,
+    /// The config the gateway started with: what is bound and sized at start, which a reload compares against
+    /// (not against the last reload's config, which would warn about a pending restart only once).
+    pub started: Arc<crate::config::Config>,
 }
 
 /// Open connections per client address (IPv6 by its prefix), so that one client cannot hold every
