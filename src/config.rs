@@ -637,7 +637,11 @@ impl Validator<'_> {
         };
         let token_endpoint = f.token_endpoint.and_then(|t| self.token_endpoint(t, &mut issuers, limits.header_read_timeout));
         let global_limit = f.rate_limit.global.as_ref().and_then(|l| self.limit(l, true));
-        let ipv6_prefix = f.rate_limit.ipv6_prefix.unwrap_or(64).min(128);
+        let ipv6_prefix = f.rate_limit.ipv6_prefix.unwrap_or(64);
+        if ipv6_prefix > 128 {
+            self.error(0..0, format!("[rate_limit] ipv6_prefix {ipv6_prefix} is longer than an IPv6 address (128 bits)"));
+        }
+        let ipv6_prefix = ipv6_prefix.min(128);
         let global_headers_file = f.headers.map(|h| (h.span(), h.into_inner()));
         let global_headers = Arc::new(self.secure_headers(global_headers_file.as_ref(), None));
         let global_cors_file = f.cors.map(|c| (c.span(), c.into_inner()));
@@ -1229,6 +1233,16 @@ mod tests {
             let e = Config::from_toml(Path::new("g.toml"), &text).map(|_| ()).expect_err("a zero timeout").to_string();
             assert!(e.contains(key), "{e}");
         }
+    }
+
+    #[test]
+    fn an_ipv6_prefix_longer_than_an_address_does_not_load() {
+        let load = |n: u32| {
+            Config::from_toml(Path::new("g.toml"), &format!("[listen]\nhttp = \"127.0.0.1:0\"\n[rate_limit]\nipv6_prefix = {n}\n"))
+        };
+        assert!(load(128).is_ok());
+        let e = load(129).map(|_| ()).expect_err("129 bits").to_string();
+        assert!(e.contains("ipv6_prefix 129"), "{e}");
     }
 
     #[test]

@@ -57,7 +57,9 @@ impl GatewayError {
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Proxy(e) => match e {
-                ProxyError::Connect { .. } | ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade => StatusCode::BAD_GATEWAY,
+                ProxyError::Connect { .. } | ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade | ProxyError::BadStatus { .. } => {
+                    StatusCode::BAD_GATEWAY
+                }
                 ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
                 ProxyError::Uri(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -97,9 +99,9 @@ impl GatewayError {
             GatewayError::RateLimited { .. } => ("rate_limited", None),
             GatewayError::BodyTooLarge(_) | GatewayError::Proxy(ProxyError::BodyTooLarge) => ("payload_too_large", None),
             GatewayError::Proxy(ProxyError::Timeout { .. }) => ("gateway_timeout", None),
-            GatewayError::Proxy(ProxyError::Connect { .. } | ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade) => {
-                ("bad_gateway", None)
-            }
+            GatewayError::Proxy(
+                ProxyError::Connect { .. } | ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade | ProxyError::BadStatus { .. },
+            ) => ("bad_gateway", None),
             GatewayError::Proxy(ProxyError::Uri(_)) => ("internal_error", None),
             GatewayError::Token(TokenError::InvalidClient) => ("invalid_client", Some("Basic realm=\"portcullis\"".to_string())),
             GatewayError::Token(e) => (e.code(), None),

@@ -520,7 +520,13 @@ impl Gateway {
         outcome: &mut Outcome<'_>,
     ) -> Result<(), GatewayError> {
         let key = l.key(client, principal.map(|p| (p.issuer_id.as_str(), p.subject.as_str())), |claim| {
-            principal.and_then(|p| crate::authn::lookup_claim(&p.claims, claim)).and_then(|v| v.as_str().map(str::to_string))
+            // A number or boolean counts by its JSON text (numeric tenant ids are common); a list or object is no
+            // one value to count by.
+            principal.and_then(|p| crate::authn::lookup_claim(&p.claims, claim)).and_then(|v| match v {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Number(_) | serde_json::Value::Bool(_) => Some(v.to_string()),
+                _ => None,
+            })
         });
         l.check(&key).map_err(|limited| {
             outcome.rate_limited = true;

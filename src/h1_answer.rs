@@ -161,7 +161,8 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool, rules: &headers::Secur
         Err(_) => return Err(H1Error::Malformed("unparsable head")),
     };
     let code = rsp.code.ok_or(H1Error::Malformed("no status"))?;
-    let status = StatusCode::from_u16(code).map_err(|_| H1Error::Malformed("bad status code"))?;
+    // Classes 1xx-5xx only (RFC 9110 §15): "799" means nothing to a client.
+    let status = StatusCode::from_u16(code).ok().filter(|_| code < 600).ok_or(H1Error::Malformed("bad status code"))?;
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Err(H1Error::UnexpectedUpgrade);
     }

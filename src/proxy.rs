@@ -38,6 +38,8 @@ pub enum ProxyError {
     BodyTooLarge,
     #[error("upstream switched protocols without being asked to")]
     UnexpectedUpgrade,
+    #[error("upstream {upstream}: status {status} is outside 100-599")]
+    BadStatus { upstream: String, status: u16 },
     #[error("cannot build the upstream URI: {0}")]
     Uri(#[from] http::Error),
 }
@@ -49,7 +51,7 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. } => Some("connect"),
             ProxyError::Timeout { .. } => Some("timeout"),
-            ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade => Some("reset"),
+            ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade | ProxyError::BadStatus { .. } => Some("reset"),
             ProxyError::BodyTooLarge | ProxyError::Uri(_) => None,
         }
     }
@@ -145,6 +147,9 @@ pub async fn forward(up: &Upstream, req: Request<Body>) -> Result<Response<Body>
     let name = &up.settings.name;
     match tokio::time::timeout(up.settings.timeout, up.client.request(req)).await {
         Err(_) => Err(ProxyError::Timeout { upstream: name.clone(), timeout: up.settings.timeout }),
+        // RFC 9110 §15 defines the classes 1xx-5xx; a client has no way to read "799", and each such status
+        // would be a metrics series of its own.
+        Ok(Ok(rsp)) if rsp.status().as_u16() >= 600 => Err(ProxyError::BadStatus { upstream: name.clone(), status: rsp.status().as_u16() }),
         Ok(Ok(rsp)) => Ok(rsp.map(Body::Stream)),
         Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect { upstream: name.clone(), source: e.into() }),
         Ok(Err(e)) => {

@@ -273,7 +273,10 @@ impl Limiter {
             LimitKey::Subject => who.map_or_else(by_ip, |w| BucketKey::Hashed(self.hasher.hash_one(w))),
             LimitKey::Claim(c) => match (who, claim(c)) {
                 (Some((issuer, _)), Some(v)) => BucketKey::Hashed(self.hasher.hash_one((issuer, v))),
-                _ => by_ip(),
+                // A token without a usable value: counted by its subject, never by address (spreading over
+                // addresses must not multiply anyone's limit).
+                (Some((issuer, subject)), None) => BucketKey::Hashed(self.hasher.hash_one((issuer, subject, "no claim value"))),
+                (None, _) => by_ip(),
             },
         }
     }

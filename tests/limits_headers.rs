@@ -263,6 +263,44 @@ rate_limit = {{ key = "subject", rate = "1/min", burst = 3 }}
 // 3. X-Forwarded-For only from trusted proxies.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_limits_count_numbers_and_never_fall_back_to_the_address_for_a_token() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let iss = TestIssuer::new();
+        let cfg = format!(
+            r#"{base}
+{issuer}
+[[routes]]
+name = "tenant"
+path = "/t"
+upstream = "api"
+rate_limit = {{ key = "claim:tenant", rate = "1/min", burst = 2 }}
+"#,
+            base = base_config(&up),
+            issuer = iss.config()
+        );
+        let gw = spawn_with(&cfg, &iss.files()).await;
+        let url = gw.https_url("/t");
+        let tok = |sub: &str, tenant: serde_json::Value| mint_token(&iss.key, None, &claims(ISS, sub, json!({ "tenant": tenant })));
+        let (a, b, c) = (client_from(&gw, "127.0.0.1"), client_from(&gw, "127.0.0.3"), client_from(&gw, "127.0.0.4"));
+        // Tenant 42, a number, over three users and two addresses: one bucket.
+        assert_eq!(get(&a, &url, Some(&tok("u1", json!(42)))).await.status, 200);
+        assert_eq!(get(&b, &url, Some(&tok("u2", json!(42)))).await.status, 200);
+        assert_eq!(get(&a, &url, Some(&tok("u3", json!(42)))).await.status, 429, "a numeric tenant was keyed by address");
+        // Tenant 43 from the same address has its own bucket.
+        assert_eq!(get(&a, &url, Some(&tok("u1", json!(43)))).await.status, 200);
+        // A token without a value to count by is counted by its subject, wherever it comes from.
+        let none = tok("u4", serde_json::Value::Null);
+        assert_eq!(get(&a, &url, Some(&none)).await.status, 200);
+        assert_eq!(get(&b, &url, Some(&none)).await.status, 200);
+        assert_eq!(get(&c, &url, Some(&none)).await.status, 429, "a token without the claim bought a bucket per address");
+        assert_eq!(up.hits(), 5);
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_changes_the_key_only_from_a_trusted_proxy() {
     bounded(async {
         let up = spawn_upstream().await;

@@ -222,6 +222,9 @@ async fn malformed_upstream_answers_are_502_without_detail() {
             format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 0\r\n\r\n", "a".repeat(70 * 1024)).into_bytes()
         } else if line.contains("/upgrade") {
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n".to_vec()
+        } else if line.contains("/status-799") {
+            // No class of RFC 9110: not for a client to read, nor for a metrics series of its own.
+            b"HTTP/1.1 799 Odd\r\nContent-Length: 0\r\n\r\n".to_vec()
         } else {
             ok("ok")
         };
@@ -230,7 +233,7 @@ async fn malformed_upstream_answers_are_502_without_detail() {
     .await;
     let gw = spawn_gateway(&config(&up)).await;
     let c = client(&gw);
-    for path in ["/garbage", "/two-lengths", "/huge-head", "/upgrade"] {
+    for path in ["/garbage", "/two-lengths", "/huge-head", "/upgrade", "/status-799"] {
         let (status, _, body) = exchange(&c, "GET", &gw.http_url(path)).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY, "{path}");
         assert_eq!(body.unwrap(), Bytes::from(r#"{"error":"bad_gateway"}"#), "{path}");
