@@ -356,6 +356,7 @@ struct RateLimitFile {
     trusted_proxies: Vec<Spanned<String>>,
     global: Option<Spanned<LimitFile>>,
     ipv6_prefix: Option<u8>,
+    forwarded_header: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -435,6 +436,8 @@ pub struct Config {
     pub upstreams: BTreeMap<String, UpstreamSettings>,
     pub routes: RouteTable,
     pub trusted_proxies: Vec<Cidr>,
+    /// The field trusted proxies name the client in.
+    pub forwarded_from: crate::ratelimit::ForwardedFrom,
     pub issuers: Vec<IssuerSettings>,
     /// Shared with request bodies in flight (their trailers are checked against it).
     pub identity: Arc<IdentitySettings>,
@@ -614,6 +617,15 @@ impl Validator<'_> {
                 Err(e) => self.error(t.span(), e),
             }
         }
+        let forwarded_from = match f.rate_limit.forwarded_header.as_ref().map(|h| (h.span(), h.get_ref().to_ascii_lowercase())) {
+            None => crate::ratelimit::ForwardedFrom::XForwardedFor,
+            Some((_, h)) if h == "x-forwarded-for" => crate::ratelimit::ForwardedFrom::XForwardedFor,
+            Some((_, h)) if h == "forwarded" => crate::ratelimit::ForwardedFrom::Forwarded,
+            Some((span, h)) => {
+                self.error(span, format!("[rate_limit] forwarded_header {h:?} must be \"x-forwarded-for\" or \"forwarded\""));
+                crate::ratelimit::ForwardedFrom::XForwardedFor
+            }
+        };
         let mut issuers = Vec::new();
         let mut issuer_ids = HashSet::new();
         let mut issuer_urls = HashSet::new();
@@ -676,6 +688,7 @@ impl Validator<'_> {
             upstreams,
             routes,
             trusted_proxies,
+            forwarded_from,
             issuers,
             identity,
             token_endpoint,
@@ -1233,6 +1246,17 @@ mod tests {
             let e = Config::from_toml(Path::new("g.toml"), &text).map(|_| ()).expect_err("a zero timeout").to_string();
             assert!(e.contains(key), "{e}");
         }
+    }
+
+    #[test]
+    fn the_forwarded_header_is_one_of_two_fields() {
+        let load = |h: &str| {
+            Config::from_toml(Path::new("g.toml"), &format!("[listen]\nhttp = \"127.0.0.1:0\"\n[rate_limit]\nforwarded_header = \"{h}\"\n"))
+        };
+        assert_eq!(load("Forwarded").map(|c| c.forwarded_from).ok(), Some(crate::ratelimit::ForwardedFrom::Forwarded));
+        assert_eq!(load("x-forwarded-for").map(|c| c.forwarded_from).ok(), Some(crate::ratelimit::ForwardedFrom::XForwardedFor));
+        let e = load("x-real-ip").map(|_| ()).expect_err("another field").to_string();
+        assert!(e.contains("forwarded_header"), "{e}");
     }
 
     #[test]

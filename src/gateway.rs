@@ -269,7 +269,7 @@ impl Gateway {
         // Taken, not cloned: every stage after this reads the URI from here (the forwarded one is built anew).
         let uri = std::mem::take(req.uri_mut());
         let origin = if self.cors_configured { req.headers().get(header::ORIGIN).cloned() } else { None };
-        let client = client_ip(conn.peer, req.headers(), &self.config.trusted_proxies);
+        let client = client_ip(conn.peer, req.headers(), &self.config.trusted_proxies, self.config.forwarded_from);
         // Only an HTTP/1 body left unread needs the connection closed (HTTP/2 resets just the stream).
         let unread_closes = req.version() < Version::HTTP_2 && has_body(&req);
         let mut outcome = Outcome { http1_body: unread_closes, ..Outcome::default() };

@@ -83,34 +83,40 @@ pub fn is_trusted(trusted: &[Cidr], ip: IpAddr) -> bool {
 
 /// Finds the client address: the peer, or for a trusted peer the right-most untrusted address in
 /// `X-Forwarded-For` (every line, in order), falling back to `Forwarded: for=`.
-pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[Cidr], from: ForwardedFrom) -> IpAddr {
     let peer_ip = canonical(peer.ip());
     if !is_trusted(trusted, peer_ip) {
         return peer_ip;
     }
-    let xff: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|h| !h.is_empty())
-        .collect();
-    let forwarded: Vec<&str> = if xff.is_empty() {
-        headers
+    // Only the field the trusted proxies write: the other one is the client's, passed through, to forge.
+    let hops: Vec<Option<&str>> = match from {
+        ForwardedFrom::XForwardedFor => headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(Some)
+            .collect(),
+        // RFC 7239: parameter names are case-insensitive; an element without `for` is a hop that did not say
+        // whom it heard from (None: nothing left of it can be trusted).
+        ForwardedFrom::Forwarded => headers
             .get_all(http::header::FORWARDED)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|el| el.split(';').map(str::trim).find_map(|kv| kv.strip_prefix("for=").or_else(|| kv.strip_prefix("For="))))
-            .map(|v| v.trim_matches('"'))
-            .collect()
-    } else {
-        Vec::new()
+            .filter(|el| !el.trim().is_empty())
+            .map(|el| {
+                el.split(';').find_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    k.trim().eq_ignore_ascii_case("for").then(|| v.trim().trim_matches('"'))
+                })
+            })
+            .collect(),
     };
-    let hops = if xff.is_empty() { forwarded } else { xff };
     for hop in hops.iter().rev() {
-        match parse_hop(hop) {
+        match hop.and_then(parse_hop) {
             Some(ip) if is_trusted(trusted, ip) => continue,
             Some(ip) => return ip,
             // Garbage is not an address we can key on, and nothing left of it can be trusted either.
@@ -118,6 +124,14 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpA
         }
     }
     peer_ip
+}
+
+/// Which field trusted proxies name the client in (`[rate_limit] forwarded_header`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedFrom {
+    #[default]
+    XForwardedFor,
+    Forwarded,
 }
 
 fn parse_hop(s: &str) -> Option<IpAddr> {
@@ -154,19 +168,41 @@ mod tests {
         h.append("x-forwarded-for", "1.2.3.4, 5.6.7.8".parse().unwrap());
         h.append("x-forwarded-for", "10.0.0.2".parse().unwrap());
         let untrusted: SocketAddr = "192.0.2.1:5".parse().unwrap();
-        assert_eq!(client_ip(untrusted, &h, &trusted), "192.0.2.1".parse::<IpAddr>().unwrap());
+        let xff = ForwardedFrom::XForwardedFor;
+        assert_eq!(client_ip(untrusted, &h, &trusted, xff), "192.0.2.1".parse::<IpAddr>().unwrap());
         let proxy: SocketAddr = "127.0.0.1:5".parse().unwrap();
-        assert_eq!(client_ip(proxy, &h, &trusted), "5.6.7.8".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(proxy, &h, &trusted, xff), "5.6.7.8".parse::<IpAddr>().unwrap());
         let mut g = HeaderMap::new();
         g.insert("x-forwarded-for", "oh, hi,,127.0.0.1,,,".parse().unwrap());
-        assert_eq!(client_ip(proxy, &g, &trusted), "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(proxy, &g, &trusted, xff), "127.0.0.1".parse::<IpAddr>().unwrap());
         // An empty entry (a load balancer's trailing comma) is not a hop.
         let mut e = HeaderMap::new();
         e.insert("x-forwarded-for", "5.6.7.8, ".parse().unwrap());
-        assert_eq!(client_ip(proxy, &e, &trusted), "5.6.7.8".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(proxy, &e, &trusted, xff), "5.6.7.8".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn forwarded_is_read_only_where_configured_and_by_its_own_grammar() {
+        let trusted = vec!["127.0.0.1".parse().unwrap()];
+        let proxy: SocketAddr = "127.0.0.1:5".parse().unwrap();
+        let fwd = ForwardedFrom::Forwarded;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let mut f = HeaderMap::new();
         f.insert("forwarded", "for=\"[2001:db8::1]:4711\";proto=https".parse().unwrap());
-        assert_eq!(client_ip(proxy, &f, &trusted), "2001:db8::1".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(proxy, &f, &trusted, fwd), ip("2001:db8::1"));
+        // The field the proxies do not write is the client's: it is never read.
+        assert_eq!(client_ip(proxy, &f, &trusted, ForwardedFrom::XForwardedFor), ip("127.0.0.1"));
+        let mut both = f.clone();
+        both.insert("x-forwarded-for", "7.7.7.7".parse().unwrap());
+        assert_eq!(client_ip(proxy, &both, &trusted, fwd), ip("2001:db8::1"), "a client's X-Forwarded-For chose the key");
+        // Parameter names in any case; the right-most element counts.
+        let mut c = HeaderMap::new();
+        c.insert("forwarded", "for=8.8.9.1, FOR=5.5.5.5".parse().unwrap());
+        assert_eq!(client_ip(proxy, &c, &trusted, fwd), ip("5.5.5.5"));
+        // A proxy's element without `for`: whom it heard from is unknown, so nothing left of it is taken.
+        let mut n = HeaderMap::new();
+        n.insert("forwarded", "for=8.8.8.8, proto=https;by=127.0.0.1".parse().unwrap());
+        assert_eq!(client_ip(proxy, &n, &trusted, fwd), ip("127.0.0.1"));
     }
 }
 
