@@ -958,8 +958,14 @@ impl Validator<'_> {
         let mut origins = Vec::new();
         for o in c.allow_origins.iter().filter(|o| *o != "*") {
             match http::HeaderValue::from_str(o) {
-                Ok(v) if o.contains("://") => origins.push(v),
-                _ => self.error(span.clone(), format!("[cors] origin {o:?} must be scheme://host[:port]")),
+                Ok(v) if is_serialized_origin(o) => origins.push(v),
+                _ => self.error(
+                    span.clone(),
+                    format!(
+                        "[cors] origin {o:?} must be written as browsers send it: scheme://host[:port], lowercase, no path \
+                         or trailing slash, no default port, one origin per string, no wildcards"
+                    ),
+                ),
             }
         }
         let names = c.allow_methods.clone().unwrap_or_else(|| vec!["GET".into(), "POST".into(), "PUT".into(), "DELETE".into()]);
@@ -1159,6 +1165,26 @@ impl Validator<'_> {
     }
 }
 
+/// Whether `o` is an origin as a browser serializes it in `Origin` (RFC 6454 §6.2): the exact comparison with
+/// what browsers send can only ever match such a string.
+fn is_serialized_origin(o: &str) -> bool {
+    let Some((scheme, rest)) = o.split_once("://") else { return false };
+    let scheme_ok = scheme.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+        && scheme.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !rest.ends_with(']') => (h, Some(p)),
+        _ => (rest, None),
+    };
+    let host_ok = !host.is_empty() && host.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.[]:".contains(&b));
+    let default_port = match scheme {
+        "https" | "wss" => Some("443"),
+        "http" | "ws" => Some("80"),
+        _ => None,
+    };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && Some(p) != default_port);
+    scheme_ok && host_ok && port_ok
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1245,6 +1271,27 @@ mod tests {
             let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n[limits]\n{key} = \"0s\"\n");
             let e = Config::from_toml(Path::new("g.toml"), &text).map(|_| ()).expect_err("a zero timeout").to_string();
             assert!(e.contains(key), "{e}");
+        }
+    }
+
+    #[test]
+    fn cors_origins_must_be_written_as_browsers_send_them() {
+        for ok in ["https://app.example.com", "http://localhost:3000", "https://[::1]:8443", "http://[::1]", "capacitor://localhost"] {
+            assert!(is_serialized_origin(ok), "{ok}");
+        }
+        for bad in [
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "https://APP.example.com",
+            "HTTPS://app.example.com",
+            "https://app.example.com:443",
+            "http://app.example.com:80",
+            "https://*.example.com",
+            "https://a.com, https://b.com",
+            "file://",
+            "app.example.com",
+        ] {
+            assert!(!is_serialized_origin(bad), "{bad}");
         }
     }
 

@@ -84,7 +84,10 @@ pub fn remove_upstreams_own(h: &mut HeaderMap) {
 
 /// Adds the CORS headers to an actual response for an allowed origin (and `Vary: Origin` always).
 pub fn apply(policy: &CorsPolicy, origin: Option<&HeaderValue>, h: &mut HeaderMap) {
-    h.append(header::VARY, HeaderValue::from_static("Origin"));
+    // Once: a preflight answer has it already.
+    if !h.get_all(header::VARY).iter().any(|v| v == "Origin") {
+        h.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
     let Some(origin) = origin else { return };
     if !policy.allows_origin(origin) {
         return;
