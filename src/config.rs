@@ -1105,6 +1105,15 @@ impl Validator<'_> {
             }
             let mut route = route;
             route.rate_limit = r.rate_limit.as_ref().and_then(|l| self.limit(l, false));
+            if r.auth == AuthMode::Public
+                && route.rate_limit.as_ref().is_some_and(|l| matches!(l.key, LimitKey::Subject | LimitKey::Claim(_)))
+            {
+                let span = r.rate_limit.as_ref().map_or(r.path.span(), Spanned::span);
+                self.warn(
+                    span,
+                    format!("route {name:?} is public: its subject or claim rate limit counts every request by client address"),
+                );
+            }
             if let Some(h) = &r.headers {
                 let base = self.route_headers_base.clone();
                 route.headers = Some(Arc::new(self.secure_headers(base.as_ref(), Some(&(h.span(), h.get_ref().clone())))));
@@ -1328,6 +1337,25 @@ mod tests {
         let w = load("");
         assert!(w.iter().any(|w| w.contains("issuer \"idp\" has no `audiences`") && w.contains("ID tokens")), "{w:?}");
         assert!(load("audiences = [\"api\"]").is_empty());
+    }
+
+    #[test]
+    fn a_subject_limit_on_a_public_route_is_warned_about() {
+        let load = |auth: &str, key: &str| {
+            let text = format!(
+                "[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.api]\nurl = \"http://127.0.0.1:9\"\n[[issuers]]\nid = \"i\"\n\
+                 issuer = \"https://i.test\"\naudiences = [\"api\"]\nalgorithms = [\"RS256\"]\njwks_url = \"https://i.test/keys\"\n\
+                 [[routes]]\nname = \"r\"\npath = \"/*\"\nupstream = \"api\"\nauth = \"{auth}\"\n\
+                 rate_limit = {{ key = \"{key}\", rate = \"1/s\" }}\n"
+            );
+            Config::from_toml(Path::new("g.toml"), &text).expect("loads").warnings.iter().map(|w| w.message.clone()).collect::<Vec<_>>()
+        };
+        for key in ["subject", "claim:tenant"] {
+            let w = load("public", key);
+            assert!(w.iter().any(|w| w.contains("is public") && w.contains("client address")), "{key}: {w:?}");
+            assert!(load("required", key).is_empty(), "{key}");
+        }
+        assert!(load("public", "ip").is_empty());
     }
 
     #[test]
