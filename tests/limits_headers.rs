@@ -349,6 +349,35 @@ async fn forwarded_for_changes_the_key_only_from_a_trusted_proxy() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_that_writes_forwarded_a_clients_own_x_forwarded_for_buys_nothing() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let cfg = format!(
+            "{}\n[rate_limit]\ntrusted_proxies = [\"127.0.0.2\"]\nforwarded_header = \"forwarded\"\n\
+             global = {{ key = \"ip\", rate = \"1/min\", burst = 2 }}\n{PUBLIC_API}",
+            base_config(&up)
+        );
+        let gw = spawn_gateway(&cfg).await;
+        let url = gw.https_url("/api/x");
+        let proxy = client_from(&gw, "127.0.0.2");
+        // The proxy names the client 5.5.5.5 in Forwarded (parameter names in any case); the client's own
+        // X-Forwarded-For, passed through, changes with every request and must not choose the bucket.
+        for (i, (forwarded, xff)) in
+            [("for=5.5.5.5", "7.7.7.1"), ("For=5.5.5.5;proto=https", "7.7.7.2"), ("FOR=5.5.5.5", "7.7.7.3")].into_iter().enumerate()
+        {
+            let a = get_with(&proxy, &url, &[("forwarded", forwarded), ("x-forwarded-for", xff)]).await;
+            assert_eq!(a.status, if i < 2 { 200 } else { 429 }, "request {i}: {}", a.text());
+        }
+        assert_eq!(up.hits(), 2, "a forged X-Forwarded-For bought a fresh bucket");
+        // Another client behind the same proxy has its own bucket.
+        assert_eq!(get_with(&proxy, &url, &[("forwarded", "for=6.6.6.6")]).await.status, 200);
+        assert_eq!(up.hits(), 3);
+        gw.stop().await;
+    })
+    .await;
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // 4. Memory stays bounded under a key flood.
 
