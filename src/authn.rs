@@ -756,7 +756,7 @@ pub fn extract_token<'a>(
         }
     }
     if let (Some(name), Some(q)) = (&sources.query, query) {
-        let mut values = query_params(q).filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.into_owned());
+        let mut values = query_params(q).filter(|(k, _)| names_token(k, name)).map(|(_, v)| v.into_owned());
         if let Some(v) = values.next() {
             if values.next().is_some() {
                 return Err(AuthError::InvalidRequest("the token parameter appears more than once"));
@@ -780,10 +780,20 @@ fn query_params(q: &str) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, std
 }
 
 /// Removes the token parameter from a query string (before forwarding and logging): every `&`-separated part
-/// that names it, in any case, also after a `;`.
+/// that names it in any spelling [`names_token`] accepts, also after a `;`.
 pub fn strip_query_token(query: &str, name: &str) -> Option<String> {
-    let kept: Vec<&str> = query.split('&').filter(|part| !query_params(part).any(|(k, _)| k.eq_ignore_ascii_case(name))).collect();
+    let kept: Vec<&str> = query.split('&').filter(|part| !query_params(part).any(|(k, _)| names_token(&k, name))).collect();
     (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+/// Whether a decoded query parameter name is the token parameter `name` as some framework reads it: case aside,
+/// PHP reads `.` and a space as `_` and drops leading spaces, and PHP, Rack and qs read `name[]` and `name[x]` as
+/// `name`. Every such spelling is the token: verified (a second one is a 400) and removed before forwarding.
+fn names_token(key: &str, name: &str) -> bool {
+    let key = key.trim_start_matches(' ');
+    let key = key.split_once('[').map_or(key, |(k, _)| k);
+    let fold = |b: u8| if b == b'.' || b == b' ' { b'_' } else { b.to_ascii_lowercase() };
+    key.len() == name.len() && key.bytes().zip(name.bytes()).all(|(a, b)| fold(a) == fold(b))
 }
 
 /// Finds the one bearer credential of a request. Two `Authorization` headers are a 400; a scheme other than

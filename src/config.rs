@@ -1057,7 +1057,14 @@ impl Validator<'_> {
                     self.error(p.span(), format!("route {name:?}: strip_prefix must start with '/' and not be \"/\""));
                     None
                 }
-                Some(p) => Some(p.get_ref().trim_end_matches('/').to_string()),
+                // In the form the normalised paths it is cut from take (non-ASCII percent-encoded).
+                Some(p) => match p.get_ref().trim_end_matches('/').split('/').map(canonical_or_empty).collect::<Result<Vec<_>, _>>() {
+                    Ok(segments) => Some(segments.join("/")),
+                    Err(e) => {
+                        self.error(p.span(), format!("route {name:?}: strip_prefix: {e}"));
+                        None
+                    }
+                },
                 None => None,
             };
             if let Some(iss) = &r.issuers {
@@ -1141,11 +1148,12 @@ impl Validator<'_> {
         upstreams: &BTreeMap<String, UpstreamSettings>,
         case_insensitive: bool,
     ) {
-        // One server under two spellings is one origin: default ports, `localhost` and the loopback addresses.
+        // One server under two spellings is one origin: default ports, `localhost`, the loopback and unspecified
+        // addresses however written (`127.1`, `0x7f.0.0.1`, `[::ffff:127.0.0.1]`, `0.0.0.0`). Compared as
+        // configured, not through DNS.
         let origin = |r: &Route| {
             upstreams.get(&r.upstream).map(|u| {
-                let host = u.authority.host().trim_matches(['[', ']']).to_ascii_lowercase();
-                let host = if matches!(host.as_str(), "localhost" | "127.0.0.1" | "::1") { "loopback".to_string() } else { host };
+                let host = origin_host(u.authority.host());
                 let port = u.authority.port_u16().unwrap_or(if u.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 });
                 (u.scheme.clone(), host, port)
             })
@@ -1194,6 +1202,58 @@ fn is_serialized_origin(o: &str) -> bool {
     scheme_ok && host_ok && port_ok
 }
 
+/// An upstream host as one origin is named: IP addresses in one spelling, and every loopback or unspecified
+/// address (which reach this machine) as `loopback`.
+fn origin_host(host: &str) -> String {
+    let host = host.trim_matches(['[', ']']).trim_end_matches('.').to_ascii_lowercase();
+    if host == "localhost" || host.ends_with(".localhost") {
+        return "loopback".into();
+    }
+    let ip = match host.parse::<std::net::Ipv6Addr>() {
+        Ok(v6) => Some(v6.to_ipv4_mapped().map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)),
+        Err(_) => lenient_ipv4(&host).map(std::net::IpAddr::V4),
+    };
+    match ip {
+        Some(ip) if ip.is_loopback() || ip.is_unspecified() => "loopback".into(),
+        Some(ip) => ip.to_string(),
+        None => host,
+    }
+}
+
+/// IPv4 as resolvers read it (inet_aton): one to four parts, each decimal, octal (`0` prefix) or hex (`0x`), the
+/// last filling the remaining bytes: `127.1` is 127.0.0.1.
+fn lenient_ipv4(s: &str) -> Option<std::net::Ipv4Addr> {
+    let parts: Vec<u64> = s
+        .split('.')
+        .map(|p| {
+            let (digits, radix) = match p.strip_prefix("0x") {
+                Some(h) => (h, 16),
+                None if p.len() > 1 && p.starts_with('0') => (&p[1..], 8),
+                None => (p, 10),
+            };
+            // from_str_radix takes a sign, inet_aton does not.
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            u64::from_str_radix(digits, radix).ok()
+        })
+        .collect::<Option<_>>()?;
+    let (last, head) = parts.split_last()?;
+    if head.len() > 3 || head.iter().any(|&p| p > 255) || *last >= 1u64 << (8 * (4 - head.len())) {
+        return None;
+    }
+    let value = head.iter().enumerate().fold(*last, |acc, (i, &p)| acc | p << (8 * (3 - i)));
+    u32::try_from(value).ok().map(std::net::Ipv4Addr::from)
+}
+
+fn canonical_or_empty(segment: &str) -> Result<String, String> {
+    if segment.is_empty() {
+        Ok(String::new())
+    } else {
+        crate::router::canonical_segment(segment)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1217,6 +1277,20 @@ mod tests {
         let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n{}{}", issuer("a"), issuer("b"));
         let err = Config::from_toml(Path::new("dup.toml"), &text).expect_err("duplicate iss must not load").to_string();
         assert!(err.contains("configured twice"), "{err}");
+    }
+
+    #[test]
+    fn upstream_hosts_are_compared_as_resolvers_read_them() {
+        assert_eq!(lenient_ipv4("127.1"), Some(std::net::Ipv4Addr::new(127, 0, 0, 1)));
+        assert_eq!(lenient_ipv4("0x7f.0.0.1"), Some(std::net::Ipv4Addr::new(127, 0, 0, 1)));
+        assert_eq!(lenient_ipv4("017700000001"), Some(std::net::Ipv4Addr::new(127, 0, 0, 1)));
+        assert_eq!(lenient_ipv4("10.1.2"), Some(std::net::Ipv4Addr::new(10, 1, 0, 2)));
+        for bad in ["api", "1..2", "256.1.1.1", "1.2.3.4.5", "0x", "+1.2.3.4", "1.2.3.256", ""] {
+            assert_eq!(lenient_ipv4(bad), None, "{bad}");
+        }
+        assert_eq!(origin_host("api.internal."), "api.internal");
+        assert_eq!(origin_host("[::1]"), "loopback");
+        assert_eq!(origin_host("10.000.0.1"), "10.0.0.1");
     }
 
     #[test]
@@ -1252,9 +1326,11 @@ mod tests {
         assert!(e.contains("route \"up\" strips") && e.contains("\"pup\""), "{e}");
 
         // The same server under another spelling, and a trailing slash, do not escape the check.
-        let spelled = "[upstreams.c]\nurl = \"http://localhost:1/\"\n";
-        let e = load(&format!("{admin}{}{spelled}", route("api", "/api/*", "c", "strip_prefix = \"/api\""))).unwrap_err();
-        assert!(e.contains("\"admin\""), "{e}");
+        for host in ["localhost", "127.1", "0x7f.0.0.1", "2130706433", "[::ffff:127.0.0.1]", "0.0.0.0", "127.0.0.1.", "LocalHost"] {
+            let spelled = format!("[upstreams.c]\nurl = \"http://{host}:1/\"\n");
+            let e = load(&format!("{admin}{}{spelled}", route("api", "/api/*", "c", "strip_prefix = \"/api\""))).expect_err(host);
+            assert!(e.contains("\"admin\""), "{host}: {e}");
+        }
         let users = route("users", "/users", "a", "roles_any = [\"admin\"]");
         let e = load(&format!("{users}{}", route("v1", "/v1/users/", "a", "strip_prefix = \"/v1\""))).unwrap_err();
         assert!(e.contains("\"users\""), "{e}");
@@ -1265,6 +1341,8 @@ mod tests {
 
         // Allowed: another origin; paths that cannot meet; rules as strict or stricter; a weaker route.
         load(&format!("{admin}{}", route("api", "/api/*", "other", "strip_prefix = \"/api\""))).expect("another origin");
+        let elsewhere = "[upstreams.c]\nurl = \"http://10.0.0.1:1/\"\n";
+        load(&format!("{admin}{}{elsewhere}", route("api", "/api/*", "c", "strip_prefix = \"/api\""))).expect("another host");
         load(&format!("{admin}{}", route("api", "/api/items/*", "a", "strip_prefix = \"/api\""))).expect("stripped into /items/* only");
         load(&format!("{admin}{}", route("api", "/api/*", "a", "roles_all = [\"admin\", \"ops\"]\nstrip_prefix = \"/api\"")))
             .expect("stricter rules");

@@ -40,6 +40,7 @@ impl GatewayError {
                 | RouteError::BadEscape
                 | RouteError::ForbiddenByte
                 | RouteError::NotUtf8
+                | RouteError::LowercaseMethod(_)
                 | RouteError::BadHost(_) => StatusCode::BAD_REQUEST,
                 RouteError::NotFound => StatusCode::NOT_FOUND,
                 RouteError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,

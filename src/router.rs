@@ -3,7 +3,8 @@
 //! Threat model: a client crafts a path that the gateway routes one way and the upstream reads another
 //! (`//admin`, `/./admin`, `/x/../admin`, `/%61dmin`, `/admin%2fx`, `\admin`, `/public/..;/admin`). The defence is to decide on one
 //! canonical form and forward exactly that form: dot-segments are removed and slashes merged after unreserved
-//! characters are decoded, and anything whose meaning differs between servers (an encoded `/` or `\`, a `;` path
+//! characters and the delimiters a segment may carry raw (`:@!$&'()*+,=`) are decoded, route literals are kept in
+//! that same form (so `/v1/items%3Apurge` is `/v1/items:purge`, and `/caf%C3%A9` is `/café`), and anything whose meaning differs between servers (an encoded `/` or `\`, a `;` path
 //! parameter, NUL, other control bytes) is refused with 400 rather than guessed at. The upstream never sees a path the policy did not.
 
 use std::borrow::Cow;
@@ -31,6 +32,10 @@ pub enum RouteError {
     /// CONNECT, or TRACE on a route that does not list it.
     #[error("method {0} is not proxied")]
     NotImplemented(Method),
+    /// Methods are case-sensitive (RFC 9110 §9.1), but frameworks that upper-case them would run `delete` as the
+    /// DELETE a route refused: refused rather than routed as another method.
+    #[error("method {0:?} has lowercase letters")]
+    LowercaseMethod(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +81,7 @@ impl PathPattern {
             } else if seg.contains('{') || seg.contains('}') {
                 return Err(format!("path {s:?}: a parameter must be a whole segment, like \"/users/{{id}}\""));
             } else {
-                segments.push(Segment::Literal(seg.to_string()));
+                segments.push(Segment::Literal(canonical_segment(seg).map_err(|e| format!("path {s:?}: {e}"))?));
             }
         }
         if body.contains("//") {
@@ -93,7 +98,6 @@ impl PathPattern {
     fn matches<'p>(&self, path: &'p str, case_insensitive: bool, params: &mut Vec<(usize, &'p str)>) -> bool {
         params.clear();
         let rest = &path[1..];
-        let ends_with_slash = rest.ends_with('/');
         let trimmed = rest.strip_suffix('/').unwrap_or(rest);
         let mut parts = trimmed.split('/').filter(|p| !p.is_empty());
         for (i, seg) in self.segments.iter().enumerate() {
@@ -116,15 +120,15 @@ impl PathPattern {
         if parts.next().is_some() {
             return false;
         }
-        // Exact routes are exact: "/users/me/" is not "/users/me" (fail closed rather than guess).
-        let is_root = self.segments.is_empty();
-        is_root || ends_with_slash == self.trailing_slash
+        // "/users/me/" is "/users/me" (and the other way round): most frameworks serve both, or redirect one to
+        // the other, so both must meet the same route's rules rather than fall through to a later route's.
+        true
     }
 
     /// True if every path this pattern's `other` matches is also matched by `self` (literals compared the way
     /// the table matches them).
     fn covers(&self, other: &PathPattern, case_insensitive: bool) -> bool {
-        if !self.prefix && (other.prefix || self.segments.len() != other.segments.len() || self.trailing_slash != other.trailing_slash) {
+        if !self.prefix && (other.prefix || self.segments.len() != other.segments.len()) {
             return false;
         }
         if self.segments.len() > other.segments.len() {
@@ -174,7 +178,6 @@ impl PathPattern {
                 (true, true) => true,
                 (true, false) => b >= a,
                 (false, true) => a >= b,
-                // A trailing slash is told apart here, but most upstream frameworks treat `/x/` as `/x`.
                 (false, false) => a == b,
             }
     }
@@ -387,12 +390,18 @@ impl RouteTable {
     pub fn trace(&self, method: &Method, path: &str) -> Vec<(&Route, bool, bool)> {
         let mut scratch = Vec::new();
         let mut out = Vec::new();
+        let mut fences: Vec<&PathPattern> = Vec::new();
         for route in &self.routes {
-            let path_ok = route.pattern.matches(path, self.case_insensitive, &mut scratch);
+            // A route broader than a fence counts as not matching the path (see `match_route`).
+            let path_ok = route.pattern.matches(path, self.case_insensitive, &mut scratch)
+                && fences.iter().all(|f| f.covers(&route.pattern, self.case_insensitive));
             let method_ok = route.allows(method);
             out.push((route, path_ok, method_ok));
             if path_ok && method_ok {
                 break;
+            }
+            if path_ok {
+                fences.push(&route.pattern);
             }
         }
         out
@@ -400,12 +409,23 @@ impl RouteTable {
 
     /// Finds the first route whose path and method match a normalised path. A path that some route matches
     /// only for other methods is 405 with `Allow`; no path match at all is 404.
+    ///
+    /// A route whose path matched but whose methods did not fences the path: a later route is chosen only if
+    /// every path it matches is that route's too (another method's route for the same path, or a narrower one),
+    /// never a broader one, so `DELETE` on a `GET`-only `/reports/*` is 405, not a catch-all `/*`'s request.
     pub fn match_route<'r>(&'r self, method: &Method, path: &str) -> Result<RouteMatch<'r>, RouteError> {
+        if method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+            return Err(RouteError::LowercaseMethod(method.as_str().to_string()));
+        }
         let mut scratch = Vec::new();
         let mut allowed: Vec<&Method> = Vec::new();
         let mut any_method_route = false;
+        let mut fences: Vec<&PathPattern> = Vec::new();
         for route in &self.routes {
             if !route.pattern.matches(path, self.case_insensitive, &mut scratch) {
+                continue;
+            }
+            if !fences.iter().all(|f| f.covers(&route.pattern, self.case_insensitive)) {
                 continue;
             }
             if route.allows(method) {
@@ -423,6 +443,7 @@ impl RouteTable {
                 Some(ms) => allowed.extend(ms.iter()),
                 None => any_method_route = true,
             }
+            fences.push(&route.pattern);
         }
         if any_method_route {
             return Err(RouteError::NotImplemented(method.clone()));
@@ -442,6 +463,32 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// The delimiters a path segment may carry raw (RFC 3986 `pchar`), which frameworks decode before routing: their
+/// escapes are decoded too, so a route literal `items:purge` is `items%3Apurge`. `;` is not among them: it is
+/// refused raw (Tomcat path parameters), and its escape is data.
+fn is_segment_delimiter(b: u8) -> bool {
+    matches!(b, b':' | b'@' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b'=')
+}
+
+/// A route literal (one segment, or a `strip_prefix` segment) in the form normalised request paths take: non-ASCII
+/// is percent-encoded (requests carry it so), and characters no request path carries raw are refused, since the
+/// route could never match them.
+pub(crate) fn canonical_segment(seg: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(seg.len());
+    for &b in seg.as_bytes() {
+        if is_unreserved(b) || is_segment_delimiter(b) {
+            out.push(char::from(b));
+        } else if !b.is_ascii() {
+            out.push('%');
+            out.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
+            out.push(char::from(b"0123456789ABCDEF"[usize::from(b & 15)]));
+        } else {
+            return Err(format!("segment {seg:?} has {:?}, which no normalised request path carries raw", char::from(b)));
+        }
+    }
+    Ok(out)
+}
+
 fn hex(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -451,7 +498,8 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-/// Normalises a request path (RFC 3986 §6.2.2): decodes percent-escaped unreserved characters, upper-cases the
+/// Normalises a request path (RFC 3986 §6.2.2): decodes percent-escaped unreserved characters (and the delimiters
+/// a segment carries raw, which frameworks decode before routing), upper-cases the
 /// remaining escapes, removes dot-segments and merges repeated slashes. Refuses an encoded `/` or `\`, a raw `\`,
 /// and NUL or any other control character. Paths already in normal form are returned without copying.
 pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, RouteError> {
@@ -482,7 +530,7 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, RouteError> {
                 if v == b'/' || v == b'\\' || v < 0x20 || v == 0x7f {
                     return Err(RouteError::ForbiddenByte);
                 }
-                if is_unreserved(v) {
+                if is_unreserved(v) || is_segment_delimiter(v) {
                     decoded.push(v as char);
                 } else {
                     decoded.push('%');
@@ -544,6 +592,72 @@ mod tests {
             })
             .collect();
         RouteTable::new(routes, ci)
+    }
+
+    #[test]
+    fn route_literals_match_their_encoded_forms() {
+        let t = table(&[("/v1/items:purge", None), ("/café/*", None), ("/users/@me", None), ("/*", None)], false);
+        let route = |p: &str| t.match_route(&Method::GET, &normalize_path(p).unwrap()).unwrap().route.index;
+        for p in ["/v1/items:purge", "/v1/items%3Apurge", "/v1/items%3apurge", "/v1/%69tems%3Apurge"] {
+            assert_eq!(route(p), 0, "{p}");
+        }
+        for p in ["/caf%C3%A9/x", "/caf%c3%a9/x", "/caf%C3%A9"] {
+            assert_eq!(route(p), 1, "{p}");
+        }
+        assert_eq!(route("/users/%40me"), 2);
+        // The forwarded path is the form the route matched.
+        assert_eq!(normalize_path("/v1/items%3apurge%2b%3b").unwrap(), "/v1/items:purge+%3B");
+        assert_eq!(route("/v1/items%3Bpurge"), 3, "an encoded ';' is data, not ':'");
+        for bad in ["/a;b", "/a b", "/a\"b", "/a[0]", "/a|b", "/a?b", "/a#b", "/a^b"] {
+            assert!(PathPattern::parse(bad).is_err(), "{bad} could never match a request");
+        }
+    }
+
+    #[test]
+    fn a_trailing_slash_meets_the_same_route() {
+        let t = table(&[("/users/{id}", None), ("/x/", None), ("/admin", None), ("/*", None)], false);
+        for (p, want) in [("/users/alice/", 0), ("/users/alice", 0), ("/x", 1), ("/x/", 1), ("/admin/", 2), ("/admin/.", 2), ("/y/", 3)] {
+            let path = normalize_path(p).unwrap();
+            assert_eq!(t.match_route(&Method::GET, &path).unwrap().route.index, want, "{p}");
+        }
+    }
+
+    #[test]
+    fn a_broader_later_route_never_takes_a_method_a_route_refused() {
+        let t = table(
+            &[
+                ("/reports/*", Some(&["GET"])),
+                ("/reports/special", Some(&["DELETE"])),
+                ("/items", Some(&["GET"])),
+                ("/items", Some(&["POST"])),
+                ("/*", None),
+            ],
+            false,
+        );
+        let m = |s: &str| Method::from_bytes(s.as_bytes()).unwrap();
+        match t.match_route(&m("DELETE"), "/reports/q3") {
+            Err(RouteError::MethodNotAllowed { allow }) => assert_eq!(allow, "GET"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(t.match_route(&m("DELETE"), "/reports/special").unwrap().route.index, 1, "a narrower route may");
+        assert_eq!(t.match_route(&m("POST"), "/items").unwrap().route.index, 3, "the same path's other route may");
+        match t.match_route(&m("DELETE"), "/items") {
+            Err(RouteError::MethodNotAllowed { allow }) => assert_eq!(allow, "GET, POST"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(t.match_route(&m("DELETE"), "/other").unwrap().route.index, 4);
+        let traced: Vec<_> = t.trace(&m("DELETE"), "/reports/q3").iter().map(|(r, p, m)| (r.index, *p, *m)).collect();
+        assert_eq!(traced.last(), Some(&(4, false, true)), "explain shows the catch-all as not taking it: {traced:?}");
+    }
+
+    #[test]
+    fn lowercase_methods_are_refused_not_routed() {
+        let t = table(&[("/items", Some(&["DELETE"])), ("/*", None)], false);
+        for m in ["delete", "Delete", "trace", "connect", "get"] {
+            let r = t.match_route(&Method::from_bytes(m.as_bytes()).unwrap(), "/items");
+            assert!(matches!(r, Err(RouteError::LowercaseMethod(_))), "{m}: {r:?}");
+        }
+        assert_eq!(t.match_route(&Method::from_bytes(b"PROPFIND").unwrap(), "/x").unwrap().route.index, 1);
     }
 
     #[test]

@@ -2420,3 +2420,87 @@ async fn jwks_over_https_is_trusted_through_ca_file_and_refused_without_it() {
     })
     .await;
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// The route the policy decided on is the one the upstream's framework reads (review of 2026-12-02).
+
+#[tokio::test]
+async fn spellings_a_framework_reads_as_a_guarded_route_meet_its_rules() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let cfg = format!(
+            r#"{base}
+[[issuers]]
+id = "hs"
+issuer = "{HS_ISS}"
+audiences = ["api"]
+algorithms = ["HS256"]
+secret_file = "hs.secret"
+roles_claim = "roles"
+
+[[routes]]
+name = "purge"
+path = "/v1/items:purge"
+upstream = "api"
+roles_any = ["admin"]
+
+[[routes]]
+name = "profile"
+path = "/users/{{id}}"
+upstream = "api"
+claims = {{ sub = "{{id}}" }}
+
+[[routes]]
+name = "reports"
+path = "/reports/*"
+methods = ["GET"]
+upstream = "api"
+roles_any = ["reporter"]
+
+[[routes]]
+name = "wipe"
+path = "/items"
+methods = ["DELETE"]
+upstream = "api"
+roles_any = ["admin"]
+
+[[routes]]
+name = "rest"
+path = "/*"
+upstream = "api"
+"#,
+            base = base_config(&up)
+        );
+        let gw = spawn_gateway_with_files(&cfg, &[("hs.secret", HMAC_SECRET)]).await;
+        let c = client(&gw);
+        let hs = hmac_key(Algorithm::HS256, HMAC_SECRET);
+        let bob = tok(&hs, HS_ISS, "bob", json!({"roles": ["user"]}));
+        let url = |p: &str| gw.https_url(p);
+
+        // An escaped delimiter, a trailing slash: the guarded route, not the catch-all.
+        for p in ["/v1/items%3Apurge", "/v1/items%3apurge", "/v1/items:purge/"] {
+            forbidden(&c, &up, &url(p), &bob, p).await;
+        }
+        forbidden(&c, &up, &url("/users/alice/"), &bob, "a trailing slash").await;
+        accepted(&c, &up, &url("/users/bob/"), &bob, "one's own profile, with a slash").await;
+        // A method a route refused is not the catch-all's to take.
+        let before = up.hits();
+        let req = Request::delete(url("/reports/q3")).header("authorization", format!("Bearer {bob}"));
+        let a = send(&c, req.body(Full::new(Bytes::new())).unwrap()).await;
+        assert_eq!(a.status, 405, "{}", a.text());
+        assert_eq!(a.headers.get("allow").and_then(|v| v.to_str().ok()), Some("GET"));
+        assert_eq!(up.hits(), before, "DELETE on a GET-only route reached the upstream");
+        accepted(&c, &up, &url("/elsewhere"), &bob, "the catch-all still serves its own paths").await;
+
+        // A lowercase method is not routed as another one (raw: clients upper-case nothing).
+        let addr = gw.http.expect("plain listener");
+        for m in ["delete", "Delete", "trace"] {
+            let req = format!("{m} /items HTTP/1.1\r\nHost: gateway.test\r\nAuthorization: Bearer {bob}\r\nConnection: close\r\n\r\n");
+            let (rsp, _) = raw_exchange(addr, req.as_bytes(), Duration::from_secs(10)).await;
+            assert!(rsp.starts_with("HTTP/1.1 400"), "{m}: {rsp}");
+        }
+        assert_eq!(up.hits(), before + 1, "a lowercase method reached the upstream");
+        gw.stop().await;
+    })
+    .await;
+}

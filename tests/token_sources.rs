@@ -113,6 +113,12 @@ async fn whatever_an_upstream_could_read_as_a_token_is_verified_or_removed() {
         ("/opt/x", vec![("cookie", format!("SESSION={forged}"))]),
         (&format!("/q/x?ACCESS_TOKEN={forged}"), vec![]),
         (&format!("/q/x?a=1;access_token={forged}"), vec![]),
+        // PHP reads '.', a space and a leading space into '_'; PHP, Rack and qs read "name[]" as "name".
+        (&format!("/q/x?access.token={forged}"), vec![]),
+        (&format!("/q/x?access+token={forged}"), vec![]),
+        (&format!("/q/x?%20access_token={forged}"), vec![]),
+        (&format!("/q/x?access_token[]={forged}"), vec![]),
+        (&format!("/q/x?access_token%5B0%5D={forged}"), vec![]),
     ] {
         let a = send(&c, request(&gw.https_url(url), &headers)).await;
         assert_eq!(a.status, 401, "{url} {headers:?}: {}", a.text());
@@ -121,6 +127,11 @@ async fn whatever_an_upstream_could_read_as_a_token_is_verified_or_removed() {
     // Beside a valid header token, a second spelling is a second credential.
     let a = send(&c, request(&gw.https_url(&format!("/q/x?Access_Token={forged}")), &[("authorization", format!("Bearer {valid}"))])).await;
     assert_eq!(a.status, 400, "{}", a.text());
+    // So is one in a spelling only a framework folds into the name, after a valid one.
+    for second in ["access.token", "access+token", "access_token[]", "+access_token"] {
+        let a = send(&c, request(&gw.https_url(&format!("/q/x?access_token={valid}&{second}=unverified")), &[])).await;
+        assert_eq!(a.status, 400, "{second}: {}", a.text());
+    }
     assert_eq!(up.hits(), hits, "an unverified token reached the upstream");
 
     // Another scheme on an anonymous request is no credential the policy saw: the upstream does not get it.
