@@ -5,7 +5,6 @@
 //! reused newest first; one that idled past `idle_timeout`, was closed by the upstream, or has unexpected bytes
 //! waiting is dropped rather than handed out.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -34,22 +33,12 @@ impl Conn {
     }
 
     /// True unless the upstream has closed the connection or sent bytes nobody asked for. The socket itself is
-    /// asked (a non-blocking peek) only when tokio's reactor has seen it become readable since the last read
-    /// drained it, as an event loop proxy such as nginx decides: a quiet pooled connection costs no system call.
-    /// A FIN or stray bytes the reactor has not yet picked up (it polls the sockets when a worker parks, or every
-    /// few dozen task polls on a busy one) are still caught: they are read as the next answer's head and fail to parse, or the close is
-    /// seen before any answer byte (then an idempotent request is retried).
-    fn is_quiet(&self) -> bool {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        // Unconstrained: with the task's budget spent the readiness check would say Pending without looking.
-        let ready = std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| self.io.poll_read_ready(cx))));
-        match ready.poll(&mut cx) {
-            std::task::Poll::Pending => true,
-            std::task::Poll::Ready(_) => self.is_quiet_now(),
-        }
-    }
-
-    /// Asks the socket itself whether it is quiet.
+    /// asked (a non-blocking peek, one system call per reuse) every time: tokio's reactor records readiness only
+    /// when it polls (when a worker parks, or every few dozen task polls), so under load or with pipelined
+    /// requests a connection is taken again before it has looked. Stray bytes that form a whole answer (an
+    /// upstream writing a body after a HEAD, 204 or 304 answer, or past its Content-Length) would then be read as
+    /// the next request's answer, and every answer after it on that connection would go to the wrong client.
+    /// Bytes that arrive after this look are indistinguishable from the answer and are an upstream's own race.
     fn is_quiet_now(&self) -> bool {
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         matches!(socket2::SockRef::from(&self.io).peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
@@ -100,7 +89,7 @@ impl Pool {
     pub fn take(&self, now: Instant) -> Option<Box<Conn>> {
         let mut idle = self.shard().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while let Some(i) = idle.pop() {
-            if now.saturating_duration_since(i.since) < self.idle_timeout && i.conn.is_quiet() {
+            if now.saturating_duration_since(i.since) < self.idle_timeout && i.conn.is_quiet_now() {
                 return Some(i.conn);
             }
         }
@@ -193,6 +182,27 @@ mod tests {
         }
         pool.put(a);
         pool.reap();
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_with_a_stray_answer_waiting_is_not_taken() {
+        let pool = Pool::new(Duration::from_secs(60), 8);
+        let (a, mut a_peer) = pair().await;
+        pool.put(a);
+        // A whole answer nobody asked for, written after the connection went idle; no await between it and the
+        // take, so tokio's reactor has recorded nothing (as under load, or for a pipelined request).
+        a_peer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nSMUGGL").await.unwrap();
+        let idle = pool.shard().lock().unwrap();
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        for _ in 0..1000 {
+            if socket2::SockRef::from(&idle[0].conn.io).peek(&mut probe).is_ok() {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        drop(idle);
+        assert!(pool.take(Instant::now()).is_none(), "a stray answer would be taken for the next request's");
         assert_eq!(pool.idle_count(), 0);
     }
 
