@@ -53,11 +53,13 @@ pub struct Limits {
 pub enum Ended<I> {
     Closed,
     /// hyper takes over: `read` holds the bytes read and not yet served, `deadline` is when the pending head
-    /// must be complete.
+    /// must be complete, `served` whether a request was served here first (then the connection is HTTP/1 for
+    /// good: an HTTP/2 preface is only a connection's first bytes, RFC 9113 §3.3).
     HandOver {
         io: I,
         read: Bytes,
         deadline: Instant,
+        served: bool,
     },
 }
 
@@ -101,7 +103,7 @@ where
     loop {
         let (req, meta) = match conn.read_head(shared, &mut shutdown, first).await {
             Some(Ok(parsed)) => parsed,
-            Some(Err(())) => return conn.hand_over(),
+            Some(Err(())) => return conn.hand_over(!first),
             None => return Ended::Closed,
         };
         first = false;
@@ -229,8 +231,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         Poll::Ready(Ok(rb.filled().len()))
     }
 
-    fn hand_over(self) -> Ended<I> {
-        Ended::HandOver { io: self.io, read: self.buf.freeze(), deadline: self.deadline.at() }
+    fn hand_over(self, served: bool) -> Ended<I> {
+        Ended::HandOver { io: self.io, read: self.buf.freeze(), deadline: self.deadline.at(), served }
     }
 
     /// Writes the response; Ok(true) when the connection can carry another request.

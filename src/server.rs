@@ -198,12 +198,12 @@ async fn serve<I>(
             max_header_bytes: limits.max_header_bytes,
         }
     };
-    let (io, read, deadline, from_h1) = match h2 {
+    let (io, read, deadline, from_h1, served) = match h2 {
         false => match h1_server::serve(io, &info, &shared, lean, shutdown.clone()).await {
             Ended::Closed => return,
-            Ended::HandOver { io, read, deadline } => (io, read, deadline, true),
+            Ended::HandOver { io, read, deadline, served } => (io, read, deadline, true, served),
         },
-        true => (io, Bytes::new(), crate::deadline::deadline_after(lean.header_read_timeout), false),
+        true => (io, Bytes::new(), crate::deadline::deadline_after(lean.header_read_timeout), false, false),
     };
     // Boxed: hyper's connection state is only paid for by connections that reach it.
     if from_h1 && shared.is_draining() {
@@ -213,7 +213,11 @@ async fn serve<I>(
         drop(watcher);
         return;
     }
-    Box::pin(serve_hyper(io, read, info, shared, builder, (watcher, shutdown), lean, deadline)).await
+    // HTTP/2 only where it may start: ALPN `h2` on TLS (RFC 9113 §3.2), or prior knowledge as a plaintext
+    // connection's first bytes (§3.3). A TLS connection that chose HTTP/1.1, or one that has served HTTP/1
+    // requests, stays HTTP/1.
+    let http1_only = from_h1 && (info.tls || served);
+    Box::pin(serve_hyper(io, read, info, shared, builder, (watcher, shutdown), lean, deadline, http1_only)).await
 }
 
 /// Serves a handed-over HTTP/1 connection during a drain: the request it carries, without keep-alive.
@@ -276,10 +280,8 @@ fn gateway_service(
     })
 }
 
-/// Serves a connection through hyper until it ends, closing it gracefully (GOAWAY on HTTP/2) when the drain
-/// begins or when it has served nothing for a whole `idle_timeout` (checked once per `idle_timeout`, so closed
-/// within twice it): an HTTP/2 client answers hyper's pings, so without this an idle connection would hold its
-/// `max_connections` place for ever.
+/// Serves a connection through hyper until it ends: HTTP/1 only, or HTTP/1 and HTTP/2 by what the first bytes
+/// say.
 #[allow(clippy::too_many_arguments)] // one connection's whole context; a struct would only rename it
 async fn serve_hyper<I>(
     io: I,
@@ -287,18 +289,49 @@ async fn serve_hyper<I>(
     info: ConnInfo,
     shared: Arc<Shared>,
     builder: &auto::Builder<TokioExecutor>,
-    (watcher, mut shutdown): (Watcher, watch::Receiver<bool>),
+    (watcher, shutdown): (Watcher, watch::Receiver<bool>),
     limits: h1_server::Limits,
     first_head_by: tokio::time::Instant,
+    http1_only: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = Arc::new(ConnState::default());
-    let io = HeaderDeadline::new(io, read, state.clone(), limits.header_read_timeout, first_head_by);
+    let io = TokioIo::new(HeaderDeadline::new(io, read, state.clone(), limits.header_read_timeout, first_head_by));
     let peer = info.peer;
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), gateway_service(info, shared, state.clone())).into_owned();
+    let service = gateway_service(info, shared, state.clone());
+    // hyper-util's `http1_only` does nothing for a connection served with upgrades: hyper's own HTTP/1 server.
+    let result = if http1_only {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(limits.idle_timeout.max(limits.header_read_timeout))
+            .max_buf_size(limits.max_header_bytes.max(8192))
+            .keep_alive(true)
+            .half_close(false);
+        let conn = b.serve_connection(io, service).with_upgrades();
+        until_closed(conn, |c| c.graceful_shutdown(), &state, (watcher, shutdown), limits.idle_timeout).await.map_err(|e| e.to_string())
+    } else {
+        let conn = builder.serve_connection_with_upgrades(io, service);
+        until_closed(conn, |c| c.graceful_shutdown(), &state, (watcher, shutdown), limits.idle_timeout).await.map_err(|e| e.to_string())
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Drives a hyper connection to its end, closing it gracefully (GOAWAY on HTTP/2) when the drain begins or when
+/// it has served nothing for a whole `idle_timeout` (checked once per `idle_timeout`, so closed within twice
+/// it): an HTTP/2 client answers hyper's pings, so without this an idle connection would hold its
+/// `max_connections` place for ever. The watcher is held until the end, so the drain waits for it.
+async fn until_closed<C: Future>(
+    conn: C,
+    graceful_shutdown: impl Fn(std::pin::Pin<&mut C>),
+    state: &ConnState,
+    (watcher, mut shutdown): (Watcher, watch::Receiver<bool>),
+    idle_timeout: Duration,
+) -> C::Output {
     let mut conn = std::pin::pin!(conn);
-    let mut idle_check = tokio::time::interval_at(tokio::time::Instant::now() + limits.idle_timeout, limits.idle_timeout);
+    let mut idle_check = tokio::time::interval_at(tokio::time::Instant::now() + idle_timeout, idle_timeout);
     // Never two checks back to back (a late one would otherwise be followed by a catch-up one at once).
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Idle at the last check with nothing begun since, and idle now: idle for a whole period at least.
@@ -308,24 +341,21 @@ async fn serve_hyper<I>(
         tokio::select! {
             r = conn.as_mut() => break r,
             _ = shutdown.wait_for(|s| *s), if !closing => {
-                conn.as_mut().graceful_shutdown();
+                graceful_shutdown(conn.as_mut());
                 closing = true;
             }
             _ = idle_check.tick(), if !closing => {
                 let (begun, idle) = state.activity();
                 if idle && was_idle && begun == seen {
-                    conn.as_mut().graceful_shutdown();
+                    graceful_shutdown(conn.as_mut());
                     closing = true;
                 }
                 (seen, was_idle) = (begun, idle);
             }
         }
     };
-    // Held until here, so the drain waits for this connection.
     drop(watcher);
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
-    }
+    result
 }
 
 /// Serves the admin listener (health and metrics) until shutdown.

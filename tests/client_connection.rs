@@ -527,6 +527,49 @@ async fn http2_with_prior_knowledge_on_the_plain_listener_is_handed_to_hyper() {
     gw.stop().await;
 }
 
+/// The HTTP/2 connection preface (RFC 9113 §3.4) and an empty SETTINGS frame.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// What the gateway sends until it closes, or 2 s pass without a byte.
+async fn reply<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+        if n == 0 || out.len() > 1 << 16 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    out
+}
+
+/// True if an HTTP/2 SETTINGS frame (a server's first frame: type 4 on stream 0) is in `bytes`. An HTTP/1
+/// answer with a JSON body has no NUL bytes.
+fn has_h2_settings(bytes: &[u8]) -> bool {
+    bytes.windows(6).any(|w| w == [4, 0, 0, 0, 0, 0])
+}
+
+#[tokio::test]
+async fn http2_starts_only_as_a_plain_connections_first_bytes_or_by_alpn() {
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up)).await;
+    // After an HTTP/1.1 request, the preface is no request of any version (RFC 9113 §3.3: first bytes only).
+    let mut tcp = TcpStream::connect(gw.http.unwrap()).await.unwrap();
+    let mut bytes = b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n".to_vec();
+    bytes.extend_from_slice(H2_PREFACE);
+    tcp.write_all(&bytes).await.unwrap();
+    let got = reply(&mut tcp).await;
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    assert!(!has_h2_settings(&got), "HTTP/2 began after an HTTP/1.1 request: {}", String::from_utf8_lossy(&got));
+    // On TLS, ALPN chose HTTP/1.1: a preface as the first bytes does not switch either (§3.2).
+    let mut tls = gateway_tls(&gw, &[b"http/1.1"]).await;
+    tls.write_all(H2_PREFACE).await.unwrap();
+    let got = reply(&mut tls).await;
+    assert!(!has_h2_settings(&got), "HTTP/2 began where ALPN chose HTTP/1.1: {got:?}");
+    assert_eq!(up.hits(), 1);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_request_names_one_host_of_host_syntax_and_an_absolute_target_wins() {
     let up = spawn_upstream().await;
