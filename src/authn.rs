@@ -787,13 +787,17 @@ pub fn strip_query_token(query: &str, name: &str) -> Option<String> {
 }
 
 /// Whether a decoded query parameter name is the token parameter `name` as some framework reads it: case aside,
-/// PHP reads `.` and a space as `_` and drops leading spaces, and PHP, Rack and qs read `name[]` and `name[x]` as
-/// `name`. Every such spelling is the token: verified (a second one is a 400) and removed before forwarding.
+/// PHP reads `.`, a space and an unclosed `[` as `_`, drops leading spaces and ends a name at NUL; PHP, Rack and
+/// qs read `name[]` and `name[x]` as `name`. Every such spelling is the token: verified (a second one is a 400)
+/// and removed before forwarding. Either reading of a `[` counts (stricter, never looser).
 fn names_token(key: &str, name: &str) -> bool {
-    let key = key.trim_start_matches(' ');
-    let key = key.split_once('[').map_or(key, |(k, _)| k);
-    let fold = |b: u8| if b == b'.' || b == b' ' { b'_' } else { b.to_ascii_lowercase() };
-    key.len() == name.len() && key.bytes().zip(name.bytes()).all(|(a, b)| fold(a) == fold(b))
+    let key = key.split('\0').next().unwrap_or_default().trim_start_matches(' ');
+    let fold = |b: u8| if matches!(b, b'.' | b' ' | b'[') { b'_' } else { b.to_ascii_lowercase() };
+    let same = |k: &str| {
+        let k = k.trim_end_matches(']');
+        k.len() == name.len() && k.bytes().zip(name.bytes()).all(|(a, b)| fold(a) == fold(b))
+    };
+    same(key) || key.split_once('[').is_some_and(|(k, _)| same(k))
 }
 
 /// Finds the one bearer credential of a request. Two `Authorization` headers are a 400; a scheme other than

@@ -1023,6 +1023,11 @@ impl Validator<'_> {
                     continue;
                 }
             };
+            // Case-insensitive matching folds ASCII only: `/CAFÉ` would miss `/café/*`'s rules at an upstream that
+            // folds it (IIS, ASP.NET).
+            if case_insensitive && !r.path.get_ref().is_ascii() {
+                self.error(r.path.span(), format!("route {name:?}: with [routing] case_insensitive, paths must be ASCII (only ASCII letters are matched without regard to case)"));
+            }
             let methods = match &r.methods {
                 None => None,
                 Some(m) => {
@@ -1055,6 +1060,10 @@ impl Validator<'_> {
             let strip_prefix = match &r.strip_prefix {
                 Some(p) if !p.get_ref().starts_with('/') || p.get_ref().len() < 2 => {
                     self.error(p.span(), format!("route {name:?}: strip_prefix must start with '/' and not be \"/\""));
+                    None
+                }
+                Some(p) if case_insensitive && !p.get_ref().is_ascii() => {
+                    self.error(p.span(), format!("route {name:?}: with [routing] case_insensitive, strip_prefix must be ASCII"));
                     None
                 }
                 // In the form the normalised paths it is cut from take (non-ASCII percent-encoded).
@@ -1277,6 +1286,20 @@ mod tests {
         let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n{}{}", issuer("a"), issuer("b"));
         let err = Config::from_toml(Path::new("dup.toml"), &text).expect_err("duplicate iss must not load").to_string();
         assert!(err.contains("configured twice"), "{err}");
+    }
+
+    #[test]
+    fn case_insensitive_paths_must_be_ascii() {
+        let text = |path: &str, ci: bool| {
+            format!(
+                "[listen]\nhttp = \"127.0.0.1:0\"\n[routing]\ncase_insensitive = {ci}\n[upstreams.a]\nurl = \"http://127.0.0.1:1\"\n\
+                 [[routes]]\nname = \"r\"\npath = \"{path}\"\nupstream = \"a\"\nauth = \"public\"\n"
+            )
+        };
+        let e = Config::from_toml(Path::new("g.toml"), &text("/café/*", true)).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("must be ASCII"), "{e}");
+        Config::from_toml(Path::new("g.toml"), &text("/café/*", false)).expect("case-sensitive non-ASCII");
+        Config::from_toml(Path::new("g.toml"), &text("/cafe/*", true)).expect("case-insensitive ASCII");
     }
 
     #[test]

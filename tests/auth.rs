@@ -2465,6 +2465,12 @@ upstream = "api"
 roles_any = ["admin"]
 
 [[routes]]
+name = "cafe"
+path = "/café/*"
+upstream = "api"
+roles_any = ["admin"]
+
+[[routes]]
 name = "rest"
 path = "/*"
 upstream = "api"
@@ -2475,6 +2481,17 @@ upstream = "api"
         let c = client(&gw);
         let hs = hmac_key(Algorithm::HS256, HMAC_SECRET);
         let bob = tok(&hs, HS_ISS, "bob", json!({"roles": ["user"]}));
+        // A non-ASCII route, encoded or as raw UTF-8 (which hyper lets through): its rules, not the catch-all's.
+        forbidden(&c, &up, &gw.https_url("/caf%C3%A9/menu"), &bob, "encoded").await;
+        forbidden(&c, &up, &gw.https_url("/caf%c3%a9/menu"), &bob, "encoded, lowercase hex").await;
+        let raw_utf8 = [
+            b"GET /caf\xC3\xA9/menu HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\nAuthorization: Bearer ".as_slice(),
+            bob.as_bytes(),
+            b"\r\n\r\n",
+        ]
+        .concat();
+        let (rsp, _) = raw_exchange(gw.http.expect("plain listener"), &raw_utf8, Duration::from_secs(10)).await;
+        assert!(rsp.starts_with("HTTP/1.1 403"), "raw UTF-8 took another route: {rsp}");
         let url = |p: &str| gw.https_url(p);
 
         // An escaped delimiter, a trailing slash: the guarded route, not the catch-all.

@@ -119,6 +119,9 @@ async fn whatever_an_upstream_could_read_as_a_token_is_verified_or_removed() {
         (&format!("/q/x?%20access_token={forged}"), vec![]),
         (&format!("/q/x?access_token[]={forged}"), vec![]),
         (&format!("/q/x?access_token%5B0%5D={forged}"), vec![]),
+        (&format!("/q/x?access%5Btoken={forged}"), vec![]),
+        (&format!("/q/x?access_token%00={forged}"), vec![]),
+        (&format!("/q/x?access_token%5D={forged}"), vec![]),
     ] {
         let a = send(&c, request(&gw.https_url(url), &headers)).await;
         assert_eq!(a.status, 401, "{url} {headers:?}: {}", a.text());
@@ -128,7 +131,7 @@ async fn whatever_an_upstream_could_read_as_a_token_is_verified_or_removed() {
     let a = send(&c, request(&gw.https_url(&format!("/q/x?Access_Token={forged}")), &[("authorization", format!("Bearer {valid}"))])).await;
     assert_eq!(a.status, 400, "{}", a.text());
     // So is one in a spelling only a framework folds into the name, after a valid one.
-    for second in ["access.token", "access+token", "access_token[]", "+access_token"] {
+    for second in ["access.token", "access+token", "access_token[]", "+access_token", "access[token", "access_token%00"] {
         let a = send(&c, request(&gw.https_url(&format!("/q/x?access_token={valid}&{second}=unverified")), &[])).await;
         assert_eq!(a.status, 400, "{second}: {}", a.text());
     }
