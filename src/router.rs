@@ -3,8 +3,9 @@
 //! Threat model: a client crafts a path that the gateway routes one way and the upstream reads another
 //! (`//admin`, `/./admin`, `/x/../admin`, `/%61dmin`, `/admin%2fx`, `\admin`, `/public/..;/admin`). The defence is to decide on one
 //! canonical form and forward exactly that form: dot-segments are removed and slashes merged after unreserved
-//! characters and the delimiters a segment may carry raw (`:@!$&'()*+,=`) are decoded, route literals are kept in
-//! that same form (so `/v1/items%3Apurge` is `/v1/items:purge`, and `/caf%C3%A9` is `/café`), and anything whose meaning differs between servers (an encoded `/` or `\`, a `;` path
+//! characters and the delimiters a segment may carry raw (`:@!$&'()*+,=`) are decoded, non-ASCII is encoded,
+//! route literals are kept in that same form (so `/v1/items%3Apurge` is `/v1/items:purge`, and `/café` is
+//! `/caf%C3%A9`), and anything whose meaning differs between servers (an encoded `/` or `\`, a `;` path
 //! parameter, NUL, other control bytes) is refused with 400 rather than guessed at. The upstream never sees a path the policy did not.
 
 use std::borrow::Cow;
