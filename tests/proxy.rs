@@ -1122,6 +1122,31 @@ async fn websocket_echo_through_the_gateway() {
     gw.stop().await;
 }
 
+/// Over TLS that chose HTTP/1.1 the upgrade is served by hyper's HTTP/1-only server (HTTP/2 may not start
+/// there): the handshake and the echo work the same.
+#[tokio::test]
+async fn websocket_echo_over_tls_http1() {
+    use tokio_tungstenite::tungstenite::Message;
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
+    timeout(BOUND, async {
+        let tls = gateway_tls(&gw, &[b"http/1.1"]).await;
+        let (mut ws, rsp) = tokio_tungstenite::client_async("wss://localhost/ws", tls).await.expect("websocket handshake over TLS");
+        assert_eq!(rsp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        ws.send(Message::text("over tls")).await.unwrap();
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), "over tls"),
+            other => panic!("expected the echo, got {other:?}"),
+        }
+        ws.close(None).await.unwrap();
+    })
+    .await
+    .expect("websocket exchange finished in time");
+    assert_eq!(up.hits(), 1);
+    gw.stop().await;
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // 10. Graceful shutdown
 
