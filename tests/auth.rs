@@ -2428,53 +2428,21 @@ async fn jwks_over_https_is_trusted_through_ca_file_and_refused_without_it() {
 async fn spellings_a_framework_reads_as_a_guarded_route_meet_its_rules() {
     bounded(async {
         let up = spawn_upstream().await;
+        let route = |name: &str, path: &str, rules: &str| {
+            format!("[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nupstream = \"api\"\n{rules}\n")
+        };
+        let routes = [
+            route("purge", "/v1/items:purge", r#"roles_any = ["admin"]"#),
+            route("profile", "/users/{id}", r#"claims = { sub = "{id}" }"#),
+            route("reports", "/reports/*", "methods = [\"GET\"]\nroles_any = [\"reporter\"]"),
+            route("wipe", "/items", "methods = [\"DELETE\"]\nroles_any = [\"admin\"]"),
+            route("cafe", "/café/*", r#"roles_any = ["admin"]"#),
+            route("rest", "/*", ""),
+        ]
+        .concat();
         let cfg = format!(
-            r#"{base}
-[[issuers]]
-id = "hs"
-issuer = "{HS_ISS}"
-audiences = ["api"]
-algorithms = ["HS256"]
-secret_file = "hs.secret"
-roles_claim = "roles"
-
-[[routes]]
-name = "purge"
-path = "/v1/items:purge"
-upstream = "api"
-roles_any = ["admin"]
-
-[[routes]]
-name = "profile"
-path = "/users/{{id}}"
-upstream = "api"
-claims = {{ sub = "{{id}}" }}
-
-[[routes]]
-name = "reports"
-path = "/reports/*"
-methods = ["GET"]
-upstream = "api"
-roles_any = ["reporter"]
-
-[[routes]]
-name = "wipe"
-path = "/items"
-methods = ["DELETE"]
-upstream = "api"
-roles_any = ["admin"]
-
-[[routes]]
-name = "cafe"
-path = "/café/*"
-upstream = "api"
-roles_any = ["admin"]
-
-[[routes]]
-name = "rest"
-path = "/*"
-upstream = "api"
-"#,
+            "{base}\n[[issuers]]\nid = \"hs\"\nissuer = \"{HS_ISS}\"\naudiences = [\"api\"]\nalgorithms = [\"HS256\"]\n\
+             secret_file = \"hs.secret\"\nroles_claim = \"roles\"\n\n{routes}",
             base = base_config(&up)
         );
         let gw = spawn_gateway_with_files(&cfg, &[("hs.secret", HMAC_SECRET)]).await;
@@ -2490,8 +2458,10 @@ upstream = "api"
             b"\r\n\r\n",
         ]
         .concat();
+        let hits = up.hits();
         let (rsp, _) = raw_exchange(gw.http.expect("plain listener"), &raw_utf8, Duration::from_secs(10)).await;
         assert!(rsp.starts_with("HTTP/1.1 403"), "raw UTF-8 took another route: {rsp}");
+        assert_eq!(up.hits(), hits, "raw UTF-8 reached the upstream");
         let url = |p: &str| gw.https_url(p);
 
         // An escaped delimiter, a trailing slash: the guarded route, not the catch-all.
