@@ -220,6 +220,17 @@ async fn serve<I>(
     Box::pin(serve_hyper(io, read, info, shared, builder, (watcher, shutdown), lean, deadline, http1_only)).await
 }
 
+/// hyper's HTTP/1 server with the settings of `http_builder`'s HTTP/1 half, for connections that must stay HTTP/1.
+fn http1_builder(limits: &h1_server::Limits, keep_alive: bool) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new()).max_buf_size(limits.max_header_bytes.max(8192)).keep_alive(keep_alive).half_close(false);
+    if keep_alive {
+        // As in `http_builder`: hyper's header timer also bounds keep-alive idling.
+        b.header_read_timeout(limits.idle_timeout.max(limits.header_read_timeout));
+    }
+    b
+}
+
 /// Serves a handed-over HTTP/1 connection during a drain: the request it carries, without keep-alive.
 async fn serve_last_http1<I>(
     io: I,
@@ -234,8 +245,7 @@ async fn serve_last_http1<I>(
     let state = Arc::new(ConnState::default());
     let io = HeaderDeadline::new(io, read, state.clone(), lean.header_read_timeout, first_head_by);
     let peer = info.peer;
-    let mut b = hyper::server::conn::http1::Builder::new();
-    b.timer(TokioTimer::new()).max_buf_size(lean.max_header_bytes.max(8192)).keep_alive(false).half_close(false);
+    let b = http1_builder(&lean, false);
     if let Err(e) = b.serve_connection(TokioIo::new(io), gateway_service(info, shared, state)).with_upgrades().await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
@@ -302,13 +312,7 @@ async fn serve_hyper<I>(
     let service = gateway_service(info, shared, state.clone());
     // hyper-util's `http1_only` does nothing for a connection served with upgrades: hyper's own HTTP/1 server.
     let result = if http1_only {
-        let mut b = hyper::server::conn::http1::Builder::new();
-        b.timer(TokioTimer::new())
-            .header_read_timeout(limits.idle_timeout.max(limits.header_read_timeout))
-            .max_buf_size(limits.max_header_bytes.max(8192))
-            .keep_alive(true)
-            .half_close(false);
-        let conn = b.serve_connection(io, service).with_upgrades();
+        let conn = http1_builder(&limits, true).serve_connection(io, service).with_upgrades();
         until_closed(conn, |c| c.graceful_shutdown(), &state, (watcher, shutdown), limits.idle_timeout).await.map_err(|e| e.to_string())
     } else {
         let conn = builder.serve_connection_with_upgrades(io, service);
