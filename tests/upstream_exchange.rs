@@ -1,7 +1,8 @@
 //! The lean HTTP/1.1 exchange with plain-http upstreams (bodiless requests): connection reuse, the retry of an
 //! idempotent request whose pooled connection was closed under it, and what the gateway does with upstream
 //! answers that are malformed, doubly framed, truncated, chunked or bodiless. The upstream here is a scripted raw
-//! socket, so each answer is exactly the bytes under test.
+//! socket, so each answer is exactly the bytes under test. The last test mutates answers at random (seeded,
+//! bounded) and holds the gateway to what hyper's client reads from the same bytes.
 
 mod common;
 
@@ -33,6 +34,9 @@ enum Act {
     Silent,
     /// Writes the first bytes, then the second after a pause (a body sent late, or not asked for).
     Late(Vec<u8>, Duration, Vec<u8>),
+    /// Writes these bytes, then waits for the next request only this long before closing (an answer framed to
+    /// run until the close then ends).
+    Linger(Vec<u8>, Duration),
 }
 
 struct Scripted {
@@ -73,16 +77,25 @@ async fn scripted(script: impl Fn(&str, usize) -> Act + Send + Sync + 'static) -
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
+                let mut linger = None;
                 for index in 0.. {
                     let end = loop {
                         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                             break i + 4;
                         }
-                        match tcp.read(&mut chunk).await {
+                        let read = match linger {
+                            Some(wait) => match timeout(wait, tcp.read(&mut chunk)).await {
+                                Ok(read) => read,
+                                Err(_) => return,
+                            },
+                            None => tcp.read(&mut chunk).await,
+                        };
+                        match read {
                             Ok(0) | Err(_) => return,
                             Ok(n) => buf.extend_from_slice(&chunk[..n]),
                         }
                     };
+                    linger = None;
                     let head: Vec<u8> = buf.drain(..end).collect();
                     let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string();
                     requests.lock().unwrap().push(line.clone());
@@ -105,6 +118,12 @@ async fn scripted(script: impl Fn(&str, usize) -> Act + Send + Sync + 'static) -
                             if tcp.write_all(&bytes).await.is_err() || close {
                                 return;
                             }
+                        }
+                        Act::Linger(bytes, wait) => {
+                            if tcp.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                            linger = Some(wait);
                         }
                         Act::Late(first, pause, second) => {
                             if tcp.write_all(&first).await.is_err() {
@@ -435,5 +454,172 @@ async fn bodiless_answers_on_a_cors_route_keep_their_framing_and_take_the_policy
     assert!(answers[1].to_ascii_lowercase().contains("etag: \"v1\""), "{}", answers[1]);
     // The HEAD answer declared a body, so its connection was not reused; the 304 one was (it declared none).
     assert_eq!(up.connections(), 2, "the upstream connections stayed in step too");
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Mutated answers, compared with what hyper's client (a strict, independent reader) makes of the same bytes.
+
+/// xorshift64*: deterministic, so a failing case is replayed from the seed it prints.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n.max(1)
+    }
+}
+
+/// Well-formed answers of every framing, the seeds of the mutations.
+const ANSWERS: [&[u8]; 9] = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 1\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\n\r\nabc",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nold!",
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the close",
+];
+
+/// What a mutation inserts or overwrites with: framing syntax, and whole framing fields and answers.
+const PIECES: [&[u8]; 25] = [
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b" ",
+    b"\t",
+    b":",
+    b",",
+    b";",
+    b"0",
+    b"9",
+    b"f",
+    b"+",
+    b"\0",
+    b"\x7f",
+    b"\xc3\xa9",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: gzip, chunked\r\n",
+    b"Content-Length: 3\r\n",
+    b"Content-Length: 99999999999999999999\r\n",
+    b"Connection: close\r\n",
+    b"0\r\n\r\n",
+    b"ffffffffffffffffff\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL",
+    b"\r\n\r\n",
+    b" chunked",
+];
+
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut bytes = seed.to_vec();
+    for _ in 0..1 + rng.below(3) {
+        let at = rng.below(bytes.len() + 1);
+        let piece = PIECES[rng.below(PIECES.len())];
+        match rng.below(5) {
+            0 => bytes.splice(at..(at + piece.len()).min(bytes.len()), piece.iter().copied()).for_each(drop),
+            1 => bytes.splice(at..at, piece.iter().copied()).for_each(drop),
+            2 => bytes.drain(at..(at + 1 + rng.below(4)).min(bytes.len())).for_each(drop),
+            3 => {
+                let end = (at + 1 + rng.below(12)).min(bytes.len());
+                let copy = bytes[at..end].to_vec();
+                bytes.splice(at..at, copy).for_each(drop);
+            }
+            _ => bytes.truncate(at.max(12)),
+        }
+    }
+    bytes
+}
+
+/// Fields the gateway sets or replaces itself; every other field of its answer must be one the upstream sent.
+const GATEWAY_FIELDS: [&str; 13] = [
+    "date",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "x-request-id",
+    "x-content-type-options",
+    "x-frame-options",
+    "referrer-policy",
+    "content-security-policy",
+    "permissions-policy",
+    "cross-origin-opener-policy",
+    "strict-transport-security",
+];
+
+/// What hyper's client, on a connection of its own, makes of the upstream's answer to `path`.
+async fn hyper_reads(upstream: SocketAddr, path: &str) -> Result<(StatusCode, http::HeaderMap, Result<Bytes, String>), String> {
+    let tcp = tokio::net::TcpStream::connect(upstream).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::builder().uri(path).header("host", "up").body(Full::new(Bytes::new())).unwrap();
+    let rsp = timeout(BOUND, send.send_request(req)).await.expect("hyper answered in time").map_err(|e| e.to_string())?;
+    let (parts, body) = rsp.into_parts();
+    let body = timeout(BOUND, body.collect()).await.expect("hyper body in time").map(|b| b.to_bytes()).map_err(|e| e.to_string());
+    Ok((parts.status, parts.headers, body))
+}
+
+#[tokio::test]
+async fn mutated_answers_pass_only_as_hyper_reads_them_and_never_reach_the_next_request() {
+    // Bounded: PORTCULLIS_FUZZ_CASES answers (default 240), from PORTCULLIS_FUZZ_SEED.
+    let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (count, seed) = (env("PORTCULLIS_FUZZ_CASES", 240) as usize, env("PORTCULLIS_FUZZ_SEED", 0x9E37_79B9_7F4A_7C15));
+    let mut rng = Rng(seed | 1);
+    let cases: Arc<Vec<Vec<u8>>> = Arc::new((0..count).map(|i| mutate(&mut rng, ANSWERS[i % ANSWERS.len()])).collect());
+    let script_cases = cases.clone();
+    let up = scripted(move |line, _| {
+        let number = |prefix: &str| line.split_once(prefix).and_then(|(_, rest)| rest.split(' ').next()?.parse::<usize>().ok());
+        match (number("/case/"), number("/next/")) {
+            (Some(k), _) => Act::Linger(script_cases[k].clone(), Duration::from_millis(100)),
+            (_, Some(k)) => Act::Answer(ok(&format!("next-{k}")), false),
+            _ => Act::Answer(ok("ok"), false),
+        }
+    })
+    .await;
+    let gw = spawn_gateway(&config(&up)).await;
+    let c = client(&gw);
+    let (mut passed, mut refused) = (0, 0);
+    for (k, answer) in cases.iter().enumerate() {
+        let shown = String::from_utf8_lossy(answer);
+        let path = format!("/case/{k}");
+        let direct = hyper_reads(up.addr, &path).await;
+        let (status, headers, body) = try_exchange(&c, "GET", &gw.http_url(&path))
+            .await
+            .unwrap_or_else(|e| panic!("case {k} (seed {seed}): the gateway gave no answer head ({e}) to {shown:?}"));
+        if status == StatusCode::BAD_GATEWAY {
+            refused += 1;
+            assert_eq!(body.as_deref().ok(), Some(&br#"{"error":"bad_gateway"}"#[..]), "case {k}: {shown:?}");
+        } else {
+            passed += 1;
+            // Passed on: hyper read the same status, every field passed on is one the upstream sent, and a body
+            // delivered whole is the body hyper read whole (a cut one is allowed to be cut).
+            let Ok((hyper_status, hyper_headers, hyper_body)) = &direct else {
+                panic!("case {k} (seed {seed}): passed on as {status}, but hyper refused it ({direct:?}): {shown:?}")
+            };
+            assert_eq!(status, *hyper_status, "case {k} (seed {seed}): {shown:?}");
+            for (name, value) in headers.iter().filter(|(n, _)| !GATEWAY_FIELDS.contains(&n.as_str())) {
+                assert!(
+                    hyper_headers.get_all(name).iter().any(|v| v == value),
+                    "case {k} (seed {seed}): {name}: {value:?} passed on, but hyper read {hyper_headers:?} in {shown:?}"
+                );
+            }
+            if let Ok(body) = &body {
+                assert_eq!(hyper_body.as_ref().ok(), Some(body), "case {k} (seed {seed}): a body hyper did not read whole: {shown:?}");
+            }
+        }
+        // Whatever the answer left on its connection, the next request gets its own answer.
+        let next = exchange(&c, "GET", &gw.http_url(&format!("/next/{k}"))).await;
+        assert_eq!(
+            (next.0, next.2.ok()),
+            (StatusCode::OK, Some(Bytes::from(format!("next-{k}")))),
+            "case {k} (seed {seed}): the next request's answer after {shown:?}"
+        );
+    }
+    // The cases exercise both outcomes (a generator that only made garbage, or nothing, would test little).
+    assert!(passed > count / 10 && refused > count / 10, "passed {passed}, refused {refused} of {count}");
     gw.stop().await;
 }
