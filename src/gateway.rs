@@ -475,6 +475,12 @@ impl Gateway {
             }
             None => {
                 additions.insert_into(&mut parts.headers);
+                // The client's framing went with the hop-by-hop fields. hyper's client frames a body of unknown
+                // length as chunked, except on GET, HEAD and CONNECT, where it sends none at all: said outright,
+                // the body the client sent reaches the upstream whatever the method.
+                if !http_body::Body::is_end_stream(&body) && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+                    parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+                }
                 let mut up_req = Request::from_parts(parts, Body::limited(body, max_body, self.config.identity.clone()));
                 proxy::rewrite_uri(&mut up_req, &upstream.settings, upstream_path, query.as_deref(), host)?;
                 proxy::forward(upstream, up_req).await

@@ -36,6 +36,10 @@ pub enum ProxyError {
     },
     #[error("request body exceeded the limit while streaming")]
     BodyTooLarge,
+    /// The client's own body broke off or was malformed (a bad chunk, a close before its end): not the upstream's
+    /// doing, so not a 502 nor an upstream error in the metrics.
+    #[error("the client's request body failed: {0}")]
+    ClientBody(String),
     #[error("upstream switched protocols without being asked to")]
     UnexpectedUpgrade,
     #[error("upstream {upstream}: status {status} is outside 100-599")]
@@ -52,7 +56,7 @@ impl ProxyError {
             ProxyError::Connect { .. } => Some("connect"),
             ProxyError::Timeout { .. } => Some("timeout"),
             ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade | ProxyError::BadStatus { .. } => Some("reset"),
-            ProxyError::BodyTooLarge | ProxyError::Uri(_) => None,
+            ProxyError::BodyTooLarge | ProxyError::ClientBody(_) | ProxyError::Uri(_) => None,
         }
     }
 }
@@ -153,14 +157,16 @@ pub async fn forward(up: &Upstream, req: Request<Body>) -> Result<Response<Body>
         Ok(Ok(rsp)) => Ok(rsp.map(Body::Stream)),
         Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect { upstream: name.clone(), source: e.into() }),
         Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e)
+            // A failure of the request body hyper was sending is the gateway's own body type, under hyper's error.
+            let body_error = std::error::Error::source(&e)
                 .and_then(|s| s.downcast_ref::<hyper::Error>())
                 .and_then(std::error::Error::source)
-                .is_some_and(|s| s.downcast_ref::<crate::body::BodyError>().is_some_and(|b| matches!(b, crate::body::BodyError::TooLarge)));
-            if too_large {
-                Err(ProxyError::BodyTooLarge)
-            } else {
-                Err(ProxyError::Reset { upstream: name.clone(), source: e.into() })
+                .and_then(|s| s.downcast_ref::<crate::body::BodyError>());
+            match body_error {
+                Some(crate::body::BodyError::TooLarge) => Err(ProxyError::BodyTooLarge),
+                // The request body is only ever the client's: its stream's failure is the client's doing.
+                Some(crate::body::BodyError::Hyper(client)) => Err(ProxyError::ClientBody(client.to_string())),
+                _ => Err(ProxyError::Reset { upstream: name.clone(), source: e.into() }),
             }
         }
     }

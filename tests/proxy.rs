@@ -517,6 +517,33 @@ async fn hundred_mib_stream_both_ways_with_bounded_memory() {
     gw.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_with_a_body_of_no_declared_length_reaches_the_upstream_with_its_body() {
+    // Search APIs take a body on GET. Sent chunked (HTTP/1.1) or as DATA frames without a length (HTTP/2), the
+    // body loses its framing at the gateway (hop-by-hop) and must be framed anew, not dropped.
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
+    let raw = "GET /search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let (rsp, _) = raw_exchange(gw.http.unwrap(), raw.as_bytes(), BOUND).await;
+    let (head, body) = rsp.split_once("\r\n\r\n").expect("an answer");
+    assert_eq!(status_of(head), Some(200), "{rsp}");
+    let seen: serde_json::Value = serde_json::from_str(body).expect("the echo");
+    assert_eq!((seen["method"].as_str(), seen["body_len"].as_u64()), (Some("GET"), Some(5)), "HTTP/1.1: {seen}");
+
+    let frames = futures_util::stream::iter([Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"{\"q\":1}")))]);
+    let req = Request::get(gw.https_url("/search")).body(BodyExt::boxed(StreamBody::new(frames))).unwrap();
+    let tls = tls_config(&gw.cert_path(), &[]);
+    let conn = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http2().build();
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build(conn);
+    let rsp = timeout(BOUND, h2.request(req)).await.expect("in time").expect("answered");
+    assert_eq!(rsp.version(), http::Version::HTTP_2);
+    let seen: serde_json::Value = serde_json::from_slice(&rsp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!((seen["method"].as_str(), seen["body_len"].as_u64()), (Some("GET"), Some(7)), "HTTP/2: {seen}");
+    assert_eq!(up.hits(), 2);
+    gw.stop().await;
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // 5. Routing refusals
 
@@ -1472,6 +1499,32 @@ async fn smuggling_attempts_get_400_and_close_without_reaching_upstream() {
         assert_eq!(up.hits(), before, "{what}: reached the upstream");
     }
     assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_body_is_400_and_closes_and_is_no_upstream_error() {
+    // The head is well framed, so the request is already on its way when the body breaks: the upstream request
+    // is aborted, and the client, whose fault it is, gets 400 (not 502) on a connection that then closes.
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
+    let c = client(&gw);
+    let head = "POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+    for (what, rest) in [
+        ("chunk-size overflow", "1ffffffffffffffff\r\nx\r\n0\r\n\r\n"),
+        ("not a chunk size", "zz\r\nx\r\n0\r\n\r\n"),
+        ("chunk data without its CRLF", "3\r\nabcXY0\r\n\r\n"),
+    ] {
+        let (rsp, closed) = raw_lenient(gw.http.unwrap(), format!("{head}{rest}").as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&rsp), Some(400), "{what}: {rsp}");
+        assert!(rsp.ends_with(r#"{"error":"bad_request"}"#), "{what}: {rsp}");
+        assert!(closed, "{what}: connection left open");
+        assert_eq!(rsp.matches("HTTP/1.1 ").count(), 1, "{what}: more than one answer: {rsp}");
+    }
+    let metrics = get(&c, &gw.admin_url("/metrics"), None).await.text();
+    assert!(!metrics.contains("portcullis_upstream_errors_total{"), "counted as the upstream's failure: {metrics}");
+    assert!(metrics.contains(r#"portcullis_requests_total{method="POST",route="all",status="400"} 3"#), "{metrics}");
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
