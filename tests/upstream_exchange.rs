@@ -581,38 +581,49 @@ async fn mutated_answers_pass_only_as_hyper_reads_them_and_never_reach_the_next_
     })
     .await;
     let gw = spawn_gateway(&config(&up)).await;
-    let c = client(&gw);
+    // Even cases reach the gateway over HTTP/1.1, odd ones over HTTP/2, where the answer's fields go through a
+    // header map and its framing is the stream's.
+    let (h1, h2) = (client(&gw), h2_client(&gw));
     let (mut passed, mut refused) = (0, 0);
     for (k, answer) in cases.iter().enumerate() {
         let shown = String::from_utf8_lossy(answer);
         let path = format!("/case/{k}");
         let direct = hyper_reads(up.addr, &path).await;
-        let (status, headers, body) = try_exchange(&c, "GET", &gw.http_url(&path))
-            .await
-            .unwrap_or_else(|e| panic!("case {k} (seed {seed}): the gateway gave no answer head ({e}) to {shown:?}"));
-        if status == StatusCode::BAD_GATEWAY {
-            refused += 1;
-            assert_eq!(body.as_deref().ok(), Some(&br#"{"error":"bad_gateway"}"#[..]), "case {k}: {shown:?}");
+        let (c, url) = if k % 2 == 0 { (&h1, gw.http_url(&path)) } else { (&h2, gw.https_url(&path)) };
+        let answer = match try_exchange(c, "GET", &url).await {
+            Ok(answer) => Some(answer),
+            // An HTTP/2 stream reset as its body breaks can take its unsent head with it (the frames queued on the
+            // stream are dropped): allowed only for an answer that is broken.
+            Err(_) if k % 2 == 1 && !matches!(&direct, Ok((_, _, Ok(_)))) => None,
+            Err(e) => panic!("case {k} (seed {seed}): the gateway gave no answer head ({e}) to {shown:?}, which hyper read as {direct:?}"),
+        };
+        if let Some((status, headers, body)) = answer {
+            if status == StatusCode::BAD_GATEWAY {
+                refused += 1;
+                assert_eq!(body.as_deref().ok(), Some(&br#"{"error":"bad_gateway"}"#[..]), "case {k}: {shown:?}");
+            } else {
+                passed += 1;
+                // Passed on: hyper read the same status, every field passed on is one the upstream sent, and a body
+                // delivered whole is the body hyper read whole (a cut one is allowed to be cut).
+                let Ok((hyper_status, hyper_headers, hyper_body)) = &direct else {
+                    panic!("case {k} (seed {seed}): passed on as {status}, but hyper refused it ({direct:?}): {shown:?}")
+                };
+                assert_eq!(status, *hyper_status, "case {k} (seed {seed}): {shown:?}");
+                for (name, value) in headers.iter().filter(|(n, _)| !GATEWAY_FIELDS.contains(&n.as_str())) {
+                    assert!(
+                        hyper_headers.get_all(name).iter().any(|v| v == value),
+                        "case {k} (seed {seed}): {name}: {value:?} passed on, but hyper read {hyper_headers:?} in {shown:?}"
+                    );
+                }
+                if let Ok(body) = &body {
+                    assert_eq!(hyper_body.as_ref().ok(), Some(body), "case {k} (seed {seed}): a body hyper did not read whole: {shown:?}");
+                }
+            }
         } else {
-            passed += 1;
-            // Passed on: hyper read the same status, every field passed on is one the upstream sent, and a body
-            // delivered whole is the body hyper read whole (a cut one is allowed to be cut).
-            let Ok((hyper_status, hyper_headers, hyper_body)) = &direct else {
-                panic!("case {k} (seed {seed}): passed on as {status}, but hyper refused it ({direct:?}): {shown:?}")
-            };
-            assert_eq!(status, *hyper_status, "case {k} (seed {seed}): {shown:?}");
-            for (name, value) in headers.iter().filter(|(n, _)| !GATEWAY_FIELDS.contains(&n.as_str())) {
-                assert!(
-                    hyper_headers.get_all(name).iter().any(|v| v == value),
-                    "case {k} (seed {seed}): {name}: {value:?} passed on, but hyper read {hyper_headers:?} in {shown:?}"
-                );
-            }
-            if let Ok(body) = &body {
-                assert_eq!(hyper_body.as_ref().ok(), Some(body), "case {k} (seed {seed}): a body hyper did not read whole: {shown:?}");
-            }
+            refused += 1;
         }
         // Whatever the answer left on its connection, the next request gets its own answer.
-        let next = exchange(&c, "GET", &gw.http_url(&format!("/next/{k}"))).await;
+        let next = exchange(&h1, "GET", &gw.http_url(&format!("/next/{k}"))).await;
         assert_eq!(
             (next.0, next.2.ok()),
             (StatusCode::OK, Some(Bytes::from(format!("next-{k}")))),
