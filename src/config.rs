@@ -1482,4 +1482,66 @@ mod tests {
         assert_eq!(line_col("ab\ncd", 0), (1, 1));
         assert_eq!(line_col("ab\ncd", 4), (2, 2));
     }
+
+    #[test]
+    fn mutated_configs_are_refused_with_locations_never_a_panic() {
+        // Seeded edits of the shipped gateway.toml (lines dropped, repeated or swapped; values retyped; stray and
+        // non-ASCII characters): `check` either accepts the result or locates every problem in it.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
+        let shipped = std::fs::read_to_string(&path).unwrap();
+        assert!(Config::check(&path).is_ok(), "the shipped config checks");
+        const PIECES: [&str; 16] = ["\"", "'", "=", "[", "]", "{", "}", ",", "#", "\n", "é", "0", "-1", "\"\"", "true", "[[routes]]\n"];
+        let seed = std::env::var("PORTCULLIS_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x2545_F491_4F6C_DD1Du64);
+        let mut state = seed | 1;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n.max(1) as u64) as usize
+        };
+        let (mut refused, mut accepted) = (0, 0);
+        for round in 0..1500 {
+            let mut lines: Vec<String> = shipped.lines().map(str::to_string).collect();
+            for _ in 0..1 + next(3) {
+                let at = next(lines.len());
+                match next(6) {
+                    0 => drop(lines.remove(at)),
+                    1 => lines.insert(at, lines[at].clone()),
+                    2 => {
+                        let other = next(lines.len());
+                        lines.swap(at, other);
+                    }
+                    3 => {
+                        // A value of another type, or none.
+                        if let Some((key, _)) = lines[at].split_once(" = ") {
+                            lines[at] = format!("{key} = {}", ["1", "\"x\"", "[]", "{}", "true", "\"10x\"", ""][next(7)]);
+                        }
+                    }
+                    _ => {
+                        let line = &mut lines[at];
+                        let mut cut = next(line.len() + 1);
+                        while !line.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        line.insert_str(cut, PIECES[next(PIECES.len())]);
+                    }
+                }
+            }
+            let text = lines.join("\n");
+            match Config::parse(&path, &text, false) {
+                Ok(_) => accepted += 1,
+                Err(ConfigError::Invalid { problems, .. }) => {
+                    refused += 1;
+                    let line_count = text.lines().count().max(1);
+                    assert!(!problems.is_empty(), "round {round}: refused without a problem");
+                    for p in &problems {
+                        assert!(p.line >= 1 && p.line <= line_count + 1 && p.column >= 1, "round {round} (seed {seed}): {p:?} in\n{text}");
+                        assert!(!p.message.is_empty(), "round {round}: {p:?}");
+                    }
+                }
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        assert!(refused > 300 && accepted > 100, "refused {refused}, accepted {accepted}: the edits test little");
+    }
 }
