@@ -634,3 +634,75 @@ async fn mutated_answers_pass_only_as_hyper_reads_them_and_never_reach_the_next_
     assert!(passed > count / 10 && refused > count / 10, "passed {passed}, refused {refused} of {count}");
     gw.stop().await;
 }
+
+/// What the upstream does with request `/id/N` in the concurrent fault test: `N % 8` picks it.
+fn faulty(n: usize) -> Act {
+    let own = format!("id-{n}");
+    match n % 8 {
+        0 | 1 => Act::Answer(ok(&own), false),
+        2 => Act::Answer(
+            format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{own}\r\n0\r\n\r\n", own.len()).into_bytes(),
+            false,
+        ),
+        // Answers, then closes without saying so: the gateway finds out when it next takes the connection.
+        3 => Act::Answer(ok(&own), true),
+        // A stray whole answer behind its own, in the same write: it must never become another request's.
+        4 => Act::Answer([ok(&own), ok("id-stray")].concat(), false),
+        // Closes without a byte of answer: retried once (a GET) when the connection was a pooled one, else 502.
+        5 => Act::Drop,
+        // A body cut short: the client sees a broken exchange, never a short body as whole.
+        6 => Act::Answer(format!("HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{own}").into_bytes(), true),
+        _ => Act::Late(Vec::new(), Duration::from_millis(20), ok(&own)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_concurrent_upstream_faults_every_client_gets_its_own_answer_or_an_error() {
+    // Bounded: 16 clients x 30 requests, each answered (or failed) within BOUND.
+    let up = scripted(|line, _| match line.split_once("/id/").and_then(|(_, r)| r.split(' ').next()?.parse().ok()) {
+        Some(n) => faulty(n),
+        None => Act::Answer(ok("ok"), false),
+    })
+    .await;
+    let gw = Arc::new(spawn_gateway(&config(&up)).await);
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..16usize {
+        let gw = gw.clone();
+        clients.spawn(async move {
+            let client = client(&gw);
+            let mut outcomes = Vec::new();
+            for i in 0..30usize {
+                let n = c * 1000 + i * 7 + c;
+                let answer = try_exchange(&client, "GET", &gw.http_url(&format!("/id/{n}"))).await;
+                outcomes.push((n, answer));
+            }
+            outcomes
+        });
+    }
+    let (mut own, mut failed) = (0, 0);
+    while let Some(outcomes) = clients.join_next().await {
+        for (n, answer) in outcomes.expect("a client task") {
+            match answer {
+                Ok((StatusCode::OK, _, Ok(body))) => {
+                    assert_eq!(body, Bytes::from(format!("id-{n}")), "request {n} got another's answer");
+                    assert_ne!(n % 8, 6, "request {n}: a short body was delivered whole");
+                    own += 1;
+                }
+                // Cut: the head came, the body broke.
+                Ok((StatusCode::OK, _, Err(_))) => {
+                    assert_eq!(n % 8, 6, "request {n}: a body broke that the upstream sent whole");
+                    failed += 1;
+                }
+                Ok((status, _, body)) => {
+                    assert!(matches!(n % 8, 5 | 6), "request {n}: {status} {body:?}, but its answer was sound");
+                    assert_eq!(status, StatusCode::BAD_GATEWAY, "request {n}");
+                    failed += 1;
+                }
+                Err(e) => panic!("request {n}: no answer at all: {e}"),
+            }
+        }
+    }
+    assert!(own >= 16 * 30 * 5 / 8, "own answers {own}, failed {failed}");
+    let gw = Arc::into_inner(gw).expect("the clients are done");
+    gw.stop().await;
+}
