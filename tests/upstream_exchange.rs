@@ -669,19 +669,31 @@ async fn under_concurrent_upstream_faults_every_client_gets_its_own_answer_or_an
     for c in 0..16usize {
         let gw = gw.clone();
         clients.spawn(async move {
-            let client = client(&gw);
-            let mut outcomes = Vec::new();
-            for i in 0..30usize {
-                let n = c * 1000 + i * 7 + c;
-                let answer = try_exchange(&client, "GET", &gw.http_url(&format!("/id/{n}"))).await;
-                outcomes.push((n, answer));
+            // Odd clients speak HTTP/2: their requests share one connection, concurrently.
+            let h2 = c % 2 == 1;
+            let client = if h2 { h2_client(&gw) } else { client(&gw) };
+            let one = |i: usize| {
+                let (client, gw) = (&client, &gw);
+                async move {
+                    let n = c * 1000 + i * 7 + c;
+                    let path = format!("/id/{n}");
+                    (n, h2, try_exchange(client, "GET", &if h2 { gw.https_url(&path) } else { gw.http_url(&path) }).await)
+                }
+            };
+            if h2 {
+                futures_util::future::join_all((0..30).map(one)).await
+            } else {
+                let mut outcomes = Vec::new();
+                for i in 0..30 {
+                    outcomes.push(one(i).await);
+                }
+                outcomes
             }
-            outcomes
         });
     }
     let (mut own, mut failed) = (0, 0);
     while let Some(outcomes) = clients.join_next().await {
-        for (n, answer) in outcomes.expect("a client task") {
+        for (n, h2, answer) in outcomes.expect("a client task") {
             match answer {
                 Ok((StatusCode::OK, _, Ok(body))) => {
                     assert_eq!(body, Bytes::from(format!("id-{n}")), "request {n} got another's answer");
@@ -698,6 +710,8 @@ async fn under_concurrent_upstream_faults_every_client_gets_its_own_answer_or_an
                     assert_eq!(status, StatusCode::BAD_GATEWAY, "request {n}");
                     failed += 1;
                 }
+                // A stream reset as its body breaks may drop its unsent head (see the mutation test above).
+                Err(_) if h2 && n % 8 == 6 => failed += 1,
                 Err(e) => panic!("request {n}: no answer at all: {e}"),
             }
         }
