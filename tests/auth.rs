@@ -680,6 +680,64 @@ async fn missing_and_malformed_credentials() {
 }
 
 #[tokio::test]
+async fn every_edit_of_a_genuine_token_is_refused_without_reaching_upstream() {
+    // Seeded edits of genuine HS256, RS256 and ES256 tokens: a character replaced, inserted or removed, a
+    // segment repeated, dropped or moved, a letter's case changed. Whatever the edit, the token is no longer the
+    // one signed, so it is refused (401, or 400 where it no longer reads as one credential) and the upstream never
+    // sees the request. Bounded: PORTCULLIS_FUZZ_CASES edits per key (default 80), from PORTCULLIS_FUZZ_SEED.
+    bounded(async {
+        let s = refusal_setup().await;
+        let c = client(&s.gw);
+        let url = s.gw.https_url("/items");
+        let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+        let (count, seed) = (env("PORTCULLIS_FUZZ_CASES", 80), env("PORTCULLIS_FUZZ_SEED", 0x9E37_79B9_7F4A_7C15));
+        let mut state = seed | 1;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n.max(1) as u64) as usize
+        };
+        const CHARS: &[u8] = b"AQgwz09-_.=+/ %";
+        for (key, iss) in [(&s.hs, HS_ISS), (&s.rsa, RS_ISS), (&s.es, ES_ISS)] {
+            let genuine = tok(key, iss, "alice", json!({"roles": ["user"]}));
+            accepted(&c, &s.up, &url, &genuine, "control").await;
+            for round in 0..count {
+                let mut t = genuine.clone().into_bytes();
+                let at = next(t.len());
+                match next(6) {
+                    0 => t[at] = CHARS[next(CHARS.len())],
+                    1 => t.insert(at, CHARS[next(CHARS.len())]),
+                    2 => drop(t.remove(at)),
+                    3 => t[at] = if t[at].is_ascii_lowercase() { t[at].to_ascii_uppercase() } else { t[at].to_ascii_lowercase() },
+                    _ => {
+                        let mut parts: Vec<&[u8]> = genuine.as_bytes().split(|&b| b == b'.').collect();
+                        let (i, j) = (next(parts.len()), next(parts.len()));
+                        match next(3) {
+                            0 => parts.insert(i, parts[j]),
+                            1 => drop(parts.remove(i)),
+                            _ => parts.swap(i, j),
+                        }
+                        t = parts.join(&b'.');
+                    }
+                }
+                let Ok(edited) = String::from_utf8(t) else { continue };
+                if edited == genuine || edited.trim() == genuine {
+                    continue;
+                }
+                let before = s.up.hits();
+                let a = get(&c, &url, Some(&edited)).await;
+                let what = format!("{iss} round {round} (seed {seed}): {edited}");
+                assert!(matches!(a.status.as_u16(), 400 | 401), "{what}: {} {}", a.status, a.text());
+                assert_eq!(s.up.hits(), before, "{what}: the upstream was reached");
+            }
+        }
+        s.gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn forged_and_invalid_tokens_are_refused_without_reaching_upstream() {
     bounded(async {
         let s = refusal_setup().await;
