@@ -18,6 +18,8 @@ pub enum BodyError {
     TooLarge,
     #[error(transparent)]
     Upstream(#[from] crate::h1_client::H1Error),
+    #[error("the upstream's response body stalled: no bytes for {0:?}")]
+    Stalled(std::time::Duration),
 }
 
 /// A client's request body: hyper's stream, or none (a bodiless request read by `h1_server`).
@@ -109,7 +111,8 @@ impl http_body::Body for RequestBody {
 pub enum Body {
     Empty,
     Full(Option<Bytes>),
-    Stream(Incoming),
+    /// An upstream response read by hyper's client, cut if a wait for more of it exceeds its [`Stall`] bound.
+    Stream(Incoming, Stall),
     /// An upstream response read by the lean HTTP/1.1 client.
     Upstream(crate::h1_answer::ResponseBody),
     /// A client's request body with the bytes it may still send; the stream fails (and the upstream request
@@ -148,19 +151,17 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             // An answer from hyper's client: its trailers lose what the lean client's lose too.
-            Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from).map_ok(|frame| match frame.into_trailers() {
-                Ok(mut trailers) => {
-                    crate::headers::strip_hop_by_hop(&mut trailers, false);
-                    let mut kept = http::HeaderMap::with_capacity(trailers.len());
-                    for (name, value) in &trailers {
-                        if crate::h1_answer::passes_as_trailer(name) {
-                            kept.append(name.clone(), value.clone());
-                        }
-                    }
-                    Frame::trailers(kept)
+            Body::Stream(inner, stall) => match Pin::new(inner).poll_frame(cx) {
+                Poll::Pending if stall.expired(cx) => {
+                    tracing::warn!(after = ?stall.after, "an upstream's response body stalled; the stream is cut");
+                    Poll::Ready(Some(Err(BodyError::Stalled(stall.after))))
                 }
-                Err(frame) => frame,
-            }),
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(frame) => {
+                    stall.waiting = false;
+                    Poll::Ready(frame).map_err(BodyError::from).map_ok(upstream_frame)
+                }
+            },
             Body::Upstream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
             Body::Limited { inner, remaining, identity } => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -190,7 +191,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
-            Body::Stream(inner) => inner.is_end_stream(),
+            Body::Stream(inner, _) => inner.is_end_stream(),
             Body::Limited { inner, .. } => inner.is_end_stream(),
             Body::Upstream(inner) => inner.is_end_stream(),
         }
@@ -200,9 +201,54 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Stream(inner) => inner.size_hint(),
+            Body::Stream(inner, _) => inner.size_hint(),
             Body::Limited { inner, .. } => inner.size_hint(),
             Body::Upstream(inner) => inner.size_hint(),
         }
+    }
+}
+
+/// An answer's frame from hyper's client: its trailers lose what the lean client's lose too.
+fn upstream_frame(frame: Frame<Bytes>) -> Frame<Bytes> {
+    match frame.into_trailers() {
+        Ok(mut trailers) => {
+            crate::headers::strip_hop_by_hop(&mut trailers, false);
+            let mut kept = http::HeaderMap::with_capacity(trailers.len());
+            for (name, value) in &trailers {
+                if crate::h1_answer::passes_as_trailer(name) {
+                    kept.append(name.clone(), value.clone());
+                }
+            }
+            Frame::trailers(kept)
+        }
+        Err(frame) => frame,
+    }
+}
+
+/// How long a wait for more of an upstream's body may last; the timer is made on the first wait, and the clock
+/// read only when a wait begins.
+#[derive(Debug)]
+pub struct Stall {
+    after: std::time::Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+impl Stall {
+    pub fn new(after: std::time::Duration) -> Stall {
+        Stall { after, timer: None, waiting: false }
+    }
+
+    /// Called when the body is not ready: true once this wait has lasted `after`.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.waiting {
+            self.waiting = true;
+            let at = crate::deadline::deadline_after(self.after);
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(at),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        self.timer.as_mut().is_some_and(|t| std::future::Future::poll(t.as_mut(), cx).is_ready())
     }
 }

@@ -10,6 +10,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -280,7 +281,8 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
 }
 
 /// The body of an upstream response, read from the upstream socket on demand. The connection goes back to the
-/// pool the moment the last byte is read (if the exchange allows reuse); a body dropped early closes it.
+/// pool the moment the last byte is read (if the exchange allows reuse); a body dropped early closes it. A wait
+/// for more of it longer than `stall` cuts it: a stalled upstream must not hold a client forever.
 pub struct ResponseBody {
     /// Boxed, like every pooled connection: it moves through the request's async layers and the pool, where a
     /// pointer moves cheaper than the connection's 112 bytes.
@@ -288,6 +290,9 @@ pub struct ResponseBody {
     state: State,
     reusable: bool,
     pool: Arc<Pool>,
+    stall: Duration,
+    /// The current wait has its deadline set (the clock is read only when a read has to wait).
+    waiting: bool,
 }
 
 enum State {
@@ -303,13 +308,13 @@ impl std::fmt::Debug for ResponseBody {
 }
 
 impl ResponseBody {
-    pub fn new(conn: Box<Conn>, framing: Framing, reusable: bool, pool: &Arc<Pool>) -> ResponseBody {
+    pub fn new(conn: Box<Conn>, framing: Framing, reusable: bool, pool: &Arc<Pool>, stall: Duration) -> ResponseBody {
         let state = match framing {
             Framing::Length(n) => State::Length(n),
             Framing::Chunked => State::Chunked(ChunkedDecoder::default()),
             Framing::UntilClose => State::UntilClose,
         };
-        let mut body = ResponseBody { conn: Some(conn), state, reusable, pool: pool.clone() };
+        let mut body = ResponseBody { conn: Some(conn), state, reusable, pool: pool.clone(), stall, waiting: false };
         if matches!(body.state, State::Length(0)) {
             body.finish();
         }
@@ -378,7 +383,22 @@ impl http_body::Body for ResponseBody {
             if conn.buf.capacity() - conn.buf.len() < 1024 {
                 conn.buf.reserve(READ_CHUNK);
             }
-            let read = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf));
+            let read = match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
+                Poll::Ready(read) => {
+                    this.waiting = false;
+                    read
+                }
+                Poll::Pending => {
+                    if !this.waiting {
+                        this.waiting = true;
+                        conn.deadline.set(crate::deadline::deadline_after(this.stall));
+                    }
+                    ready!(conn.deadline.poll_expired(cx));
+                    tracing::warn!(after = ?this.stall, "an upstream's response body stalled; the stream is cut");
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(H1Error::Stalled(this.stall))));
+                }
+            };
             match read {
                 Ok(0) if matches!(this.state, State::UntilClose) => {
                     this.conn = None;

@@ -41,6 +41,8 @@ pub enum H1Error {
     UnexpectedUpgrade,
     #[error("no response head before the deadline")]
     Timeout,
+    #[error("the response body stalled: no bytes for {0:?}")]
+    Stalled(Duration),
 }
 
 /// The lean client of one upstream: where to connect, and its idle connections.
@@ -111,7 +113,7 @@ impl Client {
     pub async fn send(&self, head: &Head<'_>, timeout: Duration, now: std::time::Instant) -> Result<Answer, H1Error> {
         let deadline = crate::deadline::later(now.into(), timeout);
         if let Some(conn) = self.pool.take(now) {
-            match self.exchange(conn, head, deadline).await {
+            match self.exchange(conn, head, deadline, timeout).await {
                 Ok(rsp) => return Ok(rsp),
                 Err(Attempt::Stale(e)) if !is_idempotent(head.method) => return Err(e),
                 Err(Attempt::Stale(e)) => tracing::debug!(error = %e, "pooled upstream connection was closed; retrying on a new one"),
@@ -119,7 +121,7 @@ impl Client {
             }
         }
         let conn = tokio::time::timeout_at(deadline, self.connect()).await.map_err(|_| H1Error::Timeout)??;
-        self.exchange(conn, head, deadline).await.map_err(|a| match a {
+        self.exchange(conn, head, deadline, timeout).await.map_err(|a| match a {
             Attempt::Stale(e) | Attempt::Failed(e) => e,
         })
     }
@@ -136,7 +138,14 @@ impl Client {
         Ok(Box::new(Conn::new(io)))
     }
 
-    async fn exchange(&self, mut conn: Box<Conn>, head: &Head<'_>, deadline: tokio::time::Instant) -> Result<Answer, Attempt> {
+    /// `stall` bounds each wait for more of the body once the head is in.
+    async fn exchange(
+        &self,
+        mut conn: Box<Conn>,
+        head: &Head<'_>,
+        deadline: tokio::time::Instant,
+        stall: Duration,
+    ) -> Result<Answer, Attempt> {
         encode_head(&mut conn.head, head, &self.authority);
         conn.deadline.set(deadline);
         match write_head(&mut conn).await {
@@ -161,7 +170,7 @@ impl Client {
                     Parsed::Partial if conn.buf.len() > MAX_HEAD_BYTES => return Err(Attempt::Failed(H1Error::HeadTooLarge)),
                     Parsed::Partial => {}
                     Parsed::Complete { status, headers, fields, framing, reusable } => {
-                        let body = ResponseBody::new(conn, framing, reusable, &self.pool);
+                        let body = ResponseBody::new(conn, framing, reusable, &self.pool, stall);
                         let mut rsp = Response::new(body);
                         *rsp.status_mut() = status;
                         *rsp.headers_mut() = headers;

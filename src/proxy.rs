@@ -154,7 +154,7 @@ pub async fn forward(up: &Upstream, req: Request<Body>) -> Result<Response<Body>
         // RFC 9110 §15 defines the classes 1xx-5xx; a client has no way to read "799", and each such status
         // would be a metrics series of its own.
         Ok(Ok(rsp)) if rsp.status().as_u16() >= 600 => Err(ProxyError::BadStatus { upstream: name.clone(), status: rsp.status().as_u16() }),
-        Ok(Ok(rsp)) => Ok(rsp.map(Body::Stream)),
+        Ok(Ok(rsp)) => Ok(rsp.map(|b| Body::Stream(b, crate::body::Stall::new(up.settings.timeout)))),
         Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect { upstream: name.clone(), source: e.into() }),
         Ok(Err(e)) => {
             // A failure of the request body hyper was sending is the gateway's own body type, under hyper's error.

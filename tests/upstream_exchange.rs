@@ -37,6 +37,8 @@ enum Act {
     /// Writes these bytes, then waits for the next request only this long before closing (an answer framed to
     /// run until the close then ends).
     Linger(Vec<u8>, Duration),
+    /// Writes each piece after a pause.
+    Paced(Vec<Vec<u8>>, Duration),
 }
 
 struct Scripted {
@@ -117,6 +119,14 @@ async fn scripted(script: impl Fn(&str, usize) -> Act + Send + Sync + 'static) -
                         Act::Answer(bytes, close) => {
                             if tcp.write_all(&bytes).await.is_err() || close {
                                 return;
+                            }
+                        }
+                        Act::Paced(pieces, pause) => {
+                            for piece in pieces {
+                                tokio::time::sleep(pause).await;
+                                if tcp.write_all(&piece).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                         Act::Linger(bytes, wait) => {
@@ -718,5 +728,43 @@ async fn under_concurrent_upstream_faults_every_client_gets_its_own_answer_or_an
     }
     assert!(own >= 16 * 30 * 5 / 8, "own answers {own}, failed {failed}");
     let gw = Arc::into_inner(gw).expect("the clients are done");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_past_the_timeout_is_cut_and_a_slow_steady_one_is_not() {
+    // `timeout` bounds the wait for the head, then each wait for more of the body: an upstream that stops
+    // mid-body must not hold the client (and its connection) forever, and one that keeps sending, however long
+    // the whole takes, must not be cut. Both clients: the lean one (GET) and hyper's (a request with a body).
+    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc".to_vec();
+    let up = scripted(move |line, _| {
+        if line.contains("/stalls") {
+            Act::Late(head.clone(), Duration::from_secs(60), b"defghi".to_vec())
+        } else {
+            // Three pieces 600 ms apart: 1.8 s in all, each wait under the 1 s timeout.
+            let pieces = [&head[..], b"def", b"ghi"].map(<[u8]>::to_vec).to_vec();
+            Act::Paced(pieces, Duration::from_millis(600))
+        }
+    })
+    .await;
+    let gw = spawn_gateway(&config(&up).replace("timeout = \"5s\"", "timeout = \"1s\"")).await;
+    let c = client(&gw);
+    for method in ["GET", "POST"] {
+        let send = |path: &str| {
+            let body = if method == "POST" { Bytes::from_static(b"x") } else { Bytes::new() };
+            let req = Request::builder().method(method).uri(gw.http_url(path)).body(Full::new(body)).unwrap();
+            c.request(req)
+        };
+        let started = std::time::Instant::now();
+        let rsp = timeout(BOUND, send("/stalls")).await.expect("head in time").expect("a head");
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let body = timeout(BOUND, rsp.into_body().collect()).await.expect("the stalled body ends in time");
+        assert!(body.is_err(), "{method}: a stalled body was delivered whole: {body:?}");
+        assert!(started.elapsed() >= Duration::from_millis(900), "{method}: cut before the timeout: {:?}", started.elapsed());
+
+        let rsp = timeout(BOUND, send("/steady")).await.expect("head in time").expect("a head");
+        let body = timeout(BOUND, rsp.into_body().collect()).await.expect("in time").map(|b| b.to_bytes());
+        assert_eq!(body.ok(), Some(Bytes::from("abcdefghi")), "{method}: a slow, steady body was cut");
+    }
     gw.stop().await;
 }
