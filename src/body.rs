@@ -121,6 +121,8 @@ pub enum Body {
         inner: RequestBody,
         remaining: u64,
         identity: Arc<IdentitySettings>,
+        /// Set when the exchange's deadline follows the body (see [`Progress`]).
+        progress: Option<Arc<Progress>>,
     },
 }
 
@@ -138,7 +140,12 @@ impl Body {
     /// Returns a client's request body for the upstream: it fails after `limit` bytes, and its trailers are
     /// stripped of identity and gateway fields.
     pub fn limited(inner: RequestBody, limit: u64, identity: Arc<IdentitySettings>) -> Body {
-        Body::Limited { inner, remaining: limit, identity }
+        Body::Limited { inner, remaining: limit, identity, progress: None }
+    }
+
+    /// Like [`Body::limited`], reporting how far the body has got to `progress`.
+    pub fn limited_with_progress(inner: RequestBody, limit: u64, identity: Arc<IdentitySettings>, progress: Arc<Progress>) -> Body {
+        Body::Limited { inner, remaining: limit, identity, progress: Some(progress) }
     }
 }
 
@@ -163,27 +170,33 @@ impl http_body::Body for Body {
                 }
             },
             Body::Upstream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
-            Body::Limited { inner, remaining, identity } => match Pin::new(&mut *inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref() {
-                        let n = data.len() as u64;
-                        if n > *remaining {
-                            inner.abandon();
-                            return Poll::Ready(Some(Err(BodyError::TooLarge)));
-                        }
-                        *remaining -= n;
-                        return Poll::Ready(Some(Ok(frame)));
-                    }
-                    match frame.into_trailers() {
-                        Ok(mut trailers) => {
-                            crate::headers::strip_request_trailers(&mut trailers, identity);
-                            Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-                        }
-                        Err(frame) => Poll::Ready(Some(Ok(frame))),
-                    }
+            Body::Limited { inner, remaining, identity, progress } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                if let Some(p) = progress {
+                    p.note(matches!(polled, Poll::Pending));
                 }
-                other => other.map_err(BodyError::from),
-            },
+                match polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            let n = data.len() as u64;
+                            if n > *remaining {
+                                inner.abandon();
+                                return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                            }
+                            *remaining -= n;
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                        match frame.into_trailers() {
+                            Ok(mut trailers) => {
+                                crate::headers::strip_request_trailers(&mut trailers, identity);
+                                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                            }
+                            Err(frame) => Poll::Ready(Some(Ok(frame))),
+                        }
+                    }
+                    other => other.map_err(BodyError::from),
+                }
+            }
         }
     }
 
@@ -250,5 +263,50 @@ impl Stall {
             }
         }
         self.timer.as_mut().is_some_and(|t| std::future::Future::poll(t.as_mut(), cx).is_ready())
+    }
+}
+
+/// How far a client's request body has got on its way to the upstream. The wait for the upstream's answer is
+/// bounded from when the body has been sent (an upload that takes longer than `timeout` is not cut for it), and
+/// until then by the time since the body last moved; when it has not moved for that long, `waiting_on_client`
+/// says whose fault it is.
+#[derive(Debug)]
+pub struct Progress {
+    start: std::time::Instant,
+    /// Microseconds from `start` to the last time the body moved (or ended).
+    moved: std::sync::atomic::AtomicU64,
+    /// The body's last poll found the client had sent nothing more.
+    waiting_on_client: std::sync::atomic::AtomicBool,
+}
+
+impl Progress {
+    pub fn new() -> Progress {
+        Progress { start: std::time::Instant::now(), moved: 0.into(), waiting_on_client: false.into() }
+    }
+
+    fn note(&self, pending: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.waiting_on_client.store(pending, Relaxed);
+        if !pending {
+            let micros = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.moved.store(micros, Relaxed);
+        }
+    }
+
+    /// When the exchange times out unless the body moves (or the answer comes) first: `after` past the last move.
+    pub fn deadline(&self, after: std::time::Duration) -> tokio::time::Instant {
+        let moved = std::time::Duration::from_micros(self.moved.load(std::sync::atomic::Ordering::Relaxed));
+        crate::deadline::later((self.start + moved).into(), after)
+    }
+
+    /// True when the body was last found waiting for the client.
+    pub fn waiting_on_client(&self) -> bool {
+        self.waiting_on_client.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new()
     }
 }

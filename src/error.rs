@@ -64,6 +64,7 @@ impl GatewayError {
                 ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
                 ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+                ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
                 ProxyError::Uri(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
             GatewayError::Token(e) => match e {
@@ -102,6 +103,7 @@ impl GatewayError {
             GatewayError::BodyTooLarge(_) | GatewayError::Proxy(ProxyError::BodyTooLarge) => ("payload_too_large", None),
             GatewayError::Proxy(ProxyError::Timeout { .. }) => ("gateway_timeout", None),
             GatewayError::Proxy(ProxyError::ClientBody(_)) => ("bad_request", None),
+            GatewayError::Proxy(ProxyError::ClientTimeout(_)) => ("request_timeout", None),
             GatewayError::Proxy(
                 ProxyError::Connect { .. } | ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade | ProxyError::BadStatus { .. },
             ) => ("bad_gateway", None),

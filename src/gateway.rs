@@ -294,7 +294,9 @@ impl Gateway {
                     tracing::debug!(request_id = ?request_id, error = %e, "request refused");
                 }
                 // An unread HTTP/1 body would be taken as the next request; close instead.
-                let close = outcome.http1_body && outcome.upstream_time.is_none();
+                let client_body_broke =
+                    matches!(e, GatewayError::Proxy(proxy::ProxyError::ClientBody(_) | proxy::ProxyError::ClientTimeout(_)));
+                let close = outcome.http1_body && (outcome.upstream_time.is_none() || client_body_broke);
                 e.to_response(close)
             }
         };
@@ -478,12 +480,19 @@ impl Gateway {
                 // The client's framing went with the hop-by-hop fields. hyper's client frames a body of unknown
                 // length as chunked, except on GET, HEAD and CONNECT, where it sends none at all: said outright,
                 // the body the client sent reaches the upstream whatever the method.
-                if !http_body::Body::is_end_stream(&body) && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+                let has_body = !http_body::Body::is_end_stream(&body);
+                if has_body && !parts.headers.contains_key(header::CONTENT_LENGTH) {
                     parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
                 }
-                let mut up_req = Request::from_parts(parts, Body::limited(body, max_body, self.config.identity.clone()));
+                // A body's progress moves the exchange's deadline (see `proxy::forward`).
+                let progress = has_body.then(|| Arc::new(crate::body::Progress::new()));
+                let body = match &progress {
+                    Some(p) => Body::limited_with_progress(body, max_body, self.config.identity.clone(), p.clone()),
+                    None => Body::limited(body, max_body, self.config.identity.clone()),
+                };
+                let mut up_req = Request::from_parts(parts, body);
                 proxy::rewrite_uri(&mut up_req, &upstream.settings, upstream_path, query.as_deref(), host)?;
-                proxy::forward(upstream, up_req).await
+                proxy::forward(upstream, up_req, progress.as_deref()).await
             }
         };
         let took = sent.elapsed();

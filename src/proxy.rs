@@ -40,6 +40,9 @@ pub enum ProxyError {
     /// doing, so not a 502 nor an upstream error in the metrics.
     #[error("the client's request body failed: {0}")]
     ClientBody(String),
+    /// The client sent nothing more of its body for this long: its doing, not the upstream's.
+    #[error("the client's request body stalled: nothing for {0:?}")]
+    ClientTimeout(std::time::Duration),
     #[error("upstream switched protocols without being asked to")]
     UnexpectedUpgrade,
     #[error("upstream {upstream}: status {status} is outside 100-599")]
@@ -56,7 +59,7 @@ impl ProxyError {
             ProxyError::Connect { .. } => Some("connect"),
             ProxyError::Timeout { .. } => Some("timeout"),
             ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade | ProxyError::BadStatus { .. } => Some("reset"),
-            ProxyError::BodyTooLarge | ProxyError::ClientBody(_) | ProxyError::Uri(_) => None,
+            ProxyError::BodyTooLarge | ProxyError::ClientBody(_) | ProxyError::ClientTimeout(_) | ProxyError::Uri(_) => None,
         }
     }
 }
@@ -146,17 +149,37 @@ pub fn lean_error(up: &Upstream, e: H1Error) -> ProxyError {
 }
 
 /// Sends the request over hyper's pooled client and waits for the response head, bounded by the upstream's
-/// `timeout`.
-pub async fn forward(up: &Upstream, req: Request<Body>) -> Result<Response<Body>, ProxyError> {
+/// `timeout`: counted from the start for a bodiless request, and for one with a body (`progress`) from when the
+/// body last moved, so an upload slower than `timeout` is not cut while it keeps coming.
+pub async fn forward(up: &Upstream, req: Request<Body>, progress: Option<&crate::body::Progress>) -> Result<Response<Body>, ProxyError> {
     let name = &up.settings.name;
-    match tokio::time::timeout(up.settings.timeout, up.client.request(req)).await {
-        Err(_) => Err(ProxyError::Timeout { upstream: name.clone(), timeout: up.settings.timeout }),
+    let timeout = up.settings.timeout;
+    let answered = match progress {
+        None => tokio::time::timeout(timeout, up.client.request(req)).await.ok(),
+        Some(p) => {
+            let request = up.client.request(req);
+            tokio::pin!(request);
+            loop {
+                // A new timer only when one fires while the body is still moving (once per `timeout` at most).
+                match tokio::time::timeout_at(p.deadline(timeout), &mut request).await {
+                    Ok(answer) => break Some(answer),
+                    Err(_) if tokio::time::Instant::now() < p.deadline(timeout) => continue,
+                    Err(_) if p.waiting_on_client() => return Err(ProxyError::ClientTimeout(timeout)),
+                    Err(_) => break None,
+                }
+            }
+        }
+    };
+    match answered {
+        None => Err(ProxyError::Timeout { upstream: name.clone(), timeout }),
         // RFC 9110 §15 defines the classes 1xx-5xx; a client has no way to read "799", and each such status
         // would be a metrics series of its own.
-        Ok(Ok(rsp)) if rsp.status().as_u16() >= 600 => Err(ProxyError::BadStatus { upstream: name.clone(), status: rsp.status().as_u16() }),
-        Ok(Ok(rsp)) => Ok(rsp.map(|b| Body::Stream(b, crate::body::Stall::new(up.settings.timeout)))),
-        Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect { upstream: name.clone(), source: e.into() }),
-        Ok(Err(e)) => {
+        Some(Ok(rsp)) if rsp.status().as_u16() >= 600 => {
+            Err(ProxyError::BadStatus { upstream: name.clone(), status: rsp.status().as_u16() })
+        }
+        Some(Ok(rsp)) => Ok(rsp.map(|b| Body::Stream(b, crate::body::Stall::new(up.settings.timeout)))),
+        Some(Err(e)) if e.is_connect() => Err(ProxyError::Connect { upstream: name.clone(), source: e.into() }),
+        Some(Err(e)) => {
             // A failure of the request body hyper was sending is the gateway's own body type, under hyper's error.
             let body_error = std::error::Error::source(&e)
                 .and_then(|s| s.downcast_ref::<hyper::Error>())

@@ -656,6 +656,70 @@ auth = "public"
     gw.stop().await;
 }
 
+/// Writes a chunked upload on a raw socket: `pieces` chunks of 1 KiB, `pause` apart, then (unless `stall`) the
+/// last chunk; returns the answer's head and body, and how long after the start it came.
+async fn paced_upload(addr: SocketAddr, pieces: usize, pause: Duration, stall: bool) -> (String, Duration) {
+    let started = Instant::now();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+    let chunk = format!("400\r\n{}\r\n", "u".repeat(1024));
+    for _ in 0..pieces {
+        // Pacing is the traffic under test (an upload slower than the timeout), not synchronisation.
+        tokio::time::sleep(pause).await;
+        if s.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    if !stall {
+        // A gateway that already answered (and closed) fails this write: its answer is what is asserted.
+        let _ = s.write_all(b"0\r\n\r\n").await;
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the answer's body is whole (the gateway may keep the connection open after it).
+    loop {
+        let text = String::from_utf8_lossy(&out).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_string));
+            if length.and_then(|l| l.trim().parse::<usize>().ok()).is_some_and(|l| body.len() >= l) {
+                return (text, started.elapsed());
+            }
+        }
+        match timeout(BOUND, s.read(&mut buf)).await.expect("answered in time") {
+            Ok(0) | Err(_) => return (String::from_utf8_lossy(&out).to_string(), started.elapsed()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_slower_than_the_timeout_passes_and_a_stalled_one_is_408() {
+    // `timeout` bounds the wait for the answer once the body is sent, and until then each pause of the body: a
+    // long upload that keeps coming is not the upstream's delay, and a client that stops sending is the
+    // client's fault (408, not a 504 counted against the upstream).
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up, "").replace("timeout = \"5s\"", "timeout = \"1s\"")).await;
+    let http = gw.http.unwrap();
+
+    // Six pieces 400 ms apart: 2.4 s in all, more than twice the timeout, each pause well under it.
+    let (answer, took) = paced_upload(http, 6, Duration::from_millis(400), false).await;
+    assert_eq!(status_of(&answer), Some(200), "{answer}");
+    assert!(answer.contains(r#""len":6144"#), "the whole upload arrived: {answer}");
+    assert!(took >= Duration::from_millis(2000), "{took:?}");
+
+    // One piece, then nothing while the connection stays open.
+    let (answer, took) = paced_upload(http, 1, Duration::from_millis(10), true).await;
+    assert_eq!(status_of(&answer), Some(408), "{answer}");
+    assert!(answer.ends_with(r#"{"error":"request_timeout"}"#), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "408 after {took:?}; the timeout is 1s");
+
+    let metrics = get(&client(&gw), &gw.admin_url("/metrics"), None).await.text();
+    assert!(!metrics.contains("portcullis_upstream_errors_total{"), "counted against the upstream: {metrics}");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_upstream_on_a_private_ca_is_trusted_through_its_ca_file_only() {
     let _shared = PROCESS.read().await;
