@@ -336,16 +336,51 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             return Ok(());
         }
         self.flush().await?;
-        self.io.write_all(data).await
+        write_bounded(&mut self.io, &mut self.deadline, self.limits.idle_timeout, Some(data)).await
     }
 
     async fn flush(&mut self) -> io::Result<()> {
         if !self.out.is_empty() {
-            self.io.write_all(&self.out).await?;
+            write_bounded(&mut self.io, &mut self.deadline, self.limits.idle_timeout, Some(&self.out)).await?;
             self.out.clear();
         }
-        self.io.flush().await
+        write_bounded(&mut self.io, &mut self.deadline, self.limits.idle_timeout, None).await
     }
+}
+
+/// Writes all of `data` (None: flushes), unless the client takes none of it for `stall`: a client that stops
+/// reading must not hold its connection, and the upstream's, for ever (nginx's `send_timeout`). The connection's
+/// deadline is free while an answer is written; the wait for the next head sets it anew.
+async fn write_bounded<I: AsyncWrite + Unpin>(io: &mut I, deadline: &mut Deadline, stall: Duration, data: Option<&[u8]>) -> io::Result<()> {
+    let mut written = 0;
+    let mut waiting = false;
+    std::future::poll_fn(|cx| {
+        let polled = loop {
+            match data {
+                Some(data) if written < data.len() => match Pin::new(&mut *io).poll_write(cx, &data[written..]) {
+                    Poll::Ready(Ok(0)) => break Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        written += n;
+                        waiting = false;
+                    }
+                    Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                    Poll::Pending => break Poll::Pending,
+                },
+                Some(_) => break Poll::Ready(Ok(())),
+                None => break Pin::new(&mut *io).poll_flush(cx),
+            }
+        };
+        if polled.is_ready() {
+            return polled;
+        }
+        if !waiting {
+            waiting = true;
+            deadline.set(deadline_after(stall));
+        }
+        ready!(deadline.poll_expired(cx));
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client took none of the answer within idle_timeout")))
+    })
+    .await
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -116,6 +116,11 @@ pub struct HeaderDeadline<I> {
     armed: bool,
     /// The staged close: the write side is shut, input is being read out until `sleep`.
     lingering: bool,
+    /// How long a write may wait for the client to take any of it (`idle_timeout`), timed by `write_sleep`
+    /// (made at the first write that has to wait).
+    write_stall: Duration,
+    write_sleep: Option<Pin<Box<Sleep>>>,
+    write_waiting: bool,
 }
 
 /// How long a staged close reads out what a refused client still sends (nginx's `lingering_timeout` default).
@@ -126,8 +131,50 @@ const LINGER_READS: usize = 16;
 impl<I> HeaderDeadline<I> {
     /// Wraps a connection whose next head must be complete by `first_head_by`, later ones within `timeout` of
     /// their first byte. `read` holds bytes already taken from it, which its reader gets first.
-    pub fn new(io: I, read: Bytes, state: Arc<ConnState>, timeout: Duration, first_head_by: Instant) -> HeaderDeadline<I> {
-        HeaderDeadline { io, read, state, timeout, sleep: Box::pin(tokio::time::sleep_until(first_head_by)), armed: true, lingering: false }
+    /// Its writes fail with `TimedOut` once one has waited `write_stall` for the client to take any of it.
+    pub fn new(
+        io: I,
+        read: Bytes,
+        state: Arc<ConnState>,
+        timeout: Duration,
+        first_head_by: Instant,
+        write_stall: Duration,
+    ) -> HeaderDeadline<I> {
+        HeaderDeadline {
+            io,
+            read,
+            state,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep_until(first_head_by)),
+            armed: true,
+            lingering: false,
+            write_stall,
+            write_sleep: None,
+            write_waiting: false,
+        }
+    }
+
+    /// Passes a write's (or flush's) outcome on; one that has waited `write_stall` becomes `TimedOut`: a client
+    /// that stops reading must not hold its connection, and the upstream's, for ever (nginx's `send_timeout`).
+    fn bounded<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.write_waiting = false;
+            return polled;
+        }
+        if !self.write_waiting {
+            self.write_waiting = true;
+            let at = crate::deadline::deadline_after(self.write_stall);
+            match &mut self.write_sleep {
+                Some(sleep) => sleep.as_mut().reset(at),
+                None => self.write_sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        match self.write_sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client took none of the answer within idle_timeout")))
+            }
+            _ => Poll::Pending,
+        }
     }
 
     fn timed_out() -> io::Error {
@@ -179,11 +226,15 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeaderDeadline<I> {
 
 impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for HeaderDeadline<I> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.bounded(cx, polled)
     }
 
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.bounded(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -191,7 +242,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for HeaderDeadline<I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.bounded(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -234,7 +287,7 @@ mod tests {
         if linger {
             state.begin(Version::HTTP_11).linger_on_close();
         }
-        (HeaderDeadline::new(ours, Bytes::new(), state, Duration::from_secs(10), Instant::now()), client)
+        (HeaderDeadline::new(ours, Bytes::new(), state, Duration::from_secs(10), Instant::now(), Duration::from_secs(60)), client)
     }
 
     #[tokio::test(start_paused = true)]

@@ -243,7 +243,7 @@ async fn serve_last_http1<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = Arc::new(ConnState::default());
-    let io = HeaderDeadline::new(io, read, state.clone(), lean.header_read_timeout, first_head_by);
+    let io = HeaderDeadline::new(io, read, state.clone(), lean.header_read_timeout, first_head_by, lean.idle_timeout);
     let peer = info.peer;
     let b = http1_builder(&lean, false);
     if let Err(e) = b.serve_connection(TokioIo::new(io), gateway_service(info, shared, state)).with_upgrades().await {
@@ -307,7 +307,7 @@ async fn serve_hyper<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = Arc::new(ConnState::default());
-    let io = TokioIo::new(HeaderDeadline::new(io, read, state.clone(), limits.header_read_timeout, first_head_by));
+    let io = TokioIo::new(HeaderDeadline::new(io, read, state.clone(), limits.header_read_timeout, first_head_by, limits.idle_timeout));
     let peer = info.peer;
     let service = gateway_service(info, shared, state.clone());
     // hyper-util's `http1_only` does nothing for a connection served with upgrades: hyper's own HTTP/1 server.

@@ -896,6 +896,58 @@ async fn a_refused_http2_upload_is_read_out_not_reset() {
 // ------------------------------------------------------------------------------------------------------------
 // 8. Slowloris
 
+/// Sends `request` and reads the answer at `rate` bytes every `tick` (after `wait` without reading at all),
+/// until the gateway ends the stream or `expected` bytes arrived; returns the bytes read.
+async fn read_at_pace(addr: SocketAddr, request: &str, wait: Duration, rate: usize, tick: Duration, expected: usize) -> usize {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    // Not reading is the traffic under test (a client that stops reading), not synchronisation.
+    tokio::time::sleep(wait).await;
+    let mut total = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = Instant::now() + BOUND;
+    while total < expected && Instant::now() < deadline {
+        let mut this_tick = 0;
+        while this_tick < rate && total < expected {
+            let want = buf.len().min(rate - this_tick);
+            match timeout(BOUND, s.read(&mut buf[..want])).await.expect("the stream moves or ends in time") {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => {
+                    total += n;
+                    this_tick += n;
+                }
+            }
+        }
+        tokio::time::sleep(tick).await;
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_after_idle_timeout_and_a_slow_reader_is_not() {
+    // A client that takes none of its answer for `idle_timeout` loses the connection (nginx's send_timeout),
+    // so it cannot hold a connection and an upstream one for ever; one that reads slowly but steadily is served.
+    // Both the gateway's own HTTP/1 code (a bodiless GET) and hyper's (a request with a body).
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(&public_config(&up, "[limits]\nidle_timeout = \"1s\"\n")).await;
+    let http = gw.http.unwrap();
+    const BIG: usize = 256 << 20;
+    const SMALL: usize = 8 << 20;
+    for (what, head) in [
+        ("GET", "GET /download?bytes={n} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("POST", "POST /download?bytes={n} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx"),
+    ] {
+        let request = |n: usize| head.replace("{n}", &n.to_string());
+        let got = read_at_pace(http, &request(BIG), Duration::from_secs(4), usize::MAX, Duration::ZERO, BIG).await;
+        assert!(got < BIG, "{what}: a client that stopped reading for 4 s still got the whole answer ({got} bytes)");
+
+        let got = read_at_pace(http, &request(SMALL), Duration::ZERO, 512 << 10, Duration::from_millis(150), SMALL + 1).await;
+        assert!(got > SMALL, "{what}: a slow, steady reader was cut after {got} bytes");
+    }
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_at_header_read_timeout_while_others_are_served() {
     let _shared = PROCESS.read().await;
