@@ -20,6 +20,8 @@ pub enum BodyError {
     Upstream(#[from] crate::h1_client::H1Error),
     #[error("the upstream's response body stalled: no bytes for {0:?}")]
     Stalled(std::time::Duration),
+    #[error("the HTTP/2 client took none of the stream for {0:?}")]
+    ClientStalled(std::time::Duration),
 }
 
 /// A client's request body: hyper's stream, or none (a bodiless request read by `h1_server`).

@@ -27,6 +27,8 @@ use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::body::{Body, BodyError};
+
 /// What the service tells the connection's reader: whether a request is being served, and whether the
 /// deadline applies at all any more. One per connection, never shared between connections.
 #[derive(Default)]
@@ -77,31 +79,113 @@ impl Drop for InFlight {
 }
 
 /// A response body that keeps its request counted as in flight until hyper has finished with it.
-pub struct Tracked<B> {
-    body: B,
+pub struct Tracked {
+    body: Watched,
     _in_flight: InFlight,
 }
 
-impl<B> Tracked<B> {
-    pub fn new(body: B, in_flight: InFlight) -> Tracked<B> {
+impl Tracked {
+    /// On HTTP/2 (`idle`: the connection's `idle_timeout`) the body is watched, see [`Watch`].
+    pub fn new(body: Body, in_flight: InFlight, h2_idle: Option<Duration>) -> Tracked {
+        let body = match h2_idle {
+            Some(idle) => Watched::H2 { watch: Arc::new(Watch::new(body)), idle, spawned: false },
+            None => Watched::Direct(body),
+        };
         Tracked { body, _in_flight: in_flight }
     }
 }
 
-impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
+enum Watched {
+    Direct(Body),
+    H2 { watch: Arc<Watch>, idle: Duration, spawned: bool },
+}
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+/// An HTTP/2 answer's body. A client can stop taking one stream through flow control while its connection stays
+/// writable (so the write bound of [`HeaderDeadline`] never fires), and the body would then hold its upstream
+/// connection for ever. Once hyper has not asked for more of it for `idle` after taking a frame, a watchdog task
+/// (started at the first frame that leaves the body unfinished) drops it, which releases the upstream
+/// connection; the stream then ends with an error if hyper asks again.
+struct Watch {
+    body: std::sync::Mutex<Option<Body>>,
+    start: Instant,
+    /// Milliseconds from `start` to when hyper last took a frame; `WAITING` while hyper waits on the body (an
+    /// upstream's delay, bounded by its own timeout), `DONE` once it ended.
+    took_at: std::sync::atomic::AtomicU64,
+}
+
+const WAITING: u64 = u64::MAX;
+const DONE: u64 = u64::MAX - 1;
+
+impl Watch {
+    fn new(body: Body) -> Watch {
+        Watch { body: std::sync::Mutex::new(Some(body)), start: Instant::now(), took_at: WAITING.into() }
+    }
+}
+
+/// Drops the body once hyper has taken none of it for `idle` since its last frame; ends with the body.
+async fn watchdog(watch: std::sync::Weak<Watch>, idle: Duration) {
+    loop {
+        let (due, seen) = {
+            let Some(w) = watch.upgrade() else { return };
+            let seen = w.took_at.load(Ordering::Relaxed);
+            let due = match seen {
+                DONE => return,
+                WAITING => crate::deadline::deadline_after(idle),
+                at => crate::deadline::later(w.start + Duration::from_millis(at), idle),
+            };
+            (due, seen)
+        };
+        tokio::time::sleep_until(due).await;
+        let Some(w) = watch.upgrade() else { return };
+        if seen != WAITING && w.took_at.load(Ordering::Relaxed) == seen {
+            tracing::debug!(?idle, "an HTTP/2 client took none of a stream for idle_timeout; its answer is dropped");
+            let body = w.body.lock().map(|mut b| b.take()).unwrap_or(None);
+            drop(body);
+            return;
+        }
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.get_mut().body {
+            Watched::Direct(body) => Pin::new(body).poll_frame(cx),
+            Watched::H2 { watch, idle, spawned } => {
+                let mut guard = watch.body.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let Some(body) = guard.as_mut() else { return Poll::Ready(Some(Err(BodyError::ClientStalled(*idle)))) };
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                let took_at = match &polled {
+                    Poll::Pending => WAITING,
+                    Poll::Ready(Some(Ok(_))) if !body.is_end_stream() => {
+                        if !*spawned {
+                            *spawned = true;
+                            tokio::spawn(watchdog(Arc::downgrade(watch), *idle));
+                        }
+                        u64::try_from(watch.start.elapsed().as_millis()).unwrap_or(DONE - 1).min(DONE - 1)
+                    }
+                    Poll::Ready(_) => DONE,
+                };
+                watch.took_at.store(took_at, Ordering::Relaxed);
+                polled
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.body {
+            Watched::Direct(body) => body.is_end_stream(),
+            Watched::H2 { watch, .. } => watch.body.lock().map_or(true, |b| b.as_ref().is_none_or(Body::is_end_stream)),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Watched::Direct(body) => body.size_hint(),
+            Watched::H2 { watch, .. } => watch.body.lock().ok().and_then(|b| b.as_ref().map(Body::size_hint)).unwrap_or_default(),
+        }
     }
 }
 

@@ -258,9 +258,9 @@ fn gateway_service(
     state: Arc<ConnState>,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
-    Response = hyper::Response<Tracked<crate::body::Body>>,
+    Response = hyper::Response<Tracked>,
     Error = Infallible,
-    Future = impl Future<Output = Result<hyper::Response<Tracked<crate::body::Body>>, Infallible>> + Send,
+    Future = impl Future<Output = Result<hyper::Response<Tracked>, Infallible>> + Send,
 > + Clone {
     service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let gateway = shared.gateway.load_full();
@@ -285,7 +285,8 @@ fn gateway_service(
                 // that left the body unread.
                 in_flight.linger_on_close();
             }
-            Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, in_flight)))
+            let h2_idle = (version >= hyper::Version::HTTP_2).then_some(gateway.config.limits.idle_timeout);
+            Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, in_flight, h2_idle)))
         }
     })
 }

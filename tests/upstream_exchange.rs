@@ -770,3 +770,50 @@ async fn a_body_that_stalls_past_the_timeout_is_cut_and_a_slow_steady_one_is_not
     }
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_http2_stream_the_client_stops_taking_releases_its_upstream_connection_after_idle_timeout() {
+    // Through flow control an HTTP/2 client can stop taking one stream while its connection stays busy and
+    // writable. The upstream connection behind that stream must not be held for ever: after idle_timeout the
+    // gateway drops the answer, and the upstream sees its connection close.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<usize>();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && tcp.read(&mut byte).await.unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        // An answer far larger than any flow-control window, written until the gateway lets go.
+        let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n").await;
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0;
+        while tcp.write_all(&chunk).await.is_ok() {
+            sent += chunk.len();
+        }
+        let _ = closed_tx.send(sent);
+    });
+    let up = Upstream { addr, seen: Default::default(), count: Default::default() };
+    let cfg = format!(
+        "{}\n[limits]\nidle_timeout = \"1s\"\n\n[[routes]]\nname = \"all\"\npath = \"/*\"\nupstream = \"api\"\nauth = \"public\"\n",
+        base_config(&up)
+    );
+    let gw = spawn_gateway(&cfg).await;
+    let h2 = h2_client(&gw);
+    let req = Request::get(gw.https_url("/big")).body(Full::new(Bytes::new())).unwrap();
+    let rsp = timeout(BOUND, h2.request(req)).await.expect("head in time").expect("a head");
+    assert_eq!(rsp.version(), http::Version::HTTP_2);
+    // The body is held and never read: its stream's window stays shut.
+    let held = rsp.into_body();
+    let sent = timeout(BOUND, closed_rx).await.expect("the upstream connection was released in time").expect("the upstream saw its close");
+    assert!(sent < 1 << 30, "the upstream kept sending: {sent} bytes");
+    // The client's connection itself is fine: another stream on it is served.
+    let other = Request::get(gw.https_url("/other")).body(Full::new(Bytes::new())).unwrap();
+    let answer = timeout(BOUND, h2.request(other)).await.expect("in time");
+    assert!(answer.is_ok(), "{answer:?}");
+    // (The stalled stream itself lasts until the client lets go of it, or a drain's end.)
+    drop((held, h2));
+    gw.stop().await;
+}
