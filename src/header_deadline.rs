@@ -11,6 +11,10 @@
 //! reset, which can reach the client before it has read the answer, so it sees "connection reset" instead of
 //! the 413. As RFC 9112 §9.6 advises, the write side is shut first (the client reads the answer and an end of
 //! stream), then what the client still sends is read and dropped until it closes too, for at most `LINGER`.
+//!
+//! The other way, it bounds how long the client may take none of an answer: a write that waits `idle_timeout`
+//! fails (the connection closes), and on HTTP/2, where one stream can be stalled through flow control while the
+//! connection stays writable, [`Tracked`] drops a stream's answer that hyper has not asked more of for as long.
 
 use std::future::Future;
 use std::io;
