@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::deadline::Stall;
 use crate::headers::IdentitySettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -162,12 +163,12 @@ impl http_body::Body for Body {
             // An answer from hyper's client: its trailers lose what the lean client's lose too.
             Body::Stream(inner, stall) => match Pin::new(inner).poll_frame(cx) {
                 Poll::Pending if stall.expired(cx) => {
-                    tracing::warn!(after = ?stall.after, "an upstream's response body stalled; the stream is cut");
-                    Poll::Ready(Some(Err(BodyError::Stalled(stall.after))))
+                    tracing::warn!(after = ?stall.after(), "an upstream's response body stalled; the stream is cut");
+                    Poll::Ready(Some(Err(BodyError::Stalled(stall.after()))))
                 }
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(frame) => {
-                    stall.waiting = false;
+                    stall.moved();
                     Poll::Ready(frame).map_err(BodyError::from).map_ok(upstream_frame)
                 }
             },
@@ -237,34 +238,6 @@ fn upstream_frame(frame: Frame<Bytes>) -> Frame<Bytes> {
             Frame::trailers(kept)
         }
         Err(frame) => frame,
-    }
-}
-
-/// How long a wait for more of an upstream's body may last; the timer is made on the first wait, and the clock
-/// read only when a wait begins.
-#[derive(Debug)]
-pub struct Stall {
-    after: std::time::Duration,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    waiting: bool,
-}
-
-impl Stall {
-    pub fn new(after: std::time::Duration) -> Stall {
-        Stall { after, timer: None, waiting: false }
-    }
-
-    /// Called when the body is not ready: true once this wait has lasted `after`.
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.waiting {
-            self.waiting = true;
-            let at = crate::deadline::deadline_after(self.after);
-            match &mut self.timer {
-                Some(timer) => timer.as_mut().reset(at),
-                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
-            }
-        }
-        self.timer.as_mut().is_some_and(|t| std::future::Future::poll(t.as_mut(), cx).is_ready())
     }
 }
 

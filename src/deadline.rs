@@ -4,6 +4,8 @@
 //! before the recorded instant it is re-armed for it, and it is moved earlier only when the deadline comes before
 //! it. A connection serving requests back to back therefore touches the timer wheel about once per timeout
 //! period instead of twice per request.
+//!
+//! [`Stall`] bounds one wait instead (a body that stops coming, a client that takes none of an answer).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -56,6 +58,44 @@ impl Deadline {
             self.timer.as_mut().reset(self.at);
         }
         Poll::Pending
+    }
+}
+
+/// A bound on one wait (for bytes that do not come, or a peer that takes none): the timer is made at the first
+/// wait, and the clock read only when a wait begins, so what never waits pays nothing.
+#[derive(Debug)]
+pub struct Stall {
+    after: std::time::Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
+}
+
+impl Stall {
+    pub fn new(after: std::time::Duration) -> Stall {
+        Stall { after, timer: None, waiting: false }
+    }
+
+    pub fn after(&self) -> std::time::Duration {
+        self.after
+    }
+
+    /// The awaited thing happened: the next wait is timed afresh.
+    pub fn moved(&mut self) {
+        self.waiting = false;
+    }
+
+    /// Called when what is awaited is not ready: true once this wait has lasted `after` (until then the task is
+    /// woken when it would).
+    pub fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.waiting {
+            self.waiting = true;
+            let at = deadline_after(self.after);
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(at),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        self.timer.as_mut().is_some_and(|t| t.as_mut().poll(cx).is_ready())
     }
 }
 

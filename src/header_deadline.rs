@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::body::{Body, BodyError};
+use crate::deadline::Stall;
 
 /// What the service tells the connection's reader: whether a request is being served, and whether the
 /// deadline applies at all any more. One per connection, never shared between connections.
@@ -204,11 +205,8 @@ pub struct HeaderDeadline<I> {
     armed: bool,
     /// The staged close: the write side is shut, input is being read out until `sleep`.
     lingering: bool,
-    /// How long a write may wait for the client to take any of it (`idle_timeout`), timed by `write_sleep`
-    /// (made at the first write that has to wait).
-    write_stall: Duration,
-    write_sleep: Option<Pin<Box<Sleep>>>,
-    write_waiting: bool,
+    /// How long a write may wait for the client to take any of it (`idle_timeout`).
+    write_stall: Stall,
 }
 
 /// How long a staged close reads out what a refused client still sends (nginx's `lingering_timeout` default).
@@ -236,9 +234,7 @@ impl<I> HeaderDeadline<I> {
             sleep: Box::pin(tokio::time::sleep_until(first_head_by)),
             armed: true,
             lingering: false,
-            write_stall,
-            write_sleep: None,
-            write_waiting: false,
+            write_stall: Stall::new(write_stall),
         }
     }
 
@@ -246,23 +242,13 @@ impl<I> HeaderDeadline<I> {
     /// that stops reading must not hold its connection, and the upstream's, for ever (nginx's `send_timeout`).
     fn bounded<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if polled.is_ready() {
-            self.write_waiting = false;
+            self.write_stall.moved();
             return polled;
         }
-        if !self.write_waiting {
-            self.write_waiting = true;
-            let at = crate::deadline::deadline_after(self.write_stall);
-            match &mut self.write_sleep {
-                Some(sleep) => sleep.as_mut().reset(at),
-                None => self.write_sleep = Some(Box::pin(tokio::time::sleep_until(at))),
-            }
+        if self.write_stall.expired(cx) {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client took none of the answer within idle_timeout")));
         }
-        match self.write_sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => {
-                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client took none of the answer within idle_timeout")))
-            }
-            _ => Poll::Pending,
-        }
+        Poll::Pending
     }
 
     fn timed_out() -> io::Error {

@@ -177,7 +177,7 @@ pub async fn forward(up: &Upstream, req: Request<Body>, progress: Option<&crate:
         Some(Ok(rsp)) if rsp.status().as_u16() >= 600 => {
             Err(ProxyError::BadStatus { upstream: name.clone(), status: rsp.status().as_u16() })
         }
-        Some(Ok(rsp)) => Ok(rsp.map(|b| Body::Stream(b, crate::body::Stall::new(up.settings.timeout)))),
+        Some(Ok(rsp)) => Ok(rsp.map(|b| Body::Stream(b, crate::deadline::Stall::new(up.settings.timeout)))),
         Some(Err(e)) if e.is_connect() => Err(ProxyError::Connect { upstream: name.clone(), source: e.into() }),
         Some(Err(e)) => {
             // A failure of the request body hyper was sending is the gateway's own body type, under hyper's error.

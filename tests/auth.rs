@@ -689,15 +689,9 @@ async fn every_edit_of_a_genuine_token_is_refused_without_reaching_upstream() {
         let s = refusal_setup().await;
         let c = client(&s.gw);
         let url = s.gw.https_url("/items");
-        let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-        let (count, seed) = (env("PORTCULLIS_FUZZ_CASES", 80), env("PORTCULLIS_FUZZ_SEED", 0x9E37_79B9_7F4A_7C15));
-        let mut state = seed | 1;
-        let mut next = |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n.max(1) as u64) as usize
-        };
+        let (count, seed) = fuzz_settings(80, 0x9E37_79B9_7F4A_7C15);
+        let mut rng = Rng::new(seed);
+        let mut next = |n: usize| rng.below(n);
         const CHARS: &[u8] = b"AQgwz09-_.=+/ %";
         for (key, iss) in [(&s.hs, HS_ISS), (&s.rsa, RS_ISS), (&s.es, ES_ISS)] {
             let genuine = tok(key, iss, "alice", json!({"roles": ["user"]}));

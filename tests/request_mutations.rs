@@ -79,18 +79,6 @@ async fn gateway_answers(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     }
 }
 
-/// xorshift64*: deterministic, so a failing case is replayed from the seed it prints.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n.max(1)
-    }
-}
-
 /// Well-formed requests of every framing, the seeds of the mutations; each ends with a plain GET, which a
 /// smuggled or mis-framed body would swallow or split.
 const REQUESTS: [&[u8]; 7] = [
@@ -135,27 +123,6 @@ const PIECES: [&[u8]; 28] = [
     b"%41",
 ];
 
-fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
-    let mut bytes = seed.to_vec();
-    for _ in 0..1 + rng.below(2) {
-        let at = rng.below(bytes.len() + 1);
-        let piece = PIECES[rng.below(PIECES.len())];
-        match rng.below(8) {
-            0 => bytes.splice(at..(at + piece.len()).min(bytes.len()), piece.iter().copied()).for_each(drop),
-            1 => bytes.splice(at..at, piece.iter().copied()).for_each(drop),
-            2 => bytes.drain(at..(at + 1 + rng.below(4)).min(bytes.len())).for_each(drop),
-            3 => {
-                let end = (at + 1 + rng.below(12)).min(bytes.len());
-                let copy = bytes[at..end].to_vec();
-                bytes.splice(at..at, copy).for_each(drop);
-            }
-            4 => bytes.truncate(at.max(16)),
-            _ => bytes.splice(at..(at + 1).min(bytes.len()), piece.iter().copied()).for_each(drop),
-        }
-    }
-    bytes
-}
-
 /// True when `forwarded` is `reference` with some requests left out (the gateway may refuse what hyper reads,
 /// never read what hyper does not). A request whose body the gateway abandoned (the upstream read it cut short:
 /// the client's body broke, or the client closed and the gateway gave up on it) matches on method and target.
@@ -193,12 +160,11 @@ async fn recorder() -> Recorder {
 async fn whatever_is_forwarded_hyper_reads_the_same_from_the_same_bytes() {
     // Bounded: PORTCULLIS_FUZZ_CASES request streams (default 200), from PORTCULLIS_FUZZ_SEED. Each case has a
     // gateway and an upstream of its own, so what the upstream read is that case's alone.
-    let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-    let (count, seed) = (env("PORTCULLIS_FUZZ_CASES", 200) as usize, env("PORTCULLIS_FUZZ_SEED", 0x2545_F491_4F6C_DD1D));
-    let mut rng = Rng(seed | 1);
+    let (count, seed) = fuzz_settings(200, 0x2545_F491_4F6C_DD1D);
+    let mut rng = Rng::new(seed);
     let (mut some_forwarded, mut some_refused) = (0, 0);
     for k in 0..count {
-        let bytes = mutate(&mut rng, REQUESTS[k % REQUESTS.len()]);
+        let bytes = mutate(&mut rng, REQUESTS[k % REQUESTS.len()], &PIECES, 2, 16);
         let shown = String::from_utf8_lossy(&bytes);
         let reference = hyper_reads(&bytes).await;
         let up = recorder().await;

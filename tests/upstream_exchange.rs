@@ -470,18 +470,6 @@ async fn bodiless_answers_on_a_cors_route_keep_their_framing_and_take_the_policy
 // ---------------------------------------------------------------------------------------------------------------
 // Mutated answers, compared with what hyper's client (a strict, independent reader) makes of the same bytes.
 
-/// xorshift64*: deterministic, so a failing case is replayed from the seed it prints.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n.max(1)
-    }
-}
-
 /// Well-formed answers of every framing, the seeds of the mutations.
 const ANSWERS: [&[u8]; 9] = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello",
@@ -524,26 +512,6 @@ const PIECES: [&[u8]; 25] = [
     b" chunked",
 ];
 
-fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
-    let mut bytes = seed.to_vec();
-    for _ in 0..1 + rng.below(3) {
-        let at = rng.below(bytes.len() + 1);
-        let piece = PIECES[rng.below(PIECES.len())];
-        match rng.below(5) {
-            0 => bytes.splice(at..(at + piece.len()).min(bytes.len()), piece.iter().copied()).for_each(drop),
-            1 => bytes.splice(at..at, piece.iter().copied()).for_each(drop),
-            2 => bytes.drain(at..(at + 1 + rng.below(4)).min(bytes.len())).for_each(drop),
-            3 => {
-                let end = (at + 1 + rng.below(12)).min(bytes.len());
-                let copy = bytes[at..end].to_vec();
-                bytes.splice(at..at, copy).for_each(drop);
-            }
-            _ => bytes.truncate(at.max(12)),
-        }
-    }
-    bytes
-}
-
 /// Fields the gateway sets or replaces itself; every other field of its answer must be one the upstream sent.
 const GATEWAY_FIELDS: [&str; 13] = [
     "date",
@@ -576,10 +544,9 @@ async fn hyper_reads(upstream: SocketAddr, path: &str) -> Result<(StatusCode, ht
 #[tokio::test]
 async fn mutated_answers_pass_only_as_hyper_reads_them_and_never_reach_the_next_request() {
     // Bounded: PORTCULLIS_FUZZ_CASES answers (default 240), from PORTCULLIS_FUZZ_SEED.
-    let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-    let (count, seed) = (env("PORTCULLIS_FUZZ_CASES", 240) as usize, env("PORTCULLIS_FUZZ_SEED", 0x9E37_79B9_7F4A_7C15));
-    let mut rng = Rng(seed | 1);
-    let cases: Arc<Vec<Vec<u8>>> = Arc::new((0..count).map(|i| mutate(&mut rng, ANSWERS[i % ANSWERS.len()])).collect());
+    let (count, seed) = fuzz_settings(240, 0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng::new(seed);
+    let cases: Arc<Vec<Vec<u8>>> = Arc::new((0..count).map(|i| mutate(&mut rng, ANSWERS[i % ANSWERS.len()], &PIECES, 3, 12)).collect());
     let script_cases = cases.clone();
     let up = scripted(move |line, _| {
         let number = |prefix: &str| line.split_once(prefix).and_then(|(_, rest)| rest.split(' ').next()?.parse::<usize>().ok());
