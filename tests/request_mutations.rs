@@ -91,23 +91,9 @@ const REQUESTS: [&[u8]; 7] = [
     b"GET /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n",
 ];
 
-/// What a mutation inserts or overwrites with: framing syntax, whole framing fields, and a request to smuggle.
-const PIECES: [&[u8]; 28] = [
-    b"\r\n",
-    b"\n",
-    b"\r",
-    b" ",
-    b"\t",
-    b":",
-    b",",
-    b";",
-    b"0",
-    b"9",
-    b"f",
-    b"+",
-    b"\0",
-    b"\x7f",
-    b"\xc3\xa9",
+/// What a mutation inserts or overwrites with besides framing syntax: whole framing fields, and a request to
+/// smuggle.
+const PIECES: [&[u8]; 13] = [
     b"Transfer-Encoding: chunked\r\n",
     b"Transfer-Encoding: chunked, gzip\r\n",
     b"Content-Length: 3\r\n",

@@ -483,23 +483,8 @@ const ANSWERS: [&[u8]; 9] = [
     b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the close",
 ];
 
-/// What a mutation inserts or overwrites with: framing syntax, and whole framing fields and answers.
-const PIECES: [&[u8]; 25] = [
-    b"\r\n",
-    b"\n",
-    b"\r",
-    b" ",
-    b"\t",
-    b":",
-    b",",
-    b";",
-    b"0",
-    b"9",
-    b"f",
-    b"+",
-    b"\0",
-    b"\x7f",
-    b"\xc3\xa9",
+/// What a mutation inserts or overwrites with besides framing syntax: whole framing fields and answers.
+const PIECES: [&[u8]; 10] = [
     b"Transfer-Encoding: chunked\r\n",
     b"Transfer-Encoding: gzip, chunked\r\n",
     b"Content-Length: 3\r\n",

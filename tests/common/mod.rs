@@ -560,13 +560,17 @@ pub fn fuzz_settings(cases: usize, seed: u64) -> (usize, u64) {
     (env("PORTCULLIS_FUZZ_CASES").map_or(cases, |c| c as usize), env("PORTCULLIS_FUZZ_SEED").unwrap_or(seed))
 }
 
-/// `seed` with 1 to `most` random edits: a piece of `pieces` written over it or into it, a byte replaced by
-/// one, a few bytes dropped or repeated, or the tail cut (never below `keep` bytes).
-pub fn mutate(rng: &mut Rng, seed: &[u8], pieces: &[&[u8]], most: usize, keep: usize) -> Vec<u8> {
+/// HTTP/1 framing syntax, and bytes no field may hold: what every mutation may write.
+const SYNTAX: [&[u8]; 15] = [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b",", b";", b"0", b"9", b"f", b"+", b"\0", b"\x7f", b"\xc3\xa9"];
+
+/// `seed` with 1 to `most` random edits: a piece of framing syntax or of `extra` written over it or into it, a
+/// byte replaced by one, a few bytes dropped or repeated, or the tail cut (never below `keep` bytes).
+pub fn mutate(rng: &mut Rng, seed: &[u8], extra: &[&[u8]], most: usize, keep: usize) -> Vec<u8> {
     let mut bytes = seed.to_vec();
     for _ in 0..1 + rng.below(most) {
         let at = rng.below(bytes.len() + 1);
-        let piece = pieces[rng.below(pieces.len())];
+        let k = rng.below(SYNTAX.len() + extra.len());
+        let piece = if k < SYNTAX.len() { SYNTAX[k] } else { extra[k - SYNTAX.len()] };
         match rng.below(6) {
             0 => bytes.splice(at..(at + piece.len()).min(bytes.len()), piece.iter().copied()).for_each(drop),
             1 => bytes.splice(at..at, piece.iter().copied()).for_each(drop),
