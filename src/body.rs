@@ -80,7 +80,7 @@ async fn read_out(mut body: Incoming, up_to: u64) {
             }
         }
     };
-    let _ = tokio::time::timeout(crate::header_deadline::LINGER, reading).await;
+    let _ = tokio::time::timeout(crate::conn_bounds::LINGER, reading).await;
 }
 
 impl http_body::Body for RequestBody {

@@ -1,6 +1,6 @@
 //! Portcullis: a reverse-proxy authentication gateway.
 //!
-//! A request goes top to bottom through: accept and TLS ([`server`], [`tls`]) -> HTTP ([`header_deadline`])
+//! A request goes top to bottom through: accept and TLS ([`server`], [`tls`]) -> HTTP ([`h1_server`], [`conn_bounds`])
 //! -> route match ([`router`]) -> authenticate ([`authn`], [`jwks`]) -> authorize ([`authz`]) -> rate limit
 //! ([`ratelimit`]) -> forward ([`proxy`], [`h1_client`], [`h1_answer`], [`upstream_pool`], [`headers`])
 //! -> response headers ([`headers`], [`cors`]) -> metrics and access log ([`metrics`], [`logging`]), all driven by
@@ -12,6 +12,7 @@ pub mod authn;
 pub mod authz;
 pub mod body;
 pub mod config;
+pub mod conn_bounds;
 pub mod cors;
 pub mod deadline;
 pub mod demo;
@@ -21,7 +22,6 @@ pub mod gateway;
 pub mod h1_answer;
 pub mod h1_client;
 pub mod h1_server;
-pub mod header_deadline;
 pub mod headers;
 pub mod issuer;
 pub mod jwks;

@@ -23,9 +23,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::RequestBody;
 use crate::config::Limits;
+use crate::conn_bounds::{ConnState, HeaderDeadline, Tracked};
 use crate::gateway::{ConnInfo, Gateway, Places};
 use crate::h1_server::{self, Ended};
-use crate::header_deadline::{ConnState, HeaderDeadline, Tracked};
 
 /// State shared by every connection: the current Gateway (swapped whole on reload) and the drain flag.
 pub struct Shared {
@@ -82,7 +82,7 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b.http1()
         .timer(TokioTimer::new())
         // hyper's header timer also runs while a keep-alive connection idles, so it bounds idle time here;
-        // the real header deadline is `header_deadline`'s.
+        // the real header deadline is `conn_bounds`'s.
         .header_read_timeout(limits.idle_timeout.max(limits.header_read_timeout))
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true)

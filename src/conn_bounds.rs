@@ -1,4 +1,5 @@
-//! The HTTP/1 header-read deadline, kept apart from keep-alive idle time.
+//! Time bounds on a client connection that hyper serves: the header-read deadline (kept apart from keep-alive
+//! idle time), the staged close, and how long the client may take none of an answer.
 //!
 //! hyper starts its `header_read_timeout` as soon as a connection waits for the next request head, so alone it
 //! would also close idle keep-alive connections after that (short) time. hyper's timer is therefore given
@@ -90,7 +91,7 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    /// On HTTP/2 (`idle`: the connection's `idle_timeout`) the body is watched, see [`Watch`].
+    /// On HTTP/2 (`idle`: the connection's `idle_timeout`) the body is watched (see `Watch`).
     pub fn new(body: Body, in_flight: InFlight, h2_idle: Option<Duration>) -> Tracked {
         let body = match h2_idle {
             Some(idle) => Watched::H2 { watch: Arc::new(Watch::new(body)), idle, spawned: false },
