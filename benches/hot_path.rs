@@ -9,10 +9,10 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use portcullis::authn::Authenticator;
+use portcullis::auth::Authenticator;
 use portcullis::config::{AuthMode, Config};
-use portcullis::headers::{self, Forwarding, IdentitySettings, SecureHeaders};
-use portcullis::ratelimit::{LimitKey, LimitSettings, Limiter};
+use portcullis::edge::headers::{self, Forwarding, IdentitySettings, SecureHeaders};
+use portcullis::edge::ratelimit::{LimitKey, LimitSettings, Limiter};
 
 struct Keys {
     dir: tempfile::TempDir,
@@ -96,7 +96,7 @@ fn token(iss: &str, alg: Algorithm, key: &EncodingKey, n: u64) -> String {
 fn bench_jwt(c: &mut Criterion) {
     let k = keys();
     let cfg = config(k.dir.path(), 1);
-    let client = portcullis::jwks::fetch_client(None).expect("client");
+    let client = portcullis::auth::jwks::fetch_client(None).expect("client");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
     let authn = rt.block_on(async { Authenticator::new(&cfg.issuers, &client, None) });
     let hs = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::deadline::Stall;
-use crate::headers::IdentitySettings;
+use crate::h1::deadline::Stall;
+use crate::edge::headers::IdentitySettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -18,7 +18,7 @@ pub enum BodyError {
     #[error("body exceeds the configured limit")]
     TooLarge,
     #[error(transparent)]
-    Upstream(#[from] crate::h1_client::H1Error),
+    Upstream(#[from] crate::h1::client::H1Error),
     #[error("the upstream's response body stalled: no bytes for {0:?}")]
     Stalled(std::time::Duration),
     #[error("the HTTP/2 client took none of the stream for {0:?}")]
@@ -80,7 +80,7 @@ async fn read_out(mut body: Incoming, up_to: u64) {
             }
         }
     };
-    let _ = tokio::time::timeout(crate::conn_bounds::LINGER, reading).await;
+    let _ = tokio::time::timeout(crate::server::conn_bounds::LINGER, reading).await;
 }
 
 impl http_body::Body for RequestBody {
@@ -117,7 +117,7 @@ pub enum Body {
     /// An upstream response read by hyper's client, cut if a wait for more of it exceeds its [`Stall`] bound.
     Stream(Incoming, Stall),
     /// An upstream response read by the lean HTTP/1.1 client.
-    Upstream(crate::h1_answer::ResponseBody),
+    Upstream(crate::h1::answer::ResponseBody),
     /// A client's request body with the bytes it may still send; the stream fails (and the upstream request
     /// is aborted) once it grows past the limit. Its trailers lose what `identity` and the gateway own.
     Limited {
@@ -191,7 +191,7 @@ impl http_body::Body for Body {
                         }
                         match frame.into_trailers() {
                             Ok(mut trailers) => {
-                                crate::headers::strip_request_trailers(&mut trailers, identity);
+                                crate::edge::headers::strip_request_trailers(&mut trailers, identity);
                                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
                             }
                             Err(frame) => Poll::Ready(Some(Ok(frame))),
@@ -228,10 +228,10 @@ impl http_body::Body for Body {
 fn upstream_frame(frame: Frame<Bytes>) -> Frame<Bytes> {
     match frame.into_trailers() {
         Ok(mut trailers) => {
-            crate::headers::strip_hop_by_hop(&mut trailers, false);
+            crate::edge::headers::strip_hop_by_hop(&mut trailers, false);
             let mut kept = http::HeaderMap::with_capacity(trailers.len());
             for (name, value) in &trailers {
-                if crate::h1_answer::passes_as_trailer(name) {
+                if crate::h1::answer::passes_as_trailer(name) {
                     kept.append(name.clone(), value.clone());
                 }
             }
@@ -271,7 +271,7 @@ impl Progress {
     /// When the exchange times out unless the body moves (or the answer comes) first: `after` past the last move.
     pub fn deadline(&self, after: std::time::Duration) -> tokio::time::Instant {
         let moved = std::time::Duration::from_micros(self.moved.load(std::sync::atomic::Ordering::Relaxed));
-        crate::deadline::later((self.start + moved).into(), after)
+        crate::h1::deadline::later((self.start + moved).into(), after)
     }
 
     /// True when the body was last found waiting for the client.

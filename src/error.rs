@@ -6,10 +6,10 @@
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
-use crate::authn::AuthError;
-use crate::authz::AuthzError;
+use crate::auth::AuthError;
+use crate::auth::authz::AuthzError;
 use crate::body::Body;
-use crate::issuer::TokenError;
+use crate::token_endpoint::TokenError;
 use crate::proxy::ProxyError;
 use crate::router::RouteError;
 
@@ -167,7 +167,7 @@ pub fn json_response(status: StatusCode, code: &str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authn::FailReason;
+    use crate::auth::FailReason;
 
     #[test]
     fn bearer_challenges_follow_rfc6750() {

@@ -12,20 +12,20 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 
-use crate::authn::{Authenticator, Principal};
-use crate::authz::authorize;
+use crate::auth::{Authenticator, Principal};
+use crate::auth::authz::authorize;
 use crate::body::{Body, RequestBody};
 use crate::config::Config;
-use crate::cors;
+use crate::edge::cors;
 use crate::error::GatewayError;
-use crate::h1_answer::AnswerFields;
-use crate::h1_client;
-use crate::headers::{self, Forwarding};
-use crate::issuer::TokenEndpoint;
-use crate::jwks::{fetch_client, FetchClient};
+use crate::h1::answer::AnswerFields;
+use crate::h1::client;
+use crate::edge::headers::{self, Forwarding};
+use crate::token_endpoint::TokenEndpoint;
+use crate::auth::jwks::{fetch_client, FetchClient};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::proxy::{self, Upstream};
-use crate::ratelimit::{client_ip, is_trusted, reuse_or_new, Limiter};
+use crate::edge::ratelimit::{client_ip, is_trusted, reuse_or_new, Limiter};
 use crate::router::{normalize_path, Route};
 
 /// The connection a request arrived on.
@@ -127,14 +127,14 @@ pub enum BuildError {
     #[error("route {route:?} names upstream {upstream:?}, which does not exist")]
     MissingUpstream { route: String, upstream: String },
     #[error(transparent)]
-    Jwks(#[from] crate::jwks::JwksError),
+    Jwks(#[from] crate::auth::jwks::JwksError),
     #[error("token endpoint: {0}")]
-    Issuer(#[from] crate::issuer::IssuerError),
+    Issuer(#[from] crate::token_endpoint::IssuerError),
     #[error("upstream {name:?}: ca_file {source}")]
     UpstreamTls {
         name: String,
         #[source]
-        source: crate::tls::TlsError,
+        source: crate::server::tls::TlsError,
     },
 }
 
@@ -210,7 +210,7 @@ impl Gateway {
                     .issuers
                     .iter()
                     .find(|i| i.id == te.issuer)
-                    .ok_or_else(|| crate::issuer::IssuerError::NoSigningKey(te.issuer.clone()))?;
+                    .ok_or_else(|| crate::token_endpoint::IssuerError::NoSigningKey(te.issuer.clone()))?;
                 let endpoint =
                     TokenEndpoint::new(te.clone(), issuer, config.ipv6_prefix, previous.and_then(|p| p.token_endpoint.as_ref()))?;
                 tasks.0.push(tokio::spawn(endpoint.pruner()));
@@ -241,7 +241,7 @@ impl Gateway {
     }
 
     /// On a reload, before this gateway replaces `previous`: see [`Authenticator::fetch_keys_lost_since`].
-    pub async fn fetch_keys_lost_since(&self, previous: &Gateway) -> Result<(), (String, crate::jwks::JwksError)> {
+    pub async fn fetch_keys_lost_since(&self, previous: &Gateway) -> Result<(), (String, crate::auth::jwks::JwksError)> {
         self.authn.fetch_keys_lost_since(&previous.authn).await
     }
 
@@ -433,7 +433,7 @@ impl Gateway {
             !upgrading
                 && req.method() != http::Method::CONNECT
                 && http_body::Body::is_end_stream(req.body())
-                && h1_client::is_safe_target(upstream_path, query.as_deref())
+                && client::is_safe_target(upstream_path, query.as_deref())
         });
         let (mut parts, body) = req.into_parts();
         if route.policy.auth != crate::config::AuthMode::Public && !auth.authorization_verified {
@@ -458,7 +458,7 @@ impl Gateway {
         let sent = Instant::now();
         let result = match lean {
             Some(lean) => {
-                let head = h1_client::Head {
+                let head = client::Head {
                     method: &parts.method,
                     path: upstream_path,
                     query: query.as_deref(),
@@ -537,7 +537,7 @@ impl Gateway {
         let key = l.key(client, principal.map(|p| (p.issuer_id.as_str(), p.subject.as_str())), |claim| {
             // A number or boolean counts by its JSON text (numeric tenant ids are common); a list or object is no
             // one value to count by.
-            principal.and_then(|p| crate::authn::lookup_claim(&p.claims, claim)).and_then(|v| match v {
+            principal.and_then(|p| crate::auth::lookup_claim(&p.claims, claim)).and_then(|v| match v {
                 serde_json::Value::String(s) => Some(s.clone()),
                 serde_json::Value::Number(_) | serde_json::Value::Bool(_) => Some(v.to_string()),
                 _ => None,
@@ -567,8 +567,8 @@ impl Gateway {
         };
         match e {
             GatewayError::Auth(a) => rm.auth_failure(&self.metrics, a.reason()),
-            GatewayError::Authz(crate::authz::AuthzError::Issuer(_)) => rm.auth_failure(&self.metrics, "issuer"),
-            GatewayError::Authz(crate::authz::AuthzError::Anonymous) => rm.auth_failure(&self.metrics, "missing"),
+            GatewayError::Authz(crate::auth::authz::AuthzError::Issuer(_)) => rm.auth_failure(&self.metrics, "issuer"),
+            GatewayError::Authz(crate::auth::authz::AuthzError::Anonymous) => rm.auth_failure(&self.metrics, "missing"),
             GatewayError::Authz(a) => rm.authz_denied(&self.metrics, a.rule()),
             GatewayError::RateLimited { key, .. } => rm.rate_limited(&self.metrics, key),
             GatewayError::Route(_) | GatewayError::BodyTooLarge(_) | GatewayError::Proxy(_) | GatewayError::Token(_) => {}

@@ -6,34 +6,20 @@
 //! -> response headers ([`headers`], [`cors`]) -> metrics and access log ([`metrics`], [`logging`]), all driven by
 //! [`gateway::Gateway::handle`]. Errors become answers in [`error`] only.
 
-pub mod admin;
-pub mod attempts;
-pub mod authn;
-pub mod authz;
+pub mod auth;
 pub mod body;
 pub mod config;
-pub mod conn_bounds;
-pub mod cors;
-pub mod deadline;
-pub mod demo;
+pub mod edge;
 pub mod error;
-pub mod explain;
 pub mod gateway;
-pub mod h1_answer;
-pub mod h1_client;
-pub mod h1_server;
-pub mod headers;
-pub mod issuer;
-pub mod jwks;
+pub mod h1;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
-pub mod ratelimit;
-pub mod reload;
 pub mod router;
 pub mod server;
-pub mod tls;
-pub mod upstream_pool;
+pub mod token_endpoint;
+pub mod tools;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,7 +34,7 @@ pub use gateway::Gateway;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("TLS: {0}")]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] server::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -88,8 +74,8 @@ impl RunningGateway {
     }
 
     /// Loads the config file again and swaps it in if valid (what SIGHUP does).
-    pub async fn reload(&self) -> Result<(), reload::ReloadError> {
-        reload::reload(&self.shared).await
+    pub async fn reload(&self) -> Result<(), server::reload::ReloadError> {
+        server::reload::reload(&self.shared).await
     }
 
     /// Returns the state shared with the connections (current gateway, drain flag).
@@ -105,9 +91,9 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let mut acceptor = None;
     let mut resolver = None;
     if let Some(t) = &config.tls {
-        tls::ensure_self_signed(t)?;
-        let r = Arc::new(tls::CertResolver::new(tls::load_certified_key(t)?));
-        let server_config = tls::server_config(t, r.clone())?;
+        server::tls::ensure_self_signed(t)?;
+        let r = Arc::new(server::tls::CertResolver::new(server::tls::load_certified_key(t)?));
+        let server_config = server::tls::server_config(t, r.clone())?;
         acceptor = Some((tokio_rustls::TlsAcceptor::from(server_config), t.handshake_timeout));
         resolver = Some(r);
     }
@@ -159,11 +145,11 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             )));
         }
     }
-    if reload::watchable(&config.path) {
+    if server::reload::watchable(&config.path) {
         let (shared, mut stop) = (shared.clone(), shutdown_rx.clone());
         tokio::spawn(async move {
             tokio::select! {
-                _ = reload::watch(shared, std::time::Duration::from_millis(250)) => {},
+                _ = server::reload::watch(shared, std::time::Duration::from_millis(250)) => {},
                 _ = stop.changed() => {},
             }
         });

@@ -129,7 +129,7 @@ fn demo_secret() {
     if std::env::var_os("PORTCULLIS_JWT_SECRET").is_none() {
         let mut s = String::new();
         for _ in 0..3 {
-            s.push_str(portcullis::headers::new_request_id().to_str().unwrap_or("portcullis-demo-secret-portcullis"));
+            s.push_str(portcullis::edge::headers::new_request_id().to_str().unwrap_or("portcullis-demo-secret-portcullis"));
         }
         // Single-threaded here: no runtime or other thread exists yet.
         std::env::set_var("PORTCULLIS_JWT_SECRET", s);
@@ -153,18 +153,18 @@ fn explain(config: &Path, method: &str, path: &str, token: Option<String>, claim
         return ExitCode::from(1);
     };
     let creds = match (token, claims) {
-        (Some(t), _) => portcullis::explain::Credentials::Token(t),
+        (Some(t), _) => portcullis::tools::explain::Credentials::Token(t),
         (None, Some(c)) => match serde_json::from_str::<serde_json::Value>(&c) {
-            Ok(serde_json::Value::Object(m)) => portcullis::explain::Credentials::Claims(m),
+            Ok(serde_json::Value::Object(m)) => portcullis::tools::explain::Credentials::Claims(m),
             _ => {
                 eprintln!("--claims must be a JSON object");
                 return ExitCode::from(1);
             }
         },
-        (None, None) => portcullis::explain::Credentials::None,
+        (None, None) => portcullis::tools::explain::Credentials::None,
     };
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return ExitCode::from(1) };
-    let d = rt.block_on(portcullis::explain::explain(&cfg, &method, path, creds));
+    let d = rt.block_on(portcullis::tools::explain::explain(&cfg, &method, path, creds));
     for l in &d.lines {
         println!("{l}");
     }
@@ -172,7 +172,7 @@ fn explain(config: &Path, method: &str, path: &str, token: Option<String>, claim
 }
 
 fn run_policy_tests(cfg: Config, tests: &Path) -> bool {
-    let cases = match portcullis::explain::load_cases(tests) {
+    let cases = match portcullis::tools::explain::load_cases(tests) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -181,7 +181,7 @@ fn run_policy_tests(cfg: Config, tests: &Path) -> bool {
     };
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return false };
     let cfg = std::sync::Arc::new(cfg);
-    let (lines, ok) = rt.block_on(portcullis::explain::run_cases(&cfg, &cases));
+    let (lines, ok) = rt.block_on(portcullis::tools::explain::run_cases(&cfg, &cases));
     for l in &lines {
         println!("{l}");
     }
@@ -199,13 +199,13 @@ fn check(path: &Path, tests: Option<&Path>) -> ExitCode {
         }
         Ok(cfg) => {
             if let Some(t) = &cfg.tls {
-                if portcullis::tls::will_generate(t) {
+                if portcullis::server::tls::will_generate(t) {
                     println!(
                         "note: TLS pair {} / {} will be generated at start (self_signed, local use only)",
                         t.cert.display(),
                         t.key.display()
                     );
-                } else if let Err(e) = portcullis::tls::load_certified_key(t) {
+                } else if let Err(e) = portcullis::server::tls::load_certified_key(t) {
                     eprintln!("{}: [tls]: {e}", path.display());
                     return ExitCode::from(1);
                 }
@@ -292,7 +292,7 @@ fn run(cfg: Config, workers: Option<usize>, demo: bool) -> ExitCode {
                 .and_then(|u| u.authority.as_str().parse::<std::net::SocketAddr>().ok());
             match addr {
                 Some(a) => {
-                    if let Err(e) = portcullis::demo::spawn_echo_upstream(a).await {
+                    if let Err(e) = portcullis::tools::demo::spawn_echo_upstream(a).await {
                         eprintln!("demo: cannot start the echo upstream on {a}: {e}");
                         return ExitCode::from(1);
                     }
@@ -313,7 +313,7 @@ fn run(cfg: Config, workers: Option<usize>, demo: bool) -> ExitCode {
         };
         tracing::info!(https = %show_addr(gw.https), http = %show_addr(gw.http), admin = %show_addr(gw.admin), "portcullis started");
         if demo {
-            portcullis::demo::print_guide(gw.https.or(gw.http), gw.admin, token_path.as_deref());
+            portcullis::tools::demo::print_guide(gw.https.or(gw.http), gw.admin, token_path.as_deref());
         }
         wait_for_signal(&gw).await;
         tracing::info!("shutting down: draining connections");
@@ -365,7 +365,7 @@ fn token(path: &Path, issuer: &str, sub: &str, roles: &str, scopes: &str, ttl: &
     };
     let roles: Vec<String> = roles.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect();
     let scopes: Vec<String> = scopes.split_whitespace().map(str::to_string).collect();
-    match portcullis::issuer::mint(iss, sub, &roles, &scopes, ttl) {
+    match portcullis::token_endpoint::mint(iss, sub, &roles, &scopes, ttl) {
         Ok(t) => {
             println!("{t}");
             ExitCode::SUCCESS
@@ -396,11 +396,11 @@ fn hash_password() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if password.len() > portcullis::issuer::MAX_FORM_BYTES {
+    if password.len() > portcullis::token_endpoint::MAX_FORM_BYTES {
         eprintln!("password too long");
         return ExitCode::from(1);
     }
-    match portcullis::issuer::hash_password(password.as_bytes()) {
+    match portcullis::token_endpoint::hash_password(password.as_bytes()) {
         Ok(h) => {
             println!("{h}");
             ExitCode::SUCCESS

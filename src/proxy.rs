@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::Body;
 use crate::config::UpstreamSettings;
-use crate::h1_client::{self, H1Error};
+use crate::h1::client::{self, H1Error};
 
 type Source = Box<dyn std::error::Error + Send + Sync>;
 
@@ -69,7 +69,7 @@ pub struct Upstream {
     pub settings: UpstreamSettings,
     client: Client<HttpsConnector<HttpConnector>, Body>,
     /// The lean client, for plain-http upstreams.
-    pub lean: Option<h1_client::Client>,
+    pub lean: Option<client::Client>,
 }
 
 impl Upstream {
@@ -89,20 +89,20 @@ impl Upstream {
             .pool_max_idle_per_host(1024)
             .set_host(true)
             .build(connector);
-        let lean = h1_client::Client::for_upstream(&settings);
+        let lean = client::Client::for_upstream(&settings);
         Upstream { settings, client, lean }
     }
 }
 
 /// Builds the TLS client config for https upstreams: system roots, plus the upstream's own CA file.
-pub fn upstream_tls(ca: Option<&crate::config::CaFile>) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
-    crate::tls::client_config(ca.map(|c| (c.path.as_path(), &c.pem[..]))).map(Arc::new)
+pub fn upstream_tls(ca: Option<&crate::config::CaFile>) -> Result<Arc<rustls::ClientConfig>, crate::server::tls::TlsError> {
+    crate::server::tls::client_config(ca.map(|c| (c.path.as_path(), &c.pem[..]))).map(Arc::new)
 }
 
 /// The query forwarded upstream: as sent, less the token parameter of a route that takes tokens from the URL.
 pub fn forwarded_query<'a>(query: Option<&'a str>, drop_param: Option<&str>) -> Option<Cow<'a, str>> {
     match (query, drop_param) {
-        (Some(q), Some(name)) => crate::authn::strip_query_token(q, name).map(Cow::Owned),
+        (Some(q), Some(name)) => crate::auth::strip_query_token(q, name).map(Cow::Owned),
         (q, _) => q.map(Cow::Borrowed),
     }
 }
@@ -136,7 +136,7 @@ pub fn rewrite_uri(
     Ok(())
 }
 
-/// The error of a failed lean exchange ([`h1_client::Client::send`], awaited by the caller itself: one async
+/// The error of a failed lean exchange ([`client::Client::send`], awaited by the caller itself: one async
 /// layer less for the answer to be moved through).
 pub fn lean_error(up: &Upstream, e: H1Error) -> ProxyError {
     let name = &up.settings.name;
@@ -177,7 +177,7 @@ pub async fn forward(up: &Upstream, req: Request<Body>, progress: Option<&crate:
         Some(Ok(rsp)) if rsp.status().as_u16() >= 600 => {
             Err(ProxyError::BadStatus { upstream: name.clone(), status: rsp.status().as_u16() })
         }
-        Some(Ok(rsp)) => Ok(rsp.map(|b| Body::Stream(b, crate::deadline::Stall::new(up.settings.timeout)))),
+        Some(Ok(rsp)) => Ok(rsp.map(|b| Body::Stream(b, crate::h1::deadline::Stall::new(up.settings.timeout)))),
         Some(Err(e)) if e.is_connect() => Err(ProxyError::Connect { upstream: name.clone(), source: e.into() }),
         Some(Err(e)) => {
             // A failure of the request body hyper was sending is the gateway's own body type, under hyper's error.

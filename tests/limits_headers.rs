@@ -23,7 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::Algorithm;
-use portcullis::ratelimit::{LimitKey, LimitSettings, Limiter};
+use portcullis::edge::ratelimit::{LimitKey, LimitSettings, Limiter};
 use serde_json::json;
 
 /// The longest any one test may run.

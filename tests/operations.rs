@@ -849,11 +849,11 @@ async fn explain_agrees_with_real_requests_for_every_shipped_policy_case() {
         let conn = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
         let c: TestClient = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(conn);
 
-        let cases = portcullis::explain::load_cases(&dir.path().join("policy-tests.toml")).unwrap();
+        let cases = portcullis::tools::explain::load_cases(&dir.path().join("policy-tests.toml")).unwrap();
         assert!(cases.len() >= 10, "the shipped policy tests cover the shipped config");
         for case in &cases {
-            let (method, creds) = portcullis::explain::case_request(case).unwrap();
-            let decision = portcullis::explain::explain(&cfg, &method, &case.path, creds).await;
+            let (method, creds) = portcullis::tools::explain::case_request(case).unwrap();
+            let decision = portcullis::tools::explain::explain(&cfg, &method, &case.path, creds).await;
 
             let mut b = Request::builder().method(method.clone()).uri(format!("https://localhost:{}{}", https.port(), case.path));
             if let Some(claims) = &case.claims {
@@ -896,7 +896,7 @@ async fn explain_agrees_with_real_requests_for_every_shipped_policy_case() {
                 "{what}: WWW-Authenticate differs"
             );
         }
-        let (lines, ok) = portcullis::explain::run_cases(&Arc::new(cfg.clone()), &cases).await;
+        let (lines, ok) = portcullis::tools::explain::run_cases(&Arc::new(cfg.clone()), &cases).await;
         assert!(ok, "{}", lines.join("\n"));
         gw.stop().await;
 

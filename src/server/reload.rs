@@ -17,13 +17,13 @@ pub enum ReloadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("TLS certificate: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::server::tls::TlsError),
     #[error("building the new gateway: {0}")]
     Build(#[from] crate::gateway::BuildError),
     #[error("the config loader task failed")]
     Task,
     #[error("issuer {issuer:?} had keys, and its new key source gave none: {source}")]
-    Jwks { issuer: String, source: crate::jwks::JwksError },
+    Jwks { issuer: String, source: crate::auth::jwks::JwksError },
 }
 
 /// Loads the config file again and swaps it in if it validates. Counts the outcome either way.
@@ -73,7 +73,7 @@ async fn try_reload(shared: &Shared) -> Result<(), ReloadError> {
     }
     let mut new_key = None;
     if let (Some(_), Some(tls)) = (&shared.tls, &config.tls) {
-        new_key = Some(crate::tls::load_certified_key(tls)?);
+        new_key = Some(crate::server::tls::load_certified_key(tls)?);
         if started.tls.as_ref().is_some_and(|t| t.min_version != tls.min_version || t.handshake_timeout != tls.handshake_timeout) {
             tracing::warn!("tls.min_version or tls.handshake_timeout changed: this needs a restart");
         }

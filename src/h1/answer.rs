@@ -17,9 +17,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use http_body::{Frame, SizeHint};
 
-use crate::h1_client::H1Error;
-use crate::headers;
-use crate::upstream_pool::{Conn, Pool, READ_CHUNK};
+use crate::h1::client::H1Error;
+use crate::edge::headers;
+use crate::h1::pool::{Conn, Pool, READ_CHUNK};
 
 /// A response head bigger than this is refused (502).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -391,7 +391,7 @@ impl http_body::Body for ResponseBody {
                 Poll::Pending => {
                     if !this.waiting {
                         this.waiting = true;
-                        conn.deadline.set(crate::deadline::deadline_after(this.stall));
+                        conn.deadline.set(crate::h1::deadline::deadline_after(this.stall));
                     }
                     ready!(conn.deadline.poll_expired(cx));
                     tracing::warn!(after = ?this.stall, "an upstream's response body stalled; the stream is cut");
@@ -496,7 +496,7 @@ impl ChunkedDecoder {
                             // Framing and connection fields mean nothing in trailers (an HTTP/2 client resets
                             // the stream on them), and fields a client acts on in the head (cookies, security
                             // policy, redirects, challenges) must not slip past the answer rules as trailers.
-                            crate::headers::strip_hop_by_hop(&mut trailers, false);
+                            crate::edge::headers::strip_hop_by_hop(&mut trailers, false);
                             *self = ChunkedDecoder::Done;
                             return Ok(if trailers.is_empty() { Step::End } else { Step::Trailers(trailers) });
                         }

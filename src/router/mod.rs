@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use http::{HeaderValue, Method};
 
-use crate::authz::Policy;
+use crate::auth::authz::Policy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -216,13 +216,13 @@ pub struct Route {
     pub strip_prefix: Option<String>,
     pub policy: Policy,
     /// The route's own limit, checked after authentication.
-    pub rate_limit: Option<crate::ratelimit::LimitSettings>,
+    pub rate_limit: Option<crate::edge::ratelimit::LimitSettings>,
     /// The route's secure headers, when it overrides the global ones.
-    pub headers: Option<std::sync::Arc<crate::headers::SecureHeaders>>,
+    pub headers: Option<std::sync::Arc<crate::edge::headers::SecureHeaders>>,
     /// The route's CORS policy, when it overrides the global one.
-    pub cors: Option<std::sync::Arc<crate::cors::CorsPolicy>>,
+    pub cors: Option<std::sync::Arc<crate::edge::cors::CorsPolicy>>,
     /// Where this route accepts a token besides the Authorization header.
-    pub token_sources: crate::authn::TokenSources,
+    pub token_sources: crate::auth::TokenSources,
     case_insensitive: bool,
 }
 
@@ -591,7 +591,7 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, RouteError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authz::Policy;
+    use crate::auth::authz::Policy;
 
     fn table(paths: &[(&str, Option<&[&str]>)], ci: bool) -> RouteTable {
         let routes = paths

@@ -2,6 +2,11 @@
 //! handshake timeout, HTTP/1.1 (`h1_server`, handing over to hyper where it must) and HTTP/2 (hyper), and
 //! graceful drain.
 
+pub mod admin;
+pub mod conn_bounds;
+pub mod reload;
+pub mod tls;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,16 +28,17 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::RequestBody;
 use crate::config::Limits;
-use crate::conn_bounds::{ConnState, HeaderDeadline, Tracked};
+use crate::server::conn_bounds::{ConnState, HeaderDeadline, Tracked};
 use crate::gateway::{ConnInfo, Gateway, Places};
-use crate::h1_server::{self, Ended};
+use crate::h1;
+use crate::h1::server::Ended;
 
 /// State shared by every connection: the current Gateway (swapped whole on reload) and the drain flag.
 pub struct Shared {
     pub gateway: ArcSwap<Gateway>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub draining: AtomicBool,
-    pub tls: Option<Arc<crate::tls::CertResolver>>,
+    pub tls: Option<Arc<crate::server::tls::CertResolver>>,
     /// Held for the whole of a reload.
     pub reloading: tokio::sync::Mutex<()>,
     /// Open public connections per client address, for `max_connections_per_client`.
@@ -131,10 +137,10 @@ pub async fn accept_loop(
         let client_slot = {
             let gateway = shared.gateway.load();
             let config = &gateway.config;
-            if crate::ratelimit::is_trusted(&config.trusted_proxies, peer.ip()) {
+            if crate::edge::ratelimit::is_trusted(&config.trusted_proxies, peer.ip()) {
                 None
             } else {
-                let ip = crate::ratelimit::mask(peer.ip(), config.ipv6_prefix);
+                let ip = crate::edge::ratelimit::mask(peer.ip(), config.ipv6_prefix);
                 match shared.per_client.admit(ip, config.limits.max_connections_per_client) {
                     Some(slot) => Some(slot),
                     None => {
@@ -192,18 +198,18 @@ async fn serve<I>(
     let lean = {
         let gateway = shared.gateway.load();
         let limits = &gateway.config.limits;
-        h1_server::Limits {
+        h1::server::Limits {
             header_read_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
             max_header_bytes: limits.max_header_bytes,
         }
     };
     let (io, read, deadline, from_h1, served) = match h2 {
-        false => match h1_server::serve(io, &info, &shared, lean, shutdown.clone()).await {
+        false => match h1::server::serve(io, &info, &shared, lean, shutdown.clone()).await {
             Ended::Closed => return,
             Ended::HandOver { io, read, deadline, served } => (io, read, deadline, true, served),
         },
-        true => (io, Bytes::new(), crate::deadline::deadline_after(lean.header_read_timeout), false, false),
+        true => (io, Bytes::new(), crate::h1::deadline::deadline_after(lean.header_read_timeout), false, false),
     };
     // Boxed: hyper's connection state is only paid for by connections that reach it.
     if from_h1 && shared.is_draining() {
@@ -221,7 +227,7 @@ async fn serve<I>(
 }
 
 /// hyper's HTTP/1 server with the settings of `http_builder`'s HTTP/1 half, for connections that must stay HTTP/1.
-fn http1_builder(limits: &h1_server::Limits, keep_alive: bool) -> hyper::server::conn::http1::Builder {
+fn http1_builder(limits: &h1::server::Limits, keep_alive: bool) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new()).max_buf_size(limits.max_header_bytes.max(8192)).keep_alive(keep_alive).half_close(false);
     if keep_alive {
@@ -237,7 +243,7 @@ async fn serve_last_http1<I>(
     read: Bytes,
     info: ConnInfo,
     shared: Arc<Shared>,
-    lean: h1_server::Limits,
+    lean: h1::server::Limits,
     first_head_by: tokio::time::Instant,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -265,7 +271,7 @@ fn gateway_service(
     service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let gateway = shared.gateway.load_full();
         let version = req.version();
-        if let Some(places) = info.places.as_ref().filter(|_| crate::headers::is_upgrade_request(req.headers())) {
+        if let Some(places) = info.places.as_ref().filter(|_| crate::edge::headers::is_upgrade_request(req.headers())) {
             // An upgrade's byte pipe outlives this connection's task: it takes the connection's places along.
             req.extensions_mut().insert(places.clone());
         }
@@ -301,7 +307,7 @@ async fn serve_hyper<I>(
     shared: Arc<Shared>,
     builder: &auto::Builder<TokioExecutor>,
     (watcher, shutdown): (Watcher, watch::Receiver<bool>),
-    limits: h1_server::Limits,
+    limits: h1::server::Limits,
     first_head_by: tokio::time::Instant,
     http1_only: bool,
 ) where
@@ -374,7 +380,7 @@ pub async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(crate::admin::handle(&shared, req)) }
+                async move { Ok::<_, Infallible>(crate::server::admin::handle(&shared, req)) }
             });
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));

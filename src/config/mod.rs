@@ -12,15 +12,15 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::authn::{self, IssuerSettings};
-use crate::authz::{ClaimRule, Policy};
+use crate::auth::{self, IssuerSettings};
+use crate::auth::authz::{ClaimRule, Policy};
 use std::sync::Arc;
 
-use crate::cors::CorsPolicy;
-use crate::headers::{IdentitySettings, SecureHeaders};
-use crate::issuer::TokenEndpointSettings;
-use crate::ratelimit::Cidr;
-use crate::ratelimit::{LimitKey, LimitSettings};
+use crate::edge::cors::CorsPolicy;
+use crate::edge::headers::{IdentitySettings, SecureHeaders};
+use crate::token_endpoint::TokenEndpointSettings;
+use crate::edge::ratelimit::Cidr;
+use crate::edge::ratelimit::{LimitKey, LimitSettings};
 use crate::router::{PathPattern, Route, RouteTable};
 
 /// One problem in a config file, located by line and column (1-based).
@@ -156,7 +156,7 @@ struct FileConfig {
     #[serde(default)]
     rate_limit: RateLimitFile,
     #[serde(default)]
-    issuers: Vec<Spanned<authn::IssuerFile>>,
+    issuers: Vec<Spanned<auth::IssuerFile>>,
     #[serde(default)]
     identity: Option<IdentityFile>,
     token_endpoint: Option<Spanned<TokenEndpointFile>>,
@@ -437,7 +437,7 @@ pub struct Config {
     pub routes: RouteTable,
     pub trusted_proxies: Vec<Cidr>,
     /// The field trusted proxies name the client in.
-    pub forwarded_from: crate::ratelimit::ForwardedFrom,
+    pub forwarded_from: crate::edge::ratelimit::ForwardedFrom,
     pub issuers: Vec<IssuerSettings>,
     /// Shared with request bodies in flight (their trailers are checked against it).
     pub identity: Arc<IdentitySettings>,
@@ -618,12 +618,12 @@ impl Validator<'_> {
             }
         }
         let forwarded_from = match f.rate_limit.forwarded_header.as_ref().map(|h| (h.span(), h.get_ref().to_ascii_lowercase())) {
-            None => crate::ratelimit::ForwardedFrom::XForwardedFor,
-            Some((_, h)) if h == "x-forwarded-for" => crate::ratelimit::ForwardedFrom::XForwardedFor,
-            Some((_, h)) if h == "forwarded" => crate::ratelimit::ForwardedFrom::Forwarded,
+            None => crate::edge::ratelimit::ForwardedFrom::XForwardedFor,
+            Some((_, h)) if h == "x-forwarded-for" => crate::edge::ratelimit::ForwardedFrom::XForwardedFor,
+            Some((_, h)) if h == "forwarded" => crate::edge::ratelimit::ForwardedFrom::Forwarded,
             Some((span, h)) => {
                 self.error(span, format!("[rate_limit] forwarded_header {h:?} must be \"x-forwarded-for\" or \"forwarded\""));
-                crate::ratelimit::ForwardedFrom::XForwardedFor
+                crate::edge::ratelimit::ForwardedFrom::XForwardedFor
             }
         };
         let mut issuers = Vec::new();
@@ -635,7 +635,7 @@ impl Validator<'_> {
             if !issuer_ids.insert(i.get_ref().id().to_string()) {
                 self.error(span.clone(), format!("issuer id {:?} is used twice", i.get_ref().id()));
             }
-            if let Some(settings) = authn::validate_issuer(self, span.clone(), i.into_inner()) {
+            if let Some(settings) = auth::validate_issuer(self, span.clone(), i.into_inner()) {
                 // Tokens pick their issuer by `iss`: two entries for one `iss` would silently shadow each other.
                 if !issuer_urls.insert(settings.issuer.clone()) {
                     self.error(span, format!("issuer {:?} is configured twice", settings.issuer));
@@ -749,7 +749,7 @@ impl Validator<'_> {
                             return None;
                         }
                     };
-                    if let Err(e) = crate::tls::client_config(Some((&path, &pem))) {
+                    if let Err(e) = crate::server::tls::client_config(Some((&path, &pem))) {
                         self.error(u.url.span(), format!("upstream {name:?}: ca_file {e}"));
                         return None;
                     }
@@ -796,8 +796,8 @@ impl Validator<'_> {
             let p = self.resolve(pk);
             match std::fs::read(&p)
                 .map_err(|e| e.to_string())
-                .and_then(|pem| authn::public_from_private_pem(&pem))
-                .and_then(|k| authn::bind_key(None, k, &issuer.algorithms, None))
+                .and_then(|pem| auth::public_from_private_pem(&pem))
+                .and_then(|k| auth::bind_key(None, k, &issuer.algorithms, None))
             {
                 Ok(k) => {
                     issuer.static_keys.push(k);
@@ -811,7 +811,7 @@ impl Validator<'_> {
         }
         let load = |file: &Option<PathBuf>, clients: bool, v: &mut Self| match file {
             None => Some(std::collections::BTreeMap::new()),
-            Some(f) => match crate::issuer::load_accounts(&v.resolve(f), clients) {
+            Some(f) => match crate::token_endpoint::load_accounts(&v.resolve(f), clients) {
                 Ok(a) => Some(a),
                 Err(e) => {
                     v.error(span.clone(), format!("[token_endpoint] {e}"));
@@ -846,7 +846,7 @@ impl Validator<'_> {
         }
         let (burst, rate) = match &t.rate_limit {
             None => (5, Duration::from_secs(12)),
-            Some(r) => match crate::ratelimit::parse_rate(&r.rate) {
+            Some(r) => match crate::edge::ratelimit::parse_rate(&r.rate) {
                 Ok((n, per)) => (r.burst.unwrap_or(n), per),
                 Err(e) => {
                     self.error(span.clone(), format!("[token_endpoint] rate_limit: {e}"));
@@ -886,7 +886,7 @@ impl Validator<'_> {
             self.error(span.clone(), "the global limit runs before authentication: its key must be \"ip\" or \"route\"");
             return None;
         }
-        match crate::ratelimit::parse_rate(&l.rate) {
+        match crate::edge::ratelimit::parse_rate(&l.rate) {
             Ok((n, per)) => {
                 let burst = std::num::NonZeroU32::new(l.burst.unwrap_or(n));
                 match burst {
@@ -1134,7 +1134,7 @@ impl Validator<'_> {
                 let base = self.route_headers_base.clone();
                 route.headers = Some(Arc::new(self.secure_headers(base.as_ref(), Some(&(h.span(), h.get_ref().clone())))));
             }
-            route.token_sources = crate::authn::TokenSources {
+            route.token_sources = crate::auth::TokenSources {
                 cookie: r.token_cookie.clone().or_else(|| self.default_cookie.clone()),
                 query: r.token_query.clone(),
             };
@@ -1410,8 +1410,8 @@ mod tests {
         let load = |h: &str| {
             Config::from_toml(Path::new("g.toml"), &format!("[listen]\nhttp = \"127.0.0.1:0\"\n[rate_limit]\nforwarded_header = \"{h}\"\n"))
         };
-        assert_eq!(load("Forwarded").map(|c| c.forwarded_from).ok(), Some(crate::ratelimit::ForwardedFrom::Forwarded));
-        assert_eq!(load("x-forwarded-for").map(|c| c.forwarded_from).ok(), Some(crate::ratelimit::ForwardedFrom::XForwardedFor));
+        assert_eq!(load("Forwarded").map(|c| c.forwarded_from).ok(), Some(crate::edge::ratelimit::ForwardedFrom::Forwarded));
+        assert_eq!(load("x-forwarded-for").map(|c| c.forwarded_from).ok(), Some(crate::edge::ratelimit::ForwardedFrom::XForwardedFor));
         let e = load("x-real-ip").map(|_| ()).expect_err("another field").to_string();
         assert!(e.contains("forwarded_header"), "{e}");
     }

@@ -3,7 +3,7 @@
 //! Every condition on a route must hold. Authorization runs on every request, also when the token's signature
 //! check was skipped by the verified-token cache, so a token accepted on one route unlocks nothing on another.
 
-use crate::authn::{lookup_claim, Principal};
+use crate::auth::{lookup_claim, Principal};
 use crate::config::AuthMode;
 use crate::router::{PathPattern, RouteMatch};
 

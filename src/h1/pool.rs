@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
-use crate::deadline::Deadline;
+use crate::h1::deadline::Deadline;
 
 /// One connection to the upstream with its read buffer (which is empty between exchanges).
 #[derive(Debug)]

@@ -9,6 +9,9 @@
 //! checks, the policy and the identity headers. Claims of the wrong JSON type are refused, never coerced.
 //! Token size is capped before decoding. Unknown `kid`s trigger at most one JWKS refetch per cool-down window.
 
+pub mod authz;
+pub mod jwks;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -21,7 +24,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::config::{AuthMode, DurationValue, Validator};
-use crate::jwks::{JwkKey, KeySet};
+use crate::auth::jwks::{JwkKey, KeySet};
 
 /// Tokens larger than this are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -284,7 +287,7 @@ pub fn read_public_pem(pem: &[u8]) -> Option<DecodingKey> {
 
 /// Reads the public half of a PEM private key (PKCS#8: Ed25519, EC P-256/P-384, RSA).
 pub fn public_from_private_pem(pem: &[u8]) -> Result<DecodingKey, String> {
-    crate::issuer::public_key_of(pem).map(|(key, _)| key)
+    crate::token_endpoint::public_key_of(pem).map(|(key, _)| key)
 }
 
 pub(crate) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize>, f: IssuerFile) -> Option<IssuerSettings> {
@@ -375,7 +378,7 @@ pub(crate) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize
                 true
             }
             true => {
-                if let Err(e) = crate::issuer::generate_ed25519(p) {
+                if let Err(e) = crate::token_endpoint::generate_ed25519(p) {
                     err(v, format!("cannot generate private_key {}: {e}", p.display()));
                 }
                 false
@@ -394,7 +397,7 @@ pub(crate) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize
     }
     let issuer_uri = |v: &mut Validator<'_>, s: &str, what: &str| -> Option<http::Uri> {
         match s.parse::<http::Uri>() {
-            Ok(u) if crate::jwks::allowed_fetch_uri(&u) => Some(u),
+            Ok(u) if crate::auth::jwks::allowed_fetch_uri(&u) => Some(u),
             _ => {
                 v.error(span.clone(), format!("issuer {id:?}: {what} {s:?} must be an https:// URL (http:// only to loopback)"));
                 None
@@ -435,7 +438,7 @@ pub(crate) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize
         if let Some(ca) = &j.ca_file {
             match std::fs::read(ca) {
                 Ok(pem) => {
-                    if let Err(e) = crate::tls::client_config(Some((ca.as_path(), pem.as_slice()))) {
+                    if let Err(e) = crate::server::tls::client_config(Some((ca.as_path(), pem.as_slice()))) {
                         err(v, format!("ca_file {}: {e}", ca.display()));
                     }
                 }
@@ -516,7 +519,7 @@ impl Authenticated {
 impl Authenticator {
     /// Builds the runtime issuers. JWKS key sets are filled by their refresh tasks; on a reload (`previous`) an
     /// issuer whose key source did not change starts with the keys it had, so its tokens verify meanwhile.
-    pub fn new(settings: &[IssuerSettings], client: &crate::jwks::FetchClient, previous: Option<&Authenticator>) -> Authenticator {
+    pub fn new(settings: &[IssuerSettings], client: &crate::auth::jwks::FetchClient, previous: Option<&Authenticator>) -> Authenticator {
         let mut issuers = Vec::new();
         let mut by_iss = HashMap::new();
         for s in settings {
@@ -537,7 +540,7 @@ impl Authenticator {
     /// On a reload: fetches the keys of every JWKS issuer that had keys under `previous` but has none yet here
     /// (its key source changed), so that swapping this config in does not refuse every token of that issuer
     /// until a fetch succeeds. The first failure is returned with the issuer's id.
-    pub async fn fetch_keys_lost_since(&self, previous: &Authenticator) -> Result<(), (String, crate::jwks::JwksError)> {
+    pub async fn fetch_keys_lost_since(&self, previous: &Authenticator) -> Result<(), (String, crate::auth::jwks::JwksError)> {
         for issuer in &self.issuers {
             let Some(ks) = issuer.jwks.as_ref().filter(|k| !k.has_keys()) else { continue };
             let had_keys = previous

@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::body::{Body, BodyError};
-use crate::deadline::Stall;
+use crate::h1::deadline::Stall;
 
 /// What the service tells the connection's reader: whether a request is being served, and whether the
 /// deadline applies at all any more. One per connection, never shared between connections.
@@ -136,8 +136,8 @@ async fn watchdog(watch: std::sync::Weak<Watch>, idle: Duration) {
             let seen = w.took_at.load(Ordering::Relaxed);
             let due = match seen {
                 DONE => return,
-                WAITING => crate::deadline::deadline_after(idle),
-                at => crate::deadline::later(w.start + Duration::from_millis(at), idle),
+                WAITING => crate::h1::deadline::deadline_after(idle),
+                at => crate::h1::deadline::later(w.start + Duration::from_millis(at), idle),
             };
             (due, seen)
         };
@@ -283,7 +283,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeaderDeadline<I> {
                 }
                 if !busy && !this.armed && buf.filled().len() > before {
                     // The first byte of a new head: the clock starts now, and more bytes do not extend it.
-                    this.sleep.as_mut().reset(crate::deadline::deadline_after(this.timeout));
+                    this.sleep.as_mut().reset(crate::h1::deadline::deadline_after(this.timeout));
                     this.armed = true;
                 }
                 Poll::Ready(Ok(()))
@@ -330,7 +330,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for HeaderDeadline<I> {
                 return Poll::Ready(Ok(()));
             }
             this.lingering = true;
-            this.sleep.as_mut().reset(crate::deadline::deadline_after(LINGER));
+            this.sleep.as_mut().reset(crate::h1::deadline::deadline_after(LINGER));
         }
         let mut chunk = [MaybeUninit::<u8>::uninit(); 4096];
         for _ in 0..LINGER_READS {

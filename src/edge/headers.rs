@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
-use crate::authn::{lookup_claim, Principal};
-use crate::h1_answer::AnswerFields;
+use crate::auth::{lookup_claim, Principal};
+use crate::h1::answer::AnswerFields;
 
 /// Which claims the upstream receives, in which headers, and whether the bearer token goes along.
 #[derive(Debug, Clone)]

@@ -16,9 +16,9 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::config::UpstreamSettings;
-use crate::h1_answer::{parse_head, AnswerFields, Parsed, ResponseBody, MAX_HEAD_BYTES};
-use crate::headers;
-use crate::upstream_pool::{Conn, Pool, READ_CHUNK};
+use crate::h1::answer::{parse_head, AnswerFields, Parsed, ResponseBody, MAX_HEAD_BYTES};
+use crate::edge::headers;
+use crate::h1::pool::{Conn, Pool, READ_CHUNK};
 
 /// 1xx answers skipped before the real one; more is a broken or hostile upstream.
 const MAX_INTERIM: usize = 16;
@@ -111,7 +111,7 @@ impl Client {
     /// (the caller's clock reading, taken just before). An idempotent request whose pooled connection turns out
     /// to be closed is retried once on a new connection.
     pub async fn send(&self, head: &Head<'_>, timeout: Duration, now: std::time::Instant) -> Result<Answer, H1Error> {
-        let deadline = crate::deadline::later(now.into(), timeout);
+        let deadline = crate::h1::deadline::later(now.into(), timeout);
         if let Some(conn) = self.pool.take(now) {
             match self.exchange(conn, head, deadline, timeout).await {
                 Ok(rsp) => return Ok(rsp),

@@ -1,5 +1,7 @@
 //! Signing keys for tokens the gateway issues itself, and token minting (`portcullis token`, the demo).
 
+pub mod attempts;
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::signature::{
@@ -9,7 +11,7 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header}
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivatePkcs8KeyDer;
 
-use crate::authn::IssuerSettings;
+use crate::auth::IssuerSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IssuerError {
@@ -112,7 +114,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 
-use crate::attempts::{Attempt, Attempts, Refusal};
+use crate::token_endpoint::attempts::{Attempt, Attempts, Refusal};
 use crate::body::Body;
 
 /// Forms and passwords larger than this are refused before any hashing.
@@ -702,7 +704,7 @@ fn unpredictable_id() -> String {
     let mut b = [0u8; 16];
     if aws_lc_rs::rand::fill(&mut b).is_err() {
         // No randomness at all: still unique per process, if guessable.
-        return crate::headers::new_request_id().to_str().unwrap_or_default().to_string();
+        return crate::edge::headers::new_request_id().to_str().unwrap_or_default().to_string();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

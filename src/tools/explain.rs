@@ -11,8 +11,8 @@ use http::Method;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::authn::{lookup_claim, principal_from, Authenticator, Principal};
-use crate::authz::{authorize, ClaimValue};
+use crate::auth::{lookup_claim, principal_from, Authenticator, Principal};
+use crate::auth::authz::{authorize, ClaimValue};
 use crate::config::{AuthMode, Config};
 use crate::error::GatewayError;
 use crate::router::normalize_path;
@@ -86,7 +86,7 @@ pub async fn explain(config: &Config, method: &Method, raw_path: &str, creds: Cr
             lines.push("no token: anonymous".into());
             None
         }
-        (Credentials::None, AuthMode::Required) => return refuse(GatewayError::Auth(crate::authn::AuthError::Missing), name, lines),
+        (Credentials::None, AuthMode::Required) => return refuse(GatewayError::Auth(crate::auth::AuthError::Missing), name, lines),
         (Credentials::Claims(c), _) => match principal_from_claims(config, c) {
             Ok(p) => Some(p),
             Err(e) => return refuse(e, name, lines),
@@ -148,7 +148,7 @@ fn explain_rules(lines: &mut Vec<String>, p: &Principal, m: &crate::router::Rout
 
 fn principal_from_claims(config: &Config, claims: &Map<String, Value>) -> Result<Principal, GatewayError> {
     let invalid = |d: &str| {
-        GatewayError::Auth(crate::authn::AuthError::InvalidToken { reason: crate::authn::FailReason::Issuer, detail: d.to_string() })
+        GatewayError::Auth(crate::auth::AuthError::InvalidToken { reason: crate::auth::FailReason::Issuer, detail: d.to_string() })
     };
     let issuer = match claims.get("iss").and_then(Value::as_str) {
         Some(iss) => config.issuers.iter().find(|i| i.issuer == iss).ok_or_else(|| invalid("unknown issuer"))?,
@@ -160,7 +160,7 @@ fn principal_from_claims(config: &Config, claims: &Map<String, Value>) -> Result
 }
 
 async fn verify_token(config: &Config, token: &str) -> Result<Principal, GatewayError> {
-    let client = crate::jwks::fetch_client(None).map_err(|_| GatewayError::Auth(crate::authn::AuthError::Missing))?;
+    let client = crate::auth::jwks::fetch_client(None).map_err(|_| GatewayError::Auth(crate::auth::AuthError::Missing))?;
     let authn = Authenticator::new(&config.issuers, &client, None);
     for i in authn.issuers() {
         if let Some(ks) = &i.jwks {
