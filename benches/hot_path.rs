@@ -10,7 +10,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use portcullis::auth::Authenticator;
-use portcullis::config::{AuthMode, Config};
+use portcullis::auth::authz::AuthMode;
+use portcullis::config::Config;
 use portcullis::edge::headers::{self, Forwarding, IdentitySettings, SecureHeaders};
 use portcullis::edge::ratelimit::{LimitKey, LimitSettings, Limiter};
 

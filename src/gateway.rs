@@ -134,7 +134,7 @@ pub enum BuildError {
     UpstreamTls {
         name: String,
         #[source]
-        source: crate::server::tls::TlsError,
+        source: crate::tls_client::ClientTlsError,
     },
 }
 
@@ -436,7 +436,7 @@ impl Gateway {
                 && client::is_safe_target(upstream_path, query.as_deref())
         });
         let (mut parts, body) = req.into_parts();
-        if route.policy.auth != crate::config::AuthMode::Public && !auth.authorization_verified {
+        if route.policy.auth != crate::auth::authz::AuthMode::Public && !auth.authorization_verified {
             // `Basic …`, `Token …` on an anonymous request, or a field beside a cookie or query token: a credential
             // the policy did not decide on never reaches the upstream.
             parts.headers.remove(header::AUTHORIZATION);

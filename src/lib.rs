@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod token_endpoint;
+pub mod tls_client;
 pub mod tools;
 
 use std::net::SocketAddr;

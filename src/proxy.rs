@@ -3,7 +3,9 @@
 //! upgrade (WebSocket).
 
 use std::borrow::Cow;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::uri::{PathAndQuery, Uri};
 use http::{HeaderValue, Request, Response, Version};
@@ -13,7 +15,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::Body;
-use crate::config::UpstreamSettings;
 use crate::h1::client::{self, H1Error};
 
 type Source = Box<dyn std::error::Error + Send + Sync>;
@@ -64,6 +65,27 @@ impl ProxyError {
     }
 }
 
+/// A checked upstream: a parsed http(s) origin and its timeouts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSettings {
+    pub name: String,
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub preserve_host: bool,
+    /// PEM CA certificates trusted for this https upstream, beside the system roots.
+    pub ca: Option<CaFile>,
+}
+
+/// A CA file as read at load: its contents are part of the settings, so a reload after the file changed in place
+/// builds the upstream anew (an unchanged upstream keeps its pool).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaFile {
+    pub path: PathBuf,
+    pub pem: Arc<[u8]>,
+}
+
 /// An upstream and its connection pools.
 pub struct Upstream {
     pub settings: UpstreamSettings,
@@ -95,8 +117,8 @@ impl Upstream {
 }
 
 /// Builds the TLS client config for https upstreams: system roots, plus the upstream's own CA file.
-pub fn upstream_tls(ca: Option<&crate::config::CaFile>) -> Result<Arc<rustls::ClientConfig>, crate::server::tls::TlsError> {
-    crate::server::tls::client_config(ca.map(|c| (c.path.as_path(), &c.pem[..]))).map(Arc::new)
+pub fn upstream_tls(ca: Option<&CaFile>) -> Result<Arc<rustls::ClientConfig>, crate::tls_client::ClientTlsError> {
+    crate::tls_client::client_config(ca.map(|c| (c.path.as_path(), &c.pem[..]))).map(Arc::new)
 }
 
 /// The query forwarded upstream: as sent, less the token parameter of a route that takes tokens from the URL.

@@ -4,7 +4,7 @@
 //! check was skipped by the verified-token cache, so a token accepted on one route unlocks nothing on another.
 
 use crate::auth::{lookup_claim, Principal};
-use crate::config::AuthMode;
+use serde::Deserialize;
 use crate::router::{PathPattern, RouteMatch};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -32,6 +32,16 @@ impl AuthzError {
             AuthzError::Anonymous => "anonymous",
         }
     }
+}
+
+/// Whether a route needs a token. `required` is the default, so a forgotten line fails closed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Public,
+    Optional,
+    #[default]
+    Required,
 }
 
 /// What a claim must equal: a literal, or a path parameter of the matched route.

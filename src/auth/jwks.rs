@@ -20,7 +20,8 @@ use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
-use crate::auth::{bind_key, JwksSettings, JwksSource, VerifyKey};
+use crate::auth::keys::bind_key;
+use crate::auth::{ JwksSettings, JwksSource, VerifyKey};
 
 /// An error and its causes, one after another (hyper's client names only the outermost, "client error (Connect)").
 fn chain(e: &dyn std::error::Error) -> String {
@@ -90,7 +91,7 @@ pub fn fetch_client(ca_file: Option<&Path>) -> Result<FetchClient, JwksError> {
         Some(path) => Some((path, std::fs::read(path).map_err(|e| JwksError::Tls(format!("{}: {e}", path.display())))?)),
         None => None,
     };
-    let tls = crate::server::tls::client_config(pem.as_ref().map(|(p, b)| (*p, b.as_slice()))).map_err(|e| JwksError::Tls(e.to_string()))?;
+    let tls = crate::tls_client::client_config(pem.as_ref().map(|(p, b)| (*p, b.as_slice()))).map_err(|e| JwksError::Tls(e.to_string()))?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
     Ok(Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector))
 }

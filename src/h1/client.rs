@@ -15,7 +15,7 @@ use http::{Method, Response, Version};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use crate::config::UpstreamSettings;
+use crate::proxy::UpstreamSettings;
 use crate::h1::answer::{parse_head, AnswerFields, Parsed, ResponseBody, MAX_HEAD_BYTES};
 use crate::edge::headers;
 use crate::h1::pool::{Conn, Pool, READ_CHUNK};

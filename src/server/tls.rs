@@ -29,34 +29,6 @@ pub enum TlsError {
     Pair(String),
     #[error("cannot generate the self-signed pair: {0}")]
     Generate(String),
-    #[error("{path}: {detail}")]
-    Ca { path: String, detail: String },
-}
-
-/// The TLS client config for servers the gateway connects to (https upstreams, JWKS endpoints): the system roots
-/// plus, if given, every CA certificate in a PEM file (a private PKI), passed as its path (for messages) and bytes.
-pub fn client_config(ca: Option<(&Path, &[u8])>) -> Result<rustls::ClientConfig, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    if let Some((path, pem)) = ca {
-        let ca = |detail: String| TlsError::Ca { path: path.display().to_string(), detail };
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            roots.add(cert.map_err(|e| ca(e.to_string()))?).map_err(|e| ca(e.to_string()))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(ca("no PEM certificate found".into()));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Pair(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// Returns true if the pair is missing and `self_signed` will generate it at start.

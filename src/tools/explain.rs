@@ -13,7 +13,8 @@ use serde_json::{Map, Value};
 
 use crate::auth::{lookup_claim, principal_from, Authenticator, Principal};
 use crate::auth::authz::{authorize, ClaimValue};
-use crate::config::{AuthMode, Config};
+use crate::auth::authz::AuthMode;
+use crate::config::Config;
 use crate::error::GatewayError;
 use crate::router::normalize_path;
 

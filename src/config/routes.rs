@@ -1,0 +1,215 @@
+//! `[[routes]]`: each checked into a `Route` (pattern, policy, limits, headers, CORS, token sources), then the
+//! table as a whole (shadowed routes, rewrites that would forward into stricter routes).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use toml::Spanned;
+
+use crate::auth::authz::{AuthMode, ClaimRule, Policy};
+use crate::edge::ratelimit::LimitKey;
+use crate::proxy::UpstreamSettings;
+use crate::router::{PathPattern, Route, RouteTable};
+
+use super::file::*;
+use super::*;
+use super::validate::origin_host;
+
+impl Validator<'_> {
+    pub(super) fn routes(
+        &mut self,
+        routes: Vec<RouteFile>,
+        upstreams: &BTreeMap<String, UpstreamSettings>,
+        issuer_ids: &HashSet<String>,
+        case_insensitive: bool,
+    ) -> RouteTable {
+        let mut out: Vec<Route> = Vec::new();
+        let mut strip_spans = Vec::new();
+        let mut names = HashSet::new();
+        for r in routes {
+            let name = r.name.get_ref().clone();
+            if !names.insert(name.clone()) {
+                self.error(r.name.span(), format!("route name {name:?} is used twice (names label metrics)"));
+            }
+            let pattern = match PathPattern::parse(r.path.get_ref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.error(r.path.span(), format!("route {name:?}: {e}"));
+                    continue;
+                }
+            };
+            // Case-insensitive matching folds ASCII only: `/CAFÉ` would miss `/café/*`'s rules at an upstream that
+            // folds it (IIS, ASP.NET).
+            if case_insensitive && !r.path.get_ref().is_ascii() {
+                self.error(r.path.span(), format!("route {name:?}: with [routing] case_insensitive, paths must be ASCII (only ASCII letters are matched without regard to case)"));
+            }
+            let methods = match &r.methods {
+                None => None,
+                Some(m) => {
+                    let mut out = Vec::new();
+                    for s in m.get_ref() {
+                        match http::Method::from_bytes(s.to_ascii_uppercase().as_bytes()) {
+                            Ok(http::Method::CONNECT) => {
+                                self.error(m.span(), format!("route {name:?}: CONNECT opens a tunnel and cannot be routed to an upstream"))
+                            }
+                            Ok(method) => out.push(method),
+                            Err(_) => self.error(m.span(), format!("route {name:?}: invalid method {s:?}")),
+                        }
+                    }
+                    if out.is_empty() {
+                        self.error(m.span(), format!("route {name:?}: `methods` is empty; omit it to allow any method"));
+                    }
+                    Some(out)
+                }
+            };
+            let upstream = match upstreams.get(r.upstream.get_ref()) {
+                Some(_) => r.upstream.get_ref().clone(),
+                None => {
+                    self.error(
+                        r.upstream.span(),
+                        format!("route {name:?}: upstream {:?} is not defined in [upstreams]", r.upstream.get_ref()),
+                    );
+                    continue;
+                }
+            };
+            let strip_prefix = match &r.strip_prefix {
+                Some(p) if !p.get_ref().starts_with('/') || p.get_ref().len() < 2 => {
+                    self.error(p.span(), format!("route {name:?}: strip_prefix must start with '/' and not be \"/\""));
+                    None
+                }
+                Some(p) if case_insensitive && !p.get_ref().is_ascii() => {
+                    self.error(p.span(), format!("route {name:?}: with [routing] case_insensitive, strip_prefix must be ASCII"));
+                    None
+                }
+                // In the form the normalised paths it is cut from take (non-ASCII percent-encoded).
+                Some(p) => match p.get_ref().trim_end_matches('/').split('/').map(canonical_or_empty).collect::<Result<Vec<_>, _>>() {
+                    Ok(segments) => Some(segments.join("/")),
+                    Err(e) => {
+                        self.error(p.span(), format!("route {name:?}: strip_prefix: {e}"));
+                        None
+                    }
+                },
+                None => None,
+            };
+            if let Some(iss) = &r.issuers {
+                for id in iss.get_ref() {
+                    if !issuer_ids.contains(id) {
+                        self.error(iss.span(), format!("route {name:?}: issuer {id:?} is not defined in [[issuers]]"));
+                    }
+                }
+            }
+            let mut claims = Vec::new();
+            if let Some(c) = &r.claims {
+                for (claim, want) in c.get_ref() {
+                    match ClaimRule::parse(claim, want, &pattern) {
+                        Ok(rule) => claims.push(rule),
+                        Err(e) => self.error(c.span(), format!("route {name:?}: {e}")),
+                    }
+                }
+            }
+            let policy = Policy {
+                auth: r.auth,
+                issuers: r.issuers.map(|i| i.into_inner()),
+                roles_any: r.roles_any.unwrap_or_default(),
+                roles_all: r.roles_all.unwrap_or_default(),
+                scopes_any: r.scopes_any.unwrap_or_default(),
+                scopes_all: r.scopes_all.unwrap_or_default(),
+                claims,
+                bypass_roles: r.bypass_roles.unwrap_or_default(),
+            };
+            if policy.auth == AuthMode::Public && policy.has_rules() {
+                self.error(r.path.span(), format!("route {name:?}: auth = \"public\" cannot carry roles, scopes, claims or issuers rules"));
+            }
+            if r.auth != AuthMode::Public && issuer_ids.is_empty() {
+                self.error(
+                    r.path.span(),
+                    format!(
+                        "route {name:?}: needs a token (auth = {:?}) but no [[issuers]] are configured; add one or set auth = \"public\"",
+                        r.auth
+                    ),
+                );
+            }
+            let route = Route::new(out.len(), name.clone(), pattern, methods, upstream, strip_prefix, policy, case_insensitive);
+            if let Some(earlier) = out.iter().find(|e| e.shadows(&route, case_insensitive)) {
+                let msg = format!("route {name:?} can never match: route {:?} before it matches every request it would", earlier.name);
+                self.warn(r.path.span(), msg);
+            }
+            let mut route = route;
+            route.rate_limit = r.rate_limit.as_ref().and_then(|l| self.limit(l, false));
+            if r.auth == AuthMode::Public
+                && route.rate_limit.as_ref().is_some_and(|l| matches!(l.key, LimitKey::Subject | LimitKey::Claim(_)))
+            {
+                let span = r.rate_limit.as_ref().map_or(r.path.span(), Spanned::span);
+                self.warn(
+                    span,
+                    format!("route {name:?} is public: its subject or claim rate limit counts every request by client address"),
+                );
+            }
+            if let Some(h) = &r.headers {
+                let base = self.route_headers_base.clone();
+                route.headers = Some(Arc::new(self.secure_headers(base.as_ref(), Some(&(h.span(), h.get_ref().clone())))));
+            }
+            route.token_sources = crate::auth::TokenSources {
+                cookie: r.token_cookie.clone().or_else(|| self.default_cookie.clone()),
+                query: r.token_query.clone(),
+            };
+            route.cors = r.cors.as_ref().and_then(|c| self.cors(c.span(), c.get_ref())).map(Arc::new);
+            strip_spans.push(r.strip_prefix.as_ref().map(|p| p.span()));
+            out.push(route);
+        }
+        self.check_rewrites(&out, &strip_spans, upstreams, case_insensitive);
+        RouteTable::new(out, case_insensitive)
+    }
+
+    /// A route that strips a prefix forwards into the upstream's own path space: if those paths are another
+    /// route's on the same upstream origin, under rules this route's requests need not meet, a client allowed
+    /// here reaches them without those rules (`/api/*` stripping `/api` would serve `/api/admin/x` as
+    /// `/admin/x` to any valid token, past `/admin/*`'s `roles_any`). Refused rather than warned about.
+    pub(super) fn check_rewrites(
+        &mut self,
+        routes: &[Route],
+        strip_spans: &[Option<std::ops::Range<usize>>],
+        upstreams: &BTreeMap<String, UpstreamSettings>,
+        case_insensitive: bool,
+    ) {
+        // One server under two spellings is one origin: default ports, `localhost`, the loopback and unspecified
+        // addresses however written (`127.1`, `0x7f.0.0.1`, `[::ffff:127.0.0.1]`, `0.0.0.0`). Compared as
+        // configured, not through DNS.
+        let origin = |r: &Route| {
+            upstreams.get(&r.upstream).map(|u| {
+                let host = origin_host(u.authority.host());
+                let port = u.authority.port_u16().unwrap_or(if u.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 });
+                (u.scheme.clone(), host, port)
+            })
+        };
+        for (a, span) in routes.iter().zip(strip_spans) {
+            let (Some(prefix), Some(span)) = (&a.strip_prefix, span) else { continue };
+            let Some((forwarded, _)) = a.pattern.stripped(prefix, case_insensitive) else { continue };
+            let exposed = routes.iter().find(|b| {
+                b.index != a.index
+                    && origin(b) == origin(a)
+                    && b.forwarded_patterns().iter().any(|p| forwarded.overlaps(p, case_insensitive))
+                    && !a.policy.admits_no_more_than(&b.policy)
+            });
+            if let Some(b) = exposed {
+                let msg = format!(
+                    "route {an:?} strips {prefix:?}, so it forwards \"{forwarded}\" into the paths of route {bn:?} (\"{bp}\") on the same \
+                     upstream without {bn:?}'s rules: a request allowed on {an:?} would reach them unchecked; give {an:?} its own \
+                     upstream, a narrower path, or rules at least as strict",
+                    an = a.name,
+                    bn = b.name,
+                    bp = b.pattern
+                );
+                self.error(span.clone(), msg);
+            }
+        }
+    }
+}
+
+fn canonical_or_empty(segment: &str) -> Result<String, String> {
+    if segment.is_empty() {
+        Ok(String::new())
+    } else {
+        crate::router::canonical_segment(segment)
+    }
+}

@@ -1,0 +1,111 @@
+//! `[token_endpoint]`: checked into the token endpoint's settings (accounts loaded, the signing issuer found).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use crate::auth::IssuerSettings;
+use crate::token_endpoint::TokenEndpointSettings;
+
+use super::file::*;
+use super::*;
+
+impl Validator<'_> {
+    pub(super) fn token_endpoint(
+        &mut self,
+        t: Spanned<TokenEndpointFile>,
+        issuers: &mut [IssuerSettings],
+        form_timeout: Duration,
+    ) -> Option<TokenEndpointSettings> {
+        let span = t.span();
+        let t = t.into_inner();
+        let before = self.problems.len();
+        let path = t.path.unwrap_or_else(|| "/token".into());
+        if !path.starts_with('/') || crate::router::normalize_path(&path).ok().as_deref() != Some(path.as_str()) {
+            self.error(span.clone(), format!("[token_endpoint] path {path:?} must be a normalised absolute path"));
+        }
+        let Some(issuer) = issuers.iter_mut().find(|i| i.id == t.issuer) else {
+            self.error(span, format!("[token_endpoint] issuer {:?} is not defined in [[issuers]]", t.issuer));
+            return None;
+        };
+        if let Some(pk) = &t.private_key {
+            let p = self.resolve(pk);
+            match std::fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| crate::auth::keys::public_from_private_pem(&pem))
+                .and_then(|k| crate::auth::keys::bind_key(None, k, &issuer.algorithms, None))
+            {
+                Ok(k) => {
+                    issuer.static_keys.push(k);
+                    issuer.private_key = Some(p);
+                }
+                Err(e) => self.error(span.clone(), format!("[token_endpoint] private_key {}: {e}", p.display())),
+            }
+        }
+        if issuer.private_key.is_none() && issuer.hmac_secret.is_none() && self.generate {
+            self.error(span.clone(), format!("[token_endpoint] issuer {:?} has no signing key (an HMAC secret or private_key)", issuer.id));
+        }
+        let load = |file: &Option<PathBuf>, clients: bool, v: &mut Self| match file {
+            None => Some(std::collections::BTreeMap::new()),
+            Some(f) => match crate::token_endpoint::load_accounts(&v.resolve(f), clients) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    v.error(span.clone(), format!("[token_endpoint] {e}"));
+                    None
+                }
+            },
+        };
+        let ttl = t.access_token_ttl.map_or(Duration::from_secs(1800), |d| d.0);
+        // The gateway refuses tokens living longer than their issuer's max_lifetime: it must not issue them.
+        if ttl.as_secs() > issuer.max_lifetime {
+            self.error(
+                span.clone(),
+                format!(
+                    "[token_endpoint] access_token_ttl ({}s) is longer than issuer {:?}'s max_lifetime ({}s): its tokens would be refused",
+                    ttl.as_secs(),
+                    issuer.id,
+                    issuer.max_lifetime
+                ),
+            );
+        }
+        let users = load(&t.users_file, false, self);
+        let clients = load(&t.clients_file, true, self);
+        // Both grants put the account's name in `sub`: a client named like a user would pass that user's
+        // `claims = { sub = "{id}" }` rules.
+        if let (Some(u), Some(c)) = (&users, &clients) {
+            for name in u.keys().filter(|n| c.contains_key(*n)) {
+                self.error(
+                    span.clone(),
+                    format!("[token_endpoint] {name:?} is both a user and a client: their tokens would carry the same sub"),
+                );
+            }
+        }
+        let (burst, rate) = match &t.rate_limit {
+            None => (5, Duration::from_secs(12)),
+            Some(r) => match crate::edge::ratelimit::parse_rate(&r.rate) {
+                Ok((n, per)) => (r.burst.unwrap_or(n), per),
+                Err(e) => {
+                    self.error(span.clone(), format!("[token_endpoint] rate_limit: {e}"));
+                    (1, Duration::from_secs(1))
+                }
+            },
+        };
+        if self.problems.len() != before {
+            return None;
+        }
+        Some(TokenEndpointSettings {
+            path,
+            issuer: t.issuer,
+            users_file: t.users_file.as_ref().map(|f| self.resolve(f)),
+            clients_file: t.clients_file.as_ref().map(|f| self.resolve(f)),
+            users: std::sync::Arc::new(users.unwrap_or_default()),
+            clients: std::sync::Arc::new(clients.unwrap_or_default()),
+            ttl,
+            rate,
+            burst: std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN),
+            allow_plaintext: t.allow_plaintext,
+            form_timeout,
+        })
+    }
+}

@@ -1,0 +1,428 @@
+//! The top of validation: listeners, TLS, limits, upstreams, issuers, the token endpoint, limits, secure headers,
+//! CORS and identity, each turned into its stage's settings type with every problem located.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use crate::edge::cors::CorsPolicy;
+use crate::edge::headers::{IdentitySettings, SecureHeaders};
+use crate::edge::ratelimit::{Cidr, LimitKey, LimitSettings};
+use crate::proxy::{CaFile, UpstreamSettings};
+
+use super::file::*;
+use super::units::DurationValue;
+use super::*;
+
+impl Validator<'_> {
+    pub(super) fn addr(&mut self, s: &Option<Spanned<String>>) -> Option<SocketAddr> {
+        let s = s.as_ref()?;
+        match s.get_ref().parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(s.span(), format!("invalid listen address {:?}: expected IP:PORT", s.get_ref()));
+                None
+            }
+        }
+    }
+
+    pub(super) fn config(&mut self, path: &Path, f: FileConfig) -> Config {
+        let listen = Listen { https: self.addr(&f.listen.https), http: self.addr(&f.listen.http), admin: self.addr(&f.listen.admin) };
+        if f.listen.https.is_none() && f.listen.http.is_none() {
+            self.error(0..0, "[listen] needs `https` or `http`");
+        }
+        let tls = f.tls.map(|t| self.tls(t));
+        if let (Some(https), None) = (&f.listen.https, &tls) {
+            self.error(https.span(), "`listen.https` needs a [tls] section");
+        }
+        let d = |v: Option<DurationValue>, default: u64| v.map_or(Duration::from_secs(default), |d| d.0);
+        let max_header_bytes = f.limits.max_header_bytes.map_or(32 * 1024, |s| s.0);
+        let limits = Limits {
+            max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
+            max_body_bytes: f.limits.max_body_bytes.map_or(10 * 1024 * 1024, |s| s.0),
+            header_read_timeout: d(f.limits.header_read_timeout, 10),
+            idle_timeout: d(f.limits.idle_timeout, 60),
+            max_connections: f.limits.max_connections.unwrap_or(10_000),
+            max_connections_per_client: f.limits.max_connections_per_client.unwrap_or(1_000),
+            drain_timeout: d(f.limits.drain_timeout, 30),
+        };
+        for (name, d) in [("idle_timeout", limits.idle_timeout), ("header_read_timeout", limits.header_read_timeout)] {
+            if d.is_zero() {
+                self.error(0..0, format!("`limits.{name}` must be more than 0"));
+            }
+        }
+        if limits.max_connections_per_client == 0 {
+            self.error(0..0, "`limits.max_connections_per_client` must be at least 1");
+        }
+        if limits.max_connections == 0 {
+            self.error(0..0, "`limits.max_connections` must be at least 1");
+        }
+        let mut upstreams = BTreeMap::new();
+        for (name, u) in f.upstreams {
+            if let Some(u) = self.upstream(&name, u) {
+                upstreams.insert(name, u);
+            }
+        }
+        let mut trusted_proxies = Vec::new();
+        for t in &f.rate_limit.trusted_proxies {
+            match t.get_ref().parse::<Cidr>() {
+                Ok(c) => trusted_proxies.push(c),
+                Err(e) => self.error(t.span(), e),
+            }
+        }
+        let forwarded_from = match f.rate_limit.forwarded_header.as_ref().map(|h| (h.span(), h.get_ref().to_ascii_lowercase())) {
+            None => crate::edge::ratelimit::ForwardedFrom::XForwardedFor,
+            Some((_, h)) if h == "x-forwarded-for" => crate::edge::ratelimit::ForwardedFrom::XForwardedFor,
+            Some((_, h)) if h == "forwarded" => crate::edge::ratelimit::ForwardedFrom::Forwarded,
+            Some((span, h)) => {
+                self.error(span, format!("[rate_limit] forwarded_header {h:?} must be \"x-forwarded-for\" or \"forwarded\""));
+                crate::edge::ratelimit::ForwardedFrom::XForwardedFor
+            }
+        };
+        let mut issuers = Vec::new();
+        let mut issuer_ids = HashSet::new();
+        let mut issuer_urls = HashSet::new();
+        for i in f.issuers {
+            let span = i.span();
+            // Counted even when invalid, so one bad issuer does not make every route that names it an error too.
+            if !issuer_ids.insert(i.get_ref().id().to_string()) {
+                self.error(span.clone(), format!("issuer id {:?} is used twice", i.get_ref().id()));
+            }
+            if let Some(settings) = super::issuers::validate_issuer(self, span.clone(), i.into_inner()) {
+                // Tokens pick their issuer by `iss`: two entries for one `iss` would silently shadow each other.
+                if !issuer_urls.insert(settings.issuer.clone()) {
+                    self.error(span, format!("issuer {:?} is configured twice", settings.issuer));
+                }
+                issuers.push(settings);
+            }
+        }
+        let identity = match f.identity {
+            Some(i) => Arc::new(self.identity(i)),
+            None => Arc::default(),
+        };
+        let token_endpoint = f.token_endpoint.and_then(|t| self.token_endpoint(t, &mut issuers, limits.header_read_timeout));
+        let global_limit = f.rate_limit.global.as_ref().and_then(|l| self.limit(l, true));
+        let ipv6_prefix = f.rate_limit.ipv6_prefix.unwrap_or(64);
+        if ipv6_prefix > 128 {
+            self.error(0..0, format!("[rate_limit] ipv6_prefix {ipv6_prefix} is longer than an IPv6 address (128 bits)"));
+        }
+        let ipv6_prefix = ipv6_prefix.min(128);
+        let global_headers_file = f.headers.map(|h| (h.span(), h.into_inner()));
+        let global_headers = Arc::new(self.secure_headers(global_headers_file.as_ref(), None));
+        let global_cors_file = f.cors.map(|c| (c.span(), c.into_inner()));
+        let global_cors = global_cors_file.as_ref().and_then(|(span, c)| self.cors(span.clone(), c)).map(Arc::new);
+        self.route_headers_base = global_headers_file;
+        let admin_token = match f.admin.as_ref().and_then(|a| a.get_ref().token_env.as_ref().map(|v| (a.span(), v))) {
+            None => None,
+            Some((span, var)) => match std::env::var(var) {
+                Ok(t) if t.len() >= 16 => Some(Arc::new(t)),
+                Ok(_) => {
+                    self.error(span, format!("[admin] token_env {var}: the token must be at least 16 characters"));
+                    None
+                }
+                Err(_) => {
+                    self.error(span, format!("[admin] token_env: environment variable {var} is not set"));
+                    None
+                }
+            },
+        };
+        self.default_cookie = f.auth.token_cookie.clone();
+        let routes = self.routes(f.routes, &upstreams, &issuer_ids, f.routing.case_insensitive);
+        if f.server.worker_threads == Some(0) {
+            self.error(0..0, "`server.worker_threads` must be at least 1");
+        }
+        Config {
+            path: path.to_path_buf(),
+            listen,
+            tls,
+            limits,
+            worker_threads: f.server.worker_threads,
+            access_log: f.server.access_log.unwrap_or(true),
+            upstreams,
+            routes,
+            trusted_proxies,
+            forwarded_from,
+            issuers,
+            identity,
+            token_endpoint,
+            global_limit,
+            ipv6_prefix,
+            headers: global_headers,
+            cors: global_cors,
+            admin_token,
+            warnings: Vec::new(),
+            notes: Vec::new(),
+            watch_files: Vec::new(),
+        }
+    }
+
+    pub(super) fn tls(&mut self, t: TlsFile) -> TlsSettings {
+        let cert = self.resolve(t.cert.get_ref());
+        let key = self.resolve(t.key.get_ref());
+        // A missing pair is fine when it will be generated; anything else must be readable now.
+        for (what, p, span) in [("certificate", &cert, t.cert.span()), ("key", &key, t.key.span())] {
+            if t.self_signed && !p.exists() {
+                continue;
+            }
+            if let Err(e) = std::fs::File::open(p) {
+                self.error(span, format!("cannot read TLS {what} {}: {e}", p.display()));
+            }
+        }
+        TlsSettings {
+            cert,
+            key,
+            self_signed: t.self_signed,
+            min_version: t.min_version,
+            handshake_timeout: t.handshake_timeout.map_or(Duration::from_secs(10), |d| d.0),
+        }
+    }
+
+    pub(super) fn upstream(&mut self, name: &str, u: UpstreamFile) -> Option<UpstreamSettings> {
+        let uri: http::Uri = match u.url.get_ref().parse() {
+            Ok(uri) => uri,
+            Err(e) => {
+                self.error(u.url.span(), format!("upstream {name:?}: invalid url {:?}: {e}", u.url.get_ref()));
+                return None;
+            }
+        };
+        let scheme = uri.scheme().cloned();
+        let ok_scheme = scheme.as_ref().is_some_and(|s| *s == http::uri::Scheme::HTTP || *s == http::uri::Scheme::HTTPS);
+        let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+        match (scheme, uri.authority().cloned()) {
+            (Some(scheme), Some(authority)) if ok_scheme && path_ok => {
+                let ca = u.ca_file.as_ref().map(|p| self.resolve(p)).and_then(|path| {
+                    if scheme != http::uri::Scheme::HTTPS {
+                        self.error(u.url.span(), format!("upstream {name:?}: ca_file applies to https:// upstreams only"));
+                        return None;
+                    }
+                    let pem = match std::fs::read(&path) {
+                        Ok(pem) => pem,
+                        Err(e) => {
+                            self.error(u.url.span(), format!("upstream {name:?}: cannot read ca_file {}: {e}", path.display()));
+                            return None;
+                        }
+                    };
+                    if let Err(e) = crate::tls_client::client_config(Some((&path, &pem))) {
+                        self.error(u.url.span(), format!("upstream {name:?}: ca_file {e}"));
+                        return None;
+                    }
+                    Some(CaFile { path, pem: pem.into() })
+                });
+                Some(UpstreamSettings {
+                    name: name.to_string(),
+                    scheme,
+                    authority,
+                    connect_timeout: u.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
+                    timeout: u.timeout.map_or(Duration::from_secs(30), |d| d.0),
+                    preserve_host: u.preserve_host,
+                    ca,
+                })
+            }
+            _ => {
+                self.error(
+                    u.url.span(),
+                    format!("upstream {name:?}: url must be http:// or https:// with a host and no path, got {:?}", u.url.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+
+    pub(super) fn limit(&mut self, l: &Spanned<LimitFile>, global: bool) -> Option<LimitSettings> {
+        let span = l.span();
+        let l = l.get_ref();
+        let key = match LimitKey::parse(&l.key) {
+            Ok(k) => k,
+            Err(e) => {
+                self.error(span, e);
+                return None;
+            }
+        };
+        if global && key != LimitKey::Ip && key != LimitKey::Route {
+            self.error(span.clone(), "the global limit runs before authentication: its key must be \"ip\" or \"route\"");
+            return None;
+        }
+        match crate::edge::ratelimit::parse_rate(&l.rate) {
+            Ok((n, per)) => {
+                let burst = std::num::NonZeroU32::new(l.burst.unwrap_or(n));
+                match burst {
+                    Some(burst) => Some(LimitSettings { key, per, burst }),
+                    None => {
+                        self.error(span, "burst must be at least 1");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                self.error(span, e);
+                None
+            }
+        }
+    }
+
+    pub(super) fn secure_headers(
+        &mut self,
+        global: Option<&(std::ops::Range<usize>, HeadersFile)>,
+        route: Option<&(std::ops::Range<usize>, HeadersFile)>,
+    ) -> SecureHeaders {
+        let d = SecureHeaders::defaults();
+        let (mut set, mut hsts, mut remove, mut override_upstream) =
+            (d.set().to_vec(), d.hsts().cloned(), d.remove().to_vec(), d.override_upstream());
+        for (span, f) in [global, route].into_iter().flatten() {
+            let mut put = |v: &mut Self, name: http::HeaderName, value: &Option<String>| {
+                let Some(value) = value else { return };
+                set.retain(|(n, _)| *n != name);
+                if value.is_empty() {
+                    return;
+                }
+                match http::HeaderValue::from_str(value) {
+                    Ok(hv) => set.push((name, hv)),
+                    Err(_) => v.error(span.clone(), format!("[headers] {name}: {value:?} is not a valid header value")),
+                }
+            };
+            put(self, http::header::X_CONTENT_TYPE_OPTIONS, &f.content_type_options);
+            put(self, http::header::X_FRAME_OPTIONS, &f.frame_options);
+            put(self, http::header::REFERRER_POLICY, &f.referrer_policy);
+            put(self, http::header::CONTENT_SECURITY_POLICY, &f.content_security_policy);
+            put(self, http::HeaderName::from_static("permissions-policy"), &f.permissions_policy);
+            put(self, http::HeaderName::from_static("cross-origin-opener-policy"), &f.cross_origin_opener_policy);
+            if let Some(h) = &f.hsts {
+                hsts = if h.is_empty() { None } else { http::HeaderValue::from_str(h).ok() };
+            }
+            if let Some(names) = &f.remove {
+                remove.clear();
+                for r in names {
+                    match http::HeaderName::from_bytes(r.as_bytes()) {
+                        Ok(n) => remove.push(n),
+                        Err(_) => self.error(span.clone(), format!("[headers] remove: {r:?} is not a header name")),
+                    }
+                }
+            }
+            if let Some(o) = f.override_upstream {
+                override_upstream = o;
+            }
+        }
+        SecureHeaders::new(set, hsts, remove, override_upstream)
+    }
+
+    pub(super) fn cors(&mut self, span: std::ops::Range<usize>, c: &CorsFile) -> Option<CorsPolicy> {
+        let any = c.allow_origins.iter().any(|o| o == "*");
+        if any && c.allow_credentials {
+            self.error(span, "[cors] allow_origins = [\"*\"] cannot be combined with allow_credentials = true");
+            return None;
+        }
+        let mut origins = Vec::new();
+        for o in c.allow_origins.iter().filter(|o| *o != "*") {
+            match http::HeaderValue::from_str(o) {
+                Ok(v) if is_serialized_origin(o) => origins.push(v),
+                _ => self.error(
+                    span.clone(),
+                    format!(
+                        "[cors] origin {o:?} must be written as browsers send it: scheme://host[:port], lowercase, no path \
+                         or trailing slash, no default port, one origin per string, no wildcards"
+                    ),
+                ),
+            }
+        }
+        let names = c.allow_methods.clone().unwrap_or_else(|| vec!["GET".into(), "POST".into(), "PUT".into(), "DELETE".into()]);
+        let mut methods = Vec::new();
+        for m in &names {
+            match http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                Ok(m) => methods.push(m),
+                Err(_) => self.error(span.clone(), format!("[cors] invalid method {m:?}")),
+            }
+        }
+        let join =
+            |v: &Option<Vec<String>>| v.as_ref().filter(|v| !v.is_empty()).and_then(|v| http::HeaderValue::from_str(&v.join(", ")).ok());
+        let methods_value = http::HeaderValue::from_str(&methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")).ok()?;
+        Some(CorsPolicy {
+            origins: if any { None } else { Some(origins) },
+            methods,
+            methods_value,
+            headers_value: join(&c.allow_headers),
+            expose_value: join(&c.expose_headers),
+            credentials: c.allow_credentials,
+            max_age: http::HeaderValue::from(c.max_age.map_or(600, |d| d.0.as_secs())),
+        })
+    }
+
+    pub(super) fn identity(&mut self, i: IdentityFile) -> IdentitySettings {
+        let mut headers = Vec::new();
+        for (name, claim) in i.headers {
+            match http::HeaderName::from_bytes(name.as_bytes()) {
+                Ok(h) => headers.push((h, claim)),
+                Err(_) => self.error(0..0, format!("[identity] header name {name:?} is not a valid HTTP header name")),
+            }
+        }
+        IdentitySettings { headers, forward_authorization: i.forward_authorization }
+    }
+}
+
+/// Whether `o` is an origin as a browser serializes it in `Origin` (RFC 6454 §6.2): the exact comparison with
+/// what browsers send can only ever match such a string.
+fn is_serialized_origin(o: &str) -> bool {
+    let Some((scheme, rest)) = o.split_once("://") else { return false };
+    let scheme_ok = scheme.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+        && scheme.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !rest.ends_with(']') => (h, Some(p)),
+        _ => (rest, None),
+    };
+    let host_ok = !host.is_empty() && host.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.[]:".contains(&b));
+    let default_port = match scheme {
+        "https" | "wss" => Some("443"),
+        "http" | "ws" => Some("80"),
+        _ => None,
+    };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && Some(p) != default_port);
+    scheme_ok && host_ok && port_ok
+}
+
+/// An upstream host as one origin is named: IP addresses in one spelling, and every loopback or unspecified
+/// address (which reach this machine) as `loopback`.
+pub(super) fn origin_host(host: &str) -> String {
+    let host = host.trim_matches(['[', ']']).trim_end_matches('.').to_ascii_lowercase();
+    if host == "localhost" || host.ends_with(".localhost") {
+        return "loopback".into();
+    }
+    let ip = match host.parse::<std::net::Ipv6Addr>() {
+        Ok(v6) => Some(v6.to_ipv4_mapped().map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)),
+        Err(_) => lenient_ipv4(&host).map(std::net::IpAddr::V4),
+    };
+    match ip {
+        Some(ip) if ip.is_loopback() || ip.is_unspecified() => "loopback".into(),
+        Some(ip) => ip.to_string(),
+        None => host,
+    }
+}
+
+/// IPv4 as resolvers read it (inet_aton): one to four parts, each decimal, octal (`0` prefix) or hex (`0x`), the
+/// last filling the remaining bytes: `127.1` is 127.0.0.1.
+fn lenient_ipv4(s: &str) -> Option<std::net::Ipv4Addr> {
+    let parts: Vec<u64> = s
+        .split('.')
+        .map(|p| {
+            let (digits, radix) = match p.strip_prefix("0x") {
+                Some(h) => (h, 16),
+                None if p.len() > 1 && p.starts_with('0') => (&p[1..], 8),
+                None => (p, 10),
+            };
+            // from_str_radix takes a sign, inet_aton does not.
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            u64::from_str_radix(digits, radix).ok()
+        })
+        .collect::<Option<_>>()?;
+    let (last, head) = parts.split_last()?;
+    if head.len() > 3 || head.iter().any(|&p| p > 255) || *last >= 1u64 << (8 * (4 - head.len())) {
+        return None;
+    }
+    let value = head.iter().enumerate().fold(*last, |acc, (i, &p)| acc | p << (8 * (3 - i)));
+    u32::try_from(value).ok().map(std::net::Ipv4Addr::from)
+}
