@@ -417,7 +417,7 @@ impl Gateway {
             if auth.cache_hit { &self.metrics.jwt_cache_hits } else { &self.metrics.jwt_cache_misses }.inc();
         }
         outcome.principal = auth.principal.clone();
-        authorize(auth.principal.as_deref(), &route.policy, &matched)?;
+        authorize(auth.principal.as_deref(), &route.policy, |n| matched.param(n))?;
         if let Some(l) = &self.route_limiters[route.index] {
             self.check_limit(l, client, auth.principal.as_deref(), outcome)?;
         }

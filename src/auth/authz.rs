@@ -5,7 +5,6 @@
 
 use crate::auth::{lookup_claim, Principal};
 use serde::Deserialize;
-use crate::router::{PathPattern, RouteMatch};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthzError {
@@ -59,13 +58,13 @@ pub struct ClaimRule {
 }
 
 impl ClaimRule {
-    /// Checks a rule against the route's pattern: a `{param}` value must name a parameter of the path.
-    pub fn parse(claim: &str, want: &str, pattern: &PathPattern) -> Result<ClaimRule, String> {
+    /// Checks a rule against the route's path: a `{param}` value must name one of its parameters.
+    pub fn parse(claim: &str, want: &str, has_param: impl Fn(&str) -> bool) -> Result<ClaimRule, String> {
         if claim.is_empty() {
             return Err("a claims rule needs a claim name".into());
         }
         let value = match want.strip_prefix('{').and_then(|w| w.strip_suffix('}')) {
-            Some(param) if pattern.has_param(param) => ClaimValue::Param(param.to_string()),
+            Some(param) if has_param(param) => ClaimValue::Param(param.to_string()),
             Some(param) => return Err(format!("claims rule {claim:?} names {{{param}}}, which is not a parameter of the route's path")),
             None => ClaimValue::Literal(want.to_string()),
         };
@@ -149,9 +148,9 @@ impl Policy {
     }
 }
 
-/// Decides whether `principal` may use the matched route. Anonymous principals (no token on an `optional`
-/// route) pass only a policy without rules.
-pub fn authorize(principal: Option<&Principal>, policy: &Policy, matched: &RouteMatch<'_>) -> Result<(), AuthzError> {
+/// Decides whether `principal` may use the matched route, whose path parameters `param` looks up. Anonymous
+/// principals (no token on an `optional` route) pass only a policy without rules.
+pub fn authorize<'m>(principal: Option<&Principal>, policy: &Policy, param: impl Fn(&str) -> Option<&'m str>) -> Result<(), AuthzError> {
     let Some(p) = principal else {
         if policy.auth == AuthMode::Required {
             // authenticate() already refuses this; kept so authorize() alone is never the weak link.
@@ -182,7 +181,7 @@ pub fn authorize(principal: Option<&Principal>, policy: &Policy, matched: &Route
     for rule in &policy.claims {
         let want = match &rule.value {
             ClaimValue::Literal(v) => Some(v.as_str()),
-            ClaimValue::Param(name) => matched.param(name),
+            ClaimValue::Param(name) => param(name),
         };
         let have = lookup_claim(&p.claims, &rule.claim).and_then(|v| v.as_str());
         match (have, want) {
@@ -204,7 +203,7 @@ fn needed_scopes(policy: &Policy) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::{Route, RouteTable};
+    use crate::router::{PathPattern, Route, RouteTable};
     use http::Method;
     use std::sync::Arc;
 
@@ -232,7 +231,7 @@ mod tests {
     #[test]
     fn roles_scopes_and_claims() {
         let t = route("/users/{id}", |p| {
-            p.claims = vec![ClaimRule::parse("sub", "{id}", &PathPattern::parse("/users/{id}").unwrap()).unwrap()];
+            p.claims = vec![ClaimRule::parse("sub", "{id}", |p| PathPattern::parse("/users/{id}").unwrap().has_param(p)).unwrap()];
             p.bypass_roles = vec!["admin".into()];
             p.scopes_all = vec!["read".into()];
         });
@@ -242,10 +241,10 @@ mod tests {
         let bob = principal(&[], &["read"], serde_json::json!({"sub": "bob"}));
         let admin = principal(&["admin"], &["read"], serde_json::json!({"sub": "root"}));
         let noscope = principal(&[], &[], serde_json::json!({"sub": "alice"}));
-        assert_eq!(authorize(Some(&alice), pol, &m), Ok(()));
-        assert_eq!(authorize(Some(&bob), pol, &m), Err(AuthzError::Claims("sub".into())));
-        assert_eq!(authorize(Some(&admin), pol, &m), Ok(()));
-        assert_eq!(authorize(Some(&noscope), pol, &m), Err(AuthzError::Scopes { needed: "read".into() }));
+        assert_eq!(authorize(Some(&alice), pol, |n| m.param(n)), Ok(()));
+        assert_eq!(authorize(Some(&bob), pol, |n| m.param(n)), Err(AuthzError::Claims("sub".into())));
+        assert_eq!(authorize(Some(&admin), pol, |n| m.param(n)), Ok(()));
+        assert_eq!(authorize(Some(&noscope), pol, |n| m.param(n)), Err(AuthzError::Scopes { needed: "read".into() }));
     }
 
     #[test]
@@ -256,10 +255,10 @@ mod tests {
         });
         let m = t.match_route(&Method::GET, "/admin/x").unwrap();
         let admin = principal(&["admin"], &[], serde_json::json!({"sub": "a"}));
-        assert_eq!(authorize(Some(&admin), &m.route.policy, &m), Err(AuthzError::Issuer("local".into())));
+        assert_eq!(authorize(Some(&admin), &m.route.policy, |n| m.param(n)), Err(AuthzError::Issuer("local".into())));
         let mut kc_user = principal(&["user"], &[], serde_json::json!({"sub": "a"}));
         kc_user.issuer_id = "kc".into();
-        assert_eq!(authorize(Some(&kc_user), &m.route.policy, &m), Err(AuthzError::Roles));
-        assert_eq!(authorize(None, &m.route.policy, &m), Err(AuthzError::Roles));
+        assert_eq!(authorize(Some(&kc_user), &m.route.policy, |n| m.param(n)), Err(AuthzError::Roles));
+        assert_eq!(authorize(None, &m.route.policy, |n| m.param(n)), Err(AuthzError::Roles));
     }
 }

@@ -1,6 +1,11 @@
 //! Keys: binding a verification key to an issuer's algorithms, reading PEM keys, generating a local signing key.
 
+use aws_lc_rs::signature::{
+    EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING,
+};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::PrivatePkcs8KeyDer;
 
 use super::VerifyKey;
 
@@ -70,5 +75,40 @@ pub fn read_public_pem(pem: &[u8]) -> Option<DecodingKey> {
 
 /// Reads the public half of a PEM private key (PKCS#8: Ed25519, EC P-256/P-384, RSA).
 pub fn public_from_private_pem(pem: &[u8]) -> Result<DecodingKey, String> {
-    crate::token_endpoint::public_key_of(pem).map(|(key, _)| key)
+    public_key_of(pem).map(|(key, _)| key)
+}
+
+/// Reads a PKCS#8 PEM private key and returns its public half as a decoding key, with its family.
+pub fn public_key_of(pem: &[u8]) -> Result<(DecodingKey, AlgorithmFamily), String> {
+    let der = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|e| format!("not a PKCS#8 PEM private key: {e}"))?;
+    let der = der.secret_pkcs8_der();
+    if let Ok(k) = Ed25519KeyPair::from_pkcs8(der) {
+        return Ok((DecodingKey::from_ed_der(k.public_key().as_ref()), AlgorithmFamily::Ed));
+    }
+    for alg in [&ECDSA_P256_SHA256_FIXED_SIGNING, &ECDSA_P384_SHA384_FIXED_SIGNING] {
+        if let Ok(k) = EcdsaKeyPair::from_pkcs8(alg, der) {
+            return Ok((DecodingKey::from_ec_der(k.public_key().as_ref()), AlgorithmFamily::Ec));
+        }
+    }
+    if let Ok(k) = RsaKeyPair::from_pkcs8(der) {
+        return Ok((DecodingKey::from_rsa_der(k.public_key().as_ref()), AlgorithmFamily::Rsa));
+    }
+    Err("unsupported private key type (Ed25519, EC P-256/P-384 or RSA in PKCS#8)".into())
+}
+
+/// Writes a new Ed25519 PKCS#8 private key (mode 0600) for local use.
+pub fn generate_ed25519(path: &std::path::Path) -> Result<(), String> {
+    use std::io::Write;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| e.to_string())?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path).map_err(|e| e.to_string())?;
+    f.write_all(key.serialize_pem().as_bytes()).map_err(|e| e.to_string())?;
+    tracing::warn!(path = %path.display(), "generated an Ed25519 token signing key: for local use only");
+    Ok(())
 }

@@ -100,7 +100,7 @@ pub(super) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize
                 true
             }
             true => {
-                if let Err(e) = crate::token_endpoint::generate_ed25519(p) {
+                if let Err(e) = crate::auth::keys::generate_ed25519(p) {
                     err(v, format!("cannot generate private_key {}: {e}", p.display()));
                 }
                 false

@@ -101,7 +101,7 @@ impl Validator<'_> {
             let mut claims = Vec::new();
             if let Some(c) = &r.claims {
                 for (claim, want) in c.get_ref() {
-                    match ClaimRule::parse(claim, want, &pattern) {
+                    match ClaimRule::parse(claim, want, |p| pattern.has_param(p)) {
                         Ok(rule) => claims.push(rule),
                         Err(e) => self.error(c.span(), format!("route {name:?}: {e}")),
                     }

@@ -107,7 +107,7 @@ pub async fn explain(config: &Config, method: &Method, raw_path: &str, creds: Cr
         lines.push(format!("principal: sub={:?} issuer={:?} roles={:?} scopes={:?}", p.subject, p.issuer_id, p.roles, p.scopes));
         explain_rules(&mut lines, p, &matched);
     }
-    if let Err(e) = authorize(principal.as_ref(), &route.policy, &matched) {
+    if let Err(e) = authorize(principal.as_ref(), &route.policy, |n| matched.param(n)) {
         return refuse(GatewayError::Authz(e), name, lines);
     }
     let upstream_path = route.upstream_path(&path).to_string();
