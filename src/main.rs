@@ -400,7 +400,7 @@ fn hash_password() -> ExitCode {
         eprintln!("password too long");
         return ExitCode::from(1);
     }
-    match portcullis::token_endpoint::hash_password(password.as_bytes()) {
+    match portcullis::token_endpoint::accounts::hash_password(password.as_bytes()) {
         Ok(h) => {
             println!("{h}");
             ExitCode::SUCCESS

@@ -10,6 +10,8 @@ use crate::token_endpoint::TokenEndpointSettings;
 
 use super::file::*;
 use super::*;
+use crate::token_endpoint::accounts::{hash_kind, Account};
+use serde::Deserialize;
 
 impl Validator<'_> {
     pub(super) fn token_endpoint(
@@ -48,7 +50,7 @@ impl Validator<'_> {
         }
         let load = |file: &Option<PathBuf>, clients: bool, v: &mut Self| match file {
             None => Some(std::collections::BTreeMap::new()),
-            Some(f) => match crate::token_endpoint::load_accounts(&v.resolve(f), clients) {
+            Some(f) => match load_accounts(&v.resolve(f), clients) {
                 Ok(a) => Some(a),
                 Err(e) => {
                     v.error(span.clone(), format!("[token_endpoint] {e}"));
@@ -108,4 +110,38 @@ impl Validator<'_> {
             form_timeout,
         })
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersFile {
+    #[serde(default)]
+    users: BTreeMap<String, Account>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientsFile {
+    #[serde(default)]
+    clients: BTreeMap<String, Account>,
+}
+
+/// Reads and checks a users file (`[users."name"]`) or clients file (`[clients."id"]`).
+fn load_accounts(path: &Path, clients: bool) -> Result<BTreeMap<String, Account>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let accounts =
+        if clients { toml::from_str::<ClientsFile>(&text).map(|f| f.clients) } else { toml::from_str::<UsersFile>(&text).map(|f| f.users) }
+            .map_err(|e| {
+                let (line, col) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((1, 1));
+                format!("{}:{line}:{col}: {}", path.display(), e.message().trim())
+            })?;
+    for (name, a) in &accounts {
+        if hash_kind(&a.password_hash).is_none() {
+            return Err(format!(
+                "{}: {name:?}: password_hash is neither argon2 ($argon2id$…) nor bcrypt ($2b$/$2a$/$2y$…)",
+                path.display()
+            ));
+        }
+    }
+    Ok(accounts)
 }

@@ -1,17 +1,31 @@
-//! Signing keys for tokens the gateway issues itself, and token minting (`portcullis token`, the demo).
+//! The built-in token endpoint (RFC 6749 password and client_credentials grants, RFC 8414/JWKS documents), and
+//! minting the tokens it issues (also `portcullis token` and the demo).
 
+pub mod accounts;
 pub mod attempts;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use jsonwebtoken::{Algorithm, AlgorithmFamily, EncodingKey, Header};
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use jsonwebtoken::{Algorithm, AlgorithmFamily, EncodingKey, Header};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivatePkcs8KeyDer;
 
 use crate::auth::keys::public_key_of;
 use crate::auth::IssuerSettings;
+use crate::body::Body;
+use accounts::{hash_class, hash_classes, hash_password, verify_password, Account};
+use attempts::{Attempt, Attempts, Refusal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IssuerError {
@@ -62,26 +76,6 @@ pub fn mint(issuer: &IssuerSettings, sub: &str, roles: &[String], scopes: &[Stri
     Ok(jsonwebtoken::encode(&header, &token_claims(issuer, sub, roles, scopes, ttl_secs, None), &key)?)
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// The built-in token endpoint (RFC 6749 password and client_credentials grants).
-
-use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
-use std::num::NonZeroU32;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
-
-use base64::Engine;
-use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use serde::Deserialize;
-
-use crate::token_endpoint::attempts::{Attempt, Attempts, Refusal};
-use crate::body::Body;
-
 /// Forms and passwords larger than this are refused before any hashing.
 pub const MAX_FORM_BYTES: usize = 4 * 1024;
 
@@ -122,99 +116,6 @@ impl TokenError {
             TokenError::Signing(_) => "server_error",
         }
     }
-}
-
-/// One account in the users or clients file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Account {
-    #[serde(alias = "secret_hash")]
-    pub password_hash: String,
-    #[serde(default)]
-    pub roles: Vec<String>,
-    #[serde(default)]
-    pub scopes: Vec<String>,
-    #[serde(default)]
-    pub disabled: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UsersFile {
-    #[serde(default)]
-    users: BTreeMap<String, Account>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ClientsFile {
-    #[serde(default)]
-    clients: BTreeMap<String, Account>,
-}
-
-/// Reads and checks a users file (`[users."name"]`) or clients file (`[clients."id"]`).
-pub fn load_accounts(path: &Path, clients: bool) -> Result<BTreeMap<String, Account>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let accounts =
-        if clients { toml::from_str::<ClientsFile>(&text).map(|f| f.clients) } else { toml::from_str::<UsersFile>(&text).map(|f| f.users) }
-            .map_err(|e| {
-                let (line, col) = e.span().map(|s| crate::config::line_col(&text, s.start)).unwrap_or((1, 1));
-                format!("{}:{line}:{col}: {}", path.display(), e.message().trim())
-            })?;
-    for (name, a) in &accounts {
-        if hash_kind(&a.password_hash).is_none() {
-            return Err(format!(
-                "{}: {name:?}: password_hash is neither argon2 ($argon2id$…) nor bcrypt ($2b$/$2a$/$2y$…)",
-                path.display()
-            ));
-        }
-    }
-    Ok(accounts)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HashKind {
-    Argon2,
-    Bcrypt,
-}
-
-fn hash_kind(h: &str) -> Option<HashKind> {
-    if h.starts_with("$argon2") {
-        argon2::PasswordHash::new(h).ok().map(|_| HashKind::Argon2)
-    } else if ["$2a$", "$2b$", "$2y$"].iter().any(|p| h.starts_with(p)) && h.len() == 60 {
-        Some(HashKind::Bcrypt)
-    } else {
-        None
-    }
-}
-
-/// Checks a password against an argon2 or bcrypt hash. Blocking: call off the async executor.
-pub fn verify_password(password: &[u8], hash: &str) -> bool {
-    match hash_kind(hash) {
-        Some(HashKind::Argon2) => match argon2::PasswordHash::new(hash) {
-            Ok(parsed) => argon2::PasswordVerifier::verify_password(&argon2::Argon2::default(), password, &parsed).is_ok(),
-            Err(_) => false,
-        },
-        // bcrypt reads only 72 bytes, and stops at a NUL byte: a longer password must not match a hash of its
-        // prefix, nor "pw\0anything" a hash of "pw". Same work, then no match.
-        Some(HashKind::Bcrypt) if password.len() > 72 || password.contains(&0) => {
-            let _ = bcrypt::verify(&password[..password.len().min(72)], hash);
-            false
-        }
-        Some(HashKind::Bcrypt) => bcrypt::verify(password, hash).unwrap_or(false),
-        None => false,
-    }
-}
-
-/// Hashes a password with argon2id at the OWASP parameters (m=19 MiB, t=2, p=1).
-pub fn hash_password(password: &[u8]) -> Result<String, String> {
-    use argon2::password_hash::{PasswordHasher, SaltString};
-    let params = argon2::Params::new(19 * 1024, 2, 1, None).map_err(|e| e.to_string())?;
-    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let mut salt_bytes = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut salt_bytes).map_err(|_| "no randomness".to_string())?;
-    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| e.to_string())?;
-    a.hash_password(password, &salt).map(|h| h.to_string()).map_err(|e| e.to_string())
 }
 
 /// The checked `[token_endpoint]`.
@@ -544,22 +445,6 @@ fn public_jwk(issuer: &IssuerSettings, key: &EncodingKey, alg: Algorithm) -> Res
 
 /// A hash's class: its kind and cost parameters ("$argon2id$v=19$m=19456,t=2,p=1" or "$2b$12$"), without salt
 /// and digest.
-fn hash_class(h: &str) -> &str {
-    match hash_kind(h) {
-        Some(HashKind::Argon2) => h.rsplitn(3, '$').nth(2).unwrap_or(h),
-        _ => h.get(..7).unwrap_or(h),
-    }
-}
-
-/// One real account hash per class in use, in a fixed order.
-fn hash_classes<'a>(accounts: impl Iterator<Item = &'a Account>) -> Vec<String> {
-    let mut by_class: std::collections::BTreeMap<&str, &str> = std::collections::BTreeMap::new();
-    for a in accounts {
-        by_class.entry(hash_class(&a.password_hash)).or_insert(&a.password_hash);
-    }
-    by_class.into_values().map(str::to_string).collect()
-}
-
 /// The failed-attempt key for a name: capped, so made-up names of any length cost a bounded amount of memory.
 fn attempt_key(name: &str) -> String {
     let mut end = name.len().min(256);
