@@ -69,6 +69,9 @@ impl Drop for RequestBody {
     }
 }
 
+/// How long a staged close reads out what a refused client still sends (nginx's `lingering_timeout` default).
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn read_out(mut body: Incoming, up_to: u64) {
     use http_body_util::BodyExt;
     let reading = async {
@@ -80,7 +83,7 @@ async fn read_out(mut body: Incoming, up_to: u64) {
             }
         }
     };
-    let _ = tokio::time::timeout(crate::server::conn_bounds::LINGER, reading).await;
+    let _ = tokio::time::timeout(LINGER, reading).await;
 }
 
 impl http_body::Body for RequestBody {

@@ -524,7 +524,7 @@ impl Gateway {
         let matched = self.config.routes.match_route(&method, path).ok()?;
         let policy = matched.route.cors.as_ref().or(self.config.cors.as_ref())?;
         outcome.route = Some(matched.route);
-        Some(cors::preflight(policy, req.headers(), &method))
+        Some(cors::preflight(policy, req.headers(), &method).map(|()| Body::empty()))
     }
 
     fn check_limit(

@@ -3,7 +3,6 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 
-use crate::body::Body;
 
 /// A checked CORS policy (global `[cors]` or a route's own).
 #[derive(Debug, Clone)]
@@ -38,8 +37,8 @@ pub fn requested_method(headers: &HeaderMap) -> Option<Method> {
 }
 
 /// Answers a preflight: 204, with the allow headers only for an allowed origin and method.
-pub fn preflight(policy: &CorsPolicy, headers: &HeaderMap, method: &Method) -> Response<Body> {
-    let mut rsp = Response::new(Body::empty());
+pub fn preflight(policy: &CorsPolicy, headers: &HeaderMap, method: &Method) -> Response<()> {
+    let mut rsp = Response::new(());
     *rsp.status_mut() = StatusCode::NO_CONTENT;
     let h = rsp.headers_mut();
     h.append(header::VARY, HeaderValue::from_static("Origin"));

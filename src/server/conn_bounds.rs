@@ -32,7 +32,7 @@ use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::body::{Body, BodyError};
+use crate::body::{Body, BodyError, LINGER};
 use crate::h1::deadline::Stall;
 
 /// What the service tells the connection's reader: whether a request is being served, and whether the
@@ -210,8 +210,6 @@ pub struct HeaderDeadline<I> {
     write_stall: Stall,
 }
 
-/// How long a staged close reads out what a refused client still sends (nginx's `lingering_timeout` default).
-pub const LINGER: Duration = Duration::from_secs(5);
 /// Reads per poll while lingering, so a client sending at full speed cannot hold the worker.
 const LINGER_READS: usize = 16;
 
