@@ -9,10 +9,11 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use portcullis::auth::Authenticator;
 use portcullis::auth::authz::AuthMode;
+use portcullis::auth::Authenticator;
 use portcullis::config::Config;
-use portcullis::edge::headers::{self, Forwarding, IdentitySettings, SecureHeaders};
+use portcullis::edge::headers_request::{self, Forwarding, IdentitySettings};
+use portcullis::edge::headers_response::{self, SecureHeaders};
 use portcullis::edge::ratelimit::{LimitKey, LimitSettings, Limiter};
 
 struct Keys {
@@ -163,9 +164,9 @@ fn bench_headers(c: &mut Criterion) {
     c.bench_function("headers_request_prepare", |b| {
         b.iter(|| {
             let mut h = base.clone();
-            headers::strip_forged(&mut h, &identity);
-            let rid = headers::new_request_id();
-            headers::prepare_upstream(&mut h, &fwd, Some(&host), &rid, None, &identity, false).insert_into(&mut h);
+            headers_request::strip_forged(&mut h, &identity);
+            let rid = headers_request::new_request_id();
+            headers_request::prepare_upstream(&mut h, &fwd, Some(&host), &rid, None, &identity, false).insert_into(&mut h);
             h
         })
     });
@@ -176,9 +177,9 @@ fn bench_headers(c: &mut Criterion) {
         b.iter(|| {
             let mut h = rsp.clone();
             let rid = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
-            headers::finish_response(&mut h, false);
-            h.insert(headers::request_id_header().clone(), rid);
-            headers::apply_secure_headers(&mut h, &secure, true, false);
+            headers_response::finish_response(&mut h, false);
+            h.insert(headers_request::request_id_header().clone(), rid);
+            headers_response::apply_secure_headers(&mut h, &secure, true, false);
             h
         })
     });

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::edge::headers_request::IdentitySettings;
 use crate::h1::deadline::Stall;
-use crate::edge::headers::IdentitySettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -194,7 +194,7 @@ impl http_body::Body for Body {
                         }
                         match frame.into_trailers() {
                             Ok(mut trailers) => {
-                                crate::edge::headers::strip_request_trailers(&mut trailers, identity);
+                                crate::edge::headers_request::strip_request_trailers(&mut trailers, identity);
                                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
                             }
                             Err(frame) => Poll::Ready(Some(Ok(frame))),
@@ -231,7 +231,7 @@ impl http_body::Body for Body {
 fn upstream_frame(frame: Frame<Bytes>) -> Frame<Bytes> {
     match frame.into_trailers() {
         Ok(mut trailers) => {
-            crate::edge::headers::strip_hop_by_hop(&mut trailers, false);
+            crate::edge::headers_request::strip_hop_by_hop(&mut trailers, false);
             let mut kept = http::HeaderMap::with_capacity(trailers.len());
             for (name, value) in &trailers {
                 if crate::h1::answer::passes_as_trailer(name) {

@@ -6,12 +6,12 @@
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
-use crate::auth::AuthError;
 use crate::auth::authz::AuthzError;
+use crate::auth::AuthError;
 use crate::body::Body;
-use crate::token_endpoint::TokenError;
 use crate::proxy::ProxyError;
 use crate::router::RouteError;
+use crate::token_endpoint::TokenError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {

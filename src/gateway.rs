@@ -12,21 +12,22 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 
-use crate::auth::{Authenticator, Principal};
 use crate::auth::authz::authorize;
+use crate::auth::jwks::{fetch_client, FetchClient};
+use crate::auth::{Authenticator, Principal};
 use crate::body::{Body, RequestBody};
 use crate::config::Config;
 use crate::edge::cors;
+use crate::edge::headers_request::{self, Forwarding};
+use crate::edge::headers_response;
+use crate::edge::headers_response::AnswerFields;
+use crate::edge::ratelimit::{client_ip, is_trusted, reuse_or_new, Limiter};
 use crate::error::GatewayError;
-use crate::h1::answer::AnswerFields;
 use crate::h1::client;
-use crate::edge::headers::{self, Forwarding};
-use crate::token_endpoint::TokenEndpoint;
-use crate::auth::jwks::{fetch_client, FetchClient};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::proxy::{self, Upstream};
-use crate::edge::ratelimit::{client_ip, is_trusted, reuse_or_new, Limiter};
 use crate::router::{normalize_path, Route};
+use crate::token_endpoint::TokenEndpoint;
 
 /// The connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -74,7 +75,7 @@ impl Drop for Tasks {
 /// write them straight after the map's fields instead of inserting them.
 pub struct Additions<'a> {
     pub passed: AnswerFields,
-    pub secure: headers::SecureAdd<'a>,
+    pub secure: headers_response::SecureAdd<'a>,
     pub request_id: HeaderValue,
 }
 
@@ -82,7 +83,7 @@ impl Additions<'_> {
     pub fn insert_into(mut self, h: &mut http::HeaderMap) {
         self.passed.move_into(h);
         self.secure.insert_into(h);
-        h.insert(headers::request_id_header().clone(), self.request_id);
+        h.insert(headers_request::request_id_header().clone(), self.request_id);
     }
 }
 
@@ -262,9 +263,9 @@ impl Gateway {
     pub async fn serve(&self, mut req: Request<RequestBody>, conn: &ConnInfo) -> (Response<Body>, Additions<'_>) {
         let start = Instant::now();
         let trusted = is_trusted(&self.config.trusted_proxies, conn.peer.ip());
-        let request_id = headers::request_id(req.headers(), trusted);
+        let request_id = headers_request::request_id(req.headers(), trusted);
         // Before anything else: a client can never forge its identity to the upstream.
-        headers::strip_forged(req.headers_mut(), &self.config.identity);
+        headers_request::strip_forged(req.headers_mut(), &self.config.identity);
         let method = req.method().clone();
         // Taken, not cloned: every stage after this reads the URI from here (the forwarded one is built anew).
         let uri = std::mem::take(req.uri_mut());
@@ -303,7 +304,7 @@ impl Gateway {
         let h = rsp.headers_mut();
         let secure = outcome.route.and_then(|r| r.headers.as_ref()).unwrap_or(&self.config.headers);
         let mut passed = std::mem::take(&mut outcome.passed);
-        let secure = headers::prepare_answer(h, &mut passed, secure, conn.tls, !outcome.proxied);
+        let secure = headers_response::prepare_answer(h, &mut passed, secure, conn.tls, !outcome.proxied);
         if let Some(policy) = outcome.route.and_then(|r| r.cors.as_ref()).or(self.config.cors.as_ref()) {
             // The policy decides alone: an upstream's own CORS fields go (in the map, where removing is cheap).
             if outcome.proxied {
@@ -422,7 +423,7 @@ impl Gateway {
             self.check_limit(l, client, auth.principal.as_deref(), outcome)?;
         }
 
-        let upgrading = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+        let upgrading = req.version() == Version::HTTP_11 && headers_request::is_upgrade_request(req.headers());
         let client_upgrade = upgrading.then(|| (hyper::upgrade::on(&mut req), req.extensions().get::<Places>().cloned()));
         let upstream = &self.route_upstreams[route.index];
         let upstream_path = route.upstream_path(path);
@@ -442,9 +443,9 @@ impl Gateway {
             parts.headers.remove(header::AUTHORIZATION);
         }
         if parts.version == Version::HTTP_2 {
-            headers::join_cookie_crumbs(&mut parts.headers);
+            headers_request::join_cookie_crumbs(&mut parts.headers);
         }
-        let additions = headers::prepare_upstream(
+        let additions = headers_request::prepare_upstream(
             &mut parts.headers,
             fwd,
             host.as_ref(),
@@ -512,7 +513,7 @@ impl Gateway {
         }
         if !lean_used {
             // The lean client's answers come without hop-by-hop fields; hyper's keep them.
-            headers::finish_response(rsp.headers_mut(), upgraded);
+            headers_response::finish_response(rsp.headers_mut(), upgraded);
         }
         outcome.proxied = true;
         Ok(rsp)

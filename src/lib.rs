@@ -18,8 +18,8 @@ pub mod metrics;
 pub mod proxy;
 pub mod router;
 pub mod server;
-pub mod token_endpoint;
 pub mod tls_client;
+pub mod token_endpoint;
 pub mod tools;
 
 use std::net::SocketAddr;

@@ -129,7 +129,7 @@ fn demo_secret() {
     if std::env::var_os("PORTCULLIS_JWT_SECRET").is_none() {
         let mut s = String::new();
         for _ in 0..3 {
-            s.push_str(portcullis::edge::headers::new_request_id().to_str().unwrap_or("portcullis-demo-secret-portcullis"));
+            s.push_str(portcullis::edge::headers_request::new_request_id().to_str().unwrap_or("portcullis-demo-secret-portcullis"));
         }
         // Single-threaded here: no runtime or other thread exists yet.
         std::env::set_var("PORTCULLIS_JWT_SECRET", s);

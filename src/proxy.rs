@@ -111,7 +111,9 @@ impl Upstream {
             .pool_max_idle_per_host(1024)
             .set_host(true)
             .build(connector);
-        let lean = client::Client::for_upstream(&settings);
+        let lean = (settings.scheme == http::uri::Scheme::HTTP)
+            .then(|| client::Client::new(&settings.authority, settings.connect_timeout))
+            .flatten();
         Upstream { settings, client, lean }
     }
 }

@@ -40,4 +40,3 @@ pub fn client_config(ca: Option<(&Path, &[u8])>) -> Result<rustls::ClientConfig,
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
-

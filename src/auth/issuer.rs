@@ -37,8 +37,6 @@ impl std::fmt::Debug for VerifyKey {
     }
 }
 
-
-
 /// A checked issuer.
 #[derive(Debug, Clone)]
 pub struct IssuerSettings {

@@ -21,7 +21,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyOperations, 
 use jsonwebtoken::{Algorithm, DecodingKey};
 
 use crate::auth::keys::bind_key;
-use crate::auth::{ JwksSettings, JwksSource, VerifyKey};
+use crate::auth::{JwksSettings, JwksSource, VerifyKey};
 
 /// An error and its causes, one after another (hyper's client names only the outermost, "client error (Connect)").
 fn chain(e: &dyn std::error::Error) -> String {

@@ -25,7 +25,6 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-
 /// Tokens larger than this are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
@@ -122,7 +121,6 @@ pub fn lookup_claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<&'
     }
     Some(cur)
 }
-
 
 #[cfg(test)]
 mod tests {

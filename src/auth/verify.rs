@@ -11,14 +11,13 @@ use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::authz::AuthMode;
 use super::cache::TokenCache;
 use super::extract::{extract_token, TokenSources};
-use super::jwks::{JwkKey, KeySet};
 use super::issuer::normalize_typ;
+use super::jwks::{JwkKey, KeySet};
 use super::keys::parse_alg;
-use super::{invalid, VerifyKey, lookup_claim, AuthError, FailReason, IssuerSettings, Principal, MAX_TOKEN_BYTES};
-use super::authz::AuthMode;
-
+use super::{invalid, lookup_claim, AuthError, FailReason, IssuerSettings, Principal, VerifyKey, MAX_TOKEN_BYTES};
 
 /// A runtime issuer: its settings and its live JWKS key set, if any.
 pub struct Issuer {
@@ -249,7 +248,6 @@ fn bad_signature(alg_fits: bool) -> AuthError {
     }
 }
 
-
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -397,7 +395,6 @@ pub fn principal_from(s: &IssuerSettings, claims: Map<String, Value>) -> Princip
         key_generation: None,
     }
 }
-
 
 #[cfg(test)]
 mod tests {

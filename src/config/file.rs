@@ -89,7 +89,6 @@ pub(super) struct TlsFile {
     pub(super) handshake_timeout: Option<DurationValue>,
 }
 
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct LimitsFile {
@@ -196,7 +195,6 @@ pub(super) struct CorsFile {
     pub(super) allow_credentials: bool,
     pub(super) max_age: Option<DurationValue>,
 }
-
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

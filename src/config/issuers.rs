@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use jsonwebtoken::{AlgorithmFamily, DecodingKey};
 
-use crate::auth::keys::{bind_key, parse_alg, public_from_private_pem, read_public_pem};
 use crate::auth::issuer::normalize_typ;
+use crate::auth::keys::{bind_key, parse_alg, public_from_private_pem, read_public_pem};
 use crate::auth::{IssuerSettings, JwksSettings, JwksSource};
 
 use super::file::{IssuerFile, PublicKeyFile};

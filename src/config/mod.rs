@@ -21,7 +21,8 @@ use serde::Deserialize;
 
 use crate::auth::IssuerSettings;
 use crate::edge::cors::CorsPolicy;
-use crate::edge::headers::{IdentitySettings, SecureHeaders};
+use crate::edge::headers_request::IdentitySettings;
+use crate::edge::headers_response::SecureHeaders;
 use crate::edge::ratelimit::{Cidr, LimitSettings};
 use crate::proxy::UpstreamSettings;
 use crate::router::RouteTable;
@@ -110,7 +111,6 @@ pub struct Limits {
     pub max_connections_per_client: usize,
     pub drain_timeout: Duration,
 }
-
 
 /// The lowest TLS version the public listener accepts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -260,6 +260,4 @@ impl Validator<'_> {
         self.resolved.borrow_mut().push(full.clone());
         full
     }
-
 }
-

@@ -12,8 +12,8 @@ use crate::proxy::UpstreamSettings;
 use crate::router::{PathPattern, Route, RouteTable};
 
 use super::file::*;
-use super::*;
 use super::validate::origin_host;
+use super::*;
 
 impl Validator<'_> {
     pub(super) fn routes(

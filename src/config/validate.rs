@@ -10,7 +10,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use crate::edge::cors::CorsPolicy;
-use crate::edge::headers::{IdentitySettings, SecureHeaders};
+use crate::edge::headers_request::IdentitySettings;
+use crate::edge::headers_response::SecureHeaders;
 use crate::edge::ratelimit::{Cidr, LimitKey, LimitSettings};
 use crate::proxy::{CaFile, UpstreamSettings};
 
@@ -231,7 +232,6 @@ impl Validator<'_> {
             }
         }
     }
-
 
     pub(super) fn limit(&mut self, l: &Spanned<LimitFile>, global: bool) -> Option<LimitSettings> {
         let span = l.span();

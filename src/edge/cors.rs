@@ -3,7 +3,6 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 
-
 /// A checked CORS policy (global `[cors]` or a route's own).
 #[derive(Debug, Clone)]
 pub struct CorsPolicy {

@@ -1,5 +1,9 @@
 //! The edge of the request path: who the client is, rate limits, request and response header rules, CORS.
 
 pub mod cors;
-pub mod headers;
+pub mod headers_request;
+pub mod headers_response;
 pub mod ratelimit;
+
+#[cfg(test)]
+mod tests;

@@ -17,8 +17,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use http_body::{Frame, SizeHint};
 
+use crate::edge::headers_request;
+use crate::edge::headers_response::{self, AnswerFields};
 use crate::h1::client::H1Error;
-use crate::edge::headers;
 use crate::h1::pool::{Conn, Pool, READ_CHUNK};
 
 /// A response head bigger than this is refused (502).
@@ -81,77 +82,13 @@ pub enum Parsed {
     },
 }
 
-/// The end-to-end fields of an upstream's answer, left as lines of its head: the HTTP/1 codec writes them out as
-/// they came (no header map is built for a usual answer), and [`AnswerFields::move_into`] puts them in a map
-/// where one is needed (HTTP/2 clients, CORS). Hop-by-hop fields, `Content-Length` (kept as a number) and the
-/// fields the answer rules remove are never among them. Names and values are as httparse checked them: token
-/// characters, and visible characters, spaces and tabs (what `HeaderName` and `HeaderValue` accept).
-#[derive(Debug, Default)]
-pub struct AnswerFields {
-    head: Bytes,
-    /// Name start, name end, value start, value end, in `head` (a head is at most 64 KiB).
-    spans: Vec<[u16; 4]>,
-    /// The `Content-Length` passed on (its one value; none for a chunked answer).
-    pub content_length: Option<u64>,
-    /// A `Date` is among the fields.
-    pub dated: bool,
-}
-
-impl AnswerFields {
-    /// The fields as name and value bytes, in the upstream's order and spelling.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let at = |a: u16, b: u16| self.head.get(usize::from(a)..usize::from(b)).unwrap_or_default();
-        self.spans.iter().map(move |&[ns, ne, vs, ve]| (at(ns, ne), at(vs, ve)))
-    }
-
-    /// Removes every field of this name (any case).
-    pub fn remove(&mut self, name: &HeaderName) {
-        let head = &self.head;
-        let name = name.as_str().as_bytes();
-        self.spans.retain(|&[ns, ne, ..]| !head.get(usize::from(ns)..usize::from(ne)).is_some_and(|n| n.eq_ignore_ascii_case(name)));
-        self.dated &= name != b"date";
-    }
-
-    /// Fields as an upstream's head would carry them (tests of what is done with them later).
-    #[cfg(test)]
-    pub(crate) fn from_pairs(pairs: &[(&str, &str)]) -> AnswerFields {
-        let mut head = Vec::new();
-        let mut spans = Vec::new();
-        for (n, v) in pairs {
-            let at = |x: usize| u16::try_from(x).unwrap();
-            let ns = head.len();
-            head.extend_from_slice(format!("{n}: ").as_bytes());
-            let vs = head.len();
-            head.extend_from_slice(format!("{v}\r\n").as_bytes());
-            spans.push([at(ns), at(ns + n.len()), at(vs), at(vs + v.len())]);
-        }
-        let dated = pairs.iter().any(|(n, _)| n.eq_ignore_ascii_case("date"));
-        AnswerFields { head: head.into(), spans, content_length: None, dated }
-    }
-
-    /// Moves the fields (and the `Content-Length`) into a map, leaving none here.
-    pub fn move_into(&mut self, h: &mut HeaderMap) {
-        let AnswerFields { head, spans, content_length, .. } = std::mem::take(self);
-        for [ns, ne, vs, ve] in spans {
-            let name = head.get(usize::from(ns)..usize::from(ne)).and_then(|n| headers::parse_name(n).ok());
-            let value = HeaderValue::from_maybe_shared(head.slice(usize::from(vs)..usize::from(ve))).ok();
-            // Both always parse: httparse admits exactly what they accept (tested below).
-            if let (Some(n), Some(v)) = (name, value) {
-                h.append(n, v);
-            }
-        }
-        if let Some(n) = content_length {
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-        }
-    }
-}
-
 /// Bit n: some field that parsing must look at by name (framing, hop-by-hop, `Date`) is n bytes long.
-const LOOKED_AT_LENGTHS: u64 = headers::lengths_of(&headers::HOP_BY_HOP) | headers::lengths_of(&["content-length", "date"]);
+const LOOKED_AT_LENGTHS: u64 =
+    headers_request::lengths_of(&headers_request::HOP_BY_HOP) | headers_request::lengths_of(&["content-length", "date"]);
 
 /// Parses a response head from the front of `buf`, consuming it when complete. Header values share the head's
 /// bytes (no copy).
-pub fn parse_head(buf: &mut BytesMut, head_request: bool, rules: &headers::SecureHeaders) -> Result<Parsed, H1Error> {
+pub fn parse_head(buf: &mut BytesMut, head_request: bool, rules: &headers_response::SecureHeaders) -> Result<Parsed, H1Error> {
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut rsp = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut rsp, buf, &mut slots) {
@@ -202,7 +139,7 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool, rules: &headers::Secur
     for &(ns, ne, vs, ve) in spans.iter() {
         let raw_name = &head[ns..ne];
         if looked_at & (1 << raw_name.len().min(63)) != 0 {
-            let name = headers::parse_name(raw_name).map_err(|_| H1Error::Malformed("bad header name"))?;
+            let name = headers_response::parse_name(raw_name).map_err(|_| H1Error::Malformed("bad header name"))?;
             let value = &head[vs..ve];
             if name == header::CONTENT_LENGTH {
                 for item in value.split(|&b| b == b',') {
@@ -237,7 +174,7 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool, rules: &headers::Secur
             }
             // The fields are end-to-end only (RFC 9110 §7.6.1): hop-by-hop ones are left out, and so are those
             // the answer rules would remove.
-            if headers::is_hop_by_hop(&name) || headers::dropped_from_answer(&name, rules) {
+            if headers_request::is_hop_by_hop(&name) || headers_response::dropped_from_answer(&name, rules) {
                 continue;
             }
             dated |= name == header::DATE;
@@ -256,14 +193,14 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool, rules: &headers::Secur
     let both = chunked && length.is_some();
     // `5, 5` or a repeated field is passed on as the one value it means; with chunking, not at all.
     let content_length = if chunked { None } else { length };
-    let mut fields = AnswerFields { head, spans: kept, content_length, dated };
+    let mut fields = AnswerFields::new(head, kept, content_length, dated);
     let mut headers = HeaderMap::new();
     if !listing.is_empty() {
         fields.move_into(&mut headers);
         for v in listing {
             headers.append(header::CONNECTION, v);
         }
-        headers::strip_hop_by_hop(&mut headers, false);
+        headers_request::strip_hop_by_hop(&mut headers, false);
     }
     // An answer that has no body by definition (HEAD, 204, 304) but declares one: a server that got HEAD or
     // 204 wrong may well send that body after all, late, and the next request on the connection would read it
@@ -485,7 +422,8 @@ impl ChunkedDecoder {
                         Ok(httparse::Status::Complete((n, fields))) => {
                             let mut trailers = HeaderMap::with_capacity(fields.len());
                             for f in fields.iter() {
-                                let name = headers::parse_name(f.name.as_bytes()).map_err(|_| H1Error::Malformed("bad trailer name"))?;
+                                let name =
+                                    headers_response::parse_name(f.name.as_bytes()).map_err(|_| H1Error::Malformed("bad trailer name"))?;
                                 let value = HeaderValue::from_bytes(f.value).map_err(|_| H1Error::Malformed("bad trailer value"))?;
                                 if !passes_as_trailer(&name) {
                                     continue;
@@ -496,7 +434,7 @@ impl ChunkedDecoder {
                             // Framing and connection fields mean nothing in trailers (an HTTP/2 client resets
                             // the stream on them), and fields a client acts on in the head (cookies, security
                             // policy, redirects, challenges) must not slip past the answer rules as trailers.
-                            crate::edge::headers::strip_hop_by_hop(&mut trailers, false);
+                            crate::edge::headers_request::strip_hop_by_hop(&mut trailers, false);
                             *self = ChunkedDecoder::Done;
                             return Ok(if trailers.is_empty() { Step::End } else { Step::Trailers(trailers) });
                         }
@@ -603,7 +541,7 @@ mod tests {
     }
 
     fn head(raw: &[u8], head_request: bool) -> Result<Parsed, H1Error> {
-        parse_head(&mut BytesMut::from(raw), head_request, &headers::SecureHeaders::defaults())
+        parse_head(&mut BytesMut::from(raw), head_request, &headers_response::SecureHeaders::defaults())
     }
 
     /// A complete answer, with its passed fields moved into its map.
@@ -722,8 +660,8 @@ mod tests {
         let (_, h, _, _) = complete(raw);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["date", "x-keep", "content-length"]);
         // With the rules' `remove` emptied, only the upstream's request id still goes.
-        let d = headers::SecureHeaders::defaults();
-        let keep_all = headers::SecureHeaders::new(d.set().to_vec(), d.hsts().cloned(), Vec::new(), false);
+        let d = headers_response::SecureHeaders::defaults();
+        let keep_all = headers_response::SecureHeaders::new(d.set().to_vec(), d.hsts().cloned(), Vec::new(), false);
         match parse_head(&mut BytesMut::from(&raw[..]), false, &keep_all).unwrap() {
             Parsed::Complete { mut headers, mut fields, .. } => {
                 fields.move_into(&mut headers);
@@ -762,7 +700,7 @@ mod tests {
     #[test]
     fn interim_answers_are_skipped() {
         let mut buf = BytesMut::from(&b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..]);
-        let rules = headers::SecureHeaders::defaults();
+        let rules = headers_response::SecureHeaders::defaults();
         assert!(matches!(parse_head(&mut buf, false, &rules).unwrap(), Parsed::Interim));
         assert!(matches!(parse_head(&mut buf, false, &rules).unwrap(), Parsed::Complete { status: StatusCode::OK, .. }));
         assert!(buf.is_empty());

@@ -15,9 +15,10 @@ use http::{Method, Response, Version};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use crate::proxy::UpstreamSettings;
-use crate::h1::answer::{parse_head, AnswerFields, Parsed, ResponseBody, MAX_HEAD_BYTES};
-use crate::edge::headers;
+use crate::edge::headers_request;
+use crate::edge::headers_response;
+use crate::edge::headers_response::AnswerFields;
+use crate::h1::answer::{parse_head, Parsed, ResponseBody, MAX_HEAD_BYTES};
 use crate::h1::pool::{Conn, Pool, READ_CHUNK};
 
 /// 1xx answers skipped before the real one; more is a broken or hostile upstream.
@@ -61,10 +62,10 @@ pub struct Head<'a> {
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
     /// Written after `headers` (none of their names is in it).
-    pub additions: &'a headers::UpstreamFields<'a>,
+    pub additions: &'a headers_request::UpstreamFields<'a>,
     pub host: Option<&'a HeaderValue>,
     /// The route's answer rules: fields they remove are left out of the answer as it is parsed.
-    pub answer_rules: &'a headers::SecureHeaders,
+    pub answer_rules: &'a headers_response::SecureHeaders,
 }
 
 /// True when path and query can go into a request line as they are (they always can after routing: this only
@@ -85,13 +86,10 @@ enum Attempt {
 }
 
 impl Client {
-    /// Returns the lean client for a plain-http upstream, or None for https.
-    pub fn for_upstream(settings: &UpstreamSettings) -> Option<Client> {
-        if settings.scheme != http::uri::Scheme::HTTP {
-            return None;
-        }
-        let host = settings.authority.host();
-        let port = settings.authority.port_u16();
+    /// Returns the client of a plain-http upstream at `authority` (None if it makes no `Host` value).
+    pub fn new(authority: &http::uri::Authority, connect_timeout: Duration) -> Option<Client> {
+        let host = authority.host();
+        let port = authority.port_u16();
         let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
         let connect_to = format!("{host}:{}", port.unwrap_or(80));
         // Host and port only: userinfo in the configured URL never goes into a header.
@@ -99,12 +97,7 @@ impl Client {
             Some(p) => HeaderValue::from_str(&format!("{host}:{p}")),
             None => HeaderValue::from_str(&host),
         };
-        Some(Client {
-            pool: Pool::new(Duration::from_secs(90), 1024),
-            connect_to,
-            authority: authority.ok()?,
-            connect_timeout: settings.connect_timeout,
-        })
+        Some(Client { pool: Pool::new(Duration::from_secs(90), 1024), connect_to, authority: authority.ok()?, connect_timeout })
     }
 
     /// Sends a bodiless request and returns the response once its head has arrived, within `timeout` of `now`
@@ -261,16 +254,7 @@ mod tests {
 
     #[tokio::test]
     async fn userinfo_in_the_upstream_url_never_reaches_the_host_header() {
-        let settings = UpstreamSettings {
-            name: "up".into(),
-            scheme: http::uri::Scheme::HTTP,
-            authority: "user:secret@up.internal:8080".parse().unwrap(),
-            connect_timeout: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            preserve_host: false,
-            ca: None,
-        };
-        let c = Client::for_upstream(&settings).unwrap();
+        let c = Client::new(&"user:secret@up.internal:8080".parse().unwrap(), Duration::from_secs(1)).unwrap();
         assert_eq!((c.authority.to_str().unwrap(), c.connect_to.as_str()), ("up.internal:8080", "up.internal:8080"));
     }
 
@@ -281,9 +265,9 @@ mod tests {
         h.insert("x-a", "1".parse().unwrap());
         let mut out = Vec::new();
         let ip = HeaderValue::from_static("192.0.2.9");
-        let fwd = headers::Forwarding { peer: "192.0.2.9:1".parse().unwrap(), peer_ip: &ip, tls: false, from_trusted_proxy: false };
+        let fwd = headers_request::Forwarding { peer: "192.0.2.9:1".parse().unwrap(), peer_ip: &ip, tls: false, from_trusted_proxy: false };
         let rid = HeaderValue::from_static("r1");
-        let additions = headers::prepare_upstream(&mut h, &fwd, None, &rid, None, &Default::default(), false);
+        let additions = headers_request::prepare_upstream(&mut h, &fwd, None, &rid, None, &Default::default(), false);
         let head = Head {
             method: &Method::GET,
             path: "/a/b",
@@ -291,7 +275,7 @@ mod tests {
             headers: &h,
             additions: &additions,
             host: None,
-            answer_rules: &headers::SecureHeaders::defaults(),
+            answer_rules: &headers_response::SecureHeaders::defaults(),
         };
         encode_head(&mut out, &head, &HeaderValue::from_static("up:3000"));
         let expected = "GET /a/b?x=1 HTTP/1.1\r\nhost: up:3000\r\nx-a: 1\r\n\

@@ -30,8 +30,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::{Body, RequestBody};
-use crate::h1::deadline::{deadline_after, Deadline};
 use crate::gateway::{Additions, ConnInfo};
+use crate::h1::deadline::{deadline_after, Deadline};
 use crate::server::Shared;
 
 /// More header fields than this go to hyper (which allows 100, then answers 431).
@@ -449,7 +449,7 @@ fn encode_head(out: &mut Vec<u8>, status: StatusCode, fields: Fields<'_>, body: 
             }
         }
         a.secure.write_lines(out);
-        push_field(out, crate::edge::headers::request_id_header().as_str().as_bytes(), a.request_id.as_bytes());
+        push_field(out, crate::edge::headers_request::request_id_header().as_str().as_bytes(), a.request_id.as_bytes());
     }
     if !dated {
         date::push(out);
@@ -569,7 +569,7 @@ fn parse_frozen(read: &Bytes, max_head: usize) -> Result<(Request<RequestBody>, 
     // the map), so it never regrows.
     let mut headers = HeaderMap::with_capacity(req.headers.len() + 5);
     for field in req.headers.iter() {
-        let name = crate::edge::headers::parse_name(field.name.as_bytes()).map_err(|_| NotOurs::HandOver)?;
+        let name = crate::edge::headers_response::parse_name(field.name.as_bytes()).map_err(|_| NotOurs::HandOver)?;
         // Bodies, upgrades and expectations are hyper's to frame.
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::EXPECT {
             return Err(NotOurs::HandOver);
@@ -713,11 +713,11 @@ mod tests {
 
     #[test]
     fn an_upstreams_fields_are_written_as_they_came_and_their_length_frames_the_answer() {
-        let none = crate::edge::headers::SecureHeaders::new(Vec::new(), None, Vec::new(), false);
+        let none = crate::edge::headers_response::SecureHeaders::new(Vec::new(), None, Vec::new(), false);
         for m in [Meta::default(), Meta { head: true, ..Meta::default() }] {
-            let mut passed = crate::h1::answer::AnswerFields::from_pairs(&[("Date", "d"), ("Content-Type", "text/plain")]);
+            let mut passed = crate::edge::headers_response::AnswerFields::from_pairs(&[("Date", "d"), ("Content-Type", "text/plain")]);
             passed.content_length = Some(3);
-            let secure = crate::edge::headers::prepare_answer(&mut HeaderMap::new(), &mut passed, &none, false, false);
+            let secure = crate::edge::headers_response::prepare_answer(&mut HeaderMap::new(), &mut passed, &none, false, false);
             let a = Additions { passed, secure, request_id: HeaderValue::from_static("r1") };
             let mut out = Vec::new();
             // The body's own size is not what frames it: the upstream's length is.

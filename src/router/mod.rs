@@ -218,7 +218,7 @@ pub struct Route {
     /// The route's own limit, checked after authentication.
     pub rate_limit: Option<crate::edge::ratelimit::LimitSettings>,
     /// The route's secure headers, when it overrides the global ones.
-    pub headers: Option<std::sync::Arc<crate::edge::headers::SecureHeaders>>,
+    pub headers: Option<std::sync::Arc<crate::edge::headers_response::SecureHeaders>>,
     /// The route's CORS policy, when it overrides the global one.
     pub cors: Option<std::sync::Arc<crate::edge::cors::CorsPolicy>>,
     /// Where this route accepts a token besides the Authorization header.

@@ -28,10 +28,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::RequestBody;
 use crate::config::Limits;
-use crate::server::conn_bounds::{ConnState, HeaderDeadline, Tracked};
 use crate::gateway::{ConnInfo, Gateway, Places};
 use crate::h1;
 use crate::h1::server::Ended;
+use crate::server::conn_bounds::{ConnState, HeaderDeadline, Tracked};
 
 /// State shared by every connection: the current Gateway (swapped whole on reload) and the drain flag.
 pub struct Shared {
@@ -271,7 +271,7 @@ fn gateway_service(
     service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let gateway = shared.gateway.load_full();
         let version = req.version();
-        if let Some(places) = info.places.as_ref().filter(|_| crate::edge::headers::is_upgrade_request(req.headers())) {
+        if let Some(places) = info.places.as_ref().filter(|_| crate::edge::headers_request::is_upgrade_request(req.headers())) {
             // An upgrade's byte pipe outlives this connection's task: it takes the connection's places along.
             req.extensions_mut().insert(places.clone());
         }

@@ -76,4 +76,3 @@ pub fn hash_classes<'a>(accounts: impl Iterator<Item = &'a Account>) -> Vec<Stri
     }
     by_class.into_values().map(str::to_string).collect()
 }
-

@@ -554,7 +554,7 @@ fn unpredictable_id() -> String {
     let mut b = [0u8; 16];
     if aws_lc_rs::rand::fill(&mut b).is_err() {
         // No randomness at all: still unique per process, if guessable.
-        return crate::edge::headers::new_request_id().to_str().unwrap_or_default().to_string();
+        return crate::edge::headers_request::new_request_id().to_str().unwrap_or_default().to_string();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -11,9 +11,9 @@ use http::Method;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::auth::{lookup_claim, principal_from, Authenticator, Principal};
-use crate::auth::authz::{authorize, ClaimValue};
 use crate::auth::authz::AuthMode;
+use crate::auth::authz::{authorize, ClaimValue};
+use crate::auth::{lookup_claim, principal_from, Authenticator, Principal};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::router::normalize_path;

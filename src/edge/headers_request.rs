@@ -1,0 +1,416 @@
+//! Request header rules: hop-by-hop removal (RFC 9110 §7.6.1, also applied to answers), X-Forwarded-*, the
+//! request id, and the identity headers the upstream trusts.
+//!
+//! Identity headers are removed from every incoming request before anything else, so a client can never forge its
+//! identity to the upstream, on public routes included.
+
+use std::cell::Cell;
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use serde_json::Value;
+
+use crate::auth::{lookup_claim, Principal};
+
+/// Which claims the upstream receives, in which headers, and whether the bearer token goes along.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    pub headers: Vec<(HeaderName, String)>,
+    pub forward_authorization: bool,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        let h = |n: &'static str, c: &str| (HeaderName::from_static(n), c.to_string());
+        IdentitySettings {
+            headers: vec![h("x-auth-subject", "sub"), h("x-auth-roles", "roles"), h("x-auth-scopes", "scope"), h("x-auth-issuer", "iss")],
+            forward_authorization: true,
+        }
+    }
+}
+
+pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Returns the name of the request-id header.
+pub fn request_id_header() -> &'static HeaderName {
+    &X_REQUEST_ID
+}
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new({
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(std::process::id().into());
+        h.finish() | 1
+    });
+}
+
+fn next_random() -> u64 {
+    // splitmix64 over a per-thread seed: unique ids without a lock shared by every request.
+    RNG.with(|s| {
+        let x = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        s.set(x);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    })
+}
+
+/// Generates a new request id: 32 hex digits.
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 32];
+    for half in buf.chunks_exact_mut(16) {
+        let n = next_random();
+        for (i, pair) in half.chunks_exact_mut(2).enumerate() {
+            let byte = (n >> (8 * i)) as u8;
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 15)];
+        }
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Picks the request id: a trusted proxy's own (if sane), else a fresh one.
+pub fn request_id(headers: &HeaderMap, from_trusted_proxy: bool) -> HeaderValue {
+    if from_trusted_proxy {
+        if let Some(v) = headers.get(&X_REQUEST_ID) {
+            if !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic()) {
+                return v.clone();
+            }
+        }
+    }
+    new_request_id()
+}
+
+/// The fields that say where a request came from: the gateway sets them, or extends a trusted proxy's. Every
+/// `X-Forwarded-*` (`-Prefix` and `-Port` move routing in Spring and Werkzeug), and the other client-address
+/// fields frameworks read.
+fn is_forwarding(k: &HeaderName) -> bool {
+    let k = k.as_str();
+    k.starts_with("x-forwarded-") || CLIENT_ADDRESS_LENGTHS & (1 << k.len().min(63)) != 0 && CLIENT_ADDRESS.contains(&k)
+}
+
+const CLIENT_ADDRESS: [&str; 6] = ["forwarded", "x-real-ip", "x-client-ip", "true-client-ip", "x-cluster-client-ip", "x-request-id"];
+const CLIENT_ADDRESS_LENGTHS: u64 = lengths_of(&CLIENT_ADDRESS);
+
+/// Fields some frameworks route or dispatch on instead of the request line (IIS, older Symfony and Zend; method
+/// overrides): the upstream must act on the path and method the policy decided on, so no client sets them.
+const ROUTING_OVERRIDES: [&str; 6] =
+    ["x-original-url", "x-rewrite-url", "x-original-uri", "x-http-method-override", "x-http-method", "x-method-override"];
+const ROUTING_OVERRIDES_LENGTHS: u64 = lengths_of(&ROUTING_OVERRIDES);
+
+/// `sent` names `ours` for some server: CGI/WSGI-style servers read `X_Auth_Subject` as `X-Auth-Subject`, and
+/// others map every separator alike (`X.Auth.Subject`), so names that differ only in which separator stands
+/// where are one name. Same length first: most names stop there.
+fn loose_eq(sent: &str, ours: &str) -> bool {
+    let separator = |b: u8| !b.is_ascii_alphanumeric();
+    sent.len() == ours.len() && sent.bytes().zip(ours.bytes()).all(|(s, o)| s == o || separator(s) && separator(o))
+}
+
+/// Another spelling (`X_Forwarded_For`, `Content.Length`) of a field the gateway sets or frames by: the gateway
+/// does not read it, a server that maps separators would.
+fn is_respelled_managed(k: &str) -> bool {
+    // A plain loop: names are short, and a memchr call costs more than it saves on them.
+    if k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return false;
+    }
+    k.get(..12).is_some_and(|p| loose_eq(p, "x-forwarded-"))
+        || CLIENT_ADDRESS.iter().chain(&HOP_BY_HOP).chain(&["content-length", "host", "expect"]).any(|n| loose_eq(k, n))
+}
+
+/// Removes from a request's trailer section every field the gateway decides on or sets: identity, forwarding,
+/// credentials, framing and hop-by-hop fields. RFC 9110 §6.5.1: they have no meaning after the content, and an
+/// upstream that merges trailers into its headers would take a client's `X-Auth-Subject` trailer for the
+/// gateway's. Other fields pass when the request's `Trailer` field declares them (hyper's encoder checks that).
+pub fn strip_request_trailers(trailers: &mut HeaderMap, identity: &IdentitySettings) {
+    strip_forged(trailers, identity);
+    strip_hop_by_hop(trailers, false);
+    remove_present(trailers, |k| {
+        is_forwarding(k)
+            || k == header::AUTHORIZATION
+            || k == header::COOKIE
+            || k == header::HOST
+            || k == header::CONTENT_LENGTH
+            || k == header::EXPECT
+            || k == header::TRAILER
+    });
+}
+
+/// Removes what no client may tell the upstream, trusted proxies included: the identity headers, the
+/// routing and method overrides, and underscore spellings of the fields the gateway sets or frames by.
+pub fn strip_forged(headers: &mut HeaderMap, identity: &IdentitySettings) {
+    remove_present(headers, |k| {
+        let k = k.as_str();
+        identity.headers.iter().any(|(n, _)| loose_eq(k, n.as_str()))
+            || ROUTING_OVERRIDES_LENGTHS & (1 << k.len().min(63)) != 0 && ROUTING_OVERRIDES.iter().any(|n| loose_eq(k, n))
+            || is_respelled_managed(k)
+    });
+}
+
+/// Removes every header whose name matches. One pass over the names; a hash lookup only for those present
+/// (usually none), and no allocation.
+fn remove_present(headers: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool) {
+    while let Some(name) = headers.keys().find(|k| matches(k)).cloned() {
+        headers.remove(&name);
+    }
+}
+
+/// Joins an HTTP/2 request's cookie crumbs into one field for HTTP/1.1 (RFC 9113 §8.2.3): many HTTP/1 servers
+/// read only the first or the last `Cookie` line, and would see other cookies than the gateway did.
+pub fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+/// Removes the headers a `Connection` value lists (a token that is no valid header name names nothing).
+fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue, upgrading: bool) {
+    for token in connection.to_str().unwrap_or_default().split(',').map(str::trim) {
+        let kept_upgrade = upgrading && token.eq_ignore_ascii_case("upgrade");
+        if !token.is_empty() && !kept_upgrade {
+            headers.remove(token);
+        }
+    }
+}
+
+/// The hop-by-hop fields (RFC 9110 §7.6.1): they go whatever `Connection` lists, `upgrade` apart (kept on an
+/// upgrade). The one list every check of them is built from.
+pub const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "proxy-authorization", "proxy-authenticate", "upgrade"];
+
+/// Bit n: one of `names` is n bytes long (bit 63: 63 or more). A name of another length is none of them.
+pub const fn lengths_of(names: &[&str]) -> u64 {
+    let mut mask = 0u64;
+    let mut i = 0;
+    while i < names.len() {
+        let n = names[i].len();
+        mask |= 1 << if n < 63 { n } else { 63 };
+        i += 1;
+    }
+    mask
+}
+
+const HOP_BY_HOP_LENGTHS: u64 = lengths_of(&HOP_BY_HOP);
+
+/// True for a field that is hop-by-hop whatever `Connection` lists (`Upgrade` included).
+pub fn is_hop_by_hop(k: &HeaderName) -> bool {
+    let k = k.as_str();
+    HOP_BY_HOP_LENGTHS & (1 << k.len().min(63)) != 0 && HOP_BY_HOP.contains(&k)
+}
+
+/// [`is_hop_by_hop`], `Upgrade` aside.
+fn is_fixed_hop_by_hop(k: &HeaderName) -> bool {
+    k != header::UPGRADE && is_hop_by_hop(k)
+}
+
+/// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`, `Proxy-Connection`, `TE`,
+/// `Transfer-Encoding`, `Upgrade` (kept with `Connection: upgrade` when `upgrading`), `Proxy-Authorization`,
+/// `Proxy-Authenticate`. Returns true if `TE: trailers` was asked for.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) -> bool {
+    let mut wants_trailers = false;
+    // Usually none is there: one pass over the names, no hash lookup.
+    if headers.keys().any(is_hop_by_hop) {
+        // Usually one `Connection` value: taken out whole (no copy), so its tokens can name what else goes.
+        match headers.get_all(header::CONNECTION).iter().count() {
+            0 => {}
+            1 => {
+                if let Some(v) = headers.remove(header::CONNECTION) {
+                    remove_listed(headers, &v, upgrading);
+                }
+            }
+            _ => {
+                let values: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
+                values.iter().for_each(|v| remove_listed(headers, v, upgrading));
+            }
+        }
+        wants_trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+        remove_present(headers, |k| is_fixed_hop_by_hop(k) || (!upgrading && k == header::UPGRADE));
+    }
+    if upgrading {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    wants_trailers
+}
+
+/// Returns true for an HTTP/1.1 upgrade request (`Connection: upgrade` with an `Upgrade` header).
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// What the gateway knows about the connection a request came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    pub peer: SocketAddr,
+    /// `peer`'s address as a header value.
+    pub peer_ip: &'a HeaderValue,
+    pub tls: bool,
+    pub from_trusted_proxy: bool,
+}
+
+/// What the gateway adds to a request for the upstream. None of these names is left in the request's map by
+/// [`prepare_upstream`], so a codec may write them straight after the map's fields (or
+/// [`UpstreamFields::insert_into`] adds them to it).
+pub struct UpstreamFields<'a> {
+    /// `X-Forwarded-For`, `-Proto`, `-Host` for a client that is not a trusted proxy (a trusted proxy's are merged
+    /// in the map).
+    forwarded: Option<[Option<HeaderValue>; 3]>,
+    request_id: &'a HeaderValue,
+}
+
+impl UpstreamFields<'_> {
+    /// The fields, in the order a codec writes them.
+    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        let names = [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST];
+        let forwarded =
+            self.forwarded.iter().flat_map(move |values| names.into_iter().zip(values).filter_map(|(n, v)| Some((n, v.as_ref()?))));
+        forwarded.chain(std::iter::once((&X_REQUEST_ID, self.request_id)))
+    }
+
+    pub fn insert_into(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.fields() {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+/// Prepares request headers for the upstream: hop-by-hop removed, the client's `X-Forwarded-*` replaced (or a
+/// trusted proxy's extended), the request id, and the verified identity. `host` is the authority the client
+/// addressed. Returns the fields still to add.
+pub fn prepare_upstream<'a>(
+    headers: &mut HeaderMap,
+    fwd: &Forwarding<'_>,
+    host: Option<&HeaderValue>,
+    request_id: &'a HeaderValue,
+    principal: Option<&Principal>,
+    identity: &IdentitySettings,
+    upgrading: bool,
+) -> UpstreamFields<'a> {
+    let wants_trailers = strip_hop_by_hop(headers, upgrading);
+    if wants_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    let forwarded = if fwd.from_trusted_proxy {
+        let prior: Vec<String> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::to_string).collect();
+        let peer = fwd.peer.ip().to_string();
+        let joined = if prior.is_empty() { peer } else { format!("{}, {peer}", prior.join(", ")) };
+        set(headers, &X_FORWARDED_FOR, &joined);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(&X_FORWARDED_PROTO, proto(fwd.tls));
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            if let Some(h) = host {
+                headers.insert(&X_FORWARDED_HOST, h.clone());
+            }
+        }
+        // The gateway answered any `Expect: 100-continue` itself by reading the body.
+        remove_present(headers, |k| k == header::EXPECT || k == X_REQUEST_ID);
+        None
+    } else {
+        // Replaced, not trusted; usually none is there (one pass over the names, no hash lookup).
+        remove_present(headers, |k| k == header::EXPECT || is_forwarding(k));
+        Some([Some(fwd.peer_ip.clone()), Some(proto(fwd.tls)), host.cloned()])
+    };
+    if !identity.forward_authorization {
+        headers.remove(header::AUTHORIZATION);
+    }
+    if let Some(p) = principal {
+        // Rendered once per cached token, not per request.
+        let values = p.identity_values.get_or_init(|| identity.headers.iter().map(|(_, claim)| render_claim(p, claim)).collect());
+        for ((name, _), value) in identity.headers.iter().zip(values) {
+            match value {
+                Some(v) => {
+                    headers.insert(name.clone(), v.clone());
+                }
+                None => {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    UpstreamFields { forwarded, request_id }
+}
+
+fn proto(tls: bool) -> HeaderValue {
+    HeaderValue::from_static(if tls { "https" } else { "http" })
+}
+
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+    match HeaderValue::from_str(value) {
+        Ok(v) => {
+            headers.insert(name.clone(), v);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Renders a claim as a header value: arrays comma-joined. Values with control or non-ASCII bytes, and lists
+/// with an item containing a comma (`"user,admin"` would read as two roles), are refused (the header is not
+/// sent) rather than forwarded. `roles` and `scope` mean the issuer's configured claims.
+pub(super) fn render_claim(p: &Principal, claim: &str) -> Option<HeaderValue> {
+    let text = match claim {
+        "roles" => join_nonempty(&p.roles)?,
+        "scope" | "scopes" => join_nonempty(&p.scopes)?,
+        "sub" => p.subject.clone(),
+        other => match lookup_claim(&p.claims, other)? {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Array(a) => {
+                let parts: Option<Vec<String>> = a
+                    .iter()
+                    .map(|v| match v {
+                        Value::String(s) => Some(s.clone()),
+                        Value::Number(n) => Some(n.to_string()),
+                        _ => None,
+                    })
+                    .collect();
+                join_nonempty(&parts?).unwrap_or_default()
+            }
+            _ => return None,
+        },
+    };
+    if text.is_empty() || !text.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        if !text.is_empty() {
+            tracing::warn!(claim, "claim value has bytes that are unsafe in a header; not forwarded");
+        }
+        return None;
+    }
+    // HTTP parsers drop a field value's outer spaces: "admin " would reach the upstream as "admin", which is
+    // not what the policy compared.
+    if text.starts_with(' ') || text.ends_with(' ') {
+        tracing::warn!(claim, "claim value starts or ends with a space, which a header would lose; not forwarded");
+        return None;
+    }
+    HeaderValue::from_str(&text).ok()
+}
+
+fn join_nonempty(v: &[String]) -> Option<String> {
+    // A reader of the joined list splits at commas and trims: " admin" would read as "admin", which the
+    // policy did not see.
+    if v.iter().any(|item| item.contains(',') || item.is_empty() || item.trim() != item) {
+        tracing::warn!(
+            "a list claim has an empty item, or one with a comma or outer spaces, which would be ambiguous in a header; not forwarded"
+        );
+        return None;
+    }
+    (!v.is_empty()).then(|| v.join(","))
+}
