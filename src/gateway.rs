@@ -4,29 +4,26 @@
 //! counts it, and writes the access log. `admit()` and `routed()` run one stage per line:
 //! global limit -> route -> authenticate -> authorize -> route limit -> forward -> finish.
 
-use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::{Request, Response, Version};
 
-use crate::auth::authz::authorize;
+use crate::auth::authz::{authorize, AuthMode};
 use crate::auth::jwks::{fetch_client, FetchClient};
-use crate::auth::{Authenticator, Principal};
+use crate::auth::{Authenticated, Authenticator, Principal};
 use crate::body::{Body, RequestBody};
 use crate::config::Config;
 use crate::edge::cors;
 use crate::edge::headers_request::{self, Forwarding};
-use crate::edge::headers_response;
-use crate::edge::headers_response::AnswerFields;
+use crate::edge::headers_response::{self, Additions, AnswerFields};
 use crate::edge::ratelimit::{client_ip, is_trusted, reuse_or_new, Limiter};
 use crate::error::GatewayError;
-use crate::h1::client;
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::proxy::{self, Upstream};
-use crate::router::{normalize_path, Route};
+use crate::proxy::{self, Outbound, Upstream};
+use crate::router::{normalize_path, request_host, Route, RouteError};
 use crate::token_endpoint::TokenEndpoint;
 
 /// The connection a request arrived on.
@@ -36,25 +33,12 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The peer's address as an `X-Forwarded-For` value, rendered once per connection.
     pub peer_ip: HeaderValue,
-    /// The connection's places in the connection limits, held as long as it lives: an upgraded connection
-    /// (WebSocket) outlives hyper's, so its byte pipe holds them too.
-    pub places: Option<Places>,
-}
-
-/// A connection's places in the limits (type-erased: the accept loop owns what they are).
-#[derive(Clone)]
-pub struct Places(pub Arc<dyn std::any::Any + Send + Sync>);
-
-impl std::fmt::Debug for Places {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Places")
-    }
 }
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ConnInfo { peer, tls, peer_ip, places: None }
+        ConnInfo { peer, tls, peer_ip }
     }
 }
 
@@ -70,21 +54,12 @@ impl Drop for Tasks {
     }
 }
 
-/// What an answer carries besides its map: an upstream's own fields still in the lines of its head (lean
-/// answers), then the secure headers it lacks and the request id. None of them is in the map, so a codec may
-/// write them straight after the map's fields instead of inserting them.
-pub struct Additions<'a> {
-    pub passed: AnswerFields,
-    pub secure: headers_response::SecureAdd<'a>,
-    pub request_id: HeaderValue,
-}
-
-impl Additions<'_> {
-    pub fn insert_into(mut self, h: &mut http::HeaderMap) {
-        self.passed.move_into(h);
-        self.secure.insert_into(h);
-        h.insert(headers_request::request_id_header().clone(), self.request_id);
-    }
+/// What the stages know of a request besides its message: the URI as sent, who sent it, its id.
+struct Context<'r> {
+    uri: &'r http::Uri,
+    client: IpAddr,
+    request_id: &'r HeaderValue,
+    fwd: Forwarding<'r>,
 }
 
 /// What a request did, for the answer's headers, the metrics and the access log.
@@ -275,16 +250,8 @@ impl Gateway {
         let unread_closes = req.version() < Version::HTTP_2 && has_body(&req);
         let mut outcome = Outcome { http1_body: unread_closes, ..Outcome::default() };
         let fwd = Forwarding { peer: conn.peer, peer_ip: &conn.peer_ip, tls: conn.tls, from_trusted_proxy: trusted };
-        // Awaited here rather than in a function of their own: one layer less for the request and the answer
-        // to be moved through.
-        let admitted = crate::router::request_host(req.headers(), uri.authority(), req.version())
-            .map_err(GatewayError::from)
-            .and_then(|host| Ok((host, self.admit(&uri, client, &mut outcome)?)));
-        let result = match admitted {
-            Err(e) => Err(e),
-            Ok((_, (path, Some(te)))) => self.token_endpoint(te, req, &path, &fwd, client, &mut outcome).await,
-            Ok((host, (path, None))) => self.routed(req, &uri, &path, host, &fwd, client, &request_id, &mut outcome).await,
-        };
+        let cx = Context { uri: &uri, client, request_id: &request_id, fwd };
+        let result = self.handle_inner(req, &cx, &mut outcome).await;
         let mut rsp = match result {
             Ok(rsp) => rsp,
             Err(e) => {
@@ -343,21 +310,38 @@ impl Gateway {
         (rsp, Additions { passed, secure, request_id })
     }
 
-    /// The checks before routing: the global rate limit and the path's form. Returns the normalized path, and
-    /// the token endpoint when it serves that path.
-    fn admit<'u>(
-        &self,
-        uri: &'u http::Uri,
-        client: IpAddr,
-        outcome: &mut Outcome<'_>,
-    ) -> Result<(Cow<'u, str>, Option<&TokenEndpoint>), GatewayError> {
-        // Before any parsing or signature check, so a flood of bad tokens costs almost nothing.
-        if let Some(l) = &self.global_limiter {
-            self.check_limit(l, client, None, outcome)?;
+    /// The request path, one stage per line: each returns early with the error that answers the request.
+    async fn handle_inner<'a>(
+        &'a self,
+        req: Request<RequestBody>,
+        cx: &Context<'_>,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let host = request_host(req.headers(), cx.uri.authority(), req.version())?;
+        self.check_global_limit(cx.client, outcome)?;
+        let path = normalize_path(cx.uri.path())?;
+        if let Some(te) = self.token_endpoint.as_ref().filter(|te| te.serves(&path)) {
+            return self.token_endpoint(te, req, &path, cx, outcome).await;
         }
-        let path = normalize_path(uri.path())?;
-        let te = self.token_endpoint.as_ref().filter(|te| te.serves(&path));
-        Ok((path, te))
+        if let Some(rsp) = self.preflight(&req, &path, outcome) {
+            return Ok(rsp);
+        }
+        let matched = self.config.routes.match_route(req.method(), &path)?;
+        let route = *outcome.route.insert(matched.route);
+        check_declared_length(&req, self.config.limits.max_body_bytes)?;
+        let auth = self.authenticate(&req, cx.uri, route, outcome).await?;
+        authorize(auth.principal.as_deref(), &route.policy, |n| matched.param(n))?;
+        self.check_route_limit(route, cx.client, auth.principal.as_deref(), outcome)?;
+        let outbound = self.prepare_upstream(req, route, &path, host, &auth, cx);
+        self.forward(route, outbound, outcome).await
+    }
+
+    /// The global limit, before any parsing or signature check, so a flood of bad tokens costs almost nothing.
+    fn check_global_limit(&self, client: IpAddr, outcome: &mut Outcome<'_>) -> Result<(), GatewayError> {
+        match &self.global_limiter {
+            Some(l) => self.check_limit(l, client, None, outcome),
+            None => Ok(()),
+        }
     }
 
     /// Serves the token endpoint and the well-known documents.
@@ -366,8 +350,7 @@ impl Gateway {
         te: &TokenEndpoint,
         req: Request<RequestBody>,
         path: &str,
-        fwd: &Forwarding<'_>,
-        client: IpAddr,
+        cx: &Context<'_>,
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, GatewayError> {
         if let Some(rsp) = te.well_known(req.method(), path) {
@@ -376,10 +359,10 @@ impl Gateway {
         }
         outcome.label = Some("token");
         // The password grant only over TLS, unless allowed for local use.
-        if !fwd.tls && !te.settings.allow_plaintext {
-            return Err(GatewayError::Route(crate::router::RouteError::NotFound));
+        if !cx.fwd.tls && !te.settings.allow_plaintext {
+            return Err(GatewayError::Route(RouteError::NotFound));
         }
-        let (grant, result) = te.handle(req, client).await;
+        let (grant, result) = te.handle(req, cx.client).await;
         match &result {
             Ok(_) => self.metrics.token_issued.with_label_values(&[grant]).inc(),
             Err(e) => self.metrics.token_failures.with_label_values(&[grant, e.code()]).inc(),
@@ -387,57 +370,49 @@ impl Gateway {
         result.map_err(GatewayError::Token)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn routed<'a>(
-        &'a self,
-        mut req: Request<RequestBody>,
+    /// Authenticates the request by the route's token sources, counting cache hits.
+    async fn authenticate<'a>(
+        &self,
+        req: &Request<RequestBody>,
         uri: &http::Uri,
-        path: &str,
-        host: Option<HeaderValue>,
-        fwd: &Forwarding<'_>,
-        client: IpAddr,
-        request_id: &HeaderValue,
+        route: &Route,
         outcome: &mut Outcome<'a>,
-    ) -> Result<Response<Body>, GatewayError> {
-        if cors::is_preflight(req.method(), req.headers()) {
-            if let Some(rsp) = self.preflight(&req, path, outcome) {
-                return Ok(rsp);
-            }
-        }
-        let matched = self.config.routes.match_route(req.method(), path)?;
-        let route = matched.route;
-        outcome.route = Some(route);
-        let max_body = self.config.limits.max_body_bytes;
-        if let Some(len) = declared_length(&req) {
-            if len > max_body {
-                return Err(GatewayError::BodyTooLarge(len));
-            }
-        }
+    ) -> Result<Authenticated, GatewayError> {
         let auth = self.authn.authenticate_from(req.headers(), uri.query(), &route.token_sources, route.policy.auth).await?;
         if auth.principal.is_some() {
             if auth.cache_hit { &self.metrics.jwt_cache_hits } else { &self.metrics.jwt_cache_misses }.inc();
         }
         outcome.principal = auth.principal.clone();
-        authorize(auth.principal.as_deref(), &route.policy, |n| matched.param(n))?;
-        if let Some(l) = &self.route_limiters[route.index] {
-            self.check_limit(l, client, auth.principal.as_deref(), outcome)?;
-        }
+        Ok(auth)
+    }
 
+    fn check_route_limit(
+        &self,
+        route: &Route,
+        client: IpAddr,
+        principal: Option<&Principal>,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<(), GatewayError> {
+        match &self.route_limiters[route.index] {
+            Some(l) => self.check_limit(l, client, principal, outcome),
+            None => Ok(()),
+        }
+    }
+
+    /// The request as its upstream gets it: the routed path and forwarded query, and only the headers the policy
+    /// decided on (a credential it did not verify goes; forwarding fields, the request id and identity come).
+    fn prepare_upstream<'r>(
+        &'r self,
+        req: Request<RequestBody>,
+        route: &'r Route,
+        path: &'r str,
+        host: Option<HeaderValue>,
+        auth: &Authenticated,
+        cx: &'r Context<'_>,
+    ) -> Outbound<'r> {
         let upgrading = req.version() == Version::HTTP_11 && headers_request::is_upgrade_request(req.headers());
-        let client_upgrade = upgrading.then(|| (hyper::upgrade::on(&mut req), req.extensions().get::<Places>().cloned()));
-        let upstream = &self.route_upstreams[route.index];
-        let upstream_path = route.upstream_path(path);
-        let query = proxy::forwarded_query(uri.query(), route.token_sources.query.as_deref());
-        // Bodiless requests to http upstreams take the lean client; the rest hyper's.
-        let lean = upstream.lean.as_ref().filter(|_| {
-            // CONNECT: a 2xx answer turns the upstream connection into a tunnel, never back into HTTP.
-            !upgrading
-                && req.method() != http::Method::CONNECT
-                && http_body::Body::is_end_stream(req.body())
-                && client::is_safe_target(upstream_path, query.as_deref())
-        });
         let (mut parts, body) = req.into_parts();
-        if route.policy.auth != crate::auth::authz::AuthMode::Public && !auth.authorization_verified {
+        if route.policy.auth != AuthMode::Public && !auth.authorization_verified {
             // `Basic …`, `Token …` on an anonymous request, or a field beside a cookie or query token: a credential
             // the policy did not decide on never reaches the upstream.
             parts.headers.remove(header::AUTHORIZATION);
@@ -447,80 +422,55 @@ impl Gateway {
         }
         let additions = headers_request::prepare_upstream(
             &mut parts.headers,
-            fwd,
+            &cx.fwd,
             host.as_ref(),
-            request_id,
+            cx.request_id,
             auth.principal.as_deref(),
             &self.config.identity,
             upgrading,
         );
+        Outbound {
+            parts,
+            body,
+            path: route.upstream_path(path),
+            query: proxy::forwarded_query(cx.uri.query(), route.token_sources.query.as_deref()),
+            host,
+            additions,
+            upgrading,
+            answer_rules: route.headers.as_ref().unwrap_or(&self.config.headers),
+            max_body: self.config.limits.max_body_bytes,
+            identity: &self.config.identity,
+        }
+    }
 
-        let lean_used = lean.is_some();
+    /// Forwards to the route's upstream, timing the exchange and counting its failures.
+    async fn forward<'a>(
+        &'a self,
+        route: &'a Route,
+        outbound: Outbound<'_>,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let upstream = &self.route_upstreams[route.index];
         let sent = Instant::now();
-        let result = match lean {
-            Some(lean) => {
-                let head = client::Head {
-                    method: &parts.method,
-                    path: upstream_path,
-                    query: query.as_deref(),
-                    headers: &parts.headers,
-                    additions: &additions,
-                    host: host.as_ref().filter(|_| upstream.settings.preserve_host),
-                    answer_rules: route.headers.as_ref().unwrap_or(&self.config.headers),
-                };
-                match lean.send(&head, upstream.settings.timeout, sent).await {
-                    Ok((rsp, fields)) => {
-                        outcome.passed = fields;
-                        Ok(rsp.map(Body::Upstream))
-                    }
-                    Err(e) => Err(proxy::lean_error(upstream, e)),
-                }
-            }
-            None => {
-                additions.insert_into(&mut parts.headers);
-                // The client's framing went with the hop-by-hop fields. hyper's client frames a body of unknown
-                // length as chunked, except on GET, HEAD and CONNECT, where it sends none at all: said outright,
-                // the body the client sent reaches the upstream whatever the method.
-                let has_body = !http_body::Body::is_end_stream(&body);
-                if has_body && !parts.headers.contains_key(header::CONTENT_LENGTH) {
-                    parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-                }
-                // A body's progress moves the exchange's deadline (see `proxy::forward`).
-                let progress = has_body.then(|| Arc::new(crate::body::Progress::new()));
-                let body = match &progress {
-                    Some(p) => Body::limited_with_progress(body, max_body, self.config.identity.clone(), p.clone()),
-                    None => Body::limited(body, max_body, self.config.identity.clone()),
-                };
-                let mut up_req = Request::from_parts(parts, body);
-                proxy::rewrite_uri(&mut up_req, &upstream.settings, upstream_path, query.as_deref(), host)?;
-                proxy::forward(upstream, up_req, progress.as_deref()).await
-            }
-        };
+        let result = proxy::forward(upstream, outbound, sent).await;
         let took = sent.elapsed();
         outcome.upstream_time = Some(took);
         self.route_upstream_time[route.index].observe(took.as_secs_f64());
-        let mut rsp = result.inspect_err(|e| {
+        let (rsp, passed) = result.inspect_err(|e| {
             if let Some(kind) = e.kind() {
                 self.metrics.upstream_errors.with_label_values(&[&upstream.settings.name, kind]).inc();
             }
         })?;
-        let upgraded = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if upgraded {
-            match client_upgrade {
-                Some((client, places)) => proxy::splice_upgrade(client, hyper::upgrade::on(&mut rsp), places),
-                None => return Err(GatewayError::Proxy(proxy::ProxyError::UnexpectedUpgrade)),
-            }
-        }
-        if !lean_used {
-            // The lean client's answers come without hop-by-hop fields; hyper's keep them.
-            headers_response::finish_response(rsp.headers_mut(), upgraded);
-        }
+        outcome.passed = passed;
         outcome.proxied = true;
         Ok(rsp)
     }
 
     /// Answers a CORS preflight for a route with a CORS policy, without a token and without the upstream.
     fn preflight<'a>(&'a self, req: &Request<RequestBody>, path: &str, outcome: &mut Outcome<'a>) -> Option<Response<Body>> {
+        if !cors::is_preflight(req.method(), req.headers()) {
+            return None;
+        }
         let method = cors::requested_method(req.headers())?;
         let matched = self.config.routes.match_route(&method, path).ok()?;
         let policy = matched.route.cors.as_ref().or(self.config.cors.as_ref())?;
@@ -580,6 +530,14 @@ impl Gateway {
 fn has_body(req: &Request<RequestBody>) -> bool {
     !matches!(req.body(), RequestBody::Empty)
         && (declared_length(req).is_some_and(|n| n > 0) || req.headers().contains_key(header::TRANSFER_ENCODING))
+}
+
+/// A declared body over the limit is refused before anything else is done with the request.
+fn check_declared_length(req: &Request<RequestBody>, max_body: u64) -> Result<(), GatewayError> {
+    match declared_length(req) {
+        Some(len) if len > max_body => Err(GatewayError::BodyTooLarge(len)),
+        _ => Ok(()),
+    }
 }
 
 fn declared_length(req: &Request<RequestBody>) -> Option<u64> {

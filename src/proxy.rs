@@ -1,20 +1,24 @@
-//! Forwarding to an upstream: the lean HTTP/1.1 exchange (`h1_client`) for bodiless requests to http upstreams,
+//! Forwarding to an upstream: the own HTTP/1.1 client (`h1::client`) for bodiless requests to http upstreams,
 //! hyper's pooled client for the rest (bodies, upgrades, https), timeouts, and the byte pipe after a successful
 //! upgrade (WebSocket).
 
 use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
-use http::{HeaderValue, Request, Response, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::body::Body;
+use crate::body::{Body, Progress, RequestBody};
+use crate::edge::headers_request::IdentitySettings;
+use crate::edge::headers_request::UpstreamFields;
+use crate::edge::headers_response::{finish_response, AnswerFields, SecureHeaders};
 use crate::h1::client::{self, H1Error};
 
 type Source = Box<dyn std::error::Error + Send + Sync>;
@@ -160,9 +164,8 @@ pub fn rewrite_uri(
     Ok(())
 }
 
-/// The error of a failed lean exchange ([`client::Client::send`], awaited by the caller itself: one async
-/// layer less for the answer to be moved through).
-pub fn lean_error(up: &Upstream, e: H1Error) -> ProxyError {
+/// The error of a failed exchange of the own HTTP/1 client.
+fn lean_error(up: &Upstream, e: H1Error) -> ProxyError {
     let name = &up.settings.name;
     match e {
         H1Error::Timeout => ProxyError::Timeout { upstream: name.clone(), timeout: up.settings.timeout },
@@ -172,10 +175,87 @@ pub fn lean_error(up: &Upstream, e: H1Error) -> ProxyError {
     }
 }
 
+/// A request readied for its upstream by the policy stages.
+pub struct Outbound<'a> {
+    pub parts: http::request::Parts,
+    pub body: RequestBody,
+    /// The routed path, and the query as forwarded.
+    pub path: &'a str,
+    pub query: Option<Cow<'a, str>>,
+    /// The authority the client addressed (the `Host` sent with `preserve_host`).
+    pub host: Option<HeaderValue>,
+    /// Fields to add after the map's (none of their names is in it).
+    pub additions: UpstreamFields<'a>,
+    /// An HTTP/1.1 upgrade (WebSocket): on a 101 the two connections are joined.
+    pub upgrading: bool,
+    /// The route's answer rules: the own client leaves out the fields they remove as it parses.
+    pub answer_rules: &'a SecureHeaders,
+    pub max_body: u64,
+    /// Request trailers are checked against it: a client cannot forge its identity there either.
+    pub identity: &'a Arc<IdentitySettings>,
+}
+
+/// Sends the request and returns the answer once its head has arrived (within the upstream's `timeout` of
+/// `sent`), with the upstream's own fields still in the lines of its head where the own HTTP/1 client read it.
+/// Bodiless requests to http upstreams take that client; bodies, upgrades and https take hyper's pooled one.
+pub async fn forward(up: &Upstream, mut out: Outbound<'_>, sent: Instant) -> Result<(Response<Body>, AnswerFields), ProxyError> {
+    let lean = up.lean.as_ref().filter(|_| {
+        // CONNECT: a 2xx answer turns the upstream connection into a tunnel, never back into HTTP.
+        !out.upgrading
+            && out.parts.method != Method::CONNECT
+            && http_body::Body::is_end_stream(&out.body)
+            && client::is_safe_target(out.path, out.query.as_deref())
+    });
+    if let Some(lean) = lean {
+        let head = client::Head {
+            method: &out.parts.method,
+            path: out.path,
+            query: out.query.as_deref(),
+            headers: &out.parts.headers,
+            additions: &out.additions,
+            host: out.host.as_ref().filter(|_| up.settings.preserve_host),
+            answer_rules: out.answer_rules,
+        };
+        return match lean.send(&head, up.settings.timeout, sent).await {
+            Ok((rsp, fields)) => Ok((rsp.map(Body::Upstream), fields)),
+            Err(e) => Err(lean_error(up, e)),
+        };
+    }
+    let client_upgrade = out.upgrading.then(|| out.parts.extensions.remove::<hyper::upgrade::OnUpgrade>()).flatten();
+    let Outbound { mut parts, body, path, query, host, additions, max_body, identity, .. } = out;
+    additions.insert_into(&mut parts.headers);
+    // The client's framing went with the hop-by-hop fields. hyper's client frames a body of unknown length as
+    // chunked, except on GET, HEAD and CONNECT, where it sends none at all: said outright, the body the client
+    // sent reaches the upstream whatever the method.
+    let has_body = !http_body::Body::is_end_stream(&body);
+    if has_body && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
+    // A body's progress moves the exchange's deadline (see `forward_hyper`).
+    let progress = has_body.then(|| Arc::new(Progress::new()));
+    let body = match &progress {
+        Some(p) => Body::limited_with_progress(body, max_body, identity.clone(), p.clone()),
+        None => Body::limited(body, max_body, identity.clone()),
+    };
+    let mut up_req = Request::from_parts(parts, body);
+    rewrite_uri(&mut up_req, &up.settings, path, query.as_deref(), host)?;
+    let mut rsp = forward_hyper(up, up_req, progress.as_deref()).await?;
+    let upgraded = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if upgraded {
+        match client_upgrade {
+            Some(client) => splice_upgrade(client, hyper::upgrade::on(&mut rsp)),
+            None => return Err(ProxyError::UnexpectedUpgrade),
+        }
+    }
+    // The own client's answers come without hop-by-hop fields; hyper's keep them.
+    finish_response(rsp.headers_mut(), upgraded);
+    Ok((rsp, AnswerFields::default()))
+}
+
 /// Sends the request over hyper's pooled client and waits for the response head, bounded by the upstream's
 /// `timeout`: counted from the start for a bodiless request, and for one with a body (`progress`) from when the
 /// body last moved, so an upload slower than `timeout` is not cut while it keeps coming.
-pub async fn forward(up: &Upstream, req: Request<Body>, progress: Option<&crate::body::Progress>) -> Result<Response<Body>, ProxyError> {
+async fn forward_hyper(up: &Upstream, req: Request<Body>, progress: Option<&Progress>) -> Result<Response<Body>, ProxyError> {
     let name = &up.settings.name;
     let timeout = up.settings.timeout;
     let answered = match progress {
@@ -220,10 +300,9 @@ pub async fn forward(up: &Upstream, req: Request<Body>, progress: Option<&crate:
 }
 
 /// Joins the client's and the upstream's upgraded connections and copies bytes both ways until either closes.
-pub fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, places: Option<crate::gateway::Places>) {
+/// The client's connection keeps its places in the connection limits until the pipe ends: they live with it.
+fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     tokio::spawn(async move {
-        // The client connection's places in the limits, until the pipe ends.
-        let _places = places;
         match tokio::try_join!(client, upstream) {
             Ok((c, u)) => {
                 let mut c = TokioIo::new(c);

@@ -366,3 +366,20 @@ impl AnswerFields {
         }
     }
 }
+
+/// What an answer carries besides its map: an upstream's own fields still in the lines of its head (lean
+/// answers), then the secure headers it lacks and the request id. None of them is in the map, so a codec may
+/// write them straight after the map's fields instead of inserting them.
+pub struct Additions<'a> {
+    pub passed: AnswerFields,
+    pub secure: SecureAdd<'a>,
+    pub request_id: HeaderValue,
+}
+
+impl Additions<'_> {
+    pub fn insert_into(mut self, h: &mut http::HeaderMap) {
+        self.passed.move_into(h);
+        self.secure.insert_into(h);
+        h.insert(super::headers_request::request_id_header().clone(), self.request_id);
+    }
+}

@@ -1,4 +1,3 @@
-
 use super::headers_request::*;
 use super::headers_response::*;
 use crate::auth::Principal;

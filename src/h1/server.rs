@@ -17,22 +17,19 @@
 use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::body::{Body, RequestBody};
-use crate::gateway::{Additions, ConnInfo};
+use crate::edge::headers_response::Additions;
 use crate::h1::deadline::{deadline_after, Deadline};
-use crate::server::Shared;
 
 /// More header fields than this go to hyper (which allows 100, then answers 431).
 const MAX_HEADERS: usize = 64;
@@ -65,20 +62,22 @@ pub enum Ended<I> {
 
 /// What a request asked of its connection.
 #[derive(Clone, Copy, Default)]
-struct Meta {
+pub struct Meta {
     head: bool,
-    close: bool,
+    /// `Connection: close`: the connection ends after this answer.
+    pub close: bool,
     trailers: bool,
 }
 
 #[allow(clippy::large_enum_variant)] // returned once per request and taken apart at once, never stored
 enum Parsed {
-    Request(Request<RequestBody>, Meta),
+    Request(Request<()>, Meta),
     Partial,
     HandOver,
 }
 
-struct Conn<I> {
+/// One HTTP/1.1 connection served by this codec: reads heads, writes answers, hands over to hyper.
+pub struct Conn<I> {
     io: I,
     /// Bytes read and not yet parsed. Between requests it keeps the allocation the last head was read into (about
     /// a head's size), which the next read reuses in place once that request is gone.
@@ -89,56 +88,55 @@ struct Conn<I> {
     deadline: Deadline,
 }
 
-/// Serves HTTP/1.1 requests on `io` until the connection closes or needs hyper.
-pub async fn serve<I>(io: I, info: &ConnInfo, shared: &Shared, limits: Limits, mut shutdown: watch::Receiver<bool>) -> Ended<I>
-where
-    I: AsyncRead + AsyncWrite + Unpin,
-{
-    let deadline = Deadline::new(deadline_after(limits.header_read_timeout));
-    let mut conn = Conn { io, buf: BytesMut::new(), out: Vec::new(), limits, deadline };
-    // Polled until it has registered this task's waker; a shutdown then wakes the task and `is_draining` says why.
-    // Unconstrained: a first poll with the task's budget spent would return Pending without registering.
-    let mut shutdown = Shutdown { changed: pin!(tokio::task::unconstrained(shutdown.changed())), registered: false };
-    let mut first = true;
-    loop {
-        let (req, meta) = match conn.read_head(shared, &mut shutdown, first).await {
-            Some(Ok(parsed)) => parsed,
-            Some(Err(())) => return conn.hand_over(!first),
-            None => return Ended::Closed,
-        };
-        first = false;
-        let gateway = shared.gateway.load_full();
-        let Some((rsp, additions)) = conn.serve_request(pin!(gateway.serve(req, info))).await else {
-            return Ended::Closed;
-        };
-        let keep_alive = !meta.close && !shared.is_draining();
-        if !matches!(conn.write_response(rsp, &additions, meta, keep_alive).await, Ok(true)) {
-            let _ = conn.io.shutdown().await;
-            return Ended::Closed;
+impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
+    /// Starts serving a new connection: its first head is due within `header_read_timeout`.
+    pub fn new(io: I, limits: Limits) -> Conn<I> {
+        let deadline = Deadline::new(deadline_after(limits.header_read_timeout));
+        Conn { io, buf: BytesMut::new(), out: Vec::new(), limits, deadline }
+    }
+
+    /// Readies the connection for its next head once an answer is written: a pipelined head already begun is
+    /// timed from now, otherwise the connection idles. (From after the write: a streamed answer may take longer
+    /// than either wait.)
+    pub fn await_next_head(&mut self) {
+        if self.out.capacity() > WRITE_BATCH {
+            self.out = Vec::new();
         }
-        if conn.out.capacity() > WRITE_BATCH {
-            conn.out = Vec::new();
-        }
-        // A pipelined head already begun is timed from now; otherwise the connection idles. (From after the
-        // write: a streamed answer may take longer than either wait.)
-        let wait = if conn.buf.is_empty() { limits.idle_timeout } else { limits.header_read_timeout };
-        conn.deadline.set(deadline_after(wait));
+        let wait = if self.buf.is_empty() { self.limits.idle_timeout } else { self.limits.header_read_timeout };
+        self.deadline.set(deadline_after(wait));
+    }
+
+    /// Closes the write side (after an answer that ends the connection).
+    pub async fn close(&mut self) {
+        let _ = self.io.shutdown().await;
     }
 }
 
-struct Shutdown<'a, F> {
+/// The drain signal as a connection waiting for its next head watches it: polled until it has registered the
+/// task's waker, so a shutdown wakes the task and `draining` says why.
+pub struct Shutdown<'a, F> {
     changed: Pin<&'a mut F>,
+    draining: &'a AtomicBool,
     registered: bool,
 }
 
-impl<F: Future> Shutdown<'_, F> {
-    fn poll_signalled(&mut self, cx: &mut Context<'_>, shared: &Shared) -> bool {
-        if shared.is_draining() {
+impl<'a, F: Future> Shutdown<'a, F> {
+    /// Watches `changed` (a future that completes when the drain is signalled) and the `draining` flag.
+    pub fn new(changed: Pin<&'a mut F>, draining: &'a AtomicBool) -> Shutdown<'a, F> {
+        Shutdown { changed, draining, registered: false }
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    fn poll_signalled(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.is_draining() {
             return true;
         }
         if !self.registered && self.changed.as_mut().poll(cx).is_ready() {
             self.registered = true;
-            return shared.is_draining();
+            return self.is_draining();
         }
         self.registered = true;
         false
@@ -148,12 +146,7 @@ impl<F: Future> Shutdown<'_, F> {
 impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     /// Reads until a whole head is buffered. None: the connection ends (closed by the client, timed out, or
     /// idle during a shutdown); Some(Err): hyper must take it (with the head's own deadline set).
-    async fn read_head<F: Future>(
-        &mut self,
-        shared: &Shared,
-        shutdown: &mut Shutdown<'_, F>,
-        first: bool,
-    ) -> Option<Result<(Request<RequestBody>, Meta), ()>> {
+    pub async fn read_head<F: Future>(&mut self, shutdown: &mut Shutdown<'_, F>, first: bool) -> Option<Result<(Request<()>, Meta), ()>> {
         let mut timed = first || !self.buf.is_empty();
         // A head can only have completed if a line ended in what was just read: a client dribbling its head a
         // byte at a time costs one parse per line, not one per byte.
@@ -181,7 +174,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 if let Poll::Ready(r) = self.poll_fill(cx) {
                     return Poll::Ready(r);
                 }
-                if idle && shutdown.poll_signalled(cx, shared) {
+                if idle && shutdown.poll_signalled(cx) {
                     return Poll::Ready(Ok(0));
                 }
                 if self.deadline.poll_expired(cx).is_ready() {
@@ -200,7 +193,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     /// Runs the request while watching the client: a close cancels it. Once bytes of a next request are
     /// buffered the client is no longer read (hyper's rule: a half-close after pipelined requests still gets
     /// every answer).
-    async fn serve_request<T>(&mut self, mut handling: Pin<&mut impl Future<Output = T>>) -> Option<T> {
+    pub async fn serve_request<T>(&mut self, mut handling: Pin<&mut impl Future<Output = T>>) -> Option<T> {
         std::future::poll_fn(|cx| {
             if let Poll::Ready(rsp) = handling.as_mut().poll(cx) {
                 return Poll::Ready(Some(rsp));
@@ -231,12 +224,17 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         Poll::Ready(Ok(rb.filled().len()))
     }
 
-    fn hand_over(self, served: bool) -> Ended<I> {
+    /// Gives the connection to hyper with the bytes read and not yet served; `served`: a request was served here.
+    pub fn hand_over(self, served: bool) -> Ended<I> {
         Ended::HandOver { io: self.io, read: self.buf.freeze(), deadline: self.deadline.at(), served }
     }
 
     /// Writes the response; Ok(true) when the connection can carry another request.
-    async fn write_response(&mut self, rsp: Response<Body>, additions: &Additions<'_>, meta: Meta, keep_alive: bool) -> io::Result<bool> {
+    pub async fn write_response<B>(&mut self, rsp: Response<B>, additions: &Additions<'_>, meta: Meta, keep_alive: bool) -> io::Result<bool>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
         let (parts, mut body) = rsp.into_parts();
         let fields = Fields { map: &parts.headers, additions: Some(additions) };
         let (framing, close_asked) = encode_head(&mut self.out, parts.status, fields, &body, meta, keep_alive);
@@ -401,7 +399,14 @@ struct Fields<'a> {
 }
 
 /// Writes the status line and fields. Returns the body's framing and whether the answer asks to close.
-fn encode_head(out: &mut Vec<u8>, status: StatusCode, fields: Fields<'_>, body: &Body, meta: Meta, keep_alive: bool) -> (Framing, bool) {
+fn encode_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    fields: Fields<'_>,
+    body: &impl http_body::Body,
+    meta: Meta,
+    keep_alive: bool,
+) -> (Framing, bool) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -546,7 +551,7 @@ enum NotOurs {
     HandOver,
 }
 
-fn parse_frozen(read: &Bytes, max_head: usize) -> Result<(Request<RequestBody>, Meta, usize), NotOurs> {
+fn parse_frozen(read: &Bytes, max_head: usize) -> Result<(Request<()>, Meta, usize), NotOurs> {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(read, &mut fields) {
@@ -583,7 +588,7 @@ fn parse_frozen(read: &Bytes, max_head: usize) -> Result<(Request<RequestBody>, 
         let value = HeaderValue::from_maybe_shared(read.slice_ref(field.value)).map_err(|_| NotOurs::HandOver)?;
         headers.append(name, value);
     }
-    let mut req = Request::new(RequestBody::Empty);
+    let mut req = Request::new(());
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
@@ -619,6 +624,7 @@ mod date {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::{Body, RequestBody};
 
     fn parsed(raw: &str) -> Parsed {
         parse(&mut BytesMut::from(raw), 1 << 20)

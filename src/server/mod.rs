@@ -28,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::RequestBody;
 use crate::config::Limits;
-use crate::gateway::{ConnInfo, Gateway, Places};
+use crate::gateway::{ConnInfo, Gateway};
 use crate::h1;
 use crate::h1::server::Ended;
 use crate::server::conn_bounds::{ConnState, HeaderDeadline, Tracked};
@@ -159,8 +159,8 @@ pub async fn accept_loop(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let open = OpenConnection::new(shared.metrics.connections_active.with_label_values(&[label]));
-            let places = Places(Arc::new((permit, client_slot, open)));
-            let info = |tls| ConnInfo { places: Some(places.clone()), ..ConnInfo::new(peer, tls) };
+            let tcp = Held { io: tcp, _places: (permit, client_slot, open) };
+            let info = |tls| ConnInfo::new(peer, tls);
             match tls {
                 None => serve(tcp, info(false), shared, &builder, watcher, shutdown, false).await,
                 Some((acceptor, timeout)) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -205,7 +205,7 @@ async fn serve<I>(
         }
     };
     let (io, read, deadline, from_h1, served) = match h2 {
-        false => match h1::server::serve(io, &info, &shared, lean, shutdown.clone()).await {
+        false => match serve_h1(io, &info, &shared, lean, shutdown.clone()).await {
             Ended::Closed => return,
             Ended::HandOver { io, read, deadline, served } => (io, read, deadline, true, served),
         },
@@ -224,6 +224,84 @@ async fn serve<I>(
     // requests, stays HTTP/1.
     let http1_only = from_h1 && (info.tls || served);
     Box::pin(serve_hyper(io, read, info, shared, builder, (watcher, shutdown), lean, deadline, http1_only)).await
+}
+
+/// Serves HTTP/1.1 requests with the own codec until the connection closes or needs hyper.
+async fn serve_h1<I>(io: I, info: &ConnInfo, shared: &Shared, limits: h1::server::Limits, mut shutdown: watch::Receiver<bool>) -> Ended<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = h1::server::Conn::new(io, limits);
+    // Unconstrained: a first poll with the task's budget spent would return Pending without registering.
+    let changed = std::pin::pin!(tokio::task::unconstrained(shutdown.changed()));
+    let mut shutdown = h1::server::Shutdown::new(changed, &shared.draining);
+    let mut first = true;
+    loop {
+        let (req, meta) = match conn.read_head(&mut shutdown, first).await {
+            Some(Ok(parsed)) => parsed,
+            Some(Err(())) => return conn.hand_over(!first),
+            None => return Ended::Closed,
+        };
+        first = false;
+        let gateway = shared.gateway.load_full();
+        let req = req.map(|()| RequestBody::Empty);
+        let Some((rsp, additions)) = conn.serve_request(std::pin::pin!(gateway.serve(req, info))).await else {
+            return Ended::Closed;
+        };
+        let keep_alive = !meta.close && !shared.is_draining();
+        if !matches!(conn.write_response(rsp, &additions, meta, keep_alive).await, Ok(true)) {
+            conn.close().await;
+            return Ended::Closed;
+        }
+        conn.await_next_head();
+    }
+}
+
+/// A connection's I/O with its places in the connection limits: they go when the connection goes, also when an
+/// upgrade's byte pipe (WebSocket) outlives hyper's connection, which hands the I/O to it.
+struct Held<I, P> {
+    io: I,
+    _places: P,
+}
+
+impl<I: AsyncRead + Unpin, P: Unpin> AsyncRead for Held<I, P> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin, P: Unpin> AsyncWrite for Held<I, P> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// hyper's HTTP/1 server with the settings of `http_builder`'s HTTP/1 half, for connections that must stay HTTP/1.
@@ -268,13 +346,9 @@ fn gateway_service(
     Error = Infallible,
     Future = impl Future<Output = Result<hyper::Response<Tracked>, Infallible>> + Send,
 > + Clone {
-    service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+    service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let gateway = shared.gateway.load_full();
         let version = req.version();
-        if let Some(places) = info.places.as_ref().filter(|_| crate::edge::headers_request::is_upgrade_request(req.headers())) {
-            // An upgrade's byte pipe outlives this connection's task: it takes the connection's places along.
-            req.extensions_mut().insert(places.clone());
-        }
         let in_flight = state.begin(version);
         let info = info.clone();
         async move {
