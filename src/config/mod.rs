@@ -99,17 +99,31 @@ pub struct TlsSettings {
     pub handshake_timeout: Duration,
 }
 
-/// Connection and request limits.
-#[derive(Debug, Clone)]
-pub struct Limits {
+/// Connection and request limits (`[limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
     pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
+    /// What `idle_timeout` bounds.
+    pub idle: IdleBounds,
     pub max_connections: usize,
     /// Connections one client address (IPv6: its `ipv6_prefix`) may hold; trusted proxies are not counted.
     pub max_connections_per_client: usize,
     pub drain_timeout: Duration,
+}
+
+/// The three waits on a client that does nothing, all set by `[limits] idle_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleBounds {
+    /// An HTTP/1 connection waiting for its next request is closed after this.
+    pub keep_alive: Duration,
+    /// A connection served by hyper that has served nothing for this long is closed gracefully (GOAWAY on
+    /// HTTP/2), checked once per this long, so within twice it; HTTP/2 pings go out at this interval too.
+    pub connection: Duration,
+    /// A write the client takes none of for this long closes the connection (nginx's `send_timeout`); an HTTP/2
+    /// stream whose answer it stops taking for this long has the answer dropped.
+    pub send_stall: Duration,
 }
 
 /// The lowest TLS version the public listener accepts.
@@ -128,7 +142,7 @@ pub struct Config {
     pub path: PathBuf,
     pub listen: Listen,
     pub tls: Option<TlsSettings>,
-    pub limits: Limits,
+    pub limits: ConnectionLimits,
     pub worker_threads: Option<usize>,
     /// One log line per request (target `portcullis::access`).
     pub access_log: bool,

@@ -42,16 +42,17 @@ impl Validator<'_> {
         }
         let d = |v: Option<DurationValue>, default: u64| v.map_or(Duration::from_secs(default), |d| d.0);
         let max_header_bytes = f.limits.max_header_bytes.map_or(32 * 1024, |s| s.0);
-        let limits = Limits {
+        let idle = d(f.limits.idle_timeout, 60);
+        let limits = ConnectionLimits {
             max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
             max_body_bytes: f.limits.max_body_bytes.map_or(10 * 1024 * 1024, |s| s.0),
             header_read_timeout: d(f.limits.header_read_timeout, 10),
-            idle_timeout: d(f.limits.idle_timeout, 60),
+            idle: IdleBounds { keep_alive: idle, connection: idle, send_stall: idle },
             max_connections: f.limits.max_connections.unwrap_or(10_000),
             max_connections_per_client: f.limits.max_connections_per_client.unwrap_or(1_000),
             drain_timeout: d(f.limits.drain_timeout, 30),
         };
-        for (name, d) in [("idle_timeout", limits.idle_timeout), ("header_read_timeout", limits.header_read_timeout)] {
+        for (name, d) in [("idle_timeout", idle), ("header_read_timeout", limits.header_read_timeout)] {
             if d.is_zero() {
                 self.error(0..0, format!("`limits.{name}` must be more than 0"));
             }

@@ -38,11 +38,15 @@ const READ_CHUNK: usize = 4096;
 /// Response bytes gathered before a write; a larger body frame is written on its own.
 const WRITE_BATCH: usize = 16 * 1024;
 
-/// The connection's time and size limits, read once at accept (they are restart-only settings).
+/// The connection's time and size bounds, read once at accept (they are restart-only settings).
 #[derive(Clone, Copy)]
-pub struct Limits {
+pub struct Bounds {
+    /// A head must be complete this long after its first byte (the first head: after accept).
     pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
+    /// A connection waiting for its next head is closed after this.
+    pub keep_alive: Duration,
+    /// A write the client takes none of for this long closes the connection.
+    pub send_stall: Duration,
     pub max_header_bytes: usize,
 }
 
@@ -83,14 +87,14 @@ pub struct Conn<I> {
     /// a head's size), which the next read reuses in place once that request is gone.
     buf: BytesMut,
     out: Vec<u8>,
-    limits: Limits,
+    limits: Bounds,
     /// When waiting for the next head ends the connection.
     deadline: Deadline,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     /// Starts serving a new connection: its first head is due within `header_read_timeout`.
-    pub fn new(io: I, limits: Limits) -> Conn<I> {
+    pub fn new(io: I, limits: Bounds) -> Conn<I> {
         let deadline = Deadline::new(deadline_after(limits.header_read_timeout));
         Conn { io, buf: BytesMut::new(), out: Vec::new(), limits, deadline }
     }
@@ -102,7 +106,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         if self.out.capacity() > WRITE_BATCH {
             self.out = Vec::new();
         }
-        let wait = if self.buf.is_empty() { self.limits.idle_timeout } else { self.limits.header_read_timeout };
+        let wait = if self.buf.is_empty() { self.limits.keep_alive } else { self.limits.header_read_timeout };
         self.deadline.set(deadline_after(wait));
     }
 
@@ -334,15 +338,15 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             return Ok(());
         }
         self.flush().await?;
-        write_bounded(&mut self.io, &mut self.deadline, self.limits.idle_timeout, Some(data)).await
+        write_bounded(&mut self.io, &mut self.deadline, self.limits.send_stall, Some(data)).await
     }
 
     async fn flush(&mut self) -> io::Result<()> {
         if !self.out.is_empty() {
-            write_bounded(&mut self.io, &mut self.deadline, self.limits.idle_timeout, Some(&self.out)).await?;
+            write_bounded(&mut self.io, &mut self.deadline, self.limits.send_stall, Some(&self.out)).await?;
             self.out.clear();
         }
-        write_bounded(&mut self.io, &mut self.deadline, self.limits.idle_timeout, None).await
+        write_bounded(&mut self.io, &mut self.deadline, self.limits.send_stall, None).await
     }
 }
 

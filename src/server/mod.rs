@@ -27,7 +27,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::RequestBody;
-use crate::config::Limits;
+use crate::config::ConnectionLimits;
 use crate::gateway::{ConnInfo, Gateway};
 use crate::h1;
 use crate::h1::server::Ended;
@@ -83,13 +83,13 @@ impl Drop for ClientSlot {
 }
 
 /// Builds the HTTP server settings from the limits: hyper's header timeout needs a timer to work.
-pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+pub fn http_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
         // hyper's header timer also runs while a keep-alive connection idles, so it bounds idle time here;
         // the real header deadline is `conn_bounds`'s.
-        .header_read_timeout(limits.idle_timeout.max(limits.header_read_timeout))
+        .header_read_timeout(limits.idle.keep_alive.max(limits.header_read_timeout))
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true)
         .half_close(false);
@@ -99,7 +99,7 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .max_concurrent_streams(256)
         .max_pending_accept_reset_streams(Some(64))
         .max_local_error_reset_streams(Some(256))
-        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_interval(Some(limits.idle.connection))
         .keep_alive_timeout(Duration::from_secs(20));
     b
 }
@@ -195,27 +195,25 @@ async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let lean = {
-        let gateway = shared.gateway.load();
-        let limits = &gateway.config.limits;
-        h1::server::Limits {
-            header_read_timeout: limits.header_read_timeout,
-            idle_timeout: limits.idle_timeout,
-            max_header_bytes: limits.max_header_bytes,
-        }
+    let limits = shared.gateway.load().config.limits;
+    let bounds = h1::server::Bounds {
+        header_read_timeout: limits.header_read_timeout,
+        keep_alive: limits.idle.keep_alive,
+        send_stall: limits.idle.send_stall,
+        max_header_bytes: limits.max_header_bytes,
     };
     let (io, read, deadline, from_h1, served) = match h2 {
-        false => match serve_h1(io, &info, &shared, lean, shutdown.clone()).await {
+        false => match serve_h1(io, &info, &shared, bounds, shutdown.clone()).await {
             Ended::Closed => return,
             Ended::HandOver { io, read, deadline, served } => (io, read, deadline, true, served),
         },
-        true => (io, Bytes::new(), crate::h1::deadline::deadline_after(lean.header_read_timeout), false, false),
+        true => (io, Bytes::new(), crate::h1::deadline::deadline_after(limits.header_read_timeout), false, false),
     };
     // Boxed: hyper's connection state is only paid for by connections that reach it.
     if from_h1 && shared.is_draining() {
         // hyper-util's graceful watch would cancel its protocol detection and drop the request already read:
         // HTTP/1 only, this request served, then closed. The watcher is held so the drain still waits for it.
-        Box::pin(serve_last_http1(io, read, info, shared, lean, deadline)).await;
+        Box::pin(serve_last_http1(io, read, info, shared, limits, deadline)).await;
         drop(watcher);
         return;
     }
@@ -223,15 +221,15 @@ async fn serve<I>(
     // connection's first bytes (§3.3). A TLS connection that chose HTTP/1.1, or one that has served HTTP/1
     // requests, stays HTTP/1.
     let http1_only = from_h1 && (info.tls || served);
-    Box::pin(serve_hyper(io, read, info, shared, builder, (watcher, shutdown), lean, deadline, http1_only)).await
+    Box::pin(serve_hyper(io, read, info, shared, builder, (watcher, shutdown), limits, deadline, http1_only)).await
 }
 
 /// Serves HTTP/1.1 requests with the own codec until the connection closes or needs hyper.
-async fn serve_h1<I>(io: I, info: &ConnInfo, shared: &Shared, limits: h1::server::Limits, mut shutdown: watch::Receiver<bool>) -> Ended<I>
+async fn serve_h1<I>(io: I, info: &ConnInfo, shared: &Shared, bounds: h1::server::Bounds, mut shutdown: watch::Receiver<bool>) -> Ended<I>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut conn = h1::server::Conn::new(io, limits);
+    let mut conn = h1::server::Conn::new(io, bounds);
     // Unconstrained: a first poll with the task's budget spent would return Pending without registering.
     let changed = std::pin::pin!(tokio::task::unconstrained(shutdown.changed()));
     let mut shutdown = h1::server::Shutdown::new(changed, &shared.draining);
@@ -305,12 +303,12 @@ impl<I: AsyncWrite + Unpin, P: Unpin> AsyncWrite for Held<I, P> {
 }
 
 /// hyper's HTTP/1 server with the settings of `http_builder`'s HTTP/1 half, for connections that must stay HTTP/1.
-fn http1_builder(limits: &h1::server::Limits, keep_alive: bool) -> hyper::server::conn::http1::Builder {
+fn http1_builder(limits: &ConnectionLimits, keep_alive: bool) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new()).max_buf_size(limits.max_header_bytes.max(8192)).keep_alive(keep_alive).half_close(false);
     if keep_alive {
         // As in `http_builder`: hyper's header timer also bounds keep-alive idling.
-        b.header_read_timeout(limits.idle_timeout.max(limits.header_read_timeout));
+        b.header_read_timeout(limits.idle.keep_alive.max(limits.header_read_timeout));
     }
     b
 }
@@ -321,15 +319,15 @@ async fn serve_last_http1<I>(
     read: Bytes,
     info: ConnInfo,
     shared: Arc<Shared>,
-    lean: h1::server::Limits,
+    limits: ConnectionLimits,
     first_head_by: tokio::time::Instant,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = Arc::new(ConnState::default());
-    let io = HeaderDeadline::new(io, read, state.clone(), lean.header_read_timeout, first_head_by, lean.idle_timeout);
+    let io = HeaderDeadline::new(io, read, state.clone(), limits.header_read_timeout, first_head_by, limits.idle.send_stall);
     let peer = info.peer;
-    let b = http1_builder(&lean, false);
+    let b = http1_builder(&limits, false);
     if let Err(e) = b.serve_connection(TokioIo::new(io), gateway_service(info, shared, state)).with_upgrades().await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
@@ -365,7 +363,7 @@ fn gateway_service(
                 // that left the body unread.
                 in_flight.linger_on_close();
             }
-            let h2_idle = (version >= hyper::Version::HTTP_2).then_some(gateway.config.limits.idle_timeout);
+            let h2_idle = (version >= hyper::Version::HTTP_2).then_some(gateway.config.limits.idle.send_stall);
             Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, in_flight, h2_idle)))
         }
     })
@@ -381,23 +379,23 @@ async fn serve_hyper<I>(
     shared: Arc<Shared>,
     builder: &auto::Builder<TokioExecutor>,
     (watcher, shutdown): (Watcher, watch::Receiver<bool>),
-    limits: h1::server::Limits,
+    limits: ConnectionLimits,
     first_head_by: tokio::time::Instant,
     http1_only: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = Arc::new(ConnState::default());
-    let io = TokioIo::new(HeaderDeadline::new(io, read, state.clone(), limits.header_read_timeout, first_head_by, limits.idle_timeout));
+    let io = TokioIo::new(HeaderDeadline::new(io, read, state.clone(), limits.header_read_timeout, first_head_by, limits.idle.send_stall));
     let peer = info.peer;
     let service = gateway_service(info, shared, state.clone());
     // hyper-util's `http1_only` does nothing for a connection served with upgrades: hyper's own HTTP/1 server.
     let result = if http1_only {
         let conn = http1_builder(&limits, true).serve_connection(io, service).with_upgrades();
-        until_closed(conn, |c| c.graceful_shutdown(), &state, (watcher, shutdown), limits.idle_timeout).await.map_err(|e| e.to_string())
+        until_closed(conn, |c| c.graceful_shutdown(), &state, (watcher, shutdown), limits.idle.connection).await.map_err(|e| e.to_string())
     } else {
         let conn = builder.serve_connection_with_upgrades(io, service);
-        until_closed(conn, |c| c.graceful_shutdown(), &state, (watcher, shutdown), limits.idle_timeout).await.map_err(|e| e.to_string())
+        until_closed(conn, |c| c.graceful_shutdown(), &state, (watcher, shutdown), limits.idle.connection).await.map_err(|e| e.to_string())
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -405,7 +403,7 @@ async fn serve_hyper<I>(
 }
 
 /// Drives a hyper connection to its end, closing it gracefully (GOAWAY on HTTP/2) when the drain begins or when
-/// it has served nothing for a whole `idle_timeout` (checked once per `idle_timeout`, so closed within twice
+/// it has served nothing for a whole `idle` period (checked once per period, so closed within twice
 /// it): an HTTP/2 client answers hyper's pings, so without this an idle connection would hold its
 /// `max_connections` place for ever. The watcher is held until the end, so the drain waits for it.
 async fn until_closed<C: Future>(
@@ -413,10 +411,10 @@ async fn until_closed<C: Future>(
     graceful_shutdown: impl Fn(std::pin::Pin<&mut C>),
     state: &ConnState,
     (watcher, mut shutdown): (Watcher, watch::Receiver<bool>),
-    idle_timeout: Duration,
+    idle: Duration,
 ) -> C::Output {
     let mut conn = std::pin::pin!(conn);
-    let mut idle_check = tokio::time::interval_at(tokio::time::Instant::now() + idle_timeout, idle_timeout);
+    let mut idle_check = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
     // Never two checks back to back (a late one would otherwise be followed by a catch-up one at once).
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Idle at the last check with nothing begun since, and idle now: idle for a whole period at least.

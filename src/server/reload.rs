@@ -60,7 +60,7 @@ async fn try_reload(shared: &Shared) -> Result<(), ReloadError> {
     let (o, n) = (&started.limits, &config.limits);
     if o.max_connections != n.max_connections
         || o.max_header_bytes != n.max_header_bytes
-        || o.idle_timeout != n.idle_timeout
+        || o.idle != n.idle
         || o.drain_timeout != n.drain_timeout
     {
         tracing::warn!(
