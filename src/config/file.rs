@@ -15,7 +15,7 @@ use super::TlsVersion;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileConfig {
-    pub(super) listen: ListenFile,
+    pub(super) listen: Spanned<ListenFile>,
     pub(super) tls: Option<TlsFile>,
     #[serde(default)]
     pub(super) limits: LimitsFile,
@@ -94,17 +94,17 @@ pub(super) struct TlsFile {
 pub(super) struct LimitsFile {
     pub(super) max_header_bytes: Option<SizeValue>,
     pub(super) max_body_bytes: Option<SizeValue>,
-    pub(super) header_read_timeout: Option<DurationValue>,
-    pub(super) idle_timeout: Option<DurationValue>,
-    pub(super) max_connections: Option<usize>,
-    pub(super) max_connections_per_client: Option<usize>,
+    pub(super) header_read_timeout: Option<Spanned<DurationValue>>,
+    pub(super) idle_timeout: Option<Spanned<DurationValue>>,
+    pub(super) max_connections: Option<Spanned<usize>>,
+    pub(super) max_connections_per_client: Option<Spanned<usize>>,
     pub(super) drain_timeout: Option<DurationValue>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ServerFile {
-    pub(super) worker_threads: Option<usize>,
+    pub(super) worker_threads: Option<Spanned<usize>>,
     pub(super) access_log: Option<bool>,
 }
 
@@ -209,7 +209,7 @@ pub(super) struct RateLimitFile {
     #[serde(default)]
     pub(super) trusted_proxies: Vec<Spanned<String>>,
     pub(super) global: Option<Spanned<LimitFile>>,
-    pub(super) ipv6_prefix: Option<u8>,
+    pub(super) ipv6_prefix: Option<Spanned<u8>>,
     pub(super) forwarded_header: Option<Spanned<String>>,
 }
 
@@ -217,7 +217,7 @@ pub(super) struct RateLimitFile {
 #[serde(deny_unknown_fields)]
 pub(super) struct IdentityFile {
     #[serde(default)]
-    pub(super) headers: BTreeMap<String, String>,
+    pub(super) headers: BTreeMap<Spanned<String>, String>,
     #[serde(default = "yes")]
     pub(super) forward_authorization: bool,
 }

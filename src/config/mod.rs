@@ -6,6 +6,8 @@
 mod file;
 mod issuers;
 mod routes;
+#[cfg(test)]
+mod tests;
 mod token_endpoint;
 mod units;
 mod validate;

@@ -1,279 +1,295 @@
-    use super::*;
+use super::validate::{is_serialized_origin, lenient_ipv4, origin_host};
+use super::*;
 
-    #[test]
-    fn durations_and_sizes() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("").is_err());
-        assert_eq!(parse_size("64KiB"), Ok(65536));
-        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
-        assert!(parse_size("10XB").is_err());
-    }
+#[test]
+fn durations_and_sizes() {
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+    assert!(parse_duration("5 parsecs").is_err());
+    assert!(parse_duration("").is_err());
+    assert_eq!(parse_size("64KiB"), Ok(65536));
+    assert_eq!(parse_size("10MiB"), Ok(10 << 20));
+    assert!(parse_size("10XB").is_err());
+}
 
-    #[test]
-    fn one_iss_may_be_configured_only_once() {
-        let issuer = |id: &str| {
-            format!("[[issuers]]\nid = \"{id}\"\nissuer = \"https://idp.test\"\nalgorithms = [\"HS256\"]\nsecret_env = \"PATH\"\n")
-        };
-        let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n{}{}", issuer("a"), issuer("b"));
-        let err = Config::from_toml(Path::new("dup.toml"), &text).expect_err("duplicate iss must not load").to_string();
-        assert!(err.contains("configured twice"), "{err}");
-    }
+#[test]
+fn one_iss_may_be_configured_only_once() {
+    let issuer =
+        |id: &str| format!("[[issuers]]\nid = \"{id}\"\nissuer = \"https://idp.test\"\nalgorithms = [\"HS256\"]\nsecret_env = \"PATH\"\n");
+    let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n{}{}", issuer("a"), issuer("b"));
+    let err = Config::from_toml(Path::new("dup.toml"), &text).expect_err("duplicate iss must not load").to_string();
+    assert!(err.contains("configured twice"), "{err}");
+}
 
-    #[test]
-    fn case_insensitive_paths_must_be_ascii() {
-        let text = |path: &str, ci: bool| {
-            format!(
-                "[listen]\nhttp = \"127.0.0.1:0\"\n[routing]\ncase_insensitive = {ci}\n[upstreams.a]\nurl = \"http://127.0.0.1:1\"\n\
+#[test]
+fn case_insensitive_paths_must_be_ascii() {
+    let text = |path: &str, ci: bool| {
+        format!(
+            "[listen]\nhttp = \"127.0.0.1:0\"\n[routing]\ncase_insensitive = {ci}\n[upstreams.a]\nurl = \"http://127.0.0.1:1\"\n\
                  [[routes]]\nname = \"r\"\npath = \"{path}\"\nupstream = \"a\"\nauth = \"public\"\n"
-            )
-        };
-        let e = Config::from_toml(Path::new("g.toml"), &text("/café/*", true)).map(|_| ()).unwrap_err().to_string();
-        assert!(e.contains("must be ASCII"), "{e}");
-        Config::from_toml(Path::new("g.toml"), &text("/café/*", false)).expect("case-sensitive non-ASCII");
-        Config::from_toml(Path::new("g.toml"), &text("/cafe/*", true)).expect("case-insensitive ASCII");
-    }
+        )
+    };
+    let e = Config::from_toml(Path::new("g.toml"), &text("/café/*", true)).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("must be ASCII"), "{e}");
+    Config::from_toml(Path::new("g.toml"), &text("/café/*", false)).expect("case-sensitive non-ASCII");
+    Config::from_toml(Path::new("g.toml"), &text("/cafe/*", true)).expect("case-insensitive ASCII");
+}
 
-    #[test]
-    fn upstream_hosts_are_compared_as_resolvers_read_them() {
-        assert_eq!(lenient_ipv4("127.1"), Some(std::net::Ipv4Addr::new(127, 0, 0, 1)));
-        assert_eq!(lenient_ipv4("0x7f.0.0.1"), Some(std::net::Ipv4Addr::new(127, 0, 0, 1)));
-        assert_eq!(lenient_ipv4("017700000001"), Some(std::net::Ipv4Addr::new(127, 0, 0, 1)));
-        assert_eq!(lenient_ipv4("10.1.2"), Some(std::net::Ipv4Addr::new(10, 1, 0, 2)));
-        for bad in ["api", "1..2", "256.1.1.1", "1.2.3.4.5", "0x", "+1.2.3.4", "1.2.3.256", ""] {
-            assert_eq!(lenient_ipv4(bad), None, "{bad}");
-        }
-        assert_eq!(origin_host("api.internal."), "api.internal");
-        assert_eq!(origin_host("[::1]"), "loopback");
-        assert_eq!(origin_host("10.000.0.1"), "10.0.0.1");
+#[test]
+fn upstream_hosts_are_compared_as_resolvers_read_them() {
+    assert_eq!(lenient_ipv4("127.1"), Some(std::net::Ipv4Addr::new(127, 0, 0, 1)));
+    assert_eq!(lenient_ipv4("0x7f.0.0.1"), Some(std::net::Ipv4Addr::new(127, 0, 0, 1)));
+    assert_eq!(lenient_ipv4("017700000001"), Some(std::net::Ipv4Addr::new(127, 0, 0, 1)));
+    assert_eq!(lenient_ipv4("10.1.2"), Some(std::net::Ipv4Addr::new(10, 1, 0, 2)));
+    for bad in ["api", "1..2", "256.1.1.1", "1.2.3.4.5", "0x", "+1.2.3.4", "1.2.3.256", ""] {
+        assert_eq!(lenient_ipv4(bad), None, "{bad}");
     }
+    assert_eq!(origin_host("api.internal."), "api.internal");
+    assert_eq!(origin_host("[::1]"), "loopback");
+    assert_eq!(origin_host("10.000.0.1"), "10.0.0.1");
+}
 
-    #[test]
-    fn a_stripping_route_may_not_forward_into_stricter_routes_of_its_upstream() {
-        let load = |routes: &str| {
-            let text = format!(
-                "[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.a]\nurl = \"http://127.0.0.1:1\"\n[upstreams.b]\nurl = \"http://127.0.0.1:1\"\n\
+#[test]
+fn a_stripping_route_may_not_forward_into_stricter_routes_of_its_upstream() {
+    let load = |routes: &str| {
+        let text = format!(
+            "[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.a]\nurl = \"http://127.0.0.1:1\"\n[upstreams.b]\nurl = \"http://127.0.0.1:1\"\n\
                  [upstreams.other]\nurl = \"http://127.0.0.1:2\"\n[[issuers]]\nid = \"i\"\nissuer = \"https://idp.test\"\n\
                  algorithms = [\"HS256\"]\nsecret_env = \"PATH\"\n{routes}"
-            );
-            Config::from_toml(Path::new("g.toml"), &text).map(|_| ()).map_err(|e| e.to_string())
-        };
-        let route = |name: &str, path: &str, up: &str, rest: &str| {
-            format!("[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nupstream = \"{up}\"\n{rest}\n")
-        };
-        let admin = route("admin", "/admin/*", "a", "roles_any = [\"admin\"]");
-        let profile = route("profile", "/users/{id}", "a", "claims = { sub = \"{id}\" }\nbypass_roles = [\"admin\"]");
+        );
+        Config::from_toml(Path::new("g.toml"), &text).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let route = |name: &str, path: &str, up: &str, rest: &str| {
+        format!("[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nupstream = \"{up}\"\n{rest}\n")
+    };
+    let admin = route("admin", "/admin/*", "a", "roles_any = [\"admin\"]");
+    let profile = route("profile", "/users/{id}", "a", "claims = { sub = \"{id}\" }\nbypass_roles = [\"admin\"]");
 
-        // Any token, stripped to "/*", on the same upstream, or on another name for the same origin: refused.
-        for up in ["a", "b"] {
-            let e = load(&format!("{admin}{}", route("api", "/api/*", up, "strip_prefix = \"/api\""))).expect_err("a bypass must not load");
-            assert!(e.contains("route \"api\" strips \"/api\"") && e.contains("route \"admin\" (\"/admin/*\")"), "{e}");
-        }
-        // Public, stripped to "/users/{id}": refused (the claim rule is skipped); an admin-only route may (admins bypass it).
-        let e = load(&format!("{profile}{}", route("v2", "/v2/users/*", "a", "auth = \"public\"\nstrip_prefix = \"/v2\""))).unwrap_err();
-        assert!(e.contains("\"profile\""), "{e}");
-        load(&format!("{profile}{}", route("v2", "/v2/users/*", "a", "roles_any = [\"admin\"]\nstrip_prefix = \"/v2\"")))
-            .expect("admins bypass the claim");
-
-        // Two stripping routes compare what each forwards: public "/up/x" and token-only "/pup/x" both reach "/x".
-        let pup = route("pup", "/pup/*", "a", "strip_prefix = \"/pup\"");
-        let e = load(&format!("{pup}{}", route("up", "/up/*", "a", "auth = \"public\"\nstrip_prefix = \"/up\""))).unwrap_err();
-        assert!(e.contains("route \"up\" strips") && e.contains("\"pup\""), "{e}");
-
-        // The same server under another spelling, and a trailing slash, do not escape the check.
-        for host in ["localhost", "127.1", "0x7f.0.0.1", "2130706433", "[::ffff:127.0.0.1]", "0.0.0.0", "127.0.0.1.", "LocalHost"] {
-            let spelled = format!("[upstreams.c]\nurl = \"http://{host}:1/\"\n");
-            let e = load(&format!("{admin}{}{spelled}", route("api", "/api/*", "c", "strip_prefix = \"/api\""))).expect_err(host);
-            assert!(e.contains("\"admin\""), "{host}: {e}");
-        }
-        let users = route("users", "/users", "a", "roles_any = [\"admin\"]");
-        let e = load(&format!("{users}{}", route("v1", "/v1/users/", "a", "strip_prefix = \"/v1\""))).unwrap_err();
-        assert!(e.contains("\"users\""), "{e}");
-        // A public route may not strip into an optional one: it passes on tokens the optional route would refuse.
-        let maybe = route("maybe", "/maybe/*", "a", "auth = \"optional\"");
-        assert!(load(&format!("{maybe}{}", route("p", "/p/*", "a", "auth = \"public\"\nstrip_prefix = \"/p\""))).is_err());
-        load(&format!("{maybe}{}", route("r", "/r/*", "a", "strip_prefix = \"/r\""))).expect("a token route into an optional one");
-
-        // Allowed: another origin; paths that cannot meet; rules as strict or stricter; a weaker route.
-        load(&format!("{admin}{}", route("api", "/api/*", "other", "strip_prefix = \"/api\""))).expect("another origin");
-        let elsewhere = "[upstreams.c]\nurl = \"http://10.0.0.1:1/\"\n";
-        load(&format!("{admin}{}{elsewhere}", route("api", "/api/*", "c", "strip_prefix = \"/api\""))).expect("another host");
-        load(&format!("{admin}{}", route("api", "/api/items/*", "a", "strip_prefix = \"/api\""))).expect("stripped into /items/* only");
-        load(&format!("{admin}{}", route("api", "/api/*", "a", "roles_all = [\"admin\", \"ops\"]\nstrip_prefix = \"/api\"")))
-            .expect("stricter rules");
-        let public = route("public", "/public/*", "a", "auth = \"public\"");
-        load(&format!("{public}{}", route("v1", "/v1/*", "a", "strip_prefix = \"/v1\""))).expect("into a public route");
-        // A prefix the route's paths never start with strips nothing.
-        load(&format!("{admin}{}", route("api", "/api/*", "a", "strip_prefix = \"/apx\""))).expect("nothing stripped");
+    // Any token, stripped to "/*", on the same upstream, or on another name for the same origin: refused.
+    for up in ["a", "b"] {
+        let e = load(&format!("{admin}{}", route("api", "/api/*", up, "strip_prefix = \"/api\""))).expect_err("a bypass must not load");
+        assert!(e.contains("route \"api\" strips \"/api\"") && e.contains("route \"admin\" (\"/admin/*\")"), "{e}");
     }
+    // Public, stripped to "/users/{id}": refused (the claim rule is skipped); an admin-only route may (admins bypass it).
+    let e = load(&format!("{profile}{}", route("v2", "/v2/users/*", "a", "auth = \"public\"\nstrip_prefix = \"/v2\""))).unwrap_err();
+    assert!(e.contains("\"profile\""), "{e}");
+    load(&format!("{profile}{}", route("v2", "/v2/users/*", "a", "roles_any = [\"admin\"]\nstrip_prefix = \"/v2\"")))
+        .expect("admins bypass the claim");
 
-    #[test]
-    fn zero_timeouts_do_not_load() {
-        for key in ["idle_timeout", "header_read_timeout"] {
-            let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n[limits]\n{key} = \"0s\"\n");
-            let e = Config::from_toml(Path::new("g.toml"), &text).map(|_| ()).expect_err("a zero timeout").to_string();
-            assert!(e.contains(key), "{e}");
-        }
+    // Two stripping routes compare what each forwards: public "/up/x" and token-only "/pup/x" both reach "/x".
+    let pup = route("pup", "/pup/*", "a", "strip_prefix = \"/pup\"");
+    let e = load(&format!("{pup}{}", route("up", "/up/*", "a", "auth = \"public\"\nstrip_prefix = \"/up\""))).unwrap_err();
+    assert!(e.contains("route \"up\" strips") && e.contains("\"pup\""), "{e}");
+
+    // The same server under another spelling, and a trailing slash, do not escape the check.
+    for host in ["localhost", "127.1", "0x7f.0.0.1", "2130706433", "[::ffff:127.0.0.1]", "0.0.0.0", "127.0.0.1.", "LocalHost"] {
+        let spelled = format!("[upstreams.c]\nurl = \"http://{host}:1/\"\n");
+        let e = load(&format!("{admin}{}{spelled}", route("api", "/api/*", "c", "strip_prefix = \"/api\""))).expect_err(host);
+        assert!(e.contains("\"admin\""), "{host}: {e}");
     }
+    let users = route("users", "/users", "a", "roles_any = [\"admin\"]");
+    let e = load(&format!("{users}{}", route("v1", "/v1/users/", "a", "strip_prefix = \"/v1\""))).unwrap_err();
+    assert!(e.contains("\"users\""), "{e}");
+    // A public route may not strip into an optional one: it passes on tokens the optional route would refuse.
+    let maybe = route("maybe", "/maybe/*", "a", "auth = \"optional\"");
+    assert!(load(&format!("{maybe}{}", route("p", "/p/*", "a", "auth = \"public\"\nstrip_prefix = \"/p\""))).is_err());
+    load(&format!("{maybe}{}", route("r", "/r/*", "a", "strip_prefix = \"/r\""))).expect("a token route into an optional one");
 
-    #[test]
-    fn cors_origins_must_be_written_as_browsers_send_them() {
-        for ok in ["https://app.example.com", "http://localhost:3000", "https://[::1]:8443", "http://[::1]", "capacitor://localhost"] {
-            assert!(is_serialized_origin(ok), "{ok}");
-        }
-        for bad in [
-            "https://app.example.com/",
-            "https://app.example.com/path",
-            "https://APP.example.com",
-            "HTTPS://app.example.com",
-            "https://app.example.com:443",
-            "http://app.example.com:80",
-            "https://*.example.com",
-            "https://a.com, https://b.com",
-            "file://",
-            "app.example.com",
-        ] {
-            assert!(!is_serialized_origin(bad), "{bad}");
-        }
+    // Allowed: another origin; paths that cannot meet; rules as strict or stricter; a weaker route.
+    load(&format!("{admin}{}", route("api", "/api/*", "other", "strip_prefix = \"/api\""))).expect("another origin");
+    let elsewhere = "[upstreams.c]\nurl = \"http://10.0.0.1:1/\"\n";
+    load(&format!("{admin}{}{elsewhere}", route("api", "/api/*", "c", "strip_prefix = \"/api\""))).expect("another host");
+    load(&format!("{admin}{}", route("api", "/api/items/*", "a", "strip_prefix = \"/api\""))).expect("stripped into /items/* only");
+    load(&format!("{admin}{}", route("api", "/api/*", "a", "roles_all = [\"admin\", \"ops\"]\nstrip_prefix = \"/api\"")))
+        .expect("stricter rules");
+    let public = route("public", "/public/*", "a", "auth = \"public\"");
+    load(&format!("{public}{}", route("v1", "/v1/*", "a", "strip_prefix = \"/v1\""))).expect("into a public route");
+    // A prefix the route's paths never start with strips nothing.
+    load(&format!("{admin}{}", route("api", "/api/*", "a", "strip_prefix = \"/apx\""))).expect("nothing stripped");
+}
+
+#[test]
+fn zero_timeouts_do_not_load() {
+    for key in ["idle_timeout", "header_read_timeout"] {
+        let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n[limits]\n{key} = \"0s\"\n");
+        let e = Config::from_toml(Path::new("g.toml"), &text).map(|_| ()).expect_err("a zero timeout").to_string();
+        assert!(e.contains(key), "{e}");
     }
+}
 
-    #[test]
-    fn the_forwarded_header_is_one_of_two_fields() {
-        let load = |h: &str| {
-            Config::from_toml(Path::new("g.toml"), &format!("[listen]\nhttp = \"127.0.0.1:0\"\n[rate_limit]\nforwarded_header = \"{h}\"\n"))
-        };
-        assert_eq!(load("Forwarded").map(|c| c.forwarded_from).ok(), Some(crate::edge::ratelimit::ForwardedFrom::Forwarded));
-        assert_eq!(load("x-forwarded-for").map(|c| c.forwarded_from).ok(), Some(crate::edge::ratelimit::ForwardedFrom::XForwardedFor));
-        let e = load("x-real-ip").map(|_| ()).expect_err("another field").to_string();
-        assert!(e.contains("forwarded_header"), "{e}");
+#[test]
+fn limits_server_listen_and_identity_errors_are_located_at_their_key() {
+    let text = "[listen]\nadmin = \"127.0.0.1:0\"\n[limits]\nmax_connections = 0\nidle_timeout = \"0s\"\n\
+                    [server]\nworker_threads = 0\n[rate_limit]\nipv6_prefix = 129\n[identity]\nheaders = { \"bad name\" = \"sub\" }\n";
+    let err = Config::from_toml(Path::new("g.toml"), text).map(|_| ()).expect_err("five mistakes");
+    let at = |needle: &str| {
+        let p = err.problems().iter().find(|p| p.message.contains(needle)).unwrap_or_else(|| panic!("no problem about {needle}: {err}"));
+        (p.line, p.column)
+    };
+    assert_eq!(at("needs `https` or `http`"), (1, 1));
+    assert_eq!(at("max_connections"), (4, 19));
+    assert_eq!(at("idle_timeout"), (5, 16));
+    assert_eq!(at("worker_threads"), (7, 18));
+    assert_eq!(at("ipv6_prefix"), (9, 15));
+    assert_eq!(at("header name"), (11, 13));
+}
+
+#[test]
+fn cors_origins_must_be_written_as_browsers_send_them() {
+    for ok in ["https://app.example.com", "http://localhost:3000", "https://[::1]:8443", "http://[::1]", "capacitor://localhost"] {
+        assert!(is_serialized_origin(ok), "{ok}");
     }
-
-    #[test]
-    fn an_ipv6_prefix_longer_than_an_address_does_not_load() {
-        let load = |n: u32| {
-            Config::from_toml(Path::new("g.toml"), &format!("[listen]\nhttp = \"127.0.0.1:0\"\n[rate_limit]\nipv6_prefix = {n}\n"))
-        };
-        assert!(load(128).is_ok());
-        let e = load(129).map(|_| ()).expect_err("129 bits").to_string();
-        assert!(e.contains("ipv6_prefix 129"), "{e}");
+    for bad in [
+        "https://app.example.com/",
+        "https://app.example.com/path",
+        "https://APP.example.com",
+        "HTTPS://app.example.com",
+        "https://app.example.com:443",
+        "http://app.example.com:80",
+        "https://*.example.com",
+        "https://a.com, https://b.com",
+        "file://",
+        "app.example.com",
+    ] {
+        assert!(!is_serialized_origin(bad), "{bad}");
     }
+}
 
-    #[test]
-    fn an_identity_provider_without_audiences_is_warned_about() {
-        let load = |audiences: &str| {
-            let text = format!(
-                "[listen]\nhttp = \"127.0.0.1:0\"\n[[issuers]]\nid = \"idp\"\nissuer = \"https://idp.test\"\n\
+#[test]
+fn the_forwarded_header_is_one_of_two_fields() {
+    let load = |h: &str| {
+        Config::from_toml(Path::new("g.toml"), &format!("[listen]\nhttp = \"127.0.0.1:0\"\n[rate_limit]\nforwarded_header = \"{h}\"\n"))
+    };
+    assert_eq!(load("Forwarded").map(|c| c.forwarded_from).ok(), Some(crate::edge::ratelimit::ForwardedFrom::Forwarded));
+    assert_eq!(load("x-forwarded-for").map(|c| c.forwarded_from).ok(), Some(crate::edge::ratelimit::ForwardedFrom::XForwardedFor));
+    let e = load("x-real-ip").map(|_| ()).expect_err("another field").to_string();
+    assert!(e.contains("forwarded_header"), "{e}");
+}
+
+#[test]
+fn an_ipv6_prefix_longer_than_an_address_does_not_load() {
+    let load =
+        |n: u32| Config::from_toml(Path::new("g.toml"), &format!("[listen]\nhttp = \"127.0.0.1:0\"\n[rate_limit]\nipv6_prefix = {n}\n"));
+    assert!(load(128).is_ok());
+    let e = load(129).map(|_| ()).expect_err("129 bits").to_string();
+    assert!(e.contains("ipv6_prefix 129"), "{e}");
+}
+
+#[test]
+fn an_identity_provider_without_audiences_is_warned_about() {
+    let load = |audiences: &str| {
+        let text = format!(
+            "[listen]\nhttp = \"127.0.0.1:0\"\n[[issuers]]\nid = \"idp\"\nissuer = \"https://idp.test\"\n\
                  algorithms = [\"RS256\"]\njwks_url = \"https://idp.test/keys\"\n{audiences}"
-            );
-            Config::from_toml(Path::new("g.toml"), &text).expect("loads").warnings.iter().map(|w| w.message.clone()).collect::<Vec<_>>()
-        };
-        let w = load("");
-        assert!(w.iter().any(|w| w.contains("issuer \"idp\" has no `audiences`") && w.contains("ID tokens")), "{w:?}");
-        assert!(load("audiences = [\"api\"]").is_empty());
-    }
+        );
+        Config::from_toml(Path::new("g.toml"), &text).expect("loads").warnings.iter().map(|w| w.message.clone()).collect::<Vec<_>>()
+    };
+    let w = load("");
+    assert!(w.iter().any(|w| w.contains("issuer \"idp\" has no `audiences`") && w.contains("ID tokens")), "{w:?}");
+    assert!(load("audiences = [\"api\"]").is_empty());
+}
 
-    #[test]
-    fn a_subject_limit_on_a_public_route_is_warned_about() {
-        let load = |auth: &str, key: &str| {
-            let text = format!(
-                "[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.api]\nurl = \"http://127.0.0.1:9\"\n[[issuers]]\nid = \"i\"\n\
+#[test]
+fn a_subject_limit_on_a_public_route_is_warned_about() {
+    let load = |auth: &str, key: &str| {
+        let text = format!(
+            "[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.api]\nurl = \"http://127.0.0.1:9\"\n[[issuers]]\nid = \"i\"\n\
                  issuer = \"https://i.test\"\naudiences = [\"api\"]\nalgorithms = [\"RS256\"]\njwks_url = \"https://i.test/keys\"\n\
                  [[routes]]\nname = \"r\"\npath = \"/*\"\nupstream = \"api\"\nauth = \"{auth}\"\n\
                  rate_limit = {{ key = \"{key}\", rate = \"1/s\" }}\n"
-            );
-            Config::from_toml(Path::new("g.toml"), &text).expect("loads").warnings.iter().map(|w| w.message.clone()).collect::<Vec<_>>()
-        };
-        for key in ["subject", "claim:tenant"] {
-            let w = load("public", key);
-            assert!(w.iter().any(|w| w.contains("is public") && w.contains("client address")), "{key}: {w:?}");
-            assert!(load("required", key).is_empty(), "{key}");
-        }
-        assert!(load("public", "ip").is_empty());
+        );
+        Config::from_toml(Path::new("g.toml"), &text).expect("loads").warnings.iter().map(|w| w.message.clone()).collect::<Vec<_>>()
+    };
+    for key in ["subject", "claim:tenant"] {
+        let w = load("public", key);
+        assert!(w.iter().any(|w| w.contains("is public") && w.contains("client address")), "{key}: {w:?}");
+        assert!(load("required", key).is_empty(), "{key}");
     }
+    assert!(load("public", "ip").is_empty());
+}
 
-    #[test]
-    fn an_upstream_ca_file_must_be_a_readable_pem_ca_and_only_for_https() {
-        let dir = std::env::temp_dir().join(format!("portcullis-ca-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        std::fs::write(dir.join("empty.pem"), "not a certificate\n").expect("write");
-        let load = |url: &str, ca: &str| {
-            let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.u]\nurl = \"{url}\"\nca_file = \"{ca}\"\n");
-            Config::from_toml(&dir.join("gateway.toml"), &text).map(|_| ()).map_err(|e| e.to_string())
-        };
-        let e = load("http://127.0.0.1:1", "empty.pem").expect_err("ca_file on http");
-        assert!(e.contains("https:// upstreams only") && e.contains(":4:7"), "{e}");
-        let e = load("https://127.0.0.1:1", "missing.pem").expect_err("unreadable ca_file");
-        assert!(e.contains("missing.pem"), "{e}");
-        let e = load("https://127.0.0.1:1", "empty.pem").expect_err("a file without certificates");
-        assert!(e.contains("no PEM certificate"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+#[test]
+fn an_upstream_ca_file_must_be_a_readable_pem_ca_and_only_for_https() {
+    let dir = std::env::temp_dir().join(format!("portcullis-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("empty.pem"), "not a certificate\n").expect("write");
+    let load = |url: &str, ca: &str| {
+        let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.u]\nurl = \"{url}\"\nca_file = \"{ca}\"\n");
+        Config::from_toml(&dir.join("gateway.toml"), &text).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let e = load("http://127.0.0.1:1", "empty.pem").expect_err("ca_file on http");
+    assert!(e.contains("https:// upstreams only") && e.contains(":4:7"), "{e}");
+    let e = load("https://127.0.0.1:1", "missing.pem").expect_err("unreadable ca_file");
+    assert!(e.contains("missing.pem"), "{e}");
+    let e = load("https://127.0.0.1:1", "empty.pem").expect_err("a file without certificates");
+    assert!(e.contains("no PEM certificate"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
-    #[test]
-    fn line_col_counts_from_one() {
-        assert_eq!(line_col("ab\ncd", 0), (1, 1));
-        assert_eq!(line_col("ab\ncd", 4), (2, 2));
-    }
+#[test]
+fn line_col_counts_from_one() {
+    assert_eq!(line_col("ab\ncd", 0), (1, 1));
+    assert_eq!(line_col("ab\ncd", 4), (2, 2));
+}
 
-    #[test]
-    fn mutated_configs_are_refused_with_locations_never_a_panic() {
-        // Seeded edits of the shipped gateway.toml (lines dropped, repeated or swapped; values retyped; stray and
-        // non-ASCII characters): `check` either accepts the result or locates every problem in it.
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
-        let shipped = std::fs::read_to_string(&path).unwrap();
-        assert!(Config::check(&path).is_ok(), "the shipped config checks");
-        const PIECES: [&str; 16] = ["\"", "'", "=", "[", "]", "{", "}", ",", "#", "\n", "é", "0", "-1", "\"\"", "true", "[[routes]]\n"];
-        let seed = std::env::var("PORTCULLIS_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x2545_F491_4F6C_DD1Du64);
-        let mut state = seed | 1;
-        let mut next = |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n.max(1) as u64) as usize
-        };
-        let (mut refused, mut accepted) = (0, 0);
-        for round in 0..1500 {
-            let mut lines: Vec<String> = shipped.lines().map(str::to_string).collect();
-            for _ in 0..1 + next(3) {
-                let at = next(lines.len());
-                match next(6) {
-                    0 => drop(lines.remove(at)),
-                    1 => lines.insert(at, lines[at].clone()),
-                    2 => {
-                        let other = next(lines.len());
-                        lines.swap(at, other);
-                    }
-                    3 => {
-                        // A value of another type, or none.
-                        if let Some((key, _)) = lines[at].split_once(" = ") {
-                            lines[at] = format!("{key} = {}", ["1", "\"x\"", "[]", "{}", "true", "\"10x\"", ""][next(7)]);
-                        }
-                    }
-                    _ => {
-                        let line = &mut lines[at];
-                        let mut cut = next(line.len() + 1);
-                        while !line.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        line.insert_str(cut, PIECES[next(PIECES.len())]);
+#[test]
+fn mutated_configs_are_refused_with_locations_never_a_panic() {
+    // Seeded edits of the shipped gateway.toml (lines dropped, repeated or swapped; values retyped; stray and
+    // non-ASCII characters): `check` either accepts the result or locates every problem in it.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
+    let shipped = std::fs::read_to_string(&path).unwrap();
+    assert!(Config::check(&path).is_ok(), "the shipped config checks");
+    const PIECES: [&str; 16] = ["\"", "'", "=", "[", "]", "{", "}", ",", "#", "\n", "é", "0", "-1", "\"\"", "true", "[[routes]]\n"];
+    let seed = std::env::var("PORTCULLIS_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x2545_F491_4F6C_DD1Du64);
+    let mut state = seed | 1;
+    let mut next = |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n.max(1) as u64) as usize
+    };
+    let (mut refused, mut accepted) = (0, 0);
+    for round in 0..1500 {
+        let mut lines: Vec<String> = shipped.lines().map(str::to_string).collect();
+        for _ in 0..1 + next(3) {
+            let at = next(lines.len());
+            match next(6) {
+                0 => drop(lines.remove(at)),
+                1 => lines.insert(at, lines[at].clone()),
+                2 => {
+                    let other = next(lines.len());
+                    lines.swap(at, other);
+                }
+                3 => {
+                    // A value of another type, or none.
+                    if let Some((key, _)) = lines[at].split_once(" = ") {
+                        lines[at] = format!("{key} = {}", ["1", "\"x\"", "[]", "{}", "true", "\"10x\"", ""][next(7)]);
                     }
                 }
-            }
-            let text = lines.join("\n");
-            match Config::parse(&path, &text, false) {
-                Ok(_) => accepted += 1,
-                Err(ConfigError::Invalid { problems, .. }) => {
-                    refused += 1;
-                    let line_count = text.lines().count().max(1);
-                    assert!(!problems.is_empty(), "round {round}: refused without a problem");
-                    for p in &problems {
-                        assert!(p.line >= 1 && p.line <= line_count + 1 && p.column >= 1, "round {round} (seed {seed}): {p:?} in\n{text}");
-                        assert!(!p.message.is_empty(), "round {round}: {p:?}");
+                _ => {
+                    let line = &mut lines[at];
+                    let mut cut = next(line.len() + 1);
+                    while !line.is_char_boundary(cut) {
+                        cut -= 1;
                     }
+                    line.insert_str(cut, PIECES[next(PIECES.len())]);
                 }
-                Err(e) => panic!("round {round}: {e}"),
             }
         }
-        assert!(refused > 300 && accepted > 100, "refused {refused}, accepted {accepted}: the edits test little");
+        let text = lines.join("\n");
+        match Config::parse(&path, &text, false) {
+            Ok(_) => accepted += 1,
+            Err(ConfigError::Invalid { problems, .. }) => {
+                refused += 1;
+                let line_count = text.lines().count().max(1);
+                assert!(!problems.is_empty(), "round {round}: refused without a problem");
+                for p in &problems {
+                    assert!(p.line >= 1 && p.line <= line_count + 1 && p.column >= 1, "round {round} (seed {seed}): {p:?} in\n{text}");
+                    assert!(!p.message.is_empty(), "round {round}: {p:?}");
+                }
+            }
+            Err(e) => panic!("round {round}: {e}"),
+        }
     }
+    assert!(refused > 300 && accepted > 100, "refused {refused}, accepted {accepted}: the edits test little");
+}

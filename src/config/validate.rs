@@ -32,36 +32,38 @@ impl Validator<'_> {
     }
 
     pub(super) fn config(&mut self, path: &Path, f: FileConfig) -> Config {
-        let listen = Listen { https: self.addr(&f.listen.https), http: self.addr(&f.listen.http), admin: self.addr(&f.listen.admin) };
-        if f.listen.https.is_none() && f.listen.http.is_none() {
-            self.error(0..0, "[listen] needs `https` or `http`");
+        let listen_span = f.listen.span();
+        let l = f.listen.into_inner();
+        let listen = Listen { https: self.addr(&l.https), http: self.addr(&l.http), admin: self.addr(&l.admin) };
+        if l.https.is_none() && l.http.is_none() {
+            self.error(listen_span, "[listen] needs `https` or `http`");
         }
         let tls = f.tls.map(|t| self.tls(t));
-        if let (Some(https), None) = (&f.listen.https, &tls) {
+        if let (Some(https), None) = (&l.https, &tls) {
             self.error(https.span(), "`listen.https` needs a [tls] section");
         }
         let d = |v: Option<DurationValue>, default: u64| v.map_or(Duration::from_secs(default), |d| d.0);
         let max_header_bytes = f.limits.max_header_bytes.map_or(32 * 1024, |s| s.0);
-        let idle = d(f.limits.idle_timeout, 60);
+        let lf = &f.limits;
+        let idle = lf.idle_timeout.as_ref().map_or(Duration::from_secs(60), |d| d.get_ref().0);
         let limits = ConnectionLimits {
             max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
-            max_body_bytes: f.limits.max_body_bytes.map_or(10 * 1024 * 1024, |s| s.0),
-            header_read_timeout: d(f.limits.header_read_timeout, 10),
+            max_body_bytes: lf.max_body_bytes.map_or(10 * 1024 * 1024, |s| s.0),
+            header_read_timeout: lf.header_read_timeout.as_ref().map_or(Duration::from_secs(10), |d| d.get_ref().0),
             idle: IdleBounds { keep_alive: idle, connection: idle, send_stall: idle },
-            max_connections: f.limits.max_connections.unwrap_or(10_000),
-            max_connections_per_client: f.limits.max_connections_per_client.unwrap_or(1_000),
-            drain_timeout: d(f.limits.drain_timeout, 30),
+            max_connections: lf.max_connections.as_ref().map_or(10_000, |n| *n.get_ref()),
+            max_connections_per_client: lf.max_connections_per_client.as_ref().map_or(1_000, |n| *n.get_ref()),
+            drain_timeout: d(lf.drain_timeout, 30),
         };
-        for (name, d) in [("idle_timeout", idle), ("header_read_timeout", limits.header_read_timeout)] {
-            if d.is_zero() {
-                self.error(0..0, format!("`limits.{name}` must be more than 0"));
+        for (name, d) in [("idle_timeout", &lf.idle_timeout), ("header_read_timeout", &lf.header_read_timeout)] {
+            if let Some(d) = d.as_ref().filter(|d| d.get_ref().0.is_zero()) {
+                self.error(d.span(), format!("`limits.{name}` must be more than 0"));
             }
         }
-        if limits.max_connections_per_client == 0 {
-            self.error(0..0, "`limits.max_connections_per_client` must be at least 1");
-        }
-        if limits.max_connections == 0 {
-            self.error(0..0, "`limits.max_connections` must be at least 1");
+        for (name, n) in [("max_connections_per_client", &lf.max_connections_per_client), ("max_connections", &lf.max_connections)] {
+            if let Some(n) = n.as_ref().filter(|n| *n.get_ref() == 0) {
+                self.error(n.span(), format!("`limits.{name}` must be at least 1"));
+            }
         }
         let mut upstreams = BTreeMap::new();
         for (name, u) in f.upstreams {
@@ -108,9 +110,9 @@ impl Validator<'_> {
         };
         let token_endpoint = f.token_endpoint.and_then(|t| self.token_endpoint(t, &mut issuers, limits.header_read_timeout));
         let global_limit = f.rate_limit.global.as_ref().and_then(|l| self.limit(l, true));
-        let ipv6_prefix = f.rate_limit.ipv6_prefix.unwrap_or(64);
-        if ipv6_prefix > 128 {
-            self.error(0..0, format!("[rate_limit] ipv6_prefix {ipv6_prefix} is longer than an IPv6 address (128 bits)"));
+        let ipv6_prefix = f.rate_limit.ipv6_prefix.as_ref().map_or(64, |p| *p.get_ref());
+        if let Some(p) = f.rate_limit.ipv6_prefix.as_ref().filter(|p| *p.get_ref() > 128) {
+            self.error(p.span(), format!("[rate_limit] ipv6_prefix {ipv6_prefix} is longer than an IPv6 address (128 bits)"));
         }
         let ipv6_prefix = ipv6_prefix.min(128);
         let global_headers_file = f.headers.map(|h| (h.span(), h.into_inner()));
@@ -134,15 +136,15 @@ impl Validator<'_> {
         };
         self.default_cookie = f.auth.token_cookie.clone();
         let routes = self.routes(f.routes, &upstreams, &issuer_ids, f.routing.case_insensitive);
-        if f.server.worker_threads == Some(0) {
-            self.error(0..0, "`server.worker_threads` must be at least 1");
+        if let Some(w) = f.server.worker_threads.as_ref().filter(|w| *w.get_ref() == 0) {
+            self.error(w.span(), "`server.worker_threads` must be at least 1");
         }
         Config {
             path: path.to_path_buf(),
             listen,
             tls,
             limits,
-            worker_threads: f.server.worker_threads,
+            worker_threads: f.server.worker_threads.map(Spanned::into_inner),
             access_log: f.server.access_log.unwrap_or(true),
             upstreams,
             routes,
@@ -355,9 +357,9 @@ impl Validator<'_> {
     pub(super) fn identity(&mut self, i: IdentityFile) -> IdentitySettings {
         let mut headers = Vec::new();
         for (name, claim) in i.headers {
-            match http::HeaderName::from_bytes(name.as_bytes()) {
+            match http::HeaderName::from_bytes(name.get_ref().as_bytes()) {
                 Ok(h) => headers.push((h, claim)),
-                Err(_) => self.error(0..0, format!("[identity] header name {name:?} is not a valid HTTP header name")),
+                Err(_) => self.error(name.span(), format!("[identity] header name {:?} is not a valid HTTP header name", name.get_ref())),
             }
         }
         IdentitySettings { headers, forward_authorization: i.forward_authorization }
@@ -366,7 +368,7 @@ impl Validator<'_> {
 
 /// Whether `o` is an origin as a browser serializes it in `Origin` (RFC 6454 §6.2): the exact comparison with
 /// what browsers send can only ever match such a string.
-fn is_serialized_origin(o: &str) -> bool {
+pub(super) fn is_serialized_origin(o: &str) -> bool {
     let Some((scheme, rest)) = o.split_once("://") else { return false };
     let scheme_ok = scheme.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
         && scheme.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
@@ -404,7 +406,7 @@ pub(super) fn origin_host(host: &str) -> String {
 
 /// IPv4 as resolvers read it (inet_aton): one to four parts, each decimal, octal (`0` prefix) or hex (`0x`), the
 /// last filling the remaining bytes: `127.1` is 127.0.0.1.
-fn lenient_ipv4(s: &str) -> Option<std::net::Ipv4Addr> {
+pub(super) fn lenient_ipv4(s: &str) -> Option<std::net::Ipv4Addr> {
     let parts: Vec<u64> = s
         .split('.')
         .map(|p| {
