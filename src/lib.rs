@@ -1,10 +1,13 @@
 //! Portcullis: a reverse-proxy authentication gateway.
 //!
-//! A request goes top to bottom through: accept and TLS ([`server`], [`tls`]) -> HTTP ([`h1_server`], [`conn_bounds`])
-//! -> route match ([`router`]) -> authenticate ([`authn`], [`jwks`]) -> authorize ([`authz`]) -> rate limit
-//! ([`ratelimit`]) -> forward ([`proxy`], [`h1_client`], [`h1_answer`], [`upstream_pool`], [`headers`])
-//! -> response headers ([`headers`], [`cors`]) -> metrics and access log ([`metrics`], [`logging`]), all driven by
-//! [`gateway::Gateway::handle`]. Errors become answers in [`error`] only.
+//! A request goes top to bottom through: accept, connection limits and TLS ([`server`]) -> HTTP/1.1 ([`h1`], or
+//! hyper for bodies, upgrades and HTTP/2) -> [`gateway::Gateway::handle`], which runs the stages: route match
+//! ([`router`]) -> authenticate and authorize ([`auth`]) -> rate limit and header rules ([`edge`]) -> forward
+//! ([`proxy`]) -> response headers ([`edge`]) -> metrics and access log ([`metrics`], [`logging`]). The token
+//! endpoint is [`token_endpoint`]; [`config`] turns `gateway.toml` into the stages' settings; errors become answers
+//! in [`error`] only. Dependencies run one way: `server` -> `gateway` -> stages -> `h1` -> `edge`, never back.
+
+#![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod body;

@@ -1,5 +1,7 @@
 //! The `portcullis` command line: a thin layer over the library.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

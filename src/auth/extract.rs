@@ -71,7 +71,7 @@ fn query_params(q: &str) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, std
 }
 
 /// Removes the token parameter from a query string (before forwarding and logging): every `&`-separated part
-/// that names it in any spelling [`names_token`] accepts, also after a `;`.
+/// that names it in any spelling `names_token` accepts, also after a `;`.
 pub fn strip_query_token(query: &str, name: &str) -> Option<String> {
     let kept: Vec<&str> = query.split('&').filter(|part| !query_params(part).any(|(k, _)| names_token(&k, name))).collect();
     (!kept.is_empty()).then(|| kept.join("&"))

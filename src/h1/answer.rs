@@ -30,7 +30,7 @@ const FEW_HEADERS: usize = 24;
 /// A chunk-size line (with extensions) longer than this is refused.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
-/// True for a field an answer's trailer section may pass on (see [`HEAD_ONLY`]; `Access-Control-*` neither).
+/// True for a field an answer's trailer section may pass on (see `HEAD_ONLY`; `Access-Control-*` neither).
 pub fn passes_as_trailer(name: &HeaderName) -> bool {
     !HEAD_ONLY.contains(&name.as_str()) && !name.as_str().starts_with("access-control-")
 }

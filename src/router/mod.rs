@@ -314,7 +314,7 @@ static HOST_BYTES: [bool; 256] = {
 };
 
 /// Checks the request's host (RFC 9112 §3.2, RFC 9113 §8.3.1) and returns the one to forward: an HTTP/1.1
-/// request needs exactly one `Host`, of host[:port] syntax (no path, query or userinfo an upstream could read a
+/// request needs exactly one `Host`, of `host[:port]` syntax (no path, query or userinfo an upstream could read a
 /// different origin from); on HTTP/2 a `host` beside `:authority` must name the same. The target's authority
 /// (absolute-form, or `:authority`) wins over `Host`.
 pub fn request_host(
