@@ -5,12 +5,16 @@
 # wrk (Lua: one token per request) and the upstream nginx on LOAD_CPU. Prints req/s and the target's own CPU
 # µs per request for each run, then the medians.
 #   benches/cache_miss.sh        knobs: ROUNDS=3 DURATION=4 (seconds) PROXY_CPU=0 LOAD_CPU=1 CONNS=64
-# Needs ../shared/bench/setup.sh once (nginx, haproxy, wrk, the venv and keys). Loopback only; every run is
-# bounded by wrk -d and every process started here is stopped on exit.
+# Needs the shared bench harness in ../shared/bench, outside this repository (BENCH=DIR points elsewhere): its
+# lib/common.sh, conf/ templates, and the venv and keys its setup.sh makes under $BENCH_STATE
+# (~/.cache/portcullis-bench), where results are written too. Loopback only; every run is bounded by wrk -d and
+# every process started here is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-BENCH=$(cd "${BENCH:-../shared/bench}" && pwd)
+BENCH=${BENCH:-../shared/bench}
+[[ -x $BENCH/run.sh ]] || { echo "$0: needs the shared bench harness at $BENCH (../shared/bench beside this repository, or set BENCH=DIR)" >&2; exit 1; }
+BENCH=$(cd "$BENCH" && pwd)
 STATE=${BENCH_STATE:-$HOME/.cache/portcullis-bench}
 KEYS=$STATE/keys
 ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-4} PROXY_CPU=${PROXY_CPU:-0} LOAD_CPU=${LOAD_CPU:-1} CONNS=${CONNS:-64}

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Memory per idle keep-alive connection: sends one GET on each of N new connections to 127.0.0.1:PORT, keeps
 them open, and prints the RSS growth of process PID (the gateway). Loopback only; exits (closing them) when done.
-Usage: benches/idle_conns.py PORT PID [N=2000] [PATH=/users/me]   (raise `ulimit -n` above N first)"""
+Usage: benches/idle_conns.py PORT PID [N=2000] [PATH=/users/me]   (raise `ulimit -n` above N first)
+Outside this repository it reads /proc/PID/status of the gateway process; it does not need ../shared/bench."""
 import socket, sys, time
 
 port, pid = int(sys.argv[1]), int(sys.argv[2])

@@ -5,6 +5,8 @@
 #   ACCESS_LOG=false benches/instructions.sh   # Portcullis without its access line (nginx runs without one)
 #   GATEWAY_BIN=/tmp/old/portcullis benches/instructions.sh   # another build, not rebuilt
 # Loopback only; each target runs 2 s of warm-up and 5 s measured under valgrind, then stops.
+# Outside this repository it uses the system's valgrind, nginx and wrk, a temporary directory, and loopback ports
+# 18380-18382; it does not need ../shared/bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for tool in valgrind callgrind_annotate callgrind_control nginx wrk; do

@@ -4,10 +4,12 @@
 # only. Uses the side-by-side harness in ../shared/bench (wrk, nginx, HAProxy from Debian).
 #   benches/load.sh                      # default targets
 #   ROUNDS=5 benches/load.sh U N H0 GW-plain GW
+# Needs the shared bench harness in ../shared/bench, outside this repository (BENCH=DIR points elsewhere); it runs
+# its setup.sh (installs nginx, HAProxy, wrk) and writes results under $BENCH_STATE (~/.cache/portcullis-bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH=${BENCH:-../shared/bench}
-[[ -x $BENCH/run.sh ]] || { echo "no harness at $BENCH"; exit 1; }
+[[ -x $BENCH/run.sh ]] || { echo "$0: needs the shared bench harness at $BENCH (../shared/bench beside this repository, or set BENCH=DIR)" >&2; exit 1; }
 "$BENCH/setup.sh" >/dev/null
 cargo build --release --locked --bin portcullis
 targets=("$@")

@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
 """Mint N distinct valid bench tokens (iss "bench", roles ["user","admin"], exp in 2 h, a unique sub and jti)
-for benches/cache_miss.sh: mint_tokens.py ALG KEYFILE N OUT, using both cores."""
+for benches/cache_miss.sh: mint_tokens.py ALG KEYFILE N OUT, using both cores.
+
+Needs PyJWT and cryptography, which live outside this repository: cache_miss.sh runs it with the venv that
+../shared/bench/setup.sh makes under $BENCH_STATE (~/.cache/portcullis-bench/.venv)."""
 import sys, time, uuid
 from multiprocessing import Pool
 
-import jwt
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+try:
+    import jwt
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+except ImportError as e:
+    sys.exit(f"mint_tokens.py needs PyJWT and cryptography ({e}): run it with the venv ../shared/bench/setup.sh makes")
 
 ALG, KEYFILE, N, OUT = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 

@@ -7,6 +7,9 @@ pair shares the machine's phase: the per-pair ratio is what this prints, with it
 interval of that median, and in how many pairs the target did at least as well as the base.
 
     benches/paired.py RESULTS_DIR [BASE TARGET...]     (defaults: N GW-plain)
+
+Outside this repository it reads only RESULTS_DIR, written by ../shared/bench/run.sh (benches/paired.sh passes
+its own); it does not need the harness itself.
 """
 import glob
 import json

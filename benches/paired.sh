@@ -3,12 +3,14 @@
 # target's per-round ratios to BASE with benches/paired.py. Each round's access log is deleted as soon as it
 # is measured (a GW round writes ~150 MB of it).
 #   ROUNDS=20 benches/paired.sh [BASE TARGET...]     (defaults: N GW-plain; GATEWAY_CONFIG_TEMPLATE is honoured)
+# Needs the shared bench harness in ../shared/bench, outside this repository (BENCH=DIR points elsewhere); it runs
+# its setup.sh (installs nginx, HAProxy, wrk) and writes results under $BENCH_STATE (~/.cache/portcullis-bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 targets=("$@")
 [[ $# -ge 2 ]] || targets=(N GW-plain)
 BENCH=${BENCH:-../shared/bench}
-[[ -x $BENCH/run.sh ]] || { echo "no harness at $BENCH"; exit 1; }
+[[ -x $BENCH/run.sh ]] || { echo "$0: needs the shared bench harness at $BENCH (../shared/bench beside this repository, or set BENCH=DIR)" >&2; exit 1; }
 "$BENCH/setup.sh" >/dev/null
 cargo build --release --locked --bin portcullis
 OUT=${BENCH_STATE:-$HOME/.cache/portcullis-bench}/results/paired-$(date +%Y%m%d-%H%M%S)

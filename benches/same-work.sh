@@ -3,11 +3,13 @@
 # forwarding fields, request id, secure headers and an access line per request), in interleaved rounds with
 # benches/paired.sh; ratios are to NW. The harness's own nginx (N) runs too, as the reference the issue names.
 #   ROUNDS=20 benches/same-work.sh        (loopback only; each round is bounded by wrk -d)
-# The shared harness is not changed: it is copied to a temporary directory and target NW is added to the copy.
+# Needs the shared bench harness in ../shared/bench, outside this repository (BENCH=DIR points elsewhere). The
+# harness is not changed: it is copied to a temporary directory and target NW is added to the copy. Results go
+# under $BENCH_STATE (~/.cache/portcullis-bench), through benches/paired.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=${BENCH:-../shared/bench}
-[[ -x $SRC/run.sh ]] || { echo "no harness at $SRC"; exit 1; }
+[[ -x $SRC/run.sh ]] || { echo "$0: needs the shared bench harness at $SRC (../shared/bench beside this repository, or set BENCH=DIR)" >&2; exit 1; }
 COPY=$(mktemp -d)
 trap 'rm -rf "$COPY"' EXIT
 cp -r "$SRC/." "$COPY/"
