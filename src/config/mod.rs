@@ -22,10 +22,11 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::IssuerSettings;
+use crate::edge::client_addr::Cidr;
 use crate::edge::cors::CorsPolicy;
 use crate::edge::headers_request::IdentitySettings;
 use crate::edge::headers_response::SecureHeaders;
-use crate::edge::ratelimit::{Cidr, LimitSettings};
+use crate::edge::ratelimit::LimitSettings;
 use crate::proxy::UpstreamSettings;
 use crate::router::RouteTable;
 use crate::token_endpoint::TokenEndpointSettings;
@@ -152,7 +153,7 @@ pub struct Config {
     pub routes: RouteTable,
     pub trusted_proxies: Vec<Cidr>,
     /// The field trusted proxies name the client in.
-    pub forwarded_from: crate::edge::ratelimit::ForwardedFrom,
+    pub forwarded_from: crate::edge::client_addr::ForwardedFrom,
     pub issuers: Vec<IssuerSettings>,
     /// Shared with request bodies in flight (their trailers are checked against it).
     pub identity: Arc<IdentitySettings>,

@@ -160,8 +160,8 @@ fn the_forwarded_header_is_one_of_two_fields() {
     let load = |h: &str| {
         Config::from_toml(Path::new("g.toml"), &format!("[listen]\nhttp = \"127.0.0.1:0\"\n[rate_limit]\nforwarded_header = \"{h}\"\n"))
     };
-    assert_eq!(load("Forwarded").map(|c| c.forwarded_from).ok(), Some(crate::edge::ratelimit::ForwardedFrom::Forwarded));
-    assert_eq!(load("x-forwarded-for").map(|c| c.forwarded_from).ok(), Some(crate::edge::ratelimit::ForwardedFrom::XForwardedFor));
+    assert_eq!(load("Forwarded").map(|c| c.forwarded_from).ok(), Some(crate::edge::client_addr::ForwardedFrom::Forwarded));
+    assert_eq!(load("x-forwarded-for").map(|c| c.forwarded_from).ok(), Some(crate::edge::client_addr::ForwardedFrom::XForwardedFor));
     let e = load("x-real-ip").map(|_| ()).expect_err("another field").to_string();
     assert!(e.contains("forwarded_header"), "{e}");
 }

@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use crate::edge::client_addr::Cidr;
 use crate::edge::cors::CorsPolicy;
 use crate::edge::headers_request::IdentitySettings;
 use crate::edge::headers_response::SecureHeaders;
-use crate::edge::ratelimit::{Cidr, LimitKey, LimitSettings};
+use crate::edge::ratelimit::{LimitKey, LimitSettings};
 use crate::proxy::{CaFile, UpstreamSettings};
 
 use super::file::*;
@@ -79,12 +80,12 @@ impl Validator<'_> {
             }
         }
         let forwarded_from = match f.rate_limit.forwarded_header.as_ref().map(|h| (h.span(), h.get_ref().to_ascii_lowercase())) {
-            None => crate::edge::ratelimit::ForwardedFrom::XForwardedFor,
-            Some((_, h)) if h == "x-forwarded-for" => crate::edge::ratelimit::ForwardedFrom::XForwardedFor,
-            Some((_, h)) if h == "forwarded" => crate::edge::ratelimit::ForwardedFrom::Forwarded,
+            None => crate::edge::client_addr::ForwardedFrom::XForwardedFor,
+            Some((_, h)) if h == "x-forwarded-for" => crate::edge::client_addr::ForwardedFrom::XForwardedFor,
+            Some((_, h)) if h == "forwarded" => crate::edge::client_addr::ForwardedFrom::Forwarded,
             Some((span, h)) => {
                 self.error(span, format!("[rate_limit] forwarded_header {h:?} must be \"x-forwarded-for\" or \"forwarded\""));
-                crate::edge::ratelimit::ForwardedFrom::XForwardedFor
+                crate::edge::client_addr::ForwardedFrom::XForwardedFor
             }
         };
         let mut issuers = Vec::new();

@@ -1,5 +1,6 @@
 //! The edge of the request path: who the client is, rate limits, request and response header rules, CORS.
 
+pub mod client_addr;
 pub mod cors;
 pub mod headers_request;
 pub mod headers_response;

@@ -137,10 +137,10 @@ pub async fn accept_loop(
         let client_slot = {
             let gateway = shared.gateway.load();
             let config = &gateway.config;
-            if crate::edge::ratelimit::is_trusted(&config.trusted_proxies, peer.ip()) {
+            if crate::edge::client_addr::is_trusted(&config.trusted_proxies, peer.ip()) {
                 None
             } else {
-                let ip = crate::edge::ratelimit::mask(peer.ip(), config.ipv6_prefix);
+                let ip = crate::edge::client_addr::mask(peer.ip(), config.ipv6_prefix);
                 match shared.per_client.admit(ip, config.limits.max_connections_per_client) {
                     Some(slot) => Some(slot),
                     None => {

@@ -97,7 +97,7 @@ impl Attempts {
 
     /// Starts an attempt on `account` from `ip`, or refuses it before any hashing.
     pub fn begin(self: &Arc<Self>, account: String, ip: IpAddr) -> Result<Attempt, Refusal> {
-        let ip = crate::edge::ratelimit::mask(ip, self.ipv6_prefix);
+        let ip = crate::edge::client_addr::mask(ip, self.ipv6_prefix);
         let mut s = self.state.lock().map_err(|_| Refusal::Busy)?;
         let now = Instant::now();
         if s.pending >= PENDING {
