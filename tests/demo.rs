@@ -3,11 +3,14 @@
 //! command the demo prints is then run exactly as printed, by bash and curl, and its answer checked against what
 //! the guide's comment above it promises. A command added to the guide without an expectation here fails the test.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+
+use common::*;
 
 /// What a printed command's output must contain, found by a piece of the command's text (the whole command when
 /// the piece ends in `/`).
@@ -25,22 +28,6 @@ const EXPECTED: &[(&str, &[&str])] = &[
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// The shipped config with its addresses swapped, each swap checked to have happened.
-fn demo_config(upstream_port: u16) -> String {
-    let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml")).unwrap();
-    let mut cfg = shipped;
-    for (from, to) in [
-        ("\"127.0.0.1:8443\"", "\"127.0.0.1:0\"".to_string()),
-        ("\"127.0.0.1:8080\"", "\"127.0.0.1:0\"".to_string()),
-        ("\"127.0.0.1:9090\"", "\"127.0.0.1:0\"".to_string()),
-        ("\"http://127.0.0.1:3000\"", format!("\"http://127.0.0.1:{upstream_port}\"")),
-    ] {
-        assert!(cfg.contains(from), "the shipped gateway.toml no longer has {from}");
-        cfg = cfg.replace(from, &to);
-    }
-    cfg
 }
 
 /// Stops the demo with SIGTERM (a graceful drain) and returns whether it exited 0 within the drain timeout.
@@ -63,10 +50,10 @@ fn the_demo_answers_every_curl_command_it_prints() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("examples")).unwrap();
     for f in ["demo-users.toml", "demo-clients.toml"] {
-        std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(f), dir.path().join("examples").join(f)).unwrap();
+        std::fs::copy(manifest("examples").join(f), dir.path().join("examples").join(f)).unwrap();
     }
     let config = dir.path().join("gateway.toml");
-    std::fs::write(&config, demo_config(free_port())).unwrap();
+    std::fs::write(&config, shipped_config(&format!("http://127.0.0.1:{}", free_port()))).unwrap();
     let log = std::fs::File::create(dir.path().join("demo.log")).unwrap();
     let mut demo = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["demo", "--config"])

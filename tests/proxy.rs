@@ -17,7 +17,6 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -26,51 +25,13 @@ use tokio::time::timeout;
 /// measures the whole test process's resident memory and must not count what other tests allocate meanwhile.
 static PROCESS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-/// Upper bound for anything a test waits on: a hang becomes a failure, not a stuck suite.
-const BOUND: Duration = Duration::from_secs(20);
-
-/// The base config with one public catch-all route to the echo upstream, plus `extra` TOML appended.
-fn public_config(up: &Upstream, extra: &str) -> String {
-    format!("{}\n{extra}\n[[routes]]\nname = \"all\"\npath = \"/*\"\nupstream = \"api\"\nauth = \"public\"\n", base_config(up))
-}
-
 fn req(method: &str, url: &str) -> http::request::Builder {
     Request::builder().method(method).uri(url)
-}
-
-fn empty() -> Full<Bytes> {
-    Full::new(Bytes::new())
 }
 
 /// The status code of a raw HTTP/1.1 response, if it has one.
 fn status_of(raw: &str) -> Option<u16> {
     raw.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
-}
-
-/// Like `raw_exchange`, but a write the server refuses (it answered and closed early) is not a failure: what
-/// was read is still returned. Returns the bytes read and whether the server closed the connection.
-async fn raw_lenient(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (String, bool) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let _ = s.write_all(bytes).await;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 8192];
-    let deadline = tokio::time::Instant::now() + wait;
-    let closed = loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) => break false,
-        }
-    };
-    (String::from_utf8_lossy(&out).into_owned(), closed)
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
-}
-
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -415,14 +376,6 @@ impl Drop for PeakRss {
 
 type TestBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
-/// Opens a plain HTTP/1.1 connection for bodies that are streamed rather than held.
-async fn h1_connection(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<TestBody> {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
-    tokio::spawn(conn);
-    send
-}
-
 /// Upload chunk `i`: a fixed pattern stamped with its index, so a lost, repeated or reordered chunk shows.
 fn upload_chunk(base: &Bytes, i: u64) -> Bytes {
     let mut v = base.to_vec();
@@ -450,7 +403,7 @@ async fn hundred_mib_stream_both_ways_with_bounded_memory() {
     }
     let download_sha = hex(down_ctx.finish().as_ref());
 
-    let mut send = h1_connection(gw.http.unwrap()).await;
+    let mut send = h1_connection::<TestBody>(gw.http.unwrap()).await;
     let before = rss();
     let sampler = PeakRss::start();
 

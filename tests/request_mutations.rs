@@ -19,8 +19,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
 
-const BOUND: Duration = Duration::from_secs(20);
-
 /// A request as a server read it: method, target (path and query) and whole body (a body cut short reads as
 /// `None`).
 type Read = (String, String, Option<Bytes>);
