@@ -417,12 +417,13 @@ fn assert_secure_headers(a: &Answer, tls: bool, generated: bool, what: &str) {
 async fn secure_headers_on_proxied_and_generated_answers() {
     bounded(async {
         let up = spawn_upstream().await;
-        let dead_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // An upstream that is down: its port is held, and refuses every connection.
+        let (_held, dead) = refusing_addr();
         let iss = TestIssuer::new();
         let cfg = format!(
             r#"{base}
 [upstreams.dead]
-url = "http://127.0.0.1:{dead_port}"
+url = "http://{dead}"
 connect_timeout = "1s"
 
 [limits]

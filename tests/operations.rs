@@ -71,12 +71,13 @@ fn promtool_check(text: &str) {
 async fn metrics_count_every_outcome_and_pass_promtool() {
     bounded_by(LONG_TEST_BOUND, async {
         let up = spawn_upstream().await;
-        let dead_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // An upstream that is down: its port is held, and refuses every connection.
+        let (_held, dead) = refusing_addr();
         let iss = TestIssuer::new();
         let cfg = format!(
             r#"{base}
 [upstreams.dead]
-url = "http://127.0.0.1:{dead_port}"
+url = "http://{dead}"
 connect_timeout = "1s"
 
 {issuer}

@@ -550,17 +550,12 @@ async fn unrouted_is_404_and_wrong_method_is_405_without_reaching_upstream() {
 // ------------------------------------------------------------------------------------------------------------
 // 6. Upstream failures
 
-/// A port on 127.0.0.1 that nothing listens on (bound, then released).
-async fn closed_port() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_is_502_and_slow_is_504_without_detail() {
     let _shared = PROCESS.read().await;
     let up = spawn_upstream().await;
-    let dead = closed_port().await;
+    // An upstream that is down: its port is held, and refuses every connection.
+    let (_held, dead) = refusing_addr();
     let cfg = format!(
         r#"{base}
 [upstreams.dead]

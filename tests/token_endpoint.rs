@@ -866,22 +866,18 @@ fn plain_client() -> TestClient {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(conn)
 }
 
-/// A port that was free a moment ago (bound, read and released).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_gateway_verifies_ed25519_tokens_through_discovery() {
     bounded_shared(async {
         let up = spawn_upstream().await;
-        let port = free_port();
-        let issuer_url = format!("http://127.0.0.1:{port}");
+        // The first gateway names itself in its config (its issuer URL) before it has bound a port: the name is a
+        // relay's address, held from now on, and the relay forwards to wherever the gateway then listens.
+        let relay = Relay::start().await;
+        let issuer_url = format!("http://{}", relay.addr);
         let first_cfg = format!(
             r#"
 [listen]
-http = "127.0.0.1:{port}"
+http = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 
 [upstreams.api]
@@ -908,7 +904,7 @@ upstream = "api"
             up = up.url()
         );
         let first = spawn_gateway_with_files(&first_cfg, &[("users.toml", demo_users().as_bytes())]).await;
-        assert_eq!(first.http.unwrap().port(), port);
+        relay.forward_to(first.http.unwrap());
         let key_pem = std::fs::read_to_string(first.dir.path().join("issuer-ed25519.pem")).unwrap();
         assert!(key_pem.contains("PRIVATE KEY"), "the Ed25519 key was generated");
         let c1 = plain_client();
