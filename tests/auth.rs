@@ -284,7 +284,7 @@ fn jwks_gateway_config_with(up: &Upstream, idp: &Idp, iss: &str, algorithms: &[&
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 1. Static keys: every algorithm family reaches the upstream, which sees the verified identity.
+// Static keys: every algorithm family reaches the upstream, which sees the verified identity.
 
 const HMAC_SECRET: &[u8] = b"a-test-hmac-secret-of-plenty-bytes-0123456789abcdef";
 
@@ -384,7 +384,7 @@ async fn every_algorithm_from_static_keys_reaches_upstream() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 2. Refusals: 401 `invalid_token`, one uniform answer, never forwarded.
+// Refusals: 401 `invalid_token`, one uniform answer, never forwarded.
 
 struct RefusalSetup {
     up: Upstream,
@@ -472,8 +472,8 @@ async fn missing_and_malformed_credentials() {
         assert_eq!(a.status, 200, "{}", a.text());
         assert_eq!(s.up.hits(), before + 1);
 
-        // Two Authorization headers (even two good ones), or two credentials in one: the issue's token-source
-        // rule makes this 400 `invalid_request` (RFC 6750 §3.1), not a token check; never forwarded.
+        // Two Authorization headers (even two good ones), or two credentials in one: a request carries at most one
+        // credential, so this is 400 `invalid_request` (RFC 6750 §3.1), not a token check; never forwarded.
         let two_values = format!("Bearer {good} {good}");
         let bearer = format!("Bearer {good}");
         for headers in [
@@ -847,7 +847,7 @@ async fn jose_key_headers_are_never_used_or_fetched() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 3. Roles, in the nested Keycloak shape and the namespaced Auth0 shape.
+// Roles, in the nested Keycloak shape and the namespaced Auth0 shape.
 
 #[tokio::test]
 async fn roles_in_nested_and_namespaced_claims() {
@@ -906,7 +906,7 @@ async fn roles_in_nested_and_namespaced_claims() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 4. Scopes: a space-separated `scope` string and an `scp` array.
+// Scopes: a space-separated `scope` string and an `scp` array.
 
 #[tokio::test]
 async fn scopes_as_string_and_array() {
@@ -984,7 +984,7 @@ async fn scopes_as_string_and_array() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 5. Attribute rule: a claim must equal a path parameter, unless a bypass role is held.
+// Attribute rule: a claim must equal a path parameter, unless a bypass role is held.
 
 #[tokio::test]
 async fn claims_rule_with_path_parameter_and_bypass_roles() {
@@ -1040,7 +1040,7 @@ async fn claims_rule_with_path_parameter_and_bypass_roles() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 6. Path bypass attempts, over a raw socket so no client normalises the path first.
+// Path bypass attempts, over a raw socket so no client normalises the path first.
 
 fn bypass_config(up: &Upstream, routing: &str) -> String {
     ConfigBuilder::new(up)
@@ -1172,7 +1172,7 @@ async fn case_insensitive_routing_protects_every_casing() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 7. A client can never forge its identity to the upstream.
+// A client can never forge its identity to the upstream.
 
 /// Every identity header a token can fill, each from its claim.
 const IDENTITY_HEADERS: &str = r#"[identity.headers]
@@ -1404,7 +1404,7 @@ async fn underscore_spellings_of_identity_headers_are_stripped_too() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 8. JWKS: fetched at start, rotation without restart, throttled refetch, failures keep the last good keys.
+// JWKS: fetched at start, rotation without restart, throttled refetch, failures keep the last good keys.
 
 #[tokio::test]
 async fn static_keys_beside_a_jwks_verify_tokens_whose_kid_names_no_key() {
@@ -1718,7 +1718,7 @@ async fn cache_control_max_age_shortens_the_refresh_interval() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 9. OIDC discovery.
+// OIDC discovery.
 
 #[tokio::test]
 async fn oidc_discovery_finds_the_jwks() {
@@ -1772,7 +1772,7 @@ async fn discovery_document_for_another_issuer_is_not_trusted() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 10. readyz waits for every JWKS issuer to have keys.
+// readyz waits for every JWKS issuer to have keys.
 
 #[tokio::test]
 async fn readyz_is_503_until_jwks_keys_arrive() {
@@ -1810,7 +1810,7 @@ async fn readyz_is_503_until_jwks_keys_arrive() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Beyond the acceptance list: what else the issue promises about refusals, the cache and keys.
+// Refusals before a body or an upgrade, the verified-token cache, and which keys are fit to verify with.
 
 #[tokio::test]
 async fn refused_requests_send_no_100_continue_and_no_101() {
@@ -2083,7 +2083,7 @@ async fn jwks_over_https_is_trusted_through_ca_file_and_refused_without_it() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// The route the policy decided on is the one the upstream's framework reads (review of 2026-12-02).
+// The route the policy decided on is the one the upstream's framework reads.
 
 #[tokio::test]
 async fn spellings_a_framework_reads_as_a_guarded_route_meet_its_rules() {

@@ -1,7 +1,7 @@
-//! `portcullis demo` end to end (the core issue's acceptance 13): the real binary runs the shipped `gateway.toml`
-//! (its listeners and echo upstream moved to free ports, its files in a temporary directory), and every curl
-//! command the demo prints is then run exactly as printed, by bash and curl, and its answer checked against what
-//! the guide's comment above it promises. A command added to the guide without an expectation here fails the test.
+//! `portcullis demo` end to end: the real binary runs the shipped `gateway.toml` (its listeners and echo upstream
+//! moved to free ports, its files in a temporary directory), and every curl command the demo prints is then run
+//! exactly as printed, by bash and curl, and its answer checked against what the guide's comment above it
+//! promises. A command added to the guide without an expectation here fails the test.
 
 mod common;
 

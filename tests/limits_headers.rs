@@ -49,7 +49,7 @@ auth = "public"
 "#;
 
 // ------------------------------------------------------------------------------------------------------------
-// 1. Global IP limit.
+// Global IP limit.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_ip_limit_refuses_burst_plus_one_and_spares_other_clients() {
@@ -92,7 +92,7 @@ async fn global_ip_limit_refuses_burst_plus_one_and_spares_other_clients() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 2. Per-subject limits.
+// Per-subject limits.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_subject_limits_are_independent_and_bad_tokens_spend_nothing() {
@@ -173,7 +173,7 @@ rate_limit = {{ key = "subject", rate = "1/min", burst = 3 }}
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 3. X-Forwarded-For only from trusted proxies.
+// X-Forwarded-For only from trusted proxies.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_limits_count_numbers_and_never_fall_back_to_the_address_for_a_token() {
@@ -293,7 +293,7 @@ async fn behind_a_proxy_that_writes_forwarded_a_clients_own_x_forwarded_for_buys
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 4. Memory stays bounded under a key flood.
+// Memory stays bounded under a key flood.
 
 /// Counts the heap bytes each thread holds (allocated minus freed on that thread), so a test on its own
 /// thread can measure what it allocates while other tests run in parallel.
@@ -387,9 +387,9 @@ fn a_flood_of_100k_distinct_keys_is_pruned_back_to_near_nothing() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 5. Secure headers.
+// Secure headers.
 
-/// The configured secure headers (the issue's example, which are also the defaults).
+/// The configured secure headers (the documented example, which are also the defaults).
 const HEADERS: &[(&str, &str)] = &[
     ("x-content-type-options", "nosniff"),
     ("x-frame-options", "DENY"),
@@ -574,7 +574,7 @@ auth = "public"
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 6. CORS.
+// CORS.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflight_and_actual_requests() {

@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const RELOAD_WITHIN: Duration = Duration::from_secs(1);
 
 // ------------------------------------------------------------------------------------------------------------
-// 1. Metrics after a mix of outcomes, and promtool.
+// Metrics after a mix of outcomes, and promtool.
 
 /// Runs `promtool check metrics` on `text`. Without promtool the test fails, unless PORTCULLIS_SKIP_PROMTOOL=1.
 fn promtool_check(text: &str) {
@@ -171,7 +171,7 @@ auth = "public"
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 2 and 3. Hot reload of policy.
+// Hot reload of policy.
 
 /// A valid config whose `/reports` route admits `role`.
 fn reports_policy(up: &Upstream, iss: &TestIssuer, role: &str) -> String {
@@ -342,7 +342,7 @@ async fn an_invalid_config_on_disk_keeps_the_old_policy_until_fixed() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 4. Certificate swap.
+// Certificate swap.
 
 fn tls_client_config(roots: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
     let mut store = rustls::RootCertStore::empty();
@@ -447,7 +447,7 @@ async fn http1_over<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: 
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 5. healthz and readyz.
+// Health and readiness.
 
 /// A loopback JWKS server whose answer can be switched from 503 to a key set.
 struct JwksServer {
@@ -574,7 +574,7 @@ upstream = "api"
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 6. Admin and public listeners are separate.
+// Admin and public listeners are separate.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_and_public_listeners_serve_only_their_own_paths() {
@@ -658,7 +658,7 @@ async fn admin_token_protects_metrics_but_not_health_probes() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 7. explain and policy tests agree with real requests on the shipped gateway.toml.
+// `explain` and the policy tests agree with real requests on the shipped gateway.toml.
 
 /// Copies the shipped gateway.toml, policy-tests.toml and examples/ into `dir`, with the listeners on port 0
 /// and the `api` upstream pointed at `upstream`.

@@ -1,6 +1,6 @@
-//! The core proxy's acceptance tests (issue 2): `check`, forwarding and its headers, HTTP/2, streaming with
-//! bounded memory, routing refusals, upstream failures, limits, slowloris, WebSocket, graceful shutdown, TLS, and
-//! request smuggling. Everything runs on real sockets on 127.0.0.1 with OS-chosen ports.
+//! The core proxy, end to end: `check`, forwarding and its headers, HTTP/2, streaming with bounded memory, routing
+//! refusals, upstream failures, limits, slowloris, WebSocket, graceful shutdown, TLS, and request smuggling.
+//! Everything runs on real sockets on 127.0.0.1 with OS-chosen ports.
 
 mod common;
 
@@ -35,7 +35,7 @@ fn status_of(raw: &str) -> Option<u16> {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 1. `portcullis check`
+// `portcullis check`
 
 fn run_check(config: &Path) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
@@ -168,7 +168,7 @@ fn check_reports_each_error_with_line_and_column() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 2-3. Forwarding and its headers, over HTTP/1.1 and HTTP/2
+// Forwarding and its headers, over HTTP/1.1 and HTTP/2
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_forwarding_sets_forwarding_headers_and_strips_hop_by_hop() {
@@ -322,7 +322,7 @@ async fn http2_client_reaches_http1_upstream() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 4. Streaming 100 MiB each way with bounded memory
+// Streaming 100 MiB each way with bounded memory
 
 const MIB: u64 = 1 << 20;
 const BIG: u64 = 100 * MIB;
@@ -498,7 +498,7 @@ async fn a_get_with_a_body_of_no_declared_length_reaches_the_upstream_with_its_b
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 5. Routing refusals
+// Routing refusals
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrouted_is_404_and_wrong_method_is_405_without_reaching_upstream() {
@@ -548,7 +548,7 @@ async fn unrouted_is_404_and_wrong_method_is_405_without_reaching_upstream() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 6. Upstream failures
+// Upstream failures
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_is_502_and_slow_is_504_without_detail() {
@@ -695,7 +695,7 @@ async fn an_https_upstream_on_a_private_ca_is_trusted_through_its_ca_file_only()
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 7. Body and header limits
+// Body and header limits
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_body_is_413_and_oversize_headers_431_before_the_upstream() {
@@ -842,7 +842,7 @@ async fn a_refused_http2_upload_is_read_out_not_reset() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 8. Slowloris
+// Slowloris
 
 /// Sends `request` and reads the answer at `rate` bytes every `tick` (after `wait` without reading at all),
 /// until the gateway ends the stream or `expected` bytes arrived; returns the bytes read.
@@ -1169,7 +1169,7 @@ async fn admin_metrics(gw: &TestGateway) -> String {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 9. WebSocket
+// WebSocket
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_the_gateway() {
@@ -1239,7 +1239,7 @@ async fn websocket_echo_over_tls_http1() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 10. Graceful shutdown
+// Graceful shutdown
 
 /// Waits until connecting to `addr` is refused: the listener has closed. (A connection accepted by the kernel
 /// before the listener closed may still succeed; it is dropped and the next attempt made.)
@@ -1295,7 +1295,7 @@ async fn graceful_shutdown_finishes_in_flight_and_refuses_new() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 11. TLS
+// TLS
 
 /// A TLS ClientHello without the supported_versions extension, so `version` is the only version offered. It
 /// offers ECDHE-ECDSA/RSA AES-GCM (TLS 1.2) and CBC (TLS 1.0/1.1) suites, P-256/X25519 and ECDSA/RSA signatures.
@@ -1538,7 +1538,7 @@ async fn tls13_early_data_is_not_accepted_on_resumption() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 12. Request smuggling
+// Request smuggling
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_attempts_get_400_and_close_without_reaching_upstream() {

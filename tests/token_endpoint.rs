@@ -200,7 +200,7 @@ async fn hash_password_cli(password: &str) -> String {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 1. The tutorial flow.
+// The tutorial flow.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tutorial_flow_over_https() {
@@ -246,7 +246,7 @@ async fn tutorial_flow_over_https() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 2. Hashes made elsewhere verify.
+// Hashes made elsewhere verify.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_bcrypt_fixture_and_hash_password_output_verify() {
@@ -278,7 +278,7 @@ async fn python_bcrypt_fixture_and_hash_password_output_verify() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 3. RFC 6749 §5.1 / §5.2 answers.
+// RFC 6749 §5.1 / §5.2 answers.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rfc6749_error_has_its_status_body_and_headers() {
@@ -510,7 +510,7 @@ async fn early_answer(addr: std::net::SocketAddr, head: String, body: Vec<Bytes>
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 4. No user enumeration.
+// No user enumeration.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_user_and_wrong_password_are_indistinguishable() {
@@ -567,7 +567,7 @@ async fn unknown_user_and_wrong_password_are_indistinguishable() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 5. Brute force.
+// Brute force.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_burst_failures_even_the_right_password_is_429() {
@@ -700,7 +700,7 @@ fn a_name_that_is_both_a_user_and_a_client_does_not_load() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 6. client_credentials.
+// The client_credentials grant.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_with_basic_auth_issues_the_clients_token() {
@@ -853,7 +853,7 @@ fn a_token_lifetime_the_issuer_would_refuse_does_not_load() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 7. Another gateway verifies the tokens through discovery and the published JWKS.
+// Another gateway verifies the tokens through discovery and the published JWKS.
 
 /// A client for plain-http gateways (no TLS listener, so no certificate to trust).
 fn plain_client() -> TestClient {
@@ -972,7 +972,7 @@ upstream = "api"
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 8. A login burst does not stall proxying.
+// A login burst does not stall proxying.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_burst_does_not_stall_proxied_requests() {
