@@ -5,13 +5,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::time::timeout;
 
 /// One raw client connection, reading answers one at a time (pipelined ones stay buffered).
@@ -228,10 +228,10 @@ async fn an_oversize_head_is_431_from_a_fresh_or_a_used_connection() {
 
 /// An upstream that answers each request with `begin` (possibly nothing) and then never another byte, counting
 /// the requests it received and the connections the gateway closed on it.
-async fn stalling_upstream(begin: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+async fn stalling_upstream(begin: &'static [u8]) -> (SocketAddr, watch::Sender<usize>, watch::Sender<usize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (received, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (received, closed) = (watch::Sender::new(0), watch::Sender::new(0));
     let (r, c) = (received.clone(), closed.clone());
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
@@ -241,13 +241,13 @@ async fn stalling_upstream(begin: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize
                 loop {
                     match tcp.read(&mut buf).await {
                         Ok(0) | Err(_) => {
-                            c.fetch_add(1, Ordering::SeqCst);
+                            c.send_modify(|n| *n += 1);
                             return;
                         }
                         Ok(_) => {
-                            r.fetch_add(1, Ordering::SeqCst);
+                            r.send_modify(|n| *n += 1);
                             if tcp.write_all(begin).await.is_err() {
-                                c.fetch_add(1, Ordering::SeqCst);
+                                c.send_modify(|n| *n += 1);
                                 return;
                             }
                         }
@@ -415,19 +415,13 @@ async fn answer_trailers_lose_the_fields_a_client_acts_on_in_the_head() {
 }
 
 /// Waits until `n` reaches at least 1, within the bound.
-async fn until_counted(n: &AtomicUsize, what: &str) {
-    timeout(BOUND, async {
-        while n.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what}"));
+async fn until_counted(n: &watch::Sender<usize>, what: &str) {
+    timeout(BOUND, n.subscribe().wait_for(|n| *n >= 1)).await.unwrap_or_else(|_| panic!("{what}")).unwrap();
 }
 
 /// The client closes its connection: the gateway must close the upstream connection of its request well before the
 /// upstream timeout (5 s) would.
-async fn leave_and_see_the_upstream_closed(c: Raw, closed: &AtomicUsize) {
+async fn leave_and_see_the_upstream_closed(c: Raw, closed: &watch::Sender<usize>) {
     let left = Instant::now();
     drop(c);
     until_counted(closed, "the upstream connection was closed").await;

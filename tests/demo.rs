@@ -36,16 +36,21 @@ fn free_port() -> u16 {
 
 /// Stops the demo with SIGTERM (a graceful drain) and returns whether it exited 0 within the drain timeout.
 fn terminate(mut demo: Child) -> bool {
+    let pid = demo.id();
     // bash's own `kill`: no procps needed.
-    let _ = Command::new("bash").args(["-c", &format!("kill -TERM {}", demo.id())]).status();
-    for _ in 0..300 {
-        if let Ok(Some(status)) = demo.try_wait() {
-            return status.success();
+    let kill = |signal: &str| Command::new("bash").args(["-c", &format!("kill -{signal} {pid}")]).status();
+    let _ = kill("TERM");
+    // Its exit is the signal: waited for on a thread of its own, so the wait can have a deadline.
+    let (exited, exit) = mpsc::channel();
+    std::thread::spawn(move || exited.send(demo.wait()));
+    match exit.recv_timeout(Duration::from_secs(30)) {
+        Ok(status) => status.is_ok_and(|s| s.success()),
+        Err(_) => {
+            // Not yet reaped (the thread still waits on it), so the pid is still the demo's.
+            let _ = kill("KILL");
+            false
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = demo.kill();
-    false
 }
 
 #[test]

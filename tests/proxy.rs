@@ -1266,13 +1266,7 @@ async fn graceful_shutdown_finishes_in_flight_and_refuses_new() {
     let url = gw.https_url("/slow?ms=1500");
     let in_flight = tokio::spawn(async move { get(&c, &url, None).await });
     // The request is in flight once the upstream has it.
-    timeout(BOUND, async {
-        while up.hits() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the slow request reached the upstream");
+    up.wait_hits(1).await;
 
     let running = gw.gw.take().expect("running gateway");
     let t = Instant::now();
