@@ -5,20 +5,14 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::time::timeout;
-
-const BOUND: Duration = Duration::from_secs(20);
-
-fn public_config(up: &Upstream) -> String {
-    format!("{}\n[[routes]]\nname = \"all\"\npath = \"/*\"\nupstream = \"api\"\nauth = \"public\"\n", base_config(up))
-}
 
 /// One raw client connection, reading answers one at a time (pipelined ones stay buffered).
 struct Raw<S = TcpStream> {
@@ -138,7 +132,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_on_one_connection() {
     let up = spawn_upstream().await;
-    let gw = spawn_gateway(&public_config(&up)).await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
     let mut c = Raw::connect(gw.http.unwrap()).await;
     c.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b?q=1 HTTP/1.1\r\nHost: x\r\n\r\nGET /c HTTP/1.1\r\nHost: x\r\n\r\n").await;
     for want in ["/a", "/b?q=1", "/c"] {
@@ -154,7 +148,7 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
 #[tokio::test]
 async fn connection_close_head_and_gateway_answers_keep_the_connection_in_step() {
     let up = spawn_upstream().await;
-    let gw = spawn_gateway(&public_config(&up)).await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
     let mut c = Raw::connect(gw.http.unwrap()).await;
     // HEAD: the upstream's length is kept, no body follows, and the next answer is read in step.
     c.send(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -178,7 +172,7 @@ async fn connection_close_head_and_gateway_answers_keep_the_connection_in_step()
 #[tokio::test]
 async fn a_connection_moves_to_hyper_for_a_body_and_keeps_serving() {
     let up = spawn_upstream().await;
-    let gw = spawn_gateway(&public_config(&up)).await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
     let mut c = Raw::connect(gw.http.unwrap()).await;
     c.send(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(c.answer(false).await.echoed_path(), "/first");
@@ -196,7 +190,7 @@ async fn a_connection_moves_to_hyper_for_a_body_and_keeps_serving() {
 #[tokio::test]
 async fn a_malformed_head_after_a_plain_request_gets_hyper_400_and_a_close() {
     let up = spawn_upstream().await;
-    let gw = spawn_gateway(&public_config(&up)).await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
     for bad in [
         &b"GET / HTTP/1.1\r\nHost : x\r\n\r\n"[..],
         b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
@@ -217,8 +211,7 @@ async fn a_malformed_head_after_a_plain_request_gets_hyper_400_and_a_close() {
 #[tokio::test]
 async fn an_oversize_head_is_431_from_a_fresh_or_a_used_connection() {
     let up = spawn_upstream().await;
-    let cfg = public_config(&up).replace("[[routes]]", "[limits]\nmax_header_bytes = \"8KiB\"\n\n[[routes]]");
-    let gw = spawn_gateway(&cfg).await;
+    let gw = spawn_gateway(&public_config(&up, "[limits]\nmax_header_bytes = \"8KiB\"\n")).await;
     let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(20 * 1024));
     for warm in [false, true] {
         let mut c = Raw::connect(gw.http.unwrap()).await;
@@ -235,10 +228,10 @@ async fn an_oversize_head_is_431_from_a_fresh_or_a_used_connection() {
 
 /// An upstream that answers each request with `begin` (possibly nothing) and then never another byte, counting
 /// the requests it received and the connections the gateway closed on it.
-async fn stalling_upstream(begin: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+async fn stalling_upstream(begin: &'static [u8]) -> (SocketAddr, watch::Sender<usize>, watch::Sender<usize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (received, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (received, closed) = (watch::Sender::new(0), watch::Sender::new(0));
     let (r, c) = (received.clone(), closed.clone());
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
@@ -248,13 +241,13 @@ async fn stalling_upstream(begin: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize
                 loop {
                     match tcp.read(&mut buf).await {
                         Ok(0) | Err(_) => {
-                            c.fetch_add(1, Ordering::SeqCst);
+                            c.send_modify(|n| *n += 1);
                             return;
                         }
                         Ok(_) => {
-                            r.fetch_add(1, Ordering::SeqCst);
+                            r.send_modify(|n| *n += 1);
                             if tcp.write_all(begin).await.is_err() {
-                                c.fetch_add(1, Ordering::SeqCst);
+                                c.send_modify(|n| *n += 1);
                                 return;
                             }
                         }
@@ -269,9 +262,9 @@ async fn stalling_upstream(begin: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize
 #[tokio::test]
 async fn a_client_that_leaves_cancels_its_request_upstream() {
     let (addr, received, closed) = stalling_upstream(b"").await;
-    let up = Upstream { addr, seen: Default::default(), count: Default::default() };
+    let up = Upstream::at(addr);
     // The upstream timeout (5s) would end the request anyway; the cancellation must come well before it.
-    let gw = spawn_gateway(&public_config(&up)).await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
     let mut c = Raw::connect(gw.http.unwrap()).await;
     c.send(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n").await;
     until_counted(&received, "the request reached the upstream").await;
@@ -282,7 +275,7 @@ async fn a_client_that_leaves_cancels_its_request_upstream() {
 #[tokio::test]
 async fn idle_connections_close_at_once_when_a_drain_begins() {
     let up = spawn_upstream().await;
-    let mut gw = spawn_gateway(&public_config(&up)).await;
+    let mut gw = spawn_gateway(&public_config(&up, "")).await;
     let mut idle = Vec::new();
     for _ in 0..3 {
         let mut c = Raw::connect(gw.http.unwrap()).await;
@@ -303,7 +296,7 @@ async fn idle_connections_close_at_once_when_a_drain_begins() {
 #[tokio::test]
 async fn pipelined_requests_over_tls_http1() {
     let up = spawn_upstream().await;
-    let gw = spawn_gateway(&public_config(&up)).await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(&gw.cert_path(), &[b"http/1.1"])));
     let tcp = TcpStream::connect(gw.https.unwrap()).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
@@ -349,7 +342,7 @@ async fn scripted_upstream(parts: &'static [&'static [u8]], pause: Duration) -> 
             });
         }
     });
-    Upstream { addr, seen: Default::default(), count: Default::default() }
+    Upstream::at(addr)
 }
 
 /// A chunked body with a trailer field.
@@ -364,7 +357,7 @@ async fn a_connection_idles_for_idle_timeout_after_an_answer_that_streamed_for_l
     // The idle wait starts once the answer is written, not when it began.
     const PARTS: &[&[u8]] = &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n", b"1\r\nb\r\n", b"0\r\n\r\n"];
     let up = scripted_upstream(PARTS, Duration::from_millis(700)).await;
-    let gw = spawn_gateway(&format!("{}[limits]\nidle_timeout = \"1s\"\n", public_config(&up))).await;
+    let gw = spawn_gateway(&public_config(&up, "[limits]\nidle_timeout = \"1s\"\n")).await;
     let mut c = Raw::connect(gw.http.unwrap()).await;
     let started = Instant::now();
     c.send(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -380,7 +373,7 @@ async fn a_connection_idles_for_idle_timeout_after_an_answer_that_streamed_for_l
 #[tokio::test]
 async fn chunked_answers_keep_their_trailers_for_clients_that_accept_them() {
     let up = trailer_upstream().await;
-    let gw = spawn_gateway(&public_config(&up)).await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
     let mut c = Raw::connect(gw.http.unwrap()).await;
     c.send(b"GET /t HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n").await;
     let a = c.answer(false).await;
@@ -400,7 +393,7 @@ async fn answer_trailers_lose_the_fields_a_client_acts_on_in_the_head() {
     const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum, Set-Cookie, Strict-Transport-Security\r\n\r\n\
                             5\r\nhello\r\n0\r\nX-Checksum: abc123\r\nSet-Cookie: session=upstream\r\nStrict-Transport-Security: max-age=0\r\n\r\n";
     let up = scripted_upstream(&[ANSWER], Duration::ZERO).await;
-    let gw = spawn_gateway(&public_config(&up)).await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
     let (mut h2, connection) = h2::client::handshake(gateway_tls(&gw, &[b"h2"]).await).await.expect("h2 handshake");
     tokio::spawn(connection);
     // A bodiless GET takes the lean client; a POST with a body hyper's: the same rule on both.
@@ -421,20 +414,14 @@ async fn answer_trailers_lose_the_fields_a_client_acts_on_in_the_head() {
     gw.stop().await;
 }
 
-/// Waits until `n` reaches at least 1, within the bound./// Waits until `n` reaches at least 1, within the bound.
-async fn until_counted(n: &AtomicUsize, what: &str) {
-    timeout(BOUND, async {
-        while n.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what}"));
+/// Waits until `n` reaches at least 1, within the bound.
+async fn until_counted(n: &watch::Sender<usize>, what: &str) {
+    timeout(BOUND, n.subscribe().wait_for(|n| *n >= 1)).await.unwrap_or_else(|_| panic!("{what}")).unwrap();
 }
 
 /// The client closes its connection: the gateway must close the upstream connection of its request well before the
 /// upstream timeout (5 s) would.
-async fn leave_and_see_the_upstream_closed(c: Raw, closed: &AtomicUsize) {
+async fn leave_and_see_the_upstream_closed(c: Raw, closed: &watch::Sender<usize>) {
     let left = Instant::now();
     drop(c);
     until_counted(closed, "the upstream connection was closed").await;
@@ -444,8 +431,8 @@ async fn leave_and_see_the_upstream_closed(c: Raw, closed: &AtomicUsize) {
 #[tokio::test]
 async fn a_client_that_leaves_during_a_stalled_answer_ends_it_upstream() {
     let (addr, received, closed) = stalling_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst bytes").await;
-    let up = Upstream { addr, seen: Default::default(), count: Default::default() };
-    let gw = spawn_gateway(&public_config(&up)).await;
+    let up = Upstream::at(addr);
+    let gw = spawn_gateway(&public_config(&up, "")).await;
     let mut c = Raw::connect(gw.http.unwrap()).await;
     c.send(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n").await;
     until_counted(&received, "the request reached the upstream").await;
@@ -460,7 +447,7 @@ async fn a_client_that_leaves_during_a_stalled_answer_ends_it_upstream() {
 #[tokio::test]
 async fn a_half_close_after_pipelined_requests_still_answers_those_served_before_it_is_read() {
     let up = spawn_upstream().await;
-    let gw = spawn_gateway(&public_config(&up)).await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
     let mut c = Raw::connect(gw.http.unwrap()).await;
     c.send(b"GET /slow?ms=200 HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\n\r\n").await;
     c.s.shutdown().await.unwrap();
@@ -475,8 +462,7 @@ async fn a_half_close_after_pipelined_requests_still_answers_those_served_before
 #[tokio::test]
 async fn a_head_over_max_header_bytes_is_431_even_when_it_arrives_whole() {
     let up = spawn_upstream().await;
-    let cfg = public_config(&up).replace("[[routes]]", "[limits]\nmax_header_bytes = \"8KiB\"\n\n[[routes]]");
-    let gw = spawn_gateway(&cfg).await;
+    let gw = spawn_gateway(&public_config(&up, "[limits]\nmax_header_bytes = \"8KiB\"\n")).await;
     // Complete within three reads, never partial and over the limit at once.
     let head = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(8 * 1024 + 512));
     let mut c = Raw::connect(gw.http.unwrap()).await;
@@ -489,7 +475,7 @@ async fn a_head_over_max_header_bytes_is_431_even_when_it_arrives_whole() {
 #[tokio::test]
 async fn a_request_handed_to_hyper_during_a_drain_is_still_answered() {
     let up = spawn_upstream().await;
-    let mut gw = spawn_gateway(&public_config(&up)).await;
+    let mut gw = spawn_gateway(&public_config(&up, "")).await;
     let mut c = Raw::connect(gw.http.unwrap()).await;
     c.send(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(c.answer(false).await.echoed_path(), "/first");
@@ -512,7 +498,7 @@ async fn a_request_handed_to_hyper_during_a_drain_is_still_answered() {
 #[tokio::test]
 async fn http2_with_prior_knowledge_on_the_plain_listener_is_handed_to_hyper() {
     let up = spawn_upstream().await;
-    let gw = spawn_gateway(&public_config(&up)).await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
     // The HTTP/2 preface is no HTTP/1.1 head: the connection goes to hyper, which finds HTTP/2 in it.
     let h2c: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
@@ -552,7 +538,7 @@ fn has_h2_settings(bytes: &[u8]) -> bool {
 #[tokio::test]
 async fn http2_starts_only_as_a_plain_connections_first_bytes_or_by_alpn() {
     let up = spawn_upstream().await;
-    let gw = spawn_gateway(&public_config(&up)).await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
     // After an HTTP/1.1 request, the preface is no request of any version (RFC 9113 §3.3: first bytes only).
     let mut tcp = TcpStream::connect(gw.http.unwrap()).await.unwrap();
     let mut bytes = b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n".to_vec();
@@ -573,7 +559,7 @@ async fn http2_starts_only_as_a_plain_connections_first_bytes_or_by_alpn() {
 #[tokio::test]
 async fn a_request_names_one_host_of_host_syntax_and_an_absolute_target_wins() {
     let up = spawn_upstream().await;
-    let gw = spawn_gateway(&public_config(&up)).await;
+    let gw = spawn_gateway(&public_config(&up, "")).await;
     let addr = gw.http.unwrap();
     // RFC 9112 §3.2: no Host on HTTP/1.1, two of them, or one an upstream could read another origin or a path
     // from, is a 400; nothing is forwarded.

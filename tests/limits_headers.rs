@@ -1,5 +1,5 @@
-//! Rate limits, secure response headers and CORS (issue 5's acceptance list), end to end: a real gateway on
-//! loopback, a real echo upstream, tokens signed here with a real Ed25519 key.
+//! Rate limits, secure response headers and CORS, end to end: a real gateway on loopback, a real echo upstream,
+//! tokens signed here with a real Ed25519 key.
 //!
 //! Two clients with different addresses on one machine: the loopback network is all of 127.0.0.0/8, so a
 //! client socket bound to 127.0.0.2 is a second client address. Every refusal asserts the upstream was not
@@ -9,16 +9,12 @@ mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
-use http::{Method, Request};
-use http_body_util::Full;
+use http::Method;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -26,17 +22,8 @@ use jsonwebtoken::Algorithm;
 use portcullis::edge::ratelimit::{LimitKey, LimitSettings, Limiter};
 use serde_json::json;
 
-/// The longest any one test may run.
-const TEST_BOUND: Duration = Duration::from_secs(120);
-
-async fn bounded(f: impl Future<Output = ()>) {
-    tokio::time::timeout(TEST_BOUND, f).await.expect("test exceeded its time bound");
-}
-
-const ISS: &str = "https://issuer.test";
-
 // ------------------------------------------------------------------------------------------------------------
-// Clients, requests, metrics.
+// Clients and answers.
 
 /// A client of `gw` whose connections come from `local` (any 127.x.y.z address is loopback).
 fn client_from(gw: &TestGateway, local: &str) -> TestClient {
@@ -48,81 +35,9 @@ fn client_from(gw: &TestGateway, local: &str) -> TestClient {
     Client::builder(TokioExecutor::new()).build(conn)
 }
 
-/// Sends `method url` with the given headers (each appended, so names may repeat) and body.
-async fn request(c: &TestClient, method: Method, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
-    let mut b = Request::builder().method(method).uri(url);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    send(c, b.body(Full::new(Bytes::copy_from_slice(body))).unwrap()).await
-}
-
-async fn get_with(c: &TestClient, url: &str, headers: &[(&str, &str)]) -> Answer {
-    request(c, Method::GET, url, headers, b"").await
-}
-
-fn header<'a>(a: &'a Answer, name: &str) -> Option<&'a str> {
-    a.headers.get(name).map(|v| v.to_str().unwrap())
-}
-
 /// Every value of a field (a field the gateway sets must not also arrive with the upstream's value).
 fn all<'a>(a: &'a Answer, name: &str) -> Vec<&'a str> {
     a.headers.get_all(name).iter().map(|v| v.to_str().unwrap()).collect()
-}
-
-/// Reads one sample from a Prometheus text exposition: `name` with exactly these labels.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let want: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (n, have) = match series.split_once('{') {
-            Some((n, rest)) => {
-                let inner = rest.strip_suffix('}')?;
-                let have: BTreeMap<String, String> = inner
-                    .split("\",")
-                    .filter(|kv| !kv.is_empty())
-                    .filter_map(|kv| kv.split_once("=\"").map(|(k, v)| (k.to_string(), v.trim_end_matches('"').to_string())))
-                    .collect();
-                (n, have)
-            }
-            None => (series, BTreeMap::new()),
-        };
-        (n == name && have == want).then(|| value.parse().ok()).flatten()
-    })
-}
-
-async fn metrics(c: &TestClient, gw: &TestGateway) -> String {
-    let a = get(c, &gw.admin_url("/metrics"), None).await;
-    assert_eq!(a.status, 200);
-    a.text()
-}
-
-/// A test issuer with a static Ed25519 key, its config and the key file to write beside it.
-struct TestIssuer {
-    key: TestKey,
-}
-
-impl TestIssuer {
-    fn new() -> TestIssuer {
-        TestIssuer { key: test_key(Algorithm::EdDSA) }
-    }
-
-    fn config(&self) -> String {
-        format!("[[issuers]]\nid = \"test\"\nissuer = \"{ISS}\"\naudiences = [\"api\"]\nalgorithms = [\"EdDSA\"]\npublic_keys = [\"issuer.pub.pem\"]\n")
-    }
-
-    fn files(&self) -> Vec<(&'static str, Vec<u8>)> {
-        vec![("issuer.pub.pem", self.key.public_pem.clone().into_bytes())]
-    }
-
-    fn token(&self, sub: &str, roles: &[&str]) -> String {
-        mint_token(&self.key, None, &claims(ISS, sub, json!({ "roles": roles })))
-    }
-}
-
-async fn spawn_with(cfg: &str, files: &[(&'static str, Vec<u8>)]) -> TestGateway {
-    let files: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (*n, d.as_slice())).collect();
-    spawn_gateway_with_files(cfg, &files).await
 }
 
 const PUBLIC_API: &str = r#"
@@ -134,7 +49,7 @@ auth = "public"
 "#;
 
 // ------------------------------------------------------------------------------------------------------------
-// 1. Global IP limit.
+// Global IP limit.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_ip_limit_refuses_burst_plus_one_and_spares_other_clients() {
@@ -177,7 +92,7 @@ async fn global_ip_limit_refuses_burst_plus_one_and_spares_other_clients() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 2. Per-subject limits.
+// Per-subject limits.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_subject_limits_are_independent_and_bad_tokens_spend_nothing() {
@@ -207,15 +122,13 @@ rate_limit = {{ key = "subject", rate = "1/min", burst = 3 }}
             issuer = iss.config()
         );
         let second = test_key(Algorithm::EdDSA);
-        let mut files = iss.files();
-        files.push(("second.pub.pem", second.public_pem.clone().into_bytes()));
-        let gw = spawn_with(&cfg, &files).await;
+        let gw = iss.gateway_with(&cfg, &[("second.pub.pem", second.public_pem.as_bytes())]).await;
         let url = gw.https_url("/search");
 
         // A flood of forged tokens for alice, from another address: the first 20 are checked and refused, the
         // rest stop at the global limit before any signature check. Alice's own bucket is untouched.
         let forger = test_key(Algorithm::EdDSA);
-        let forged = mint_token(&forger, None, &claims(ISS, "alice", json!({})));
+        let forged = mint_token(&forger, None, &claims(TestIssuer::ISS, "alice", json!({})));
         let flood = client_from(&gw, "127.0.0.2");
         let mut statuses = Vec::new();
         for _ in 0..30 {
@@ -260,7 +173,7 @@ rate_limit = {{ key = "subject", rate = "1/min", burst = 3 }}
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 3. X-Forwarded-For only from trusted proxies.
+// X-Forwarded-For only from trusted proxies.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_limits_count_numbers_and_never_fall_back_to_the_address_for_a_token() {
@@ -279,9 +192,10 @@ rate_limit = {{ key = "claim:tenant", rate = "1/min", burst = 2 }}
             base = base_config(&up),
             issuer = iss.config()
         );
-        let gw = spawn_with(&cfg, &iss.files()).await;
+        let gw = iss.gateway(&cfg).await;
         let url = gw.https_url("/t");
-        let tok = |sub: &str, tenant: serde_json::Value| mint_token(&iss.key, None, &claims(ISS, sub, json!({ "tenant": tenant })));
+        let tok =
+            |sub: &str, tenant: serde_json::Value| mint_token(&iss.key, None, &claims(TestIssuer::ISS, sub, json!({ "tenant": tenant })));
         let (a, b, c) = (client_from(&gw, "127.0.0.1"), client_from(&gw, "127.0.0.3"), client_from(&gw, "127.0.0.4"));
         // Tenant 42, a number, over three users and two addresses: one bucket.
         assert_eq!(get(&a, &url, Some(&tok("u1", json!(42)))).await.status, 200);
@@ -379,7 +293,7 @@ async fn behind_a_proxy_that_writes_forwarded_a_clients_own_x_forwarded_for_buys
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 4. Memory stays bounded under a key flood.
+// Memory stays bounded under a key flood.
 
 /// Counts the heap bytes each thread holds (allocated minus freed on that thread), so a test on its own
 /// thread can measure what it allocates while other tests run in parallel.
@@ -473,9 +387,9 @@ fn a_flood_of_100k_distinct_keys_is_pruned_back_to_near_nothing() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 5. Secure headers.
+// Secure headers.
 
-/// The configured secure headers (the issue's example, which are also the defaults).
+/// The configured secure headers (the documented example, which are also the defaults).
 const HEADERS: &[(&str, &str)] = &[
     ("x-content-type-options", "nosniff"),
     ("x-frame-options", "DENY"),
@@ -503,12 +417,13 @@ fn assert_secure_headers(a: &Answer, tls: bool, generated: bool, what: &str) {
 async fn secure_headers_on_proxied_and_generated_answers() {
     bounded(async {
         let up = spawn_upstream().await;
-        let dead_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // An upstream that is down: its port is held, and refuses every connection.
+        let (_held, dead) = refusing_addr();
         let iss = TestIssuer::new();
         let cfg = format!(
             r#"{base}
 [upstreams.dead]
-url = "http://127.0.0.1:{dead_port}"
+url = "http://{dead}"
 connect_timeout = "1s"
 
 [limits]
@@ -586,7 +501,7 @@ auth = "public"
             base = base_config(&up),
             issuer = iss.config()
         );
-        let gw = spawn_with(&cfg, &iss.files()).await;
+        let gw = iss.gateway(&cfg).await;
         let c = client(&gw);
         let user = iss.token("bob", &["user"]);
 
@@ -659,7 +574,7 @@ auth = "public"
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 6. CORS.
+// CORS.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflight_and_actual_requests() {
@@ -699,7 +614,7 @@ auth = "public"
             base = base_config(&up),
             issuer = iss.config()
         );
-        let gw = spawn_with(&cfg, &iss.files()).await;
+        let gw = iss.gateway(&cfg).await;
         let c = client(&gw);
         let url = gw.https_url("/users/me");
         let app = "https://app.example.com";

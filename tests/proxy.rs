@@ -1,6 +1,6 @@
-//! The core proxy's acceptance tests (issue 2): `check`, forwarding and its headers, HTTP/2, streaming with
-//! bounded memory, routing refusals, upstream failures, limits, slowloris, WebSocket, graceful shutdown, TLS, and
-//! request smuggling. Everything runs on real sockets on 127.0.0.1 with OS-chosen ports.
+//! The core proxy, end to end: `check`, forwarding and its headers, HTTP/2, streaming with bounded memory, routing
+//! refusals, upstream failures, limits, slowloris, WebSocket, graceful shutdown, TLS, and request smuggling.
+//! Everything runs on real sockets on 127.0.0.1 with OS-chosen ports.
 
 mod common;
 
@@ -17,7 +17,6 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -26,20 +25,8 @@ use tokio::time::timeout;
 /// measures the whole test process's resident memory and must not count what other tests allocate meanwhile.
 static PROCESS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-/// Upper bound for anything a test waits on: a hang becomes a failure, not a stuck suite.
-const BOUND: Duration = Duration::from_secs(20);
-
-/// The base config with one public catch-all route to the echo upstream, plus `extra` TOML appended.
-fn public_config(up: &Upstream, extra: &str) -> String {
-    format!("{}\n{extra}\n[[routes]]\nname = \"all\"\npath = \"/*\"\nupstream = \"api\"\nauth = \"public\"\n", base_config(up))
-}
-
 fn req(method: &str, url: &str) -> http::request::Builder {
     Request::builder().method(method).uri(url)
-}
-
-fn empty() -> Full<Bytes> {
-    Full::new(Bytes::new())
 }
 
 /// The status code of a raw HTTP/1.1 response, if it has one.
@@ -47,34 +34,8 @@ fn status_of(raw: &str) -> Option<u16> {
     raw.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
 
-/// Like `raw_exchange`, but a write the server refuses (it answered and closed early) is not a failure: what
-/// was read is still returned. Returns the bytes read and whether the server closed the connection.
-async fn raw_lenient(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (String, bool) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let _ = s.write_all(bytes).await;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 8192];
-    let deadline = tokio::time::Instant::now() + wait;
-    let closed = loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) => break false,
-        }
-    };
-    (String::from_utf8_lossy(&out).into_owned(), closed)
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
-}
-
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 // ------------------------------------------------------------------------------------------------------------
-// 1. `portcullis check`
+// `portcullis check`
 
 fn run_check(config: &Path) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
@@ -207,7 +168,7 @@ fn check_reports_each_error_with_line_and_column() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 2-3. Forwarding and its headers, over HTTP/1.1 and HTTP/2
+// Forwarding and its headers, over HTTP/1.1 and HTTP/2
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_forwarding_sets_forwarding_headers_and_strips_hop_by_hop() {
@@ -361,7 +322,7 @@ async fn http2_client_reaches_http1_upstream() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 4. Streaming 100 MiB each way with bounded memory
+// Streaming 100 MiB each way with bounded memory
 
 const MIB: u64 = 1 << 20;
 const BIG: u64 = 100 * MIB;
@@ -415,14 +376,6 @@ impl Drop for PeakRss {
 
 type TestBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
-/// Opens a plain HTTP/1.1 connection for bodies that are streamed rather than held.
-async fn h1_connection(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<TestBody> {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
-    tokio::spawn(conn);
-    send
-}
-
 /// Upload chunk `i`: a fixed pattern stamped with its index, so a lost, repeated or reordered chunk shows.
 fn upload_chunk(base: &Bytes, i: u64) -> Bytes {
     let mut v = base.to_vec();
@@ -450,7 +403,7 @@ async fn hundred_mib_stream_both_ways_with_bounded_memory() {
     }
     let download_sha = hex(down_ctx.finish().as_ref());
 
-    let mut send = h1_connection(gw.http.unwrap()).await;
+    let mut send = h1_connection::<TestBody>(gw.http.unwrap()).await;
     let before = rss();
     let sampler = PeakRss::start();
 
@@ -545,7 +498,7 @@ async fn a_get_with_a_body_of_no_declared_length_reaches_the_upstream_with_its_b
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 5. Routing refusals
+// Routing refusals
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrouted_is_404_and_wrong_method_is_405_without_reaching_upstream() {
@@ -595,19 +548,14 @@ async fn unrouted_is_404_and_wrong_method_is_405_without_reaching_upstream() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 6. Upstream failures
-
-/// A port on 127.0.0.1 that nothing listens on (bound, then released).
-async fn closed_port() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
-}
+// Upstream failures
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_is_502_and_slow_is_504_without_detail() {
     let _shared = PROCESS.read().await;
     let up = spawn_upstream().await;
-    let dead = closed_port().await;
+    // An upstream that is down: its port is held, and refuses every connection.
+    let (_held, dead) = refusing_addr();
     let cfg = format!(
         r#"{base}
 [upstreams.dead]
@@ -747,7 +695,7 @@ async fn an_https_upstream_on_a_private_ca_is_trusted_through_its_ca_file_only()
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 7. Body and header limits
+// Body and header limits
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_body_is_413_and_oversize_headers_431_before_the_upstream() {
@@ -894,7 +842,7 @@ async fn a_refused_http2_upload_is_read_out_not_reset() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 8. Slowloris
+// Slowloris
 
 /// Sends `request` and reads the answer at `rate` bytes every `tick` (after `wait` without reading at all),
 /// until the gateway ends the stream or `expected` bytes arrived; returns the bytes read.
@@ -1221,7 +1169,7 @@ async fn admin_metrics(gw: &TestGateway) -> String {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 9. WebSocket
+// WebSocket
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_the_gateway() {
@@ -1291,7 +1239,7 @@ async fn websocket_echo_over_tls_http1() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 10. Graceful shutdown
+// Graceful shutdown
 
 /// Waits until connecting to `addr` is refused: the listener has closed. (A connection accepted by the kernel
 /// before the listener closed may still succeed; it is dropped and the next attempt made.)
@@ -1318,13 +1266,7 @@ async fn graceful_shutdown_finishes_in_flight_and_refuses_new() {
     let url = gw.https_url("/slow?ms=1500");
     let in_flight = tokio::spawn(async move { get(&c, &url, None).await });
     // The request is in flight once the upstream has it.
-    timeout(BOUND, async {
-        while up.hits() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the slow request reached the upstream");
+    up.wait_hits(1).await;
 
     let running = gw.gw.take().expect("running gateway");
     let t = Instant::now();
@@ -1347,7 +1289,7 @@ async fn graceful_shutdown_finishes_in_flight_and_refuses_new() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 11. TLS
+// TLS
 
 /// A TLS ClientHello without the supported_versions extension, so `version` is the only version offered. It
 /// offers ECDHE-ECDSA/RSA AES-GCM (TLS 1.2) and CBC (TLS 1.0/1.1) suites, P-256/X25519 and ECDSA/RSA signatures.
@@ -1590,7 +1532,7 @@ async fn tls13_early_data_is_not_accepted_on_resumption() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 12. Request smuggling
+// Request smuggling
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_attempts_get_400_and_close_without_reaching_upstream() {

@@ -6,7 +6,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -17,9 +16,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::time::timeout;
-
-const BOUND: Duration = Duration::from_secs(20);
 
 /// A request as a server read it: method, target (path and query) and whole body (a body cut short reads as
 /// `None`).
@@ -121,21 +119,20 @@ fn is_subsequence(forwarded: &[Read], reference: &[Read]) -> bool {
 struct Recorder {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Read>>>,
-    open: Arc<std::sync::atomic::AtomicUsize>,
+    open: watch::Sender<usize>,
 }
 
 async fn recorder() -> Recorder {
-    use std::sync::atomic::Ordering;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let r = Recorder { addr: listener.local_addr().unwrap(), seen: Arc::default(), open: Arc::default() };
+    let r = Recorder { addr: listener.local_addr().unwrap(), seen: Arc::default(), open: watch::Sender::new(0) };
     let (seen, open) = (r.seen.clone(), r.open.clone());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            open.fetch_add(1, Ordering::SeqCst);
+            open.send_modify(|n| *n += 1);
             let (seen, open) = (seen.clone(), open.clone());
             tokio::spawn(async move {
                 hyper_serves(tcp, seen, false).await;
-                open.fetch_sub(1, Ordering::SeqCst);
+                open.send_modify(|n| *n -= 1);
             });
         }
     });
@@ -164,13 +161,7 @@ async fn whatever_is_forwarded_hyper_reads_the_same_from_the_same_bytes() {
         // Stopped, the gateway has ended or abandoned every upstream request; once the upstream's connections
         // are gone too, it has recorded all it read.
         gw.stop().await;
-        timeout(BOUND, async {
-            while up.open.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .expect("the upstream's connections close");
+        timeout(BOUND, up.open.subscribe().wait_for(|n| *n == 0)).await.expect("the upstream's connections close").unwrap();
         let through = up.seen.lock().unwrap().clone();
         assert!(
             is_subsequence(&through, &reference),

@@ -1,7 +1,6 @@
-//! The built-in OAuth2 token endpoint (issue 4's acceptance list), end to end: a real gateway on loopback with
-//! a real Ed25519 signing key it generates itself, the shipped demo users, a real echo upstream, and real
-//! password hashes (argon2id from `portcullis hash-password`, bcrypt from Python's bcrypt and from the bcrypt
-//! crate here).
+//! The built-in OAuth2 token endpoint, end to end: a real gateway on loopback with a real Ed25519 signing key it
+//! generates itself, the shipped demo users, a real echo upstream, and real password hashes (argon2id from
+//! `portcullis hash-password`, bcrypt from Python's bcrypt and from the bcrypt crate here).
 //!
 //! The token endpoint is served by the gateway itself: every test also checks that the upstream never saw a
 //! token request. Every test body runs under a time bound and waits on readiness signals, not sleeps.
@@ -9,7 +8,6 @@
 mod common;
 
 use std::future::Future;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -19,26 +17,20 @@ use http::Request;
 use http_body_util::Full;
 use serde_json::Value;
 
-/// The longest any one test may run.
-const TEST_BOUND: Duration = Duration::from_secs(180);
-
 /// Tests in this binary run in parallel; the two that measure latency take this exclusively so that the
 /// others' password hashing does not share the two cores with them. Everyone else takes it shared.
 static TIMING: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-async fn bounded(f: impl Future<Output = ()>) {
+/// Runs a test body under [`LONG_TEST_BOUND`], beside the other tests of this binary that do not measure time.
+async fn bounded_shared(f: impl Future<Output = ()>) {
     let _shared = TIMING.read().await;
-    tokio::time::timeout(TEST_BOUND, f).await.expect("test exceeded its time bound");
+    bounded_by(LONG_TEST_BOUND, f).await;
 }
 
-/// Like [`bounded`], alone: no other test of this binary runs meanwhile.
+/// Like [`bounded_shared`], alone: no other test of this binary runs meanwhile.
 async fn bounded_alone(f: impl Future<Output = ()>) {
     let _exclusive = TIMING.write().await;
-    tokio::time::timeout(TEST_BOUND, f).await.expect("test exceeded its time bound");
-}
-
-fn manifest(rel: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    bounded_by(LONG_TEST_BOUND, f).await;
 }
 
 /// The shipped demo users (john.doe / securepassword argon2id, admin.user / adminpass bcrypt).
@@ -181,18 +173,6 @@ fn assert_oauth_error(a: &Answer, status: u16, code: &str, what: &str) {
     assert_eq!(a.headers.get("pragma").map(|v| v.to_str().unwrap()), Some("no-cache"), "{what}");
 }
 
-/// The response headers that must not differ between two refusals (everything but the per-request ones).
-fn stable_headers(a: &Answer) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = a
-        .headers
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "x-request-id" | "date"))
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
-        .collect();
-    v.sort();
-    v
-}
-
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -220,11 +200,11 @@ async fn hash_password_cli(password: &str) -> String {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 1. The tutorial flow.
+// The tutorial flow.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tutorial_flow_over_https() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         let gw = token_gateway(&up, &demo_users(), "").await;
         let c = client(&gw);
@@ -266,11 +246,11 @@ async fn tutorial_flow_over_https() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 2. Hashes made elsewhere verify.
+// Hashes made elsewhere verify.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_bcrypt_fixture_and_hash_password_output_verify() {
-    bounded(async {
+    bounded_shared(async {
         let cli_hash = hash_password_cli("correct horse battery staple").await;
         assert!(cli_hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "not argon2id at the OWASP parameters: {cli_hash}");
         let fixture = std::fs::read_to_string(manifest("tests/fixtures/bcrypt-users.toml")).unwrap();
@@ -298,11 +278,11 @@ async fn python_bcrypt_fixture_and_hash_password_output_verify() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 3. RFC 6749 §5.1 / §5.2 answers.
+// RFC 6749 §5.1 / §5.2 answers.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rfc6749_error_has_its_status_body_and_headers() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         // The demo users plus a disabled account with john.doe's (correct) password.
         let disabled = argon_only_users().replace("[users.\"john.doe\"]", "[users.\"jane.gone\"]\ndisabled = true");
@@ -360,7 +340,7 @@ async fn every_rfc6749_error_has_its_status_body_and_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_token_is_405_with_allow_post() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         let gw = token_gateway(&up, &demo_users(), "").await;
         let c = client(&gw);
@@ -377,7 +357,7 @@ async fn get_token_is_405_with_allow_post() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn success_is_never_cached_and_the_token_carries_exactly_the_rfc9068_claims() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         let gw = token_gateway(&up, &demo_users(), "").await;
         let c = client(&gw);
@@ -431,7 +411,7 @@ async fn success_is_never_cached_and_the_token_carries_exactly_the_rfc9068_claim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bcrypt_never_matches_a_password_past_72_bytes() {
-    bounded(async {
+    bounded_shared(async {
         let x = format!("{}X", "a".repeat(72));
         let y = format!("{}Y", "a".repeat(72));
         let hash = bcrypt::hash(x.as_bytes(), 4).unwrap();
@@ -454,7 +434,7 @@ async fn bcrypt_never_matches_a_password_past_72_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_megabyte_password_is_refused_before_any_hashing() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         // Plaintext allowed so the raw socket below needs no TLS; the cap is the same on both listeners.
         let gw = token_gateway(&up, &demo_users(), "allow_plaintext = true").await;
@@ -530,7 +510,7 @@ async fn early_answer(addr: std::net::SocketAddr, head: String, body: Vec<Bytes>
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 4. No user enumeration.
+// No user enumeration.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_user_and_wrong_password_are_indistinguishable() {
@@ -587,11 +567,11 @@ async fn unknown_user_and_wrong_password_are_indistinguishable() {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 5. Brute force.
+// Brute force.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_burst_failures_even_the_right_password_is_429() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         let gw = token_gateway(&up, &demo_users(), "rate_limit = { rate = \"1/min\", burst = 3 }").await;
         let c = client(&gw);
@@ -616,7 +596,7 @@ async fn after_burst_failures_even_the_right_password_is_429() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_brute_force_429_says_when_to_retry() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         let gw = token_gateway(&up, &demo_users(), "rate_limit = { rate = \"1/min\", burst = 2 }").await;
         let c = client(&gw);
@@ -637,7 +617,7 @@ async fn the_brute_force_429_says_when_to_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guesses_sent_at_once_count_before_their_hashes_end() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         let gw = token_gateway(&up, &demo_users(), "rate_limit = { rate = \"1/min\", burst = 5 }").await;
         let c = client(&gw);
@@ -669,7 +649,7 @@ async fn guesses_sent_at_once_count_before_their_hashes_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guesses_rotating_inside_one_ipv6_prefix_share_one_limit() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         let extra = "rate_limit = { rate = \"1/min\", burst = 2 }";
         let gw = token_gateway_with(&up, &demo_users(), extra, BEHIND_A_PROXY).await;
@@ -691,7 +671,7 @@ async fn guesses_rotating_inside_one_ipv6_prefix_share_one_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_form_that_never_finishes_arriving_is_cut_at_header_read_timeout() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         let gw = token_gateway_with(&up, &demo_users(), "allow_plaintext = true", "[limits]\nheader_read_timeout = \"1s\"\n").await;
         // Declares 1000 bytes, sends 11, then holds the connection (a max_connections place) open.
@@ -713,22 +693,18 @@ fn a_name_that_is_both_a_user_and_a_client_does_not_load() {
     let users = demo_users().replace("[users.\"john.doe\"]", "[users.\"reports-service\"]");
     std::fs::write(dir.path().join("users.toml"), users).unwrap();
     std::fs::write(dir.path().join("clients.toml"), demo_clients()).unwrap();
-    let cfg = token_config(
-        &Upstream { addr: "127.0.0.1:9".parse().unwrap(), seen: Default::default(), count: Default::default() },
-        "",
-        TUTORIAL_ROUTES,
-    );
+    let cfg = token_config(&Upstream::at("127.0.0.1:9".parse().unwrap()), "", TUTORIAL_ROUTES);
     std::fs::write(dir.path().join("gateway.toml"), cfg).unwrap();
     let e = Config::load(&dir.path().join("gateway.toml")).map(|_| ()).expect_err("a shared sub must not load").to_string();
     assert!(e.contains("\"reports-service\" is both a user and a client"), "{e}");
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 6. client_credentials.
+// The client_credentials grant.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_with_basic_auth_issues_the_clients_token() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         let gw = token_gateway(&up, &demo_users(), "").await;
         let c = client(&gw);
@@ -765,7 +741,7 @@ async fn client_credentials_with_basic_auth_issues_the_clients_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_grant_with_client_credentials_checks_them_first() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         let gw = token_gateway(&up, &demo_users(), "rate_limit = { rate = \"5/min\", burst = 50 }").await;
         let c = client(&gw);
@@ -820,7 +796,7 @@ async fn a_password_grant_with_client_credentials_checks_them_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scope_and_empty_parameters_follow_rfc6749() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         let gw = token_gateway(&up, &demo_users(), "rate_limit = { rate = \"5/min\", burst = 50 }").await;
         let c = client(&gw);
@@ -869,19 +845,15 @@ fn a_token_lifetime_the_issuer_would_refuse_does_not_load() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("users.toml"), demo_users()).unwrap();
     std::fs::write(dir.path().join("clients.toml"), demo_clients()).unwrap();
-    let cfg = token_config(
-        &Upstream { addr: "127.0.0.1:9".parse().unwrap(), seen: Default::default(), count: Default::default() },
-        "",
-        TUTORIAL_ROUTES,
-    )
-    .replace("access_token_ttl = \"30m\"", "access_token_ttl = \"60d\"");
+    let cfg = token_config(&Upstream::at("127.0.0.1:9".parse().unwrap()), "", TUTORIAL_ROUTES)
+        .replace("access_token_ttl = \"30m\"", "access_token_ttl = \"60d\"");
     std::fs::write(dir.path().join("gateway.toml"), cfg).unwrap();
     let e = Config::load(&dir.path().join("gateway.toml")).map(|_| ()).expect_err("a 60-day token must not load").to_string();
     assert!(e.contains("access_token_ttl (5184000s) is longer than issuer"), "{e}");
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 7. Another gateway verifies the tokens through discovery and the published JWKS.
+// Another gateway verifies the tokens through discovery and the published JWKS.
 
 /// A client for plain-http gateways (no TLS listener, so no certificate to trust).
 fn plain_client() -> TestClient {
@@ -894,34 +866,18 @@ fn plain_client() -> TestClient {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(conn)
 }
 
-/// A port that was free a moment ago (bound, read and released).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-async fn wait_ready(c: &TestClient, gw: &TestGateway, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let a = get(c, &gw.admin_url("/readyz"), None).await;
-        if a.status == 200 {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "readyz still {} after {within:?}: {}", a.status, a.text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_gateway_verifies_ed25519_tokens_through_discovery() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
-        let port = free_port();
-        let issuer_url = format!("http://127.0.0.1:{port}");
+        // The first gateway names itself in its config (its issuer URL) before it has bound a port: the name is a
+        // relay's address, held from now on, and the relay forwards to wherever the gateway then listens.
+        let relay = Relay::start().await;
+        let issuer_url = format!("http://{}", relay.addr);
         let first_cfg = format!(
             r#"
 [listen]
-http = "127.0.0.1:{port}"
+http = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 
 [upstreams.api]
@@ -948,7 +904,7 @@ upstream = "api"
             up = up.url()
         );
         let first = spawn_gateway_with_files(&first_cfg, &[("users.toml", demo_users().as_bytes())]).await;
-        assert_eq!(first.http.unwrap().port(), port);
+        relay.forward_to(first.http.unwrap());
         let key_pem = std::fs::read_to_string(first.dir.path().join("issuer-ed25519.pem")).unwrap();
         assert!(key_pem.contains("PRIVATE KEY"), "the Ed25519 key was generated");
         let c1 = plain_client();
@@ -1016,7 +972,7 @@ upstream = "api"
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// 8. A login burst does not stall proxying.
+// A login burst does not stall proxying.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_burst_does_not_stall_proxied_requests() {
@@ -1069,22 +1025,9 @@ async fn a_login_burst_does_not_stall_proxied_requests() {
     .await;
 }
 
-/// Polls until `check` holds, failing after `within`: reloads have no other signal than their effects.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "{what} not seen within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_users_file_keeps_the_old_users_and_a_fixed_one_is_picked_up() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         let gw = token_gateway(&up, &argon_only_users(), "").await;
         let c = client(&gw);
@@ -1097,31 +1040,18 @@ async fn a_broken_users_file_keeps_the_old_users_and_a_fixed_one_is_picked_up() 
         };
         assert_eq!(login("john.doe").await, 200);
         let users = gw.dir.path().join("users.toml");
-        let write = |text: &str| {
-            let tmp = users.with_extension("tmp-write");
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(&tmp, &users).unwrap();
-        };
+        let write = |text: &str| write_atomic(&users, text.as_bytes());
 
         // Broken: the reload is refused, counted, and the old users keep logging in.
         write("[users.\"john.doe\"\npassword_hash = ");
-        let metrics_url = gw.admin_url("/metrics");
-        eventually(Duration::from_secs(5), "the refused reload", || {
-            let (c, u) = (&c, &metrics_url);
-            async move { get(c, u, None).await.text().contains("portcullis_config_reloads_total{result=\"error\"} 1") }
-        })
-        .await;
+        wait_metric(&c, &gw, "portcullis_config_reloads_total", &[("result", "error")], 1.0, Duration::from_secs(5)).await;
         assert_eq!(login("john.doe").await, 200, "the old users must keep working");
         assert_eq!(login("new.user").await, 400);
 
         // Fixed, with a new user: picked up without a restart.
         write(&format!("{}\n{}", argon_only_users(), argon_only_users().replace("john.doe", "new.user")));
         // (Waiting on the reload, not on logins: failed logins would soon be rate limited, across the reload too.)
-        eventually(Duration::from_secs(5), "the second successful load", || {
-            let (c, u) = (&c, &metrics_url);
-            async move { get(c, u, None).await.text().contains("portcullis_config_reloads_total{result=\"ok\"} 2") }
-        })
-        .await;
+        wait_metric(&c, &gw, "portcullis_config_reloads_total", &[("result", "ok")], 2.0, Duration::from_secs(5)).await;
         assert_eq!(login("new.user").await, 200);
         assert_eq!(login("john.doe").await, 200);
         assert_eq!(up.hits(), 0);
@@ -1135,7 +1065,7 @@ async fn a_broken_users_file_keeps_the_old_users_and_a_fixed_one_is_picked_up() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_cli_mints_tokens_the_gateway_accepts_and_judges() {
-    bounded(async {
+    bounded_shared(async {
         let up = spawn_upstream().await;
         let gw = token_gateway(&up, &demo_users(), "").await;
         let c = client(&gw);

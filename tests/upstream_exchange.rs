@@ -19,8 +19,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
 
-const BOUND: Duration = Duration::from_secs(20);
-
 /// What the scripted upstream does with one request.
 enum Act {
     /// Writes these bytes; closes the connection afterwards when `close` (without saying so).
@@ -58,7 +56,7 @@ impl Scripted {
     }
 
     fn as_upstream(&self) -> Upstream {
-        Upstream { addr: self.addr, seen: Default::default(), count: Default::default() }
+        Upstream::at(self.addr)
     }
 }
 
@@ -167,7 +165,7 @@ async fn special_answer(path: &'static str, answer: &'static [u8], close: bool) 
 }
 
 fn config(up: &Scripted) -> String {
-    format!("{}\n[[routes]]\nname = \"all\"\npath = \"/*\"\nupstream = \"api\"\nauth = \"public\"\n", base_config(&up.as_upstream()))
+    public_config(&up.as_upstream(), "")
 }
 
 /// Sends a request and returns the status, headers and the body (or the error that cut it).
@@ -747,11 +745,8 @@ async fn an_http2_stream_the_client_stops_taking_releases_its_upstream_connectio
         }
         let _ = closed_tx.send(sent);
     });
-    let up = Upstream { addr, seen: Default::default(), count: Default::default() };
-    let cfg = format!(
-        "{}\n[limits]\nidle_timeout = \"1s\"\n\n[[routes]]\nname = \"all\"\npath = \"/*\"\nupstream = \"api\"\nauth = \"public\"\n",
-        base_config(&up)
-    );
+    let up = Upstream::at(addr);
+    let cfg = public_config(&up, "[limits]\nidle_timeout = \"1s\"\n");
     let gw = spawn_gateway(&cfg).await;
     let h2 = h2_client(&gw);
     let req = Request::get(gw.https_url("/big")).body(Full::new(Bytes::new())).unwrap();
