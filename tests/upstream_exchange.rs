@@ -513,7 +513,7 @@ const GATEWAY_FIELDS: [&str; 13] = [
 ];
 
 /// What hyper's client, on a connection of its own, makes of the upstream's answer to `path`.
-async fn hyper_reads(upstream: SocketAddr, path: &str) -> Result<(StatusCode, http::HeaderMap, Result<Bytes, String>), String> {
+async fn hyper_client_reads(upstream: SocketAddr, path: &str) -> Result<(StatusCode, http::HeaderMap, Result<Bytes, String>), String> {
     let tcp = tokio::net::TcpStream::connect(upstream).await.map_err(|e| e.to_string())?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
     tokio::spawn(conn);
@@ -548,7 +548,7 @@ async fn mutated_answers_pass_only_as_hyper_reads_them_and_never_reach_the_next_
     for (k, answer) in cases.iter().enumerate() {
         let shown = String::from_utf8_lossy(answer);
         let path = format!("/case/{k}");
-        let direct = hyper_reads(up.addr, &path).await;
+        let direct = hyper_client_reads(up.addr, &path).await;
         let (c, url) = if k % 2 == 0 { (&h1, gw.http_url(&path)) } else { (&h2, gw.https_url(&path)) };
         let answer = match try_exchange(c, "GET", &url).await {
             Ok(answer) => Some(answer),
