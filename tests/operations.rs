@@ -309,14 +309,7 @@ fn tls_client_config(roots: &[CertificateDer<'static>]) -> Arc<rustls::ClientCon
     for r in roots {
         store.add(r.clone()).unwrap();
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(cfg)
+    Arc::new(tls_config_trusting(store, &[b"http/1.1"]))
 }
 
 /// Opens a new TLS connection and returns it with the certificate the server presented.

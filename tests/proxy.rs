@@ -1402,15 +1402,10 @@ async fn tls_refuses_tls11_and_negotiates_alpn() {
 }
 
 fn tls12_only(cert: &Path) -> rustls::ClientConfig {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(cert).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS12])
         .unwrap()
-        .with_root_certificates(roots)
+        .with_root_certificates(pem_roots(cert))
         .with_no_client_auth()
 }
 

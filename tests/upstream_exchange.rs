@@ -15,6 +15,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
@@ -177,9 +178,14 @@ async fn exchange(c: &TestClient, method: &str, url: &str) -> (StatusCode, http:
 async fn try_exchange(c: &TestClient, method: &str, url: &str) -> Result<(StatusCode, http::HeaderMap, Result<Bytes, String>), String> {
     let req = Request::builder().method(method).uri(url).body(Full::new(Bytes::new())).unwrap();
     let rsp = timeout(BOUND, c.request(req)).await.expect("answered in time").map_err(|e| e.to_string())?;
+    Ok(collected(rsp, "the gateway's").await)
+}
+
+/// An answer's status, fields and whole body (or the error that cut it), the body read within the bound.
+async fn collected(rsp: http::Response<Incoming>, whose: &str) -> (StatusCode, http::HeaderMap, Result<Bytes, String>) {
     let (parts, body) = rsp.into_parts();
-    let body = timeout(BOUND, body.collect()).await.expect("body in time").map(|b| b.to_bytes()).map_err(|e| e.to_string());
-    Ok((parts.status, parts.headers, body))
+    let body = timeout(BOUND, body.collect()).await.unwrap_or_else(|_| panic!("{whose} body in time"));
+    (parts.status, parts.headers, body.map(|b| b.to_bytes()).map_err(|e| e.to_string()))
 }
 
 // The gateway runs on this test's single-threaded runtime, so every request uses the same pool shard and the
@@ -519,9 +525,7 @@ async fn hyper_client_reads(upstream: SocketAddr, path: &str) -> Result<(StatusC
     tokio::spawn(conn);
     let req = Request::builder().uri(path).header("host", "up").body(Full::new(Bytes::new())).unwrap();
     let rsp = timeout(BOUND, send.send_request(req)).await.expect("hyper answered in time").map_err(|e| e.to_string())?;
-    let (parts, body) = rsp.into_parts();
-    let body = timeout(BOUND, body.collect()).await.expect("hyper body in time").map(|b| b.to_bytes()).map_err(|e| e.to_string());
-    Ok((parts.status, parts.headers, body))
+    Ok(collected(rsp, "hyper's").await)
 }
 
 #[tokio::test]
