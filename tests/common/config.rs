@@ -53,7 +53,8 @@ impl ConfigBuilder {
         ConfigBuilder { text: base_config(upstream) }
     }
 
-    /// Any other TOML, as written: whole tables (`[limits]`, `[upstreams.other]`, an issuer's own table).
+    /// Any other TOML, as written: whole tables (`[limits]`, `[rate_limit]`, `[cors]`, an issuer table that is not
+    /// [`ConfigBuilder::issuer`]'s shape).
     pub fn section(mut self, toml: &str) -> ConfigBuilder {
         self.text.push('\n');
         self.text.push_str(toml);
