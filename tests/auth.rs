@@ -271,6 +271,9 @@ async fn idp_handle(st: Arc<IdpState>, addr: SocketAddr, req: Request<Incoming>)
     Ok(rsp)
 }
 
+/// The issuer of the tokens whose keys come from a JWKS.
+const IDP_ISS: &str = "https://idp.test";
+
 /// A gateway whose only issuer reads its keys (RS256 or ES256) from `idp`'s JWKS, with one `required` catch-all
 /// route. `extra`: more settings of the issuer.
 fn jwks_gateway_config(up: &Upstream, idp: &Idp, iss: &str, extra: &str) -> String {
@@ -754,17 +757,17 @@ async fn unknown_kid_and_bad_signature_answer_identically() {
         let up = spawn_upstream().await;
         let k1 = test_key(Algorithm::RS256);
         let idp = Idp::start(jwks(&[(&k1, "k1")])).await;
-        let cfg = jwks_gateway_config(&up, &idp, "https://idp.test", "");
+        let cfg = jwks_gateway_config(&up, &idp, IDP_ISS, "");
         let gw = spawn_gateway(&cfg).await;
         let c = client(&gw);
         wait_ready(&c, &gw, Duration::from_secs(15)).await;
         let url = gw.https_url("/x");
-        let good = mint_token(&k1, Some("k1"), &claims("https://idp.test", "alice", json!({})));
+        let good = mint_token(&k1, Some("k1"), &claims(IDP_ISS, "alice", json!({})));
         accepted(&c, &up, &url, &good, "control").await;
 
         let attacker = test_key(Algorithm::RS256);
-        let unknown = mint_token(&attacker, Some("k-unknown"), &claims("https://idp.test", "alice", json!({})));
-        let bad_sig = mint_token(&attacker, Some("k1"), &claims("https://idp.test", "alice", json!({})));
+        let unknown = mint_token(&attacker, Some("k-unknown"), &claims(IDP_ISS, "alice", json!({})));
+        let bad_sig = mint_token(&attacker, Some("k1"), &claims(IDP_ISS, "alice", json!({})));
         let a = refused(&c, &up, &url, &unknown, "unknown kid").await;
         let b = refused(&c, &up, &url, &bad_sig, "bad signature").await;
         assert_eq!(a.status, b.status);
@@ -800,12 +803,7 @@ async fn jose_key_headers_are_never_used_or_fetched() {
         // The attacker's own key server: it must never be asked for anything.
         let evil = Idp::start(jwks(&[(&attacker, "evil"), (&attacker_es_key, "evil-es")])).await;
         let cfg = ConfigBuilder::new(&up)
-            .issuer(
-                "idp",
-                "https://idp.test",
-                &["RS256", "ES256"],
-                &format!("jwks_url = \"{}\"\njwks_refetch_cooldown = \"1h\"", idp.jwks_url()),
-            )
+            .issuer("idp", IDP_ISS, &["RS256", "ES256"], &format!("jwks_url = \"{}\"\njwks_refetch_cooldown = \"1h\"", idp.jwks_url()))
             .issuer("rs", RS_ISS, &["RS256", "ES256"], r#"public_keys = ["rs.pem"]"#)
             .route("all", "/*", "")
             .build();
@@ -813,14 +811,14 @@ async fn jose_key_headers_are_never_used_or_fetched() {
         let c = client(&gw);
         wait_ready(&c, &gw, Duration::from_secs(15)).await;
         let url = gw.https_url("/x");
-        accepted(&c, &up, &url, &mint_token(&legit, Some("k1"), &claims("https://idp.test", "a", json!({}))), "control").await;
+        accepted(&c, &up, &url, &mint_token(&legit, Some("k1"), &claims(IDP_ISS, "a", json!({}))), "control").await;
         accepted(&c, &up, &url, &tok(&rs_static, RS_ISS, "a", json!({})), "static control").await;
 
         let evil_jwks = evil.jwks_url();
         let evil_cert = format!("{}/cert.pem", evil.issuer());
         let attacker_jwk = jwk(&attacker, "evil");
         let attacker_jwk_k1 = jwk(&attacker, "k1");
-        for iss in ["https://idp.test", RS_ISS] {
+        for iss in [IDP_ISS, RS_ISS] {
             let payload = claims(iss, "admin", json!({"roles": ["admin"]})).to_string();
             let rs_cases = [
                 ("jku to the attacker's JWKS", json!({"alg": "RS256", "typ": "JWT", "kid": "evil", "jku": evil_jwks})),
@@ -1414,18 +1412,17 @@ async fn static_keys_beside_a_jwks_verify_tokens_whose_kid_names_no_key() {
         let local = test_key(Algorithm::ES256);
         let attacker = test_key(Algorithm::ES256);
         let idp = Idp::start(jwks(&[(&published, "idp-1")])).await;
-        const ISS: &str = "https://idp.test";
         let cfg = jwks_gateway_config(
             &up,
             &idp,
-            ISS,
+            IDP_ISS,
             "public_keys = [{ path = \"local.pem\", kid = \"local-1\" }]\njwks_refetch_cooldown = \"1s\"",
         );
         let gw = spawn_gateway_with_files(&cfg, &[("local.pem", local.public_pem.as_bytes())]).await;
         let c = client(&gw);
         wait_ready(&c, &gw, Duration::from_secs(15)).await;
         let url = gw.https_url("/x");
-        let t = |k: &TestKey, kid: Option<&str>| mint_token(k, kid, &claims(ISS, "alice", json!({})));
+        let t = |k: &TestKey, kid: Option<&str>| mint_token(k, kid, &claims(IDP_ISS, "alice", json!({})));
         accepted(&c, &up, &url, &t(&published, Some("idp-1")), "JWKS key by kid").await;
         accepted(&c, &up, &url, &t(&local, Some("local-1")), "static key by kid").await;
         accepted(&c, &up, &url, &t(&local, Some("thumbprint-kid")), "a kid naming no key: the fitting static key").await;
@@ -1446,29 +1443,28 @@ async fn jwks_fetched_at_start_and_rotated_without_restart() {
         let k2 = test_key(Algorithm::ES256);
         let k3 = test_key(Algorithm::RS256);
         let idp = Idp::start(jwks(&[(&k1, "k1")])).await;
-        const ISS: &str = "https://idp.test";
-        let cfg = jwks_gateway_config(&up, &idp, ISS, "jwks_refresh = \"10m\"\njwks_refetch_cooldown = \"1s\"");
+        let cfg = jwks_gateway_config(&up, &idp, IDP_ISS, "jwks_refresh = \"10m\"\njwks_refetch_cooldown = \"1s\"");
         let gw = spawn_gateway(&cfg).await;
         let c = client(&gw);
         wait_ready(&c, &gw, Duration::from_secs(15)).await;
         assert_eq!(idp.jwks_fetches(), 1, "fetched once at start");
         let url = gw.https_url("/x");
-        let t1 = mint_token(&k1, Some("k1"), &claims(ISS, "alice", json!({})));
+        let t1 = mint_token(&k1, Some("k1"), &claims(IDP_ISS, "alice", json!({})));
         let a = accepted(&c, &up, &url, &t1, "k1 after start").await;
         assert_eq!(a.upstream_header("x-auth-subject").as_deref(), Some("alice"));
         // A token without a kid uses the one key that fits its algorithm.
-        accepted(&c, &up, &url, &tok(&k1, ISS, "alice", json!({})), "no kid, one fitting key").await;
+        accepted(&c, &up, &url, &tok(&k1, IDP_ISS, "alice", json!({})), "no kid, one fitting key").await;
         assert_eq!(idp.jwks_fetches(), 1, "known kids never refetch");
 
         // Rotation: k1 retired, k2 published. The unknown kid triggers one refetch and verifies at once.
         idp.set_jwks(jwks(&[(&k2, "k2")]));
-        let t2 = mint_token(&k2, Some("k2"), &claims(ISS, "bob", json!({})));
+        let t2 = mint_token(&k2, Some("k2"), &claims(IDP_ISS, "bob", json!({})));
         let a = accepted(&c, &up, &url, &t2, "k2 after rotation").await;
         assert_eq!(a.upstream_header("x-auth-subject").as_deref(), Some("bob"));
         assert_eq!(idp.jwks_fetches(), 2, "one refetch for the new kid");
         accepted(&c, &up, &url, &t2, "k2 again (cached or known)").await;
         // k1 is gone from the JWKS; a fresh k1 token (not in the verified-token cache) no longer verifies.
-        let t1b = mint_token(&k1, Some("k1"), &claims(ISS, "alice2", json!({})));
+        let t1b = mint_token(&k1, Some("k1"), &claims(IDP_ISS, "alice2", json!({})));
         refused(&c, &up, &url, &t1b, "retired k1").await;
         // And a k1 token verified (and cached) before k1 was withdrawn stops working too: a key the IdP pulls,
         // say a leaked one, must not live on in the verified-token cache until its tokens expire.
@@ -1476,7 +1472,7 @@ async fn jwks_fetched_at_start_and_rotated_without_restart() {
 
         // Second rotation: within the cool-down an unknown kid does not refetch; once it has passed, one does.
         idp.set_jwks(jwks(&[(&k2, "k2"), (&k3, "k3")]));
-        let t3 = mint_token(&k3, Some("k3"), &claims(ISS, "carol", json!({})));
+        let t3 = mint_token(&k3, Some("k3"), &claims(IDP_ISS, "carol", json!({})));
         let fetches_before = idp.jwks_fetches();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
@@ -1507,33 +1503,32 @@ async fn a_reload_to_a_new_key_source_fetches_its_keys_before_the_swap() {
         let broken = Idp::start(jwks(&[(&k2, "k2")])).await;
         broken.set_status(500);
         let idp2 = Idp::start(jwks(&[(&k2, "k2")])).await;
-        const ISS: &str = "https://idp.test";
-        let gw = spawn_gateway(&jwks_gateway_config(&up, &idp1, ISS, "")).await;
+        let gw = spawn_gateway(&jwks_gateway_config(&up, &idp1, IDP_ISS, "")).await;
         let c = client(&gw);
         wait_ready(&c, &gw, Duration::from_secs(15)).await;
         let url = gw.https_url("/x");
         let running = gw.gw.as_ref().unwrap();
-        accepted(&c, &up, &url, &mint_token(&k1, Some("k1"), &claims(ISS, "alice", json!({}))), "k1 before any reload").await;
+        accepted(&c, &up, &url, &mint_token(&k1, Some("k1"), &claims(IDP_ISS, "alice", json!({}))), "k1 before any reload").await;
 
         // A new key source that gives no keys: the reload is refused, and the running config keeps verifying.
-        std::fs::write(gw.dir.path().join("gateway.toml"), jwks_gateway_config(&up, &broken, ISS, "")).unwrap();
+        std::fs::write(gw.dir.path().join("gateway.toml"), jwks_gateway_config(&up, &broken, IDP_ISS, "")).unwrap();
         let e = running.reload().await.expect_err("a key source that gives no keys must not be swapped in").to_string();
         assert!(e.contains("had keys"), "{e}");
         assert_ready(&c, &gw, "after the refused reload").await;
-        accepted(&c, &up, &url, &mint_token(&k1, Some("k1"), &claims(ISS, "bob", json!({}))), "k1 after the refused reload").await;
+        accepted(&c, &up, &url, &mint_token(&k1, Some("k1"), &claims(IDP_ISS, "bob", json!({}))), "k1 after the refused reload").await;
 
         // A working new source: its keys are in place the moment the reload returns.
-        std::fs::write(gw.dir.path().join("gateway.toml"), jwks_gateway_config(&up, &idp2, ISS, "")).unwrap();
+        std::fs::write(gw.dir.path().join("gateway.toml"), jwks_gateway_config(&up, &idp2, IDP_ISS, "")).unwrap();
         running.reload().await.expect("a working key source reloads");
-        accepted(&c, &up, &url, &mint_token(&k2, Some("k2"), &claims(ISS, "carol", json!({}))), "k2 right after the reload").await;
-        refused(&c, &up, &url, &mint_token(&k1, Some("k1"), &claims(ISS, "dave", json!({}))), "k1 once its source is gone").await;
+        accepted(&c, &up, &url, &mint_token(&k2, Some("k2"), &claims(IDP_ISS, "carol", json!({}))), "k2 right after the reload").await;
+        refused(&c, &up, &url, &mint_token(&k1, Some("k1"), &claims(IDP_ISS, "dave", json!({}))), "k1 once its source is gone").await;
 
         // Changing only `algorithms` keeps the keys held meanwhile.
         idp2.set_status(500);
-        let more_algs = jwks_gateway_config_with(&up, &idp2, ISS, &["RS256", "ES256", "PS256"], "");
+        let more_algs = jwks_gateway_config_with(&up, &idp2, IDP_ISS, &["RS256", "ES256", "PS256"], "");
         std::fs::write(gw.dir.path().join("gateway.toml"), more_algs).unwrap();
         running.reload().await.expect("an algorithms change with the same key source reloads");
-        accepted(&c, &up, &url, &mint_token(&k2, Some("k2"), &claims(ISS, "erin", json!({}))), "k2 after an algorithms change").await;
+        accepted(&c, &up, &url, &mint_token(&k2, Some("k2"), &claims(IDP_ISS, "erin", json!({}))), "k2 after an algorithms change").await;
         gw.stop().await;
     })
     .await;
@@ -1546,8 +1541,7 @@ async fn tokens_right_behind_a_rotations_first_wait_for_its_refetch() {
         let k1 = test_key(Algorithm::RS256);
         let k2 = test_key(Algorithm::RS256);
         let idp = Idp::start(jwks(&[(&k1, "k1")])).await;
-        const ISS: &str = "https://idp.test";
-        let gw = spawn_gateway(&jwks_gateway_config(&up, &idp, ISS, "jwks_refetch_cooldown = \"1h\"")).await;
+        let gw = spawn_gateway(&jwks_gateway_config(&up, &idp, IDP_ISS, "jwks_refetch_cooldown = \"1h\"")).await;
         let c = client(&gw);
         wait_ready(&c, &gw, Duration::from_secs(15)).await;
         let url = gw.https_url("/x");
@@ -1558,7 +1552,7 @@ async fn tokens_right_behind_a_rotations_first_wait_for_its_refetch() {
         let fetches = idp.jwks_fetches();
         let sends = (0..10).map(|i| {
             let (c, url) = (c.clone(), url.clone());
-            let token = mint_token(&k2, Some("k2"), &claims(ISS, &format!("user{i}"), json!({})));
+            let token = mint_token(&k2, Some("k2"), &claims(IDP_ISS, &format!("user{i}"), json!({})));
             tokio::spawn(async move { get(&c, &url, Some(&token)).await.status.as_u16() })
         });
         let statuses: Vec<u16> = futures_util::future::join_all(sends).await.into_iter().map(Result::unwrap).collect();
@@ -1579,9 +1573,8 @@ async fn unknown_kid_storm_refetches_at_most_once() {
         let up = spawn_upstream().await;
         let k1 = test_key(Algorithm::RS256);
         let idp = Idp::start(jwks(&[(&k1, "k1")])).await;
-        const ISS: &str = "https://idp.test";
         // A long cool-down makes "at most one refetch in the window" exact rather than timing-dependent.
-        let cfg = jwks_gateway_config(&up, &idp, ISS, "jwks_refetch_cooldown = \"1h\"");
+        let cfg = jwks_gateway_config(&up, &idp, IDP_ISS, "jwks_refetch_cooldown = \"1h\"");
         let gw = spawn_gateway(&cfg).await;
         let c = client(&gw);
         wait_ready(&c, &gw, Duration::from_secs(15)).await;
@@ -1589,7 +1582,7 @@ async fn unknown_kid_storm_refetches_at_most_once() {
         let url = gw.https_url("/x");
 
         // 100 tokens, each with a random kid, signed with the real key (so only the kid is wrong), all at once.
-        let tokens: Vec<String> = (0..100).map(|_| mint_token(&k1, Some(&random_hex(8)), &claims(ISS, "mallory", json!({})))).collect();
+        let tokens: Vec<String> = (0..100).map(|_| mint_token(&k1, Some(&random_hex(8)), &claims(IDP_ISS, "mallory", json!({})))).collect();
         let answers = futures_util::future::join_all(tokens.iter().map(|t| get(&c, &url, Some(t)))).await;
         for a in &answers {
             assert_invalid_token(a, "random kid");
@@ -1602,7 +1595,7 @@ async fn unknown_kid_storm_refetches_at_most_once() {
             refused(&c, &up, &url, t, "random kid, sequential").await;
         }
         assert_eq!(idp.jwks_fetches(), 2);
-        accepted(&c, &up, &url, &mint_token(&k1, Some("k1"), &claims(ISS, "alice", json!({}))), "k1 still works").await;
+        accepted(&c, &up, &url, &mint_token(&k1, Some("k1"), &claims(IDP_ISS, "alice", json!({}))), "k1 still works").await;
         gw.stop().await;
     })
     .await;
@@ -1618,13 +1611,12 @@ async fn failed_jwks_refresh_keeps_the_last_good_keys() {
         let k1 = test_key(Algorithm::RS256);
         let idp_key = test_key(Algorithm::ES256);
         let mut idp = Idp::start(jwks(&[(&k1, "k1")])).await;
-        const ISS: &str = "https://idp.test";
-        let cfg = jwks_gateway_config(&up, &idp, ISS, "jwks_refresh = \"1s\"\njwks_refetch_cooldown = \"1s\"");
+        let cfg = jwks_gateway_config(&up, &idp, IDP_ISS, "jwks_refresh = \"1s\"\njwks_refetch_cooldown = \"1s\"");
         let gw = spawn_gateway(&cfg).await;
         let c = client(&gw);
         wait_ready(&c, &gw, Duration::from_secs(15)).await;
         let url = gw.https_url("/x");
-        let fresh = |sub: &str| mint_token(&k1, Some("k1"), &claims(ISS, sub, json!({})));
+        let fresh = |sub: &str| mint_token(&k1, Some("k1"), &claims(IDP_ISS, sub, json!({})));
         accepted(&c, &up, &url, &fresh("a0"), "k1 at start").await;
 
         // The JWKS server fails in every way it can at refresh time; k1 keeps working throughout. Waiting for
@@ -1661,7 +1653,7 @@ async fn failed_jwks_refresh_keeps_the_last_good_keys() {
 
         // The server is gone altogether: an unknown kid's refetch fails (connection refused) and k1 still works.
         idp.stop().await;
-        let other = mint_token(&k1, Some("k-new"), &claims(ISS, "x", json!({})));
+        let other = mint_token(&k1, Some("k-new"), &claims(IDP_ISS, "x", json!({})));
         refused(&c, &up, &url, &other, "unknown kid while the JWKS server is down").await;
         accepted(&c, &up, &url, &fresh("after-stop"), "k1 while the JWKS server is down").await;
         assert_ready(&c, &gw, "JWKS server down").await;
@@ -1680,8 +1672,7 @@ async fn short_refresh_interval_with_cache_control_keeps_refreshing() {
         let k2 = test_key(Algorithm::RS256);
         let idp = Idp::start(jwks(&[(&k1, "k1")])).await;
         idp.set_cache_control(Some("public, max-age=300"));
-        const ISS: &str = "https://idp.test";
-        let cfg = jwks_gateway_config(&up, &idp, ISS, "jwks_refresh = \"1s\"\njwks_refetch_cooldown = \"1h\"");
+        let cfg = jwks_gateway_config(&up, &idp, IDP_ISS, "jwks_refresh = \"1s\"\njwks_refetch_cooldown = \"1h\"");
         let gw = spawn_gateway(&cfg).await;
         let c = client(&gw);
         wait_ready(&c, &gw, Duration::from_secs(15)).await;
@@ -1690,7 +1681,7 @@ async fn short_refresh_interval_with_cache_control_keeps_refreshing() {
         idp.wait_jwks_fetches(3, Duration::from_secs(15)).await;
         // Rotation picked up by the unknown-kid refetch path too, which answers (no dropped connection).
         idp.set_jwks(jwks(&[(&k1, "k1"), (&k2, "k2")]));
-        let t2 = mint_token(&k2, Some("k2"), &claims(ISS, "bob", json!({})));
+        let t2 = mint_token(&k2, Some("k2"), &claims(IDP_ISS, "bob", json!({})));
         accepted(&c, &up, &url, &t2, "k2 after rotation").await;
         gw.stop().await;
     })
@@ -1704,7 +1695,7 @@ async fn cache_control_max_age_shortens_the_refresh_interval() {
         let k1 = test_key(Algorithm::RS256);
         let idp = Idp::start(jwks(&[(&k1, "k1")])).await;
         idp.set_cache_control(Some("max-age=1"));
-        let cfg = jwks_gateway_config(&up, &idp, "https://idp.test", "jwks_refresh = \"10m\"");
+        let cfg = jwks_gateway_config(&up, &idp, IDP_ISS, "jwks_refresh = \"10m\"");
         let gw = spawn_gateway(&cfg).await;
         let c = client(&gw);
         wait_ready(&c, &gw, Duration::from_secs(15)).await;
@@ -1781,10 +1772,9 @@ async fn readyz_is_503_until_jwks_keys_arrive() {
         let k1 = test_key(Algorithm::RS256);
         let idp = Idp::start(jwks(&[(&k1, "k1")])).await;
         idp.set_status(500);
-        const ISS: &str = "https://idp.test";
         let cfg = ConfigBuilder::new(&up)
             .issuer("local", HS_ISS, &["HS256"], HS_SECRET_FILE)
-            .issuer("idp", ISS, &["RS256"], &format!("jwks_url = \"{}\"\njwks_refetch_cooldown = \"1s\"", idp.jwks_url()))
+            .issuer("idp", IDP_ISS, &["RS256"], &format!("jwks_url = \"{}\"\njwks_refetch_cooldown = \"1s\"", idp.jwks_url()))
             .route("all", "/*", "")
             .build();
         let gw = spawn_gateway_with_files(&cfg, &[("hs.secret", HMAC_SECRET)]).await;
@@ -1797,12 +1787,12 @@ async fn readyz_is_503_until_jwks_keys_arrive() {
         let a = get(&c, &gw.admin_url("/healthz"), None).await;
         assert_eq!(a.status, 200, "alive while not ready");
         let url = gw.https_url("/x");
-        let t = mint_token(&k1, Some("k1"), &claims(ISS, "alice", json!({})));
+        let t = mint_token(&k1, Some("k1"), &claims(IDP_ISS, "alice", json!({})));
         refused(&c, &up, &url, &t, "JWKS issuer without keys").await;
 
         idp.set_status(200);
         wait_ready(&c, &gw, Duration::from_secs(30)).await;
-        let t = mint_token(&k1, Some("k1"), &claims(ISS, "alice2", json!({})));
+        let t = mint_token(&k1, Some("k1"), &claims(IDP_ISS, "alice2", json!({})));
         accepted(&c, &up, &url, &t, "after keys arrived").await;
         gw.stop().await;
     })
@@ -1926,9 +1916,13 @@ async fn jwks_keys_are_bound_to_their_declared_algorithm_and_use() {
         let mut keys = keys.as_array().unwrap().clone();
         keys.extend([jwk(&dup_first, "dup"), jwk(&dup_second, "dup")]);
         let idp = Idp::start(json!({ "keys": keys })).await;
-        const ISS: &str = "https://idp.test";
         let cfg = ConfigBuilder::new(&up)
-            .issuer("idp", ISS, &["RS256", "RS384", "ES256"], &format!("jwks_url = \"{}\"\njwks_refetch_cooldown = \"1h\"", idp.jwks_url()))
+            .issuer(
+                "idp",
+                IDP_ISS,
+                &["RS256", "RS384", "ES256"],
+                &format!("jwks_url = \"{}\"\njwks_refetch_cooldown = \"1h\"", idp.jwks_url()),
+            )
             .route("all", "/*", "")
             .build();
         let gw = spawn_gateway(&cfg).await;
@@ -1936,7 +1930,7 @@ async fn jwks_keys_are_bound_to_their_declared_algorithm_and_use() {
         wait_ready(&c, &gw, Duration::from_secs(15)).await;
         let url = gw.https_url("/x");
         let t = |key: &TestKey, alg: Algorithm, kid: Option<&str>| {
-            mint_token(&with_alg(key, alg), kid, &claims(ISS, "a", json!({"n": random_hex(4)})))
+            mint_token(&with_alg(key, alg), kid, &claims(IDP_ISS, "a", json!({"n": random_hex(4)})))
         };
         accepted(&c, &up, &url, &t(&rsa, Algorithm::RS384, Some("r")), "RSA key with its declared alg").await;
         refused(&c, &up, &url, &t(&rsa, Algorithm::RS256, Some("r")), "RSA key with another alg than declared").await;
@@ -2054,14 +2048,13 @@ async fn jwks_over_https_is_trusted_through_ca_file_and_refused_without_it() {
         let up = spawn_upstream().await;
         let key = test_key(Algorithm::RS256);
         let (addr, ca_pem, mut failed) = tls_jwks_server(jwks(&[(&key, "k1")])).await;
-        const ISS: &str = "https://idp.test";
         let config = |ca_line: &str| {
             ConfigBuilder::new(&up)
-                .issuer("idp", ISS, &["RS256"], &format!("jwks_url = \"https://{addr}/jwks.json\"\njwks_timeout = \"2s\"\n{ca_line}"))
+                .issuer("idp", IDP_ISS, &["RS256"], &format!("jwks_url = \"https://{addr}/jwks.json\"\njwks_timeout = \"2s\"\n{ca_line}"))
                 .route("all", "/*", "")
                 .build()
         };
-        let token = mint_token(&key, Some("k1"), &claims(ISS, "alice", json!({})));
+        let token = mint_token(&key, Some("k1"), &claims(IDP_ISS, "alice", json!({})));
 
         // With the private CA in ca_file: keys arrive, the gateway is ready, the token is accepted.
         let gw = spawn_gateway_with_files(&config("ca_file = \"idp-ca.pem\""), &[("idp-ca.pem", ca_pem.as_bytes())]).await;

@@ -40,13 +40,10 @@ fn all<'a>(a: &'a Answer, name: &str) -> Vec<&'a str> {
     a.headers.get_all(name).iter().map(|v| v.to_str().unwrap()).collect()
 }
 
-const PUBLIC_API: &str = r#"
-[[routes]]
-name = "api"
-path = "/api/*"
-upstream = "api"
-auth = "public"
-"#;
+/// The base config, a `[rate_limit]` table with these lines, and one public route: `/api/*`.
+fn rate_limited_api(up: &Upstream, rate_limit: &str) -> String {
+    ConfigBuilder::new(up).section(&format!("[rate_limit]\n{rate_limit}")).route("api", "/api/*", AUTH_PUBLIC).build()
+}
 
 // ------------------------------------------------------------------------------------------------------------
 // Global IP limit.
@@ -55,7 +52,7 @@ auth = "public"
 async fn global_ip_limit_refuses_burst_plus_one_and_spares_other_clients() {
     bounded(async {
         let up = spawn_upstream().await;
-        let cfg = format!("{}\n[rate_limit]\nglobal = {{ key = \"ip\", rate = \"1/min\", burst = 5 }}\n{PUBLIC_API}", base_config(&up));
+        let cfg = rate_limited_api(&up, r#"global = { key = "ip", rate = "1/min", burst = 5 }"#);
         let gw = spawn_gateway(&cfg).await;
         let first = client_from(&gw, "127.0.0.1");
         for i in 0..5 {
@@ -99,28 +96,12 @@ async fn per_subject_limits_are_independent_and_bad_tokens_spend_nothing() {
     bounded(async {
         let up = spawn_upstream().await;
         let iss = TestIssuer::new();
-        let cfg = format!(
-            r#"{base}
-[rate_limit]
-global = {{ key = "ip", rate = "1/min", burst = 20 }}
-
-{issuer}
-[[issuers]]
-id = "second"
-issuer = "https://second.test"
-audiences = ["api"]
-algorithms = ["EdDSA"]
-public_keys = ["second.pub.pem"]
-
-[[routes]]
-name = "search"
-path = "/search"
-upstream = "api"
-rate_limit = {{ key = "subject", rate = "1/min", burst = 3 }}
-"#,
-            base = base_config(&up),
-            issuer = iss.config()
-        );
+        let cfg = ConfigBuilder::new(&up)
+            .section("[rate_limit]\nglobal = { key = \"ip\", rate = \"1/min\", burst = 20 }")
+            .section(&iss.config())
+            .issuer("second", "https://second.test", &["EdDSA"], r#"public_keys = ["second.pub.pem"]"#)
+            .route("search", "/search", r#"rate_limit = { key = "subject", rate = "1/min", burst = 3 }"#)
+            .build();
         let second = test_key(Algorithm::EdDSA);
         let gw = iss.gateway_with(&cfg, &[("second.pub.pem", second.public_pem.as_bytes())]).await;
         let url = gw.https_url("/search");
@@ -180,18 +161,10 @@ async fn claim_limits_count_numbers_and_never_fall_back_to_the_address_for_a_tok
     bounded(async {
         let up = spawn_upstream().await;
         let iss = TestIssuer::new();
-        let cfg = format!(
-            r#"{base}
-{issuer}
-[[routes]]
-name = "tenant"
-path = "/t"
-upstream = "api"
-rate_limit = {{ key = "claim:tenant", rate = "1/min", burst = 2 }}
-"#,
-            base = base_config(&up),
-            issuer = iss.config()
-        );
+        let cfg = ConfigBuilder::new(&up)
+            .section(&iss.config())
+            .route("tenant", "/t", r#"rate_limit = { key = "claim:tenant", rate = "1/min", burst = 2 }"#)
+            .build();
         let gw = iss.gateway(&cfg).await;
         let url = gw.https_url("/t");
         let tok =
@@ -218,9 +191,9 @@ rate_limit = {{ key = "claim:tenant", rate = "1/min", burst = 2 }}
 async fn forwarded_for_changes_the_key_only_from_a_trusted_proxy() {
     bounded(async {
         let up = spawn_upstream().await;
-        let cfg = format!(
-            "{}\n[rate_limit]\ntrusted_proxies = [\"127.0.0.2\", \"10.0.0.0/8\"]\nglobal = {{ key = \"ip\", rate = \"1/min\", burst = 2 }}\n{PUBLIC_API}",
-            base_config(&up)
+        let cfg = rate_limited_api(
+            &up,
+            "trusted_proxies = [\"127.0.0.2\", \"10.0.0.0/8\"]\nglobal = { key = \"ip\", rate = \"1/min\", burst = 2 }",
         );
         let gw = spawn_gateway(&cfg).await;
         let url = gw.https_url("/api/x");
@@ -267,10 +240,9 @@ async fn forwarded_for_changes_the_key_only_from_a_trusted_proxy() {
 async fn behind_a_proxy_that_writes_forwarded_a_clients_own_x_forwarded_for_buys_nothing() {
     bounded(async {
         let up = spawn_upstream().await;
-        let cfg = format!(
-            "{}\n[rate_limit]\ntrusted_proxies = [\"127.0.0.2\"]\nforwarded_header = \"forwarded\"\n\
-             global = {{ key = \"ip\", rate = \"1/min\", burst = 2 }}\n{PUBLIC_API}",
-            base_config(&up)
+        let cfg = rate_limited_api(
+            &up,
+            "trusted_proxies = [\"127.0.0.2\"]\nforwarded_header = \"forwarded\"\nglobal = { key = \"ip\", rate = \"1/min\", burst = 2 }",
         );
         let gw = spawn_gateway(&cfg).await;
         let url = gw.https_url("/api/x");
@@ -399,6 +371,22 @@ const HEADERS: &[(&str, &str)] = &[
 ];
 const HSTS: &str = "max-age=63072000; includeSubDomains";
 
+/// The `[headers]` table that sets [`HEADERS`] and [`HSTS`], with no permissions policy, and removes the fields
+/// that tell what the upstream runs.
+fn secure_headers_table() -> String {
+    format!(
+        r#"[headers]
+hsts = "{HSTS}"
+content_type_options = "nosniff"
+frame_options = "DENY"
+referrer_policy = "no-referrer"
+content_security_policy = "default-src 'none'; frame-ancestors 'none'"
+permissions_policy = ""
+cross_origin_opener_policy = "same-origin"
+remove = ["Server", "X-Powered-By", "X-AspNet-Version"]"#
+    )
+}
+
 fn assert_secure_headers(a: &Answer, tls: bool, generated: bool, what: &str) {
     for (name, value) in HEADERS {
         assert_eq!(all(a, name), [*value], "{what}: {name}");
@@ -420,87 +408,25 @@ async fn secure_headers_on_proxied_and_generated_answers() {
         // An upstream that is down: its port is held, and refuses every connection.
         let (_held, dead) = refusing_addr();
         let iss = TestIssuer::new();
-        let cfg = format!(
-            r#"{base}
-[upstreams.dead]
-url = "http://{dead}"
-connect_timeout = "1s"
-
-[limits]
-max_body_bytes = "1KiB"
-
-[headers]
-hsts = "{HSTS}"
-content_type_options = "nosniff"
-frame_options = "DENY"
-referrer_policy = "no-referrer"
-content_security_policy = "default-src 'none'; frame-ancestors 'none'"
-permissions_policy = ""
-cross_origin_opener_policy = "same-origin"
-remove = ["Server", "X-Powered-By", "X-AspNet-Version"]
-
-{issuer}
-
-[[routes]]
-name = "api"
-path = "/api/*"
-upstream = "api"
-auth = "public"
-
-[[routes]]
-name = "server-headers"
-path = "/with-server-header"
-upstream = "api"
-auth = "public"
-
-[[routes]]
-name = "forced"
-path = "/forced/with-server-header"
-upstream = "api"
-auth = "public"
-strip_prefix = "/forced"
-headers = {{ override = true }}
-
-[[routes]]
-name = "html"
-path = "/html/*"
-upstream = "api"
-auth = "public"
-headers = {{ content_security_policy = "default-src 'self'", frame_options = "" }}
-
-[[routes]]
-name = "me"
-path = "/users/me"
-upstream = "api"
-
-[[routes]]
-name = "admin"
-path = "/admin/*"
-upstream = "api"
-roles_any = ["admin"]
-
-[[routes]]
-name = "limited"
-path = "/limited"
-upstream = "api"
-auth = "public"
-rate_limit = {{ key = "route", rate = "1/min", burst = 1 }}
-
-[[routes]]
-name = "upload"
-path = "/upload"
-upstream = "api"
-auth = "public"
-
-[[routes]]
-name = "dead"
-path = "/dead/*"
-upstream = "dead"
-auth = "public"
-"#,
-            base = base_config(&up),
-            issuer = iss.config()
-        );
+        let cfg = ConfigBuilder::new(&up)
+            .upstream("dead", &format!("http://{dead}"), r#"connect_timeout = "1s""#)
+            .section("[limits]\nmax_body_bytes = \"1KiB\"")
+            .section(&secure_headers_table())
+            .section(&iss.config())
+            .route("api", "/api/*", AUTH_PUBLIC)
+            .route("server-headers", "/with-server-header", AUTH_PUBLIC)
+            .route("forced", "/forced/with-server-header", "auth = \"public\"\nstrip_prefix = \"/forced\"\nheaders = { override = true }")
+            .route(
+                "html",
+                "/html/*",
+                "auth = \"public\"\nheaders = { content_security_policy = \"default-src 'self'\", frame_options = \"\" }",
+            )
+            .route("me", "/users/me", "")
+            .route("admin", "/admin/*", r#"roles_any = ["admin"]"#)
+            .route("limited", "/limited", "auth = \"public\"\nrate_limit = { key = \"route\", rate = \"1/min\", burst = 1 }")
+            .route("upload", "/upload", AUTH_PUBLIC)
+            .route_to("dead", "dead", "/dead/*", AUTH_PUBLIC)
+            .build();
         let gw = iss.gateway(&cfg).await;
         let c = client(&gw);
         let user = iss.token("bob", &["user"]);
@@ -576,44 +502,26 @@ auth = "public"
 // ------------------------------------------------------------------------------------------------------------
 // CORS.
 
+/// The CORS policy: one origin, with credentials, four methods and two request headers.
+const CORS_POLICY: &str = r#"[cors]
+allow_origins = ["https://app.example.com"]
+allow_methods = ["GET", "POST", "PUT", "DELETE"]
+allow_headers = ["Authorization", "Content-Type"]
+allow_credentials = true
+max_age = "10m""#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflight_and_actual_requests() {
     bounded(async {
         let up = spawn_upstream().await;
         let iss = TestIssuer::new();
-        let cfg = format!(
-            r#"{base}
-[cors]
-allow_origins = ["https://app.example.com"]
-allow_methods = ["GET", "POST", "PUT", "DELETE"]
-allow_headers = ["Authorization", "Content-Type"]
-allow_credentials = true
-max_age = "10m"
-
-{issuer}
-
-[[routes]]
-name = "me"
-path = "/users/me"
-methods = ["GET"]
-upstream = "api"
-
-[[routes]]
-name = "open"
-path = "/open/*"
-upstream = "api"
-auth = "public"
-cors = {{ allow_origins = ["*"], allow_methods = ["GET"] }}
-
-[[routes]]
-name = "own-cors"
-path = "/with-server-header"
-upstream = "api"
-auth = "public"
-"#,
-            base = base_config(&up),
-            issuer = iss.config()
-        );
+        let cfg = ConfigBuilder::new(&up)
+            .section(CORS_POLICY)
+            .section(&iss.config())
+            .route("me", "/users/me", r#"methods = ["GET"]"#)
+            .route("open", "/open/*", "auth = \"public\"\ncors = { allow_origins = [\"*\"], allow_methods = [\"GET\"] }")
+            .route("own-cors", "/with-server-header", AUTH_PUBLIC)
+            .build();
         let gw = iss.gateway(&cfg).await;
         let c = client(&gw);
         let url = gw.https_url("/users/me");

@@ -74,41 +74,14 @@ async fn metrics_count_every_outcome_and_pass_promtool() {
         // An upstream that is down: its port is held, and refuses every connection.
         let (_held, dead) = refusing_addr();
         let iss = TestIssuer::new();
-        let cfg = format!(
-            r#"{base}
-[upstreams.dead]
-url = "http://{dead}"
-connect_timeout = "1s"
-
-{issuer}
-
-[[routes]]
-name = "me"
-path = "/users/me"
-upstream = "api"
-
-[[routes]]
-name = "admin"
-path = "/admin/*"
-upstream = "api"
-roles_any = ["admin"]
-
-[[routes]]
-name = "limited"
-path = "/limited"
-upstream = "api"
-auth = "public"
-rate_limit = {{ key = "route", rate = "1/min", burst = 1 }}
-
-[[routes]]
-name = "dead"
-path = "/dead/*"
-upstream = "dead"
-auth = "public"
-"#,
-            base = base_config(&up),
-            issuer = iss.config()
-        );
+        let cfg = ConfigBuilder::new(&up)
+            .upstream("dead", &format!("http://{dead}"), r#"connect_timeout = "1s""#)
+            .section(&iss.config())
+            .route("me", "/users/me", "")
+            .route("admin", "/admin/*", r#"roles_any = ["admin"]"#)
+            .route("limited", "/limited", "auth = \"public\"\nrate_limit = { key = \"route\", rate = \"1/min\", burst = 1 }")
+            .route_to("dead", "dead", "/dead/*", AUTH_PUBLIC)
+            .build();
         let gw = iss.gateway(&cfg).await;
         let c = client(&gw);
         let user = iss.token("bob", &["user"]);
@@ -175,24 +148,11 @@ auth = "public"
 
 /// A valid config whose `/reports` route admits `role`.
 fn reports_policy(up: &Upstream, iss: &TestIssuer, role: &str) -> String {
-    format!(
-        r#"{base}
-{issuer}
-
-[[routes]]
-name = "reports"
-path = "/reports"
-upstream = "api"
-roles_any = ["{role}"]
-
-[[routes]]
-name = "me"
-path = "/users/me"
-upstream = "api"
-"#,
-        base = base_config(up),
-        issuer = iss.config()
-    )
+    ConfigBuilder::new(up)
+        .section(&iss.config())
+        .route("reports", "/reports", &format!("roles_any = [\"{role}\"]"))
+        .route("me", "/users/me", "")
+        .build()
 }
 
 /// Polls `/reports` until it answers `want`, within [`RELOAD_WITHIN`] of `since`. Returns how long it took.
@@ -349,14 +309,7 @@ fn tls_client_config(roots: &[CertificateDer<'static>]) -> Arc<rustls::ClientCon
     for r in roots {
         store.add(r.clone()).unwrap();
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(cfg)
+    Arc::new(tls_config_trusting(store, &[b"http/1.1"]))
 }
 
 /// Opens a new TLS connection and returns it with the certificate the server presented.
@@ -382,7 +335,7 @@ fn first_cert(pem: &[u8]) -> CertificateDer<'static> {
 async fn a_certificate_swapped_on_disk_is_served_to_new_handshakes() {
     bounded_by(LONG_TEST_BOUND, async {
         let up = spawn_upstream().await;
-        let cfg = format!("{}\n[[routes]]\nname = \"api\"\npath = \"/api/*\"\nupstream = \"api\"\nauth = \"public\"\n", base_config(&up));
+        let cfg = ConfigBuilder::new(&up).route("api", "/api/*", AUTH_PUBLIC).build();
         let gw = spawn_gateway(&cfg).await;
         let addr = gw.https.unwrap();
         let old = first_cert(&std::fs::read(gw.cert_path()).unwrap());
@@ -509,24 +462,10 @@ async fn readyz_follows_issuer_keys_and_drain_while_healthz_stays_200() {
         let up = spawn_upstream().await;
         let idp = JwksServer::start().await;
         let key = test_key(Algorithm::EdDSA);
-        let cfg = format!(
-            r#"{base}
-[[issuers]]
-id = "idp"
-issuer = "https://idp.test"
-audiences = ["api"]
-algorithms = ["EdDSA"]
-jwks_url = "http://{idp}/jwks.json"
-jwks_timeout = "1s"
-
-[[routes]]
-name = "me"
-path = "/users/me"
-upstream = "api"
-"#,
-            base = base_config(&up),
-            idp = idp.addr
-        );
+        let cfg = ConfigBuilder::new(&up)
+            .issuer("idp", "https://idp.test", &["EdDSA"], &format!("jwks_url = \"http://{}/jwks.json\"\njwks_timeout = \"1s\"", idp.addr))
+            .route("me", "/users/me", "")
+            .build();
         let gw = spawn_gateway(&cfg).await;
         let c = client(&gw);
 
@@ -581,11 +520,7 @@ async fn admin_and_public_listeners_serve_only_their_own_paths() {
     bounded_by(LONG_TEST_BOUND, async {
         let up = spawn_upstream().await;
         let iss = TestIssuer::new();
-        let cfg = format!(
-            "{}\n{}\n[[routes]]\nname = \"api\"\npath = \"/api/*\"\nupstream = \"api\"\nauth = \"public\"\n\n[[routes]]\nname = \"me\"\npath = \"/users/me\"\nupstream = \"api\"\n",
-            base_config(&up),
-            iss.config()
-        );
+        let cfg = ConfigBuilder::new(&up).section(&iss.config()).route("api", "/api/*", AUTH_PUBLIC).route("me", "/users/me", "").build();
         let gw = iss.gateway(&cfg).await;
         let c = client(&gw);
         let token = iss.token("alice", &["user"]);
@@ -622,10 +557,10 @@ async fn admin_token_protects_metrics_but_not_health_probes() {
         let secret = "admin-token-for-the-ops-test-0123456789";
         // A variable only this test reads.
         std::env::set_var("PORTCULLIS_OPS_TEST_ADMIN_TOKEN", secret);
-        let cfg = format!(
-            "{}\n[admin]\ntoken_env = \"PORTCULLIS_OPS_TEST_ADMIN_TOKEN\"\n\n[[routes]]\nname = \"api\"\npath = \"/api/*\"\nupstream = \"api\"\nauth = \"public\"\n",
-            base_config(&up)
-        );
+        let cfg = ConfigBuilder::new(&up)
+            .section("[admin]\ntoken_env = \"PORTCULLIS_OPS_TEST_ADMIN_TOKEN\"")
+            .route("api", "/api/*", AUTH_PUBLIC)
+            .build();
         let gw = spawn_gateway(&cfg).await;
         let c = client(&gw);
         for wrong in [None, Some("admin-token-for-the-ops-test-012345678X"), Some("short")] {
@@ -793,11 +728,10 @@ async fn an_upstream_ca_file_rewritten_in_place_applies_at_the_reload() {
         let up = spawn_upstream().await;
         let (addr, upstream_ca, hits) = tls_upstream().await;
         let (_, another_ca) = private_ca_server_config();
-        let config = format!(
-            "{}\n[upstreams.secure]\nurl = \"https://{addr}\"\nca_file = \"up-ca.pem\"\n\n[[routes]]\nname = \"secure\"\n\
-             path = \"/*\"\nupstream = \"secure\"\nauth = \"public\"\n",
-            base_config(&up)
-        );
+        let config = ConfigBuilder::new(&up)
+            .upstream("secure", &format!("https://{addr}"), r#"ca_file = "up-ca.pem""#)
+            .route_to("secure", "secure", "/*", AUTH_PUBLIC)
+            .build();
         let gw = spawn_gateway_with_files(&config, &[("up-ca.pem", another_ca.as_bytes())]).await;
         let c = client(&gw);
         assert_eq!(get(&c, &gw.http_url("/x"), None).await.status, 502, "trusted through the wrong CA");

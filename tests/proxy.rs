@@ -504,10 +504,10 @@ async fn a_get_with_a_body_of_no_declared_length_reaches_the_upstream_with_its_b
 async fn unrouted_is_404_and_wrong_method_is_405_without_reaching_upstream() {
     let _shared = PROCESS.read().await;
     let up = spawn_upstream().await;
-    let cfg = format!(
-        "{}\n[[routes]]\nname = \"get-only\"\npath = \"/get-only\"\nmethods = [\"GET\"]\nupstream = \"api\"\nauth = \"public\"\n\n[[routes]]\nname = \"public\"\npath = \"/public/*\"\nupstream = \"api\"\nauth = \"public\"\n",
-        base_config(&up)
-    );
+    let cfg = ConfigBuilder::new(&up)
+        .route("get-only", "/get-only", "methods = [\"GET\"]\nauth = \"public\"")
+        .route("public", "/public/*", AUTH_PUBLIC)
+        .build();
     let gw = spawn_gateway(&cfg).await;
     let c = client(&gw);
     for path in ["/nothing-here", "/publicity", "/get-only/deeper", "/"] {
@@ -556,33 +556,12 @@ async fn upstream_down_is_502_and_slow_is_504_without_detail() {
     let up = spawn_upstream().await;
     // An upstream that is down: its port is held, and refuses every connection.
     let (_held, dead) = refusing_addr();
-    let cfg = format!(
-        r#"{base}
-[upstreams.dead]
-url = "http://{dead}"
-connect_timeout = "1s"
-timeout = "5s"
-
-[upstreams.slow]
-url = "{url}"
-connect_timeout = "1s"
-timeout = "500ms"
-
-[[routes]]
-name = "dead"
-path = "/dead/*"
-upstream = "dead"
-auth = "public"
-
-[[routes]]
-name = "slow"
-path = "/slow"
-upstream = "slow"
-auth = "public"
-"#,
-        base = base_config(&up),
-        url = up.url()
-    );
+    let cfg = ConfigBuilder::new(&up)
+        .upstream("dead", &format!("http://{dead}"), "connect_timeout = \"1s\"\ntimeout = \"5s\"")
+        .upstream("slow", &up.url(), "connect_timeout = \"1s\"\ntimeout = \"500ms\"")
+        .route_to("dead", "dead", "/dead/*", AUTH_PUBLIC)
+        .route_to("slow", "slow", "/slow", AUTH_PUBLIC)
+        .build();
     let gw = spawn_gateway(&cfg).await;
     let c = client(&gw);
 
@@ -674,10 +653,10 @@ async fn an_https_upstream_on_a_private_ca_is_trusted_through_its_ca_file_only()
     let up = spawn_upstream().await;
     let (addr, ca_pem, hits) = tls_upstream().await;
     let config = |ca_line: &str| {
-        format!(
-            "{}\n[upstreams.secure]\nurl = \"https://{addr}\"\n{ca_line}\n\n[[routes]]\nname = \"secure\"\npath = \"/*\"\nupstream = \"secure\"\nauth = \"public\"\n",
-            base_config(&up)
-        )
+        ConfigBuilder::new(&up)
+            .upstream("secure", &format!("https://{addr}"), ca_line)
+            .route_to("secure", "secure", "/*", AUTH_PUBLIC)
+            .build()
     };
     let gw = spawn_gateway_with_files(&config("ca_file = \"upstream-ca.pem\""), &[("upstream-ca.pem", ca_pem.as_bytes())]).await;
     let a = get(&client(&gw), &gw.http_url("/x"), None).await;
@@ -740,13 +719,13 @@ async fn oversize_body_is_413_and_oversize_headers_431_before_the_upstream() {
 
 /// A gateway with a 1 MiB body limit, a token-protected `/private/*` and everything else public.
 async fn refusing_gateway(up: &Upstream) -> TestGateway {
-    let config = public_config(up, "[limits]\nmax_body_bytes = \"1MiB\"\n");
-    let config = config.replacen(
-        "[[routes]]",
-        "[[routes]]\nname = \"private\"\npath = \"/private/*\"\nupstream = \"api\"\nauth = \"required\"\n\n[[routes]]",
-        1,
-    );
-    let config = format!("{config}\n[[issuers]]\nid = \"t\"\nissuer = \"t\"\nalgorithms = [\"HS256\"]\nsecret_file = \"hs.secret\"\n");
+    let config = ConfigBuilder::new(up)
+        .section("[limits]\nmax_body_bytes = \"1MiB\"")
+        .route("private", "/private/*", r#"auth = "required""#)
+        .route("all", "/*", AUTH_PUBLIC)
+        // A table of its own, not `.issuer()`: this issuer names no `audiences`.
+        .section("[[issuers]]\nid = \"t\"\nissuer = \"t\"\nalgorithms = [\"HS256\"]\nsecret_file = \"hs.secret\"")
+        .build();
     spawn_gateway_with_files(&config, &[("hs.secret", &[7u8; 32])]).await
 }
 
@@ -1423,15 +1402,10 @@ async fn tls_refuses_tls11_and_negotiates_alpn() {
 }
 
 fn tls12_only(cert: &Path) -> rustls::ClientConfig {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(cert).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS12])
         .unwrap()
-        .with_root_certificates(roots)
+        .with_root_certificates(pem_roots(cert))
         .with_no_client_auth()
 }
 

@@ -41,7 +41,7 @@ async fn hyper_serves<I: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: I,
 
 /// What hyper's server reads from `bytes` sent by a client that then half-closes, with each path as the gateway
 /// routes and forwards it (normalised; a path it refuses can never match a forwarded one).
-async fn hyper_reads(bytes: &[u8]) -> Vec<Read> {
+async fn hyper_server_reads(bytes: &[u8]) -> Vec<Read> {
     let (mut client, server) = tokio::io::duplex(1 << 20);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let served = tokio::spawn(hyper_serves(server, seen.clone(), true));
@@ -149,7 +149,7 @@ async fn whatever_is_forwarded_hyper_reads_the_same_from_the_same_bytes() {
     for k in 0..count {
         let bytes = mutate(&mut rng, REQUESTS[k % REQUESTS.len()], &PIECES, 2, 16);
         let shown = String::from_utf8_lossy(&bytes);
-        let reference = hyper_reads(&bytes).await;
+        let reference = hyper_server_reads(&bytes).await;
         let up = recorder().await;
         let config = format!(
             "[listen]\nhttp = \"127.0.0.1:0\"\n\n[upstreams.api]\nurl = \"http://{}\"\n\n\

@@ -52,58 +52,26 @@ fn argon_only_users() -> String {
 }
 
 /// Issuer `local` (Ed25519 key generated in the gateway's folder), the token endpoint (with `endpoint_extra`
-/// lines) and `routes`.
-fn token_config(up: &Upstream, endpoint_extra: &str, routes: &str) -> String {
-    format!(
-        r#"{base}
-[[issuers]]
-id = "local"
-issuer = "https://gateway.local"
-audiences = ["api"]
-algorithms = ["EdDSA"]
-private_key = "issuer-ed25519.pem"
-generate_key = true
-
-[token_endpoint]
+/// lines) and the tutorial's routes: any valid token reads /users/me, admins /admin/*, writers POST /items.
+fn token_config(up: &Upstream, endpoint_extra: &str) -> String {
+    let endpoint = format!(
+        r#"[token_endpoint]
 path = "/token"
 issuer = "local"
 users_file = "users.toml"
 clients_file = "clients.toml"
 access_token_ttl = "30m"
-{endpoint_extra}
-
-{routes}
-"#,
-        base = base_config(up)
-    )
+{endpoint_extra}"#
+    );
+    ConfigBuilder::new(up)
+        .issuer("local", "https://gateway.local", &["EdDSA"], "private_key = \"issuer-ed25519.pem\"\ngenerate_key = true")
+        .section(&endpoint)
+        .route("me", "/users/me", "")
+        .route("admin", "/admin/*", r#"roles_any = ["admin"]"#)
+        .route("items-write", "/items", "methods = [\"POST\", \"PUT\", \"DELETE\"]\nscopes_all = [\"write:items\"]")
+        .route("public", "/api/*", AUTH_PUBLIC)
+        .build()
 }
-
-/// The tutorial's routes: any valid token reads /users/me, admins /admin/*, writers POST /items.
-const TUTORIAL_ROUTES: &str = r#"
-[[routes]]
-name = "me"
-path = "/users/me"
-upstream = "api"
-
-[[routes]]
-name = "admin"
-path = "/admin/*"
-upstream = "api"
-roles_any = ["admin"]
-
-[[routes]]
-name = "items-write"
-path = "/items"
-methods = ["POST", "PUT", "DELETE"]
-upstream = "api"
-scopes_all = ["write:items"]
-
-[[routes]]
-name = "public"
-path = "/api/*"
-upstream = "api"
-auth = "public"
-"#;
 
 async fn token_gateway(up: &Upstream, users: &str, endpoint_extra: &str) -> TestGateway {
     token_gateway_with(up, users, endpoint_extra, "").await
@@ -111,7 +79,7 @@ async fn token_gateway(up: &Upstream, users: &str, endpoint_extra: &str) -> Test
 
 /// [`token_gateway`] with more tables (`[limits]`, `[rate_limit]`) after the routes.
 async fn token_gateway_with(up: &Upstream, users: &str, endpoint_extra: &str, more: &str) -> TestGateway {
-    let cfg = format!("{}\n{more}", token_config(up, endpoint_extra, TUTORIAL_ROUTES));
+    let cfg = format!("{}\n{more}", token_config(up, endpoint_extra));
     spawn_gateway_with_files(&cfg, &[("users.toml", users.as_bytes()), ("clients.toml", demo_clients().as_bytes())]).await
 }
 
@@ -693,7 +661,7 @@ fn a_name_that_is_both_a_user_and_a_client_does_not_load() {
     let users = demo_users().replace("[users.\"john.doe\"]", "[users.\"reports-service\"]");
     std::fs::write(dir.path().join("users.toml"), users).unwrap();
     std::fs::write(dir.path().join("clients.toml"), demo_clients()).unwrap();
-    let cfg = token_config(&Upstream::at("127.0.0.1:9".parse().unwrap()), "", TUTORIAL_ROUTES);
+    let cfg = token_config(&Upstream::at("127.0.0.1:9".parse().unwrap()), "");
     std::fs::write(dir.path().join("gateway.toml"), cfg).unwrap();
     let e = Config::load(&dir.path().join("gateway.toml")).map(|_| ()).expect_err("a shared sub must not load").to_string();
     assert!(e.contains("\"reports-service\" is both a user and a client"), "{e}");
@@ -845,8 +813,8 @@ fn a_token_lifetime_the_issuer_would_refuse_does_not_load() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("users.toml"), demo_users()).unwrap();
     std::fs::write(dir.path().join("clients.toml"), demo_clients()).unwrap();
-    let cfg = token_config(&Upstream::at("127.0.0.1:9".parse().unwrap()), "", TUTORIAL_ROUTES)
-        .replace("access_token_ttl = \"30m\"", "access_token_ttl = \"60d\"");
+    let cfg =
+        token_config(&Upstream::at("127.0.0.1:9".parse().unwrap()), "").replace("access_token_ttl = \"30m\"", "access_token_ttl = \"60d\"");
     std::fs::write(dir.path().join("gateway.toml"), cfg).unwrap();
     let e = Config::load(&dir.path().join("gateway.toml")).map(|_| ()).expect_err("a 60-day token must not load").to_string();
     assert!(e.contains("access_token_ttl (5184000s) is longer than issuer"), "{e}");
@@ -924,22 +892,8 @@ upstream = "api"
         assert!(keys[0].get("d").is_none(), "the private half must never be published");
         let kid = keys[0]["kid"].as_str().expect("kid").to_string();
 
-        let second_cfg = format!(
-            r#"{base}
-[[issuers]]
-id = "first"
-issuer = "{issuer_url}"
-audiences = ["api"]
-algorithms = ["EdDSA"]
-discovery = true
-
-[[routes]]
-name = "me"
-path = "/users/me"
-upstream = "api"
-"#,
-            base = base_config(&up)
-        );
+        let second_cfg =
+            ConfigBuilder::new(&up).issuer("first", &issuer_url, &["EdDSA"], "discovery = true").route("me", "/users/me", "").build();
         let second = spawn_gateway(&second_cfg).await;
         let c2 = client(&second);
         wait_ready(&c2, &second, Duration::from_secs(20)).await;

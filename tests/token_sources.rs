@@ -8,36 +8,14 @@ use http_body_util::Full;
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-token-sources";
 
 fn config(up: &Upstream) -> String {
-    format!(
-        r#"{}
-[auth]
-token_cookie = "session"
-
-[[issuers]]
-id = "local"
-issuer = "https://issuer.test"
-algorithms = ["HS256"]
-secret_file = "hs.secret"
-
-[[routes]]
-name = "query"
-path = "/q/*"
-upstream = "api"
-token_query = "access_token"
-
-[[routes]]
-name = "optional"
-path = "/opt/*"
-upstream = "api"
-auth = "optional"
-
-[[routes]]
-name = "plain"
-path = "/*"
-upstream = "api"
-"#,
-        base_config(up)
-    )
+    ConfigBuilder::new(up)
+        .section("[auth]\ntoken_cookie = \"session\"")
+        // A table of its own, not `.issuer()`: this issuer names no `audiences`.
+        .section("[[issuers]]\nid = \"local\"\nissuer = \"https://issuer.test\"\nalgorithms = [\"HS256\"]\nsecret_file = \"hs.secret\"")
+        .route("query", "/q/*", r#"token_query = "access_token""#)
+        .route("optional", "/opt/*", r#"auth = "optional""#)
+        .route("plain", "/*", "")
+        .build()
 }
 
 #[tokio::test]
@@ -82,7 +60,8 @@ async fn cookie_and_opt_in_query_tokens() {
     gw.stop().await;
 }
 
-fn request(url: &str, headers: &[(&str, String)]) -> http::Request<Full<Bytes>> {
+/// A GET of `url` with these headers.
+fn get_request(url: &str, headers: &[(&str, String)]) -> http::Request<Full<Bytes>> {
     let mut b = http::Request::get(url);
     for (k, v) in headers {
         b = b.header(*k, v);
@@ -123,37 +102,38 @@ async fn whatever_an_upstream_could_read_as_a_token_is_verified_or_removed() {
         (&format!("/q/x?access_token%00={forged}"), vec![]),
         (&format!("/q/x?access_token%5D={forged}"), vec![]),
     ] {
-        let a = send(&c, request(&gw.https_url(url), &headers)).await;
+        let a = send(&c, get_request(&gw.https_url(url), &headers)).await;
         assert_eq!(a.status, 401, "{url} {headers:?}: {}", a.text());
         assert_eq!(a.json()["error"], "invalid_token");
     }
     // Beside a valid header token, a second spelling is a second credential.
-    let a = send(&c, request(&gw.https_url(&format!("/q/x?Access_Token={forged}")), &[("authorization", format!("Bearer {valid}"))])).await;
+    let a =
+        send(&c, get_request(&gw.https_url(&format!("/q/x?Access_Token={forged}")), &[("authorization", format!("Bearer {valid}"))])).await;
     assert_eq!(a.status, 400, "{}", a.text());
     // So is one in a spelling only a framework folds into the name, after a valid one.
     for second in ["access.token", "access+token", "access_token[]", "+access_token", "access[token", "access_token%00"] {
-        let a = send(&c, request(&gw.https_url(&format!("/q/x?access_token={valid}&{second}=unverified")), &[])).await;
+        let a = send(&c, get_request(&gw.https_url(&format!("/q/x?access_token={valid}&{second}=unverified")), &[])).await;
         assert_eq!(a.status, 400, "{second}: {}", a.text());
     }
     assert_eq!(up.hits(), hits, "an unverified token reached the upstream");
 
     // Another scheme on an anonymous request is no credential the policy saw: the upstream does not get it.
-    let a = send(&c, request(&gw.https_url("/opt/x"), &[("authorization", format!("Token {forged}"))])).await;
+    let a = send(&c, get_request(&gw.https_url("/opt/x"), &[("authorization", format!("Token {forged}"))])).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.upstream_header("authorization"), None);
     assert_eq!(a.upstream_header("x-auth-subject"), None);
     // Nor beside a cookie token, which is what was verified.
     let headers = [("authorization", format!("Basic {forged}")), ("cookie", format!("session={valid}"))];
-    let a = send(&c, request(&gw.https_url("/opt/x"), &headers)).await;
+    let a = send(&c, get_request(&gw.https_url("/opt/x"), &headers)).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.upstream_header("authorization"), None);
     assert_eq!(a.upstream_header("x-auth-subject").as_deref(), Some("alice"));
     // A valid query token in another case is verified and removed like the exact name.
-    let a = send(&c, request(&gw.https_url(&format!("/q/x?a=1&Access_Token={valid}")), &[])).await;
+    let a = send(&c, get_request(&gw.https_url(&format!("/q/x?a=1&Access_Token={valid}")), &[])).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.json()["path"], "/q/x?a=1");
     // A verified header token still goes on.
-    let a = send(&c, request(&gw.https_url("/opt/x"), &[("authorization", format!("Bearer {valid}"))])).await;
+    let a = send(&c, get_request(&gw.https_url("/opt/x"), &[("authorization", format!("Bearer {valid}"))])).await;
     assert_eq!(a.upstream_header("authorization"), Some(format!("Bearer {valid}")));
     gw.stop().await;
 }

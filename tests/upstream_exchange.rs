@@ -15,6 +15,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
@@ -177,9 +178,14 @@ async fn exchange(c: &TestClient, method: &str, url: &str) -> (StatusCode, http:
 async fn try_exchange(c: &TestClient, method: &str, url: &str) -> Result<(StatusCode, http::HeaderMap, Result<Bytes, String>), String> {
     let req = Request::builder().method(method).uri(url).body(Full::new(Bytes::new())).unwrap();
     let rsp = timeout(BOUND, c.request(req)).await.expect("answered in time").map_err(|e| e.to_string())?;
+    Ok(collected(rsp, "the gateway's").await)
+}
+
+/// An answer's status, fields and whole body (or the error that cut it), the body read within the bound.
+async fn collected(rsp: http::Response<Incoming>, whose: &str) -> (StatusCode, http::HeaderMap, Result<Bytes, String>) {
     let (parts, body) = rsp.into_parts();
-    let body = timeout(BOUND, body.collect()).await.expect("body in time").map(|b| b.to_bytes()).map_err(|e| e.to_string());
-    Ok((parts.status, parts.headers, body))
+    let body = timeout(BOUND, body.collect()).await.unwrap_or_else(|_| panic!("{whose} body in time"));
+    (parts.status, parts.headers, body.map(|b| b.to_bytes()).map_err(|e| e.to_string()))
 }
 
 // The gateway runs on this test's single-threaded runtime, so every request uses the same pool shard and the
@@ -513,15 +519,13 @@ const GATEWAY_FIELDS: [&str; 13] = [
 ];
 
 /// What hyper's client, on a connection of its own, makes of the upstream's answer to `path`.
-async fn hyper_reads(upstream: SocketAddr, path: &str) -> Result<(StatusCode, http::HeaderMap, Result<Bytes, String>), String> {
+async fn hyper_client_reads(upstream: SocketAddr, path: &str) -> Result<(StatusCode, http::HeaderMap, Result<Bytes, String>), String> {
     let tcp = tokio::net::TcpStream::connect(upstream).await.map_err(|e| e.to_string())?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = Request::builder().uri(path).header("host", "up").body(Full::new(Bytes::new())).unwrap();
     let rsp = timeout(BOUND, send.send_request(req)).await.expect("hyper answered in time").map_err(|e| e.to_string())?;
-    let (parts, body) = rsp.into_parts();
-    let body = timeout(BOUND, body.collect()).await.expect("hyper body in time").map(|b| b.to_bytes()).map_err(|e| e.to_string());
-    Ok((parts.status, parts.headers, body))
+    Ok(collected(rsp, "hyper's").await)
 }
 
 #[tokio::test]
@@ -548,7 +552,7 @@ async fn mutated_answers_pass_only_as_hyper_reads_them_and_never_reach_the_next_
     for (k, answer) in cases.iter().enumerate() {
         let shown = String::from_utf8_lossy(answer);
         let path = format!("/case/{k}");
-        let direct = hyper_reads(up.addr, &path).await;
+        let direct = hyper_client_reads(up.addr, &path).await;
         let (c, url) = if k % 2 == 0 { (&h1, gw.http_url(&path)) } else { (&h2, gw.https_url(&path)) };
         let answer = match try_exchange(c, "GET", &url).await {
             Ok(answer) => Some(answer),

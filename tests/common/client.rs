@@ -27,11 +27,21 @@ pub type TestClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<B
 
 /// A TLS client config that trusts the certificates in `cert` (PEM) and offers `alpn`.
 pub fn tls_config(cert: &Path, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    tls_config_trusting(pem_roots(cert), alpn)
+}
+
+/// The certificates in `cert` (PEM), as the roots a client trusts.
+pub fn pem_roots(cert: &Path) -> rustls::RootCertStore {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_file_iter(cert).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
+    roots
+}
+
+/// A TLS client config (the default protocol versions) that trusts `roots` and offers `alpn`.
+pub fn tls_config_trusting(roots: rustls::RootCertStore, alpn: &[&[u8]]) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -26,9 +26,12 @@ timeout = "5s"
     )
 }
 
+/// A route's lines that open it to anyone, with or without a token.
+pub const AUTH_PUBLIC: &str = r#"auth = "public""#;
+
 /// The base config, `extra` tables, and one public catch-all route (`all`, `/*`) to the `api` upstream.
 pub fn public_config(upstream: &Upstream, extra: &str) -> String {
-    ConfigBuilder::new(upstream).section(extra).route("all", "/*", r#"auth = "public""#).build()
+    ConfigBuilder::new(upstream).section(extra).route("all", "/*", AUTH_PUBLIC).build()
 }
 
 /// A gateway config: the [`base_config`], then what a test adds, written out in the order added. Each piece is
@@ -50,7 +53,8 @@ impl ConfigBuilder {
         ConfigBuilder { text: base_config(upstream) }
     }
 
-    /// Any other TOML, as written: whole tables (`[limits]`, `[upstreams.other]`, an issuer's own table).
+    /// Any other TOML, as written: whole tables (`[limits]`, `[rate_limit]`, `[cors]`, an issuer table that is not
+    /// [`ConfigBuilder::issuer`]'s shape).
     pub fn section(mut self, toml: &str) -> ConfigBuilder {
         self.text.push('\n');
         self.text.push_str(toml);
@@ -65,9 +69,19 @@ impl ConfigBuilder {
         self.section(&format!("[[issuers]]\nid = \"{id}\"\nissuer = \"{iss}\"\naudiences = [\"api\"]\nalgorithms = [{algorithms}]\n{rest}"))
     }
 
+    /// An upstream besides `api`: `[upstreams.<name>]` with its `url` and `rest` (timeouts, `ca_file`).
+    pub fn upstream(self, name: &str, url: &str, rest: &str) -> ConfigBuilder {
+        self.section(&format!("[upstreams.{name}]\nurl = \"{url}\"\n{rest}"))
+    }
+
     /// A `[[routes]]` table to the `api` upstream: `name`, `path`, and `rest` (methods, `auth`, rules; one per line).
     pub fn route(self, name: &str, path: &str, rest: &str) -> ConfigBuilder {
-        self.section(&format!("[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nupstream = \"api\"\n{rest}"))
+        self.route_to("api", name, path, rest)
+    }
+
+    /// A `[[routes]]` table to another upstream.
+    pub fn route_to(self, upstream: &str, name: &str, path: &str, rest: &str) -> ConfigBuilder {
+        self.section(&format!("[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nupstream = \"{upstream}\"\n{rest}"))
     }
 
     pub fn build(self) -> String {
