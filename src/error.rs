@@ -40,6 +40,7 @@ impl GatewayError {
                 | RouteError::BadEscape
                 | RouteError::ForbiddenByte
                 | RouteError::NotUtf8
+                | RouteError::DoubleEncoded
                 | RouteError::LowercaseMethod(_)
                 | RouteError::BadHost(_) => StatusCode::BAD_REQUEST,
                 RouteError::NotFound => StatusCode::NOT_FOUND,
@@ -49,6 +50,7 @@ impl GatewayError {
             GatewayError::Auth(e) => match e {
                 AuthError::Missing | AuthError::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
                 AuthError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+                AuthError::KeysUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             },
             GatewayError::Authz(e) => match e {
                 // A token from an issuer the route does not accept is not a credential for it (RFC 6750 §3.1).
@@ -88,6 +90,7 @@ impl GatewayError {
                 ("unauthorized", Some(REALM.to_string()))
             }
             GatewayError::Auth(AuthError::InvalidRequest(_)) => ("invalid_request", Some(format!("{REALM}, error=\"invalid_request\""))),
+            GatewayError::Auth(AuthError::KeysUnavailable(_)) => ("temporarily_unavailable", None),
             GatewayError::Auth(AuthError::InvalidToken { .. }) | GatewayError::Authz(AuthzError::Issuer(_)) => {
                 ("invalid_token", Some(format!("{REALM}, error=\"invalid_token\"")))
             }
@@ -131,6 +134,10 @@ impl GatewayError {
             }
             GatewayError::Token(TokenError::Busy) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // The refresh loop retries a keyless issuer within seconds.
+            GatewayError::Auth(AuthError::KeysUnavailable(_)) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             GatewayError::Token(TokenError::TooManyAttempts { retry_after_secs }) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));

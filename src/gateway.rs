@@ -13,7 +13,7 @@ use http::{Request, Response, Version};
 
 use crate::auth::authz::{authorize, AuthMode};
 use crate::auth::jwks::{fetch_client, FetchClient};
-use crate::auth::{Authenticated, Authenticator, Principal};
+use crate::auth::{Authenticated, Authenticator, Principal, TokenSource};
 use crate::body::{Body, RequestBody};
 use crate::config::Config;
 use crate::edge::client_addr::{client_ip, is_trusted};
@@ -333,7 +333,7 @@ impl Gateway {
         let auth = self.authenticate(&req, cx.uri, route, outcome).await?;
         authorize(auth.principal.as_deref(), &route.policy, |n| matched.param(n))?;
         self.check_route_limit(route, cx.client, auth.principal.as_deref(), outcome)?;
-        let outbound = self.prepare_upstream(req, route, &path, host, &auth, cx);
+        let outbound = self.prepare_upstream(req, route, &path, host, &auth, cx)?;
         self.forward(route, outbound, outcome).await
     }
 
@@ -410,16 +410,27 @@ impl Gateway {
         host: Option<HeaderValue>,
         auth: &Authenticated,
         cx: &'r Context<'_>,
-    ) -> Outbound<'r> {
+    ) -> Result<Outbound<'r>, GatewayError> {
         let upgrading = req.version() == Version::HTTP_11 && headers_request::is_upgrade_request(req.headers());
         let (mut parts, body) = req.into_parts();
-        if route.policy.auth != AuthMode::Public && !auth.authorization_verified {
-            // `Basic …`, `Token …` on an anonymous request, or a field beside a cookie or query token: a credential
-            // the policy did not decide on never reaches the upstream.
+        // A credential the policy did not decide on never reaches the upstream: `Basic …` or `Token …` on an
+        // anonymous request, a field beside a cookie token, and on a public route any `Authorization` (even a bearer
+        // the upstream might take as checked) unless the route passes it through.
+        let keep_authorization = match route.policy.auth {
+            AuthMode::Public => route.pass_authorization,
+            _ => auth.authorization_verified,
+        };
+        if !keep_authorization {
             parts.headers.remove(header::AUTHORIZATION);
         }
         if parts.version == Version::HTTP_2 {
             headers_request::join_cookie_crumbs(&mut parts.headers);
+        }
+        if parts.headers.contains_key(header::COOKIE) {
+            let verified_cookie = route.token_sources.cookie.as_deref().filter(|_| auth.source == Some(TokenSource::Cookie));
+            for name in route.token_sources.cookie_names().filter(|n| Some(*n) != verified_cookie) {
+                headers_request::remove_cookie(&mut parts.headers, name);
+            }
         }
         let additions = headers_request::prepare_upstream(
             &mut parts.headers,
@@ -429,19 +440,19 @@ impl Gateway {
             auth.principal.as_deref(),
             &self.config.identity,
             upgrading,
-        );
-        Outbound {
+        )?;
+        Ok(Outbound {
             parts,
             body,
             path: route.upstream_path(path),
-            query: proxy::forwarded_query(cx.uri.query(), route.token_sources.query.as_deref()),
+            query: proxy::forwarded_query(cx.uri.query(), &route.token_sources),
             host,
             additions,
             upgrading,
             answer_rules: route.headers.as_ref().unwrap_or(&self.config.headers),
             max_body: self.config.limits.max_body_bytes,
             identity: &self.config.identity,
-        }
+        })
     }
 
     /// Forwards to the route's upstream, timing the exchange and counting its failures.

@@ -15,6 +15,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use crate::auth::extract::{has_param, strip_query_token};
+use crate::auth::TokenSources;
 use crate::body::{Body, Progress, RequestBody};
 use crate::edge::headers_request::IdentitySettings;
 use crate::edge::headers_request::UpstreamFields;
@@ -127,12 +129,16 @@ pub fn upstream_tls(ca: Option<&CaFile>) -> Result<Arc<rustls::ClientConfig>, cr
     crate::tls_client::client_config(ca.map(|c| (c.path.as_path(), &c.pem[..]))).map(Arc::new)
 }
 
-/// The query forwarded upstream: as sent, less the token parameter of a route that takes tokens from the URL.
-pub fn forwarded_query<'a>(query: Option<&'a str>, drop_param: Option<&str>) -> Option<Cow<'a, str>> {
-    match (query, drop_param) {
-        (Some(q), Some(name)) => crate::auth::strip_query_token(q, name).map(Cow::Owned),
-        (q, _) => q.map(Cow::Borrowed),
+/// The query forwarded upstream: as sent, less every token parameter (the route's, and `access_token`): a token in
+/// the URL is never forwarded, verified or not.
+pub fn forwarded_query<'a>(query: Option<&'a str>, sources: &TokenSources) -> Option<Cow<'a, str>> {
+    let mut out = Cow::Borrowed(query?);
+    for name in sources.query_names() {
+        if has_param(&out, name) {
+            out = Cow::Owned(strip_query_token(&out, name)?);
+        }
     }
+    Some(out)
 }
 
 /// Points a request at the upstream: scheme and authority from the config, the routed path, the query as

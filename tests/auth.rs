@@ -67,6 +67,17 @@ async fn refused(c: &TestClient, up: &Upstream, url: &str, token: &str, what: &s
     a
 }
 
+/// Sends `token` to `url` and asserts a 503 with `Retry-After` (its issuer has no keys yet) that never reached the
+/// upstream.
+async fn unavailable(c: &TestClient, up: &Upstream, url: &str, token: &str, what: &str) -> Answer {
+    let before = up.hits();
+    let a = get(c, url, Some(token)).await;
+    assert_eq!(a.status, 503, "{what}: {}", a.text());
+    assert!(a.headers.contains_key("retry-after"), "{what}");
+    assert_eq!(up.hits(), before, "{what}: the upstream was reached");
+    a
+}
+
 /// Sends `token` to `url` and asserts the upstream answered 200 (and was reached exactly once).
 async fn accepted(c: &TestClient, up: &Upstream, url: &str, token: &str, what: &str) -> Answer {
     let before = up.hits();
@@ -1342,36 +1353,40 @@ async fn client_sent_identity_headers_never_reach_the_upstream() {
         assert_eq!(one("x-auth-scopes"), ["read"]);
         assert_eq!(one("x-auth-tenant"), ["globex"]);
 
-        // A claim value that is unsafe in a header is not forwarded (and not replaced by the client's).
-        let t = tok(&hs, HS_ISS, "carol", json!({"tid": "acme\r\nX-Injected: 1"}));
-        let bearer = format!("Bearer {t}");
-        let mut headers = forged.to_vec();
-        headers.push(("authorization", bearer.as_str()));
-        let a = get_with(&c, &gw.https_url("/protected"), &headers).await;
-        assert_eq!(a.status, 200);
-        let seen = up.last().unwrap();
-        assert!(!seen.headers.contains_key("x-auth-tenant"));
-        assert!(!seen.headers.contains_key("x-injected"));
-
-        // Values a header would change are not forwarded either: outer spaces (dropped by every HTTP parser, so
-        // "admin " would arrive as "admin"), and list items with outer spaces or empty (" admin" reads as
-        // "admin" once the list is split and trimmed). The policy saw neither "admin".
+        // A claim the upstream is to receive that no header can carry as the policy saw it is refused, not
+        // dropped: an upstream reading a missing X-Auth-Tenant as "no tenant" would see another identity.
+        // Unsafe bytes (CR LF: header injection), outer spaces (dropped by every HTTP parser, so "acme " would
+        // arrive as "acme"), list items with outer spaces or empty (" admin" reads as "admin" once the list is
+        // split and trimmed), and an object.
         for (what, extra) in [
-            ("a subject with a trailing space", json!({"tid": "acme "})),
+            ("CR LF in a claim", json!({"tid": "acme\r\nX-Injected: 1"})),
+            ("a tab in a claim", json!({"tid": "acme\tx"})),
+            ("a claim with a trailing space", json!({"tid": "acme "})),
             ("a list item with a leading space", json!({"roles": ["user", " admin"]})),
             ("an empty list item", json!({"roles": ["user", ""]})),
+            ("an object claim", json!({"tid": {"id": "acme"}})),
         ] {
             let t = tok(&hs, HS_ISS, "dave", extra);
             let bearer = format!("Bearer {t}");
-            let a = get_with(&c, &gw.https_url("/protected"), &[("authorization", bearer.as_str())]).await;
-            assert_eq!(a.status, 200, "{what}");
-            let seen = up.last().unwrap();
-            assert!(
-                !seen.headers.contains_key("x-auth-tenant") && !seen.headers.contains_key("x-auth-roles"),
-                "{what}: {:?}",
-                seen.headers
-            );
+            let before = up.hits();
+            let mut headers = forged.to_vec();
+            headers.push(("authorization", bearer.as_str()));
+            let a = get_with(&c, &gw.https_url("/protected"), &headers).await;
+            assert_eq!(a.status, 401, "{what}: {}", a.text());
+            assert!(a.headers["www-authenticate"].to_str().unwrap().contains("invalid_token"), "{what}");
+            assert_eq!(up.hits(), before, "{what}: the upstream was reached");
         }
+        let m = metrics(&c, &gw).await;
+        assert_eq!(
+            metric(&m, "portcullis_auth_failures_total", &[("reason", "claim_unforwardable"), ("route", "protected")]),
+            Some(6.0),
+            "{m}"
+        );
+        // A claim the token does not carry is simply not sent.
+        let t = tok(&hs, HS_ISS, "erin", json!({}));
+        let a = get_with(&c, &gw.https_url("/protected"), &[("authorization", format!("Bearer {t}").as_str())]).await;
+        assert_eq!(a.status, 200);
+        assert!(!up.last().unwrap().headers.contains_key("x-auth-tenant"));
 
         // A refused request with forged headers forwards nothing at all.
         let before = up.hits();
@@ -1756,7 +1771,7 @@ async fn discovery_document_for_another_issuer_is_not_trusted() {
         let a = get(&c, &gw.admin_url("/readyz"), None).await;
         assert_eq!(a.status, 503, "{}", a.text());
         assert_eq!(idp.jwks_fetches(), 0, "jwks_uri of a mismatched discovery document was fetched");
-        refused(&c, &up, &gw.https_url("/x"), &mint_token(&es, Some("es-1"), &claims(&iss, "a", json!({}))), "no keys").await;
+        unavailable(&c, &up, &gw.https_url("/x"), &mint_token(&es, Some("es-1"), &claims(&iss, "a", json!({}))), "no keys").await;
         gw.stop().await;
     })
     .await;
@@ -1787,13 +1802,54 @@ async fn readyz_is_503_until_jwks_keys_arrive() {
         let a = get(&c, &gw.admin_url("/healthz"), None).await;
         assert_eq!(a.status, 200, "alive while not ready");
         let url = gw.https_url("/x");
+        // A valid token of an issuer whose keys never arrived: the client did nothing wrong, so 503 with
+        // Retry-After, not 401 (and never an allow).
         let t = mint_token(&k1, Some("k1"), &claims(IDP_ISS, "alice", json!({})));
-        refused(&c, &up, &url, &t, "JWKS issuer without keys").await;
+        let before = up.hits();
+        let a = get(&c, &url, Some(&t)).await;
+        assert_eq!(a.status, 503, "JWKS issuer without keys: {}", a.text());
+        assert_eq!(a.headers["retry-after"], "5");
+        assert!(!a.headers.contains_key("www-authenticate"));
+        assert_eq!(up.hits(), before, "the upstream was reached");
+        let m = metrics(&c, &gw).await;
+        assert_eq!(metric(&m, "portcullis_auth_failures_total", &[("reason", "keys_unavailable"), ("route", "all")]), Some(1.0), "{m}");
+        // A forged token of that issuer is no better off: still 503, never a 200.
+        let forged = mint_token(&test_key(Algorithm::RS256), Some("k1"), &claims(IDP_ISS, "mallory", json!({})));
+        assert_eq!(get(&c, &url, Some(&forged)).await.status, 503);
 
         idp.set_status(200);
         wait_ready(&c, &gw, Duration::from_secs(30)).await;
         let t = mint_token(&k1, Some("k1"), &claims(IDP_ISS, "alice2", json!({})));
         accepted(&c, &up, &url, &t, "after keys arrived").await;
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_leaves_an_issuer_unchanged_does_not_refetch_its_keys() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let k1 = test_key(Algorithm::RS256);
+        let idp = Idp::start(jwks(&[(&k1, "k1")])).await;
+        let cfg = jwks_gateway_config(&up, &idp, IDP_ISS, "jwks_refresh = \"1h\"");
+        let gw = spawn_gateway(&cfg).await;
+        let c = client(&gw);
+        wait_ready(&c, &gw, Duration::from_secs(15)).await;
+        let fetched = idp.jwks_fetches();
+        let running = gw.gw.as_ref().unwrap();
+        // Another route, the same issuer: every replica reloading at once must not hit the IdP.
+        let more = format!("{cfg}\n[[routes]]\nname = \"other\"\npath = \"/other\"\nupstream = \"api\"\nauth = \"public\"\n");
+        std::fs::write(gw.dir.path().join("gateway.toml"), &more).unwrap();
+        for _ in 0..3 {
+            running.reload().await.expect("reloads");
+        }
+        accepted(&c, &up, &gw.https_url("/x"), &mint_token(&k1, Some("k1"), &claims(IDP_ISS, "alice", json!({}))), "after the reloads")
+            .await;
+        // A refetch would be the new refresh tasks' first act: give them a second to show one.
+        let mut fetches = idp.state.jwks_fetches.subscribe();
+        let refetched = tokio::time::timeout(Duration::from_secs(1), fetches.wait_for(|n| *n > fetched)).await;
+        assert!(refetched.is_err(), "a reload refetched an unchanged issuer's keys ({} fetches)", idp.jwks_fetches());
         gw.stop().await;
     })
     .await;
@@ -2069,7 +2125,7 @@ async fn jwks_over_https_is_trusted_through_ca_file_and_refused_without_it() {
         let c = client(&gw);
         tokio::time::timeout(Duration::from_secs(15), failed.wait_for(|n| *n >= 1)).await.expect("a refused handshake").unwrap();
         assert_eq!(get(&c, &gw.admin_url("/readyz"), None).await.status, 503);
-        refused(&c, &up, &gw.https_url("/x"), &token, "JWKS server not trusted").await;
+        unavailable(&c, &up, &gw.https_url("/x"), &token, "JWKS server not trusted").await;
         gw.stop().await;
     })
     .await;

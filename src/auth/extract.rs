@@ -14,20 +14,49 @@ pub struct TokenSources {
     pub query: Option<String>,
 }
 
-/// Finds the one credential across the configured sources, and whether it came from `Authorization`. Each
-/// source is read as leniently as the most lenient upstream would read it (a cookie name with spaces around it,
-/// a query name in another case or after a `;`), so nothing an upstream could take for a token goes unverified.
+/// RFC 6750 §2.3's name for the query parameter, also read as a cookie name by some frameworks. An upstream may
+/// take a token from there even where the route does not: so it counts as a credential whether or not the route
+/// accepts it, and never reaches the upstream unverified.
+pub const DEFAULT_TOKEN_NAME: &str = "access_token";
+
+impl TokenSources {
+    /// The cookie names that may carry a token for an upstream: the route's, and the default name.
+    pub fn cookie_names(&self) -> impl Iterator<Item = &str> {
+        self.cookie.as_deref().into_iter().chain((self.cookie.as_deref() != Some(DEFAULT_TOKEN_NAME)).then_some(DEFAULT_TOKEN_NAME))
+    }
+
+    /// The query parameter names that may carry a token for an upstream: the route's, and the default name.
+    pub fn query_names(&self) -> impl Iterator<Item = &str> {
+        self.query.as_deref().into_iter().chain((self.query.as_deref() != Some(DEFAULT_TOKEN_NAME)).then_some(DEFAULT_TOKEN_NAME))
+    }
+}
+
+/// Where the verified token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    Header,
+    Cookie,
+    Query,
+}
+
+/// Finds the one credential across the configured sources, and where it came from. Each source is read as
+/// leniently as the most lenient upstream would read it (a cookie name with spaces around it, a query name in
+/// another case or after a `;`), so nothing an upstream could take for a token goes unverified. A token under the
+/// default name (`access_token`) where the route does not accept it still counts: beside another credential it
+/// makes two (RFC 6750 §2: one method only), which is a 400.
 pub fn extract_token<'a>(
     headers: &'a HeaderMap,
     query: Option<&'a str>,
     sources: &TokenSources,
-) -> Result<Option<(std::borrow::Cow<'a, str>, bool)>, AuthError> {
-    let mut found: Option<(std::borrow::Cow<'a, str>, bool)> = extract_bearer(headers)?.map(|t| (std::borrow::Cow::Borrowed(t), true));
-    let mut add = |t: std::borrow::Cow<'a, str>| {
+) -> Result<Option<(std::borrow::Cow<'a, str>, TokenSource)>, AuthError> {
+    const TWO: AuthError = AuthError::InvalidRequest("more than one credential (header, cookie or query)");
+    let mut found: Option<(std::borrow::Cow<'a, str>, TokenSource)> =
+        extract_bearer(headers)?.map(|t| (std::borrow::Cow::Borrowed(t), TokenSource::Header));
+    let mut add = |t: std::borrow::Cow<'a, str>, source| {
         if found.is_some() {
-            return Err(AuthError::InvalidRequest("more than one credential (header, cookie or query)"));
+            return Err(TWO);
         }
-        found = Some((t, false));
+        found = Some((t, source));
         Ok(())
     };
     if let Some(name) = &sources.cookie {
@@ -43,7 +72,7 @@ pub fn extract_token<'a>(
             if values.next().is_some() {
                 return Err(AuthError::InvalidRequest("the token cookie appears more than once"));
             }
-            add(std::borrow::Cow::Borrowed(v))?;
+            add(std::borrow::Cow::Borrowed(v), TokenSource::Cookie)?;
         }
     }
     if let (Some(name), Some(q)) = (&sources.query, query) {
@@ -52,13 +81,34 @@ pub fn extract_token<'a>(
             if values.next().is_some() {
                 return Err(AuthError::InvalidRequest("the token parameter appears more than once"));
             }
-            add(std::borrow::Cow::Owned(v))?;
+            add(std::borrow::Cow::Owned(v), TokenSource::Query)?;
         }
+    }
+    if found.is_some()
+        && (sources.cookie.is_none() && has_cookie(headers, DEFAULT_TOKEN_NAME)
+            || sources.query.is_none() && query.is_some_and(|q| has_param(q, DEFAULT_TOKEN_NAME)))
+    {
+        return Err(TWO);
     }
     match found {
         Some((t, _)) if t.is_empty() => Err(invalid(FailReason::Malformed, "empty token")),
         other => Ok(other),
     }
+}
+
+/// Whether a cookie of this name (read as leniently as [`extract_token`] reads one) is among the Cookie fields.
+pub fn has_cookie(headers: &HeaderMap, name: &str) -> bool {
+    headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).any(|c| cookie_named(c, name))
+}
+
+/// Whether one `name=value` pair of a Cookie field is the cookie `name` (spaces around the name aside, any case).
+pub fn cookie_named(pair: &str, name: &str) -> bool {
+    pair.split_once('=').is_some_and(|(k, _)| k.trim_matches(is_space).eq_ignore_ascii_case(name))
+}
+
+/// Whether the query holds the token parameter `name` in any spelling `names_token` accepts.
+pub fn has_param(query: &str, name: &str) -> bool {
+    query_params(query).any(|(k, _)| names_token(&k, name))
 }
 
 fn is_space(c: char) -> bool {

@@ -14,7 +14,7 @@ pub enum JwksSource {
 }
 
 /// How an issuer's JWKS is fetched and refreshed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JwksSettings {
     pub source: JwksSource,
     pub refresh: Duration,

@@ -123,6 +123,8 @@ pub struct KeySet {
     /// When the last refetch for an unknown kid happened (the miss path only).
     last_refetch: Mutex<Option<Instant>>,
     fetching: tokio::sync::Mutex<()>,
+    /// When the next scheduled refresh is due (set by each successful fetch; taken over on a reload).
+    next_due: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl KeySet {
@@ -151,6 +153,7 @@ impl KeySet {
             reporter: std::sync::OnceLock::new(),
             last_refetch: Mutex::new(None),
             fetching: tokio::sync::Mutex::new(()),
+            next_due: Mutex::new(None),
         }
     }
 
@@ -168,6 +171,12 @@ impl KeySet {
             self.has_keys.store(true, Ordering::Release);
             if let (Ok(mut mine), Ok(theirs)) = (self.keys_doc.lock(), old.keys_doc.lock()) {
                 mine.clone_from(&theirs);
+            }
+            // Unchanged in every way that shapes the keys: no fetch until the old schedule's next one.
+            if old.settings == self.settings && old.algorithms == self.algorithms {
+                if let (Ok(mut mine), Ok(theirs)) = (self.next_due.lock(), old.next_due.lock()) {
+                    mine.clone_from(&theirs);
+                }
             }
         }
     }
@@ -246,7 +255,7 @@ impl KeySet {
         let fetched = self.fetch_and_swap().await;
         self.report(fetched.is_ok());
         if let Err(e) = fetched {
-            tracing::warn!(issuer = %self.issuer_id, error = %e, "JWKS refetch failed; keeping the last good keys");
+            self.warn_failed("JWKS refetch failed", &e);
         }
         self.get(kid)
     }
@@ -305,6 +314,9 @@ impl KeySet {
             Some(age) => age.max(Duration::from_secs(5)).min(self.settings.refresh),
             None => self.settings.refresh,
         };
+        if let Ok(mut due) = self.next_due.lock() {
+            *due = Some(tokio::time::Instant::now() + next);
+        }
         Ok(next)
     }
 
@@ -397,9 +409,24 @@ impl KeySet {
         Ok(JwkKey { key })
     }
 
-    /// Runs the background refresh loop until the task is aborted. Retries quickly while no keys are held.
+    /// Logs a failed fetch, saying what is served meanwhile: the last good keys, or none at all.
+    fn warn_failed(&self, what: &str, e: &JwksError) {
+        if self.has_keys() {
+            tracing::warn!(issuer = %self.issuer_id, error = %e, "{what}; keeping the last good keys");
+        } else {
+            tracing::warn!(issuer = %self.issuer_id, error = %e, "{what}; no keys yet: its tokens are answered 503 until a fetch succeeds");
+        }
+    }
+
+    /// Runs the background refresh loop until the task is aborted. Retries quickly while no keys are held. A key
+    /// set that took over the keys of its predecessor on a reload waits until the predecessor's next refresh was
+    /// due: a reload does not refetch from the identity provider (from every replica at once).
     pub async fn run_refresh(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(500);
+        let resume = self.next_due.lock().ok().and_then(|d| *d);
+        if let Some(at) = resume {
+            tokio::time::sleep_until(at).await;
+        }
         loop {
             let wait = match self.refresh().await {
                 Ok(next) => {
@@ -407,7 +434,7 @@ impl KeySet {
                     next
                 }
                 Err(e) => {
-                    tracing::warn!(issuer = %self.issuer_id, error = %e, "JWKS refresh failed; keeping the last good keys");
+                    self.warn_failed("JWKS refresh failed", &e);
                     let wait = if self.has_keys() { backoff.max(Duration::from_secs(5)).min(self.settings.refresh) } else { backoff };
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     wait

@@ -17,7 +17,7 @@ pub mod jwks;
 pub mod keys;
 pub mod verify;
 
-pub use extract::{extract_bearer, extract_token, strip_query_token, TokenSources};
+pub use extract::{extract_bearer, extract_token, strip_query_token, TokenSource, TokenSources};
 pub use issuer::{IssuerSettings, JwksSettings, JwksSource, VerifyKey};
 pub use verify::{principal_from, Authenticated, Authenticator, Issuer};
 
@@ -41,6 +41,9 @@ pub enum FailReason {
     UnknownKid,
     Algorithm,
     TooLarge,
+    /// A verified claim the upstream is to receive cannot be put in a header as it is (control characters, outer
+    /// spaces, an ambiguous list, an object): refused, not dropped, so the upstream never sees less than policy did.
+    ClaimUnforwardable,
 }
 
 impl FailReason {
@@ -57,6 +60,7 @@ impl FailReason {
             FailReason::UnknownKid => "unknown_kid",
             FailReason::Algorithm => "algorithm",
             FailReason::TooLarge => "too_large",
+            FailReason::ClaimUnforwardable => "claim_unforwardable",
         }
     }
 }
@@ -72,9 +76,14 @@ pub enum AuthError {
     /// A token that did not verify: 401 `invalid_token`. `detail` is for the log only.
     #[error("invalid token ({}): {detail}", reason.label())]
     InvalidToken { reason: FailReason, detail: String },
+    /// The token's issuer has had no keys yet (its JWKS never fetched): 503 with `Retry-After`, as the client did
+    /// nothing wrong and the same token may pass in a moment.
+    #[error("issuer {0:?} has no keys yet")]
+    KeysUnavailable(String),
 }
 
-fn invalid(reason: FailReason, detail: impl Into<String>) -> AuthError {
+/// A refusal of a token: 401 `invalid_token`, `reason` labelling it in metrics and the log.
+pub fn invalid(reason: FailReason, detail: impl Into<String>) -> AuthError {
     AuthError::InvalidToken { reason, detail: detail.into() }
 }
 
@@ -85,6 +94,7 @@ impl AuthError {
             AuthError::Missing => FailReason::Missing.label(),
             AuthError::InvalidRequest(_) => FailReason::Malformed.label(),
             AuthError::InvalidToken { reason, .. } => reason.label(),
+            AuthError::KeysUnavailable(_) => "keys_unavailable",
         }
     }
 }
@@ -102,7 +112,8 @@ pub struct Principal {
     pub expires_at: u64,
     /// The identity header values, rendered on first use and reused while the token is cached (the cache lives
     /// as long as the config, and with it the `[identity]` settings).
-    pub identity_values: std::sync::OnceLock<Vec<Option<http::HeaderValue>>>,
+    /// Err: the claim that cannot be forwarded faithfully, and why.
+    pub identity_values: std::sync::OnceLock<Result<Vec<Option<http::HeaderValue>>, String>>,
     /// For a token of a JWKS issuer: the issuer's index and its key generation when the token was verified. A
     /// cached token is only reused while that generation is current.
     pub key_generation: Option<(usize, u64)>,

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use super::authz::AuthMode;
 use super::cache::TokenCache;
-use super::extract::{extract_token, TokenSources};
+use super::extract::{extract_token, TokenSource, TokenSources};
 use super::issuer::normalize_typ;
 use super::jwks::{JwkKey, KeySet};
 use super::keys::parse_alg;
@@ -39,11 +39,13 @@ pub struct Authenticated {
     /// The `Authorization` field held the verified token: only then does it go upstream on a route that
     /// authenticates (anything else there is a credential the policy did not see).
     pub authorization_verified: bool,
+    /// Where the verified token came from (None: anonymous).
+    pub source: Option<TokenSource>,
 }
 
 impl Authenticated {
     fn anonymous() -> Authenticated {
-        Authenticated { principal: None, cache_hit: false, authorization_verified: false }
+        Authenticated { principal: None, cache_hit: false, authorization_verified: false, source: None }
     }
 }
 
@@ -114,7 +116,7 @@ impl Authenticator {
         if mode == AuthMode::Public {
             return Ok(Authenticated::anonymous());
         }
-        let (token, from_header) = match extract_token(headers, query, sources)? {
+        let (token, source) = match extract_token(headers, query, sources)? {
             Some(found) => found,
             None if mode == AuthMode::Optional => return Ok(Authenticated::anonymous()),
             None => return Err(AuthError::Missing),
@@ -122,11 +124,13 @@ impl Authenticator {
         let now = unix_now();
         let key = TokenCache::key(&token);
         if let Some(p) = self.cache.get(&key, now).filter(|p| self.keys_unchanged(p)) {
-            return Ok(Authenticated { principal: Some(p), cache_hit: true, authorization_verified: from_header });
+            let authorization_verified = source == TokenSource::Header;
+            return Ok(Authenticated { principal: Some(p), cache_hit: true, authorization_verified, source: Some(source) });
         }
         let principal = Arc::new(self.verify(&token, now).await?);
         self.cache.insert(key, principal.clone());
-        Ok(Authenticated { principal: Some(principal), cache_hit: false, authorization_verified: from_header })
+        let authorization_verified = source == TokenSource::Header;
+        Ok(Authenticated { principal: Some(principal), cache_hit: false, authorization_verified, source: Some(source) })
     }
 
     /// Whether the JWKS a cached token was verified against is still the issuer's (a withdrawn key must stop
@@ -154,6 +158,11 @@ impl Authenticator {
         }
         if header.contains_key("b64") {
             return Err(invalid(FailReason::Malformed, "b64 header present"));
+        }
+        // Parameters only a JWE carries (RFC 7516 §4.1, RFC 7518 §4.6-4.8): a JWS with them is a confused or
+        // crafted token (RFC 8725 §3.11).
+        if let Some(p) = JWE_ONLY.iter().find(|p| header.contains_key(**p)) {
+            return Err(invalid(FailReason::Malformed, format!("JWE header parameter {p:?} in a JWS")));
         }
         if let Some(cty) = header.get("cty") {
             let cty = cty.as_str().map(normalize_typ);
@@ -183,6 +192,11 @@ impl Authenticator {
         }
         if !s.algorithms.contains(&alg) {
             return Err(invalid(FailReason::Algorithm, format!("algorithm {alg:?} is not allowed for issuer {:?}", s.id)));
+        }
+        // One spelling per token: base64url without padding, canonical trailing bits (RFC 7515 §2). The signature
+        // is handed to the crypto library as text, which would also take the standard alphabet or padding.
+        if base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s64).is_err() {
+            return Err(invalid(FailReason::Malformed, "signature is not canonical base64url"));
         }
         let message_len = h64.len() + 1 + p64.len();
         let message = &token.as_bytes()[..message_len];
@@ -217,6 +231,12 @@ impl Authenticator {
         let Some(jwks) = &issuer.jwks else {
             return Err(bad_signature(true));
         };
+        if !jwks.has_keys() && !candidates.iter().any(|k| verify_with(k)) {
+            // One throttled fetch may bring the first keys; without them the token cannot be judged either way.
+            if jwks.refetch_for_unknown_kid(kid.unwrap_or_default()).await.is_none() && !jwks.has_keys() {
+                return Err(AuthError::KeysUnavailable(s.id.clone()));
+            }
+        }
         let found: Option<Arc<JwkKey>> = match kid {
             Some(kid) => match jwks.get(kid) {
                 Some(k) => Some(k),
@@ -239,6 +259,9 @@ impl Authenticator {
         }
     }
 }
+
+/// Header parameters defined only for JWE: encryption, compression and key agreement.
+const JWE_ONLY: [&str; 9] = ["enc", "zip", "epk", "apu", "apv", "iv", "tag", "p2s", "p2c"];
 
 fn bad_signature(alg_fits: bool) -> AuthError {
     if alg_fits {

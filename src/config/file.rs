@@ -147,6 +147,11 @@ pub(super) struct RouteFile {
     pub(super) token_cookie: Option<String>,
     /// Opt in to a token in this query parameter; it is removed before forwarding.
     pub(super) token_query: Option<String>,
+    /// Serve paths a second decoding would resolve (`%252e`, `..%3B`): only for an upstream that decodes once.
+    #[serde(default)]
+    pub(super) allow_double_encoding: bool,
+    /// A public route forwards the client's `Authorization` unverified (else it is removed).
+    pub(super) pass_authorization: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -220,6 +225,12 @@ pub(super) struct IdentityFile {
     pub(super) headers: BTreeMap<Spanned<String>, String>,
     #[serde(default = "yes")]
     pub(super) forward_authorization: bool,
+    /// Remove the well-known identity headers of other gateways from every request.
+    #[serde(default = "yes")]
+    pub(super) strip_well_known: bool,
+    /// More header names no client may send.
+    #[serde(default)]
+    pub(super) strip_also: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

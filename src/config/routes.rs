@@ -149,6 +149,15 @@ impl Validator<'_> {
                 let base = self.route_headers_base.clone();
                 route.headers = Some(Arc::new(self.secure_headers(base.as_ref(), Some(&(h.span(), h.get_ref().clone())))));
             }
+            route.allow_double_encoding = r.allow_double_encoding;
+            if let Some(pass) = r.pass_authorization.as_ref().filter(|p| *p.get_ref()) {
+                route.pass_authorization = true;
+                if r.auth != AuthMode::Public {
+                    let msg =
+                        format!("route {name:?}: pass_authorization is for public routes (others forward only the token they verified)");
+                    self.error(pass.span(), msg);
+                }
+            }
             route.token_sources = crate::auth::TokenSources {
                 cookie: r.token_cookie.clone().or_else(|| self.default_cookie.clone()),
                 query: r.token_query.clone(),

@@ -363,7 +363,14 @@ impl Validator<'_> {
                 Err(_) => self.error(name.span(), format!("[identity] header name {:?} is not a valid HTTP header name", name.get_ref())),
             }
         }
-        IdentitySettings { headers, forward_authorization: i.forward_authorization }
+        let mut strip = if i.strip_well_known { IdentitySettings::well_known() } else { Vec::new() };
+        for name in &i.strip_also {
+            match http::HeaderName::from_bytes(name.get_ref().as_bytes()) {
+                Ok(h) => strip.push(h),
+                Err(_) => self.error(name.span(), format!("[identity] strip_also {:?} is not a valid HTTP header name", name.get_ref())),
+            }
+        }
+        IdentitySettings::new(headers, i.forward_authorization, strip)
     }
 }
 

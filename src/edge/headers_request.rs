@@ -11,22 +11,80 @@ use std::net::SocketAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
-use crate::auth::{lookup_claim, Principal};
+use crate::auth::{invalid, lookup_claim, AuthError, FailReason, Principal};
 
-/// Which claims the upstream receives, in which headers, and whether the bearer token goes along.
+/// Which claims the upstream receives, in which headers, and whether the bearer token goes along; and which other
+/// identity headers no client may send.
 #[derive(Debug, Clone)]
 pub struct IdentitySettings {
     pub headers: Vec<(HeaderName, String)>,
     pub forward_authorization: bool,
+    /// Identity headers of other gateways (and `strip_also`), removed from every request: upstreams migrated from
+    /// those gateways trust them.
+    strip: Vec<HeaderName>,
+    /// Bit n: some name of `headers` or `strip` is n bytes long (63: 63 or more).
+    forged_lengths: u64,
+}
+
+/// The identity headers other auth gateways set for their upstreams (oauth2-proxy, Authelia, Apache and nginx
+/// `REMOTE_USER`, Grafana's auth proxy, Google IAP, Azure App Service, AWS ALB, Cloudflare Access).
+pub const WELL_KNOWN_IDENTITY_HEADERS: [&str; 27] = [
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-groups",
+    "x-auth-request-preferred-username",
+    "x-auth-request-access-token",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x-forwarded-access-token",
+    "x-remote-user",
+    "remote-user",
+    "remote-email",
+    "remote-groups",
+    "remote-name",
+    "x-authenticated-user",
+    "x-auth-user",
+    "x-webauth-user",
+    "x-goog-authenticated-user-email",
+    "x-goog-authenticated-user-id",
+    "x-ms-client-principal",
+    "x-ms-client-principal-name",
+    "x-ms-client-principal-id",
+    "x-amzn-oidc-identity",
+    "x-amzn-oidc-data",
+    "x-amzn-oidc-accesstoken",
+    "cf-access-authenticated-user-email",
+];
+
+impl IdentitySettings {
+    /// Settings from `[identity]`: `strip` is the well-known list (unless turned off) and `strip_also`.
+    pub fn new(headers: Vec<(HeaderName, String)>, forward_authorization: bool, strip: Vec<HeaderName>) -> IdentitySettings {
+        let forged_lengths = headers.iter().map(|(n, _)| n).chain(&strip).fold(0u64, |m, n| m | 1 << n.as_str().len().min(63));
+        IdentitySettings { headers, forward_authorization, strip, forged_lengths }
+    }
+
+    /// The well-known identity headers of other gateways, as header names.
+    pub fn well_known() -> Vec<HeaderName> {
+        WELL_KNOWN_IDENTITY_HEADERS.iter().map(|n| HeaderName::from_static(n)).collect()
+    }
+
+    /// True for a name a client might forge identity with (in any separator spelling a server maps alike).
+    fn is_forged(&self, k: &str) -> bool {
+        self.forged_lengths & (1 << k.len().min(63)) != 0
+            && (self.headers.iter().any(|(n, _)| loose_eq(k, n.as_str())) || self.strip.iter().any(|n| loose_eq(k, n.as_str())))
+    }
 }
 
 impl Default for IdentitySettings {
     fn default() -> Self {
         let h = |n: &'static str, c: &str| (HeaderName::from_static(n), c.to_string());
-        IdentitySettings {
-            headers: vec![h("x-auth-subject", "sub"), h("x-auth-roles", "roles"), h("x-auth-scopes", "scope"), h("x-auth-issuer", "iss")],
-            forward_authorization: true,
-        }
+        IdentitySettings::new(
+            vec![h("x-auth-subject", "sub"), h("x-auth-roles", "roles"), h("x-auth-scopes", "scope"), h("x-auth-issuer", "iss")],
+            true,
+            IdentitySettings::well_known(),
+        )
     }
 }
 
@@ -141,12 +199,13 @@ pub fn strip_request_trailers(trailers: &mut HeaderMap, identity: &IdentitySetti
     });
 }
 
-/// Removes what no client may tell the upstream, trusted proxies included: the identity headers, the
-/// routing and method overrides, and underscore spellings of the fields the gateway sets or frames by.
+/// Removes what no client may tell the upstream, trusted proxies included: the identity headers (ours and other
+/// gateways'), the routing and method overrides, and underscore spellings of the fields the gateway sets or frames
+/// by.
 pub fn strip_forged(headers: &mut HeaderMap, identity: &IdentitySettings) {
     remove_present(headers, |k| {
         let k = k.as_str();
-        identity.headers.iter().any(|(n, _)| loose_eq(k, n.as_str()))
+        identity.is_forged(k)
             || ROUTING_OVERRIDES_LENGTHS & (1 << k.len().min(63)) != 0 && ROUTING_OVERRIDES.iter().any(|n| loose_eq(k, n))
             || is_respelled_managed(k)
     });
@@ -170,6 +229,27 @@ pub fn join_cookie_crumbs(headers: &mut HeaderMap) {
     let joined: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
     if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
         headers.insert(header::COOKIE, v);
+    }
+}
+
+/// Removes every cookie named `name` (read as leniently as the token cookie is) from the Cookie fields, keeping
+/// the others in order.
+pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    if !crate::auth::extract::has_cookie(headers, name) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.split(';').filter(|c| !crate::auth::extract::cookie_named(c, name)).map(str::trim).collect::<Vec<_>>().join("; "))
+        .filter(|v| !v.is_empty())
+        .collect();
+    headers.remove(header::COOKIE);
+    for v in kept {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            headers.append(header::COOKIE, v);
+        }
     }
 }
 
@@ -301,7 +381,7 @@ pub fn prepare_upstream<'a>(
     principal: Option<&Principal>,
     identity: &IdentitySettings,
     upgrading: bool,
-) -> UpstreamFields<'a> {
+) -> Result<UpstreamFields<'a>, AuthError> {
     let wants_trailers = strip_hop_by_hop(headers, upgrading);
     if wants_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -333,6 +413,7 @@ pub fn prepare_upstream<'a>(
     if let Some(p) = principal {
         // Rendered once per cached token, not per request.
         let values = p.identity_values.get_or_init(|| identity.headers.iter().map(|(_, claim)| render_claim(p, claim)).collect());
+        let values = values.as_ref().map_err(|detail| invalid(FailReason::ClaimUnforwardable, detail.clone()))?;
         for ((name, _), value) in identity.headers.iter().zip(values) {
             match value {
                 Some(v) => {
@@ -344,7 +425,7 @@ pub fn prepare_upstream<'a>(
             }
         }
     }
-    UpstreamFields { forwarded, request_id }
+    Ok(UpstreamFields { forwarded, request_id })
 }
 
 fn proto(tls: bool) -> HeaderValue {
@@ -365,16 +446,19 @@ fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
 /// Renders a claim as a header value: arrays comma-joined. Values with control or non-ASCII bytes, and lists
 /// with an item containing a comma (`"user,admin"` would read as two roles), are refused (the header is not
 /// sent) rather than forwarded. `roles` and `scope` mean the issuer's configured claims.
-pub(super) fn render_claim(p: &Principal, claim: &str) -> Option<HeaderValue> {
+/// A claim's header value: Ok(None) when the token does not carry it (or carries an empty list), Err when it does
+/// but no header could say exactly what the policy saw.
+pub(super) fn render_claim(p: &Principal, claim: &str) -> Result<Option<HeaderValue>, String> {
     let text = match claim {
-        "roles" => join_nonempty(&p.roles)?,
-        "scope" | "scopes" => join_nonempty(&p.scopes)?,
+        "roles" => join_list(claim, &p.roles)?,
+        "scope" | "scopes" => join_list(claim, &p.scopes)?,
         "sub" => p.subject.clone(),
-        other => match lookup_claim(&p.claims, other)? {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            Value::Bool(b) => b.to_string(),
-            Value::Array(a) => {
+        other => match lookup_claim(&p.claims, other) {
+            None => return Ok(None),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::Bool(b)) => b.to_string(),
+            Some(Value::Array(a)) => {
                 let parts: Option<Vec<String>> = a
                     .iter()
                     .map(|v| match v {
@@ -383,34 +467,34 @@ pub(super) fn render_claim(p: &Principal, claim: &str) -> Option<HeaderValue> {
                         _ => None,
                     })
                     .collect();
-                join_nonempty(&parts?).unwrap_or_default()
+                let parts = parts.ok_or_else(|| format!("claim {claim:?} is a list holding something other than strings and numbers"))?;
+                join_list(claim, &parts)?
             }
-            _ => return None,
+            Some(_) => return Err(format!("claim {claim:?} is an object or null")),
         },
     };
-    if text.is_empty() || !text.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
-        if !text.is_empty() {
-            tracing::warn!(claim, "claim value has bytes that are unsafe in a header; not forwarded");
-        }
-        return None;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if !text.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        return Err(format!("claim {claim:?} has bytes that are unsafe in a header (control characters or non-ASCII)"));
     }
     // HTTP parsers drop a field value's outer spaces: "admin " would reach the upstream as "admin", which is
     // not what the policy compared.
     if text.starts_with(' ') || text.ends_with(' ') {
-        tracing::warn!(claim, "claim value starts or ends with a space, which a header would lose; not forwarded");
-        return None;
+        return Err(format!("claim {claim:?} starts or ends with a space, which a header would lose"));
     }
-    HeaderValue::from_str(&text).ok()
+    HeaderValue::from_str(&text).map(Some).map_err(|_| format!("claim {claim:?} is no header value"))
 }
 
-fn join_nonempty(v: &[String]) -> Option<String> {
+/// A list claim joined with commas; empty for an empty list.
+fn join_list(claim: &str, v: &[String]) -> Result<String, String> {
     // A reader of the joined list splits at commas and trims: " admin" would read as "admin", which the
     // policy did not see.
     if v.iter().any(|item| item.contains(',') || item.is_empty() || item.trim() != item) {
-        tracing::warn!(
-            "a list claim has an empty item, or one with a comma or outer spaces, which would be ambiguous in a header; not forwarded"
-        );
-        return None;
+        return Err(format!(
+            "list claim {claim:?} has an empty item, or one with a comma or outer spaces, which a header would make ambiguous"
+        ));
     }
-    (!v.is_empty()).then(|| v.join(","))
+    Ok(v.join(","))
 }

@@ -15,7 +15,7 @@ use http::{HeaderValue, Method};
 use crate::auth::authz::Policy;
 
 pub(crate) use path::canonical_segment;
-pub use path::{normalize_path, request_host};
+pub use path::{decodes_again, normalize_path, request_host};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -27,6 +27,10 @@ pub enum RouteError {
     ForbiddenByte,
     #[error("a path parameter is not valid UTF-8 once decoded")]
     NotUtf8,
+    /// What a second decoding would turn into a dot, slash, backslash or `;` escape, or a dot segment carrying an
+    /// encoded `;`: an upstream or proxy that decodes again would route it elsewhere.
+    #[error("path has an escape that a second decoding would turn into a path delimiter")]
+    DoubleEncoded,
     #[error("no route matches")]
     NotFound,
     #[error("route matches but the method is not allowed")]
@@ -226,6 +230,12 @@ pub struct Route {
     pub cors: Option<std::sync::Arc<crate::edge::cors::CorsPolicy>>,
     /// Where this route accepts a token besides the Authorization header.
     pub token_sources: crate::auth::TokenSources,
+    /// Paths with escapes a second decoding would resolve (`%252e`, `..%3B`) are served, not refused: only for an
+    /// upstream known to decode once.
+    pub allow_double_encoding: bool,
+    /// On a public route, the client's `Authorization` goes to the upstream (unverified): only for an upstream that
+    /// checks it itself.
+    pub pass_authorization: bool,
     case_insensitive: bool,
 }
 
@@ -253,6 +263,8 @@ impl Route {
             headers: None,
             cors: None,
             token_sources: Default::default(),
+            allow_double_encoding: false,
+            pass_authorization: false,
             case_insensitive,
         }
     }
@@ -390,6 +402,9 @@ impl RouteTable {
                 continue;
             }
             if route.allows(method) {
+                if !route.allow_double_encoding && path::decodes_again(path) {
+                    return Err(RouteError::DoubleEncoded);
+                }
                 let mut params = Vec::new();
                 for (i, raw) in &scratch {
                     if let Segment::Param(name) = &route.pattern.segments[*i] {

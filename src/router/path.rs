@@ -176,3 +176,34 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, RouteError> {
     }
     Ok(Cow::Owned(path))
 }
+
+/// True when a normalised path holds what a second decoding would resolve into another route: an escaped `%`
+/// that decodes (once or more) to the escape of a dot, slash, backslash or `;` (`%252e`, `%25252F`, `%255c`), or
+/// a dot segment followed by an encoded `;` (`..%3B`, which Tomcat-style servers read as `..` once decoded).
+/// Spring's StrictHttpFirewall and Envoy refuse these outright; so does a route unless it allows them.
+pub fn decodes_again(path: &str) -> bool {
+    if !path.contains('%') {
+        return false;
+    }
+    let b = path.as_bytes();
+    let upper = |i: usize| b.get(i).map(u8::to_ascii_uppercase);
+    for (i, _) in path.match_indices('%') {
+        // `%25` repeated, then the escape it becomes: `%` and two hex digits of a delimiter.
+        let mut j = i + 1;
+        let mut escaped_percent = false;
+        while upper(j) == Some(b'2') && upper(j + 1) == Some(b'5') {
+            escaped_percent = true;
+            j += 2;
+        }
+        if escaped_percent
+            && matches!((upper(j), upper(j + 1)), (Some(b'2'), Some(b'E' | b'F')) | (Some(b'5'), Some(b'C')) | (Some(b'3'), Some(b'B')))
+        {
+            return true;
+        }
+    }
+    path.split('/').any(|seg| {
+        let rest = seg.trim_start_matches('.');
+        let dots = seg.len() - rest.len();
+        (1..=2).contains(&dots) && rest.get(..3).is_some_and(|e| e.eq_ignore_ascii_case("%3B"))
+    })
+}

@@ -217,3 +217,25 @@ fn normalising_is_idempotent_and_leaves_no_dot_empty_or_decodable_segments() {
     }
     assert!(accepted > 5_000, "only {accepted} paths were accepted: the generator tests little");
 }
+
+#[test]
+fn escapes_a_second_decoding_would_resolve_are_found_in_every_spelling() {
+    for p in [
+        "/a/%252e%252e/b",
+        "/a/%252E",
+        "/a/%25252f",
+        "/a/%2525252F",
+        "/a/%255c",
+        "/a/%253B",
+        "/a/%253b",
+        "/a/..%3B/b",
+        "/a/..%3b",
+        "/a/.%3B",
+        "/%252e",
+    ] {
+        assert!(decodes_again(p), "{p}");
+    }
+    for p in ["/a/b", "/a/100%25", "/a/%25ab", "/a/%2525", "/a/items%3Bv=1", "/a/...%3B", "/a/x..%3B", "/a/%2B"] {
+        assert!(!decodes_again(p), "{p}");
+    }
+}
