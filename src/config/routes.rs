@@ -12,7 +12,7 @@ use crate::proxy::UpstreamSettings;
 use crate::router::{PathPattern, Route, RouteTable};
 
 use super::file::*;
-use super::validate::origin_host;
+use super::validate::{origin_host, Declared};
 use super::*;
 
 impl Validator<'_> {
@@ -20,7 +20,7 @@ impl Validator<'_> {
         &mut self,
         routes: Vec<RouteFile>,
         upstreams: &BTreeMap<String, UpstreamSettings>,
-        issuer_ids: &HashSet<String>,
+        declared: &Declared,
         case_insensitive: bool,
     ) -> RouteTable {
         let mut out: Vec<Route> = Vec::new();
@@ -64,6 +64,8 @@ impl Validator<'_> {
             };
             let upstream = match upstreams.get(r.upstream.get_ref()) {
                 Some(_) => r.upstream.get_ref().clone(),
+                // Declared but refused: that upstream's own problem says why.
+                None if declared.upstream(r.upstream.get_ref()) => continue,
                 None => {
                     self.error(
                         r.upstream.span(),
@@ -93,7 +95,7 @@ impl Validator<'_> {
             };
             if let Some(iss) = &r.issuers {
                 for id in iss.get_ref() {
-                    if !issuer_ids.contains(id) {
+                    if !declared.issuer(id) {
                         self.error(iss.span(), format!("route {name:?}: issuer {id:?} is not defined in [[issuers]]"));
                     }
                 }
@@ -120,7 +122,7 @@ impl Validator<'_> {
             if policy.auth == AuthMode::Public && policy.has_rules() {
                 self.error(r.path.span(), format!("route {name:?}: auth = \"public\" cannot carry roles, scopes, claims or issuers rules"));
             }
-            if r.auth != AuthMode::Public && issuer_ids.is_empty() {
+            if r.auth != AuthMode::Public && declared.no_issuers() {
                 self.error(
                     r.path.span(),
                     format!(
