@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use portcullis::config::{parse_duration, Config, ConfigError};
+use portcullis::config::{format_duration, parse_duration, Config, ConfigError};
 
 // Each request allocates a few small blocks (header maps, shared buffers); mimalloc's per-thread free lists serve
 // them faster than glibc's, which also consolidates its fast bins on every header-map-sized (~2 KiB) allocation.
@@ -238,16 +238,18 @@ fn print_summary(cfg: &Config) {
     println!("listeners: https {}  http {}  admin {}", show_addr(l.https), show_addr(l.http), show_addr(l.admin));
     println!("upstreams:");
     for (name, u) in &cfg.upstreams {
-        println!("  {name:<16} {}://{}  connect {:?}, timeout {:?}", u.scheme, u.authority, u.connect_timeout, u.timeout);
+        let (connect, timeout) = (format_duration(u.connect_timeout), format_duration(u.timeout));
+        println!("  {name:<16} {}://{}  connect {connect}, timeout {timeout}", u.scheme, u.authority);
     }
     println!("issuers:");
     for i in &cfg.issuers {
-        println!("  {:<16} {}  {:?}", i.id, i.issuer, i.algorithms);
+        let algorithms = i.algorithms.iter().map(|a| portcullis::auth::keys::alg_name(*a)).collect::<Vec<_>>().join(",");
+        println!("  {:<16} {}  {algorithms}", i.id, i.issuer);
     }
     println!("routes (first match wins):");
     for r in cfg.routes.routes() {
         let methods = r.methods.as_ref().map_or("*".to_string(), |m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","));
-        println!("  {:<16} {:<8} {:<24} -> {:<10} auth={:?}", r.name, methods, r.pattern.to_string(), r.upstream, r.policy.auth);
+        println!("  {:<16} {:<8} {:<24} -> {:<10} auth={}", r.name, methods, r.pattern.to_string(), r.upstream, r.policy.auth.as_str());
     }
 }
 

@@ -812,3 +812,70 @@ async fn an_upstream_ca_file_rewritten_in_place_applies_at_the_reload() {
     })
     .await;
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// `check`'s summary, and claims without `iss` when a route accepts several issuers.
+
+/// Two issuers that read roles from different claims, a route either may serve and one only `a` may.
+const TWO_ISSUERS: &str = r#"
+[listen]
+http = "127.0.0.1:0"
+
+[upstreams.api]
+url = "http://127.0.0.1:9"
+connect_timeout = "1500ms"
+timeout = "2m"
+
+[[issuers]]
+id = "a"
+issuer = "https://a.test"
+algorithms = ["HS256"]
+secret_env = "PATH"
+
+[[issuers]]
+id = "b"
+issuer = "https://b.test"
+algorithms = ["HS256", "HS384"]
+secret_env = "PATH"
+roles_claim = "groups"
+
+[[routes]]
+name = "only-a"
+path = "/only-a/*"
+upstream = "api"
+issuers = ["a"]
+roles_any = ["admin"]
+
+[[routes]]
+name = "admin"
+path = "/admin/*"
+upstream = "api"
+roles_any = ["admin"]
+
+[[routes]]
+name = "open"
+path = "/open/*"
+upstream = "api"
+auth = "public"
+"#;
+
+/// Runs the portcullis binary; returns the exit code, stdout and stderr.
+fn portcullis_cli<I: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = I>) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis")).args(args).output().expect("portcullis runs");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn check_prints_its_summary_in_the_configs_own_spelling() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, TWO_ISSUERS).unwrap();
+    let (code, out, err) = portcullis_cli([std::ffi::OsStr::new("check"), "--config".as_ref(), config.as_os_str()]);
+    assert_eq!(code, 0, "{out}{err}");
+    for want in ["connect 1500ms, timeout 2m", "https://a.test  HS256\n", "https://b.test  HS256,HS384\n", "auth=required", "auth=public"] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+    for debug in ["Public", "Required", "1.5s", "120s", "[HS256"] {
+        assert!(!out.contains(debug), "{debug:?} is Rust's spelling, not the config's:\n{out}");
+    }
+}

@@ -32,7 +32,7 @@ use crate::router::RouteTable;
 use crate::token_endpoint::TokenEndpointSettings;
 
 use file::HeadersFile;
-pub use units::{parse_duration, parse_size, DurationValue, SizeValue};
+pub use units::{format_duration, parse_duration, parse_size, DurationValue, SizeValue};
 
 /// One problem in a config file, located by line and column (1-based).
 #[derive(Debug, Clone, PartialEq, Eq)]

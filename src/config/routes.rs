@@ -127,7 +127,7 @@ impl Validator<'_> {
                     r.path.span(),
                     format!(
                         "route {name:?}: needs a token (auth = {:?}) but no [[issuers]] are configured; add one or set auth = \"public\"",
-                        r.auth
+                        r.auth.as_str()
                     ),
                 );
             }

@@ -408,3 +408,33 @@ fn every_top_level_table_is_read() {
         assert!(!p.is_empty() && p.iter().all(|(_, m)| !m.contains("unknown field")), "{name}: {p:#?}");
     }
 }
+
+#[test]
+fn printed_values_read_back_as_the_config_wrote_them() {
+    for (d, want) in [
+        (Duration::from_millis(1500), "1500ms"),
+        (Duration::from_millis(250), "250ms"),
+        (Duration::from_secs(30), "30s"),
+        (Duration::from_secs(90), "90s"),
+        (Duration::from_secs(120), "2m"),
+        (Duration::from_secs(3600), "1h"),
+        (Duration::from_secs(2 * 86_400), "2d"),
+        (Duration::ZERO, "0s"),
+    ] {
+        assert_eq!(format_duration(d), want);
+        assert_eq!(parse_duration(want), Ok(d), "{want}");
+    }
+    #[derive(serde::Deserialize)]
+    struct Auth {
+        auth: crate::auth::authz::AuthMode,
+    }
+    use crate::auth::authz::AuthMode;
+    for mode in [AuthMode::Public, AuthMode::Optional, AuthMode::Required] {
+        let read: Auth = toml::from_str(&format!("auth = \"{}\"", mode.as_str())).expect("the printed mode reads back");
+        assert_eq!(read.auth, mode);
+    }
+    use jsonwebtoken::Algorithm::*;
+    for alg in [HS256, HS384, HS512, ES256, ES384, RS256, RS384, RS512, PS256, PS384, PS512, EdDSA] {
+        assert_eq!(crate::auth::keys::parse_alg(crate::auth::keys::alg_name(alg)), Some(alg));
+    }
+}

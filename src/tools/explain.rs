@@ -80,7 +80,7 @@ pub async fn explain(config: &Config, method: &Method, raw_path: &str, creds: Cr
     };
     let route = matched.route;
     let name = Some(route.name.clone());
-    lines.push(format!("auth = {:?}", route.policy.auth));
+    lines.push(format!("auth = {:?}", route.policy.auth.as_str()));
     let principal: Option<Principal> = match (&creds, route.policy.auth) {
         (_, AuthMode::Public) => None,
         (Credentials::None, AuthMode::Optional) => {
