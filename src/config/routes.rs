@@ -62,18 +62,13 @@ impl Validator<'_> {
                     Some(out)
                 }
             };
-            let upstream = match upstreams.get(r.upstream.get_ref()) {
-                Some(_) => r.upstream.get_ref().clone(),
-                // Declared but refused: that upstream's own problem says why.
-                None if declared.upstream(r.upstream.get_ref()) => continue,
-                None => {
-                    self.error(
-                        r.upstream.span(),
-                        format!("route {name:?}: upstream {:?} is not defined in [upstreams]", r.upstream.get_ref()),
-                    );
-                    continue;
-                }
-            };
+            // Without its upstream the route is not built, but the rest of it is still checked.
+            let upstream = r.upstream.get_ref().clone();
+            let upstream_ok = upstreams.contains_key(&upstream);
+            // Declared but refused: that upstream's own problem says why.
+            if !upstream_ok && !declared.upstream(&upstream) {
+                self.error(r.upstream.span(), format!("route {name:?}: upstream {upstream:?} is not defined in [upstreams]"));
+            }
             let strip_prefix = match &r.strip_prefix {
                 Some(p) if !p.get_ref().starts_with('/') || p.get_ref().len() < 2 => {
                     self.error(p.span(), format!("route {name:?}: strip_prefix must start with '/' and not be \"/\""));
@@ -156,8 +151,10 @@ impl Validator<'_> {
                 query: r.token_query.clone(),
             };
             route.cors = r.cors.as_ref().and_then(|c| self.cors(c.span(), c.get_ref())).map(Arc::new);
-            strip_spans.push(r.strip_prefix.as_ref().map(|p| p.span()));
-            out.push(route);
+            if upstream_ok {
+                strip_spans.push(r.strip_prefix.as_ref().map(|p| p.span()));
+                out.push(route);
+            }
         }
         self.check_rewrites(&out, &strip_spans, upstreams, case_insensitive);
         RouteTable::new(out, case_insensitive)

@@ -438,3 +438,12 @@ fn printed_values_read_back_as_the_config_wrote_them() {
         assert_eq!(crate::auth::keys::parse_alg(crate::auth::keys::alg_name(alg)), Some(alg));
     }
 }
+
+#[test]
+fn a_route_without_its_upstream_is_still_checked_whole() {
+    let text = "[listen]\nhttp = \"127.0.0.1:0\"\n\
+                [[routes]]\nname = \"r\"\npath = \"/r/*\"\nupstream = \"nowhere\"\nauth = \"public\"\nstrip_prefix = \"r\"\n\
+                rate_limit = { key = \"ip\", rate = \"often\" }\n";
+    let lines: Vec<usize> = problems_of(text).into_iter().map(|(l, _)| l).collect();
+    assert_eq!(lines, [6, 8, 9], "{:#?}", problems_of(text));
+}
