@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use portcullis::config::{parse_duration, Config, ConfigError};
+use portcullis::config::{format_duration, parse_duration, Config, ConfigError};
 
 // Each request allocates a few small blocks (header maps, shared buffers); mimalloc's per-thread free lists serve
 // them faster than glibc's, which also consolidates its fast bins on every header-map-sized (~2 KiB) allocation.
@@ -65,6 +65,10 @@ enum Command {
         /// Claims as JSON, taken as verified (signatures are not checked).
         #[arg(long)]
         claims: Option<String>,
+        /// The issuer (id) the claims are from when they have no `iss`. Without it, such claims are decided under
+        /// each issuer the route accepts, one decision each.
+        #[arg(long, requires = "claims")]
+        issuer: Option<String>,
     },
     /// Start the gateway on the shipped config with a built-in echo upstream, and print curl commands to try.
     Demo {
@@ -101,7 +105,7 @@ fn main() -> ExitCode {
     let log = init_logging(cli.log_format, &cli.log_level);
     let code = match cli.command {
         Command::Check { config, tests } => check(&config, tests.as_deref()),
-        Command::Explain { config, method, path, token, claims } => explain(&config, &method, &path, token, claims),
+        Command::Explain { config, method, path, token, claims, issuer } => explain(&config, &method, &path, token, claims, issuer),
         Command::Run { config } => with_config(&config, cli.workers, |cfg, w| run(cfg, w, false)),
         Command::Demo { config } => with_config(&config, cli.workers, |cfg, w| run(cfg, w, true)),
         Command::HashPassword => hash_password(),
@@ -142,7 +146,7 @@ fn print_config_error(e: &ConfigError) {
     eprintln!("{e}");
 }
 
-fn explain(config: &Path, method: &str, path: &str, token: Option<String>, claims: Option<String>) -> ExitCode {
+fn explain(config: &Path, method: &str, path: &str, token: Option<String>, claims: Option<String>, issuer: Option<String>) -> ExitCode {
     let cfg = match Config::check(config) {
         Ok(c) => c,
         Err(e) => {
@@ -157,7 +161,7 @@ fn explain(config: &Path, method: &str, path: &str, token: Option<String>, claim
     let creds = match (token, claims) {
         (Some(t), _) => portcullis::tools::explain::Credentials::Token(t),
         (None, Some(c)) => match serde_json::from_str::<serde_json::Value>(&c) {
-            Ok(serde_json::Value::Object(m)) => portcullis::tools::explain::Credentials::Claims(m),
+            Ok(serde_json::Value::Object(claims)) => portcullis::tools::explain::Credentials::Claims { claims, issuer },
             _ => {
                 eprintln!("--claims must be a JSON object");
                 return ExitCode::from(1);
@@ -166,11 +170,18 @@ fn explain(config: &Path, method: &str, path: &str, token: Option<String>, claim
         (None, None) => portcullis::tools::explain::Credentials::None,
     };
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return ExitCode::from(1) };
-    let d = rt.block_on(portcullis::tools::explain::explain(&cfg, &method, path, creds));
-    for l in &d.lines {
-        println!("{l}");
+    match rt.block_on(portcullis::tools::explain::explain(&cfg, &method, path, creds)) {
+        Ok(decisions) => {
+            for l in portcullis::tools::explain::render(&decisions) {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
     }
-    ExitCode::SUCCESS
 }
 
 fn run_policy_tests(cfg: Config, tests: &Path) -> bool {
@@ -238,16 +249,18 @@ fn print_summary(cfg: &Config) {
     println!("listeners: https {}  http {}  admin {}", show_addr(l.https), show_addr(l.http), show_addr(l.admin));
     println!("upstreams:");
     for (name, u) in &cfg.upstreams {
-        println!("  {name:<16} {}://{}  connect {:?}, timeout {:?}", u.scheme, u.authority, u.connect_timeout, u.timeout);
+        let (connect, timeout) = (format_duration(u.connect_timeout), format_duration(u.timeout));
+        println!("  {name:<16} {}://{}  connect {connect}, timeout {timeout}", u.scheme, u.authority);
     }
     println!("issuers:");
     for i in &cfg.issuers {
-        println!("  {:<16} {}  {:?}", i.id, i.issuer, i.algorithms);
+        let algorithms = i.algorithms.iter().map(|a| portcullis::auth::keys::alg_name(*a)).collect::<Vec<_>>().join(",");
+        println!("  {:<16} {}  {algorithms}", i.id, i.issuer);
     }
     println!("routes (first match wins):");
     for r in cfg.routes.routes() {
         let methods = r.methods.as_ref().map_or("*".to_string(), |m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","));
-        println!("  {:<16} {:<8} {:<24} -> {:<10} auth={:?}", r.name, methods, r.pattern.to_string(), r.upstream, r.policy.auth);
+        println!("  {:<16} {:<8} {:<24} -> {:<10} auth={}", r.name, methods, r.pattern.to_string(), r.upstream, r.policy.auth.as_str());
     }
 }
 

@@ -645,7 +645,9 @@ async fn explain_agrees_with_real_requests_for_every_shipped_policy_case() {
         assert!(cases.len() >= 10, "the shipped policy tests cover the shipped config");
         for case in &cases {
             let (method, creds) = portcullis::tools::explain::case_request(case).unwrap();
-            let decision = portcullis::tools::explain::explain(&cfg, &method, &case.path, creds).await;
+            let decisions = portcullis::tools::explain::explain(&cfg, &method, &case.path, creds).await.unwrap();
+            // The shipped config has one issuer: every case is decided once.
+            let [decision] = decisions.as_slice() else { panic!("case {:?}: {} decisions", case.name, decisions.len()) };
 
             let mut b = Request::builder().method(method.clone()).uri(format!("https://localhost:{}{}", https.port(), case.path));
             if let Some(claims) = &case.claims {
@@ -745,4 +747,165 @@ async fn an_upstream_ca_file_rewritten_in_place_applies_at_the_reload() {
         gw.stop().await;
     })
     .await;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// `check`'s summary, and claims without `iss` when a route accepts several issuers.
+
+/// Two issuers that read roles from different claims, a route either may serve and one only `a` may.
+const TWO_ISSUERS: &str = r#"
+[listen]
+http = "127.0.0.1:0"
+
+[upstreams.api]
+url = "http://127.0.0.1:9"
+connect_timeout = "1500ms"
+timeout = "2m"
+
+[[issuers]]
+id = "a"
+issuer = "https://a.test"
+algorithms = ["HS256"]
+secret_env = "PATH"
+
+[[issuers]]
+id = "b"
+issuer = "https://b.test"
+algorithms = ["HS256", "HS384"]
+secret_env = "PATH"
+roles_claim = "groups"
+
+[[routes]]
+name = "only-a"
+path = "/only-a/*"
+upstream = "api"
+issuers = ["a"]
+roles_any = ["admin"]
+
+[[routes]]
+name = "admin"
+path = "/admin/*"
+upstream = "api"
+roles_any = ["admin"]
+
+[[routes]]
+name = "open"
+path = "/open/*"
+upstream = "api"
+auth = "public"
+"#;
+
+/// Runs the portcullis binary; returns the exit code, stdout and stderr.
+fn portcullis_cli<I: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = I>) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis")).args(args).output().expect("portcullis runs");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn check_prints_its_summary_in_the_configs_own_spelling() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, TWO_ISSUERS).unwrap();
+    let (code, out, err) = portcullis_cli([std::ffi::OsStr::new("check"), "--config".as_ref(), config.as_os_str()]);
+    assert_eq!(code, 0, "{out}{err}");
+    for want in ["connect 1500ms, timeout 2m", "https://a.test  HS256\n", "https://b.test  HS256,HS384\n", "auth=required", "auth=public"] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+    for debug in ["Public", "Required", "1.5s", "120s", "[HS256"] {
+        assert!(!out.contains(debug), "{debug:?} is Rust's spelling, not the config's:\n{out}");
+    }
+}
+
+#[test]
+fn explain_decides_claims_without_iss_under_each_issuer_the_route_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, TWO_ISSUERS).unwrap();
+    let explain = |path: &str, extra: &[&str]| {
+        let mut args =
+            vec!["explain", "--config", config.to_str().unwrap(), "--path", path, "--claims", r#"{"sub":"root","roles":["admin"]}"#];
+        args.extend_from_slice(extra);
+        portcullis_cli(args)
+    };
+
+    // Two issuers: a decision for each, each line saying whose; the steps they share are printed once.
+    let (code, out, err) = explain("/admin/x", &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(r#"[issuer "a"] decision: forward to upstream "api""#), "{out}");
+    assert!(out.contains(r#"[issuer "b"] decision: 403"#), "{out}");
+    assert_eq!(out.matches(r#"route "admin": matches"#).count(), 1, "{out}");
+    assert!(out.lines().filter(|l| l.contains("decision:")).all(|l| l.starts_with("[issuer ")), "{out}");
+
+    // --issuer picks one.
+    let (code, out, _) = explain("/admin/x", &["--issuer", "b"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("decision: 403") && !out.contains("[issuer ") && out.contains(r#"issuer "b""#), "{out}");
+
+    // A route that accepts one issuer: that one, and the output says so.
+    let (code, out, _) = explain("/only-a/x", &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains(r#"the one issuer route "only-a" accepts"#) && out.contains("decision: forward"), "{out}");
+    assert_eq!(out.matches("decision:").count(), 1, "{out}");
+
+    // An issuer that does not exist, or that the claims' iss contradicts, is a usage error.
+    let (code, _, err) = explain("/admin/x", &["--issuer", "c"]);
+    assert_eq!(code, 1);
+    assert!(err.contains(r#"no issuer "c""#), "{err}");
+    let claims = r#"{"sub":"root","iss":"https://a.test"}"#;
+    let (code, _, err) =
+        portcullis_cli(["explain", "--config", config.to_str().unwrap(), "--path", "/admin/x", "--claims", claims, "--issuer", "b"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not issuer \"b\"'s"), "{err}");
+}
+
+#[test]
+fn a_policy_case_without_iss_must_name_its_issuer_when_the_route_accepts_several() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, TWO_ISSUERS).unwrap();
+    let tests = dir.path().join("policy-tests.toml");
+    std::fs::write(
+        &tests,
+        r#"
+[[case]]
+name = "no issuer named"
+path = "/admin/x"
+claims = { sub = "root", roles = ["admin"] }
+expect = 200
+
+[[case]]
+name = "under b"
+path = "/admin/x"
+issuer = "b"
+claims = { sub = "root", roles = ["admin"] }
+expect = 403
+
+[[case]]
+name = "under b by iss"
+path = "/admin/x"
+claims = { sub = "root", groups = ["admin"], iss = "https://b.test" }
+expect = 200
+
+[[case]]
+name = "the one issuer the route accepts"
+path = "/only-a/x"
+claims = { sub = "root", roles = ["admin"] }
+expect = 200
+
+[[case]]
+name = "claims on a public route"
+path = "/open/x"
+claims = { sub = "root" }
+expect = 200
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = portcullis_cli(["check", "--config", config.to_str().unwrap(), "--tests", tests.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    let fail = out.lines().find(|l| l.starts_with("FAIL no issuer named")).unwrap_or_else(|| panic!("{out}{err}"));
+    assert!(fail.contains(r#"["a", "b"]"#) && fail.contains("issuer = "), "{fail}");
+    for pass in ["under b", "under b by iss", "the one issuer the route accepts", "claims on a public route"] {
+        assert!(out.contains(&format!("pass {pass} (")), "{pass}: {out}{err}");
+    }
+    assert!(out.contains("policy tests: 4 passed, 1 failed"), "{out}");
 }

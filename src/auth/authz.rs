@@ -43,6 +43,17 @@ pub enum AuthMode {
     Required,
 }
 
+impl AuthMode {
+    /// The mode as the config spells it (`auth = "public"`), for what the gateway prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Public => "public",
+            AuthMode::Optional => "optional",
+            AuthMode::Required => "required",
+        }
+    }
+}
+
 /// What a claim must equal: a literal, or a path parameter of the matched route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimValue {

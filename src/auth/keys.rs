@@ -14,6 +14,24 @@ pub fn parse_alg(s: &str) -> Option<Algorithm> {
     s.parse().ok()
 }
 
+/// An algorithm's name as the config and JOSE headers spell it, the one [`parse_alg`] reads.
+pub fn alg_name(a: Algorithm) -> &'static str {
+    match a {
+        Algorithm::HS256 => "HS256",
+        Algorithm::HS384 => "HS384",
+        Algorithm::HS512 => "HS512",
+        Algorithm::ES256 => "ES256",
+        Algorithm::ES384 => "ES384",
+        Algorithm::RS256 => "RS256",
+        Algorithm::RS384 => "RS384",
+        Algorithm::RS512 => "RS512",
+        Algorithm::PS256 => "PS256",
+        Algorithm::PS384 => "PS384",
+        Algorithm::PS512 => "PS512",
+        Algorithm::EdDSA => "EdDSA",
+    }
+}
+
 /// Returns the length in bits of the modulus of a PKCS#1 RSAPublicKey DER, as jsonwebtoken stores it.
 fn rsa_modulus_bits(key: &DecodingKey) -> Option<usize> {
     use jsonwebtoken::DecodingKeyKind;

@@ -1,10 +1,13 @@
 //! gateway.toml as written: plain serde structs, every one `deny_unknown_fields`. Validation turns them into the
 //! stages' own settings types; nothing outside `config` sees these.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
 use std::path::PathBuf;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 use crate::auth::authz::AuthMode;
@@ -12,33 +15,174 @@ use crate::auth::authz::AuthMode;
 use super::units::{DurationValue, SizeValue};
 use super::TlsVersion;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The file as written. Each top-level table, each `[upstreams.NAME]` and each `[[routes]]`/`[[issuers]]` entry is
+/// deserialized on its own by [`read`], so one mistake does not hide the others; what failed is left out here (its
+/// problem is already reported) and named in `failed`.
+#[derive(Debug, Default)]
 pub(super) struct FileConfig {
-    pub(super) listen: Spanned<ListenFile>,
+    pub(super) listen: Option<Spanned<ListenFile>>,
     pub(super) tls: Option<TlsFile>,
-    #[serde(default)]
     pub(super) limits: LimitsFile,
-    #[serde(default)]
     pub(super) server: ServerFile,
-    #[serde(default)]
     pub(super) upstreams: BTreeMap<String, UpstreamFile>,
-    #[serde(default)]
     pub(super) routes: Vec<RouteFile>,
-    #[serde(default)]
     pub(super) routing: RoutingFile,
-    #[serde(default)]
     pub(super) rate_limit: RateLimitFile,
-    #[serde(default)]
     pub(super) issuers: Vec<Spanned<IssuerFile>>,
-    #[serde(default)]
     pub(super) identity: Option<IdentityFile>,
     pub(super) token_endpoint: Option<Spanned<TokenEndpointFile>>,
     pub(super) headers: Option<Spanned<HeadersFile>>,
     pub(super) cors: Option<Spanned<CorsFile>>,
     pub(super) admin: Option<Spanned<AdminFile>>,
-    #[serde(default)]
     pub(super) auth: AuthFile,
+    pub(super) failed: Failed,
+}
+
+/// What failed to deserialize, so that validation does not report it a second time through what depends on it
+/// (a route naming a rejected upstream is not told the upstream is missing).
+#[derive(Debug, Default)]
+pub(super) struct Failed {
+    pub(super) listen: bool,
+    pub(super) tls: bool,
+    /// Names of `[upstreams.NAME]` tables that failed.
+    pub(super) upstreams: HashSet<String>,
+    /// `upstreams` itself is not a table: any name may have been meant.
+    pub(super) all_upstreams: bool,
+    /// Ids of `[[issuers]]` entries that failed.
+    pub(super) issuers: HashSet<String>,
+    /// An entry failed before its id could be read, or `issuers` is not an array of tables: any id may have been meant.
+    pub(super) unnamed_issuer: bool,
+}
+
+/// The top-level tables, in the order unknown-key messages list them (tests/docs.rs reads that list).
+pub(super) const TABLES: &[&str] = &[
+    "listen",
+    "tls",
+    "limits",
+    "server",
+    "upstreams",
+    "routes",
+    "routing",
+    "rate_limit",
+    "issuers",
+    "identity",
+    "token_endpoint",
+    "headers",
+    "cors",
+    "admin",
+    "auth",
+];
+
+/// A problem found while deserializing: where, and serde's or toml's words for it.
+pub(super) type Found = (Range<usize>, String);
+
+/// Deserializes one table or value on its own; its problem, if any, goes to `found`.
+fn take<T: DeserializeOwned>(value: Spanned<DeValue<'_>>, found: &mut Vec<Found>) -> Option<T> {
+    let span = value.span();
+    match T::deserialize(ValueDeserializer::from(value)) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            found.push((e.span().unwrap_or(span), e.message().trim().to_string()));
+            None
+        }
+    }
+}
+
+/// Splits a parsed document into its tables and deserializes each on its own, collecting every problem.
+pub(super) fn read(doc: Spanned<DeTable<'_>>, found: &mut Vec<Found>) -> FileConfig {
+    let doc_span = doc.span();
+    let mut f = FileConfig::default();
+    for (key, value) in doc.into_inner() {
+        let key_span = key.span();
+        match key.get_ref().as_ref() {
+            "listen" => {
+                f.listen = take(value, found);
+                f.failed.listen = f.listen.is_none();
+            }
+            "tls" => {
+                f.tls = take(value, found);
+                f.failed.tls = f.tls.is_none();
+            }
+            "limits" => f.limits = take(value, found).unwrap_or_default(),
+            "server" => f.server = take(value, found).unwrap_or_default(),
+            "upstreams" => read_upstreams(value, &mut f, found),
+            "routes" => {
+                for entry in entries::<RouteFile>(value, found) {
+                    f.routes.extend(take(entry, found));
+                }
+            }
+            "routing" => f.routing = take(value, found).unwrap_or_default(),
+            "rate_limit" => f.rate_limit = take(value, found).unwrap_or_default(),
+            "issuers" => read_issuers(value, &mut f, found),
+            "identity" => f.identity = take(value, found),
+            "token_endpoint" => f.token_endpoint = take(value, found),
+            "headers" => f.headers = take(value, found),
+            "cors" => f.cors = take(value, found),
+            "admin" => f.admin = take(value, found),
+            "auth" => f.auth = take(value, found).unwrap_or_default(),
+            other => found.push((key_span, <toml::de::Error as serde::de::Error>::unknown_field(other, TABLES).message().to_string())),
+        }
+    }
+    if f.listen.is_none() && !f.failed.listen {
+        f.failed.listen = true;
+        found.push((doc_span, <toml::de::Error as serde::de::Error>::missing_field("listen").message().to_string()));
+    }
+    // Reported in the order they are written, whatever order the tables were read in.
+    found.sort_by_key(|(span, _)| (span.start, span.end));
+    f
+}
+
+/// The entries of an array of tables. Anything else is deserialized as the whole array, for serde's own words on
+/// what is wrong with it, and gives no entries.
+fn entries<'i, T: DeserializeOwned>(value: Spanned<DeValue<'i>>, found: &mut Vec<Found>) -> Vec<Spanned<DeValue<'i>>> {
+    let span = value.span();
+    match value.into_inner() {
+        DeValue::Array(items) => items.into_iter().collect(),
+        other => {
+            let _ = take::<Vec<T>>(Spanned::new(span, other), found);
+            Vec::new()
+        }
+    }
+}
+
+fn read_upstreams(value: Spanned<DeValue<'_>>, f: &mut FileConfig, found: &mut Vec<Found>) {
+    let span = value.span();
+    match value.into_inner() {
+        DeValue::Table(table) => {
+            for (name, u) in table {
+                let name = name.into_inner().into_owned();
+                match take::<UpstreamFile>(u, found) {
+                    Some(u) => {
+                        f.upstreams.insert(name, u);
+                    }
+                    None => {
+                        f.failed.upstreams.insert(name);
+                    }
+                }
+            }
+        }
+        other => {
+            let _ = take::<BTreeMap<String, UpstreamFile>>(Spanned::new(span, other), found);
+            f.failed.all_upstreams = true;
+        }
+    }
+}
+
+fn read_issuers(value: Spanned<DeValue<'_>>, f: &mut FileConfig, found: &mut Vec<Found>) {
+    if !value.get_ref().is_array() {
+        f.failed.unnamed_issuer = true;
+    }
+    for entry in entries::<IssuerFile>(value, found) {
+        // Read before the entry is consumed: routes and the token endpoint name issuers by this id.
+        let id = entry.get_ref().as_table().and_then(|t| t.get("id")).and_then(|id| id.get_ref().as_str()).map(str::to_string);
+        match (take::<Spanned<IssuerFile>>(entry, found), id) {
+            (Some(i), _) => f.issuers.push(i),
+            (None, Some(id)) => {
+                f.failed.issuers.insert(id);
+            }
+            (None, None) => f.failed.unnamed_issuer = true,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

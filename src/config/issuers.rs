@@ -57,11 +57,13 @@ pub(super) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize
         }
         (None, None) => None,
     };
+    // Without one usable algorithm every key would also be reported as fitting none: that is the same mistake.
+    let bind = !algorithms.is_empty();
     let mut static_keys = Vec::new();
     if let Some(s) = secret {
         if s.len() < 32 {
             err(v, format!("HMAC secret is {} bytes; at least 32 are required", s.len()));
-        } else {
+        } else if bind {
             match bind_key(None, DecodingKey::from_secret(&s), &algorithms, None) {
                 Ok(k) => static_keys.push(k),
                 Err(e) => err(v, e),
@@ -80,6 +82,7 @@ pub(super) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize
         let p = v.resolve(path);
         match std::fs::read(&p) {
             Ok(pem) => match read_public_pem(&pem) {
+                Some(_) if !bind => {}
                 Some(key) => match bind_key(kid, key, &algorithms, None) {
                     Ok(k) => static_keys.push(k),
                     Err(e) => err(v, format!("{}: {e}", p.display())),
@@ -110,8 +113,9 @@ pub(super) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize
     };
     if let Some(p) = private_key.as_ref().filter(|_| !pending) {
         match std::fs::read(p) {
-            Ok(pem) => match public_from_private_pem(&pem).and_then(|key| bind_key(None, key, &algorithms, None)) {
-                Ok(k) => static_keys.push(k),
+            Ok(pem) => match public_from_private_pem(&pem).and_then(|key| bind.then(|| bind_key(None, key, &algorithms, None)).transpose())
+            {
+                Ok(k) => static_keys.extend(k),
                 Err(e) => err(v, format!("private_key {}: {e}", p.display())),
             },
             Err(e) => err(v, format!("cannot read private_key {}: {e}", p.display())),

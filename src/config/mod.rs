@@ -31,8 +31,8 @@ use crate::proxy::UpstreamSettings;
 use crate::router::RouteTable;
 use crate::token_endpoint::TokenEndpointSettings;
 
-use file::{FileConfig, HeadersFile};
-pub use units::{parse_duration, parse_size, DurationValue, SizeValue};
+use file::HeadersFile;
+pub use units::{format_duration, parse_duration, parse_size, DurationValue, SizeValue};
 
 /// One problem in a config file, located by line and column (1-based).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,10 +195,13 @@ impl Config {
 
     fn parse(path: &Path, text: &str, generate: bool) -> Result<Config, ConfigError> {
         let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
-        let file: FileConfig = toml::from_str(text).map_err(|e| {
+        // A file that does not parse has no tables to read: its syntax error is its one problem.
+        let doc = toml::de::DeTable::parse(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             invalid(vec![Problem { line, column, message: e.message().trim().to_string() }])
         })?;
+        let mut found = Vec::new();
+        let file = file::read(doc, &mut found);
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut v = Validator {
             text,
@@ -211,6 +214,9 @@ impl Config {
             problems: Vec::new(),
             warnings: Vec::new(),
         };
+        for (span, message) in found {
+            v.error(span, message);
+        }
         let config = v.config(path, file);
         if v.problems.is_empty() {
             let mut config = config;

@@ -12,7 +12,7 @@ use crate::proxy::UpstreamSettings;
 use crate::router::{PathPattern, Route, RouteTable};
 
 use super::file::*;
-use super::validate::origin_host;
+use super::validate::{origin_host, Declared};
 use super::*;
 
 impl Validator<'_> {
@@ -20,7 +20,7 @@ impl Validator<'_> {
         &mut self,
         routes: Vec<RouteFile>,
         upstreams: &BTreeMap<String, UpstreamSettings>,
-        issuer_ids: &HashSet<String>,
+        declared: &Declared,
         case_insensitive: bool,
     ) -> RouteTable {
         let mut out: Vec<Route> = Vec::new();
@@ -62,16 +62,13 @@ impl Validator<'_> {
                     Some(out)
                 }
             };
-            let upstream = match upstreams.get(r.upstream.get_ref()) {
-                Some(_) => r.upstream.get_ref().clone(),
-                None => {
-                    self.error(
-                        r.upstream.span(),
-                        format!("route {name:?}: upstream {:?} is not defined in [upstreams]", r.upstream.get_ref()),
-                    );
-                    continue;
-                }
-            };
+            // Without its upstream the route is not built, but the rest of it is still checked.
+            let upstream = r.upstream.get_ref().clone();
+            let upstream_ok = upstreams.contains_key(&upstream);
+            // Declared but refused: that upstream's own problem says why.
+            if !upstream_ok && !declared.upstream(&upstream) {
+                self.error(r.upstream.span(), format!("route {name:?}: upstream {upstream:?} is not defined in [upstreams]"));
+            }
             let strip_prefix = match &r.strip_prefix {
                 Some(p) if !p.get_ref().starts_with('/') || p.get_ref().len() < 2 => {
                     self.error(p.span(), format!("route {name:?}: strip_prefix must start with '/' and not be \"/\""));
@@ -93,7 +90,7 @@ impl Validator<'_> {
             };
             if let Some(iss) = &r.issuers {
                 for id in iss.get_ref() {
-                    if !issuer_ids.contains(id) {
+                    if !declared.issuer(id) {
                         self.error(iss.span(), format!("route {name:?}: issuer {id:?} is not defined in [[issuers]]"));
                     }
                 }
@@ -120,12 +117,12 @@ impl Validator<'_> {
             if policy.auth == AuthMode::Public && policy.has_rules() {
                 self.error(r.path.span(), format!("route {name:?}: auth = \"public\" cannot carry roles, scopes, claims or issuers rules"));
             }
-            if r.auth != AuthMode::Public && issuer_ids.is_empty() {
+            if r.auth != AuthMode::Public && declared.no_issuers() {
                 self.error(
                     r.path.span(),
                     format!(
                         "route {name:?}: needs a token (auth = {:?}) but no [[issuers]] are configured; add one or set auth = \"public\"",
-                        r.auth
+                        r.auth.as_str()
                     ),
                 );
             }
@@ -163,8 +160,10 @@ impl Validator<'_> {
                 query: r.token_query.clone(),
             };
             route.cors = r.cors.as_ref().and_then(|c| self.cors(c.span(), c.get_ref())).map(Arc::new);
-            strip_spans.push(r.strip_prefix.as_ref().map(|p| p.span()));
-            out.push(route);
+            if upstream_ok {
+                strip_spans.push(r.strip_prefix.as_ref().map(|p| p.span()));
+                out.push(route);
+            }
         }
         self.check_rewrites(&out, &strip_spans, upstreams, case_insensitive);
         RouteTable::new(out, case_insensitive)

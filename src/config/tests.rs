@@ -293,3 +293,157 @@ fn mutated_configs_are_refused_with_locations_never_a_panic() {
     }
     assert!(refused > 300 && accepted > 100, "refused {refused}, accepted {accepted}: the edits test little");
 }
+
+/// The problems of `text`, as (line, message), in the order `check` prints them.
+fn problems_of(text: &str) -> Vec<(usize, String)> {
+    match Config::parse(Path::new("g.toml"), text, false) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems().iter().map(|p| (p.line, p.message.clone())).collect(),
+    }
+}
+
+#[test]
+fn mistakes_in_several_tables_are_all_reported_in_one_run() {
+    let text = "[listen]\nhttp = \"127.0.0.1:0\"\nhtps = \"127.0.0.1:0\"\n\
+                [limits]\nmax_connections = \"many\"\n\
+                [server]\nworker_threads = 0\n\
+                [upstreams.api]\nurl = \"http://127.0.0.1:1\"\n\
+                [[routes]]\nname = \"r\"\npath = \"/*\"\nupstream = \"api\"\nauth = \"public\"\nmethod = [\"GET\"]\n";
+    let p = problems_of(text);
+    assert_eq!(p.len(), 4, "{p:#?}");
+    let at = |line: usize| p.iter().find(|(l, _)| *l == line).map(|(_, m)| m.as_str()).unwrap_or_else(|| panic!("line {line}: {p:#?}"));
+    assert!(at(3).contains("unknown field `htps`"), "{p:#?}");
+    assert!(at(5).contains("invalid type: string \"many\""), "{p:#?}");
+    // The tables that deserialized are still validated.
+    assert!(at(7).contains("worker_threads"), "{p:#?}");
+    assert!(at(15).contains("unknown field `method`"), "{p:#?}");
+}
+
+#[test]
+fn each_route_upstream_and_issuer_entry_is_deserialized_on_its_own() {
+    let text = "[listen]\nhttp = \"127.0.0.1:0\"\n\
+                [upstreams.a]\nurl = \"http://127.0.0.1:1\"\ntimeuot = \"1s\"\n\
+                [upstreams.b]\nurl = \"http://127.0.0.1:1\"\nconnect_timeout = 5\n\
+                [[issuers]]\nid = \"i\"\nissuer = \"https://i.test\"\nalgorithms = [\"HS256\"]\nsecret_env = \"PATH\"\nleway = \"1s\"\n\
+                [[issuers]]\nid = \"j\"\nissuer = \"https://j.test\"\nalgorithms = \"HS256\"\nsecret_env = \"PATH\"\n\
+                [[routes]]\nname = \"x\"\npath = \"/x\"\nupstream = \"c\"\nauth = \"publik\"\n\
+                [[routes]]\nname = \"y\"\npath = \"/y\"\nupstream = \"c\"\nauth = \"public\"\nroles_any = \"admin\"\n";
+    let lines: Vec<usize> = problems_of(text).into_iter().map(|(l, _)| l).collect();
+    assert_eq!(lines, [5, 8, 14, 18, 24, 30], "{:#?}", problems_of(text));
+}
+
+#[test]
+fn unknown_top_level_tables_are_each_reported_with_the_tables_there_are() {
+    let p = problems_of("[listn]\nhttp = \"127.0.0.1:0\"\n[listen]\nhttp = \"127.0.0.1:0\"\n[limit]\nmax_connections = 1\n");
+    assert_eq!(p.len(), 2, "{p:#?}");
+    assert_eq!(p[0].0, 1, "{p:#?}");
+    assert!(p[0].1.starts_with("unknown field `listn`, expected one of `listen`, `tls`"), "{p:#?}");
+    assert!(p[1].1.starts_with("unknown field `limit`"), "{p:#?}");
+}
+
+#[test]
+fn a_file_that_does_not_parse_is_one_problem() {
+    let p = problems_of("[listen\nhttp = \"127.0.0.1:0\"\n[limits]\nmax_connections = \"many\"\nbogus = 1\n");
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert_eq!(p[0].0, 1, "{p:#?}");
+}
+
+#[test]
+fn a_missing_listen_table_is_reported_with_the_rest() {
+    let p = problems_of("[limits]\nmax_connections = \"many\"\n");
+    assert_eq!(p.len(), 2, "{p:#?}");
+    assert!(p.iter().any(|(_, m)| m.contains("missing field `listen`")), "{p:#?}");
+}
+
+#[test]
+fn an_upstream_that_failed_is_reported_once_not_by_every_route_naming_it() {
+    let routes = "[[routes]]\nname = \"r1\"\npath = \"/a/*\"\nupstream = \"api\"\nauth = \"public\"\n\
+                  [[routes]]\nname = \"r2\"\npath = \"/b/*\"\nupstream = \"api\"\nauth = \"public\"\n";
+    for (what, upstream) in [
+        ("an unknown key", "url = \"http://127.0.0.1:1\"\nretries = 3\n"),
+        ("a value of the wrong type", "url = \"http://127.0.0.1:1\"\npreserve_host = \"yes\"\n"),
+        ("an invalid url", "url = \"ftp://127.0.0.1:1\"\n"),
+    ] {
+        let p = problems_of(&format!("[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.api]\n{upstream}{routes}"));
+        assert_eq!(p.len(), 1, "{what}: {p:#?}");
+        assert!(p[0].0 <= 5, "{what}: reported at the upstream, not at a route: {p:#?}");
+    }
+    // [upstreams] that is not a table at all: no route is told its upstream is missing either.
+    let p = problems_of(&format!("upstreams = 1\n[listen]\nhttp = \"127.0.0.1:0\"\n{routes}"));
+    assert_eq!(p.len(), 1, "{p:#?}");
+    // A name that is nowhere in the file is still an error.
+    let p = problems_of(&format!("[listen]\nhttp = \"127.0.0.1:0\"\n[upstreams.apx]\nurl = \"http://127.0.0.1:1\"\n{routes}"));
+    assert_eq!(p.len(), 2, "{p:#?}");
+    assert!(p.iter().all(|(_, m)| m.contains("upstream \"api\" is not defined")), "{p:#?}");
+}
+
+#[test]
+fn an_issuer_that_failed_is_reported_once_not_by_what_names_it() {
+    let rest = "[upstreams.api]\nurl = \"http://127.0.0.1:1\"\n\
+                [[routes]]\nname = \"r1\"\npath = \"/a/*\"\nupstream = \"api\"\nissuers = [\"i\"]\n\
+                [[routes]]\nname = \"r2\"\npath = \"/b/*\"\nupstream = \"api\"\n\
+                [token_endpoint]\nissuer = \"i\"\n";
+    for (what, issuer) in [
+        ("an unknown key", "algorithms = [\"HS256\"]\nsecret_env = \"PATH\"\nleway = \"1s\"\n"),
+        ("a value of the wrong type", "algorithms = \"HS256\"\nsecret_env = \"PATH\"\n"),
+        ("an unknown algorithm", "algorithms = [\"HS257\"]\nsecret_env = \"PATH\"\n"),
+        ("a key source it may not fetch", "algorithms = [\"RS256\"]\njwks_url = \"http://idp.test/keys\"\naudiences = [\"api\"]\n"),
+    ] {
+        let text = format!("[listen]\nhttp = \"127.0.0.1:0\"\n[[issuers]]\nid = \"i\"\nissuer = \"https://i.test\"\n{issuer}{rest}");
+        let p = problems_of(&text);
+        assert_eq!(p.len(), 1, "{what}: {p:#?}");
+    }
+    // An entry whose id cannot be read may be any issuer: routes needing one are not told none exist.
+    let p = problems_of(&format!("[listen]\nhttp = \"127.0.0.1:0\"\n[[issuers]]\nid = 7\nissuer = \"https://i.test\"\n{rest}"));
+    assert_eq!(p.len(), 1, "{p:#?}");
+}
+
+#[test]
+fn every_top_level_table_is_read() {
+    // Each name the unknown-key message offers is one the reader takes: a value of the wrong type is a type
+    // error in that table, never an unknown key.
+    for name in super::file::TABLES {
+        let text = if *name == "listen" { "listen = 1\n".to_string() } else { format!("{name} = 1\n[listen]\nhttp = \"127.0.0.1:0\"\n") };
+        let p = problems_of(&text);
+        assert!(!p.is_empty() && p.iter().all(|(_, m)| !m.contains("unknown field")), "{name}: {p:#?}");
+    }
+}
+
+#[test]
+fn printed_values_read_back_as_the_config_wrote_them() {
+    for (d, want) in [
+        (Duration::from_millis(1500), "1500ms"),
+        (Duration::from_millis(250), "250ms"),
+        (Duration::from_secs(30), "30s"),
+        (Duration::from_secs(90), "90s"),
+        (Duration::from_secs(120), "2m"),
+        (Duration::from_secs(3600), "1h"),
+        (Duration::from_secs(2 * 86_400), "2d"),
+        (Duration::ZERO, "0s"),
+    ] {
+        assert_eq!(format_duration(d), want);
+        assert_eq!(parse_duration(want), Ok(d), "{want}");
+    }
+    #[derive(serde::Deserialize)]
+    struct Auth {
+        auth: crate::auth::authz::AuthMode,
+    }
+    use crate::auth::authz::AuthMode;
+    for mode in [AuthMode::Public, AuthMode::Optional, AuthMode::Required] {
+        let read: Auth = toml::from_str(&format!("auth = \"{}\"", mode.as_str())).expect("the printed mode reads back");
+        assert_eq!(read.auth, mode);
+    }
+    use jsonwebtoken::Algorithm::*;
+    for alg in [HS256, HS384, HS512, ES256, ES384, RS256, RS384, RS512, PS256, PS384, PS512, EdDSA] {
+        assert_eq!(crate::auth::keys::parse_alg(crate::auth::keys::alg_name(alg)), Some(alg));
+    }
+}
+
+#[test]
+fn a_route_without_its_upstream_is_still_checked_whole() {
+    let text = "[listen]\nhttp = \"127.0.0.1:0\"\n\
+                [[routes]]\nname = \"r\"\npath = \"/r/*\"\nupstream = \"nowhere\"\nauth = \"public\"\nstrip_prefix = \"r\"\n\
+                rate_limit = { key = \"ip\", rate = \"often\" }\n";
+    let lines: Vec<usize> = problems_of(text).into_iter().map(|(l, _)| l).collect();
+    assert_eq!(lines, [6, 8, 9], "{:#?}", problems_of(text));
+}

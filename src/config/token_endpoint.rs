@@ -9,6 +9,7 @@ use crate::auth::IssuerSettings;
 use crate::token_endpoint::TokenEndpointSettings;
 
 use super::file::*;
+use super::validate::Declared;
 use super::*;
 use crate::token_endpoint::accounts::{hash_kind, Account};
 use serde::Deserialize;
@@ -18,6 +19,7 @@ impl Validator<'_> {
         &mut self,
         t: Spanned<TokenEndpointFile>,
         issuers: &mut [IssuerSettings],
+        declared: &Declared,
         form_timeout: Duration,
     ) -> Option<TokenEndpointSettings> {
         let span = t.span();
@@ -28,7 +30,10 @@ impl Validator<'_> {
             self.error(span.clone(), format!("[token_endpoint] path {path:?} must be a normalised absolute path"));
         }
         let Some(issuer) = issuers.iter_mut().find(|i| i.id == t.issuer) else {
-            self.error(span, format!("[token_endpoint] issuer {:?} is not defined in [[issuers]]", t.issuer));
+            // A declared issuer that was refused has its own problem; the endpoint cannot be checked without it.
+            if !declared.issuer(&t.issuer) {
+                self.error(span, format!("[token_endpoint] issuer {:?} is not defined in [[issuers]]", t.issuer));
+            }
             return None;
         };
         if let Some(pk) = &t.private_key {

@@ -33,6 +33,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Writes a duration as the config spells it: a whole number in the largest unit that holds it exactly (`"250ms"`,
+/// `"30s"`, `"5m"`), so that [`parse_duration`] reads back the same value.
+pub fn format_duration(d: Duration) -> String {
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        // Finer than the config can say; durations come from the config or its defaults, so this is not reached.
+        return format!("{}ns", d.as_nanos());
+    }
+    if d.subsec_millis() != 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    let s = d.as_secs();
+    let unit = [(86_400, "d"), (3600, "h"), (60, "m")].into_iter().find(|(k, _)| s != 0 && s % k == 0);
+    let (n, unit) = unit.map_or((s, "s"), |(k, u)| (s / k, u));
+    format!("{n}{unit}")
+}
+
 /// A byte size: a whole number of bytes, or a string like `"64KiB"`, `"10MiB"`, `"1GiB"`, `"512B"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SizeValue(pub u64);

@@ -20,6 +20,32 @@ use super::file::*;
 use super::units::DurationValue;
 use super::*;
 
+/// The upstream and issuer names the file declares, valid or not. A table that failed, to deserialize or to
+/// validate, has its problem reported where it is written; what names it is not told again that it does not exist.
+pub(super) struct Declared {
+    upstreams: HashSet<String>,
+    /// `upstreams` could not be read as a table: any name may have been declared.
+    any_upstream: bool,
+    issuers: HashSet<String>,
+    /// An `[[issuers]]` entry failed before its id could be read: any id may have been declared.
+    any_issuer: bool,
+}
+
+impl Declared {
+    pub(super) fn upstream(&self, name: &str) -> bool {
+        self.any_upstream || self.upstreams.contains(name)
+    }
+
+    pub(super) fn issuer(&self, id: &str) -> bool {
+        self.any_issuer || self.issuers.contains(id)
+    }
+
+    /// Whether the file declares no issuer at all.
+    pub(super) fn no_issuers(&self) -> bool {
+        !self.any_issuer && self.issuers.is_empty()
+    }
+}
+
 impl Validator<'_> {
     pub(super) fn addr(&mut self, s: &Option<Spanned<String>>) -> Option<SocketAddr> {
         let s = s.as_ref()?;
@@ -33,15 +59,22 @@ impl Validator<'_> {
     }
 
     pub(super) fn config(&mut self, path: &Path, f: FileConfig) -> Config {
-        let listen_span = f.listen.span();
-        let l = f.listen.into_inner();
-        let listen = Listen { https: self.addr(&l.https), http: self.addr(&l.http), admin: self.addr(&l.admin) };
-        if l.https.is_none() && l.http.is_none() {
-            self.error(listen_span, "[listen] needs `https` or `http`");
+        // A [listen] that failed to deserialize has its problem reported already (missing, or what is wrong in it).
+        let mut listen = Listen { https: None, http: None, admin: None };
+        let mut https_span = None;
+        if let Some(l) = f.listen {
+            let listen_span = l.span();
+            let l = l.into_inner();
+            listen = Listen { https: self.addr(&l.https), http: self.addr(&l.http), admin: self.addr(&l.admin) };
+            if l.https.is_none() && l.http.is_none() {
+                self.error(listen_span, "[listen] needs `https` or `http`");
+            }
+            https_span = l.https.as_ref().map(Spanned::span);
         }
         let tls = f.tls.map(|t| self.tls(t));
-        if let (Some(https), None) = (&l.https, &tls) {
-            self.error(https.span(), "`listen.https` needs a [tls] section");
+        // A [tls] that failed to deserialize is reported already.
+        if let (Some(span), None, false) = (https_span, &tls, f.failed.tls) {
+            self.error(span, "`listen.https` needs a [tls] section");
         }
         let d = |v: Option<DurationValue>, default: u64| v.map_or(Duration::from_secs(default), |d| d.0);
         let max_header_bytes = f.limits.max_header_bytes.map_or(32 * 1024, |s| s.0);
@@ -67,6 +100,7 @@ impl Validator<'_> {
             }
         }
         let mut upstreams = BTreeMap::new();
+        let upstream_names: HashSet<String> = f.upstreams.keys().cloned().chain(f.failed.upstreams).collect();
         for (name, u) in f.upstreams {
             if let Some(u) = self.upstream(&name, u) {
                 upstreams.insert(name, u);
@@ -109,7 +143,13 @@ impl Validator<'_> {
             Some(i) => Arc::new(self.identity(i)),
             None => Arc::default(),
         };
-        let token_endpoint = f.token_endpoint.and_then(|t| self.token_endpoint(t, &mut issuers, limits.header_read_timeout));
+        let declared = Declared {
+            upstreams: upstream_names,
+            any_upstream: f.failed.all_upstreams,
+            issuers: issuer_ids.into_iter().chain(f.failed.issuers).collect(),
+            any_issuer: f.failed.unnamed_issuer,
+        };
+        let token_endpoint = f.token_endpoint.and_then(|t| self.token_endpoint(t, &mut issuers, &declared, limits.header_read_timeout));
         let global_limit = f.rate_limit.global.as_ref().and_then(|l| self.limit(l, true));
         let ipv6_prefix = f.rate_limit.ipv6_prefix.as_ref().map_or(64, |p| *p.get_ref());
         if let Some(p) = f.rate_limit.ipv6_prefix.as_ref().filter(|p| *p.get_ref() > 128) {
@@ -136,7 +176,7 @@ impl Validator<'_> {
             },
         };
         self.default_cookie = f.auth.token_cookie.clone();
-        let routes = self.routes(f.routes, &upstreams, &issuer_ids, f.routing.case_insensitive);
+        let routes = self.routes(f.routes, &upstreams, &declared, f.routing.case_insensitive);
         if let Some(w) = f.server.worker_threads.as_ref().filter(|w| *w.get_ref() == 0) {
             self.error(w.span(), "`server.worker_threads` must be at least 1");
         }

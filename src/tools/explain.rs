@@ -21,8 +21,12 @@ use crate::router::normalize_path;
 /// What a request carries for the explanation.
 pub enum Credentials {
     None,
-    /// Claims taken as verified (a policy question, not a token question).
-    Claims(Map<String, Value>),
+    /// Claims taken as verified (a policy question, not a token question). `issuer` is the id of the issuer they
+    /// are from, for claims without `iss`; without either, they are decided under each issuer the route accepts.
+    Claims {
+        claims: Map<String, Value>,
+        issuer: Option<String>,
+    },
     /// A token, verified with the issuers' keys.
     Token(String),
 }
@@ -36,6 +40,8 @@ pub struct Decision {
     pub upstream: Option<String>,
     /// The reasoning, one step a line.
     pub lines: Vec<String>,
+    /// The issuer (id) claims without `iss` were decided under.
+    pub issuer: Option<String>,
 }
 
 fn refuse(e: GatewayError, route: Option<String>, mut lines: Vec<String>) -> Decision {
@@ -46,17 +52,44 @@ fn refuse(e: GatewayError, route: Option<String>, mut lines: Vec<String>) -> Dec
         rsp.status().as_u16(),
         www.as_deref().map(|w| format!("(WWW-Authenticate: {w})")).unwrap_or_default()
     ));
-    Decision { status: rsp.status().as_u16(), www_authenticate: www, route, upstream: None, lines }
+    Decision { status: rsp.status().as_u16(), www_authenticate: www, route, upstream: None, lines, issuer: None }
 }
 
-/// Explains how the gateway would answer `method path` with the given credentials.
-pub async fn explain(config: &Config, method: &Method, raw_path: &str, creds: Credentials) -> Decision {
+/// The lines of one or more decisions. Several (claims without `iss`, decided under each issuer the route accepts)
+/// share their first steps, printed once; each step after that names the issuer it was decided under.
+pub fn render(decisions: &[Decision]) -> Vec<String> {
+    let [first, rest @ ..] = decisions else { return Vec::new() };
+    if rest.is_empty() {
+        return first.lines.clone();
+    }
+    let shared = rest.iter().map(|d| first.lines.iter().zip(&d.lines).take_while(|(a, b)| a == b).count()).min().unwrap_or(0);
+    let mut out = first.lines[..shared].to_vec();
+    for d in decisions {
+        let who = d.issuer.as_deref().map_or_else(|| "-".to_string(), |i| format!("{i:?}"));
+        out.extend(d.lines[shared..].iter().map(|l| format!("[issuer {who}] {l}")));
+    }
+    out
+}
+
+/// Explains how the gateway would answer `method path` with the given credentials: one decision, or, for claims
+/// without `iss` and no issuer named, one per issuer the matched route accepts (never a guess at one of them).
+/// An error is a question that cannot be answered as asked (an issuer that does not exist, or that `iss` contradicts).
+pub async fn explain(config: &Config, method: &Method, raw_path: &str, creds: Credentials) -> Result<Vec<Decision>, String> {
+    if let Credentials::Claims { claims, issuer: Some(id) } = &creds {
+        let Some(named) = config.issuers.iter().find(|i| i.id == *id) else {
+            let ids: Vec<&str> = config.issuers.iter().map(|i| i.id.as_str()).collect();
+            return Err(format!("no issuer {id:?} in the config (issuers: {ids:?})"));
+        };
+        if let Some(iss) = claims.get("iss").and_then(Value::as_str).filter(|iss| *iss != named.issuer) {
+            return Err(format!("the claims' iss {iss:?} is not issuer {id:?}'s ({:?})", named.issuer));
+        }
+    }
     let mut lines = Vec::new();
     let path = match normalize_path(raw_path.split('?').next().unwrap_or(raw_path)) {
         Ok(p) => p.into_owned(),
         Err(e) => {
             lines.push(format!("path {raw_path:?} is refused: {e}"));
-            return refuse(GatewayError::Route(e), None, lines);
+            return Ok(vec![refuse(GatewayError::Route(e), None, lines)]);
         }
     };
     lines.push(format!("normalised path: {path}"));
@@ -75,23 +108,37 @@ pub async fn explain(config: &Config, method: &Method, raw_path: &str, creds: Cr
         Ok(m) => m,
         Err(e) => {
             let e = GatewayError::Route(e);
-            return refuse(e, None, lines);
+            return Ok(vec![refuse(e, None, lines)]);
         }
     };
     let route = matched.route;
     let name = Some(route.name.clone());
-    lines.push(format!("auth = {:?}", route.policy.auth));
+    lines.push(format!("auth = {:?}", route.policy.auth.as_str()));
     let principal: Option<Principal> = match (&creds, route.policy.auth) {
         (_, AuthMode::Public) => None,
         (Credentials::None, AuthMode::Optional) => {
             lines.push("no token: anonymous".into());
             None
         }
-        (Credentials::None, AuthMode::Required) => return refuse(GatewayError::Auth(crate::auth::AuthError::Missing), name, lines),
-        (Credentials::Claims(c), _) => match principal_from_claims(config, c) {
-            Ok(p) => Some(p),
-            Err(e) => return refuse(e, name, lines),
-        },
+        (Credentials::None, AuthMode::Required) => {
+            return Ok(vec![refuse(GatewayError::Auth(crate::auth::AuthError::Missing), name, lines)]);
+        }
+        (Credentials::Claims { claims, issuer }, _) => {
+            let under = match claims_issuers(config, route, claims, issuer.as_deref(), &mut lines) {
+                Ok(under) => under,
+                Err(e) => return Ok(vec![refuse(e, name, lines)]),
+            };
+            let mut decisions = Vec::new();
+            for issuer in under {
+                let mut claims = claims.clone();
+                claims.entry("iss").or_insert_with(|| issuer.issuer.clone().into());
+                let p = principal_from(issuer, claims);
+                let mut d = decide(lines.clone(), Some(p), &matched, &path);
+                d.issuer = Some(issuer.id.clone());
+                decisions.push(d);
+            }
+            return Ok(decisions);
+        }
         (Credentials::Token(t), _) => match verify_token(config, t).await {
             Ok(p) => {
                 lines.push("token verified".into());
@@ -99,20 +146,27 @@ pub async fn explain(config: &Config, method: &Method, raw_path: &str, creds: Cr
             }
             Err(e) => {
                 lines.push(format!("token refused: {e}"));
-                return refuse(e, name, lines);
+                return Ok(vec![refuse(e, name, lines)]);
             }
         },
     };
+    Ok(vec![decide(lines, principal, &matched, &path)])
+}
+
+/// The rules and the decision for one principal (or none) on the matched route.
+fn decide(mut lines: Vec<String>, principal: Option<Principal>, matched: &crate::router::RouteMatch<'_>, path: &str) -> Decision {
+    let route = matched.route;
+    let name = Some(route.name.clone());
     if let Some(p) = &principal {
         lines.push(format!("principal: sub={:?} issuer={:?} roles={:?} scopes={:?}", p.subject, p.issuer_id, p.roles, p.scopes));
-        explain_rules(&mut lines, p, &matched);
+        explain_rules(&mut lines, p, matched);
     }
     if let Err(e) = authorize(principal.as_ref(), &route.policy, |n| matched.param(n)) {
         return refuse(GatewayError::Authz(e), name, lines);
     }
-    let upstream_path = route.upstream_path(&path).to_string();
+    let upstream_path = route.upstream_path(path).to_string();
     lines.push(format!("decision: forward to upstream {:?} as {upstream_path}", route.upstream));
-    Decision { status: 200, www_authenticate: None, route: name, upstream: Some(route.upstream.clone()), lines }
+    Decision { status: 200, www_authenticate: None, route: name, upstream: Some(route.upstream.clone()), lines, issuer: None }
 }
 
 fn explain_rules(lines: &mut Vec<String>, p: &Principal, m: &crate::router::RouteMatch<'_>) {
@@ -147,17 +201,46 @@ fn explain_rules(lines: &mut Vec<String>, p: &Principal, m: &crate::router::Rout
     }
 }
 
-fn principal_from_claims(config: &Config, claims: &Map<String, Value>) -> Result<Principal, GatewayError> {
+/// The issuers claims are decided under: the one their `iss` names, else the one asked for, else every issuer the
+/// route accepts (saying so when that is one). A token carries its issuer; claims without `iss` do not, and picking
+/// one of several would decide a question nobody asked.
+fn claims_issuers<'c>(
+    config: &'c Config,
+    route: &crate::router::Route,
+    claims: &Map<String, Value>,
+    asked: Option<&str>,
+    lines: &mut Vec<String>,
+) -> Result<Vec<&'c crate::auth::IssuerSettings>, GatewayError> {
     let invalid = |d: &str| {
         GatewayError::Auth(crate::auth::AuthError::InvalidToken { reason: crate::auth::FailReason::Issuer, detail: d.to_string() })
     };
-    let issuer = match claims.get("iss").and_then(Value::as_str) {
-        Some(iss) => config.issuers.iter().find(|i| i.issuer == iss).ok_or_else(|| invalid("unknown issuer"))?,
-        None => config.issuers.first().ok_or_else(|| invalid("no issuers configured"))?,
-    };
-    let mut claims = claims.clone();
-    claims.entry("iss").or_insert_with(|| issuer.issuer.clone().into());
-    Ok(principal_from(issuer, claims))
+    if let Some(iss) = claims.get("iss").and_then(Value::as_str) {
+        return config.issuers.iter().find(|i| i.issuer == iss).map(|i| vec![i]).ok_or_else(|| invalid("unknown issuer"));
+    }
+    if let Some(id) = asked {
+        lines.push(format!("claims have no iss: decided as issuer {id:?}'s, as asked"));
+        return Ok(config.issuers.iter().filter(|i| i.id == id).collect());
+    }
+    let accepted: Vec<_> = config.issuers.iter().filter(|i| route.policy.issuers.as_ref().is_none_or(|ids| ids.contains(&i.id))).collect();
+    match accepted.as_slice() {
+        [] => Err(invalid("no issuers configured")),
+        [one] => {
+            lines.push(format!(
+                "claims have no iss: decided as issuer {:?}'s ({}), the one issuer route {:?} accepts",
+                one.id, one.issuer, route.name
+            ));
+            Ok(accepted)
+        }
+        several => {
+            let ids: Vec<&str> = several.iter().map(|i| i.id.as_str()).collect();
+            lines.push(format!(
+                "claims have no iss: route {:?} accepts {} issuers {ids:?}; decided under each (name one to decide under it alone)",
+                route.name,
+                several.len()
+            ));
+            Ok(accepted)
+        }
+    }
 }
 
 async fn verify_token(config: &Config, token: &str) -> Result<Principal, GatewayError> {
@@ -191,6 +274,8 @@ pub struct Case {
     pub method: String,
     pub path: String,
     pub claims: Option<Map<String, Value>>,
+    /// The issuer (id) claims without `iss` are from; required when the route accepts several.
+    pub issuer: Option<String>,
     pub token: Option<String>,
     pub expect: u16,
 }
@@ -213,9 +298,12 @@ pub fn load_cases(path: &Path) -> Result<Vec<Case>, String> {
 pub fn case_request(case: &Case) -> Result<(Method, Credentials), String> {
     let method =
         Method::from_bytes(case.method.to_ascii_uppercase().as_bytes()).map_err(|_| format!("case {:?}: bad method", case.name))?;
+    if case.issuer.is_some() && case.claims.is_none() {
+        return Err(format!("case {:?}: `issuer` says where claims are from: give it with `claims`", case.name));
+    }
     let creds = match (&case.claims, &case.token) {
         (Some(_), Some(_)) => return Err(format!("case {:?}: give claims or token, not both", case.name)),
-        (Some(c), None) => Credentials::Claims(c.clone()),
+        (Some(c), None) => Credentials::Claims { claims: c.clone(), issuer: case.issuer.clone() },
         (None, Some(t)) => Credentials::Token(t.clone()),
         (None, None) => Credentials::None,
     };
@@ -233,7 +321,26 @@ pub async fn run_cases(config: &Arc<Config>, cases: &[Case]) -> (Vec<String>, bo
                 out.push(format!("FAIL {e}"));
             }
             Ok((method, creds)) => {
-                let d = explain(config, &method, &case.path, creds).await;
+                let decisions = match explain(config, &method, &case.path, creds).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        all = false;
+                        out.push(format!("FAIL {}: {e}", case.name));
+                        continue;
+                    }
+                };
+                // Decided under several issuers: the case does not say which one it tests, and passing under one
+                // while failing under another would test nothing in particular.
+                let [d] = decisions.as_slice() else {
+                    all = false;
+                    let ids: Vec<&str> = decisions.iter().filter_map(|d| d.issuer.as_deref()).collect();
+                    out.push(format!(
+                        "FAIL {} ({} {}): its claims have no iss and the route accepts issuers {ids:?}: name one with `issuer = \"…\"` \
+                         (or set iss)",
+                        case.name, case.method, case.path
+                    ));
+                    continue;
+                };
                 if d.status == case.expect {
                     out.push(format!("pass {} ({} {} -> {})", case.name, case.method, case.path, d.status));
                 } else {
