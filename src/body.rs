@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::edge::headers_request::IdentitySettings;
 use crate::h1::deadline::Stall;
@@ -117,10 +118,11 @@ impl http_body::Body for RequestBody {
 pub enum Body {
     Empty,
     Full(Option<Bytes>),
-    /// An upstream response read by hyper's client, cut if a wait for more of it exceeds its [`Stall`] bound.
-    Stream(Incoming, Stall),
-    /// An upstream response read by the lean HTTP/1.1 client.
-    Upstream(crate::h1::answer::ResponseBody),
+    /// An upstream response read by hyper's client, cut if a wait for more of it exceeds its [`Stall`] bound. The
+    /// permit is the exchange's place in the upstream's `max_connections`, held until the body ends.
+    Stream(Incoming, Stall, OwnedSemaphorePermit),
+    /// An upstream response read by the lean HTTP/1.1 client, with its place in `max_connections`.
+    Upstream(crate::h1::answer::ResponseBody, OwnedSemaphorePermit),
     /// A client's request body with the bytes it may still send; the stream fails (and the upstream request
     /// is aborted) once it grows past the limit. Its trailers lose what `identity` and the gateway own.
     Limited {
@@ -164,7 +166,7 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             // An answer from hyper's client: its trailers lose what the lean client's lose too.
-            Body::Stream(inner, stall) => match Pin::new(inner).poll_frame(cx) {
+            Body::Stream(inner, stall, _) => match Pin::new(inner).poll_frame(cx) {
                 Poll::Pending if stall.expired(cx) => {
                     tracing::warn!(after = ?stall.after(), "an upstream's response body stalled; the stream is cut");
                     Poll::Ready(Some(Err(BodyError::Stalled(stall.after()))))
@@ -175,7 +177,7 @@ impl http_body::Body for Body {
                     Poll::Ready(frame).map_err(BodyError::from).map_ok(upstream_frame)
                 }
             },
-            Body::Upstream(inner) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
+            Body::Upstream(inner, _) => Pin::new(inner).poll_frame(cx).map_err(BodyError::from),
             Body::Limited { inner, remaining, identity, progress } => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
                 if let Some(p) = progress {
@@ -210,9 +212,9 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
-            Body::Stream(inner, _) => inner.is_end_stream(),
+            Body::Stream(inner, _, _) => inner.is_end_stream(),
             Body::Limited { inner, .. } => inner.is_end_stream(),
-            Body::Upstream(inner) => inner.is_end_stream(),
+            Body::Upstream(inner, _) => inner.is_end_stream(),
         }
     }
 
@@ -220,9 +222,9 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Stream(inner, _) => inner.size_hint(),
+            Body::Stream(inner, _, _) => inner.size_hint(),
             Body::Limited { inner, .. } => inner.size_hint(),
-            Body::Upstream(inner) => inner.size_hint(),
+            Body::Upstream(inner, _) => inner.size_hint(),
         }
     }
 }

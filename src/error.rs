@@ -42,7 +42,8 @@ impl GatewayError {
                 | RouteError::NotUtf8
                 | RouteError::DoubleEncoded
                 | RouteError::LowercaseMethod(_)
-                | RouteError::BadHost(_) => StatusCode::BAD_REQUEST,
+                | RouteError::BadHost(_)
+                | RouteError::BadScheme => StatusCode::BAD_REQUEST,
                 RouteError::NotFound => StatusCode::NOT_FOUND,
                 RouteError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
                 RouteError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
@@ -68,6 +69,7 @@ impl GatewayError {
                 ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
                 ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
                 ProxyError::Uri(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                ProxyError::Saturated { .. } => StatusCode::SERVICE_UNAVAILABLE,
             },
             GatewayError::Token(e) => match e {
                 TokenError::InvalidRequest(_) | TokenError::UnsupportedGrantType | TokenError::InvalidGrant | TokenError::InvalidScope => {
@@ -111,6 +113,7 @@ impl GatewayError {
                 ProxyError::Connect { .. } | ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade | ProxyError::BadStatus { .. },
             ) => ("bad_gateway", None),
             GatewayError::Proxy(ProxyError::Uri(_)) => ("internal_error", None),
+            GatewayError::Proxy(ProxyError::Saturated { .. }) => ("upstream_busy", None),
             GatewayError::Token(TokenError::InvalidClient) => ("invalid_client", Some("Basic realm=\"portcullis\"".to_string())),
             GatewayError::Token(e) => (e.code(), None),
         }
@@ -133,6 +136,9 @@ impl GatewayError {
                 h.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
             GatewayError::Token(TokenError::Busy) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            GatewayError::Proxy(ProxyError::Saturated { .. }) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             // The refresh loop retries a keyless issuer within seconds.

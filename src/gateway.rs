@@ -5,6 +5,7 @@
 //! global limit -> route -> authenticate -> authorize -> route limit -> forward -> finish.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,12 +35,15 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The peer's address as an `X-Forwarded-For` value, rendered once per connection.
     pub peer_ip: HeaderValue,
+    /// The requests its client address has in flight, over all its connections and streams (None: a trusted
+    /// proxy, not limited).
+    pub client_in_flight: Option<Arc<AtomicUsize>>,
 }
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ConnInfo { peer, tls, peer_ip }
+        ConnInfo { peer, tls, peer_ip, client_in_flight: None }
     }
 }
 
@@ -61,6 +65,16 @@ struct Context<'r> {
     client: IpAddr,
     request_id: &'r HeaderValue,
     fwd: Forwarding<'r>,
+    client_in_flight: Option<&'r AtomicUsize>,
+}
+
+/// A request's place among its client's requests in flight, given back when the request is answered.
+struct InFlight<'c>(&'c AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a request did, for the answer's headers, the metrics and the access log.
@@ -251,7 +265,7 @@ impl Gateway {
         let unread_closes = req.version() < Version::HTTP_2 && has_body(&req);
         let mut outcome = Outcome { http1_body: unread_closes, ..Outcome::default() };
         let fwd = Forwarding { peer: conn.peer, peer_ip: &conn.peer_ip, tls: conn.tls, from_trusted_proxy: trusted };
-        let cx = Context { uri: &uri, client, request_id: &request_id, fwd };
+        let cx = Context { uri: &uri, client, request_id: &request_id, fwd, client_in_flight: conn.client_in_flight.as_deref() };
         let result = self.handle_inner(req, &cx, &mut outcome).await;
         let mut rsp = match result {
             Ok(rsp) => rsp,
@@ -318,7 +332,8 @@ impl Gateway {
         cx: &Context<'_>,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Body>, GatewayError> {
-        let host = request_host(req.headers(), cx.uri.authority(), req.version())?;
+        let _in_flight = self.admit_client(cx.client_in_flight, outcome)?;
+        let host = request_host(req.headers(), cx.uri, req.version())?;
         self.check_global_limit(cx.client, outcome)?;
         let path = normalize_path(cx.uri.path())?;
         if let Some(te) = self.token_endpoint.as_ref().filter(|te| te.serves(&path)) {
@@ -335,6 +350,24 @@ impl Gateway {
         self.check_route_limit(route, cx.client, auth.principal.as_deref(), outcome)?;
         let outbound = self.prepare_upstream(req, route, &path, host, &auth, cx)?;
         self.forward(route, outbound, outcome).await
+    }
+
+    /// The client's requests in flight (all its connections and HTTP/2 streams): one client cannot make the
+    /// gateway hold upstream connections without bound by opening streams.
+    fn admit_client<'c>(
+        &self,
+        in_flight: Option<&'c AtomicUsize>,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Option<InFlight<'c>>, GatewayError> {
+        let Some(count) = in_flight else { return Ok(None) };
+        let max = self.config.limits.max_requests_per_client;
+        let place = InFlight(count);
+        if count.fetch_add(1, Ordering::Relaxed) >= max {
+            outcome.rate_limited = true;
+            let limit = u32::try_from(max).unwrap_or(u32::MAX);
+            return Err(GatewayError::RateLimited { key: "client_concurrency", retry_after_secs: 1, limit });
+        }
+        Ok(Some(place))
     }
 
     /// The global limit, before any parsing or signature check, so a flood of bad tokens costs almost nothing.

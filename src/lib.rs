@@ -128,6 +128,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         tls: resolver,
         reloading: Default::default(),
         per_client: Default::default(),
+        protocol_errors_unreported: Default::default(),
+        protocol_errors_reported_at: Default::default(),
         started: config.clone(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -184,4 +186,9 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

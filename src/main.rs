@@ -117,7 +117,10 @@ fn main() -> ExitCode {
 
 /// Logs are buffered and written by a background thread, so a request never waits on stderr.
 fn init_logging(format: LogFormat, level: &str) -> portcullis::logging::BufferedStderr {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // h2 warns once per misbehaving connection: a flood of them would be a log flood. The gateway counts those
+    // connections and reports them at most once a minute instead (RUST_LOG can still ask for h2's own lines).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},h2=error")));
     let writer = portcullis::logging::BufferedStderr::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

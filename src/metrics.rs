@@ -27,6 +27,7 @@ pub struct Metrics {
     pub connections_active: IntGaugeVec,
     pub tls_handshake_failures: IntCounter,
     pub connections_refused: IntCounter,
+    pub http2_protocol_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: IntGauge,
 }
@@ -105,6 +106,12 @@ impl Metrics {
             connections_refused: counter(
                 "portcullis_connections_refused_total",
                 "Connections closed at accept: their client held max_connections_per_client already.",
+            ),
+            http2_protocol_errors: counter_vec(
+                &r,
+                "portcullis_http2_protocol_errors_total",
+                "HTTP/2 connections closed for a protocol error or a flood (rapid reset, CONTINUATION, SETTINGS), by reason.",
+                &["reason"],
             ),
             config_reloads: counter_vec(&r, "portcullis_config_reloads_total", "Config loads and reloads by result.", &["result"]),
             config_last_reload_success: last,

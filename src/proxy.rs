@@ -56,6 +56,9 @@ pub enum ProxyError {
     BadStatus { upstream: String, status: u16 },
     #[error("cannot build the upstream URI: {0}")]
     Uri(#[from] http::Error),
+    /// Every place in the upstream's `max_connections` stayed taken for `queue_timeout`.
+    #[error("upstream {upstream}: all max_connections in use for {waited:?}")]
+    Saturated { upstream: String, waited: Duration },
 }
 
 impl ProxyError {
@@ -66,6 +69,7 @@ impl ProxyError {
             ProxyError::Connect { .. } => Some("connect"),
             ProxyError::Timeout { .. } => Some("timeout"),
             ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade | ProxyError::BadStatus { .. } => Some("reset"),
+            ProxyError::Saturated { .. } => Some("saturated"),
             ProxyError::BodyTooLarge | ProxyError::ClientBody(_) | ProxyError::ClientTimeout(_) | ProxyError::Uri(_) => None,
         }
     }
@@ -82,6 +86,10 @@ pub struct UpstreamSettings {
     pub preserve_host: bool,
     /// PEM CA certificates trusted for this https upstream, beside the system roots.
     pub ca: Option<CaFile>,
+    /// Requests in flight to this upstream (each holds one connection until its answer's body ends).
+    pub max_connections: usize,
+    /// How long a request waits for one of those places before it is answered 503.
+    pub queue_timeout: Duration,
 }
 
 /// A CA file as read at load: its contents are part of the settings, so a reload after the file changed in place
@@ -98,6 +106,9 @@ pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Body>,
     /// The lean client, for plain-http upstreams.
     pub lean: Option<client::Client>,
+    /// Places for requests in flight (`max_connections`): an exchange holds one until its answer's body ends, so
+    /// no client (an HTTP/2 connection's streams included) can make the gateway open connections without bound.
+    places: Arc<tokio::sync::Semaphore>,
 }
 
 impl Upstream {
@@ -114,13 +125,14 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
+            .pool_max_idle_per_host(settings.max_connections.min(1024))
             .set_host(true)
             .build(connector);
         let lean = (settings.scheme == http::uri::Scheme::HTTP)
             .then(|| client::Client::new(&settings.authority, settings.connect_timeout))
             .flatten();
-        Upstream { settings, client, lean }
+        let places = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+        Upstream { settings, client, lean, places }
     }
 }
 
@@ -205,6 +217,13 @@ pub struct Outbound<'a> {
 /// `sent`), with the upstream's own fields still in the lines of its head where the own HTTP/1 client read it.
 /// Bodiless requests to http upstreams take that client; bodies, upgrades and https take hyper's pooled one.
 pub async fn forward(up: &Upstream, mut out: Outbound<'_>, sent: Instant) -> Result<(Response<Body>, AnswerFields), ProxyError> {
+    let place = match up.places.clone().try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => match tokio::time::timeout(up.settings.queue_timeout, up.places.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => return Err(ProxyError::Saturated { upstream: up.settings.name.clone(), waited: up.settings.queue_timeout }),
+        },
+    };
     let lean = up.lean.as_ref().filter(|_| {
         // CONNECT: a 2xx answer turns the upstream connection into a tunnel, never back into HTTP.
         !out.upgrading
@@ -223,7 +242,7 @@ pub async fn forward(up: &Upstream, mut out: Outbound<'_>, sent: Instant) -> Res
             answer_rules: out.answer_rules,
         };
         return match lean.send(&head, up.settings.timeout, sent).await {
-            Ok((rsp, fields)) => Ok((rsp.map(Body::Upstream), fields)),
+            Ok((rsp, fields)) => Ok((rsp.map(|b| Body::Upstream(b, place)), fields)),
             Err(e) => Err(lean_error(up, e)),
         };
     }
@@ -245,7 +264,7 @@ pub async fn forward(up: &Upstream, mut out: Outbound<'_>, sent: Instant) -> Res
     };
     let mut up_req = Request::from_parts(parts, body);
     rewrite_uri(&mut up_req, &up.settings, path, query.as_deref(), host)?;
-    let mut rsp = forward_hyper(up, up_req, progress.as_deref()).await?;
+    let mut rsp = forward_hyper(up, up_req, progress.as_deref(), place).await?;
     let upgraded = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if upgraded {
         match client_upgrade {
@@ -261,7 +280,12 @@ pub async fn forward(up: &Upstream, mut out: Outbound<'_>, sent: Instant) -> Res
 /// Sends the request over hyper's pooled client and waits for the response head, bounded by the upstream's
 /// `timeout`: counted from the start for a bodiless request, and for one with a body (`progress`) from when the
 /// body last moved, so an upload slower than `timeout` is not cut while it keeps coming.
-async fn forward_hyper(up: &Upstream, req: Request<Body>, progress: Option<&Progress>) -> Result<Response<Body>, ProxyError> {
+async fn forward_hyper(
+    up: &Upstream,
+    req: Request<Body>,
+    progress: Option<&Progress>,
+    place: tokio::sync::OwnedSemaphorePermit,
+) -> Result<Response<Body>, ProxyError> {
     let name = &up.settings.name;
     let timeout = up.settings.timeout;
     let answered = match progress {
@@ -287,7 +311,7 @@ async fn forward_hyper(up: &Upstream, req: Request<Body>, progress: Option<&Prog
         Some(Ok(rsp)) if rsp.status().as_u16() >= 600 => {
             Err(ProxyError::BadStatus { upstream: name.clone(), status: rsp.status().as_u16() })
         }
-        Some(Ok(rsp)) => Ok(rsp.map(|b| Body::Stream(b, crate::h1::deadline::Stall::new(up.settings.timeout)))),
+        Some(Ok(rsp)) => Ok(rsp.map(|b| Body::Stream(b, crate::h1::deadline::Stall::new(up.settings.timeout), place))),
         Some(Err(e)) if e.is_connect() => Err(ProxyError::Connect { upstream: name.clone(), source: e.into() }),
         Some(Err(e)) => {
             // A failure of the request body hyper was sending is the gateway's own body type, under hyper's error.

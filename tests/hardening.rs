@@ -299,3 +299,147 @@ async fn tokens_are_accepted_in_one_spelling_only_and_jwe_parameters_are_refused
     })
     .await;
 }
+
+/// An upstream that accepts connections, counts them, reads what comes and never answers.
+async fn sink_upstream() -> (std::net::SocketAddr, tokio::sync::watch::Receiver<usize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            tx.send_modify(|n| *n += 1);
+            held.push(tokio::spawn(async move {
+                let mut tcp = tcp;
+                let mut buf = [0u8; 4096];
+                while tokio::io::AsyncReadExt::read(&mut tcp, &mut buf).await.is_ok_and(|n| n > 0) {}
+            }));
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_cannot_make_the_gateway_hold_upstream_connections_without_bound() {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    bounded(async {
+        let up = spawn_upstream().await;
+        let (sink, accepted) = sink_upstream().await;
+        let cfg = ConfigBuilder::new(&up)
+            .section("[limits]\nmax_requests_per_client = 16\ndrain_timeout = \"1s\"\n")
+            .section(&format!(
+                "[upstreams.sink]\nurl = \"http://{sink}\"\nmax_connections = 8\nqueue_timeout = \"300ms\"\ntimeout = \"60s\""
+            ))
+            .route_to("sink", "upload", "/upload/*", "auth = \"public\"")
+            .route("rest", "/*", "auth = \"public\"")
+            .build();
+        let gw = spawn_gateway(&cfg).await;
+        let addr = gw.http.unwrap();
+
+        // The attack's shape: 4 HTTP/2 connections with 30 uploading streams each whose bodies never end.
+        let mut senders = Vec::new();
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (h2, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            for _ in 0..30 {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Frame<bytes::Bytes>, std::convert::Infallible>>();
+                tx.send(Ok(Frame::data(bytes::Bytes::from_static(b"part of an upload that never ends")))).unwrap();
+                senders.push(tx);
+                let frames = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+                let req = http::Request::post(format!("http://{addr}/upload/x")).body(StreamBody::new(Box::pin(frames))).unwrap();
+                let mut h2 = h2.clone();
+                answers.push(tokio::spawn(async move {
+                    h2.ready().await.ok()?;
+                    h2.send_request(req).await.ok().map(|r| r.status().as_u16())
+                }));
+            }
+        }
+        // Every stream over the client's 16 is refused at once; of those 16, the upstream's 8 places are held and
+        // the other 8 wait their 300 ms and get 503.
+        let mut statuses = std::collections::BTreeMap::new();
+        let mut pending = 0;
+        let settled = tokio::time::Instant::now() + Duration::from_secs(3);
+        for a in answers {
+            match tokio::time::timeout_at(settled, a).await {
+                Ok(Ok(Some(status))) => *statuses.entry(status).or_insert(0) += 1,
+                Ok(_) => panic!("a stream failed without an answer"),
+                Err(_) => pending += 1,
+            }
+        }
+        assert_eq!(statuses.get(&429), Some(&104), "{statuses:?}");
+        assert_eq!(statuses.get(&503), Some(&8), "{statuses:?}");
+        assert_eq!(pending, 8, "the streams holding the upstream's places");
+        assert!(*accepted.borrow() <= 8, "the gateway opened {} connections to the upstream", *accepted.borrow());
+
+        // Meanwhile another client is served at once.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut other = socket.connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut other, b"GET /ok HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut rsp = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_to_end(&mut other, &mut rsp)).await.unwrap().unwrap();
+        assert!(rsp.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&rsp));
+
+        let c = client(&gw);
+        let m = metrics(&c, &gw).await;
+        assert_eq!(metric(&m, "portcullis_rate_limited_total", &[("key", "client_concurrency"), ("route", "-")]), Some(104.0), "{m}");
+        assert_eq!(metric(&m, "portcullis_upstream_errors_total", &[("kind", "saturated"), ("upstream", "sink")]), Some(8.0), "{m}");
+        drop(senders);
+        gw.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn http2_protocol_errors_get_goaway_and_are_counted_and_odd_schemes_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded(async {
+        let up = spawn_upstream().await;
+        let gw = spawn_gateway(&public_config(&up, "")).await;
+        const GOAWAY_PROTOCOL_ERROR: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let read_all = |mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>| async move {
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+            out
+        };
+
+        // A connection that chose h2 and then sends no preface: the server's SETTINGS, then GOAWAY(PROTOCOL_ERROR).
+        let mut tls = gateway_tls(&gw, &[b"h2"]).await;
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n").await.unwrap();
+        let got = read_all(tls).await;
+        assert!(got.windows(17).any(|w| w == GOAWAY_PROTOCOL_ERROR), "{got:?}");
+
+        // A right preface, then a HEADERS frame on stream 0 (a connection error): GOAWAY, and counted.
+        for _ in 0..3 {
+            let mut tls = gateway_tls(&gw, &[b"h2"]).await;
+            tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+            tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+            tls.write_all(&[0, 0, 0, 1, 5, 0, 0, 0, 0]).await.unwrap();
+            let got = read_all(tls).await;
+            assert!(got.windows(17).any(|w| w[3] == 7 && w[13..] == [0, 0, 0, 1]), "{got:?}");
+        }
+        let c = client(&gw);
+        let m = metrics(&c, &gw).await;
+        assert_eq!(metric(&m, "portcullis_http2_protocol_errors_total", &[("reason", "PROTOCOL_ERROR")]), Some(4.0), "{m}");
+
+        // `:scheme` is http or https; anything else is refused before the upstream.
+        let tcp = tokio::net::TcpStream::connect(gw.http.unwrap()).await.unwrap();
+        let (mut h2, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(conn);
+        for (scheme, want) in [("ftp", 400), ("javascript", 400), ("http", 200)] {
+            let before = up.hits();
+            let req = http::Request::get(format!("{scheme}://api.test/x")).body(empty()).unwrap();
+            let status = h2.send_request(req).await.map(|r| r.status().as_u16());
+            assert_eq!(status.ok(), Some(want), "{scheme}");
+            assert_eq!(up.hits(), before + usize::from(want == 200), "{scheme}");
+        }
+        gw.stop().await;
+    })
+    .await;
+}

@@ -242,6 +242,8 @@ pub(super) struct LimitsFile {
     pub(super) idle_timeout: Option<Spanned<DurationValue>>,
     pub(super) max_connections: Option<Spanned<usize>>,
     pub(super) max_connections_per_client: Option<Spanned<usize>>,
+    pub(super) max_requests_per_client: Option<Spanned<usize>>,
+    pub(super) max_concurrent_streams: Option<Spanned<u32>>,
     pub(super) drain_timeout: Option<DurationValue>,
 }
 
@@ -261,6 +263,8 @@ pub(super) struct UpstreamFile {
     #[serde(default = "yes")]
     pub(super) preserve_host: bool,
     pub(super) ca_file: Option<PathBuf>,
+    pub(super) max_connections: Option<Spanned<usize>>,
+    pub(super) queue_timeout: Option<DurationValue>,
 }
 
 fn yes() -> bool {

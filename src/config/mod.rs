@@ -113,6 +113,11 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     /// Connections one client address (IPv6: its `ipv6_prefix`) may hold; trusted proxies are not counted.
     pub max_connections_per_client: usize,
+    /// Requests one client address may have in flight across all its connections and HTTP/2 streams (trusted
+    /// proxies are not counted); more are 429.
+    pub max_requests_per_client: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
     pub drain_timeout: Duration,
 }
 

@@ -87,6 +87,8 @@ impl Validator<'_> {
             idle: IdleBounds { keep_alive: idle, connection: idle, send_stall: idle },
             max_connections: lf.max_connections.as_ref().map_or(10_000, |n| *n.get_ref()),
             max_connections_per_client: lf.max_connections_per_client.as_ref().map_or(1_000, |n| *n.get_ref()),
+            max_requests_per_client: lf.max_requests_per_client.as_ref().map_or(256, |n| *n.get_ref()),
+            max_concurrent_streams: lf.max_concurrent_streams.as_ref().map_or(128, |n| *n.get_ref()),
             drain_timeout: d(lf.drain_timeout, 30),
         };
         for (name, d) in [("idle_timeout", &lf.idle_timeout), ("header_read_timeout", &lf.header_read_timeout)] {
@@ -94,7 +96,13 @@ impl Validator<'_> {
                 self.error(d.span(), format!("`limits.{name}` must be more than 0"));
             }
         }
-        for (name, n) in [("max_connections_per_client", &lf.max_connections_per_client), ("max_connections", &lf.max_connections)] {
+        let streams = lf.max_concurrent_streams.as_ref().map(|s| Spanned::new(s.span(), usize::try_from(*s.get_ref()).unwrap_or(1)));
+        for (name, n) in [
+            ("max_connections_per_client", &lf.max_connections_per_client),
+            ("max_connections", &lf.max_connections),
+            ("max_requests_per_client", &lf.max_requests_per_client),
+            ("max_concurrent_streams", &streams),
+        ] {
             if let Some(n) = n.as_ref().filter(|n| *n.get_ref() == 0) {
                 self.error(n.span(), format!("`limits.{name}` must be at least 1"));
             }
@@ -265,6 +273,15 @@ impl Validator<'_> {
                     timeout: u.timeout.map_or(Duration::from_secs(30), |d| d.0),
                     preserve_host: u.preserve_host,
                     ca,
+                    max_connections: match u.max_connections.as_ref() {
+                        Some(n) if *n.get_ref() == 0 => {
+                            self.error(n.span(), format!("upstream {name:?}: max_connections must be at least 1"));
+                            1
+                        }
+                        Some(n) => *n.get_ref(),
+                        None => 1024,
+                    },
+                    queue_timeout: u.queue_timeout.map_or(Duration::from_secs(2), |d| d.0),
                 })
             }
             _ => {

@@ -37,6 +37,8 @@ pub enum RouteError {
     MethodNotAllowed { allow: HeaderValue },
     #[error("bad Host: {0}")]
     BadHost(&'static str),
+    #[error("the request's scheme is neither http nor https")]
+    BadScheme,
     /// CONNECT, or TRACE on a route that does not list it.
     #[error("method {0} is not proxied")]
     NotImplemented(Method),

@@ -23,11 +23,13 @@ static HOST_BYTES: [bool; 256] = {
 /// request needs exactly one `Host`, of `host[:port]` syntax (no path, query or userinfo an upstream could read a
 /// different origin from); on HTTP/2 a `host` beside `:authority` must name the same. The target's authority
 /// (absolute-form, or `:authority`) wins over `Host`.
-pub fn request_host(
-    headers: &http::HeaderMap,
-    authority: Option<&http::uri::Authority>,
-    version: http::Version,
-) -> Result<Option<HeaderValue>, RouteError> {
+pub fn request_host(headers: &http::HeaderMap, target: &http::Uri, version: http::Version) -> Result<Option<HeaderValue>, RouteError> {
+    // HTTP/2's `:scheme` (or an absolute-form target's): only what this gateway serves, so an upstream that builds
+    // URLs or decides on it never reads another one the client chose.
+    if target.scheme().is_some_and(|s| s != &http::uri::Scheme::HTTP && s != &http::uri::Scheme::HTTPS) {
+        return Err(RouteError::BadScheme);
+    }
+    let authority = target.authority();
     let mut hosts = headers.get_all(http::header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {

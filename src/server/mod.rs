@@ -10,7 +10,7 @@ pub mod tls;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,38 +43,49 @@ pub struct Shared {
     pub reloading: tokio::sync::Mutex<()>,
     /// Open public connections per client address, for `max_connections_per_client`.
     pub per_client: Arc<PerClient>,
+    /// HTTP/2 protocol errors not yet reported in the log, and when the last report was (Unix seconds).
+    pub protocol_errors_unreported: std::sync::atomic::AtomicU64,
+    pub protocol_errors_reported_at: std::sync::atomic::AtomicU64,
     /// The config the gateway started with: what is bound and sized at start, which a reload compares against
     /// (not against the last reload's config, which would warn about a pending restart only once).
     pub started: Arc<crate::config::Config>,
 }
 
 /// Open connections per client address (IPv6 by its prefix), so that one client cannot hold every
-/// `max_connections` place. Touched once per connection, never per request.
+/// `max_connections` place, and the counter of its requests in flight. The map is touched once per connection,
+/// never per request; a request touches only its client's counter.
 #[derive(Default)]
-pub struct PerClient(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+pub struct PerClient(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, ClientEntry>>);
+
+#[derive(Default)]
+struct ClientEntry {
+    connections: usize,
+    in_flight: Arc<AtomicUsize>,
+}
 
 /// One counted connection; dropped with it.
 pub struct ClientSlot(Arc<PerClient>, std::net::IpAddr);
 
 impl PerClient {
-    /// Counts a connection from `ip` unless it holds `max` already.
-    fn admit(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<ClientSlot> {
+    /// Counts a connection from `ip` unless it holds `max` already; returns its slot and its client's
+    /// requests-in-flight counter.
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<(ClientSlot, Arc<AtomicUsize>)> {
         let mut open = self.0.lock().ok()?;
-        let n = open.entry(ip).or_default();
-        if *n >= max {
+        let entry = open.entry(ip).or_default();
+        if entry.connections >= max {
             return None;
         }
-        *n += 1;
-        Some(ClientSlot(self.clone(), ip))
+        entry.connections += 1;
+        Some((ClientSlot(self.clone(), ip), entry.in_flight.clone()))
     }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         if let Ok(mut open) = self.0 .0.lock() {
-            if let Some(n) = open.get_mut(&self.1) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(e) = open.get_mut(&self.1) {
+                e.connections -= 1;
+                if e.connections == 0 {
                     open.remove(&self.1);
                 }
             }
@@ -96,7 +107,7 @@ pub fn http_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
+        .max_concurrent_streams(limits.max_concurrent_streams)
         .max_pending_accept_reset_streams(Some(64))
         .max_local_error_reset_streams(Some(256))
         .keep_alive_interval(Some(limits.idle.connection))
@@ -134,15 +145,15 @@ pub async fn accept_loop(
                 }
             },
         };
-        let client_slot = {
+        let (client_slot, client_in_flight) = {
             let gateway = shared.gateway.load();
             let config = &gateway.config;
             if crate::edge::client_addr::is_trusted(&config.trusted_proxies, peer.ip()) {
-                None
+                (None, None)
             } else {
                 let ip = crate::edge::client_addr::mask(peer.ip(), config.ipv6_prefix);
                 match shared.per_client.admit(ip, config.limits.max_connections_per_client) {
-                    Some(slot) => Some(slot),
+                    Some((slot, in_flight)) => (Some(slot), Some(in_flight)),
                     None => {
                         shared.metrics.connections_refused.inc();
                         tracing::debug!(%peer, "connection refused: its client is at max_connections_per_client");
@@ -160,7 +171,7 @@ pub async fn accept_loop(
         tokio::spawn(async move {
             let open = OpenConnection::new(shared.metrics.connections_active.with_label_values(&[label]));
             let tcp = Held { io: tcp, _places: (permit, client_slot, open) };
-            let info = |tls| ConnInfo::new(peer, tls);
+            let info = |tls| ConnInfo { client_in_flight: client_in_flight.clone(), ..ConnInfo::new(peer, tls) };
             match tls {
                 None => serve(tcp, info(false), shared, &builder, watcher, shutdown, false).await,
                 Some((acceptor, timeout)) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -207,7 +218,16 @@ async fn serve<I>(
             Ended::Closed => return,
             Ended::HandOver { io, read, deadline, served } => (io, read, deadline, true, served),
         },
-        true => (io, Bytes::new(), crate::h1::deadline::deadline_after(limits.header_read_timeout), false, false),
+        true => {
+            let by = crate::h1::deadline::deadline_after(limits.header_read_timeout);
+            match read_h2_preface(io, by).await {
+                Some((io, read)) => (io, read, by, false, false),
+                None => {
+                    shared.metrics.http2_protocol_errors.with_label_values(&["PROTOCOL_ERROR"]).inc();
+                    return;
+                }
+            }
+        }
     };
     // Boxed: hyper's connection state is only paid for by connections that reach it.
     if from_h1 && shared.is_draining() {
@@ -388,18 +408,66 @@ async fn serve_hyper<I>(
     let state = Arc::new(ConnState::default());
     let io = TokioIo::new(HeaderDeadline::new(io, read, state.clone(), limits.header_read_timeout, first_head_by, limits.idle.send_stall));
     let peer = info.peer;
-    let service = gateway_service(info, shared, state.clone());
+    let service = gateway_service(info, shared.clone(), state.clone());
     // hyper-util's `http1_only` does nothing for a connection served with upgrades: hyper's own HTTP/1 server.
     let result = if http1_only {
         let conn = http1_builder(&limits, true).serve_connection(io, service).with_upgrades();
         until_closed(conn, |c| c.graceful_shutdown(), &state, (watcher, shutdown), limits.idle.connection).await.map_err(|e| e.to_string())
     } else {
         let conn = builder.serve_connection_with_upgrades(io, service);
-        until_closed(conn, |c| c.graceful_shutdown(), &state, (watcher, shutdown), limits.idle.connection).await.map_err(|e| e.to_string())
+        let result = until_closed(conn, |c| c.graceful_shutdown(), &state, (watcher, shutdown), limits.idle.connection).await;
+        if let Some(reason) = result.as_ref().err().and_then(|e| h2_reason(e.as_ref())).filter(|r| *r != h2::Reason::NO_ERROR) {
+            shared.protocol_error(reason);
+        }
+        result.map_err(|e| e.to_string())
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
+}
+
+/// The client connection preface of HTTP/2 (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads the preface of a connection that chose `h2` by ALPN. A wrong one is a connection error of type
+/// PROTOCOL_ERROR (§3.4): answered with the server's preface and GOAWAY(PROTOCOL_ERROR), then closed (h2spec
+/// 3.5). Returns the bytes read, for hyper, when the preface is right; None when the connection is done.
+async fn read_h2_preface<I: AsyncRead + AsyncWrite + Unpin>(mut io: I, by: tokio::time::Instant) -> Option<(I, Bytes)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut read = Vec::with_capacity(H2_PREFACE.len());
+    let mut chunk = [0u8; 64];
+    while read.len() < H2_PREFACE.len() {
+        let n = match tokio::time::timeout_at(by, io.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        read.extend_from_slice(&chunk[..n]);
+        let seen = read.len().min(H2_PREFACE.len());
+        if read[..seen] != H2_PREFACE[..seen] {
+            // SETTINGS (empty), then GOAWAY: last stream 0, error code PROTOCOL_ERROR (1).
+            let frames =
+                [[0u8, 0, 0, 4, 0, 0, 0, 0, 0].as_slice(), [0u8, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1].as_slice()].concat();
+            let _ = tokio::time::timeout_at(by, async {
+                let _ = io.write_all(&frames).await;
+                let _ = io.shutdown().await;
+            })
+            .await;
+            return None;
+        }
+    }
+    Some((io, Bytes::from(read)))
+}
+
+/// The HTTP/2 error a connection ended with, if it was one of the protocol's (a flood, a protocol violation).
+fn h2_reason(e: &(dyn std::error::Error + 'static)) -> Option<h2::Reason> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason();
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// Drives a hyper connection to its end, closing it gracefully (GOAWAY on HTTP/2) when the drain begins or when
@@ -490,6 +558,23 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 impl Shared {
+    /// Counts an HTTP/2 connection closed for a protocol error or a flood, and says so in the log at most once a
+    /// minute (a flood of such connections must not become a flood of log lines).
+    fn protocol_error(&self, reason: h2::Reason) {
+        self.metrics.http2_protocol_errors.with_label_values(&[&format!("{reason:?}")]).inc();
+        let unreported = self.protocol_errors_unreported.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = crate::unix_now_secs();
+        let last = self.protocol_errors_reported_at.load(Ordering::Relaxed);
+        if now >= last + 60 && self.protocol_errors_reported_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            self.protocol_errors_unreported.fetch_sub(unreported, Ordering::Relaxed);
+            tracing::warn!(
+                connections = unreported,
+                last_reason = %reason,
+                "HTTP/2 connections closed for protocol errors or floods since the last report (portcullis_http2_protocol_errors_total)"
+            );
+        }
+    }
+
     /// Returns true once draining has begun.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)

@@ -62,9 +62,10 @@ async fn try_reload(shared: &Shared) -> Result<(), ReloadError> {
         || o.max_header_bytes != n.max_header_bytes
         || o.idle != n.idle
         || o.drain_timeout != n.drain_timeout
+        || o.max_concurrent_streams != n.max_concurrent_streams
     {
         tracing::warn!(
-            "limits.max_connections, max_header_bytes, idle_timeout and drain_timeout changed: they apply at start, \
+            "limits.max_connections, max_header_bytes, idle_timeout, max_concurrent_streams and drain_timeout changed: they apply at start, \
              restart to change them (the rest of the configuration is reloaded)"
         );
     }
