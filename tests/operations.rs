@@ -34,29 +34,17 @@ const RELOAD_WITHIN: Duration = Duration::from_secs(1);
 // ------------------------------------------------------------------------------------------------------------
 // Metrics after a mix of outcomes, and promtool.
 
-/// Runs `promtool check metrics` on `text`. Without promtool the test fails, unless PORTCULLIS_SKIP_PROMTOOL=1.
+/// Runs `promtool check metrics` on `text`. Without promtool the check is skipped, unless PORTCULLIS_REQUIRE_ALL=1.
 fn promtool_check(text: &str) {
     use std::io::Write;
-    let child = std::process::Command::new("promtool")
+    let Some(promtool) = require_tool(&["promtool"], "prometheus") else { return };
+    let mut child = std::process::Command::new(promtool)
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if std::env::var("PORTCULLIS_SKIP_PROMTOOL").as_deref() == Ok("1") {
-                eprintln!("promtool not installed: skipping `promtool check metrics` (PORTCULLIS_SKIP_PROMTOOL=1)");
-                return;
-            }
-            panic!(
-                "promtool is not installed, so the /metrics output cannot be checked. Install the Debian package \
-                 `prometheus` (apt-get install prometheus), or set PORTCULLIS_SKIP_PROMTOOL=1 to skip this check."
-            );
-        }
-        Err(e) => panic!("cannot run promtool: {e}"),
-    };
+        .spawn()
+        .expect("promtool runs");
     child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
