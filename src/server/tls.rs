@@ -125,7 +125,7 @@ const CIPHER_SUITES: &[rustls::SupportedCipherSuite] = {
     ]
 };
 
-/// Builds the server config: TLS 1.2+ (or 1.3 only), the AEAD suites of [`CIPHER_SUITES`] in the server's order,
+/// Builds the server config: TLS 1.2+ (or 1.3 only), the AEAD suites of `CIPHER_SUITES` in the server's order,
 /// ALPN h2 then http/1.1, no early data.
 pub fn server_config(s: &TlsSettings, resolver: Arc<CertResolver>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider =
