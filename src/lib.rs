@@ -60,7 +60,8 @@ pub struct RunningGateway {
 }
 
 impl RunningGateway {
-    /// Begins a graceful shutdown: listeners close at once, `readyz` turns 503, in-flight requests finish.
+    /// Begins a graceful shutdown: the public listeners close at once, `readyz` turns 503, in-flight requests
+    /// finish. The admin listener keeps serving until the drain has ended.
     pub fn begin_shutdown(&self) {
         self.shared.draining.store(true, Ordering::Release);
         let _ = self.shutdown.send(true);
@@ -160,14 +161,13 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             }
         });
     }
-    let admin_task = admin.map(|l| tokio::spawn(server::admin_loop(l, shared.clone(), shutdown_rx.clone())));
+    // The admin listener stops after the drain, not with the public ones: probes are answered throughout it.
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
+    let admin_task = admin.map(|l| tokio::spawn(server::admin_loop(l, shared.clone(), admin_stop_rx)));
     let drain_timeout = config.limits.drain_timeout;
     let done = tokio::spawn(async move {
         for l in loops {
             let _ = l.await;
-        }
-        if let Some(a) = admin_task {
-            let _ = a.await;
         }
         // Every accept loop has ended, so this is the last reference and every connection is being watched.
         match Arc::try_unwrap(graceful) {
@@ -179,6 +179,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             Err(_) => {
                 tracing::warn!("graceful shutdown handle still shared; not waiting for drain")
             }
+        }
+        let _ = admin_stop.send(true);
+        if let Some(a) = admin_task {
+            let _ = a.await;
         }
     });
     Ok(RunningGateway { https: https_addr, http: http_addr, admin: admin_addr, shared, shutdown: shutdown_tx, done })

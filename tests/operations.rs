@@ -34,29 +34,17 @@ const RELOAD_WITHIN: Duration = Duration::from_secs(1);
 // ------------------------------------------------------------------------------------------------------------
 // Metrics after a mix of outcomes, and promtool.
 
-/// Runs `promtool check metrics` on `text`. Without promtool the test fails, unless PORTCULLIS_SKIP_PROMTOOL=1.
+/// Runs `promtool check metrics` on `text`. Without promtool the check is skipped, unless PORTCULLIS_REQUIRE_ALL=1.
 fn promtool_check(text: &str) {
     use std::io::Write;
-    let child = std::process::Command::new("promtool")
+    let Some(promtool) = require_tool(&["promtool"], "prometheus") else { return };
+    let mut child = std::process::Command::new(promtool)
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if std::env::var("PORTCULLIS_SKIP_PROMTOOL").as_deref() == Ok("1") {
-                eprintln!("promtool not installed: skipping `promtool check metrics` (PORTCULLIS_SKIP_PROMTOOL=1)");
-                return;
-            }
-            panic!(
-                "promtool is not installed, so the /metrics output cannot be checked. Install the Debian package \
-                 `prometheus` (apt-get install prometheus), or set PORTCULLIS_SKIP_PROMTOOL=1 to skip this check."
-            );
-        }
-        Err(e) => panic!("cannot run promtool: {e}"),
-    };
+        .spawn()
+        .expect("promtool runs");
     child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -457,7 +445,7 @@ async fn admin_get(conn: &mut hyper::client::conn::http1::SendRequest<Full<Bytes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readyz_follows_issuer_keys_and_drain_while_healthz_stays_200() {
+async fn readyz_follows_issuer_keys_while_healthz_stays_200() {
     bounded_by(LONG_TEST_BOUND, async {
         let up = spawn_upstream().await;
         let idp = JwksServer::start().await;
@@ -496,18 +484,92 @@ async fn readyz_follows_issuer_keys_and_drain_while_healthz_stays_200() {
         let a = get(&c, &gw.https_url("/users/me"), Some(&token)).await;
         assert_eq!(a.status, 200, "keys lost on reload: {}", a.text());
         assert_eq!(up.hits(), hits + 1);
+        // (What a drain does to them: `new_probe_connections_are_served_throughout_a_drain_and_refused_after_it`.)
+        tokio::time::timeout(Duration::from_secs(30), gw.stop()).await.expect("drain ends");
+    })
+    .await;
+}
 
-        // Drain: readyz turns 503 at once (on a connection opened before), healthz stays 200.
-        // One connection to the admin listener, kept open (so it outlives the listener during the drain).
-        let mut admin = h1_connection(gw.admin.unwrap()).await;
-        assert_eq!(admin_get(&mut admin, "/readyz").await.0, 200);
-        gw.gw.as_ref().unwrap().begin_shutdown();
-        let (status, body) = admin_get(&mut admin, "/readyz").await;
+/// GET `path` on a new connection to the admin listener (as a kubelet probes): the status and the whole answer.
+async fn probe_new_connection(admin: SocketAddr, path: &str) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(admin)
+        .await
+        .unwrap_or_else(|e| panic!("a new connection to the admin listener for {path} was refused: {e}"));
+    http1_over(&mut tcp, path).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_probe_connections_are_served_throughout_a_drain_and_refused_after_it() {
+    bounded(async {
+        let held = HeldUpstream::start().await;
+        let mut gw = spawn_gateway(&public_config(&held.upstream(), "")).await;
+        let (http, admin) = (gw.http.unwrap(), gw.admin.unwrap());
+        let c = client(&gw);
+        let url = gw.http_url("/held");
+        let in_flight = tokio::spawn(async move { get(&c, &url, None).await });
+        // The drain lasts as long as this request, which lasts until the upstream is released.
+        held.wait_arrived(1).await;
+        // Admin connections from before the drain: one that probes through it, one idle that must not outlive it.
+        let mut kept = h1_connection(admin).await;
+        assert_eq!(admin_get(&mut kept, "/readyz").await.0, 200);
+        let mut idle_admin = tokio::net::TcpStream::connect(admin).await.unwrap();
+
+        let running = gw.gw.take().expect("running gateway");
+        running.begin_shutdown();
+        // readyz turns 503 at once on the connection opened before; healthz stays 200.
+        let (status, body) = admin_get(&mut kept, "/readyz").await;
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("draining"), "{body}");
-        let (status, _) = admin_get(&mut admin, "/healthz").await;
-        assert_eq!(status, 200);
-        tokio::time::timeout(Duration::from_secs(30), gw.stop()).await.expect("drain ends");
+        assert_eq!(admin_get(&mut kept, "/healthz").await.0, 200);
+        // The drain is under way once the public listener refuses.
+        until_refused(http).await;
+        for round in 0..3 {
+            let (status, text) = probe_new_connection(admin, "/healthz").await;
+            assert_eq!(status, 200, "round {round}: /healthz during the drain: {text}");
+            let (status, text) = probe_new_connection(admin, "/readyz").await;
+            assert_eq!(status, 503, "round {round}: /readyz during the drain: {text}");
+            assert!(text.contains("draining"), "{text}");
+            let (status, text) = probe_new_connection(admin, "/metrics").await;
+            assert_eq!(status, 200, "round {round}: /metrics during the drain: {text}");
+            assert!(text.contains("portcullis_build_info"), "{text}");
+        }
+        assert!(!in_flight.is_finished(), "the drain ended before the held request was answered");
+
+        held.release();
+        let a = tokio::time::timeout(BOUND, in_flight).await.expect("answered once released").unwrap();
+        assert_eq!((a.status.as_u16(), a.text().as_str()), (200, "released"));
+        tokio::time::timeout(BOUND, running.wait()).await.expect("the drain ends with its last request");
+        // Once the drain has ended the admin listener is closed, and so is the admin connection left open.
+        let refused = tokio::net::TcpStream::connect(admin).await;
+        assert!(refused.is_err(), "the admin listener still accepts after the drain ended");
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(BOUND, idle_admin.read(&mut buf)).await.expect("the idle admin connection is closed");
+        assert!(matches!(read, Ok(0) | Err(_)), "the idle admin connection answered after the drain: {read:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_closes_when_the_drain_timeout_passes() {
+    bounded(async {
+        let held = HeldUpstream::start().await;
+        let mut gw = spawn_gateway(&public_config(&held.upstream(), "[limits]\ndrain_timeout = \"1s\"\n")).await;
+        let admin = gw.admin.unwrap();
+        let c = client(&gw);
+        let url = gw.http_url("/held");
+        let in_flight = tokio::spawn(async move { get(&c, &url, None).await });
+        held.wait_arrived(1).await;
+
+        let running = gw.gw.take().expect("running gateway");
+        let t = Instant::now();
+        running.begin_shutdown();
+        let (status, text) = probe_new_connection(admin, "/healthz").await;
+        assert_eq!(status, 200, "{text}");
+        // The held request never ends: the drain ends at its timeout, and the admin listener with it.
+        tokio::time::timeout(BOUND, running.wait()).await.expect("the drain ends at drain_timeout");
+        assert!(t.elapsed() >= Duration::from_secs(1), "the drain ended before its timeout with a request in flight");
+        assert!(tokio::net::TcpStream::connect(admin).await.is_err(), "the admin listener still accepts after the drain timed out");
+        in_flight.abort();
     })
     .await;
 }

@@ -509,23 +509,36 @@ async fn until_closed<C: Future>(
     result
 }
 
-/// Serves the admin listener (health and metrics) until shutdown.
-pub async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+/// How long the admin connections still open when the admin listener closes may take to finish their answer.
+const ADMIN_CLOSE: Duration = Duration::from_secs(2);
+
+/// Serves the admin listener (health and metrics) until `stop`, which comes when the drain has ended, not when it
+/// begins: a kubelet whose liveness probe is refused mid-drain kills the pod, and one whose readiness probe is
+/// refused learns less than from `/readyz`'s 503. Admin connections are not counted in the drain.
+pub async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let open = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (tcp, _peer) = tokio::select! {
-            _ = shutdown.changed() => break,
+            // The Ref is dropped inside: it is not Send.
+            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
             r = listener.accept() => match r { Ok(x) => x, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue } },
         };
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(crate::server::admin::handle(&shared, req)) }
-            });
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
-            let _ = b.serve_connection(TokioIo::new(tcp), service).await;
+        let service = service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(crate::server::admin::handle(&shared, req)) }
         });
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+        let conn = open.watch(b.serve_connection(TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    // The process is about to exit: idle admin connections close now, one being answered once answered.
+    if tokio::time::timeout(ADMIN_CLOSE, open.shutdown()).await.is_err() {
+        tracing::debug!("admin connections still open after the admin listener closed");
     }
 }
 

@@ -107,9 +107,29 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
-/// Builds the server config: TLS 1.2+ (or 1.3 only), aws-lc-rs AEAD suites, ALPN h2 then http/1.1, no early data.
+/// The suites offered, in the server's order of preference: AEAD and forward secret only (TLS 1.3, and ECDHE on
+/// TLS 1.2), strongest first. Listed rather than taken from the provider's defaults, so that a rustls upgrade
+/// cannot add a suite or change the order unseen.
+const CIPHER_SUITES: &[rustls::SupportedCipherSuite] = {
+    use rustls::crypto::aws_lc_rs::cipher_suite::*;
+    &[
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ]
+};
+
+/// Builds the server config: TLS 1.2+ (or 1.3 only), the AEAD suites of `CIPHER_SUITES` in the server's order,
+/// ALPN h2 then http/1.1, no early data.
 pub fn server_config(s: &TlsSettings, resolver: Arc<CertResolver>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider =
+        Arc::new(rustls::crypto::CryptoProvider { cipher_suites: CIPHER_SUITES.to_vec(), ..rustls::crypto::aws_lc_rs::default_provider() });
     let versions: &[&rustls::SupportedProtocolVersion] = match s.min_version {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::V1_3 => &[&rustls::version::TLS13],
@@ -121,6 +141,9 @@ pub fn server_config(s: &TlsSettings, resolver: Arc<CertResolver>) -> Result<Arc
         .with_cert_resolver(resolver);
     // http/1.0 last: an HTTP/1.0 client that names it (curl -0) is served, not refused with no_application_protocol.
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
+    // The server's order decides, not the client's: a client that lists a weaker suite first still gets the
+    // strongest both support (scanners rate following the client's order as a finding).
+    cfg.ignore_client_order = true;
     // 0-RTT data is replayable; an auth gateway never accepts it.
     cfg.max_early_data_size = 0;
     cfg.send_half_rtt_data = false;

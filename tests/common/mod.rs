@@ -7,6 +7,7 @@
 //! - `keys`: keys, tokens and JWKs made here with real crypto, and a ready-made test issuer.
 //! - `net`: raw sockets, for what a well-behaved client library cannot send, and addresses for odd peers.
 //! - `mutate`: seeded mutations, for the randomised tests.
+//! - `tools`: external programs (promtool, testssl.sh), skipped or required by PORTCULLIS_REQUIRE_ALL.
 //!
 //! Every test binary compiles all of this and uses some of it, hence the allowances.
 #![allow(dead_code, unused_imports)]
@@ -17,6 +18,7 @@ mod gateway;
 mod keys;
 mod mutate;
 mod net;
+mod tools;
 mod upstream;
 
 use std::future::Future;
@@ -29,6 +31,7 @@ pub use keys::*;
 pub use mutate::*;
 pub use net::*;
 pub use portcullis::Config;
+pub use tools::*;
 pub use upstream::*;
 
 /// Upper bound for anything a test waits on: a hang becomes a failure, not a stuck suite.

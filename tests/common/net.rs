@@ -80,3 +80,18 @@ impl Relay {
         self.target.set(to).expect("the relay already forwards elsewhere");
     }
 }
+
+/// Waits until connecting to `addr` is refused: its listener has closed. (A connection the kernel accepted just
+/// before the listener closed may still succeed; it is dropped and the next attempt made.)
+pub async fn until_refused(addr: SocketAddr) {
+    loop {
+        match TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            // Reset: the listener closed during this very handshake; the next attempt tells.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("connect to {addr}: unexpected error {e}"),
+            Ok(s) => drop(s),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

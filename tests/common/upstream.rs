@@ -281,3 +281,57 @@ pub async fn tls_upstream() -> (SocketAddr, String, Arc<AtomicU64>) {
     });
     (addr, ca_pem, hits)
 }
+
+/// An upstream that holds every answer until the test releases it: a request that stays in flight for exactly as
+/// long as a test needs (a drain kept going, a connection kept busy), with no timing guess.
+pub struct HeldUpstream {
+    pub addr: SocketAddr,
+    arrived: watch::Sender<usize>,
+    release: watch::Sender<bool>,
+}
+
+impl HeldUpstream {
+    /// Starts it on 127.0.0.1:0. Every request is answered 200 "released" once [`HeldUpstream::release`] is called.
+    pub async fn start() -> HeldUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (arrived, release) = (watch::Sender::new(0usize), watch::Sender::new(false));
+        let (count, released) = (arrived.clone(), release.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (count, released) = (count.clone(), released.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req: Request<Incoming>| {
+                        count.send_modify(|n| *n += 1);
+                        let mut released = released.subscribe();
+                        async move {
+                            let _ = released.wait_for(|r| *r).await;
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"released"))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+                });
+            }
+        });
+        HeldUpstream { addr, arrived, release }
+    }
+
+    /// Waits until `n` requests in all have arrived (and are being held), within [`BOUND`].
+    pub async fn wait_arrived(&self, n: usize) {
+        let mut rx = self.arrived.subscribe();
+        tokio::time::timeout(BOUND, rx.wait_for(|c| *c >= n))
+            .await
+            .unwrap_or_else(|_| panic!("the held upstream received {} requests, not {n}, within {BOUND:?}", *self.arrived.borrow()))
+            .unwrap();
+    }
+
+    /// Answers every held request, and every later one at once.
+    pub fn release(&self) {
+        self.release.send_replace(true);
+    }
+
+    /// The upstream for a gateway config.
+    pub fn upstream(&self) -> Upstream {
+        Upstream::at(self.addr)
+    }
+}
