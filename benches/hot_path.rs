@@ -166,9 +166,7 @@ fn bench_headers(c: &mut Criterion) {
             let mut h = base.clone();
             headers_request::strip_forged(&mut h, &identity);
             let rid = headers_request::new_request_id();
-            headers_request::prepare_upstream(&mut h, &fwd, Some(&host), &rid, None, &identity, false)
-                .expect("no principal")
-                .insert_into(&mut h);
+            headers_request::prepare_upstream(&mut h, &fwd, Some(&host), &rid, None, &identity, false).insert_into(&mut h);
             h
         })
     });

@@ -1,13 +1,14 @@
 //! The one body type used in both directions, and small constructors for gateway-made answers.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::edge::headers_request::IdentitySettings;
 use crate::h1::deadline::Stall;
@@ -120,9 +121,9 @@ pub enum Body {
     Full(Option<Bytes>),
     /// An upstream response read by hyper's client, cut if a wait for more of it exceeds its [`Stall`] bound. The
     /// permit is the exchange's place in the upstream's `max_connections`, held until the body ends.
-    Stream(Incoming, Stall, OwnedSemaphorePermit),
+    Stream(Incoming, Stall, Place),
     /// An upstream response read by the lean HTTP/1.1 client, with its place in `max_connections`.
-    Upstream(crate::h1::answer::ResponseBody, OwnedSemaphorePermit),
+    Upstream(crate::h1::answer::ResponseBody, Place),
     /// A client's request body with the bytes it may still send; the stream fails (and the upstream request
     /// is aborted) once it grows past the limit. Its trailers lose what `identity` and the gateway own.
     Limited {
@@ -288,5 +289,67 @@ impl Progress {
 impl Default for Progress {
     fn default() -> Self {
         Progress::new()
+    }
+}
+
+/// An upstream's places for exchanges in flight: a counter taken and given back with one atomic operation each
+/// (tokio's semaphore takes a lock on every release), and a wake-up for waiters only when there are any.
+#[derive(Debug)]
+pub struct Places {
+    in_use: AtomicUsize,
+    max: usize,
+    waiting: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+/// One exchange's place, given back when dropped (with the answer's body).
+#[derive(Debug)]
+pub struct Place(Arc<Places>);
+
+impl Places {
+    /// `max` places, all free.
+    pub fn new(max: usize) -> Places {
+        Places { in_use: AtomicUsize::new(0), max, waiting: AtomicUsize::new(0), freed: tokio::sync::Notify::new() }
+    }
+
+    fn try_take(self: &Arc<Self>) -> Option<Place> {
+        if self.in_use.fetch_add(1, Ordering::AcqRel) < self.max {
+            return Some(Place(self.clone()));
+        }
+        self.in_use.fetch_sub(1, Ordering::AcqRel);
+        None
+    }
+
+    /// Takes a place, waiting up to `wait` for one to be given back.
+    pub async fn take(self: &Arc<Self>, wait: Duration) -> Option<Place> {
+        if let Some(p) = self.try_take() {
+            return Some(p);
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let taken = tokio::time::timeout(wait, async {
+            loop {
+                let freed = self.freed.notified();
+                tokio::pin!(freed);
+                // Registered before the second look: a place given back in between wakes this waiter.
+                freed.as_mut().enable();
+                if let Some(p) = self.try_take() {
+                    return p;
+                }
+                freed.await;
+            }
+        })
+        .await
+        .ok();
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        taken
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::AcqRel);
+        if self.0.waiting.load(Ordering::Acquire) > 0 {
+            self.0.freed.notify_one();
+        }
     }
 }

@@ -19,7 +19,7 @@ use crate::body::{Body, RequestBody};
 use crate::config::Config;
 use crate::edge::client_addr::{client_ip, is_trusted};
 use crate::edge::cors;
-use crate::edge::headers_request::{self, Forwarding};
+use crate::edge::headers_request::{self, identity_values, Forwarding};
 use crate::edge::headers_response::{self, Additions, AnswerFields};
 use crate::edge::ratelimit::{reuse_or_new, Limiter};
 use crate::error::GatewayError;
@@ -66,6 +66,13 @@ struct Context<'r> {
     request_id: &'r HeaderValue,
     fwd: Forwarding<'r>,
     client_in_flight: Option<&'r AtomicUsize>,
+}
+
+/// Where a matched request goes: its route, its normalised path and the authority the client addressed.
+struct Target<'r> {
+    route: &'r Route,
+    path: &'r str,
+    host: Option<HeaderValue>,
 }
 
 /// A request's place among its client's requests in flight, given back when the request is answered.
@@ -348,7 +355,8 @@ impl Gateway {
         let auth = self.authenticate(&req, cx.uri, route, outcome).await?;
         authorize(auth.principal.as_deref(), &route.policy, |n| matched.param(n))?;
         self.check_route_limit(route, cx.client, auth.principal.as_deref(), outcome)?;
-        let outbound = self.prepare_upstream(req, route, &path, host, &auth, cx)?;
+        let identity = auth.principal.as_deref().map(|p| identity_values(p, &self.config.identity)).transpose()?;
+        let outbound = self.prepare_upstream(req, Target { route, path: &path, host }, &auth, identity, cx);
         self.forward(route, outbound, outcome).await
     }
 
@@ -438,12 +446,11 @@ impl Gateway {
     fn prepare_upstream<'r>(
         &'r self,
         req: Request<RequestBody>,
-        route: &'r Route,
-        path: &'r str,
-        host: Option<HeaderValue>,
+        Target { route, path, host }: Target<'r>,
         auth: &Authenticated,
+        identity: Option<&[Option<HeaderValue>]>,
         cx: &'r Context<'_>,
-    ) -> Result<Outbound<'r>, GatewayError> {
+    ) -> Outbound<'r> {
         let upgrading = req.version() == Version::HTTP_11 && headers_request::is_upgrade_request(req.headers());
         let (mut parts, body) = req.into_parts();
         // A credential the policy did not decide on never reaches the upstream: `Basic …` or `Token …` on an
@@ -459,7 +466,8 @@ impl Gateway {
         if parts.version == Version::HTTP_2 {
             headers_request::join_cookie_crumbs(&mut parts.headers);
         }
-        if parts.headers.contains_key(header::COOKIE) {
+        // A scan of the few names, not a hash lookup: most requests carry no cookie.
+        if parts.headers.keys().any(|k| k == header::COOKIE) {
             let verified_cookie = route.token_sources.cookie.as_deref().filter(|_| auth.source == Some(TokenSource::Cookie));
             for name in route.token_sources.cookie_names().filter(|n| Some(*n) != verified_cookie) {
                 headers_request::remove_cookie(&mut parts.headers, name);
@@ -470,11 +478,11 @@ impl Gateway {
             &cx.fwd,
             host.as_ref(),
             cx.request_id,
-            auth.principal.as_deref(),
+            identity,
             &self.config.identity,
             upgrading,
-        )?;
-        Ok(Outbound {
+        );
+        Outbound {
             parts,
             body,
             path: route.upstream_path(path),
@@ -485,7 +493,7 @@ impl Gateway {
             answer_rules: route.headers.as_ref().unwrap_or(&self.config.headers),
             max_body: self.config.limits.max_body_bytes,
             identity: &self.config.identity,
-        })
+        }
     }
 
     /// Forwards to the route's upstream, timing the exchange and counting its failures.

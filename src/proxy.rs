@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::auth::extract::{has_param, strip_query_token};
 use crate::auth::TokenSources;
-use crate::body::{Body, Progress, RequestBody};
+use crate::body::{Body, Place, Places, Progress, RequestBody};
 use crate::edge::headers_request::IdentitySettings;
 use crate::edge::headers_request::UpstreamFields;
 use crate::edge::headers_response::{finish_response, AnswerFields, SecureHeaders};
@@ -108,7 +108,7 @@ pub struct Upstream {
     pub lean: Option<client::Client>,
     /// Places for requests in flight (`max_connections`): an exchange holds one until its answer's body ends, so
     /// no client (an HTTP/2 connection's streams included) can make the gateway open connections without bound.
-    places: Arc<tokio::sync::Semaphore>,
+    places: Arc<Places>,
 }
 
 impl Upstream {
@@ -131,7 +131,7 @@ impl Upstream {
         let lean = (settings.scheme == http::uri::Scheme::HTTP)
             .then(|| client::Client::new(&settings.authority, settings.connect_timeout))
             .flatten();
-        let places = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+        let places = Arc::new(Places::new(settings.max_connections));
         Upstream { settings, client, lean, places }
     }
 }
@@ -217,12 +217,8 @@ pub struct Outbound<'a> {
 /// `sent`), with the upstream's own fields still in the lines of its head where the own HTTP/1 client read it.
 /// Bodiless requests to http upstreams take that client; bodies, upgrades and https take hyper's pooled one.
 pub async fn forward(up: &Upstream, mut out: Outbound<'_>, sent: Instant) -> Result<(Response<Body>, AnswerFields), ProxyError> {
-    let place = match up.places.clone().try_acquire_owned() {
-        Ok(p) => p,
-        Err(_) => match tokio::time::timeout(up.settings.queue_timeout, up.places.clone().acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            _ => return Err(ProxyError::Saturated { upstream: up.settings.name.clone(), waited: up.settings.queue_timeout }),
-        },
+    let Some(place) = up.places.take(up.settings.queue_timeout).await else {
+        return Err(ProxyError::Saturated { upstream: up.settings.name.clone(), waited: up.settings.queue_timeout });
     };
     let lean = up.lean.as_ref().filter(|_| {
         // CONNECT: a 2xx answer turns the upstream connection into a tunnel, never back into HTTP.
@@ -280,12 +276,7 @@ pub async fn forward(up: &Upstream, mut out: Outbound<'_>, sent: Instant) -> Res
 /// Sends the request over hyper's pooled client and waits for the response head, bounded by the upstream's
 /// `timeout`: counted from the start for a bodiless request, and for one with a body (`progress`) from when the
 /// body last moved, so an upload slower than `timeout` is not cut while it keeps coming.
-async fn forward_hyper(
-    up: &Upstream,
-    req: Request<Body>,
-    progress: Option<&Progress>,
-    place: tokio::sync::OwnedSemaphorePermit,
-) -> Result<Response<Body>, ProxyError> {
+async fn forward_hyper(up: &Upstream, req: Request<Body>, progress: Option<&Progress>, place: Place) -> Result<Response<Body>, ProxyError> {
     let name = &up.settings.name;
     let timeout = up.settings.timeout;
     let answered = match progress {

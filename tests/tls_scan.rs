@@ -105,7 +105,12 @@ async fn testssl_finds_nothing_of_medium_severity_or_above() {
         };
         let (status, text) = run.await.unwrap();
         eprintln!("testssl took {:?}", started.elapsed());
-        assert!(status.success(), "testssl failed ({status}):\n{text}");
+        // testssl exits non-zero when one of its probes timed out (a busy machine); what it found is in its JSON,
+        // and the checks below make sure the scan ran the checks that matter.
+        assert!(status.success() || json.exists(), "testssl failed ({status}) and wrote nothing:\n{text}");
+        if !status.success() {
+            eprintln!("testssl exited {status}; judging its JSON");
+        }
         let findings: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&json).expect("testssl wrote its JSON")).unwrap();
         let field = |f: &serde_json::Value, k: &str| f[k].as_str().unwrap_or_default().to_string();
         let ids: Vec<String> = findings.iter().map(|f| field(f, "id")).collect();
@@ -133,7 +138,7 @@ fn scan(testssl: &Path, json: &Path, target: &str) -> (std::process::ExitStatus,
         .args(["--kill-after=10", &bound])
         .arg(testssl)
         .args(["--quiet", "--color", "0", "--warnings", "off", "--nodns", "none"])
-        .args(["--connect-timeout", "5", "--openssl-timeout", "5"])
+        .args(["--connect-timeout", "10", "--openssl-timeout", "10"])
         // Protocols, cipher categories, forward secrecy, server preference, certificate and defaults, HTTP
         // headers, vulnerabilities. Left out: client simulations and the one-by-one test of 370 ciphers, which
         // grade nothing the cipher categories and forward secrecy checks do not.

@@ -19,11 +19,10 @@ use crate::auth::{invalid, lookup_claim, AuthError, FailReason, Principal};
 pub struct IdentitySettings {
     pub headers: Vec<(HeaderName, String)>,
     pub forward_authorization: bool,
-    /// Identity headers of other gateways (and `strip_also`), removed from every request: upstreams migrated from
-    /// those gateways trust them.
-    strip: Vec<HeaderName>,
-    /// Bit n: some name of `headers` or `strip` is n bytes long (63: 63 or more).
-    forged_lengths: u64,
+    /// The names of `headers`, and of the identity headers of other gateways (and `strip_also`), removed from every
+    /// request (upstreams migrated from those gateways trust them), by length (63: 63 or more): a request's field is compared only with the
+    /// few of its own length.
+    forged_by_length: Vec<Vec<HeaderName>>,
 }
 
 /// The identity headers other auth gateways set for their upstreams (oauth2-proxy, Authelia, Apache and nginx
@@ -61,8 +60,11 @@ pub const WELL_KNOWN_IDENTITY_HEADERS: [&str; 27] = [
 impl IdentitySettings {
     /// Settings from `[identity]`: `strip` is the well-known list (unless turned off) and `strip_also`.
     pub fn new(headers: Vec<(HeaderName, String)>, forward_authorization: bool, strip: Vec<HeaderName>) -> IdentitySettings {
-        let forged_lengths = headers.iter().map(|(n, _)| n).chain(&strip).fold(0u64, |m, n| m | 1 << n.as_str().len().min(63));
-        IdentitySettings { headers, forward_authorization, strip, forged_lengths }
+        let mut forged_by_length = vec![Vec::new(); 64];
+        for n in headers.iter().map(|(n, _)| n).chain(&strip) {
+            forged_by_length[n.as_str().len().min(63)].push(n.clone());
+        }
+        IdentitySettings { headers, forward_authorization, forged_by_length }
     }
 
     /// The well-known identity headers of other gateways, as header names.
@@ -72,8 +74,7 @@ impl IdentitySettings {
 
     /// True for a name a client might forge identity with (in any separator spelling a server maps alike).
     fn is_forged(&self, k: &str) -> bool {
-        self.forged_lengths & (1 << k.len().min(63)) != 0
-            && (self.headers.iter().any(|(n, _)| loose_eq(k, n.as_str())) || self.strip.iter().any(|n| loose_eq(k, n.as_str())))
+        self.forged_by_length.get(k.len().min(63)).is_some_and(|names| names.iter().any(|n| loose_eq(k, n.as_str())))
     }
 }
 
@@ -378,10 +379,10 @@ pub fn prepare_upstream<'a>(
     fwd: &Forwarding<'_>,
     host: Option<&HeaderValue>,
     request_id: &'a HeaderValue,
-    principal: Option<&Principal>,
+    identity_values: Option<&[Option<HeaderValue>]>,
     identity: &IdentitySettings,
     upgrading: bool,
-) -> Result<UpstreamFields<'a>, AuthError> {
+) -> UpstreamFields<'a> {
     let wants_trailers = strip_hop_by_hop(headers, upgrading);
     if wants_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -410,10 +411,7 @@ pub fn prepare_upstream<'a>(
     if !identity.forward_authorization {
         headers.remove(header::AUTHORIZATION);
     }
-    if let Some(p) = principal {
-        // Rendered once per cached token, not per request.
-        let values = p.identity_values.get_or_init(|| identity.headers.iter().map(|(_, claim)| render_claim(p, claim)).collect());
-        let values = values.as_ref().map_err(|detail| invalid(FailReason::ClaimUnforwardable, detail.clone()))?;
+    if let Some(values) = identity_values {
         for ((name, _), value) in identity.headers.iter().zip(values) {
             match value {
                 Some(v) => {
@@ -425,7 +423,14 @@ pub fn prepare_upstream<'a>(
             }
         }
     }
-    Ok(UpstreamFields { forwarded, request_id })
+    UpstreamFields { forwarded, request_id }
+}
+
+/// The identity header values of a verified principal, rendered once per cached token: Err (401
+/// `claim_unforwardable`) when a claim the upstream is to receive cannot be put in a header as the policy saw it.
+pub fn identity_values<'p>(p: &'p Principal, identity: &IdentitySettings) -> Result<&'p [Option<HeaderValue>], AuthError> {
+    let values = p.identity_values.get_or_init(|| identity.headers.iter().map(|(_, claim)| render_claim(p, claim)).collect());
+    values.as_deref().map_err(|detail| invalid(FailReason::ClaimUnforwardable, detail.clone()))
 }
 
 fn proto(tls: bool) -> HeaderValue {

@@ -267,7 +267,7 @@ mod tests {
         let ip = HeaderValue::from_static("192.0.2.9");
         let fwd = headers_request::Forwarding { peer: "192.0.2.9:1".parse().unwrap(), peer_ip: &ip, tls: false, from_trusted_proxy: false };
         let rid = HeaderValue::from_static("r1");
-        let additions = headers_request::prepare_upstream(&mut h, &fwd, None, &rid, None, &Default::default(), false).unwrap();
+        let additions = headers_request::prepare_upstream(&mut h, &fwd, None, &rid, None, &Default::default(), false);
         let head = Head {
             method: &Method::GET,
             path: "/a/b",
