@@ -193,7 +193,7 @@ impl Config {
         Config::parse(path, text, true)
     }
 
-    fn parse(path: &Path, text: &str, generate: bool) -> Result<Config, ConfigError> {
+    pub(crate) fn parse(path: &Path, text: &str, generate: bool) -> Result<Config, ConfigError> {
         let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
         let file: FileConfig = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));

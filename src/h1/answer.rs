@@ -370,7 +370,7 @@ impl http_body::Body for ResponseBody {
 /// Decodes `Transfer-Encoding: chunked` (RFC 9112 §7.1) strictly: CRLF line ends, bounded lines, no size
 /// overflow.
 #[derive(Debug, Default)]
-enum ChunkedDecoder {
+pub(crate) enum ChunkedDecoder {
     #[default]
     Size,
     Data(u64),
@@ -380,7 +380,7 @@ enum ChunkedDecoder {
 }
 
 #[derive(Debug)]
-enum Step {
+pub(crate) enum Step {
     NeedMore,
     Data(Bytes),
     Trailers(HeaderMap),
@@ -388,7 +388,7 @@ enum Step {
 }
 
 impl ChunkedDecoder {
-    fn decode(&mut self, buf: &mut BytesMut) -> Result<Step, H1Error> {
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Step, H1Error> {
         loop {
             match self {
                 ChunkedDecoder::Size => {
