@@ -630,6 +630,16 @@ mod tests {
     }
 
     #[test]
+    fn fields_named_by_a_connection_value_with_obs_text_are_left_out() {
+        // Found by fuzzing (fuzz target h1_answer): `X-Secret` reached the client.
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: x-secret, cl\xff\xffose\r\nX-Secret: s\r\nX-Kept: k\r\nContent-Length: 0\r\n\r\n";
+        let (_, h, _, _) = complete(raw);
+        let mut names = h.keys().map(|k| k.as_str()).collect::<Vec<_>>();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-kept"]);
+    }
+
+    #[test]
     fn response_framing_follows_rfc_9112() {
         let (s, h, f, r) = complete(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\n");
         assert_eq!((s, f, r), (StatusCode::OK, Framing::Length(5), true));
