@@ -16,6 +16,7 @@ use crate::h1::client::H1Error;
 use crate::token_endpoint::TokenError;
 
 /// What the client side's HTTP/1 codec made of the bytes at the front of its read buffer.
+#[allow(clippy::large_enum_variant)] // one per fuzz input, taken apart at once
 pub enum RequestHead {
     /// Served by the own codec: the request, what it asked of the connection, and how many bytes its head took.
     Ours { request: Request<()>, close: bool, head: bool, trailers: bool, consumed: usize },
