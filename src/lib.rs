@@ -14,6 +14,8 @@ pub mod body;
 pub mod config;
 pub mod edge;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod h1;
 pub mod logging;

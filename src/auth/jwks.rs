@@ -278,16 +278,7 @@ impl KeySet {
             JwksSource::Url(u) => u.clone(),
             JwksSource::Discovery(u) => {
                 let (doc, _) = self.get_json(client, u).await?;
-                let iss = doc.get("issuer").and_then(|v| v.as_str()).unwrap_or_default();
-                if iss != self.issuer {
-                    return Err(JwksError::Discovery(format!("issuer {iss:?} does not match the configured {:?}", self.issuer)));
-                }
-                let uri = doc.get("jwks_uri").and_then(|v| v.as_str()).ok_or_else(|| JwksError::Discovery("no jwks_uri".into()))?;
-                let uri: http::Uri = uri.parse().map_err(|_| JwksError::Discovery(format!("bad jwks_uri {uri:?}")))?;
-                if !allowed_fetch_uri(&uri) {
-                    return Err(JwksError::Discovery(format!("jwks_uri {uri} must be https (http only to loopback)")));
-                }
-                uri
+                discovered_jwks_uri(&doc, &self.issuer)?
             }
         };
         let (doc, max_age) = self.get_json(client, &jwks_uri).await?;
@@ -340,7 +331,7 @@ impl KeySet {
         tokio::time::timeout(self.settings.timeout, fetch).await.map_err(|_| JwksError::Timeout(url.clone()))?
     }
 
-    fn parse_keys(&self, doc: &serde_json::Value) -> (HashMap<String, Arc<JwkKey>>, Vec<Arc<JwkKey>>) {
+    pub(crate) fn parse_keys(&self, doc: &serde_json::Value) -> (HashMap<String, Arc<JwkKey>>, Vec<Arc<JwkKey>>) {
         let mut keys = HashMap::new();
         let mut keyless = Vec::new();
         for raw in doc.get("keys").and_then(|k| k.as_array()).into_iter().flatten() {
@@ -445,7 +436,21 @@ impl KeySet {
     }
 }
 
-fn parse_max_age(cc: &str) -> Option<Duration> {
+/// The `jwks_uri` of an OIDC discovery document, which must name `issuer` and point where keys may be fetched from.
+pub(crate) fn discovered_jwks_uri(doc: &serde_json::Value, issuer: &str) -> Result<http::Uri, JwksError> {
+    let iss = doc.get("issuer").and_then(|v| v.as_str()).unwrap_or_default();
+    if iss != issuer {
+        return Err(JwksError::Discovery(format!("issuer {iss:?} does not match the configured {issuer:?}")));
+    }
+    let uri = doc.get("jwks_uri").and_then(|v| v.as_str()).ok_or_else(|| JwksError::Discovery("no jwks_uri".into()))?;
+    let uri: http::Uri = uri.parse().map_err(|_| JwksError::Discovery(format!("bad jwks_uri {uri:?}")))?;
+    if !allowed_fetch_uri(&uri) {
+        return Err(JwksError::Discovery(format!("jwks_uri {uri} must be https (http only to loopback)")));
+    }
+    Ok(uri)
+}
+
+pub(crate) fn parse_max_age(cc: &str) -> Option<Duration> {
     cc.split(',').find_map(|d| d.trim().strip_prefix("max-age=")).and_then(|v| v.trim().parse().ok()).map(Duration::from_secs)
 }
 

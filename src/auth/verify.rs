@@ -275,7 +275,7 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn decode_json(seg: &str) -> Result<Map<String, Value>, String> {
+pub(crate) fn decode_json(seg: &str) -> Result<Map<String, Value>, String> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(seg).map_err(|e| format!("base64url: {e}"))?;
     match serde_json::from_slice::<StrictValue>(&bytes).map_err(|e| format!("json: {e}"))?.0 {
         Value::Object(m) => Ok(m),

@@ -198,7 +198,7 @@ impl Config {
         Config::parse(path, text, true)
     }
 
-    fn parse(path: &Path, text: &str, generate: bool) -> Result<Config, ConfigError> {
+    pub(crate) fn parse(path: &Path, text: &str, generate: bool) -> Result<Config, ConfigError> {
         let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
         // A file that does not parse has no tables to read: its syntax error is its one problem.
         let doc = toml::de::DeTable::parse(text).map_err(|e| {

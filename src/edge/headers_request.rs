@@ -256,10 +256,13 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
 
 /// Removes the headers a `Connection` value lists (a token that is no valid header name names nothing).
 fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue, upgrading: bool) {
-    for token in connection.to_str().unwrap_or_default().split(',').map(str::trim) {
-        let kept_upgrade = upgrading && token.eq_ignore_ascii_case("upgrade");
+    // Read as bytes: a value with obs-text in it still names the fields it names.
+    for token in connection.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        let kept_upgrade = upgrading && token.eq_ignore_ascii_case(b"upgrade");
         if !token.is_empty() && !kept_upgrade {
-            headers.remove(token);
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                headers.remove(name);
+            }
         }
     }
 }

@@ -67,14 +67,14 @@ pub enum Ended<I> {
 /// What a request asked of its connection.
 #[derive(Clone, Copy, Default)]
 pub struct Meta {
-    head: bool,
+    pub(crate) head: bool,
     /// `Connection: close`: the connection ends after this answer.
     pub close: bool,
-    trailers: bool,
+    pub(crate) trailers: bool,
 }
 
 #[allow(clippy::large_enum_variant)] // returned once per request and taken apart at once, never stored
-enum Parsed {
+pub(crate) enum Parsed {
     Request(Request<()>, Meta),
     Partial,
     HandOver,
@@ -525,7 +525,7 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
 
 /// Parses one request head from the front of `buf`, taking its bytes out only when the request is ours. Header
 /// values and the target share the bytes read (no copy).
-fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
+pub(crate) fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     // Split off rather than taken: slices of a split buffer share it by reference count (no allocation to promote
     // it per request), and the buffer keeps its allocation for the next read.
     let read = buf.split().freeze();

@@ -153,7 +153,7 @@ pub struct TokenEndpoint {
 
 /// A parsed `application/x-www-form-urlencoded` body; a repeated parameter is an error (RFC 6749 §3.2), and
 /// one without a value counts as omitted (§3.1).
-fn parse_form(body: &[u8]) -> Result<HashMap<String, String>, TokenError> {
+pub(crate) fn parse_form(body: &[u8]) -> Result<HashMap<String, String>, TokenError> {
     let mut out = HashMap::new();
     for (k, v) in form_urlencoded::parse(body) {
         if v.is_empty() {
@@ -454,7 +454,7 @@ fn attempt_key(name: &str) -> String {
     name[..end].to_string()
 }
 
-fn parse_basic(v: &HeaderValue) -> Result<(String, String), TokenError> {
+pub(crate) fn parse_basic(v: &HeaderValue) -> Result<(String, String), TokenError> {
     let s = v.to_str().map_err(|_| TokenError::InvalidClient)?;
     let (scheme, cred) = s.split_once(' ').ok_or(TokenError::InvalidClient)?;
     if !scheme.eq_ignore_ascii_case("basic") {
@@ -491,7 +491,7 @@ fn presented_client(form: &HashMap<String, String>, basic: Option<&HeaderValue>)
 
 /// A `scope` parameter's tokens (RFC 6749 §3.3: separated by single spaces, each of printable ASCII other than
 /// `"` and `\`), without repeats; a malformed one is `invalid_scope`.
-fn requested_scopes(req: &str) -> Result<Vec<&str>, TokenError> {
+pub(crate) fn requested_scopes(req: &str) -> Result<Vec<&str>, TokenError> {
     let mut out: Vec<&str> = Vec::new();
     for s in req.split(' ').filter(|s| !s.is_empty()) {
         if !s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
