@@ -71,7 +71,9 @@ pub fn decode_jwt_segment(seg: &str) -> Result<serde_json::Map<String, serde_jso
 
 fn fetch_client() -> &'static crate::auth::jwks::FetchClient {
     static CLIENT: OnceLock<crate::auth::jwks::FetchClient> = OnceLock::new();
+    // Fuzz harness only, never on the request path: without a client the harness cannot run at all.
     CLIENT.get_or_init(|| crate::auth::jwks::fetch_client(None).expect("a fetch client with the system roots"))
+    // ok: fuzz setup
 }
 
 /// The keys a JWKS document yields for an issuer allowing `algorithms`: those with a kid, and those without.

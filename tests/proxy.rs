@@ -1220,21 +1220,6 @@ async fn websocket_echo_over_tls_http1() {
 // ------------------------------------------------------------------------------------------------------------
 // Graceful shutdown
 
-/// Waits until connecting to `addr` is refused: the listener has closed. (A connection accepted by the kernel
-/// before the listener closed may still succeed; it is dropped and the next attempt made.)
-async fn until_refused(addr: SocketAddr) {
-    loop {
-        match TcpStream::connect(addr).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
-            // Reset: the listener closed during this very handshake; the next attempt tells.
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            Err(e) => panic!("connect to {addr}: unexpected error {e}"),
-            Ok(s) => drop(s),
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_finishes_in_flight_and_refuses_new() {
     let _shared = PROCESS.read().await;
