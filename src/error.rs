@@ -84,6 +84,44 @@ impl GatewayError {
         }
     }
 
+    /// Why the request was refused, for the access log: the `reason` label of `portcullis_auth_failures_total`, the
+    /// `rule` of `portcullis_authz_denied_total`, the `key` of `portcullis_rate_limited_total`, or a fixed name for
+    /// the rest. Never anything the client sent.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            GatewayError::Auth(e) => e.reason(),
+            GatewayError::Authz(AuthzError::Issuer(_)) => "issuer",
+            GatewayError::Authz(AuthzError::Anonymous) => "missing",
+            GatewayError::Authz(e) => e.rule(),
+            GatewayError::RateLimited { key, .. } => key,
+            GatewayError::Route(e) => match e {
+                RouteError::NotAbsolutePath => "bad_target",
+                RouteError::BadEscape => "bad_escape",
+                RouteError::ForbiddenByte => "forbidden_byte",
+                RouteError::NotUtf8 => "not_utf8",
+                RouteError::DoubleEncoded => "double_encoded",
+                RouteError::NotFound => "no_route",
+                RouteError::MethodNotAllowed { .. } => "method_not_allowed",
+                RouteError::BadHost(_) => "bad_host",
+                RouteError::BadScheme => "bad_scheme",
+                RouteError::NotImplemented(_) => "method_not_proxied",
+                RouteError::LowercaseMethod(_) => "lowercase_method",
+            },
+            GatewayError::BodyTooLarge(_) | GatewayError::Proxy(ProxyError::BodyTooLarge) => "body_too_large",
+            GatewayError::Proxy(e) => match e {
+                ProxyError::Connect { .. } => "upstream_connect",
+                ProxyError::Timeout { .. } => "upstream_timeout",
+                ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade | ProxyError::BadStatus { .. } => "upstream_reset",
+                ProxyError::Saturated { .. } => "upstream_saturated",
+                ProxyError::BodyTooLarge => "body_too_large",
+                ProxyError::ClientBody(_) => "client_body",
+                ProxyError::ClientTimeout(_) => "client_timeout",
+                ProxyError::Uri(_) => "upstream_uri",
+            },
+            GatewayError::Token(e) => e.code(),
+        }
+    }
+
     /// Returns the JSON error code and, for 401/403, the `WWW-Authenticate` challenge.
     fn code_and_challenge(&self) -> (&'static str, Option<String>) {
         const REALM: &str = "Bearer realm=\"portcullis\"";

@@ -84,6 +84,10 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// The route labels of the token endpoint and the well-known documents, in metrics and the access log.
+const TOKEN_LABEL: &str = "token";
+const WELL_KNOWN_LABEL: &str = "well-known";
+
 /// What a request did, for the answer's headers, the metrics and the access log.
 #[derive(Default)]
 struct Outcome<'a> {
@@ -99,6 +103,28 @@ struct Outcome<'a> {
     /// A lean answer's fields, left in the upstream's head.
     passed: AnswerFields,
     rate_limited: bool,
+    /// The upstream the request was sent to, and the status it answered.
+    upstream: Option<&'a str>,
+    upstream_status: Option<u16>,
+    /// Why the gateway refused the request ([`GatewayError::reason`]).
+    reason: Option<&'static str>,
+}
+
+/// What the access log says of a request beyond what the stages record, read before they take the request apart.
+struct LogFacts {
+    host: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    version: Version,
+    trace: Option<crate::telemetry::TraceParent>,
+}
+
+impl LogFacts {
+    fn of(req: &Request<RequestBody>, uri: &http::Uri) -> LogFacts {
+        let h = req.headers();
+        let host = h.get(header::HOST).cloned().or_else(|| uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        let trace = h.get("traceparent").and_then(|v| crate::telemetry::TraceParent::parse(v.as_bytes()));
+        LogFacts { host, user_agent: h.get(header::USER_AGENT).cloned(), version: req.version(), trace }
+    }
 }
 
 /// Everything the request path needs for one config, built once and swapped whole on reload.
@@ -115,6 +141,9 @@ pub struct Gateway {
     /// Some CORS policy exists (global or on a route): only then is a request's `Origin` looked up.
     cors_configured: bool,
     unrouted_metrics: RouteMetrics,
+    /// The token endpoint's and the well-known documents' own route labels.
+    token_metrics: RouteMetrics,
+    well_known_metrics: RouteMetrics,
     global_limiter: Option<Arc<Limiter>>,
     token_endpoint: Option<TokenEndpoint>,
     _tasks: Tasks,
@@ -219,6 +248,8 @@ impl Gateway {
         let cors_configured = config.cors.is_some() || config.routes.routes().iter().any(|r| r.cors.is_some());
         Ok(Gateway {
             unrouted_metrics: RouteMetrics::new(&metrics, "-"),
+            token_metrics: RouteMetrics::new(&metrics, TOKEN_LABEL),
+            well_known_metrics: RouteMetrics::new(&metrics, WELL_KNOWN_LABEL),
             config,
             metrics,
             authn,
@@ -273,11 +304,13 @@ impl Gateway {
         let mut outcome = Outcome { http1_body: unread_closes, ..Outcome::default() };
         let fwd = Forwarding { peer: conn.peer, peer_ip: &conn.peer_ip, tls: conn.tls, from_trusted_proxy: trusted };
         let cx = Context { uri: &uri, client, request_id: &request_id, fwd, client_in_flight: conn.client_in_flight.as_deref() };
+        let facts = self.config.access_log.then(|| LogFacts::of(&req, &uri));
         let result = self.handle_inner(req, &cx, &mut outcome).await;
         let mut rsp = match result {
             Ok(rsp) => rsp,
             Err(e) => {
                 self.count_refusal(&e, &outcome);
+                outcome.reason = Some(e.reason());
                 if e.status().is_server_error() {
                     tracing::warn!(request_id = ?request_id, error = %e, source = ?std::error::Error::source(&e), "request failed");
                 } else {
@@ -305,12 +338,12 @@ impl Gateway {
 
         let ready_at = Instant::now();
         let elapsed = ready_at.saturating_duration_since(start);
-        let rm = outcome.route.and_then(|r| self.route_metrics.get(r.index)).unwrap_or(&self.unrouted_metrics);
+        let rm = self.metrics_of(&outcome);
         rm.observe(&self.metrics, &method, rsp.status(), elapsed.as_secs_f64());
         let route_name = outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-");
-        if !self.config.access_log {
+        let Some(facts) = facts else {
             return (rsp, Additions { passed, secure, request_id });
-        }
+        };
         let declared = rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         let bytes = declared.or(passed.content_length);
         crate::logging::access(&crate::logging::AccessRecord {
@@ -327,6 +360,13 @@ impl Gateway {
             rate_limited: outcome.rate_limited,
             duration_us: elapsed.as_micros() as u64,
             upstream_us: outcome.upstream_time.map(|d| d.as_micros() as u64),
+            reason: outcome.reason,
+            host: facts.host.as_ref().map(HeaderValue::as_bytes),
+            user_agent: facts.user_agent.as_ref().map(HeaderValue::as_bytes),
+            http_version: version_text(facts.version),
+            upstream: outcome.upstream,
+            upstream_status: outcome.upstream_status,
+            trace_id: facts.trace.map(|t| t.trace_id_hex()),
             at: ready_at,
         });
         (rsp, Additions { passed, secure, request_id })
@@ -396,10 +436,10 @@ impl Gateway {
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, GatewayError> {
         if let Some(rsp) = te.well_known(req.method(), path) {
-            outcome.label = Some("well-known");
+            outcome.label = Some(WELL_KNOWN_LABEL);
             return rsp.map_err(GatewayError::Token);
         }
-        outcome.label = Some("token");
+        outcome.label = Some(TOKEN_LABEL);
         // The password grant only over TLS, unless allowed for local use.
         if !cx.fwd.tls && !te.settings.allow_plaintext {
             return Err(GatewayError::Route(RouteError::NotFound));
@@ -504,6 +544,7 @@ impl Gateway {
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Body>, GatewayError> {
         let upstream = &self.route_upstreams[route.index];
+        outcome.upstream = Some(upstream.settings.name.as_str());
         let sent = Instant::now();
         let result = proxy::forward(upstream, outbound, sent).await;
         let took = sent.elapsed();
@@ -516,6 +557,7 @@ impl Gateway {
         })?;
         outcome.passed = passed;
         outcome.proxied = true;
+        outcome.upstream_status = Some(rsp.status().as_u16());
         Ok(rsp)
     }
 
@@ -553,22 +595,19 @@ impl Gateway {
         })
     }
 
+    /// The metrics of the route (or the token endpoint's, or the well-known documents') that answered.
+    fn metrics_of(&self, outcome: &Outcome<'_>) -> &RouteMetrics {
+        match (outcome.route, outcome.label) {
+            (Some(r), _) => self.route_metrics.get(r.index).unwrap_or(&self.unrouted_metrics),
+            (None, Some(TOKEN_LABEL)) => &self.token_metrics,
+            (None, Some(WELL_KNOWN_LABEL)) => &self.well_known_metrics,
+            (None, _) => &self.unrouted_metrics,
+        }
+    }
+
     /// Counts a refusal in the metric of the stage that refused.
     fn count_refusal(&self, e: &GatewayError, outcome: &Outcome<'_>) {
-        let rm = match (outcome.route, outcome.label) {
-            (Some(r), _) => self.route_metrics.get(r.index).unwrap_or(&self.unrouted_metrics),
-            (None, None) => &self.unrouted_metrics,
-            // Token endpoint and well-known documents: rare enough for the labelled lookup.
-            (None, Some(label)) => {
-                let m = &self.metrics;
-                match e {
-                    GatewayError::RateLimited { key, .. } => m.rate_limited.with_label_values(&[label, key]).inc(),
-                    GatewayError::Auth(a) => m.auth_failures.with_label_values(&[label, a.reason()]).inc(),
-                    _ => {}
-                }
-                return;
-            }
-        };
+        let rm = self.metrics_of(outcome);
         match e {
             GatewayError::Auth(a) => rm.auth_failure(&self.metrics, a.reason()),
             GatewayError::Authz(crate::auth::authz::AuthzError::Issuer(_)) => rm.auth_failure(&self.metrics, "issuer"),
@@ -577,6 +616,17 @@ impl Gateway {
             GatewayError::RateLimited { key, .. } => rm.rate_limited(&self.metrics, key),
             GatewayError::Route(_) | GatewayError::BodyTooLarge(_) | GatewayError::Proxy(_) | GatewayError::Token(_) => {}
         }
+    }
+}
+
+fn version_text(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_11 => "1.1",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "other",
     }
 }
 

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod router;
 pub mod server;
+pub mod telemetry;
 pub mod tls_client;
 pub mod token_endpoint;
 pub mod tools;

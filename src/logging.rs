@@ -185,6 +185,17 @@ pub struct AccessRecord<'a> {
     pub rate_limited: bool,
     pub duration_us: u64,
     pub upstream_us: Option<u64>,
+    /// Why the gateway refused the request (a fixed name, never client input).
+    pub reason: Option<&'static str>,
+    /// The Host (or HTTP/2 `:authority`) and User-Agent as sent, cut to [`MAX_LOGGED_FIELD`] bytes.
+    pub host: Option<&'a [u8]>,
+    pub user_agent: Option<&'a [u8]>,
+    pub http_version: &'static str,
+    /// The upstream the request went to and the status it answered.
+    pub upstream: Option<&'a str>,
+    pub upstream_status: Option<u16>,
+    /// The trace the request belongs to, 32 hex digits.
+    pub trace_id: Option<[u8; 32]>,
     /// When the line's event happened (the line's timestamp).
     pub at: std::time::Instant,
 }
@@ -239,6 +250,10 @@ pub fn access(r: &AccessRecord<'_>) {
             request_id = r.request_id, client = %r.client, method = r.method, path = r.path, route = r.route,
             status = r.status, bytes = r.bytes, subject = r.subject, issuer = r.issuer,
             rate_limited = r.rate_limited, duration_us = r.duration_us, upstream_us = r.upstream_us,
+            reason = r.reason, host = r.host.map(|h| String::from_utf8_lossy(bounded(h))).as_deref(),
+            user_agent = r.user_agent.map(|u| String::from_utf8_lossy(bounded(u))).as_deref(), http_version = r.http_version,
+            upstream = r.upstream, upstream_status = r.upstream_status,
+            trace_id = r.trace_id.as_ref().map(|t| String::from_utf8_lossy(t)).as_deref(),
         );
         return;
     }
@@ -301,16 +316,42 @@ pub fn access(r: &AccessRecord<'_>) {
         if let Some(s) = r.issuer {
             f.str(key!("issuer"), s);
         }
+        if let Some(reason) = r.reason {
+            f.raw_str(key!("reason"), reason.as_bytes());
+        }
+        if let Some(h) = r.host {
+            f.bytes(key!("host"), bounded(h));
+        }
+        f.raw_str(key!("http_version"), r.http_version.as_bytes());
+        if let Some(u) = r.user_agent {
+            f.bytes(key!("user_agent"), bounded(u));
+        }
         f.bool(key!("rate_limited"), r.rate_limited);
         f.num(key!("duration_us"), r.duration_us);
+        if let Some(u) = r.upstream {
+            f.str(key!("upstream"), u);
+        }
+        if let Some(s) = r.upstream_status {
+            f.num(key!("upstream_status"), u64::from(s));
+        }
         if let Some(u) = r.upstream_us {
             f.num(key!("upstream_us"), u);
+        }
+        if let Some(t) = &r.trace_id {
+            f.raw_str(key!("trace_id"), t);
         }
         if json {
             f.line.extend_from_slice(b",\"target\":\"portcullis::access\"}");
         }
         f.line.push(b'\n');
     });
+}
+
+/// The most of a client-chosen field (Host, User-Agent) a line carries: a long value cannot bloat the log.
+pub const MAX_LOGGED_FIELD: usize = 256;
+
+fn bounded(v: &[u8]) -> &[u8] {
+    &v[..v.len().min(MAX_LOGGED_FIELD)]
 }
 
 /// Bytes a quoted string carries as they are (one table lookup per byte instead of four comparisons).
@@ -358,6 +399,14 @@ impl Fields<'_> {
             }
         }
         self.line.push(b'"');
+    }
+
+    /// Header bytes as a quoted string: what is not UTF-8 (obs-text) is written as U+FFFD, so JSON stays valid.
+    fn bytes(&mut self, k: Key, v: &[u8]) {
+        match std::str::from_utf8(v) {
+            Ok(s) => self.str(k, s),
+            Err(_) => self.str(k, &String::from_utf8_lossy(v)),
+        }
     }
 
     /// A value known to need no escaping (an address, a method token): bare in text, quoted in JSON.
@@ -452,6 +501,22 @@ mod tests {
         assert_eq!(v["path"], "/a\"b\\c\u{1}");
         assert_eq!(v["status"], 200);
         assert_eq!(v["client"], "127.0.0.1");
+    }
+
+    #[test]
+    fn client_chosen_fields_are_cut_and_stay_valid_json() {
+        let mut line = Vec::new();
+        let mut f = Fields { line: &mut line, json: true };
+        let mut agent = "é".repeat(400).into_bytes();
+        agent.push(0xff);
+        f.bytes(key!("user_agent"), bounded(&agent));
+        f.bytes(key!("host"), b"h\xfe\"st");
+        let text = format!("{{\"x\":1{}}}", String::from_utf8(line).unwrap());
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let logged = v["user_agent"].as_str().unwrap();
+        // 128 two-byte characters fill the 256 bytes; nothing past the bound is written.
+        assert_eq!(logged.chars().count(), 128, "{logged}");
+        assert_eq!(v["host"], "h\u{fffd}\"st");
     }
 
     #[test]

@@ -14,6 +14,8 @@ use portcullis::config::{format_duration, parse_duration, Config, ConfigError};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+const DEFAULT_CONFIG: &str = "gateway.toml";
+
 #[derive(Parser)]
 #[command(name = "portcullis", version, about = "A reverse-proxy authentication gateway")]
 struct Cli {
@@ -75,6 +77,13 @@ enum Command {
         #[arg(long, default_value = "gateway.toml")]
         config: PathBuf,
     },
+    /// Exit 0 when the gateway at URL answers 200 (ready), else 1: a container health check without curl.
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:9090/readyz")]
+        url: String,
+        #[arg(long, default_value = "2s")]
+        timeout: String,
+    },
     /// Read a password from the terminal (no echo) or stdin and print its argon2id hash.
     HashPassword,
     /// Mint a token with an issuer's configured key (for tests and scripts).
@@ -107,8 +116,15 @@ fn main() -> ExitCode {
         Command::Check { config, tests } => check(&config, tests.as_deref()),
         Command::Explain { config, method, path, token, claims, issuer } => explain(&config, &method, &path, token, claims, issuer),
         Command::Run { config } => with_config(&config, cli.workers, |cfg, w| run(cfg, w, false)),
-        Command::Demo { config } => with_config(&config, cli.workers, |cfg, w| run(cfg, w, true)),
+        Command::Demo { config } => match demo_config(config) {
+            Ok(config) => with_config(&config, cli.workers, |cfg, w| run(cfg, w, true)),
+            Err(e) => {
+                eprintln!("cannot write the built-in demo config: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::HashPassword => hash_password(),
+        Command::Healthcheck { url, timeout } => healthcheck(&url, &timeout),
         Command::Token { config, issuer, sub, roles, scopes, ttl } => token(&config, &issuer, &sub, &roles, &scopes, &ttl),
     };
     log.flush_now();
@@ -264,6 +280,33 @@ fn print_summary(cfg: &Config) {
     for r in cfg.routes.routes() {
         let methods = r.methods.as_ref().map_or("*".to_string(), |m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","));
         println!("  {:<16} {:<8} {:<24} -> {:<10} auth={}", r.name, methods, r.pattern.to_string(), r.upstream, r.policy.auth.as_str());
+    }
+}
+
+/// The demo's config: the one named, or the built-in copy when the default name is not in this folder.
+fn demo_config(config: PathBuf) -> std::io::Result<PathBuf> {
+    if config.exists() || config != Path::new(DEFAULT_CONFIG) {
+        return Ok(config);
+    }
+    let builtin = portcullis::tools::demo::write_builtin_config()?;
+    eprintln!("no {DEFAULT_CONFIG} here: running the built-in demo config, written to {}", builtin.display());
+    Ok(builtin)
+}
+
+fn healthcheck(url: &str, timeout: &str) -> ExitCode {
+    let timeout = match parse_duration(timeout) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("--timeout: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match portcullis::tools::healthcheck::probe(url, timeout) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -67,6 +67,9 @@ impl Metrics {
             IntGauge::new("portcullis_config_last_reload_success_timestamp_seconds", "Unix time of the last successful config load.")
                 .unwrap_or_else(|e| panic!("metric: {e}")); // ok: static
         let _ = r.register(Box::new(last.clone()));
+        // process_* (CPU, resident memory, open descriptors): what every dashboard puts beside the proxy's own.
+        #[cfg(target_os = "linux")]
+        let _ = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
         Metrics {
             requests: counter_vec(
                 &r,

@@ -26,14 +26,6 @@ const EXPECTED: &[(&str, &[&str])] = &[
     ("/healthz", &["\"status\":\"ok\""]),
 ];
 
-/// A port that was free a moment ago (bound, read and released), for the demo's echo upstream. The one place the
-/// tests still pick a port ahead: `portcullis demo` is another process, and binds its echo upstream itself, at the
-/// address the config's `api` upstream names, so the port must be in the config before the process starts (a
-/// listener cannot be handed over). Its own listeners bind port 0, and the guide it prints names them.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Stops the demo with SIGTERM (a graceful drain) and returns whether it exited 0 within the drain timeout.
 fn terminate(mut demo: Child) -> bool {
     let pid = demo.id();

@@ -1060,3 +1060,51 @@ async fn the_token_cli_mints_tokens_the_gateway_accepts_and_judges() {
     })
     .await;
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// Metrics.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_and_well_known_are_counted_under_their_own_routes() {
+    bounded_shared(async {
+        let up = spawn_upstream().await;
+        let gw = token_gateway(&up, &demo_users(), "").await;
+        let c = client(&gw);
+        login(&c, &gw, "john.doe", "securepassword").await;
+        let a = password_login(&c, &gw.https_url("/token"), "john.doe", "wrong").await;
+        assert_eq!(a.status, 400, "{}", a.text());
+        assert_eq!(get(&c, &gw.https_url("/.well-known/jwks.json"), None).await.status, 200);
+        assert_eq!(get(&c, &gw.https_url("/no-such-route"), None).await.status, 404);
+
+        let text = metrics(&c, &gw).await;
+        let count = |route: &str, status: &str| {
+            metric(&text, "portcullis_requests_total", &[("method", "POST"), ("route", route), ("status", status)]).unwrap_or(0.0)
+        };
+        assert_eq!(count("token", "200"), 1.0, "{text}");
+        assert_eq!(count("token", "400"), 1.0, "{text}");
+        assert_eq!(
+            metric(&text, "portcullis_requests_total", &[("method", "GET"), ("route", "well-known"), ("status", "200")]),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            metric(&text, "portcullis_requests_total", &[("method", "GET"), ("route", "-"), ("status", "404")]),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(metric(&text, "portcullis_request_duration_seconds_count", &[("route", "token")]), Some(2.0), "{text}");
+        assert_eq!(
+            metric(&text, "portcullis_request_duration_seconds_count", &[("route", "-")]),
+            Some(1.0),
+            "login latency is not mixed with 404 noise: {text}"
+        );
+        // The process beside the gateway's own figures.
+        for name in ["process_resident_memory_bytes", "process_open_fds", "process_max_fds", "process_start_time_seconds"] {
+            assert!(metric(&text, name, &[]).is_some_and(|v| v > 0.0), "{name} missing: {text}");
+        }
+        // Whole seconds of CPU: a young process may show 0.
+        assert!(metric(&text, "process_cpu_seconds_total", &[]).is_some(), "{text}");
+        gw.stop().await;
+    })
+    .await;
+}

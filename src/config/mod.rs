@@ -3,6 +3,7 @@
 //! Everything that can be wrong with a config is found here, once, with a `file:line:column`; the request path
 //! only ever sees the checked types.
 
+mod env;
 mod file;
 mod issuers;
 mod routes;
@@ -201,11 +202,12 @@ impl Config {
     pub(crate) fn parse(path: &Path, text: &str, generate: bool) -> Result<Config, ConfigError> {
         let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
         // A file that does not parse has no tables to read: its syntax error is its one problem.
-        let doc = toml::de::DeTable::parse(text).map_err(|e| {
+        let mut doc = toml::de::DeTable::parse(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             invalid(vec![Problem { line, column, message: e.message().trim().to_string() }])
         })?;
         let mut found = Vec::new();
+        env::expand(doc.get_mut(), &|name| std::env::var(name).ok(), &mut found);
         let file = file::read(doc, &mut found);
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut v = Validator {

@@ -88,3 +88,22 @@ fn display_addr(a: SocketAddr) -> String {
         a.to_string()
     }
 }
+
+/// The shipped config and its demo accounts, built in: `portcullis demo` runs where there is no gateway.toml
+/// (a container image carries neither the demo config nor its accounts).
+const BUILTIN_CONFIG: &str = include_str!("../../gateway.toml");
+const BUILTIN_USERS: &str = include_str!("../../examples/demo-users.toml");
+const BUILTIN_CLIENTS: &str = include_str!("../../examples/demo-clients.toml");
+
+/// Writes the built-in demo config and accounts into a fresh folder under the temporary directory (its
+/// certificates and keys are generated there at start) and returns the config's path.
+pub fn write_builtin_config() -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("portcullis-demo-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("examples"))?;
+    std::fs::create_dir_all(dir.join("certs"))?;
+    std::fs::write(dir.join("examples/demo-users.toml"), BUILTIN_USERS)?;
+    std::fs::write(dir.join("examples/demo-clients.toml"), BUILTIN_CLIENTS)?;
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, BUILTIN_CONFIG)?;
+    Ok(config)
+}

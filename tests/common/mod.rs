@@ -7,6 +7,7 @@
 //! - `keys`: keys, tokens and JWKs made here with real crypto, and a ready-made test issuer.
 //! - `net`: raw sockets, for what a well-behaved client library cannot send, and addresses for odd peers.
 //! - `mutate`: seeded mutations, for the randomised tests.
+//! - `process`: the real binary as a child process, its log lines and exit code.
 //! - `tools`: external programs (promtool, testssl.sh), skipped or required by PORTCULLIS_REQUIRE_ALL.
 //!
 //! Every test binary compiles all of this and uses some of it, hence the allowances.
@@ -18,6 +19,7 @@ mod gateway;
 mod keys;
 mod mutate;
 mod net;
+mod process;
 mod tools;
 mod upstream;
 
@@ -31,6 +33,7 @@ pub use keys::*;
 pub use mutate::*;
 pub use net::*;
 pub use portcullis::Config;
+pub use process::*;
 pub use tools::*;
 pub use upstream::*;
 
