@@ -26,6 +26,7 @@ use crate::error::GatewayError;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::proxy::{self, Outbound, Upstream};
 use crate::router::{normalize_path, request_host, Route, RouteError};
+use crate::telemetry::{RequestSpans, Timing, TraceIds, Tracer, UpstreamCall};
 use crate::token_endpoint::TokenEndpoint;
 
 /// The connection a request arrived on.
@@ -66,6 +67,8 @@ struct Context<'r> {
     request_id: &'r HeaderValue,
     fwd: Forwarding<'r>,
     client_in_flight: Option<&'r AtomicUsize>,
+    /// The request's trace, with `[tracing]`.
+    trace: Option<&'r TraceIds>,
 }
 
 /// Where a matched request goes: its route, its normalised path and the authority the client addressed.
@@ -108,13 +111,17 @@ struct Outcome<'a> {
     upstream_status: Option<u16>,
     /// Why the gateway refused the request ([`GatewayError::reason`]).
     reason: Option<&'static str>,
+    /// Stage timings, kept only for a sampled trace.
+    timed: bool,
+    auth_timing: Option<(Timing, Option<bool>)>,
+    limit_timing: Option<(Timing, bool)>,
+    upstream_timing: Option<Timing>,
 }
 
 /// What the access log says of a request beyond what the stages record, read before they take the request apart.
 struct LogFacts {
     host: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
-    version: Version,
     trace: Option<crate::telemetry::TraceParent>,
 }
 
@@ -123,7 +130,7 @@ impl LogFacts {
         let h = req.headers();
         let host = h.get(header::HOST).cloned().or_else(|| uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         let trace = h.get("traceparent").and_then(|v| crate::telemetry::TraceParent::parse(v.as_bytes()));
-        LogFacts { host, user_agent: h.get(header::USER_AGENT).cloned(), version: req.version(), trace }
+        LogFacts { host, user_agent: h.get(header::USER_AGENT).cloned(), trace }
     }
 }
 
@@ -146,6 +153,7 @@ pub struct Gateway {
     well_known_metrics: RouteMetrics,
     global_limiter: Option<Arc<Limiter>>,
     token_endpoint: Option<TokenEndpoint>,
+    tracer: Option<Tracer>,
     _tasks: Tasks,
 }
 
@@ -157,6 +165,8 @@ pub enum BuildError {
     Jwks(#[from] crate::auth::jwks::JwksError),
     #[error("token endpoint: {0}")]
     Issuer(#[from] crate::token_endpoint::IssuerError),
+    #[error(transparent)]
+    Tracing(#[from] crate::telemetry::TracingError),
     #[error("upstream {name:?}: ca_file {source}")]
     UpstreamTls {
         name: String,
@@ -246,6 +256,7 @@ impl Gateway {
             None => None,
         };
         let cors_configured = config.cors.is_some() || config.routes.routes().iter().any(|r| r.cors.is_some());
+        let tracer = config.tracing.as_ref().map(|t| Tracer::start(Arc::clone(t), &metrics)).transpose()?;
         Ok(Gateway {
             unrouted_metrics: RouteMetrics::new(&metrics, "-"),
             token_metrics: RouteMetrics::new(&metrics, TOKEN_LABEL),
@@ -260,6 +271,7 @@ impl Gateway {
             cors_configured,
             global_limiter,
             token_endpoint,
+            tracer,
             _tasks: tasks,
         })
     }
@@ -300,10 +312,14 @@ impl Gateway {
         let origin = if self.cors_configured { req.headers().get(header::ORIGIN).cloned() } else { None };
         let client = client_ip(conn.peer, req.headers(), &self.config.trusted_proxies, self.config.forwarded_from);
         // Only an HTTP/1 body left unread needs the connection closed (HTTP/2 resets just the stream).
-        let unread_closes = req.version() < Version::HTTP_2 && has_body(&req);
+        let version = req.version();
+        let unread_closes = version < Version::HTTP_2 && has_body(&req);
         let mut outcome = Outcome { http1_body: unread_closes, ..Outcome::default() };
         let fwd = Forwarding { peer: conn.peer, peer_ip: &conn.peer_ip, tls: conn.tls, from_trusted_proxy: trusted };
-        let cx = Context { uri: &uri, client, request_id: &request_id, fwd, client_in_flight: conn.client_in_flight.as_deref() };
+        let trace = self.tracer.as_ref().map(|t| t.begin(req.headers(), trusted));
+        outcome.timed = trace.as_ref().is_some_and(|t| t.sampled);
+        let client_in_flight = conn.client_in_flight.as_deref();
+        let cx = Context { uri: &uri, client, request_id: &request_id, fwd, client_in_flight, trace: trace.as_ref() };
         let facts = self.config.access_log.then(|| LogFacts::of(&req, &uri));
         let result = self.handle_inner(req, &cx, &mut outcome).await;
         let mut rsp = match result {
@@ -341,6 +357,27 @@ impl Gateway {
         let rm = self.metrics_of(&outcome);
         rm.observe(&self.metrics, &method, rsp.status(), elapsed.as_secs_f64());
         let route_name = outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-");
+        let http_version = version_text(version);
+        let trace_id = trace.as_ref().map(TraceIds::trace_id_hex);
+        if let (Some(tracer), Some(ids)) = (&self.tracer, trace.filter(|t| t.sampled)) {
+            tracer.record(RequestSpans {
+                ids,
+                timing: Timing { start, end: ready_at },
+                method: method.clone(),
+                route: route_name.to_string(),
+                status: rsp.status().as_u16(),
+                http_version,
+                reason: outcome.reason,
+                auth: outcome.auth_timing,
+                limit: outcome.limit_timing,
+                upstream: outcome.upstream.zip(outcome.upstream_timing).map(|(name, timing)| UpstreamCall {
+                    upstream: name.to_string(),
+                    timing,
+                    status: outcome.upstream_status,
+                    error: outcome.upstream_status.is_none().then_some(outcome.reason.unwrap_or("upstream_error")),
+                }),
+            });
+        }
         let Some(facts) = facts else {
             return (rsp, Additions { passed, secure, request_id });
         };
@@ -363,10 +400,10 @@ impl Gateway {
             reason: outcome.reason,
             host: facts.host.as_ref().map(HeaderValue::as_bytes),
             user_agent: facts.user_agent.as_ref().map(HeaderValue::as_bytes),
-            http_version: version_text(facts.version),
+            http_version,
             upstream: outcome.upstream,
             upstream_status: outcome.upstream_status,
-            trace_id: facts.trace.map(|t| t.trace_id_hex()),
+            trace_id: trace_id.or(facts.trace.map(|t| t.trace_id_hex())),
             at: ready_at,
         });
         (rsp, Additions { passed, secure, request_id })
@@ -460,7 +497,14 @@ impl Gateway {
         route: &Route,
         outcome: &mut Outcome<'a>,
     ) -> Result<Authenticated, GatewayError> {
-        let auth = self.authn.authenticate_from(req.headers(), uri.query(), &route.token_sources, route.policy.auth).await?;
+        // A public route has nothing to authenticate: no span for it.
+        let started = (outcome.timed && route.policy.auth != AuthMode::Public).then(Instant::now);
+        let result = self.authn.authenticate_from(req.headers(), uri.query(), &route.token_sources, route.policy.auth).await;
+        if let Some(start) = started {
+            let cache_hit = result.as_ref().ok().map(|a| a.cache_hit);
+            outcome.auth_timing = Some((Timing { start, end: Instant::now() }, cache_hit));
+        }
+        let auth = result?;
         if auth.principal.is_some() {
             if auth.cache_hit { &self.metrics.jwt_cache_hits } else { &self.metrics.jwt_cache_misses }.inc();
         }
@@ -475,10 +519,13 @@ impl Gateway {
         principal: Option<&Principal>,
         outcome: &mut Outcome<'_>,
     ) -> Result<(), GatewayError> {
-        match &self.route_limiters[route.index] {
-            Some(l) => self.check_limit(l, client, principal, outcome),
-            None => Ok(()),
+        let Some(l) = &self.route_limiters[route.index] else { return Ok(()) };
+        let started = outcome.timed.then(Instant::now);
+        let result = self.check_limit(l, client, principal, outcome);
+        if let Some(start) = started {
+            outcome.limit_timing = Some((Timing { start, end: Instant::now() }, result.is_err()));
         }
+        result
     }
 
     /// The request as its upstream gets it: the routed path and forwarded query, and only the headers the policy
@@ -505,6 +552,9 @@ impl Gateway {
         }
         if parts.version == Version::HTTP_2 {
             headers_request::join_cookie_crumbs(&mut parts.headers);
+        }
+        if let Some(trace) = cx.trace {
+            trace.propagate(&mut parts.headers);
         }
         // A scan of the few names, not a hash lookup: most requests carry no cookie.
         if parts.headers.keys().any(|k| k == header::COOKIE) {
@@ -549,6 +599,9 @@ impl Gateway {
         let result = proxy::forward(upstream, outbound, sent).await;
         let took = sent.elapsed();
         outcome.upstream_time = Some(took);
+        if outcome.timed {
+            outcome.upstream_timing = Some(Timing { start: sent, end: sent + took });
+        }
         self.route_upstream_time[route.index].observe(took.as_secs_f64());
         let (rsp, passed) = result.inspect_err(|e| {
             if let Some(kind) = e.kind() {

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub http2_protocol_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: IntGauge,
+    pub tracing_spans: IntCounterVec,
 }
 
 /// Buckets from 100 µs to 10 s: a proxy hop is sub-millisecond, a slow upstream seconds.
@@ -118,6 +119,12 @@ impl Metrics {
             ),
             config_reloads: counter_vec(&r, "portcullis_config_reloads_total", "Config loads and reloads by result.", &["result"]),
             config_last_reload_success: last,
+            tracing_spans: counter_vec(
+                &r,
+                "portcullis_tracing_spans_total",
+                "Spans by what became of them: exported, dropped_queue_full, dropped_export_failed.",
+                &["result"],
+            ),
             registry: r,
         }
     }

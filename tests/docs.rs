@@ -93,6 +93,9 @@ frame_options = "SAMEORIGIN"
 
 [routes.cors]
 allow_origins = ["https://app.example.com"]
+
+[tracing]
+otlp_endpoint = "http://127.0.0.1:4318"
 "#;
 
 /// Account files the token endpoint reads. The hash is a well-formed argon2id one (the demo's), so the files load.
@@ -134,6 +137,7 @@ const PROBES: &[Probe] = &[
     probe("[routes.rate_limit]", "gateway.toml", "[routes.rate_limit]"),
     probe("[headers]", "gateway.toml", "[routes.headers]"),
     probe("[cors]", "gateway.toml", "[routes.cors]"),
+    probe("[tracing]", "gateway.toml", "[tracing]"),
     probe("[users.NAME]", "users.toml", "[users.\"alice\"]"),
     probe("[clients.NAME]", "clients.toml", "[clients.\"app\"]"),
 ];

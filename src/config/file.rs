@@ -35,6 +35,7 @@ pub(super) struct FileConfig {
     pub(super) cors: Option<Spanned<CorsFile>>,
     pub(super) admin: Option<Spanned<AdminFile>>,
     pub(super) auth: AuthFile,
+    pub(super) tracing: Option<Spanned<TracingFile>>,
     pub(super) failed: Failed,
 }
 
@@ -71,6 +72,7 @@ pub(super) const TABLES: &[&str] = &[
     "cors",
     "admin",
     "auth",
+    "tracing",
 ];
 
 /// A problem found while deserializing: where, and serde's or toml's words for it.
@@ -120,6 +122,7 @@ pub(super) fn read(doc: Spanned<DeTable<'_>>, found: &mut Vec<Found>) -> FileCon
             "cors" => f.cors = take(value, found),
             "admin" => f.admin = take(value, found),
             "auth" => f.auth = take(value, found).unwrap_or_default(),
+            "tracing" => f.tracing = take(value, found),
             other => found.push((key_span, <toml::de::Error as serde::de::Error>::unknown_field(other, TABLES).message().to_string())),
         }
     }
@@ -320,6 +323,25 @@ pub(super) struct LimitFile {
 
 fn ip_key() -> String {
     "ip".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TracingFile {
+    pub(super) otlp_endpoint: Spanned<String>,
+    pub(super) sample_ratio: Option<Spanned<f64>>,
+    pub(super) service_name: Option<Spanned<String>>,
+    pub(super) trust_incoming: Option<TrustIncomingFile>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) max_queue_spans: Option<Spanned<usize>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum TrustIncomingFile {
+    All,
+    TrustedProxies,
+    None,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -172,6 +172,8 @@ pub struct Config {
     pub cors: Option<Arc<CorsPolicy>>,
     /// A bearer token the admin listener requires, when set.
     pub admin_token: Option<Arc<String>>,
+    /// OpenTelemetry spans, when `[tracing]` is set.
+    pub tracing: Option<Arc<crate::telemetry::TracingSettings>>,
     /// Non-fatal findings, such as a route that an earlier one shadows.
     pub warnings: Vec<Problem>,
     /// What start will do that `check` did not (generate local-use keys).

@@ -447,3 +447,40 @@ fn a_route_without_its_upstream_is_still_checked_whole() {
     let lines: Vec<usize> = problems_of(text).into_iter().map(|(l, _)| l).collect();
     assert_eq!(lines, [6, 8, 9], "{:#?}", problems_of(text));
 }
+
+#[test]
+fn tracing_is_checked_and_reported_all_at_once() {
+    let text = |table: &str| format!("[listen]\nhttp = \"127.0.0.1:0\"\n[tracing]\n{table}");
+    let ok = Config::from_toml(Path::new("g.toml"), &text("otlp_endpoint = \"http://127.0.0.1:4318\"\n")).expect("loads");
+    let t = ok.tracing.expect("tracing on");
+    assert_eq!(t.endpoint.to_string(), "http://127.0.0.1:4318/v1/traces");
+    assert_eq!((t.sample_ratio, t.service_name.as_str(), t.max_queue), (1.0, "portcullis", 2048));
+    assert_eq!(t.trust_incoming, crate::telemetry::TrustIncoming::TrustedProxies);
+    let full =
+        Config::from_toml(Path::new("g.toml"), &text("otlp_endpoint = \"https://otel.example/custom/path\"\ntrust_incoming = \"all\"\n"))
+            .expect("loads");
+    assert_eq!(full.tracing.expect("on").endpoint.to_string(), "https://otel.example/custom/path");
+
+    let bad = "otlp_endpoint = \"grpc://collector:4317\"\nsample_ratio = 1.5\nservice_name = \" \"\nmax_queue_spans = 0\n";
+    let e = Config::from_toml(Path::new("g.toml"), &text(bad)).map(|_| ()).unwrap_err().to_string();
+    for want in [
+        "g.toml:4:",
+        "must be an http:// or https:// URL",
+        "g.toml:5:",
+        "between 0.0 and 1.0",
+        "g.toml:6:",
+        "must not be empty",
+        "g.toml:7:",
+        "at least 1",
+    ] {
+        assert!(e.contains(want), "{want:?} missing in:\n{e}");
+    }
+    let e = Config::from_toml(Path::new("g.toml"), &text("otlp_endpoint = \"http://c\"\ntrust_incoming = \"some\"\n"))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("trust_incoming") || e.contains("unknown variant"), "{e}");
+    Config::from_toml(Path::new("g.toml"), "[listen]\nhttp = \"127.0.0.1:0\"\n")
+        .map(|c| assert!(c.tracing.is_none()))
+        .expect("off by default");
+}

@@ -15,6 +15,7 @@ use crate::edge::headers_request::IdentitySettings;
 use crate::edge::headers_response::SecureHeaders;
 use crate::edge::ratelimit::{LimitKey, LimitSettings};
 use crate::proxy::{CaFile, UpstreamSettings};
+use crate::telemetry::{TracingSettings, TrustIncoming};
 
 use super::file::*;
 use super::units::DurationValue;
@@ -183,6 +184,7 @@ impl Validator<'_> {
                 }
             },
         };
+        let tracing = f.tracing.and_then(|t| self.tracing(t)).map(Arc::new);
         self.default_cookie = f.auth.token_cookie.clone();
         let routes = self.routes(f.routes, &upstreams, &declared, f.routing.case_insensitive);
         if let Some(w) = f.server.worker_threads.as_ref().filter(|w| *w.get_ref() == 0) {
@@ -207,9 +209,72 @@ impl Validator<'_> {
             headers: global_headers,
             cors: global_cors,
             admin_token,
+            tracing,
             warnings: Vec::new(),
             notes: Vec::new(),
             watch_files: Vec::new(),
+        }
+    }
+
+    pub(super) fn tracing(&mut self, t: Spanned<TracingFile>) -> Option<TracingSettings> {
+        let span = t.span();
+        let t = t.into_inner();
+        let endpoint = self.tracing_endpoint(&t.otlp_endpoint);
+        let sample_ratio = t.sample_ratio.as_ref().map_or(1.0, |r| *r.get_ref());
+        if let Some(r) = t.sample_ratio.as_ref().filter(|r| !(0.0..=1.0).contains(r.get_ref())) {
+            self.error(r.span(), "`tracing.sample_ratio` must be between 0.0 and 1.0");
+        }
+        let service_name = t.service_name.as_ref().map_or_else(|| "portcullis".to_string(), |n| n.get_ref().clone());
+        if let Some(n) = t.service_name.as_ref().filter(|n| n.get_ref().trim().is_empty()) {
+            self.error(n.span(), "`tracing.service_name` must not be empty");
+        }
+        let max_queue = t.max_queue_spans.as_ref().map_or(2048, |n| *n.get_ref());
+        if let Some(n) = t.max_queue_spans.as_ref().filter(|n| *n.get_ref() == 0) {
+            self.error(n.span(), "`tracing.max_queue_spans` must be at least 1");
+        }
+        let ca = t.ca_file.as_ref().map(|p| self.resolve(p)).and_then(|path| {
+            let pem = std::fs::read(&path).map_err(|e| format!("cannot read ca_file {}: {e}", path.display()));
+            match pem.and_then(|pem| crate::tls_client::client_config(Some((&path, &pem))).map(|_| pem).map_err(|e| format!("ca_file {e}")))
+            {
+                Ok(pem) => Some(CaFile { path, pem: pem.into() }),
+                Err(e) => {
+                    self.error(span.clone(), format!("[tracing] {e}"));
+                    None
+                }
+            }
+        });
+        let trust_incoming = match t.trust_incoming.unwrap_or(TrustIncomingFile::TrustedProxies) {
+            TrustIncomingFile::All => TrustIncoming::All,
+            TrustIncomingFile::TrustedProxies => TrustIncoming::TrustedProxies,
+            TrustIncomingFile::None => TrustIncoming::None,
+        };
+        Some(TracingSettings { endpoint: endpoint?, sample_ratio, service_name, trust_incoming, ca, max_queue })
+    }
+
+    /// The collector's traces URL: `http(s)://host[:port]` gets OTLP's `/v1/traces`; a URL with a path is used as is.
+    fn tracing_endpoint(&mut self, url: &Spanned<String>) -> Option<http::Uri> {
+        let bad = |v: &mut Self, why: &str| v.error(url.span(), format!("`tracing.otlp_endpoint` {:?}: {why}", url.get_ref()));
+        let uri: http::Uri = match url.get_ref().parse() {
+            Ok(u) => u,
+            Err(e) => {
+                bad(self, &e.to_string());
+                return None;
+            }
+        };
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+            bad(self, "must be an http:// or https:// URL with a host");
+            return None;
+        }
+        if !matches!(uri.path(), "" | "/") {
+            return Some(uri);
+        }
+        let full = format!("{}://{}/v1/traces", uri.scheme_str().unwrap_or("http"), uri.authority().map_or("", |a| a.as_str()));
+        match full.parse() {
+            Ok(u) => Some(u),
+            Err(e) => {
+                bad(self, &format!("{e}"));
+                None
+            }
         }
     }
 

@@ -107,7 +107,8 @@ thread_local! {
     });
 }
 
-fn next_random() -> u64 {
+/// A random 64-bit number from a per-thread generator (ids, not secrets).
+pub fn next_random() -> u64 {
     // splitmix64 over a per-thread seed: unique ids without a lock shared by every request.
     RNG.with(|s| {
         let x = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
