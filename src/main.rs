@@ -76,6 +76,9 @@ enum Command {
     Demo {
         #[arg(long, default_value = "gateway.toml")]
         config: PathBuf,
+        /// Listen on this address instead of the config's (0.0.0.0 in a container, so `-p` reaches it).
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
     },
     /// Exit 0 when the gateway at URL answers 200 (ready), else 1: a container health check without curl.
     Healthcheck {
@@ -116,8 +119,16 @@ fn main() -> ExitCode {
         Command::Check { config, tests } => check(&config, tests.as_deref()),
         Command::Explain { config, method, path, token, claims, issuer } => explain(&config, &method, &path, token, claims, issuer),
         Command::Run { config } => with_config(&config, cli.workers, |cfg, w| run(cfg, w, false)),
-        Command::Demo { config } => match demo_config(config) {
-            Ok(config) => with_config(&config, cli.workers, |cfg, w| run(cfg, w, true)),
+        Command::Demo { config, bind } => match demo_config(config) {
+            Ok(config) => with_config(&config, cli.workers, |mut cfg, w| {
+                if let Some(ip) = bind {
+                    let l = &mut cfg.listen;
+                    for addr in [&mut l.https, &mut l.http, &mut l.admin].into_iter().flatten() {
+                        addr.set_ip(ip);
+                    }
+                }
+                run(cfg, w, true)
+            }),
             Err(e) => {
                 eprintln!("cannot write the built-in demo config: {e}");
                 ExitCode::from(1)
