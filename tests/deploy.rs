@@ -1,13 +1,24 @@
-//! Deployment artefacts (deploy/), checked without a container daemon: the Dockerfiles' rules.
+//! Deployment artefacts (deploy/), checked without a container daemon or a cluster: the Dockerfiles' rules, and
+//! the Kubernetes manifests against the gateway's own config and against each other, the ConfigMap's gateway.toml
+//! through `portcullis check`.
+//!
+//! The manifests are read as text (no YAML crate): each check looks for a few lines in one block, and says what
+//! it looked for when it fails. The schemas themselves are checked by kubernetes-validate in .ci/run.
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Output};
 
 use common::*;
 
 fn read(rel: &str) -> String {
     std::fs::read_to_string(manifest(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn show(out: &Output) -> String {
+    format!("exit {:?}\n{}{}", out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -199,4 +210,239 @@ fn the_dockerfile_rules_catch_each_fault_of_the_old_image() {
         dockerfile_problems(&no_deps_layer).iter().any(|p| p.contains("dependency-caching")),
         "sources before the dependency build passed"
     );
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Kubernetes manifests, read as text.
+
+/// A YAML file without its comment lines (comments may name metrics that do not exist yet).
+fn without_comments(text: &str) -> String {
+    text.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n")
+}
+
+/// The documents of a multi-document YAML file.
+fn documents(text: &str) -> Vec<&str> {
+    text.split("\n---\n").collect()
+}
+
+/// The document of `kind` named `name` among `docs`.
+fn find_doc<'a>(docs: &[&'a str], kind: &str, name: &str) -> &'a str {
+    docs.iter()
+        .find(|d| d.lines().any(|l| l == format!("kind: {kind}")) && d.lines().any(|l| l == format!("  name: {name}")))
+        .unwrap_or_else(|| panic!("no {kind} named {name}"))
+}
+
+/// The lines nested under the first line that is `key:` (or `- key:`), unindented to the key's level plus two.
+fn block(text: &str, key: &str) -> String {
+    let mut lines = text.lines();
+    let Some(indent) = lines.by_ref().find_map(|l| {
+        let t = l.trim_start();
+        let t = t.strip_prefix("- ").unwrap_or(t);
+        (t == format!("{key}:") || t.starts_with(&format!("{key}: "))).then(|| l.len() - l.trim_start().len())
+    }) else {
+        panic!("no {key}: in\n{text}")
+    };
+    let body: Vec<&str> = lines.take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > indent).collect();
+    body.iter().map(|l| l.get(indent + 2..).unwrap_or("").trim_end()).collect::<Vec<_>>().join("\n")
+}
+
+/// The value of the first `key: value` line (a list item's too), unquoted, without a trailing comment.
+fn scalar(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let t = l.trim_start();
+        let t = t.strip_prefix("- ").unwrap_or(t);
+        let v = t.strip_prefix(&format!("{key}:"))?.trim();
+        let v = v.split(" #").next().unwrap_or(v).trim();
+        (!v.is_empty()).then(|| v.trim_matches('"').to_string())
+    })
+}
+
+/// `key: value` lines of a block (labels, selectors), as a set.
+fn pairs(block: &str) -> BTreeSet<String> {
+    block.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect()
+}
+
+/// The `gateway.toml: |` literal block of the ConfigMap, as the file it mounts.
+fn configmap_gateway_toml(cm: &str) -> String {
+    let mut lines = cm.lines().skip_while(|l| l.trim() != "gateway.toml: |");
+    assert!(lines.next().is_some(), "the ConfigMap has no `gateway.toml: |` block");
+    let mut text = String::new();
+    for l in lines.take_while(|l| l.is_empty() || l.starts_with("    ")) {
+        text.push_str(l.get(4..).unwrap_or(""));
+        text.push('\n');
+    }
+    // YAML's default chomping keeps one final line break.
+    format!("{}\n", text.trim_end_matches('\n'))
+}
+
+fn k8s_config() -> toml::Table {
+    toml::from_str(&read("deploy/kubernetes/gateway.toml")).unwrap()
+}
+
+fn config_str<'a>(t: &'a toml::Table, table: &str, key: &str) -> &'a str {
+    t[table][key].as_str().unwrap_or_else(|| panic!("[{table}] {key} is not a string"))
+}
+
+/// A temp folder laid out as the pod's /etc/portcullis: gateway.toml, and tls/ with a fresh self-signed pair.
+fn pod_config_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gateway.toml"), configmap_gateway_toml(&read("deploy/kubernetes/configmap.yaml"))).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["portcullis.example".to_string()]).unwrap().self_signed(&key).unwrap();
+    std::fs::create_dir(dir.path().join("tls")).unwrap();
+    std::fs::write(dir.path().join("tls/tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls/tls.key"), key.serialize_pem()).unwrap();
+    dir
+}
+
+/// `portcullis check` on the pod's config, with the admin token variable set to `token`.
+fn check_pod_config(dir: &Path, token: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check", "--config"])
+        .arg(dir.join("gateway.toml"))
+        .env("PORTCULLIS_ADMIN_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_configmap_carries_deploy_gateway_toml_and_check_accepts_it() {
+    let file = read("deploy/kubernetes/gateway.toml");
+    let embedded = configmap_gateway_toml(&read("deploy/kubernetes/configmap.yaml"));
+    assert!(embedded == file, "configmap.yaml's gateway.toml differs from deploy/kubernetes/gateway.toml:\n{embedded}");
+    let dir = pod_config_dir();
+    let out = check_pod_config(dir.path(), "an-admin-token-of-32-characters!");
+    assert!(out.status.success(), "portcullis check refused the ConfigMap's gateway.toml: {}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("warning:"), "the production config should pass without warnings: {stdout}");
+    // Reachable from other pods and the kubelet, never only on loopback.
+    assert!(stdout.contains("https 0.0.0.0:8443") && stdout.contains("admin 0.0.0.0:9090"), "{stdout}");
+    let t = k8s_config();
+    assert_eq!(t["tls"]["self_signed"].as_bool(), Some(false), "a cluster must not generate its own certificate");
+}
+
+#[test]
+fn the_secret_example_holds_placeholders_that_the_gateway_refuses() {
+    for entry in walk(&manifest("deploy")).into_iter().chain([manifest("Dockerfile")]) {
+        let text = std::fs::read_to_string(&entry).unwrap_or_default();
+        assert!(!text.contains("PRIVATE KEY") && !text.contains("BEGIN CERTIFICATE"), "{} holds key material", entry.display());
+    }
+    let secrets = read("deploy/kubernetes/secret.example.yaml");
+    let admin = find_doc(&documents(&secrets), "Secret", "portcullis-admin");
+    let token = scalar(admin, "token").expect("the admin Secret has a token");
+    let out = check_pod_config(pod_config_dir().path(), &token);
+    assert!(!out.status.success(), "the placeholder admin token {token:?} was accepted: applied as is, it would serve: {}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PORTCULLIS_ADMIN_TOKEN"), "{}", show(&out));
+    let tls = find_doc(&documents(&secrets), "Secret", "portcullis-tls");
+    assert_eq!(scalar(tls, "type").as_deref(), Some("kubernetes.io/tls"));
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn port_of(addr: &str) -> String {
+    addr.rsplit_once(':').map(|(_, p)| p.to_string()).unwrap_or_default()
+}
+
+#[test]
+fn the_deployment_drains_within_its_grace_period_and_runs_locked_down() {
+    let dep = read("deploy/kubernetes/deployment.yaml");
+    let cfg = k8s_config();
+    let secs = |s: &str| s.parse::<u64>().unwrap_or_else(|_| panic!("{s:?} is not a number of seconds"));
+
+    // The drain arithmetic: preStop sleep, then SIGTERM and up to drain_timeout, then exit, all within the grace.
+    let drain = portcullis::config::parse_duration(config_str(&cfg, "limits", "drain_timeout")).unwrap().as_secs();
+    let grace = secs(&scalar(&dep, "terminationGracePeriodSeconds").expect("terminationGracePeriodSeconds"));
+    let pre_stop = command_words(&scalar(&block(&dep, "preStop"), "command").expect("a preStop command"));
+    assert_eq!(pre_stop.first().map(String::as_str), Some("sleep"), "{pre_stop:?}");
+    let sleep = secs(&pre_stop[1]);
+    assert!(sleep >= 2, "preStop sleeps {sleep} s: too short for endpoints to be removed everywhere");
+    assert!(
+        grace >= sleep + drain + 2 && grace <= sleep + drain + 30,
+        "terminationGracePeriodSeconds {grace} should be preStop {sleep} + drain_timeout {drain} + a few seconds to exit"
+    );
+
+    let replicas = secs(&scalar(&dep, "replicas").expect("replicas"));
+    assert!(replicas >= 2, "{replicas} replicas");
+    // Ports: the container's are the config's listeners; the probes ask the admin listener.
+    let ports = block(&dep, "ports");
+    let container_port = |name: &str| {
+        let after = ports.split(&format!("name: {name}\n")).nth(1).unwrap_or_else(|| panic!("no port {name}"));
+        scalar(after, "containerPort").unwrap()
+    };
+    assert_eq!(container_port("https"), port_of(config_str(&cfg, "listen", "https")));
+    assert_eq!(container_port("admin"), port_of(config_str(&cfg, "listen", "admin")));
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let b = block(&dep, probe);
+        assert_eq!((scalar(&b, "path").as_deref(), scalar(&b, "port").as_deref()), (Some(path), Some("admin")), "{probe}:\n{b}");
+    }
+    let env = block(&dep, "env");
+    assert_eq!(scalar(&env, "name").as_deref(), Some(config_str(&cfg, "admin", "token_env")), "the admin token's variable");
+
+    // Locked down, at pod and container level.
+    let pod_security = pairs(&block(&dep, "securityContext"));
+    for want in ["runAsNonRoot: true", "runAsUser: 10001"] {
+        assert!(pod_security.contains(want), "pod securityContext lacks {want}: {pod_security:?}");
+    }
+    let container = block(&dep, "containers");
+    let security = pairs(&block(&container, "securityContext"));
+    for want in ["runAsNonRoot: true", "runAsUser: 10001", "allowPrivilegeEscalation: false", "readOnlyRootFilesystem: true"] {
+        assert!(security.contains(want), "container securityContext lacks {want}: {security:?}");
+    }
+    assert!(block(&block(&container, "securityContext"), "capabilities").contains("drop: [\"ALL\"]"), "capabilities not all dropped");
+    let resources = block(&container, "resources");
+    for part in ["requests", "limits"] {
+        let b = block(&resources, part);
+        assert!(scalar(&b, "cpu").is_some() && scalar(&b, "memory").is_some(), "resources.{part} needs cpu and memory:\n{b}");
+    }
+    // The config writes nothing (no generated pair or key), so nothing is writable; a subPath mount never updates.
+    assert!(cfg["issuers"].as_array().unwrap().iter().all(|i| i.get("generate_key").is_none()));
+    let spec = without_comments(&dep);
+    assert!(!spec.contains("emptyDir") && !spec.contains("subPath"), "a writable volume or a subPath mount");
+}
+
+#[test]
+fn the_services_budget_and_service_monitor_select_the_deployments_pods() {
+    let dep = read("deploy/kubernetes/deployment.yaml");
+    let pods = pairs(&block(&block(&dep, "selector"), "matchLabels"));
+    let template = pairs(&block(&block(&dep, "template"), "labels"));
+    assert!(pods.is_subset(&template), "the Deployment's selector {pods:?} misses its own pods {template:?}");
+    let services = read("deploy/kubernetes/service.yaml");
+    let docs = documents(&services);
+    let (public, admin) = (find_doc(&docs, "Service", "portcullis"), find_doc(&docs, "Service", "portcullis-admin"));
+    for s in [public, admin] {
+        assert_eq!(pairs(&block(&block(s, "spec"), "selector")), pods, "a Service's selector");
+    }
+    let public_ports = block(public, "ports");
+    assert!(!public_ports.contains("9090") && !public_ports.contains("admin"), "the public Service exposes the admin listener");
+    assert_eq!(scalar(&block(public, "ports"), "targetPort").as_deref(), Some("https"));
+    assert_eq!(scalar(&block(admin, "ports"), "name").as_deref(), Some("admin"));
+    let pdb = read("deploy/kubernetes/pdb.yaml");
+    assert_eq!(pairs(&block(&block(&pdb, "selector"), "matchLabels")), pods, "the PodDisruptionBudget's selector");
+
+    let sm = read("deploy/kubernetes/servicemonitor.yaml");
+    assert!(sm.contains("apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\n"));
+    let admin_labels = pairs(&block(&block(admin, "metadata"), "labels"));
+    let wanted = pairs(&block(&block(&sm, "selector"), "matchLabels"));
+    assert!(wanted.is_subset(&admin_labels), "the ServiceMonitor selects {wanted:?}, the admin Service has {admin_labels:?}");
+    let endpoint = block(&sm, "endpoints");
+    assert_eq!((scalar(&endpoint, "port").as_deref(), scalar(&endpoint, "path").as_deref()), (Some("admin"), Some("/metrics")));
+    // The scrape sends the token the pods read, and is labelled job="portcullis", which the alert rules select.
+    let credentials = block(&endpoint, "credentials");
+    let secret_ref = block(&dep, "secretKeyRef");
+    for key in ["name", "key"] {
+        assert_eq!(scalar(&credentials, key), scalar(&secret_ref, key), "the ServiceMonitor's token and the pods' differ in {key}");
+    }
+    let job_label = scalar(&sm, "jobLabel").expect("jobLabel");
+    assert!(admin_labels.contains(&format!("{job_label}: portcullis")), "job label {job_label} is not portcullis on {admin_labels:?}");
 }
