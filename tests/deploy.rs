@@ -1,6 +1,7 @@
-//! Deployment artefacts (deploy/), checked without a container daemon or a cluster: the Dockerfiles' rules, and
-//! the Kubernetes manifests against the gateway's own config and against each other, the ConfigMap's gateway.toml
-//! through `portcullis check`.
+//! Deployment artefacts (deploy/), checked without a container daemon or a cluster: the Dockerfiles' rules, the
+//! Kubernetes manifests against the gateway's own config and against each other, the ConfigMap's gateway.toml
+//! through `portcullis check`, the alert rules and the dashboard's queries through promtool, and every metric they
+//! query against a real gateway's /metrics.
 //!
 //! The manifests are read as text (no YAML crate): each check looks for a few lines in one block, and says what
 //! it looked for when it fails. The schemas themselves are checked by kubernetes-validate in .ci/run.
@@ -10,8 +11,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::*;
+use http::Method;
+use serde_json::Value;
 
 fn read(rel: &str) -> String {
     std::fs::read_to_string(manifest(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
@@ -445,4 +449,247 @@ fn the_services_budget_and_service_monitor_select_the_deployments_pods() {
     }
     let job_label = scalar(&sm, "jobLabel").expect("jobLabel");
     assert!(admin_labels.contains(&format!("{job_label}: portcullis")), "job label {job_label} is not portcullis on {admin_labels:?}");
+    assert!(read("deploy/prometheus/alerts.yml").contains("job=\"portcullis\""));
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Alert rules and the dashboard.
+
+/// Metric names in PromQL (or any text): `portcullis_*` and `process_*` identifiers.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    text.split(|c: char| !ident(c)).filter(|w| w.starts_with("portcullis_") || w.starts_with("process_")).map(str::to_string).collect()
+}
+
+fn dashboard() -> Value {
+    serde_json::from_str(&read("deploy/grafana/portcullis.json")).expect("the dashboard is JSON")
+}
+
+/// Every PromQL query of the dashboard: panel targets and variable queries.
+fn dashboard_queries(d: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            out.push(t["expr"].as_str().expect("a target without expr").to_string());
+        }
+    }
+    for v in d["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = v["query"]["query"].as_str() {
+            out.push(q.to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn the_dashboard_uses_the_datasource_variable_and_covers_the_gateway() {
+    let d = dashboard();
+    let vars = d["templating"]["list"].as_array().unwrap();
+    assert!(
+        vars.iter().any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"),
+        "no Prometheus datasource variable"
+    );
+    let mut areas: Vec<(u64, u64, u64, u64, String)> = Vec::new();
+    for p in d["panels"].as_array().unwrap() {
+        let title = p["title"].as_str().unwrap_or("").to_string();
+        let g = &p["gridPos"];
+        let n = |k: &str| g[k].as_u64().unwrap_or_else(|| panic!("{title}: gridPos.{k}"));
+        assert!(n("x") + n("w") <= 24, "{title} is wider than the dashboard");
+        for (x, y, w, h, other) in &areas {
+            let apart = n("x") >= x + w || x >= &(n("x") + n("w")) || n("y") >= y + h || y >= &(n("y") + n("h"));
+            assert!(apart, "{title} overlaps {other}");
+        }
+        areas.push((n("x"), n("y"), n("w"), n("h"), title.clone()));
+        if p["type"] == "row" {
+            continue;
+        }
+        // Bound to the variable, never to one installation's datasource uid.
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+        let targets = p["targets"].as_array().unwrap_or_else(|| panic!("{title} has no targets"));
+        assert!(!targets.is_empty(), "{title} has no query");
+        for t in targets {
+            assert_eq!(t["datasource"]["uid"], "${datasource}", "{title}");
+        }
+    }
+    let queried: BTreeSet<String> = dashboard_queries(&d).iter().flat_map(|q| metric_names(q)).collect();
+    for want in [
+        "portcullis_requests_total",
+        "portcullis_request_duration_seconds_bucket",
+        "portcullis_auth_failures_total",
+        "portcullis_rate_limited_total",
+        "portcullis_upstream_errors_total",
+        "portcullis_token_issued_total",
+        "portcullis_token_failures_total",
+        "portcullis_jwks_refresh_total",
+        "portcullis_config_reloads_total",
+        "portcullis_connections_active",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+    ] {
+        assert!(queried.contains(want), "the dashboard has no panel on {want}");
+    }
+}
+
+fn run_promtool(promtool: &Path, args: &[&str], dir: &Path) -> Output {
+    Command::new(promtool).args(args).current_dir(dir).output().expect("promtool runs")
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_each_alert_has_a_firing_unit_test() {
+    let Some(promtool) = require_tool(&["promtool"], "prometheus") else { return };
+    let dir = manifest("deploy/prometheus");
+    let out = run_promtool(&promtool, &["check", "rules", "alerts.yml"], &dir);
+    assert!(out.status.success(), "promtool check rules: {}", show(&out));
+    let out = run_promtool(&promtool, &["test", "rules", "alerts_test.yml"], &dir);
+    assert!(out.status.success(), "promtool test rules: {}", show(&out));
+
+    // Each alert is expected to fire somewhere (exp_alerts with labels after its alertname).
+    let tests = read("deploy/prometheus/alerts_test.yml");
+    let alerts: Vec<String> = read("deploy/prometheus/alerts.yml").lines().filter_map(|l| scalar(l, "alert")).collect();
+    assert!(alerts.len() >= 6, "{alerts:?}");
+    for a in &alerts {
+        let fires = tests.split("alertname: ").filter(|t| t.starts_with(&format!("{a}\n"))).any(|t| t.contains("exp_labels:"));
+        assert!(fires, "alerts_test.yml never expects {a} to fire");
+    }
+}
+
+#[test]
+fn the_dashboards_queries_are_valid_promql() {
+    let Some(promtool) = require_tool(&["promtool"], "prometheus") else { return };
+    // Each query as a recording rule, Grafana's variables replaced by what they stand for, through promtool.
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (n, q) in dashboard_queries(&dashboard()).iter().enumerate() {
+        let q = q.replace("$__rate_interval", "5m").replace("$job", ".*").replace("$instance", ".*");
+        // A variable's label_values(SELECTOR, LABEL) is Grafana's: its PromQL is the selector.
+        let q = match q.strip_prefix("label_values(").and_then(|rest| rest.rsplit_once(',')) {
+            Some((selector, _)) => selector.to_string(),
+            None => q,
+        };
+        rules.push_str(&format!("      - record: dashboard_query_{n}\n        expr: {}\n", serde_json::to_string(&q).unwrap()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dashboard.yml"), &rules).unwrap();
+    let out = run_promtool(&promtool, &["check", "rules", "dashboard.yml"], dir.path());
+    assert!(out.status.success(), "a dashboard query is not valid PromQL: {}\n{rules}", show(&out));
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Every metric queried exists in a real gateway's exposition.
+
+/// Metric families in an exposition, from its `# TYPE name type` lines.
+fn families(exposition: &str) -> Vec<(String, String)> {
+    exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' ').map(|(n, t)| (n.to_string(), t.trim().to_string())))
+        .collect()
+}
+
+/// The names in `queried` that `exposition` does not export: a histogram's `_bucket`, `_sum` and `_count` count
+/// as its own.
+fn missing_metrics(queried: &BTreeSet<String>, exposition: &str) -> Vec<String> {
+    let fam = families(exposition);
+    let exported = |name: &str| {
+        fam.iter().any(|(n, t)| n == name && t != "histogram" && t != "summary")
+            || ["_bucket", "_sum", "_count"].iter().any(|s| {
+                name.strip_suffix(s)
+                    .is_some_and(|base| fam.iter().any(|(n, t)| n == base && (t == "histogram" || (t == "summary" && *s != "_bucket"))))
+            })
+    };
+    queried.iter().filter(|q| !exported(q)).cloned().collect()
+}
+
+#[test]
+fn the_metric_check_tells_histograms_from_counters() {
+    let exposition =
+        "# TYPE portcullis_a_seconds histogram\nportcullis_a_seconds_count 1\n# TYPE portcullis_b_total counter\nportcullis_b_total 1\n";
+    let queried: BTreeSet<String> =
+        ["portcullis_a_seconds_bucket", "portcullis_a_seconds", "portcullis_b_total", "portcullis_b_total_count", "portcullis_c_total"]
+            .map(String::from)
+            .into();
+    assert_eq!(missing_metrics(&queried, exposition), ["portcullis_a_seconds", "portcullis_b_total_count", "portcullis_c_total"]);
+    assert_eq!(metric_names("sum by (le) (rate(portcullis_a_seconds_bucket{job=~\"$job\"}[5m])) / process_open_fds"), {
+        let want: BTreeSet<String> = ["portcullis_a_seconds_bucket", "process_open_fds"].map(String::from).into();
+        want
+    });
+}
+
+/// Whether this build has the process collector (`process_*`). Issue #26 adds it on main beside this branch;
+/// until the two meet, those names are reported as pending instead of failing, and from then on they are required.
+fn process_collector_built() -> bool {
+    read("Cargo.toml").lines().any(|l| l.starts_with("prometheus =") && l.contains("\"process\""))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_and_alerts_query_is_exported() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded_by(LONG_TEST_BOUND, async {
+        let up = spawn_upstream().await;
+        let (_held_upstream, dead) = refusing_addr();
+        let (_held_jwks, no_jwks) = refusing_addr();
+        let iss = TestIssuer::new();
+        let cfg = ConfigBuilder::new(&up)
+            .upstream("dead", &format!("http://{dead}"), r#"connect_timeout = "1s""#)
+            .section(&iss.config())
+            .issuer("local", "https://gateway.local", &["EdDSA"], "private_key = \"issuer-ed25519.pem\"\ngenerate_key = true")
+            .issuer("idp", "https://idp.test", &["RS256"], &format!("jwks_url = \"http://{no_jwks}/keys\""))
+            .section("[token_endpoint]\npath = \"/token\"\nissuer = \"local\"\nusers_file = \"users.toml\"")
+            .route("me", "/users/me", "")
+            .route("admin", "/admin/*", r#"roles_any = ["admin"]"#)
+            .route("limited", "/limited", "auth = \"public\"\nrate_limit = { key = \"route\", rate = \"1/min\", burst = 1 }")
+            .route_to("dead", "dead", "/dead/*", AUTH_PUBLIC)
+            .build();
+        let users = std::fs::read(manifest("examples/demo-users.toml")).unwrap();
+        let gw = iss.gateway_with(&cfg, &[("users.toml", &users)]).await;
+        let c = client(&gw);
+
+        // One of each outcome the dashboard and the alerts look at.
+        assert_eq!(get(&c, &gw.https_url("/users/me"), Some(&iss.token("bob", &["user"]))).await.status, 200);
+        assert_eq!(get(&c, &gw.https_url("/users/me"), None).await.status, 401);
+        assert_eq!(get(&c, &gw.https_url("/admin/x"), Some(&iss.token("bob", &["user"]))).await.status, 403);
+        assert_eq!(get(&c, &gw.https_url("/limited"), None).await.status, 200);
+        assert_eq!(get(&c, &gw.https_url("/limited"), None).await.status, 429);
+        assert_eq!(get(&c, &gw.https_url("/dead/x"), None).await.status, 502);
+        let form = [("content-type", "application/x-www-form-urlencoded")];
+        let login = |password: &str| format!("grant_type=password&username=john.doe&password={password}");
+        let a = request(&c, Method::POST, &gw.https_url("/token"), &form, login("securepassword").as_bytes()).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        let a = request(&c, Method::POST, &gw.https_url("/token"), &form, login("wrong").as_bytes()).await;
+        assert_eq!(a.status, 400, "{}", a.text());
+        // An HTTP/2 connection that sends HTTP/1 instead of the preface: a protocol error.
+        let mut tls = gateway_tls(&gw, &[b"h2"]).await;
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut sink)).await;
+
+        // The JWKS fetch for `idp` fails in the background; wait until it has been counted.
+        let deadline = tokio::time::Instant::now() + BOUND;
+        let text = loop {
+            let text = metrics(&c, &gw).await;
+            if text.contains("portcullis_jwks_refresh_total{") && text.contains("portcullis_http2_protocol_errors_total{") {
+                break text;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no JWKS refresh or HTTP/2 error counted:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+
+        let dash: BTreeSet<String> = dashboard_queries(&dashboard()).iter().flat_map(|q| metric_names(q)).collect();
+        let rules: BTreeSet<String> = ["alerts.yml", "alerts_test.yml"]
+            .iter()
+            .flat_map(|f| metric_names(&without_comments(&read(&format!("deploy/prometheus/{f}")))))
+            .collect();
+        assert!(dash.len() >= 20 && rules.len() >= 6, "too few names found: {dash:?} {rules:?}");
+        let mut queried: BTreeSet<String> = dash.union(&rules).cloned().collect();
+        let pending: Vec<String> = queried.iter().filter(|n| n.starts_with("process_")).cloned().collect();
+        assert_eq!(pending.len(), 3, "{pending:?}");
+        if !process_collector_built() {
+            eprintln!("PENDING: {pending:?} are queried but the prometheus crate's process collector is not built here yet");
+            queried.retain(|n| !n.starts_with("process_"));
+        }
+        let missing = missing_metrics(&queried, &text);
+        assert!(missing.is_empty(), "queried but not exported: {missing:?}\n--- exposition ---\n{text}");
+        gw.stop().await;
+    })
+    .await;
 }
