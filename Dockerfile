@@ -3,7 +3,8 @@
 # The top-level Dockerfile is an identical copy (tests/deploy.rs holds the two equal and checks the rules below).
 #
 # The image holds the binary and CA roots only: no config, no demo accounts, no keys. `run` (the default command)
-# reads /etc/portcullis/gateway.toml, which you mount; `docker run … portcullis demo` runs the built-in demo.
+# reads /etc/portcullis/gateway.toml, which you mount; `docker run -p 8443:8443 … portcullis demo --bind 0.0.0.0`
+# runs the demo from the config and accounts built into the binary.
 
 # 1. Dependencies only, built against a stub crate. This layer depends on Cargo.toml and Cargo.lock alone, so a
 #    change to src/ reuses it instead of compiling aws-lc and every other crate again.
@@ -22,6 +23,9 @@ RUN mkdir -p src benches \
 # 2. The gateway itself, then its debug info split off into portcullis.debug and the binary stripped.
 FROM deps AS build
 COPY src ./src
+# Embedded by the binary for `portcullis demo` (the runtime stage copies neither).
+COPY gateway.toml ./
+COPY examples/demo-users.toml examples/demo-clients.toml ./examples/
 # COPY keeps the context's mtimes, which may be older than the stub's build: touch so cargo rebuilds the crate.
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked --bin portcullis \

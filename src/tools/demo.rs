@@ -107,3 +107,15 @@ pub fn write_builtin_config() -> std::io::Result<std::path::PathBuf> {
     std::fs::write(&config, BUILTIN_CONFIG)?;
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_builtin_config_is_complete_and_valid_where_nothing_else_is() {
+        let path = super::write_builtin_config().expect("written");
+        let config = crate::Config::check(&path).unwrap_or_else(|e| panic!("the built-in demo config does not check: {e}"));
+        let te = config.token_endpoint.expect("the demo issues tokens");
+        assert!(te.users_file.is_some_and(|f| f.exists()), "the demo accounts are written beside it");
+        let _ = std::fs::remove_dir_all(path.parent().expect("a folder"));
+    }
+}
