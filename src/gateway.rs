@@ -322,23 +322,7 @@ impl Gateway {
         let cx = Context { uri: &uri, client, request_id: &request_id, fwd, client_in_flight, trace: trace.as_ref() };
         let facts = self.config.access_log.then(|| LogFacts::of(&req, &uri));
         let result = self.handle_inner(req, &cx, &mut outcome).await;
-        let mut rsp = match result {
-            Ok(rsp) => rsp,
-            Err(e) => {
-                self.count_refusal(&e, &outcome);
-                outcome.reason = Some(e.reason());
-                if e.status().is_server_error() {
-                    tracing::warn!(request_id = ?request_id, error = %e, source = ?std::error::Error::source(&e), "request failed");
-                } else {
-                    tracing::debug!(request_id = ?request_id, error = %e, "request refused");
-                }
-                // An unread HTTP/1 body would be taken as the next request; close instead.
-                let client_body_broke =
-                    matches!(e, GatewayError::Proxy(proxy::ProxyError::ClientBody(_) | proxy::ProxyError::ClientTimeout(_)));
-                let close = outcome.http1_body && (outcome.upstream_time.is_none() || client_body_broke);
-                e.to_response(close)
-            }
-        };
+        let mut rsp = result.unwrap_or_else(|e| self.refusal(&e, &mut outcome, &request_id));
         let h = rsp.headers_mut();
         let secure = outcome.route.and_then(|r| r.headers.as_ref()).unwrap_or(&self.config.headers);
         let mut passed = std::mem::take(&mut outcome.passed);
@@ -354,59 +338,60 @@ impl Gateway {
 
         let ready_at = Instant::now();
         let elapsed = ready_at.saturating_duration_since(start);
-        let rm = self.metrics_of(&outcome);
-        rm.observe(&self.metrics, &method, rsp.status(), elapsed.as_secs_f64());
-        let route_name = outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-");
-        let http_version = version_text(version);
+        self.metrics_of(&outcome).observe(&self.metrics, &method, rsp.status(), elapsed.as_secs_f64());
+        let done = Answered {
+            method: &method,
+            route: outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-"),
+            status: rsp.status().as_u16(),
+            http_version: version_text(version),
+            timing: Timing { start, end: ready_at },
+        };
         let trace_id = trace.as_ref().map(TraceIds::trace_id_hex);
         if let (Some(tracer), Some(ids)) = (&self.tracer, trace.filter(|t| t.sampled)) {
-            tracer.record(RequestSpans {
-                ids,
-                timing: Timing { start, end: ready_at },
-                method: method.clone(),
-                route: route_name.to_string(),
-                status: rsp.status().as_u16(),
-                http_version,
+            tracer.record(spans_of(ids, &done, &outcome));
+        }
+        if let Some(facts) = facts {
+            let declared = rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+            crate::logging::access(&crate::logging::AccessRecord {
+                request_id: request_id.to_str().unwrap_or("-"),
+                client,
+                client_text: (client == conn.peer.ip()).then(|| conn.peer_ip.to_str().ok()).flatten(),
+                method: method.as_str(),
+                path: uri.path(),
+                route: done.route,
+                status: done.status,
+                bytes: declared.or(passed.content_length),
+                subject: outcome.principal.as_ref().map(|p| p.subject.as_str()),
+                issuer: outcome.principal.as_ref().map(|p| p.issuer_id.as_str()),
+                rate_limited: outcome.rate_limited,
+                duration_us: elapsed.as_micros() as u64,
+                upstream_us: outcome.upstream_time.map(|d| d.as_micros() as u64),
                 reason: outcome.reason,
-                auth: outcome.auth_timing,
-                limit: outcome.limit_timing,
-                upstream: outcome.upstream.zip(outcome.upstream_timing).map(|(name, timing)| UpstreamCall {
-                    upstream: name.to_string(),
-                    timing,
-                    status: outcome.upstream_status,
-                    error: outcome.upstream_status.is_none().then_some(outcome.reason.unwrap_or("upstream_error")),
-                }),
+                host: facts.host.as_ref().map(HeaderValue::as_bytes),
+                user_agent: facts.user_agent.as_ref().map(HeaderValue::as_bytes),
+                http_version: done.http_version,
+                upstream: outcome.upstream,
+                upstream_status: outcome.upstream_status,
+                trace_id: trace_id.or(facts.trace.map(|t| t.trace_id_hex())),
+                at: ready_at,
             });
         }
-        let Some(facts) = facts else {
-            return (rsp, Additions { passed, secure, request_id });
-        };
-        let declared = rsp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        let bytes = declared.or(passed.content_length);
-        crate::logging::access(&crate::logging::AccessRecord {
-            request_id: request_id.to_str().unwrap_or("-"),
-            client,
-            client_text: (client == conn.peer.ip()).then(|| conn.peer_ip.to_str().ok()).flatten(),
-            method: method.as_str(),
-            path: uri.path(),
-            route: route_name,
-            status: rsp.status().as_u16(),
-            bytes,
-            subject: outcome.principal.as_ref().map(|p| p.subject.as_str()),
-            issuer: outcome.principal.as_ref().map(|p| p.issuer_id.as_str()),
-            rate_limited: outcome.rate_limited,
-            duration_us: elapsed.as_micros() as u64,
-            upstream_us: outcome.upstream_time.map(|d| d.as_micros() as u64),
-            reason: outcome.reason,
-            host: facts.host.as_ref().map(HeaderValue::as_bytes),
-            user_agent: facts.user_agent.as_ref().map(HeaderValue::as_bytes),
-            http_version,
-            upstream: outcome.upstream,
-            upstream_status: outcome.upstream_status,
-            trace_id: trace_id.or(facts.trace.map(|t| t.trace_id_hex())),
-            at: ready_at,
-        });
         (rsp, Additions { passed, secure, request_id })
+    }
+
+    /// The answer to a refused or failed request: counted, logged by its cause, and closing the connection when
+    /// an HTTP/1 body was left unread (it would be taken as the next request).
+    fn refusal(&self, e: &GatewayError, outcome: &mut Outcome<'_>, request_id: &HeaderValue) -> Response<Body> {
+        self.count_refusal(e, outcome);
+        outcome.reason = Some(e.reason());
+        if e.status().is_server_error() {
+            tracing::warn!(request_id = ?request_id, error = %e, source = ?std::error::Error::source(e), "request failed");
+        } else {
+            tracing::debug!(request_id = ?request_id, error = %e, "request refused");
+        }
+        let client_body_broke = matches!(e, GatewayError::Proxy(proxy::ProxyError::ClientBody(_) | proxy::ProxyError::ClientTimeout(_)));
+        let close = outcome.http1_body && (outcome.upstream_time.is_none() || client_body_broke);
+        e.to_response(close)
     }
 
     /// The request path, one stage per line: each returns early with the error that answers the request.
@@ -669,6 +654,36 @@ impl Gateway {
             GatewayError::RateLimited { key, .. } => rm.rate_limited(&self.metrics, key),
             GatewayError::Route(_) | GatewayError::BodyTooLarge(_) | GatewayError::Proxy(_) | GatewayError::Token(_) => {}
         }
+    }
+}
+
+/// What the answer to a request was, for its spans and its log line.
+struct Answered<'a> {
+    method: &'a http::Method,
+    route: &'a str,
+    status: u16,
+    http_version: &'static str,
+    timing: Timing,
+}
+
+/// A sampled request's spans, from what its stages recorded.
+fn spans_of(ids: TraceIds, done: &Answered<'_>, outcome: &Outcome<'_>) -> RequestSpans {
+    RequestSpans {
+        ids,
+        timing: done.timing,
+        method: done.method.clone(),
+        route: done.route.to_string(),
+        status: done.status,
+        http_version: done.http_version,
+        reason: outcome.reason,
+        auth: outcome.auth_timing,
+        limit: outcome.limit_timing,
+        upstream: outcome.upstream.zip(outcome.upstream_timing).map(|(name, timing)| UpstreamCall {
+            upstream: name.to_string(),
+            timing,
+            status: outcome.upstream_status,
+            error: outcome.upstream_status.is_none().then_some(outcome.reason.unwrap_or("upstream_error")),
+        }),
     }
 }
 

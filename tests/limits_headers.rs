@@ -604,3 +604,29 @@ async fn cors_preflight_and_actual_requests() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_own_page_policy_is_kept_unless_the_route_forces_the_gateways() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let cfg = ConfigBuilder::new(&up)
+            .route("forced", "/forced/*", "auth = \"public\"\nheaders = { override = true }")
+            .route("all", "/*", AUTH_PUBLIC)
+            .build();
+        let gw = spawn_gateway(&cfg).await;
+        let c = client(&gw);
+        // FastAPI's /docs: the upstream's own policy lets its page load its scripts; the JSON default would not.
+        let a = get(&c, &gw.http_url("/docs"), None).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(header(&a, "content-security-policy"), Some(UPSTREAM_CSP), "the upstream's own policy is kept");
+        // Answers without a policy of their own get the gateway's.
+        let a = get(&c, &gw.http_url("/items"), None).await;
+        assert_eq!(header(&a, "content-security-policy"), Some("default-src 'none'; frame-ancestors 'none'"));
+        // A route that forces the gateway's headers replaces the upstream's policy.
+        let a = get(&c, &gw.http_url("/forced/docs"), None).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(header(&a, "content-security-policy"), Some("default-src 'none'; frame-ancestors 'none'"));
+        gw.stop().await;
+    })
+    .await;
+}

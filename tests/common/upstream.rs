@@ -83,6 +83,9 @@ fn full(b: impl Into<Bytes>) -> BoxBody {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
+/// The page policy the upstream's `/docs` pages send.
+pub const UPSTREAM_CSP: &str = "default-src 'self'; script-src 'self' https://cdn.jsdelivr.net";
+
 /// Starts the echo upstream on 127.0.0.1:0. Paths with special meaning:
 /// - `/slow?ms=N`: waits N ms before answering.
 /// - `/download?bytes=N`: streams N bytes (a repeating pattern) in 64 KiB chunks.
@@ -91,6 +94,8 @@ fn full(b: impl Into<Bytes>) -> BoxBody {
 /// - `/with-server-header`: the echo JSON, plus `Server`, `X-Powered-By`, `X-AspNet-Version`, its own
 ///   `X-Frame-Options: SAMEORIGIN`, `X-Request-Id: upstream-id` and `Access-Control-Allow-Origin: *` (for the
 ///   secure-header and CORS tests: what is stripped, what is kept, what is replaced).
+/// - a path ending in `/docs`: an HTML page with its own `Content-Security-Policy` ([`UPSTREAM_CSP`]), as FastAPI's
+///   docs pages need.
 /// - anything else: JSON `{"method","path","headers":{…}}`.
 ///
 /// Every request is recorded in `seen` before it is answered.
@@ -219,6 +224,13 @@ async fn upstream_handle(state: Upstream, mut req: Request<Incoming>) -> Result<
             h.insert("x-frame-options", "SAMEORIGIN".parse().unwrap());
             h.insert("x-request-id", "upstream-id".parse().unwrap());
             h.insert("access-control-allow-origin", "*".parse().unwrap());
+            Ok(rsp)
+        }
+        p if p.ends_with("/docs") => {
+            let mut rsp =
+                Response::new(full("<!doctype html><title>API docs</title><script src=\"https://cdn.jsdelivr.net/x.js\"></script>"));
+            rsp.headers_mut().insert("content-type", "text/html; charset=utf-8".parse().unwrap());
+            rsp.headers_mut().insert("content-security-policy", UPSTREAM_CSP.parse().unwrap());
             Ok(rsp)
         }
         _ => {
