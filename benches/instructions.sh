@@ -3,6 +3,7 @@
 # beside nginx as plain proxies of one worker in front of the same nginx upstream, with the harness's settings.
 #   benches/instructions.sh            # needs valgrind, nginx and wrk (../shared/bench/setup.sh installs the last two)
 #   ACCESS_LOG=false benches/instructions.sh   # Portcullis without its access line (nginx runs without one)
+#   TRACING=1 benches/instructions.sh          # with [tracing], every request sampled, spans POSTed to the upstream
 #   GATEWAY_BIN=/tmp/old/portcullis benches/instructions.sh   # another build, not rebuilt
 # Loopback only; each target runs 2 s of warm-up and 5 s measured under valgrind, then stops.
 # Outside this repository it uses the system's valgrind, nginx and wrk, a temporary directory, and loopback ports
@@ -60,6 +61,9 @@ path = "/*"
 upstream = "up"
 auth = "public"
 EOF
+if [ -n "${TRACING:-}" ]; then # the upstream nginx answers the OTLP POSTs too: a collector that costs nothing here
+    printf '[tracing]\notlp_endpoint = "http://127.0.0.1:%s"\nsample_ratio = 1.0\n' "$UP" >>"$DIR/gateway.toml"
+fi
 
 taskset -c 1 nginx -c "$DIR/upstream.conf" -g 'daemon off;' &
 

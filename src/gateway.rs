@@ -129,7 +129,7 @@ impl LogFacts {
     fn of(req: &Request<RequestBody>, uri: &http::Uri) -> LogFacts {
         let h = req.headers();
         let host = h.get(header::HOST).cloned().or_else(|| uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-        let trace = h.get("traceparent").and_then(|v| crate::telemetry::TraceParent::parse(v.as_bytes()));
+        let trace = h.get(crate::telemetry::TRACEPARENT).and_then(|v| crate::telemetry::TraceParent::parse(v.as_bytes()));
         LogFacts { host, user_agent: h.get(header::USER_AGENT).cloned(), trace }
     }
 }

@@ -454,7 +454,7 @@ fn tracing_is_checked_and_reported_all_at_once() {
     let ok = Config::from_toml(Path::new("g.toml"), &text("otlp_endpoint = \"http://127.0.0.1:4318\"\n")).expect("loads");
     let t = ok.tracing.expect("tracing on");
     assert_eq!(t.endpoint.to_string(), "http://127.0.0.1:4318/v1/traces");
-    assert_eq!((t.sample_ratio, t.service_name.as_str(), t.max_queue), (1.0, "portcullis", 2048));
+    assert_eq!((t.sample_ratio, t.service_name.as_str(), t.max_queue), (1.0, "portcullis", 8192));
     assert_eq!(t.trust_incoming, crate::telemetry::TrustIncoming::TrustedProxies);
     let full =
         Config::from_toml(Path::new("g.toml"), &text("otlp_endpoint = \"https://otel.example/custom/path\"\ntrust_incoming = \"all\"\n"))

@@ -228,7 +228,7 @@ impl Validator<'_> {
         if let Some(n) = t.service_name.as_ref().filter(|n| n.get_ref().trim().is_empty()) {
             self.error(n.span(), "`tracing.service_name` must not be empty");
         }
-        let max_queue = t.max_queue_spans.as_ref().map_or(2048, |n| *n.get_ref());
+        let max_queue = t.max_queue_spans.as_ref().map_or(8192, |n| *n.get_ref());
         if let Some(n) = t.max_queue_spans.as_ref().filter(|n| *n.get_ref() == 0) {
             self.error(n.span(), "`tracing.max_queue_spans` must be at least 1");
         }

@@ -129,14 +129,16 @@ pub struct Tracer {
     /// A trace id whose last 8 bytes (as a number, halved) fall below this is sampled: the decision depends on
     /// the id alone, as OpenTelemetry's TraceIdRatioBased sampler makes it.
     threshold: u64,
-    queue: tokio::sync::mpsc::Sender<RequestSpans>,
+    /// A std channel, not tokio's: sending wakes no task (the exporter drains it on its own clock), so a request
+    /// pays a few atomics, not a task switch.
+    queue: std::sync::mpsc::SyncSender<RequestSpans>,
     dropped: prometheus::IntCounter,
 }
 
 impl Tracer {
     /// Starts the exporter task (inside a tokio runtime). It ends, after a last export, once the tracer is dropped.
     pub fn start(settings: Arc<TracingSettings>, metrics: &Metrics) -> Result<Tracer, TracingError> {
-        let (queue, rx) = tokio::sync::mpsc::channel(settings.max_queue.max(1));
+        let (queue, rx) = std::sync::mpsc::sync_channel(settings.max_queue.max(1));
         let exporter = otlp::Exporter::new(&settings, metrics)?;
         tokio::spawn(exporter.run(rx));
         let threshold = (settings.sample_ratio.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64;
