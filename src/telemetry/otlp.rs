@@ -44,7 +44,7 @@ impl Exporter {
         })
     }
 
-    /// Drains the queue every [`DRAIN_EVERY`] and sends what it holds, in batches; once every sender is gone it
+    /// Drains the queue every 100 ms and sends what it holds, in batches; once every sender is gone it
     /// sends what is left and ends.
     pub async fn run(self, rx: Receiver<RequestSpans>) {
         let mut batch = Vec::with_capacity(BATCH);
