@@ -407,7 +407,16 @@ pub(super) struct IdentityFile {
 #[serde(untagged)]
 pub(super) enum PublicKeyFile {
     Path(PathBuf),
-    WithKid { path: PathBuf, kid: String },
+    WithKid(PublicKeyWithKid),
+}
+
+/// A table entry of `public_keys`: its own struct, so an unknown key in it is an error (an untagged enum's inline
+/// variant would ignore it).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PublicKeyWithKid {
+    pub(super) path: PathBuf,
+    pub(super) kid: String,
 }
 
 /// `[[issuers]]` as written.

@@ -9,7 +9,7 @@ use crate::auth::issuer::normalize_typ;
 use crate::auth::keys::{bind_key, parse_alg, public_from_private_pem, read_public_pem};
 use crate::auth::{IssuerSettings, JwksSettings, JwksSource};
 
-use super::file::{IssuerFile, PublicKeyFile};
+use super::file::{IssuerFile, PublicKeyFile, PublicKeyWithKid};
 use super::Validator;
 
 pub(super) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize>, f: IssuerFile) -> Option<IssuerSettings> {
@@ -77,7 +77,7 @@ pub(super) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize
     for pk in f.public_keys.iter().flatten() {
         let (path, kid) = match pk {
             PublicKeyFile::Path(p) => (p, None),
-            PublicKeyFile::WithKid { path, kid } => (path, Some(kid.clone())),
+            PublicKeyFile::WithKid(PublicKeyWithKid { path, kid }) => (path, Some(kid.clone())),
         };
         let p = v.resolve(path);
         match std::fs::read(&p) {

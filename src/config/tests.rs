@@ -484,3 +484,24 @@ fn tracing_is_checked_and_reported_all_at_once() {
         .map(|c| assert!(c.tracing.is_none()))
         .expect("off by default");
 }
+
+#[test]
+fn a_public_key_entry_with_an_unknown_key_does_not_load() {
+    let dir = std::env::temp_dir().join(format!("portcullis-pk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let text = |entry: &str| {
+        format!(
+            "[listen]\nhttp = \"127.0.0.1:0\"\n[[issuers]]\nid = \"a\"\nissuer = \"https://idp.test\"\naudiences = [\"api\"]\n\
+             algorithms = [\"EdDSA\"]\npublic_keys = [{entry}]\n"
+        )
+    };
+    let e = Config::from_toml(&dir.join("g.toml"), &text("{ path = \"k.pem\", kid = \"k1\", kdi = \"typo\" }"))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("g.toml:8:") && !e.contains("k.pem"), "refused as written, before any file is read: {e}");
+    // Without the typo the entry is read (and fails only because the file is not there).
+    let e = Config::from_toml(&dir.join("g.toml"), &text("{ path = \"k.pem\", kid = \"k1\" }")).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("k.pem"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
