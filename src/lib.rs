@@ -125,6 +125,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let gateway = Gateway::new(config.clone(), metrics.clone(), None)?;
     metrics.config_reloads.with_label_values(&["ok"]).inc();
     metrics.config_last_reload_success.set(unix_now());
+    metrics.config_last_reload_successful.set(1);
     let shared = Arc::new(server::Shared {
         gateway: ArcSwap::from_pointee(gateway),
         metrics,

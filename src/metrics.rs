@@ -30,6 +30,9 @@ pub struct Metrics {
     pub http2_protocol_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: IntGauge,
+    /// 1 while the config on disk is the one serving, 0 after a refused reload: an alert on it lasts as long as
+    /// the bad file does (a counter of failures would forget it).
+    pub config_last_reload_successful: IntGauge,
     pub tracing_spans: IntCounterVec,
 }
 
@@ -68,6 +71,10 @@ impl Metrics {
             IntGauge::new("portcullis_config_last_reload_success_timestamp_seconds", "Unix time of the last successful config load.")
                 .unwrap_or_else(|e| panic!("metric: {e}")); // ok: static
         let _ = r.register(Box::new(last.clone()));
+        let successful =
+            IntGauge::new("portcullis_config_last_reload_successful", "1 if the last config load or reload succeeded, else 0.")
+                .unwrap_or_else(|e| panic!("metric: {e}")); // ok: static
+        let _ = r.register(Box::new(successful.clone()));
         // process_* (CPU, resident memory, open descriptors): what every dashboard puts beside the proxy's own.
         #[cfg(target_os = "linux")]
         let _ = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
@@ -119,6 +126,7 @@ impl Metrics {
             ),
             config_reloads: counter_vec(&r, "portcullis_config_reloads_total", "Config loads and reloads by result.", &["result"]),
             config_last_reload_success: last,
+            config_last_reload_successful: successful,
             tracing_spans: counter_vec(
                 &r,
                 "portcullis_tracing_spans_total",

@@ -36,12 +36,14 @@ pub async fn reload(shared: &Shared) -> Result<(), ReloadError> {
     match &result {
         Ok(()) => {
             m.config_reloads.with_label_values(&["ok"]).inc();
+            m.config_last_reload_successful.set(1);
             m.config_last_reload_success
                 .set(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64));
             tracing::info!("configuration reloaded");
         }
         Err(e) => {
             m.config_reloads.with_label_values(&["error"]).inc();
+            m.config_last_reload_successful.set(0);
             tracing::error!("reload failed, keeping the running configuration:\n{e}");
         }
     }
