@@ -302,9 +302,10 @@ pub struct Places {
     freed: tokio::sync::Notify,
 }
 
-/// One exchange's place, given back when dropped (with the answer's body).
+/// One exchange's place, given back when dropped (with the answer's body); with it, optionally, the count of
+/// exchanges in flight to the one target it went to (what `least_request` balancing compares).
 #[derive(Debug)]
-pub struct Place(Arc<Places>);
+pub struct Place(Arc<Places>, Option<Arc<AtomicUsize>>);
 
 impl Places {
     /// `max` places, all free.
@@ -314,7 +315,7 @@ impl Places {
 
     fn try_take(self: &Arc<Self>) -> Option<Place> {
         if self.in_use.fetch_add(1, Ordering::AcqRel) < self.max {
-            return Some(Place(self.clone()));
+            return Some(Place(self.clone(), None));
         }
         self.in_use.fetch_sub(1, Ordering::AcqRel);
         None
@@ -345,8 +346,21 @@ impl Places {
     }
 }
 
+impl Place {
+    /// Counts this exchange in `target` (one more now, one less when the place is given back).
+    pub fn count_in(&mut self, target: &Arc<AtomicUsize>) {
+        target.fetch_add(1, Ordering::Relaxed);
+        if let Some(old) = self.1.replace(target.clone()) {
+            old.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Drop for Place {
     fn drop(&mut self) {
+        if let Some(t) = &self.1 {
+            t.fetch_sub(1, Ordering::Relaxed);
+        }
         self.0.in_use.fetch_sub(1, Ordering::AcqRel);
         if self.0.waiting.load(Ordering::Acquire) > 0 {
             self.0.freed.notify_one();

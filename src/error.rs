@@ -9,9 +9,9 @@ use http::{Response, StatusCode};
 use crate::auth::authz::AuthzError;
 use crate::auth::AuthError;
 use crate::body::Body;
-use crate::proxy::ProxyError;
 use crate::router::RouteError;
 use crate::token_endpoint::TokenError;
+use crate::upstream::ProxyError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -200,6 +200,31 @@ impl GatewayError {
         }
         if close {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        rsp
+    }
+}
+
+impl GatewayError {
+    /// The answer to a gRPC client: HTTP 200 with the status in `grpc-status` and `grpc-message` (a
+    /// trailers-only response, which gRPC clients read as the call's status), and the same `WWW-Authenticate`
+    /// and `Retry-After` the HTTP answer would carry.
+    pub fn to_grpc_response(&self) -> Response<Body> {
+        let http = self.to_response(false);
+        let status = http.status();
+        let (code, _) = self.code_and_challenge();
+        let mut rsp = Response::new(Body::empty());
+        let h = rsp.headers_mut();
+        for name in [header::WWW_AUTHENTICATE, header::RETRY_AFTER, header::ALLOW] {
+            if let Some(v) = http.headers().get(&name) {
+                h.insert(name, v.clone());
+            }
+        }
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from(u16::from(crate::upstream::grpc::code_for(status))));
+        // The JSON code: ASCII letters and underscores, so nothing to percent-encode.
+        if let Ok(v) = HeaderValue::from_str(code) {
+            h.insert("grpc-message", v);
         }
         rsp
     }

@@ -24,10 +24,10 @@ use crate::edge::headers_response::{self, Additions, AnswerFields};
 use crate::edge::ratelimit::{reuse_or_new, Limiter};
 use crate::error::GatewayError;
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::proxy::{self, Outbound, Upstream};
 use crate::router::{normalize_path, request_host, Route, RouteError};
 use crate::telemetry::{RequestSpans, Timing, TraceIds, Tracer, UpstreamCall};
 use crate::token_endpoint::TokenEndpoint;
+use crate::upstream::{self, Budget, Call, Outbound, Target, Upstream};
 
 /// The connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -72,7 +72,7 @@ struct Context<'r> {
 }
 
 /// Where a matched request goes: its route, its normalised path and the authority the client addressed.
-struct Target<'r> {
+struct Routed<'r> {
     route: &'r Route,
     path: &'r str,
     host: Option<HeaderValue>,
@@ -109,6 +109,12 @@ struct Outcome<'a> {
     /// The upstream the request was sent to, and the status it answered.
     upstream: Option<&'a str>,
     upstream_status: Option<u16>,
+    /// The target of the last attempt.
+    target: Option<Arc<Target>>,
+    /// A gRPC request: refusals are gRPC-shaped.
+    grpc: bool,
+    /// The status a gRPC-shaped refusal stands for (its HTTP status is 200), for the metrics and the log.
+    refused: Option<http::StatusCode>,
     /// Why the gateway refused the request ([`GatewayError::reason`]).
     reason: Option<&'static str>,
     /// Stage timings, kept only for a sampled trace.
@@ -145,6 +151,8 @@ pub struct Gateway {
     route_metrics: Vec<RouteMetrics>,
     /// `portcullis_upstream_duration_seconds{upstream}` of each route's upstream, resolved once.
     route_upstream_time: Vec<prometheus::Histogram>,
+    /// The retry budget of each route that retries.
+    route_budgets: Vec<Option<Budget>>,
     /// Some CORS policy exists (global or on a route): only then is a request's `Origin` looked up.
     cors_configured: bool,
     unrouted_metrics: RouteMetrics,
@@ -178,24 +186,30 @@ pub enum BuildError {
 impl Gateway {
     /// Builds the runtime state for a checked config. Must run inside a tokio runtime (background tasks start
     /// here). With `previous`, limiter state of unchanged limits is carried over.
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, previous: Option<&Gateway>) -> Result<Gateway, BuildError> {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        previous: Option<&Gateway>,
+        resolver: &upstream::Resolver,
+    ) -> Result<Gateway, BuildError> {
         let mut system_roots = None;
         let mut by_name = std::collections::HashMap::new();
         for (name, s) in &config.upstreams {
-            // An unchanged upstream keeps its pool across a reload: no reconnect storm.
-            let old = previous.and_then(|p| p.route_upstreams.iter().find(|u| u.settings == *s));
+            // An unchanged upstream keeps its pools and health across a reload: no reconnect storm; a changed one
+            // keeps its unchanged targets.
+            let old = previous.and_then(|p| p.route_upstreams.iter().find(|u| u.settings.name == *name));
             let up = match old {
-                Some(up) => up.clone(),
-                None => {
+                Some(up) if up.settings == *s => up.clone(),
+                _ => {
                     let failed = |source| BuildError::UpstreamTls { name: name.clone(), source };
                     let tls = match &s.ca {
-                        Some(ca) => proxy::upstream_tls(Some(ca)).map_err(failed)?,
+                        Some(ca) => upstream::upstream_tls(Some(ca)).map_err(failed)?,
                         None => match &system_roots {
                             Some(tls) => Arc::clone(tls),
-                            None => system_roots.insert(proxy::upstream_tls(None).map_err(failed)?).clone(),
+                            None => system_roots.insert(upstream::upstream_tls(None).map_err(failed)?).clone(),
                         },
                     };
-                    Arc::new(Upstream::new(s.clone(), &tls))
+                    Upstream::new(s.clone(), &tls, &metrics, resolver, old.map(|o| &**o))
                 }
             };
             by_name.insert(name.clone(), up);
@@ -204,6 +218,7 @@ impl Gateway {
         let mut route_limiters = Vec::new();
         let mut route_metrics = Vec::new();
         let mut route_upstream_time = Vec::new();
+        let mut route_budgets = Vec::new();
         for r in config.routes.routes() {
             let up = by_name
                 .get(&r.upstream)
@@ -213,6 +228,8 @@ impl Gateway {
             route_limiters.push(r.rate_limit.as_ref().map(|s| reuse_or_new(old.as_ref(), s, config.ipv6_prefix)));
             route_metrics.push(RouteMetrics::new(&metrics, &r.name));
             route_upstream_time.push(metrics.upstream_duration.with_label_values(&[&r.upstream]));
+            let retries = config.route_calls.get(r.index).and_then(|c| c.retries.as_ref());
+            route_budgets.push(retries.map(|p| Budget::new(p.budget_percent)));
         }
         let global_limiter =
             config.global_limit.as_ref().map(|s| reuse_or_new(previous.and_then(|p| p.global_limiter.as_ref()), s, config.ipv6_prefix));
@@ -268,6 +285,7 @@ impl Gateway {
             route_limiters,
             route_metrics,
             route_upstream_time,
+            route_budgets,
             cors_configured,
             global_limiter,
             token_endpoint,
@@ -284,6 +302,15 @@ impl Gateway {
     /// On a reload, before this gateway replaces `previous`: see [`Authenticator::fetch_keys_lost_since`].
     pub async fn fetch_keys_lost_since(&self, previous: &Gateway) -> Result<(), (String, crate::auth::jwks::JwksError)> {
         self.authn.fetch_keys_lost_since(&previous.authn).await
+    }
+
+    /// The upstreams none of whose targets takes requests now (the admin `readyz` lists them).
+    pub fn upstreams_without_healthy_target(&self) -> Vec<String> {
+        let mut down: Vec<String> =
+            self.route_upstreams.iter().filter(|u| !u.has_healthy_target()).map(|u| u.settings.name.clone()).collect();
+        down.sort();
+        down.dedup();
+        down
     }
 
     /// Returns true when every issuer has keys (the admin `readyz`).
@@ -314,7 +341,8 @@ impl Gateway {
         // Only an HTTP/1 body left unread needs the connection closed (HTTP/2 resets just the stream).
         let version = req.version();
         let unread_closes = version < Version::HTTP_2 && has_body(&req);
-        let mut outcome = Outcome { http1_body: unread_closes, ..Outcome::default() };
+        let grpc = upstream::is_grpc(req.headers());
+        let mut outcome = Outcome { http1_body: unread_closes, grpc, ..Outcome::default() };
         let fwd = Forwarding { peer: conn.peer, peer_ip: &conn.peer_ip, tls: conn.tls, from_trusted_proxy: trusted };
         let trace = self.tracer.as_ref().map(|t| t.begin(req.headers(), trusted));
         outcome.timed = trace.as_ref().is_some_and(|t| t.sampled);
@@ -338,11 +366,12 @@ impl Gateway {
 
         let ready_at = Instant::now();
         let elapsed = ready_at.saturating_duration_since(start);
-        self.metrics_of(&outcome).observe(&self.metrics, &method, rsp.status(), elapsed.as_secs_f64());
+        let status = outcome.refused.unwrap_or(rsp.status());
+        self.metrics_of(&outcome).observe(&self.metrics, &method, status, elapsed.as_secs_f64());
         let done = Answered {
             method: &method,
             route: outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-"),
-            status: rsp.status().as_u16(),
+            status: status.as_u16(),
             http_version: version_text(version),
             timing: Timing { start, end: ready_at },
         };
@@ -371,6 +400,7 @@ impl Gateway {
                 user_agent: facts.user_agent.as_ref().map(HeaderValue::as_bytes),
                 http_version: done.http_version,
                 upstream: outcome.upstream,
+                target: outcome.target.as_deref().map(|t| &*t.label),
                 upstream_status: outcome.upstream_status,
                 trace_id: trace_id.or(facts.trace.map(|t| t.trace_id_hex())),
                 at: ready_at,
@@ -389,8 +419,13 @@ impl Gateway {
         } else {
             tracing::debug!(request_id = ?request_id, error = %e, "request refused");
         }
-        let client_body_broke = matches!(e, GatewayError::Proxy(proxy::ProxyError::ClientBody(_) | proxy::ProxyError::ClientTimeout(_)));
+        let client_body_broke =
+            matches!(e, GatewayError::Proxy(upstream::ProxyError::ClientBody(_) | upstream::ProxyError::ClientTimeout(_)));
         let close = outcome.http1_body && (outcome.upstream_time.is_none() || client_body_broke);
+        if outcome.grpc {
+            outcome.refused = Some(e.status());
+            return e.to_grpc_response();
+        }
         e.to_response(close)
     }
 
@@ -418,8 +453,8 @@ impl Gateway {
         authorize(auth.principal.as_deref(), &route.policy, |n| matched.param(n))?;
         self.check_route_limit(route, cx.client, auth.principal.as_deref(), outcome)?;
         let identity = auth.principal.as_deref().map(|p| identity_values(p, &self.config.identity)).transpose()?;
-        let outbound = self.prepare_upstream(req, Target { route, path: &path, host }, &auth, identity, cx);
-        self.forward(route, outbound, outcome).await
+        let outbound = self.prepare_upstream(req, Routed { route, path: &path, host }, &auth, identity, cx);
+        self.forward(route, outbound, auth.principal.as_deref(), cx.client, outcome).await
     }
 
     /// The client's requests in flight (all its connections and HTTP/2 streams): one client cannot make the
@@ -518,7 +553,7 @@ impl Gateway {
     fn prepare_upstream<'r>(
         &'r self,
         req: Request<RequestBody>,
-        Target { route, path, host }: Target<'r>,
+        Routed { route, path, host }: Routed<'r>,
         auth: &Authenticated,
         identity: Option<&[Option<HeaderValue>]>,
         cx: &'r Context<'_>,
@@ -561,7 +596,7 @@ impl Gateway {
             parts,
             body,
             path: route.upstream_path(path),
-            query: proxy::forwarded_query(cx.uri.query(), &route.token_sources),
+            query: upstream::forwarded_query(cx.uri.query(), &route.token_sources),
             host,
             additions,
             upgrading,
@@ -571,17 +606,28 @@ impl Gateway {
         }
     }
 
-    /// Forwards to the route's upstream, timing the exchange and counting its failures.
+    /// Forwards to a target of the route's upstream, timing the exchange and counting its failures.
     async fn forward<'a>(
         &'a self,
         route: &'a Route,
         outbound: Outbound<'_>,
+        principal: Option<&Principal>,
+        client: IpAddr,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Body>, GatewayError> {
         let upstream = &self.route_upstreams[route.index];
         outcome.upstream = Some(upstream.settings.name.as_str());
+        let route_call = self.config.route_calls.get(route.index);
+        let timeout = route_call.and_then(|c| c.timeout).unwrap_or(upstream.settings.timeout);
+        let call = Call {
+            // A gRPC client's deadline caps the wait: past it, the client has given up.
+            timeout: upstream::grpc_timeout(&outbound.parts.headers).map_or(timeout, |t| t.min(timeout)),
+            retries: route_call.and_then(|c| c.retries.as_ref()).zip(self.route_budgets[route.index].as_ref()),
+            key: upstream.settings.balance.key(&outbound.parts.headers, principal, client),
+        };
         let sent = Instant::now();
-        let result = proxy::forward(upstream, outbound, sent).await;
+        let (result, target) = upstream::forward(upstream, outbound, &call, sent).await;
+        outcome.target = target;
         let took = sent.elapsed();
         outcome.upstream_time = Some(took);
         if outcome.timed {

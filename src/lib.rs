@@ -3,7 +3,7 @@
 //! A request goes top to bottom through: accept, connection limits and TLS ([`server`]) -> HTTP/1.1 ([`h1`], or
 //! hyper for bodies, upgrades and HTTP/2) -> [`gateway::Gateway::handle`], which runs the stages: route match
 //! ([`router`]) -> authenticate and authorize ([`auth`]) -> rate limit and header rules ([`edge`]) -> forward
-//! ([`proxy`]) -> response headers ([`edge`]) -> metrics and access log ([`metrics`], [`logging`]). The token
+//! to a target of the route's upstream ([`upstream`]) -> response headers ([`edge`]) -> metrics and access log ([`metrics`], [`logging`]). The token
 //! endpoint is [`token_endpoint`]; [`config`] turns `gateway.toml` into the stages' settings; errors become answers
 //! in [`error`] only. Dependencies run one way: `server` -> `gateway` -> stages -> `h1` -> `edge`, never back.
 
@@ -20,13 +20,13 @@ pub mod gateway;
 pub mod h1;
 pub mod logging;
 pub mod metrics;
-pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod telemetry;
 pub mod tls_client;
 pub mod token_endpoint;
 pub mod tools;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,6 +95,11 @@ impl RunningGateway {
 /// Starts a gateway from a checked config: generates the self-signed pair if asked, binds every listener, and
 /// serves until [`RunningGateway::stop`]. Must be called inside a tokio runtime.
 pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
+    start_with(config, upstream::resolve::system()).await
+}
+
+/// [`start`] with another resolver for upstream host names than the system's (tests change its answers).
+pub async fn start_with(config: Config, names: upstream::Resolver) -> Result<RunningGateway, StartError> {
     let config = Arc::new(config);
     let mut acceptor = None;
     let mut resolver = None;
@@ -122,7 +127,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let (https_addr, http_addr, admin_addr) = (local(&https), local(&http), local(&admin));
 
     let metrics = Arc::new(metrics::Metrics::new());
-    let gateway = Gateway::new(config.clone(), metrics.clone(), None)?;
+    let gateway = Gateway::new(config.clone(), metrics.clone(), None, &names)?;
     metrics.config_reloads.with_label_values(&["ok"]).inc();
     metrics.config_last_reload_success.set(unix_now());
     metrics.config_last_reload_successful.set(1);
@@ -136,6 +141,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         protocol_errors_unreported: Default::default(),
         protocol_errors_reported_at: Default::default(),
         started: config.clone(),
+        resolver: names,
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());

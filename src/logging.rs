@@ -193,6 +193,8 @@ pub struct AccessRecord<'a> {
     pub http_version: &'static str,
     /// The upstream the request went to and the status it answered.
     pub upstream: Option<&'a str>,
+    /// The target of the upstream the last attempt went to.
+    pub target: Option<&'a str>,
     pub upstream_status: Option<u16>,
     /// The trace the request belongs to, 32 hex digits.
     pub trace_id: Option<[u8; 32]>,
@@ -252,7 +254,7 @@ pub fn access(r: &AccessRecord<'_>) {
             rate_limited = r.rate_limited, duration_us = r.duration_us, upstream_us = r.upstream_us,
             reason = r.reason, host = r.host.map(|h| String::from_utf8_lossy(bounded(h))).as_deref(),
             user_agent = r.user_agent.map(|u| String::from_utf8_lossy(bounded(u))).as_deref(), http_version = r.http_version,
-            upstream = r.upstream, upstream_status = r.upstream_status,
+            upstream = r.upstream, target = r.target, upstream_status = r.upstream_status,
             trace_id = r.trace_id.as_ref().map(|t| String::from_utf8_lossy(t)).as_deref(),
         );
         return;
@@ -330,6 +332,9 @@ pub fn access(r: &AccessRecord<'_>) {
         f.num(key!("duration_us"), r.duration_us);
         if let Some(u) = r.upstream {
             f.str(key!("upstream"), u);
+        }
+        if let Some(t) = r.target {
+            f.str(key!("target"), t);
         }
         if let Some(s) = r.upstream_status {
             f.num(key!("upstream_status"), u64::from(s));

@@ -280,7 +280,19 @@ fn print_summary(cfg: &Config) {
     println!("upstreams:");
     for (name, u) in &cfg.upstreams {
         let (connect, timeout) = (format_duration(u.connect_timeout), format_duration(u.timeout));
-        println!("  {name:<16} {}://{}  connect {connect}, timeout {timeout}", u.scheme, u.authority);
+        let targets: Vec<String> = u
+            .targets
+            .iter()
+            .map(|t| {
+                if t.weight == 1 {
+                    format!("{}://{}", u.scheme, t.authority)
+                } else {
+                    format!("{}://{} (weight {})", u.scheme, t.authority, t.weight)
+                }
+            })
+            .collect();
+        let pool = if targets.len() > 1 { format!("  {} over {} targets", u.balance, targets.len()) } else { String::new() };
+        println!("  {name:<16} {}{pool}  {}  connect {connect}, timeout {timeout}", targets.join(", "), u.protocol.as_str());
     }
     println!("issuers:");
     for i in &cfg.issuers {
@@ -361,7 +373,7 @@ fn run(cfg: Config, workers: Option<usize>, demo: bool) -> ExitCode {
                 .upstreams
                 .get("api")
                 .or_else(|| cfg.upstreams.values().next())
-                .and_then(|u| u.authority.as_str().parse::<std::net::SocketAddr>().ok());
+                .and_then(|u| u.authority()?.as_str().parse::<std::net::SocketAddr>().ok());
             match addr {
                 Some(a) => {
                     if let Err(e) = portcullis::tools::demo::spawn_echo_upstream(a).await {

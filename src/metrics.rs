@@ -34,6 +34,10 @@ pub struct Metrics {
     /// the bad file does (a counter of failures would forget it).
     pub config_last_reload_successful: IntGauge,
     pub tracing_spans: IntCounterVec,
+    pub upstream_target_healthy: IntGaugeVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_retries: IntCounterVec,
+    pub upstream_ejections: IntCounterVec,
 }
 
 /// Buckets from 100 µs to 10 s: a proxy hop is sub-millisecond, a slow upstream seconds.
@@ -132,6 +136,29 @@ impl Metrics {
                 "portcullis_tracing_spans_total",
                 "Spans by what became of them: exported, dropped_queue_full, dropped_export_failed.",
                 &["result"],
+            ),
+            upstream_target_healthy: gauge_vec(
+                "portcullis_upstream_target_healthy",
+                "1 if the target takes new requests (passing its checks, not ejected), else 0.",
+                &["upstream", "target"],
+            ),
+            upstream_requests: counter_vec(
+                &r,
+                "portcullis_upstream_requests_total",
+                "Attempts sent to each target, by the class of its answer (error: no answer).",
+                &["upstream", "target", "status_class"],
+            ),
+            upstream_retries: counter_vec(
+                &r,
+                "portcullis_upstream_retries_total",
+                "Requests retried on another target, by the failure retried (connect, reset, timeout, 502, 503, 504).",
+                &["upstream", "reason"],
+            ),
+            upstream_ejections: counter_vec(
+                &r,
+                "portcullis_upstream_ejections_total",
+                "Targets ejected after consecutive gateway failures.",
+                &["upstream", "target"],
             ),
             registry: r,
         }

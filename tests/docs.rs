@@ -64,6 +64,9 @@ allow_origins = ["https://app.example.com"]
 [upstreams.api]
 url = "http://127.0.0.1:9"
 
+[upstreams.api.health]
+path = "/healthz"
+
 [[issuers]]
 id = "local"
 issuer = "https://gateway.test"
@@ -87,6 +90,9 @@ upstream = "api"
 [routes.rate_limit]
 key = "subject"
 rate = "10/s"
+
+[routes.retries]
+attempts = 1
 
 [routes.headers]
 frame_options = "SAMEORIGIN"
@@ -130,11 +136,13 @@ const PROBES: &[Probe] = &[
     probe("[headers]", "gateway.toml", "[headers]"),
     probe("[cors]", "gateway.toml", "[cors]"),
     probe("[upstreams.NAME]", "gateway.toml", "[upstreams.api]"),
+    probe("[upstreams.NAME.health]", "gateway.toml", "[upstreams.api.health]"),
     probe("[[issuers]]", "gateway.toml", "[[issuers]]"),
     probe("[token_endpoint]", "gateway.toml", "[token_endpoint]"),
     probe("[token_endpoint.rate_limit]", "gateway.toml", "[token_endpoint.rate_limit]"),
     probe("[[routes]]", "gateway.toml", "[[routes]]"),
     probe("[routes.rate_limit]", "gateway.toml", "[routes.rate_limit]"),
+    probe("[routes.retries]", "gateway.toml", "[routes.retries]"),
     probe("[headers]", "gateway.toml", "[routes.headers]"),
     probe("[cors]", "gateway.toml", "[routes.cors]"),
     probe("[tracing]", "gateway.toml", "[tracing]"),

@@ -154,8 +154,10 @@ fn read_upstreams(value: Spanned<DeValue<'_>>, f: &mut FileConfig, found: &mut V
         DeValue::Table(table) => {
             for (name, u) in table {
                 let name = name.into_inner().into_owned();
+                let at = u.span();
                 match take::<UpstreamFile>(u, found) {
-                    Some(u) => {
+                    Some(mut u) => {
+                        u.span = at;
                         f.upstreams.insert(name, u);
                     }
                     None => {
@@ -260,7 +262,13 @@ pub(super) struct ServerFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct UpstreamFile {
-    pub(super) url: Spanned<String>,
+    /// One target (the form before pools); `targets` names several.
+    pub(super) url: Option<Spanned<String>>,
+    pub(super) targets: Option<Spanned<Vec<TargetFile>>>,
+    pub(super) balance: Option<Spanned<String>>,
+    pub(super) protocol: Option<ProtocolFile>,
+    pub(super) resolve_every: Option<Spanned<DurationValue>>,
+    pub(super) health: Option<Spanned<HealthFile>>,
     pub(super) connect_timeout: Option<DurationValue>,
     pub(super) timeout: Option<DurationValue>,
     #[serde(default = "yes")]
@@ -268,6 +276,53 @@ pub(super) struct UpstreamFile {
     pub(super) ca_file: Option<PathBuf>,
     pub(super) max_connections: Option<Spanned<usize>>,
     pub(super) queue_timeout: Option<DurationValue>,
+    /// Where the table is in the file (set after reading).
+    #[serde(skip)]
+    pub(super) span: std::ops::Range<usize>,
+}
+
+/// A target: its URL, or `{ url, weight }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum TargetFile {
+    Url(String),
+    Weighted(WeightedTargetFile),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WeightedTargetFile {
+    pub(super) url: String,
+    pub(super) weight: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum ProtocolFile {
+    Http1,
+    H2,
+    Auto,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HealthFile {
+    pub(super) path: Option<Spanned<String>>,
+    pub(super) interval: Option<Spanned<DurationValue>>,
+    pub(super) timeout: Option<Spanned<DurationValue>>,
+    pub(super) healthy_after: Option<Spanned<u32>>,
+    pub(super) unhealthy_after: Option<Spanned<u32>>,
+    pub(super) eject_after_errors: Option<u32>,
+    pub(super) eject_for: Option<DurationValue>,
+    pub(super) max_ejected_percent: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RetriesFile {
+    pub(super) attempts: Option<Spanned<u32>>,
+    pub(super) on: Option<Spanned<Vec<String>>>,
+    pub(super) budget_percent: Option<Spanned<u32>>,
 }
 
 fn yes() -> bool {
@@ -281,6 +336,9 @@ pub(super) struct RouteFile {
     pub(super) path: Spanned<String>,
     pub(super) methods: Option<Spanned<Vec<String>>>,
     pub(super) upstream: Spanned<String>,
+    /// Overrides the upstream's `timeout`.
+    pub(super) timeout: Option<Spanned<DurationValue>>,
+    pub(super) retries: Option<Spanned<RetriesFile>>,
     pub(super) strip_prefix: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) auth: AuthMode,

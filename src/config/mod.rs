@@ -28,9 +28,9 @@ use crate::edge::cors::CorsPolicy;
 use crate::edge::headers_request::IdentitySettings;
 use crate::edge::headers_response::SecureHeaders;
 use crate::edge::ratelimit::LimitSettings;
-use crate::proxy::UpstreamSettings;
 use crate::router::RouteTable;
 use crate::token_endpoint::TokenEndpointSettings;
+use crate::upstream::{RouteCall, UpstreamSettings};
 
 use file::HeadersFile;
 pub use units::{format_duration, parse_duration, parse_size, DurationValue, SizeValue};
@@ -157,6 +157,8 @@ pub struct Config {
     pub access_log: bool,
     pub upstreams: BTreeMap<String, UpstreamSettings>,
     pub routes: RouteTable,
+    /// Each route's timeout and retries, by route index.
+    pub route_calls: Vec<RouteCall>,
     pub trusted_proxies: Vec<Cidr>,
     /// The field trusted proxies name the client in.
     pub forwarded_from: crate::edge::client_addr::ForwardedFrom,

@@ -8,8 +8,8 @@ use toml::Spanned;
 
 use crate::auth::authz::{AuthMode, ClaimRule, Policy};
 use crate::edge::ratelimit::LimitKey;
-use crate::proxy::UpstreamSettings;
 use crate::router::{PathPattern, Route, RouteTable};
+use crate::upstream::{Balance, HashKey, RetryPolicy, RouteCall, UpstreamSettings};
 
 use super::file::*;
 use super::validate::{origin_host, Declared};
@@ -22,8 +22,9 @@ impl Validator<'_> {
         upstreams: &BTreeMap<String, UpstreamSettings>,
         declared: &Declared,
         case_insensitive: bool,
-    ) -> RouteTable {
+    ) -> (RouteTable, Vec<RouteCall>) {
         let mut out: Vec<Route> = Vec::new();
+        let mut calls = Vec::new();
         let mut strip_spans = Vec::new();
         let mut names = HashSet::new();
         for r in routes {
@@ -104,6 +105,7 @@ impl Validator<'_> {
                     }
                 }
             }
+            let call = self.route_call(&name, &r, upstreams.get(r.upstream.get_ref()));
             let policy = Policy {
                 auth: r.auth,
                 issuers: r.issuers.map(|i| i.into_inner()),
@@ -163,10 +165,60 @@ impl Validator<'_> {
             if upstream_ok {
                 strip_spans.push(r.strip_prefix.as_ref().map(|p| p.span()));
                 out.push(route);
+                calls.push(call);
             }
         }
         self.check_rewrites(&out, &strip_spans, upstreams, case_insensitive);
-        RouteTable::new(out, case_insensitive)
+        (RouteTable::new(out, case_insensitive), calls)
+    }
+
+    /// The route's `timeout` and `retries`, and whether its upstream's hash key can be found on its requests.
+    fn route_call(&mut self, name: &str, r: &RouteFile, upstream: Option<&UpstreamSettings>) -> RouteCall {
+        let timeout = r.timeout.as_ref().and_then(|t| self.positive(t, &format!("route {name:?}: timeout")));
+        if let Some(Balance::Hash(HashKey::Claim(claim))) = upstream.map(|u| &u.balance) {
+            if r.auth == AuthMode::Public {
+                let msg = format!(
+                    "route {name:?} is public, but its upstream {:?} balances by claim {claim:?}: a public request has no claims",
+                    r.upstream.get_ref()
+                );
+                self.error(r.upstream.span(), msg);
+            }
+        }
+        let retries = r.retries.as_ref().map(|spanned| {
+            let f = spanned.get_ref();
+            let mut policy = RetryPolicy {
+                attempts: f.attempts.as_ref().map_or(2, |a| *a.get_ref()),
+                on_connect: false,
+                on_reset: false,
+                on_timeout: false,
+                on_status: Vec::new(),
+                budget_percent: 20,
+            };
+            if let Some(a) = f.attempts.as_ref().filter(|a| !(1..=10).contains(a.get_ref())) {
+                self.error(a.span(), format!("route {name:?}: retries.attempts must be 1 to 10"));
+            }
+            match &f.on {
+                Some(on) => {
+                    for entry in on.get_ref() {
+                        if let Err(e) = policy.add_on(entry) {
+                            self.error(on.span(), format!("route {name:?}: {e}"));
+                        }
+                    }
+                }
+                None => {
+                    policy.on_connect = true;
+                    policy.on_reset = true;
+                }
+            }
+            if let Some(b) = &f.budget_percent {
+                if !(1..=100).contains(b.get_ref()) {
+                    self.error(b.span(), format!("route {name:?}: retries.budget_percent must be 1 to 100"));
+                }
+                policy.budget_percent = (*b.get_ref()).clamp(1, 100);
+            }
+            policy
+        });
+        RouteCall { timeout, retries }
     }
 
     /// A route that strips a prefix forwards into the upstream's own path space: if those paths are another
@@ -183,19 +235,26 @@ impl Validator<'_> {
         // One server under two spellings is one origin: default ports, `localhost`, the loopback and unspecified
         // addresses however written (`127.1`, `0x7f.0.0.1`, `[::ffff:127.0.0.1]`, `0.0.0.0`). Compared as
         // configured, not through DNS.
-        let origin = |r: &Route| {
-            upstreams.get(&r.upstream).map(|u| {
-                let host = origin_host(u.authority.host());
-                let port = u.authority.port_u16().unwrap_or(if u.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 });
-                (u.scheme.clone(), host, port)
+        let origins = |r: &Route| -> Vec<(http::uri::Scheme, String, u16)> {
+            upstreams.get(&r.upstream).map_or_else(Vec::new, |u| {
+                let default_port = if u.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 };
+                u.targets
+                    .iter()
+                    .map(|t| (u.scheme.clone(), origin_host(t.authority.host()), t.authority.port_u16().unwrap_or(default_port)))
+                    .collect()
             })
+        };
+        // Two upstreams are one server to this check when any of their targets is.
+        let same_origin = |a: &Route, b: &Route| {
+            let theirs = origins(b);
+            origins(a).iter().any(|o| theirs.contains(o))
         };
         for (a, span) in routes.iter().zip(strip_spans) {
             let (Some(prefix), Some(span)) = (&a.strip_prefix, span) else { continue };
             let Some((forwarded, _)) = a.pattern.stripped(prefix, case_insensitive) else { continue };
             let exposed = routes.iter().find(|b| {
                 b.index != a.index
-                    && origin(b) == origin(a)
+                    && same_origin(a, b)
                     && b.forwarded_patterns().iter().any(|p| forwarded.overlaps(p, case_insensitive))
                     && !a.policy.admits_no_more_than(&b.policy)
             });

@@ -14,8 +14,9 @@ use crate::edge::cors::CorsPolicy;
 use crate::edge::headers_request::IdentitySettings;
 use crate::edge::headers_response::SecureHeaders;
 use crate::edge::ratelimit::{LimitKey, LimitSettings};
-use crate::proxy::{CaFile, UpstreamSettings};
 use crate::telemetry::{TracingSettings, TrustIncoming};
+use crate::upstream::health::ActiveCheck;
+use crate::upstream::{Balance, CaFile, HealthSettings, Protocol, TargetSpec, UpstreamSettings};
 
 use super::file::*;
 use super::units::DurationValue;
@@ -186,7 +187,7 @@ impl Validator<'_> {
         };
         let tracing = f.tracing.and_then(|t| self.tracing(t)).map(Arc::new);
         self.default_cookie = f.auth.token_cookie.clone();
-        let routes = self.routes(f.routes, &upstreams, &declared, f.routing.case_insensitive);
+        let (routes, route_calls) = self.routes(f.routes, &upstreams, &declared, f.routing.case_insensitive);
         if let Some(w) = f.server.worker_threads.as_ref().filter(|w| *w.get_ref() == 0) {
             self.error(w.span(), "`server.worker_threads` must be at least 1");
         }
@@ -199,6 +200,7 @@ impl Validator<'_> {
             access_log: f.server.access_log.unwrap_or(true),
             upstreams,
             routes,
+            route_calls,
             trusted_proxies,
             forwarded_from,
             issuers,
@@ -300,62 +302,196 @@ impl Validator<'_> {
     }
 
     pub(super) fn upstream(&mut self, name: &str, u: UpstreamFile) -> Option<UpstreamSettings> {
-        let uri: http::Uri = match u.url.get_ref().parse() {
-            Ok(uri) => uri,
-            Err(e) => {
-                self.error(u.url.span(), format!("upstream {name:?}: invalid url {:?}: {e}", u.url.get_ref()));
+        // Where the upstream's errors about its targets point.
+        let span = match (&u.url, &u.targets) {
+            (Some(url), None) => url.span(),
+            (None, Some(t)) => t.span(),
+            (Some(url), Some(t)) => {
+                self.error(t.span(), format!("upstream {name:?}: give either url or targets, not both"));
+                url.span()
+            }
+            (None, None) => {
+                self.error(u.span.clone(), format!("upstream {name:?}: needs a url or targets"));
                 return None;
             }
         };
-        let scheme = uri.scheme().cloned();
-        let ok_scheme = scheme.as_ref().is_some_and(|s| *s == http::uri::Scheme::HTTP || *s == http::uri::Scheme::HTTPS);
-        let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
-        match (scheme, uri.authority().cloned()) {
-            (Some(scheme), Some(authority)) if ok_scheme && path_ok => {
-                let ca = u.ca_file.as_ref().map(|p| self.resolve(p)).and_then(|path| {
-                    if scheme != http::uri::Scheme::HTTPS {
-                        self.error(u.url.span(), format!("upstream {name:?}: ca_file applies to https:// upstreams only"));
-                        return None;
-                    }
-                    let pem = match std::fs::read(&path) {
-                        Ok(pem) => pem,
-                        Err(e) => {
-                            self.error(u.url.span(), format!("upstream {name:?}: cannot read ca_file {}: {e}", path.display()));
-                            return None;
-                        }
-                    };
-                    if let Err(e) = crate::tls_client::client_config(Some((&path, &pem))) {
-                        self.error(u.url.span(), format!("upstream {name:?}: ca_file {e}"));
-                        return None;
-                    }
-                    Some(CaFile { path, pem: pem.into() })
-                });
-                Some(UpstreamSettings {
-                    name: name.to_string(),
-                    scheme,
-                    authority,
-                    connect_timeout: u.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
-                    timeout: u.timeout.map_or(Duration::from_secs(30), |d| d.0),
-                    preserve_host: u.preserve_host,
-                    ca,
-                    max_connections: match u.max_connections.as_ref() {
-                        Some(n) if *n.get_ref() == 0 => {
-                            self.error(n.span(), format!("upstream {name:?}: max_connections must be at least 1"));
-                            1
-                        }
-                        Some(n) => *n.get_ref(),
-                        None => 1024,
-                    },
-                    queue_timeout: u.queue_timeout.map_or(Duration::from_secs(2), |d| d.0),
+        let listed: Vec<(String, i64)> = match (&u.url, &u.targets) {
+            (Some(url), None) => vec![(url.get_ref().clone(), 1)],
+            (_, Some(t)) => t
+                .get_ref()
+                .iter()
+                .map(|t| match t {
+                    TargetFile::Url(url) => (url.clone(), 1),
+                    TargetFile::Weighted(w) => (w.url.clone(), w.weight.unwrap_or(1)),
                 })
-            }
-            _ => {
+                .collect(),
+            (None, None) => Vec::new(),
+        };
+        if listed.is_empty() {
+            self.error(span.clone(), format!("upstream {name:?}: targets is empty"));
+            return None;
+        }
+        let mut scheme: Option<http::uri::Scheme> = None;
+        let mut targets = Vec::new();
+        for (url, weight) in listed {
+            let uri: http::Uri = match url.parse() {
+                Ok(uri) => uri,
+                Err(e) => {
+                    self.error(span.clone(), format!("upstream {name:?}: invalid url {url:?}: {e}"));
+                    continue;
+                }
+            };
+            let s = uri.scheme().cloned();
+            let ok_scheme = s.as_ref().is_some_and(|s| *s == http::uri::Scheme::HTTP || *s == http::uri::Scheme::HTTPS);
+            let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+            let (Some(s), Some(authority)) = (s.filter(|_| ok_scheme), uri.authority().cloned()) else {
+                self.error(span.clone(), format!("upstream {name:?}: url must be http:// or https:// with a host, got {url:?}"));
+                continue;
+            };
+            if !path_ok {
                 self.error(
-                    u.url.span(),
-                    format!("upstream {name:?}: url must be http:// or https:// with a host and no path, got {:?}", u.url.get_ref()),
+                    span.clone(),
+                    format!("upstream {name:?}: target {url:?} has a path; a target is an origin (the route decides the path)"),
                 );
+                continue;
+            }
+            match &scheme {
+                Some(first) if *first != s => {
+                    self.error(span.clone(), format!("upstream {name:?}: every target must use the same scheme ({first} and {s})"))
+                }
+                _ => scheme = Some(s),
+            }
+            let weight = match u32::try_from(weight) {
+                Ok(w @ 1..=1000) => w,
+                _ => {
+                    self.error(span.clone(), format!("upstream {name:?}: target {url:?} has weight {weight}; weights are 1 to 1000"));
+                    1
+                }
+            };
+            if targets.iter().any(|t: &TargetSpec| t.authority == authority) {
+                self.error(span.clone(), format!("upstream {name:?}: target {url:?} is listed twice"));
+            }
+            targets.push(TargetSpec { authority, weight });
+        }
+        let scheme = scheme?;
+        let balance = match &u.balance {
+            Some(b) => match Balance::parse(b.get_ref()) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.error(b.span(), format!("upstream {name:?}: {e}"));
+                    Balance::RoundRobin
+                }
+            },
+            None => Balance::RoundRobin,
+        };
+        let protocol = match u.protocol {
+            None | Some(ProtocolFile::Http1) => Protocol::Http1,
+            Some(ProtocolFile::H2) => Protocol::H2,
+            Some(ProtocolFile::Auto) => Protocol::Auto,
+        };
+        let resolve_every = u.resolve_every.as_ref().and_then(|d| self.positive(d, &format!("upstream {name:?}: resolve_every")));
+        let health = u.health.as_ref().map_or_else(Default::default, |h| self.health(name, h));
+        let ca = u.ca_file.as_ref().map(|p| self.resolve(p)).and_then(|path| {
+            if scheme != http::uri::Scheme::HTTPS {
+                self.error(span.clone(), format!("upstream {name:?}: ca_file applies to https:// upstreams only"));
+                return None;
+            }
+            let pem = match std::fs::read(&path) {
+                Ok(pem) => pem,
+                Err(e) => {
+                    self.error(span.clone(), format!("upstream {name:?}: cannot read ca_file {}: {e}", path.display()));
+                    return None;
+                }
+            };
+            if let Err(e) = crate::tls_client::client_config(Some((&path, &pem))) {
+                self.error(span.clone(), format!("upstream {name:?}: ca_file {e}"));
+                return None;
+            }
+            Some(CaFile { path, pem: pem.into() })
+        });
+        Some(UpstreamSettings {
+            name: name.to_string(),
+            scheme,
+            targets,
+            balance,
+            protocol,
+            resolve_every,
+            health,
+            connect_timeout: u.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
+            timeout: u.timeout.map_or(Duration::from_secs(30), |d| d.0),
+            preserve_host: u.preserve_host,
+            ca,
+            max_connections: match u.max_connections.as_ref() {
+                Some(n) if *n.get_ref() == 0 => {
+                    self.error(n.span(), format!("upstream {name:?}: max_connections must be at least 1"));
+                    1
+                }
+                Some(n) => *n.get_ref(),
+                None => 1024,
+            },
+            queue_timeout: u.queue_timeout.map_or(Duration::from_secs(2), |d| d.0),
+        })
+    }
+
+    /// A duration that must not be zero (a zero interval would spin).
+    pub(super) fn positive(&mut self, d: &Spanned<DurationValue>, what: &str) -> Option<Duration> {
+        if d.get_ref().0.is_zero() {
+            self.error(d.span(), format!("{what} must be more than 0"));
+            return None;
+        }
+        Some(d.get_ref().0)
+    }
+
+    /// `[upstreams.NAME.health]`.
+    fn health(&mut self, name: &str, h: &Spanned<HealthFile>) -> HealthSettings {
+        let f = h.get_ref();
+        let d = HealthSettings::default();
+        let at_least_one = |v: &mut Self, n: &Option<Spanned<u32>>, key: &str, default: u32| match n {
+            Some(n) if *n.get_ref() == 0 => {
+                v.error(n.span(), format!("upstream {name:?}: health.{key} must be at least 1"));
+                default
+            }
+            Some(n) => *n.get_ref(),
+            None => default,
+        };
+        let healthy_after = at_least_one(self, &f.healthy_after, "healthy_after", 2);
+        let unhealthy_after = at_least_one(self, &f.unhealthy_after, "unhealthy_after", 3);
+        let interval = f.interval.as_ref().and_then(|i| self.positive(i, &format!("upstream {name:?}: health.interval")));
+        let timeout = f.timeout.as_ref().and_then(|i| self.positive(i, &format!("upstream {name:?}: health.timeout")));
+        let check = match &f.path {
+            Some(p) => match http::uri::PathAndQuery::try_from(p.get_ref().as_str()) {
+                Ok(path) if p.get_ref().starts_with('/') => Some(ActiveCheck {
+                    path,
+                    interval: interval.unwrap_or(Duration::from_secs(5)),
+                    timeout: timeout.unwrap_or(Duration::from_secs(1)),
+                    healthy_after,
+                    unhealthy_after,
+                }),
+                _ => {
+                    self.error(p.span(), format!("upstream {name:?}: health.path must be a path starting with '/'"));
+                    None
+                }
+            },
+            None => {
+                if f.interval.is_some() || f.timeout.is_some() || f.healthy_after.is_some() || f.unhealthy_after.is_some() {
+                    self.error(h.span(), format!("upstream {name:?}: health checks need a path (health.path)"));
+                }
                 None
             }
+        };
+        let max_ejected_percent = match &f.max_ejected_percent {
+            Some(p) if *p.get_ref() > 100 => {
+                self.error(p.span(), format!("upstream {name:?}: health.max_ejected_percent is a percentage (0 to 100)"));
+                d.max_ejected_percent
+            }
+            Some(p) => *p.get_ref(),
+            None => d.max_ejected_percent,
+        };
+        HealthSettings {
+            check,
+            eject_after_errors: f.eject_after_errors.unwrap_or(d.eject_after_errors),
+            eject_for: f.eject_for.as_ref().map_or(d.eject_for, |e| e.0),
+            max_ejected_percent,
         }
     }
 

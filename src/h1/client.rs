@@ -3,7 +3,7 @@
 //! The request head is encoded straight from the routed path and the prepared headers; the answer is parsed and
 //! its body read on demand by `h1_answer`: no connection task, no channels, no pool-wide lock. A connection is
 //! reused only after a complete, cleanly framed HTTP/1.1 exchange that left no stray bytes. Requests with a body,
-//! upgrades and https upstreams go through hyper's client (`proxy::forward`).
+//! upgrades, HTTP/2 and https upstreams go through hyper's client (`upstream::forward`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -86,16 +86,16 @@ enum Attempt {
 }
 
 impl Client {
-    /// Returns the client of a plain-http upstream at `authority` (None if it makes no `Host` value).
-    pub fn new(authority: &http::uri::Authority, connect_timeout: Duration) -> Option<Client> {
-        let host = authority.host();
-        let port = authority.port_u16();
-        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
-        let connect_to = format!("{host}:{}", port.unwrap_or(80));
+    /// Returns the client of a plain-http target: connections go to `connect`, requests name `host` (the same
+    /// authority, or the name `connect` is one address of). None if `host` makes no `Host` value.
+    pub fn new(connect: &http::uri::Authority, host: &http::uri::Authority, connect_timeout: Duration) -> Option<Client> {
+        let bracket = |h: &str| if h.contains(':') && !h.starts_with('[') { format!("[{h}]") } else { h.to_string() };
+        let connect_to = format!("{}:{}", bracket(connect.host()), connect.port_u16().unwrap_or(80));
         // Host and port only: userinfo in the configured URL never goes into a header.
-        let authority = match port {
-            Some(p) => HeaderValue::from_str(&format!("{host}:{p}")),
-            None => HeaderValue::from_str(&host),
+        let name = bracket(host.host());
+        let authority = match host.port_u16() {
+            Some(p) => HeaderValue::from_str(&format!("{name}:{p}")),
+            None => HeaderValue::from_str(&name),
         };
         Some(Client { pool: Pool::new(Duration::from_secs(90), 1024), connect_to, authority: authority.ok()?, connect_timeout })
     }
@@ -254,7 +254,11 @@ mod tests {
 
     #[tokio::test]
     async fn userinfo_in_the_upstream_url_never_reaches_the_host_header() {
-        let c = Client::new(&"user:secret@up.internal:8080".parse().unwrap(), Duration::from_secs(1)).unwrap();
+        let c = {
+            let a = "user:secret@up.internal:8080".parse().unwrap();
+            Client::new(&a, &a, Duration::from_secs(1))
+        }
+        .unwrap();
         assert_eq!((c.authority.to_str().unwrap(), c.connect_to.as_str()), ("up.internal:8080", "up.internal:8080"));
     }
 

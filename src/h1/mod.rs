@@ -14,7 +14,7 @@
 //! `Content-Length`, `Transfer-Encoding`, `Expect` or `Upgrade`, CONNECT, and a target that is not origin-form.
 //! The connection goes to hyper with the bytes already read ([`server::Ended::HandOver`]) and stays with it, so
 //! hyper's answers to hostile heads (400, 431, the smuggling refusals) stay the only ones. Requests with a body,
-//! upgrades and https upstreams take hyper's client (`proxy::forward` chooses).
+//! upgrades and https upstreams take hyper's client (`upstream::forward` chooses).
 //!
 //! Which types cross: `http::Request<()>` in, an `http::Response<B>` for any `http_body::Body` out, with the
 //! answer's [`Additions`](crate::edge::headers_response::Additions) written straight into the head; the

@@ -42,7 +42,18 @@ pub fn handle<B>(shared: &Shared, req: Request<B>) -> Response<Body> {
             } else if !shared.gateway.load().ready() {
                 json_response(StatusCode::SERVICE_UNAVAILABLE, "issuer_keys_missing")
             } else {
-                json_ok("{\"status\":\"ready\"}")
+                // Still ready: the other upstreams serve, and a gateway taken out of rotation would not bring a
+                // dead backend back. The list says which ones have no target taking requests.
+                let down = shared.gateway.load().upstreams_without_healthy_target();
+                if down.is_empty() {
+                    json_ok("{\"status\":\"ready\"}")
+                } else {
+                    let body = serde_json::json!({"status": "ready", "upstreams_without_healthy_target": down});
+                    let mut rsp = Response::new(Body::full(body.to_string()));
+                    rsp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                    rsp.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+                    rsp
+                }
             }
         }
         "/metrics" => {

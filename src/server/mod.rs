@@ -49,6 +49,8 @@ pub struct Shared {
     /// The config the gateway started with: what is bound and sized at start, which a reload compares against
     /// (not against the last reload's config, which would warn about a pending restart only once).
     pub started: Arc<crate::config::Config>,
+    /// Resolves upstream host names (kept for the gateways a reload builds).
+    pub resolver: crate::upstream::Resolver,
 }
 
 /// Open connections per client address (IPv6 by its prefix), so that one client cannot hold every

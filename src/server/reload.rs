@@ -81,7 +81,7 @@ async fn try_reload(shared: &Shared) -> Result<(), ReloadError> {
             tracing::warn!("tls.min_version or tls.handshake_timeout changed: this needs a restart");
         }
     }
-    let gateway = Gateway::new(Arc::new(config), shared.metrics.clone(), Some(&old))?;
+    let gateway = Gateway::new(Arc::new(config), shared.metrics.clone(), Some(&old), &shared.resolver)?;
     // A validating config must not take a working gateway to refusing every user of an issuer: keys from a
     // changed source are fetched before the swap, and if they cannot be, the running config stays.
     gateway.fetch_keys_lost_since(&old).await.map_err(|(issuer, source)| ReloadError::Jwks { issuer, source })?;

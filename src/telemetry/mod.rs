@@ -32,7 +32,7 @@ pub struct TracingSettings {
     pub service_name: String,
     pub trust_incoming: TrustIncoming,
     /// PEM CA certificates trusted for an https collector, beside the system roots.
-    pub ca: Option<crate::proxy::CaFile>,
+    pub ca: Option<crate::upstream::CaFile>,
     /// Requests' spans waiting for export; beyond it they are dropped (and counted), never waited for.
     pub max_queue: usize,
 }

@@ -133,7 +133,7 @@ pub async fn explain(config: &Config, method: &Method, raw_path: &str, creds: Cr
                 let mut claims = claims.clone();
                 claims.entry("iss").or_insert_with(|| issuer.issuer.clone().into());
                 let p = principal_from(issuer, claims);
-                let mut d = decide(lines.clone(), Some(p), &matched, &path);
+                let mut d = decide(config, lines.clone(), Some(p), &matched, &path);
                 d.issuer = Some(issuer.id.clone());
                 decisions.push(d);
             }
@@ -150,11 +150,17 @@ pub async fn explain(config: &Config, method: &Method, raw_path: &str, creds: Cr
             }
         },
     };
-    Ok(vec![decide(lines, principal, &matched, &path)])
+    Ok(vec![decide(config, lines, principal, &matched, &path)])
 }
 
 /// The rules and the decision for one principal (or none) on the matched route.
-fn decide(mut lines: Vec<String>, principal: Option<Principal>, matched: &crate::router::RouteMatch<'_>, path: &str) -> Decision {
+fn decide(
+    config: &Config,
+    mut lines: Vec<String>,
+    principal: Option<Principal>,
+    matched: &crate::router::RouteMatch<'_>,
+    path: &str,
+) -> Decision {
     let route = matched.route;
     let name = Some(route.name.clone());
     if let Some(p) = &principal {
@@ -165,6 +171,9 @@ fn decide(mut lines: Vec<String>, principal: Option<Principal>, matched: &crate:
         return refuse(GatewayError::Authz(e), name, lines);
     }
     let upstream_path = route.upstream_path(path).to_string();
+    if let Some(u) = config.upstreams.get(&route.upstream) {
+        lines.push(upstream_line(u, config.route_calls.get(route.index), principal.as_ref()));
+    }
     lines.push(format!("decision: forward to upstream {:?} as {upstream_path}", route.upstream));
     Decision { status: 200, www_authenticate: None, route: name, upstream: Some(route.upstream.clone()), lines, issuer: None }
 }
@@ -359,4 +368,30 @@ pub async fn run_cases(config: &Arc<Config>, cases: &[Case]) -> (Vec<String>, bo
         }
     }
     (out, all)
+}
+
+/// Which targets the request would go to, by which rule, with what timeout and retries.
+fn upstream_line(u: &crate::upstream::UpstreamSettings, call: Option<&crate::upstream::RouteCall>, p: Option<&Principal>) -> String {
+    use crate::upstream::{Balance, HashKey};
+    let targets: Vec<String> = u.targets.iter().map(|t| format!("{}://{} (weight {})", u.scheme, t.authority, t.weight)).collect();
+    let key = match &u.balance {
+        Balance::Hash(HashKey::Claim(c)) => match p.and_then(|p| crate::auth::lookup_claim(&p.claims, c)) {
+            Some(v) => format!(", key {c}={v}"),
+            None => format!(", claim {c:?} absent: round robin for this request"),
+        },
+        _ => String::new(),
+    };
+    let timeout = call.and_then(|c| c.timeout).unwrap_or(u.timeout);
+    let retries = match call.and_then(|c| c.retries.as_ref()) {
+        Some(r) => format!(", up to {} retries within {}% of requests", r.attempts, r.budget_percent),
+        None => ", no retries".to_string(),
+    };
+    format!(
+        "upstream {:?}: {} over [{}]{key}, protocol {}, timeout {}{retries}",
+        u.name,
+        u.balance,
+        targets.join(", "),
+        u.protocol.as_str(),
+        crate::config::format_duration(timeout)
+    )
 }

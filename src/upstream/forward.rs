@@ -1,27 +1,28 @@
-//! Forwarding to an upstream: the own HTTP/1.1 client (`h1::client`) for bodiless requests to http upstreams,
-//! hyper's pooled client for the rest (bodies, upgrades, https), timeouts, and the byte pipe after a successful
-//! upgrade (WebSocket).
+//! Forwarding one request to a target of its upstream: the own HTTP/1.1 client (`h1::client`) for bodiless
+//! requests to plain-http HTTP/1.1 targets, hyper's pooled client for the rest (bodies, upgrades, HTTP/2, https),
+//! the route's retries on other targets, timeouts, and the byte pipe after a successful upgrade (WebSocket).
 
 use std::borrow::Cow;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 
 use crate::auth::extract::{has_param, strip_query_token};
 use crate::auth::TokenSources;
-use crate::body::{Body, Place, Places, Progress, RequestBody};
+use crate::body::{Body, Place, Progress, RequestBody};
 use crate::edge::headers_request::IdentitySettings;
 use crate::edge::headers_request::UpstreamFields;
 use crate::edge::headers_response::{finish_response, AnswerFields, SecureHeaders};
+use crate::h1::answer::ResponseBody;
 use crate::h1::client::{self, H1Error};
+
+use super::retry::{Budget, Failure, RetryPolicy};
+use super::{Balance, Protocol, Target, Upstream};
 
 type Source = Box<dyn std::error::Error + Send + Sync>;
 
@@ -75,72 +76,6 @@ impl ProxyError {
     }
 }
 
-/// A checked upstream: a parsed http(s) origin and its timeouts.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamSettings {
-    pub name: String,
-    pub scheme: http::uri::Scheme,
-    pub authority: http::uri::Authority,
-    pub connect_timeout: Duration,
-    pub timeout: Duration,
-    pub preserve_host: bool,
-    /// PEM CA certificates trusted for this https upstream, beside the system roots.
-    pub ca: Option<CaFile>,
-    /// Requests in flight to this upstream (each holds one connection until its answer's body ends).
-    pub max_connections: usize,
-    /// How long a request waits for one of those places before it is answered 503.
-    pub queue_timeout: Duration,
-}
-
-/// A CA file as read at load: its contents are part of the settings, so a reload after the file changed in place
-/// builds the upstream anew (an unchanged upstream keeps its pool).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CaFile {
-    pub path: PathBuf,
-    pub pem: Arc<[u8]>,
-}
-
-/// An upstream and its connection pools.
-pub struct Upstream {
-    pub settings: UpstreamSettings,
-    client: Client<HttpsConnector<HttpConnector>, Body>,
-    /// The lean client, for plain-http upstreams.
-    pub lean: Option<client::Client>,
-    /// Places for requests in flight (`max_connections`): an exchange holds one until its answer's body ends, so
-    /// no client (an HTTP/2 connection's streams included) can make the gateway open connections without bound.
-    places: Arc<Places>,
-}
-
-impl Upstream {
-    /// Builds the pooled client for an upstream (TLS to https upstreams verifies against `tls`'s roots).
-    pub fn new(settings: UpstreamSettings, tls: &Arc<rustls::ClientConfig>) -> Upstream {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(settings.connect_timeout));
-        http.set_keepalive(Some(std::time::Duration::from_secs(60)));
-        let connector =
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config((**tls).clone()).https_or_http().enable_http1().wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .pool_max_idle_per_host(settings.max_connections.min(1024))
-            .set_host(true)
-            .build(connector);
-        let lean = (settings.scheme == http::uri::Scheme::HTTP)
-            .then(|| client::Client::new(&settings.authority, settings.connect_timeout))
-            .flatten();
-        let places = Arc::new(Places::new(settings.max_connections));
-        Upstream { settings, client, lean, places }
-    }
-}
-
-/// Builds the TLS client config for https upstreams: system roots, plus the upstream's own CA file.
-pub fn upstream_tls(ca: Option<&CaFile>) -> Result<Arc<rustls::ClientConfig>, crate::tls_client::ClientTlsError> {
-    crate::tls_client::client_config(ca.map(|c| (c.path.as_path(), &c.pem[..]))).map(Arc::new)
-}
-
 /// The query forwarded upstream: as sent, less every token parameter (the route's, and `access_token`): a token in
 /// the URL is never forwarded, verified or not.
 pub fn forwarded_query<'a>(query: Option<&'a str>, sources: &TokenSources) -> Option<Cow<'a, str>> {
@@ -153,11 +88,14 @@ pub fn forwarded_query<'a>(query: Option<&'a str>, sources: &TokenSources) -> Op
     Some(out)
 }
 
-/// Points a request at the upstream: scheme and authority from the config, the routed path, the query as
-/// forwarded. With `preserve_host = false` the upstream's authority becomes the `Host`.
+/// Points a request at a target: scheme and authority of the target, the routed path, the query as forwarded.
+/// With `preserve_host` the client's `Host` is sent; otherwise the target's configured host (its name, when the
+/// connection goes to one of its addresses).
 pub fn rewrite_uri(
     req: &mut Request<Body>,
-    up: &UpstreamSettings,
+    scheme: &http::uri::Scheme,
+    target: &Target,
+    preserve_host: bool,
     path: &str,
     query: Option<&str>,
     client_host: Option<HeaderValue>,
@@ -167,15 +105,20 @@ pub fn rewrite_uri(
         None => PathAndQuery::try_from(path),
     }
     .map_err(http::Error::from)?;
-    let uri = Uri::builder().scheme(up.scheme.clone()).authority(up.authority.clone()).path_and_query(pq).build()?;
+    let uri = Uri::builder().scheme(scheme.clone()).authority(target.connect.clone()).path_and_query(pq).build()?;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
-    match (up.preserve_host, client_host) {
-        (true, Some(h)) => {
+    let host = match (preserve_host, client_host) {
+        (true, Some(h)) => Some(h),
+        // hyper sets Host from the URI's authority when the header is absent.
+        _ if target.host == target.connect => None,
+        _ => HeaderValue::from_str(target.host.as_str()).ok(),
+    };
+    match host {
+        Some(h) => {
             req.headers_mut().insert(http::header::HOST, h);
         }
-        _ => {
-            // hyper sets Host from the URI's authority when the header is absent.
+        None => {
             req.headers_mut().remove(http::header::HOST);
         }
     }
@@ -183,10 +126,10 @@ pub fn rewrite_uri(
 }
 
 /// The error of a failed exchange of the own HTTP/1 client.
-fn lean_error(up: &Upstream, e: H1Error) -> ProxyError {
+fn lean_error(up: &Upstream, timeout: Duration, e: H1Error) -> ProxyError {
     let name = &up.settings.name;
     match e {
-        H1Error::Timeout => ProxyError::Timeout { upstream: name.clone(), timeout: up.settings.timeout },
+        H1Error::Timeout => ProxyError::Timeout { upstream: name.clone(), timeout },
         H1Error::UnexpectedUpgrade => ProxyError::UnexpectedUpgrade,
         e @ (H1Error::Connect(_) | H1Error::ConnectTimeout(_)) => ProxyError::Connect { upstream: name.clone(), source: e.into() },
         e => ProxyError::Reset { upstream: name.clone(), source: e.into() },
@@ -213,33 +156,170 @@ pub struct Outbound<'a> {
     pub identity: &'a Arc<IdentitySettings>,
 }
 
-/// Sends the request and returns the answer once its head has arrived (within the upstream's `timeout` of
-/// `sent`), with the upstream's own fields still in the lines of its head where the own HTTP/1 client read it.
-/// Bodiless requests to http upstreams take that client; bodies, upgrades and https take hyper's pooled one.
-pub async fn forward(up: &Upstream, mut out: Outbound<'_>, sent: Instant) -> Result<(Response<Body>, AnswerFields), ProxyError> {
-    let Some(place) = up.places.take(up.settings.queue_timeout).await else {
-        return Err(ProxyError::Saturated { upstream: up.settings.name.clone(), waited: up.settings.queue_timeout });
+/// How one request is sent: the time its answer's head may take (retries included), its retries with the route's
+/// budget, and its balancing key.
+pub struct Call<'a> {
+    pub timeout: Duration,
+    pub retries: Option<(&'a RetryPolicy, &'a Budget)>,
+    pub key: Option<u64>,
+}
+
+/// An answer as it came from a target, before it is given the exchange's place.
+enum Raw {
+    Lean(Response<ResponseBody>, AnswerFields),
+    Hyper(Response<Incoming>),
+}
+
+impl Raw {
+    fn status(&self) -> StatusCode {
+        match self {
+            Raw::Lean(r, _) => r.status(),
+            Raw::Hyper(r) => r.status(),
+        }
+    }
+
+    /// The answer for the client: its body holds the place (and stalls after `stall` without bytes).
+    fn into_answer(self, place: Place, stall: Duration) -> (Response<Body>, AnswerFields) {
+        match self {
+            Raw::Lean(rsp, fields) => (rsp.map(|b| Body::Upstream(b, place)), fields),
+            Raw::Hyper(rsp) => (rsp.map(|b| Body::Stream(b, crate::h1::deadline::Stall::new(stall), place)), AnswerFields::default()),
+        }
+    }
+}
+
+/// The failure an error is, for retries and passive health; None when the target is not at fault (the client's
+/// body failed or was too large).
+fn failure_of(e: &ProxyError) -> Option<Failure> {
+    match e {
+        ProxyError::Connect { .. } => Some(Failure::Connect),
+        ProxyError::Timeout { .. } => Some(Failure::Timeout),
+        ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade | ProxyError::BadStatus { .. } => Some(Failure::Reset),
+        _ => None,
+    }
+}
+
+/// Sends the request to a target of `up` and returns the answer once its head has arrived (within `call.timeout`
+/// of `sent`), with the upstream's own fields still in the lines of its head where the own HTTP/1 client read it.
+/// A failure the route retries goes to another target while the budget allows. Returns the target of the last
+/// attempt beside the result.
+pub async fn forward(
+    up: &Upstream,
+    out: Outbound<'_>,
+    call: &Call<'_>,
+    sent: Instant,
+) -> (Result<(Response<Body>, AnswerFields), ProxyError>, Option<Arc<Target>>) {
+    let Some(mut place) = up.places.take(up.settings.queue_timeout).await else {
+        return (Err(ProxyError::Saturated { upstream: up.settings.name.clone(), waited: up.settings.queue_timeout }), None);
     };
-    let lean = up.lean.as_ref().filter(|_| {
-        // CONNECT: a 2xx answer turns the upstream connection into a tunnel, never back into HTTP.
+    let deadline = sent + call.timeout;
+    // CONNECT: a 2xx answer turns the upstream connection into a tunnel, never back into HTTP.
+    let bodiless = !out.upgrading && out.parts.method != Method::CONNECT && http_body::Body::is_end_stream(&out.body);
+    let retries = call.retries.filter(|_| bodiless);
+    if let Some((_, budget)) = call.retries {
+        budget.deposit();
+    }
+    let counted = up.settings.balance == Balance::LeastRequest;
+    let no_target = || {
+        let source = std::io::Error::other("the upstream has no target");
+        (Err(ProxyError::Connect { upstream: up.settings.name.clone(), source: source.into() }), None)
+    };
+    let Some((policy, budget)) = retries else {
+        let Some(target) = up.pick(call.key, &[]) else { return no_target() };
+        if counted {
+            place.count_in(&target.in_flight);
+        }
+        let result = send(up, &target, out, deadline.saturating_duration_since(Instant::now())).await;
+        account(up, &target, &result);
+        return (result.map(|raw| raw.into_answer(place, call.timeout)), Some(target));
+    };
+    let mut tried: Vec<Arc<Target>> = Vec::new();
+    loop {
+        let Some(target) = up.pick(call.key, &tried) else { return no_target() };
+        if counted {
+            place.count_in(&target.in_flight);
+        }
+        let result = send_bodiless(up, &target, &out, deadline.saturating_duration_since(Instant::now())).await;
+        let failure = account(up, &target, &result);
+        // A failure the route does not name, or a 5xx it does not list, is the answer.
+        let retry = failure.filter(|f| (tried.len() as u32) < policy.attempts && policy.allows(*f, &out.parts.method));
+        if let Some(f) = retry.filter(|_| budget.withdraw()) {
+            up.metrics.upstream_retries.with_label_values(&[&up.settings.name, f.label()]).inc();
+            tracing::debug!(upstream = %up.settings.name, target = %target.label, reason = f.label(), "retrying on another target");
+            tried.push(target);
+            continue;
+        }
+        return (result.map(|raw| raw.into_answer(place, call.timeout)), Some(target));
+    }
+}
+
+/// Counts one attempt with `t` and feeds its passive health; returns its failure (a gateway failure, or an
+/// answer of 502, 503 or 504), None when the target answered otherwise or is not at fault.
+fn account(up: &Upstream, t: &Target, result: &Result<Raw, ProxyError>) -> Option<Failure> {
+    let failure = match result {
+        Ok(raw) => {
+            let status = raw.status().as_u16();
+            t.count(Some(status));
+            matches!(status, 502..=504).then_some(Failure::Status(status))
+        }
+        Err(e) => {
+            let f = failure_of(e);
+            if f.is_some() {
+                t.count(None);
+            }
+            f
+        }
+    };
+    up.observe(t, failure.is_some());
+    failure
+}
+
+/// The own client's head of a bodiless request.
+fn lean_head<'o>(up: &Upstream, out: &'o Outbound<'_>) -> client::Head<'o> {
+    client::Head {
+        method: &out.parts.method,
+        path: out.path,
+        query: out.query.as_deref(),
+        headers: &out.parts.headers,
+        additions: &out.additions,
+        host: out.host.as_ref().filter(|_| up.settings.preserve_host),
+        answer_rules: out.answer_rules,
+    }
+}
+
+/// Sends a bodiless request that may be sent again (a retried one): nothing of `out` is used up.
+async fn send_bodiless(up: &Upstream, t: &Target, out: &Outbound<'_>, timeout: Duration) -> Result<Raw, ProxyError> {
+    if let Some(lean) = t.lean.as_ref().filter(|_| client::is_safe_target(out.path, out.query.as_deref())) {
+        return match lean.send(&lean_head(up, out), timeout, Instant::now()).await {
+            Ok((rsp, fields)) => Ok(Raw::Lean(rsp, fields)),
+            Err(e) => Err(lean_error(up, timeout, e)),
+        };
+    }
+    let mut req = Request::new(Body::empty());
+    *req.method_mut() = out.parts.method.clone();
+    *req.headers_mut() = out.parts.headers.clone();
+    out.additions.insert_into(req.headers_mut());
+    rewrite_uri(&mut req, &up.settings.scheme, t, up.settings.preserve_host, out.path, out.query.as_deref(), out.host.clone())?;
+    let mut rsp = forward_hyper(up, t, req, None, timeout).await?;
+    if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ProxyError::UnexpectedUpgrade);
+    }
+    finish_response(rsp.headers_mut(), false);
+    Ok(Raw::Hyper(rsp))
+}
+
+/// Sends the request once, its body streamed as it comes. Bodiless requests to plain-http HTTP/1.1 targets take
+/// the own client; bodies, upgrades, HTTP/2 and https take hyper's.
+async fn send(up: &Upstream, t: &Target, mut out: Outbound<'_>, timeout: Duration) -> Result<Raw, ProxyError> {
+    let lean = t.lean.as_ref().filter(|_| {
         !out.upgrading
             && out.parts.method != Method::CONNECT
             && http_body::Body::is_end_stream(&out.body)
             && client::is_safe_target(out.path, out.query.as_deref())
     });
     if let Some(lean) = lean {
-        let head = client::Head {
-            method: &out.parts.method,
-            path: out.path,
-            query: out.query.as_deref(),
-            headers: &out.parts.headers,
-            additions: &out.additions,
-            host: out.host.as_ref().filter(|_| up.settings.preserve_host),
-            answer_rules: out.answer_rules,
-        };
-        return match lean.send(&head, up.settings.timeout, sent).await {
-            Ok((rsp, fields)) => Ok((rsp.map(|b| Body::Upstream(b, place)), fields)),
-            Err(e) => Err(lean_error(up, e)),
+        return match lean.send(&lean_head(up, &out), timeout, Instant::now()).await {
+            Ok((rsp, fields)) => Ok(Raw::Lean(rsp, fields)),
+            Err(e) => Err(lean_error(up, timeout, e)),
         };
     }
     let client_upgrade = out.upgrading.then(|| out.parts.extensions.remove::<hyper::upgrade::OnUpgrade>()).flatten();
@@ -247,9 +327,9 @@ pub async fn forward(up: &Upstream, mut out: Outbound<'_>, sent: Instant) -> Res
     additions.insert_into(&mut parts.headers);
     // The client's framing went with the hop-by-hop fields. hyper's client frames a body of unknown length as
     // chunked, except on GET, HEAD and CONNECT, where it sends none at all: said outright, the body the client
-    // sent reaches the upstream whatever the method.
+    // sent reaches the upstream whatever the method. (HTTP/2 has no chunking; hyper leaves the field out there.)
     let has_body = !http_body::Body::is_end_stream(&body);
-    if has_body && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+    if has_body && !parts.headers.contains_key(header::CONTENT_LENGTH) && up.settings.protocol == Protocol::Http1 {
         parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
     // A body's progress moves the exchange's deadline (see `forward_hyper`).
@@ -259,8 +339,8 @@ pub async fn forward(up: &Upstream, mut out: Outbound<'_>, sent: Instant) -> Res
         None => Body::limited(body, max_body, identity.clone()),
     };
     let mut up_req = Request::from_parts(parts, body);
-    rewrite_uri(&mut up_req, &up.settings, path, query.as_deref(), host)?;
-    let mut rsp = forward_hyper(up, up_req, progress.as_deref(), place).await?;
+    rewrite_uri(&mut up_req, &up.settings.scheme, t, up.settings.preserve_host, path, query.as_deref(), host)?;
+    let mut rsp = forward_hyper(up, t, up_req, progress.as_deref(), timeout).await?;
     let upgraded = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if upgraded {
         match client_upgrade {
@@ -270,19 +350,27 @@ pub async fn forward(up: &Upstream, mut out: Outbound<'_>, sent: Instant) -> Res
     }
     // The own client's answers come without hop-by-hop fields; hyper's keep them.
     finish_response(rsp.headers_mut(), upgraded);
-    Ok((rsp, AnswerFields::default()))
+    Ok(Raw::Hyper(rsp))
 }
 
-/// Sends the request over hyper's pooled client and waits for the response head, bounded by the upstream's
+/// Sends the request over the target's pooled hyper client and waits for the response head, bounded by
 /// `timeout`: counted from the start for a bodiless request, and for one with a body (`progress`) from when the
 /// body last moved, so an upload slower than `timeout` is not cut while it keeps coming.
-async fn forward_hyper(up: &Upstream, req: Request<Body>, progress: Option<&Progress>, place: Place) -> Result<Response<Body>, ProxyError> {
+async fn forward_hyper(
+    up: &Upstream,
+    t: &Target,
+    mut req: Request<Body>,
+    progress: Option<&Progress>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, ProxyError> {
     let name = &up.settings.name;
-    let timeout = up.settings.timeout;
+    if up.settings.protocol == Protocol::H2 {
+        *req.version_mut() = Version::HTTP_2;
+    }
     let answered = match progress {
-        None => tokio::time::timeout(timeout, up.client.request(req)).await.ok(),
+        None => tokio::time::timeout(timeout, t.client.request(req)).await.ok(),
         Some(p) => {
-            let request = up.client.request(req);
+            let request = t.client.request(req);
             tokio::pin!(request);
             loop {
                 // A new timer only when one fires while the body is still moving (once per `timeout` at most).
@@ -302,7 +390,7 @@ async fn forward_hyper(up: &Upstream, req: Request<Body>, progress: Option<&Prog
         Some(Ok(rsp)) if rsp.status().as_u16() >= 600 => {
             Err(ProxyError::BadStatus { upstream: name.clone(), status: rsp.status().as_u16() })
         }
-        Some(Ok(rsp)) => Ok(rsp.map(|b| Body::Stream(b, crate::h1::deadline::Stall::new(up.settings.timeout), place))),
+        Some(Ok(rsp)) => Ok(rsp),
         Some(Err(e)) if e.is_connect() => Err(ProxyError::Connect { upstream: name.clone(), source: e.into() }),
         Some(Err(e)) => {
             // A failure of the request body hyper was sending is the gateway's own body type, under hyper's error.
