@@ -72,8 +72,9 @@ impl TargetHealth {
         self.ejected_until.load(Ordering::Relaxed) > now_ms
     }
 
-    /// Records one check result; returns the new verdict when it changed.
-    fn checked(&self, ok: bool, check: &ActiveCheck) -> Option<bool> {
+    /// Records one check result; returns the new verdict when it changed. Passing `healthy_after` checks in a row
+    /// also ends an ejection: the target has shown it is back.
+    fn checked(&self, ok: bool, check: &ActiveCheck, now_ms: u64) -> Option<bool> {
         let n = if self.streak_ok.swap(ok, Ordering::Relaxed) == ok {
             self.streak.fetch_add(1, Ordering::Relaxed) + 1
         } else {
@@ -81,6 +82,11 @@ impl TargetHealth {
             1
         };
         let healthy = self.checked_healthy.load(Ordering::Relaxed);
+        if ok && n >= check.healthy_after && self.ejected(now_ms) {
+            self.ejected_until.store(0, Ordering::Relaxed);
+            self.checked_healthy.store(true, Ordering::Relaxed);
+            return Some(true);
+        }
         let flip = if ok { !healthy && n >= check.healthy_after } else { healthy && n >= check.unhealthy_after };
         if flip {
             self.checked_healthy.store(ok, Ordering::Relaxed);
@@ -178,7 +184,7 @@ async fn check_all(up: &Arc<Upstream>) {
         let (up, check) = (up.clone(), check.clone());
         checks.spawn(async move {
             let ok = probe(&up, &t, &check).await;
-            if let Some(healthy) = t.health.checked(ok, &check) {
+            if let Some(healthy) = t.health.checked(ok, &check, up.now_ms()) {
                 if healthy {
                     tracing::info!(upstream = %up.settings.name, target = %t.label, "target healthy again");
                 } else {

@@ -45,6 +45,11 @@ impl TestGateway {
 
 /// Writes `config` to `gateway.toml` in a new temp folder, plus any extra files, and starts the gateway.
 pub async fn spawn_gateway_with_files(config: &str, files: &[(&str, &[u8])]) -> TestGateway {
+    spawn_gateway_resolving(config, files, portcullis::upstream::resolve::system()).await
+}
+
+/// [`spawn_gateway_with_files`] with the resolver the gateway asks for upstream host names.
+pub async fn spawn_gateway_resolving(config: &str, files: &[(&str, &[u8])], names: portcullis::upstream::Resolver) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
     for (name, data) in files {
         std::fs::write(dir.path().join(name), data).unwrap();
@@ -52,7 +57,7 @@ pub async fn spawn_gateway_with_files(config: &str, files: &[(&str, &[u8])]) -> 
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).unwrap();
     let cfg = Config::load(&path).unwrap_or_else(|e| panic!("config did not validate:\n{e}\n---\n{config}"));
-    let gw = portcullis::start(cfg).await.expect("gateway starts");
+    let gw = portcullis::start_with(cfg, names).await.expect("gateway starts");
     TestGateway { https: gw.https, http: gw.http, admin: gw.admin, gw: Some(gw), dir }
 }
 

@@ -347,3 +347,130 @@ impl HeldUpstream {
         Upstream::at(self.addr)
     }
 }
+
+/// One target of a pool: answers every request with its name (body and `x-backend`), counts requests and accepted
+/// connections, and can be stopped (listener and every open connection closed at once, as a killed process) and
+/// started again on the same address. Serves HTTP/1.1 and HTTP/2 with prior knowledge (h2c).
+/// - `/healthz`: 200, not counted in `hits`.
+/// - `/slow`: answers after 400 ms.
+/// - anything else: `status()` (200 unless set), after `delay()`.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub hits: Arc<std::sync::atomic::AtomicUsize>,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    status: Arc<std::sync::atomic::AtomicU16>,
+    delay_ms: Arc<AtomicU64>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Backend {
+    /// Starts a backend on 127.0.0.1 port 0.
+    pub async fn start(name: &str) -> Backend {
+        Backend::start_at(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts a backend on `addr` (any loopback address; port 0 picks one).
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Backend {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let b = Backend {
+            name: name.to_string(),
+            addr: listener.local_addr().unwrap(),
+            hits: Default::default(),
+            connections: Default::default(),
+            status: Arc::new(std::sync::atomic::AtomicU16::new(200)),
+            delay_ms: Default::default(),
+            task: Mutex::new(None),
+        };
+        b.serve(listener);
+        b
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        self.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Closes the listener and every connection: new connections are refused, open ones reset.
+    pub fn stop(&self) {
+        if let Some(t) = self.task.lock().unwrap().take() {
+            t.abort();
+        }
+    }
+
+    /// Listens again on the same address.
+    pub async fn restart(&self) {
+        self.stop();
+        let deadline = tokio::time::Instant::now() + BOUND;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot listen on {} again: {e}", self.addr),
+            }
+        };
+        self.serve(listener);
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (name, hits, connections, status, delay) =
+            (self.name.clone(), self.hits.clone(), self.connections.clone(), self.status.clone(), self.delay_ms.clone());
+        let task = tokio::spawn(async move {
+            // The connections live in this set: aborting the task drops them all, as a process exit would.
+            let mut open = tokio::task::JoinSet::new();
+            loop {
+                let (tcp, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                    Some(_) = open.join_next(), if !open.is_empty() => continue,
+                };
+                connections.fetch_add(1, Ordering::SeqCst);
+                let (name, hits, status, delay) = (name.clone(), hits.clone(), status.clone(), delay.clone());
+                open.spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (name, hits, status, delay) = (name.clone(), hits.clone(), status.clone(), delay.clone());
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let mut code = 200;
+                            if path != "/healthz" {
+                                hits.fetch_add(1, Ordering::SeqCst);
+                                let wait = if path == "/slow" { 400 } else { delay.load(Ordering::SeqCst) };
+                                if wait > 0 {
+                                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                                }
+                                code = status.load(Ordering::SeqCst);
+                            }
+                            let mut rsp = Response::new(full(name.clone()));
+                            *rsp.status_mut() = StatusCode::from_u16(code).unwrap();
+                            rsp.headers_mut().insert("x-backend", name.parse().unwrap());
+                            Ok::<_, Infallible>(rsp)
+                        }
+                    });
+                    let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    b.http2().max_concurrent_streams(250);
+                    let _ = b.serve_connection(TokioIo::new(tcp), svc).await;
+                });
+            }
+        });
+        *self.task.lock().unwrap() = Some(task);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
