@@ -5,6 +5,7 @@
 #   ACCESS_LOG=false benches/instructions.sh   # Portcullis without its access line (nginx runs without one)
 #   TRACING=1 benches/instructions.sh          # with [tracing], every request sampled, spans POSTed to the upstream
 #   GATEWAY_BIN=/tmp/old/portcullis benches/instructions.sh   # another build, not rebuilt
+#   TARGETS=3 benches/instructions.sh          # the upstream as a pool of 3 targets (round robin), nginx too
 # Loopback only; each target runs 2 s of warm-up and 5 s measured under valgrind, then stops.
 # Outside this repository it uses the system's valgrind, nginx and wrk, a temporary directory, and loopback ports
 # 18380-18382; it does not need ../shared/bench.
@@ -21,7 +22,7 @@ DIR=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
 UP=18380 N=18381 GW=18382
 
-nginx_conf() { # name, listen port, location body
+nginx_conf() { # name, listen port, location body[, more listen lines]
     mkdir -p "$DIR/$1.tmp"
     cat >"$DIR/$1.conf" <<EOF
 worker_processes 1;
@@ -37,16 +38,27 @@ http {
     fastcgi_temp_path $DIR/$1.tmp/fastcgi;
     uwsgi_temp_path $DIR/$1.tmp/uwsgi;
     scgi_temp_path $DIR/$1.tmp/scgi;
-    upstream u { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; }
+    upstream u { $UPSTREAM_SERVERS keepalive 128; keepalive_requests 1000000; }
     server {
-        listen 127.0.0.1:$2 backlog=4096;
+        listen 127.0.0.1:$2 backlog=4096; ${4:-}
         default_type application/json;
         location / { $3 }
     }
 }
 EOF
 }
-nginx_conf upstream $UP "return 200 '{\"ok\":true}';"
+# With TARGETS=3 the upstream nginx also listens on the next two ports, and both proxies balance over the three.
+UP2=18383 UP3=18384
+if [ "${TARGETS:-1}" = 3 ]; then
+    UPSTREAM_SERVERS="server 127.0.0.1:$UP; server 127.0.0.1:$UP2; server 127.0.0.1:$UP3;"
+    GW_UPSTREAM="targets = [\"http://127.0.0.1:$UP\", \"http://127.0.0.1:$UP2\", \"http://127.0.0.1:$UP3\"]"
+    MORE_LISTEN="listen 127.0.0.1:$UP2 backlog=4096; listen 127.0.0.1:$UP3 backlog=4096;"
+else
+    UPSTREAM_SERVERS="server 127.0.0.1:$UP;"
+    GW_UPSTREAM="url = \"http://127.0.0.1:$UP\""
+    MORE_LISTEN=""
+fi
+nginx_conf upstream $UP "return 200 '{\"ok\":true}';" "$MORE_LISTEN"
 nginx_conf proxy $N 'proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection "";'
 cat >"$DIR/gateway.toml" <<EOF
 [listen]
@@ -54,7 +66,7 @@ http = "127.0.0.1:$GW"
 [server]
 access_log = ${ACCESS_LOG:-true}
 [upstreams.up]
-url = "http://127.0.0.1:$UP"
+$GW_UPSTREAM
 [[routes]]
 name = "all"
 path = "/*"

@@ -341,7 +341,8 @@ impl Gateway {
         // Only an HTTP/1 body left unread needs the connection closed (HTTP/2 resets just the stream).
         let version = req.version();
         let unread_closes = version < Version::HTTP_2 && has_body(&req);
-        let grpc = upstream::is_grpc(req.headers());
+        // gRPC calls are POSTs: other methods skip the header lookup.
+        let grpc = req.method() == http::Method::POST && upstream::is_grpc(req.headers());
         let mut outcome = Outcome { http1_body: unread_closes, grpc, ..Outcome::default() };
         let fwd = Forwarding { peer: conn.peer, peer_ip: &conn.peer_ip, tls: conn.tls, from_trusted_proxy: trusted };
         let trace = self.tracer.as_ref().map(|t| t.begin(req.headers(), trusted));
@@ -621,13 +622,15 @@ impl Gateway {
         let timeout = route_call.and_then(|c| c.timeout).unwrap_or(upstream.settings.timeout);
         let call = Call {
             // A gRPC client's deadline caps the wait: past it, the client has given up.
-            timeout: upstream::grpc_timeout(&outbound.parts.headers).map_or(timeout, |t| t.min(timeout)),
+            timeout: match outcome.grpc {
+                true => upstream::grpc_timeout(&outbound.parts.headers).map_or(timeout, |t| t.min(timeout)),
+                false => timeout,
+            },
             retries: route_call.and_then(|c| c.retries.as_ref()).zip(self.route_budgets[route.index].as_ref()),
             key: upstream.settings.balance.key(&outbound.parts.headers, principal, client),
         };
         let sent = Instant::now();
-        let (result, target) = upstream::forward(upstream, outbound, &call, sent).await;
-        outcome.target = target;
+        let result = upstream::forward(upstream, outbound, &call, sent, &mut outcome.target).await;
         let took = sent.elapsed();
         outcome.upstream_time = Some(took);
         if outcome.timed {

@@ -254,7 +254,7 @@ pub fn access(r: &AccessRecord<'_>) {
             rate_limited = r.rate_limited, duration_us = r.duration_us, upstream_us = r.upstream_us,
             reason = r.reason, host = r.host.map(|h| String::from_utf8_lossy(bounded(h))).as_deref(),
             user_agent = r.user_agent.map(|u| String::from_utf8_lossy(bounded(u))).as_deref(), http_version = r.http_version,
-            upstream = r.upstream, target = r.target, upstream_status = r.upstream_status,
+            upstream = r.upstream, upstream_target = r.target, upstream_status = r.upstream_status,
             trace_id = r.trace_id.as_ref().map(|t| String::from_utf8_lossy(t)).as_deref(),
         );
         return;
@@ -334,7 +334,7 @@ pub fn access(r: &AccessRecord<'_>) {
             f.str(key!("upstream"), u);
         }
         if let Some(t) = r.target {
-            f.str(key!("target"), t);
+            f.str(key!("upstream_target"), t);
         }
         if let Some(s) = r.upstream_status {
             f.num(key!("upstream_status"), u64::from(s));

@@ -111,7 +111,7 @@ fn access_log_explains_every_refusal(format: &str) {
         assert_eq!(field(&line, name).as_deref(), Some(want), "{name} in {line}");
     }
     assert_eq!(field(&line, "reason"), None, "an answered request has no refusal reason: {line}");
-    let target = field(&line, "target").unwrap_or_default();
+    let target = field(&line, "upstream_target").unwrap_or_default();
     assert!(target.parse::<std::net::SocketAddr>().is_ok(), "the target the request went to: {line}");
     if format == "json" {
         for l in gw.seen.iter().filter(|l| l.contains("portcullis::access")) {

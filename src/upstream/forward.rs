@@ -200,16 +200,17 @@ fn failure_of(e: &ProxyError) -> Option<Failure> {
 
 /// Sends the request to a target of `up` and returns the answer once its head has arrived (within `call.timeout`
 /// of `sent`), with the upstream's own fields still in the lines of its head where the own HTTP/1 client read it.
-/// A failure the route retries goes to another target while the budget allows. Returns the target of the last
-/// attempt beside the result.
+/// A failure the route retries goes to another target while the budget allows. The target of the last attempt
+/// goes into `sent_to` (an out-parameter: the answer is large, and is moved once less).
 pub async fn forward(
     up: &Upstream,
     out: Outbound<'_>,
     call: &Call<'_>,
     sent: Instant,
-) -> (Result<(Response<Body>, AnswerFields), ProxyError>, Option<Arc<Target>>) {
+    sent_to: &mut Option<Arc<Target>>,
+) -> Result<(Response<Body>, AnswerFields), ProxyError> {
     let Some(mut place) = up.places.take(up.settings.queue_timeout).await else {
-        return (Err(ProxyError::Saturated { upstream: up.settings.name.clone(), waited: up.settings.queue_timeout }), None);
+        return Err(ProxyError::Saturated { upstream: up.settings.name.clone(), waited: up.settings.queue_timeout });
     };
     let deadline = sent + call.timeout;
     // CONNECT: a 2xx answer turns the upstream connection into a tunnel, never back into HTTP.
@@ -221,16 +222,7 @@ pub async fn forward(
     let counted = up.settings.balance == Balance::LeastRequest;
     let no_target = || {
         let source = std::io::Error::other("the upstream has no target");
-        (Err(ProxyError::Connect { upstream: up.settings.name.clone(), source: source.into() }), None)
-    };
-    let Some((policy, budget)) = retries else {
-        let Some(target) = up.pick(call.key, &[]) else { return no_target() };
-        if counted {
-            place.count_in(&target.in_flight);
-        }
-        let result = send(up, &target, out, deadline.saturating_duration_since(Instant::now())).await;
-        account(up, &target, &result);
-        return (result.map(|raw| raw.into_answer(place, call.timeout)), Some(target));
+        Err(ProxyError::Connect { upstream: up.settings.name.clone(), source: source.into() })
     };
     let mut tried: Vec<Arc<Target>> = Vec::new();
     loop {
@@ -238,26 +230,49 @@ pub async fn forward(
         if counted {
             place.count_in(&target.in_flight);
         }
-        let result = send_bodiless(up, &target, &out, deadline.saturating_duration_since(Instant::now())).await;
-        let failure = account(up, &target, &result);
-        // A failure the route does not name, or a 5xx it does not list, is the answer.
-        let retry = failure.filter(|f| (tried.len() as u32) < policy.attempts && policy.allows(*f, &out.parts.method));
-        if let Some(f) = retry.filter(|_| budget.withdraw()) {
-            up.metrics.upstream_retries.with_label_values(&[&up.settings.name, f.label()]).inc();
-            tracing::debug!(upstream = %up.settings.name, target = %target.label, reason = f.label(), "retrying on another target");
-            tried.push(target);
-            continue;
+        // The first attempt counts from `sent`; a retry has what is left of the route's timeout.
+        let (timeout, now) = match tried.is_empty() {
+            true => (call.timeout, sent),
+            false => (deadline.saturating_duration_since(Instant::now()), Instant::now()),
+        };
+        // One call site of the own client's exchange, inlined here. hyper's exchanges are large futures and boxed,
+        // so the common case does not carry their size; `out` stays where it is (a second slot for it would make
+        // this future, moved on every request, half a kilobyte larger).
+        let result = match lean_for(&target, &out) {
+            Some(lean) => match lean.send(&lean_head(up, &out), timeout, now).await {
+                Ok((rsp, fields)) => Ok(Raw::Lean(rsp, fields)),
+                Err(e) => Err(lean_error(up, timeout, e)),
+            },
+            None if retries.is_some() => Box::pin(send_bodiless(up, &target, &out, timeout)).await,
+            None => {
+                // Sent once, body and all: never retried.
+                let result = Box::pin(send(up, &target, out, timeout)).await;
+                account(up, &target, &result.as_ref().map(Raw::status));
+                *sent_to = Some(target);
+                return result.map(|raw| raw.into_answer(place, call.timeout));
+            }
+        };
+        let failure = account(up, &target, &result.as_ref().map(Raw::status));
+        if let (Some((policy, budget)), Some(f)) = (retries, failure) {
+            // A failure the route does not name, or a 5xx it does not list, is the answer.
+            if (tried.len() as u32) < policy.attempts && policy.allows(f, &out.parts.method) && budget.withdraw() {
+                up.metrics.upstream_retries.with_label_values(&[&up.settings.name, f.label()]).inc();
+                tracing::debug!(upstream = %up.settings.name, target = %target.label, reason = f.label(), "retrying on another target");
+                tried.push(target);
+                continue;
+            }
         }
-        return (result.map(|raw| raw.into_answer(place, call.timeout)), Some(target));
+        *sent_to = Some(target);
+        return result.map(|raw| raw.into_answer(place, call.timeout));
     }
 }
 
 /// Counts one attempt with `t` and feeds its passive health; returns its failure (a gateway failure, or an
 /// answer of 502, 503 or 504), None when the target answered otherwise or is not at fault.
-fn account(up: &Upstream, t: &Target, result: &Result<Raw, ProxyError>) -> Option<Failure> {
+fn account(up: &Upstream, t: &Target, result: &Result<StatusCode, &ProxyError>) -> Option<Failure> {
     let failure = match result {
-        Ok(raw) => {
-            let status = raw.status().as_u16();
+        Ok(status) => {
+            let status = status.as_u16();
             t.count(Some(status));
             matches!(status, 502..=504).then_some(Failure::Status(status))
         }
@@ -273,6 +288,17 @@ fn account(up: &Upstream, t: &Target, result: &Result<Raw, ProxyError>) -> Optio
     failure
 }
 
+/// The own client of `t`, when it can carry this request: bodiless, no upgrade, a target it can write.
+fn lean_for<'t>(t: &'t Target, out: &Outbound<'_>) -> Option<&'t client::Client> {
+    t.lean.as_ref().filter(|_| {
+        // CONNECT: a 2xx answer turns the upstream connection into a tunnel, never back into HTTP.
+        !out.upgrading
+            && out.parts.method != Method::CONNECT
+            && http_body::Body::is_end_stream(&out.body)
+            && client::is_safe_target(out.path, out.query.as_deref())
+    })
+}
+
 /// The own client's head of a bodiless request.
 fn lean_head<'o>(up: &Upstream, out: &'o Outbound<'_>) -> client::Head<'o> {
     client::Head {
@@ -286,14 +312,9 @@ fn lean_head<'o>(up: &Upstream, out: &'o Outbound<'_>) -> client::Head<'o> {
     }
 }
 
-/// Sends a bodiless request that may be sent again (a retried one): nothing of `out` is used up.
+/// Sends a bodiless request that may be sent again (a retried one) over hyper's client: nothing of `out` is used
+/// up.
 async fn send_bodiless(up: &Upstream, t: &Target, out: &Outbound<'_>, timeout: Duration) -> Result<Raw, ProxyError> {
-    if let Some(lean) = t.lean.as_ref().filter(|_| client::is_safe_target(out.path, out.query.as_deref())) {
-        return match lean.send(&lean_head(up, out), timeout, Instant::now()).await {
-            Ok((rsp, fields)) => Ok(Raw::Lean(rsp, fields)),
-            Err(e) => Err(lean_error(up, timeout, e)),
-        };
-    }
     let mut req = Request::new(Body::empty());
     *req.method_mut() = out.parts.method.clone();
     *req.headers_mut() = out.parts.headers.clone();
@@ -307,21 +328,8 @@ async fn send_bodiless(up: &Upstream, t: &Target, out: &Outbound<'_>, timeout: D
     Ok(Raw::Hyper(rsp))
 }
 
-/// Sends the request once, its body streamed as it comes. Bodiless requests to plain-http HTTP/1.1 targets take
-/// the own client; bodies, upgrades, HTTP/2 and https take hyper's.
+/// Sends the request once over hyper's client, its body streamed as it comes (bodies, upgrades, HTTP/2, https).
 async fn send(up: &Upstream, t: &Target, mut out: Outbound<'_>, timeout: Duration) -> Result<Raw, ProxyError> {
-    let lean = t.lean.as_ref().filter(|_| {
-        !out.upgrading
-            && out.parts.method != Method::CONNECT
-            && http_body::Body::is_end_stream(&out.body)
-            && client::is_safe_target(out.path, out.query.as_deref())
-    });
-    if let Some(lean) = lean {
-        return match lean.send(&lean_head(up, &out), timeout, Instant::now()).await {
-            Ok((rsp, fields)) => Ok(Raw::Lean(rsp, fields)),
-            Err(e) => Err(lean_error(up, timeout, e)),
-        };
-    }
     let client_upgrade = out.upgrading.then(|| out.parts.extensions.remove::<hyper::upgrade::OnUpgrade>()).flatten();
     let Outbound { mut parts, body, path, query, host, additions, max_body, identity, .. } = out;
     additions.insert_into(&mut parts.headers);
@@ -331,6 +339,11 @@ async fn send(up: &Upstream, t: &Target, mut out: Outbound<'_>, timeout: Duratio
     let has_body = !http_body::Body::is_end_stream(&body);
     if has_body && !parts.headers.contains_key(header::CONTENT_LENGTH) && up.settings.protocol == Protocol::Http1 {
         parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
+    // gRPC servers check for `te: trailers` (the client's went with the hop-by-hop fields): it says this hop passes
+    // trailers, which HTTP/2 to the target does.
+    if up.settings.protocol != Protocol::Http1 && super::grpc::is_grpc(&parts.headers) {
+        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     // A body's progress moves the exchange's deadline (see `forward_hyper`).
     let progress = has_body.then(|| Arc::new(Progress::new()));
