@@ -9,6 +9,7 @@ use http::{Response, StatusCode};
 use crate::auth::authz::AuthzError;
 use crate::auth::AuthError;
 use crate::body::Body;
+use crate::edge::forward_auth::DecisionError;
 use crate::router::RouteError;
 use crate::token_endpoint::TokenError;
 use crate::upstream::ProxyError;
@@ -29,6 +30,8 @@ pub enum GatewayError {
     Proxy(#[from] ProxyError),
     #[error("token endpoint: {0}")]
     Token(#[from] TokenError),
+    #[error("forward-auth decision: {0}")]
+    Decision(#[from] DecisionError),
 }
 
 impl GatewayError {
@@ -81,6 +84,10 @@ impl GatewayError {
                 TokenError::Busy => StatusCode::SERVICE_UNAVAILABLE,
                 TokenError::Signing(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
+            GatewayError::Decision(e) => match e {
+                DecisionError::Untrusted(_) => StatusCode::FORBIDDEN,
+                DecisionError::Malformed(_) => StatusCode::BAD_REQUEST,
+            },
         }
     }
 
@@ -119,6 +126,8 @@ impl GatewayError {
                 ProxyError::Uri(_) => "upstream_uri",
             },
             GatewayError::Token(e) => e.code(),
+            GatewayError::Decision(DecisionError::Untrusted(_)) => "untrusted_decision_client",
+            GatewayError::Decision(DecisionError::Malformed(_)) => "bad_original_request",
         }
     }
 
@@ -154,6 +163,8 @@ impl GatewayError {
             GatewayError::Proxy(ProxyError::Saturated { .. }) => ("upstream_busy", None),
             GatewayError::Token(TokenError::InvalidClient) => ("invalid_client", Some("Basic realm=\"portcullis\"".to_string())),
             GatewayError::Token(e) => (e.code(), None),
+            GatewayError::Decision(DecisionError::Untrusted(_)) => ("forbidden", None),
+            GatewayError::Decision(DecisionError::Malformed(_)) => ("bad_request", None),
         }
     }
 

@@ -19,6 +19,7 @@ use crate::body::{Body, RequestBody};
 use crate::config::Config;
 use crate::edge::client_addr::{client_ip, is_trusted};
 use crate::edge::cors;
+use crate::edge::forward_auth::{self, DecisionError, Original};
 use crate::edge::headers_request::{self, identity_values, Forwarding};
 use crate::edge::headers_response::{self, Additions, AnswerFields};
 use crate::edge::ratelimit::{reuse_or_new, Limiter};
@@ -69,6 +70,8 @@ struct Context<'r> {
     client_in_flight: Option<&'r AtomicUsize>,
     /// The request's trace, with `[tracing]`.
     trace: Option<&'r TraceIds>,
+    /// A forward-auth decision request: the original request it asks about.
+    decision: Option<&'r Result<Original, DecisionError>>,
 }
 
 /// Where a matched request goes: its route, its normalised path and the authority the client addressed.
@@ -115,6 +118,8 @@ struct Outcome<'a> {
     grpc: bool,
     /// The status a gRPC-shaped refusal stands for (its HTTP status is 200), for the metrics and the log.
     refused: Option<http::StatusCode>,
+    /// A forward-auth decision (counted in `portcullis_decisions_total` too).
+    decision: bool,
     /// Why the gateway refused the request ([`GatewayError::reason`]).
     reason: Option<&'static str>,
     /// Stage timings, kept only for a sampled trace.
@@ -331,6 +336,11 @@ impl Gateway {
         let start = Instant::now();
         let trusted = is_trusted(&self.config.trusted_proxies, conn.peer.ip());
         let request_id = headers_request::request_id(req.headers(), trusted);
+        // Read before the routing overrides go: a decision's original request is in them, from a trusted proxy.
+        let decision = self.config.forward_auth.as_ref().filter(|f| f.serves(req.uri().path())).map(|f| match trusted {
+            true => f.original(req.method(), req.uri(), req.headers()),
+            false => Err(DecisionError::Untrusted(conn.peer.ip())),
+        });
         // Before anything else: a client can never forge its identity to the upstream.
         headers_request::strip_forged(req.headers_mut(), &self.config.identity);
         let method = req.method().clone();
@@ -348,7 +358,15 @@ impl Gateway {
         let trace = self.tracer.as_ref().map(|t| t.begin(req.headers(), trusted));
         outcome.timed = trace.as_ref().is_some_and(|t| t.sampled);
         let client_in_flight = conn.client_in_flight.as_deref();
-        let cx = Context { uri: &uri, client, request_id: &request_id, fwd, client_in_flight, trace: trace.as_ref() };
+        let cx = Context {
+            uri: &uri,
+            client,
+            request_id: &request_id,
+            fwd,
+            client_in_flight,
+            trace: trace.as_ref(),
+            decision: decision.as_ref(),
+        };
         let facts = self.config.access_log.then(|| LogFacts::of(&req, &uri));
         let result = self.handle_inner(req, &cx, &mut outcome).await;
         let mut rsp = result.unwrap_or_else(|e| self.refusal(&e, &mut outcome, &request_id));
@@ -369,6 +387,17 @@ impl Gateway {
         let elapsed = ready_at.saturating_duration_since(start);
         let status = outcome.refused.unwrap_or(rsp.status());
         self.metrics_of(&outcome).observe(&self.metrics, &method, status, elapsed.as_secs_f64());
+        if outcome.decision {
+            let result = if status.is_success() {
+                "allow"
+            } else if status.is_server_error() {
+                "error"
+            } else {
+                "deny"
+            };
+            let route = outcome.route.map_or("-", |r| r.name.as_str());
+            self.metrics.decisions.with_label_values(&[route, result]).inc();
+        }
         let done = Answered {
             method: &method,
             route: outcome.route.map(|r| r.name.as_str()).or(outcome.label).unwrap_or("-"),
@@ -440,6 +469,9 @@ impl Gateway {
         let _in_flight = self.admit_client(cx.client_in_flight, outcome)?;
         let host = request_host(req.headers(), cx.uri, req.version())?;
         self.check_global_limit(cx.client, outcome)?;
+        if let Some(decision) = cx.decision {
+            return self.decide(req, decision, cx, outcome).await;
+        }
         let path = normalize_path(cx.uri.path())?;
         if let Some(te) = self.token_endpoint.as_ref().filter(|te| te.serves(&path)) {
             return self.token_endpoint(te, req, &path, cx, outcome).await;
@@ -456,6 +488,30 @@ impl Gateway {
         let identity = auth.principal.as_deref().map(|p| identity_values(p, &self.config.identity)).transpose()?;
         let outbound = self.prepare_upstream(req, Routed { route, path: &path, host }, &auth, identity, cx);
         self.forward(route, outbound, auth.principal.as_deref(), cx.client, outcome).await
+    }
+
+    /// A forward-auth decision: the original request through the same route match, authentication,
+    /// authorization and rate limit as a proxied one; allowed, 200 with the identity fields, and nothing forwarded.
+    async fn decide<'a>(
+        &'a self,
+        mut req: Request<RequestBody>,
+        decision: &Result<Original, DecisionError>,
+        cx: &Context<'_>,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<Body>, GatewayError> {
+        outcome.decision = true;
+        let original = decision.as_ref().map_err(|e| GatewayError::Decision(e.clone()))?;
+        *req.method_mut() = original.method.clone();
+        let path = normalize_path(original.uri.path())?;
+        let matched = self.config.routes.match_route(&original.method, &path)?;
+        let route = *outcome.route.insert(matched.route);
+        let auth = self.authenticate(&req, &original.uri, route, outcome).await?;
+        authorize(auth.principal.as_deref(), &route.policy, |n| matched.param(n))?;
+        self.check_route_limit(route, cx.client, auth.principal.as_deref(), outcome)?;
+        let identity = auth.principal.as_deref().map(|p| identity_values(p, &self.config.identity)).transpose()?;
+        let mut rsp = Response::new(Body::empty());
+        *rsp.headers_mut() = forward_auth::allowed(&self.config.identity, identity);
+        Ok(rsp)
     }
 
     /// The client's requests in flight (all its connections and HTTP/2 streams): one client cannot make the
@@ -701,7 +757,11 @@ impl Gateway {
             GatewayError::Authz(crate::auth::authz::AuthzError::Anonymous) => rm.auth_failure(&self.metrics, "missing"),
             GatewayError::Authz(a) => rm.authz_denied(&self.metrics, a.rule()),
             GatewayError::RateLimited { key, .. } => rm.rate_limited(&self.metrics, key),
-            GatewayError::Route(_) | GatewayError::BodyTooLarge(_) | GatewayError::Proxy(_) | GatewayError::Token(_) => {}
+            GatewayError::Route(_)
+            | GatewayError::BodyTooLarge(_)
+            | GatewayError::Proxy(_)
+            | GatewayError::Token(_)
+            | GatewayError::Decision(_) => {}
         }
     }
 }

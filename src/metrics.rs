@@ -38,6 +38,7 @@ pub struct Metrics {
     pub upstream_requests: IntCounterVec,
     pub upstream_retries: IntCounterVec,
     pub upstream_ejections: IntCounterVec,
+    pub decisions: IntCounterVec,
 }
 
 /// Buckets from 100 µs to 10 s: a proxy hop is sub-millisecond, a slow upstream seconds.
@@ -159,6 +160,12 @@ impl Metrics {
                 "portcullis_upstream_ejections_total",
                 "Targets ejected after consecutive gateway failures.",
                 &["upstream", "target"],
+            ),
+            decisions: counter_vec(
+                &r,
+                "portcullis_decisions_total",
+                "Forward-auth decisions by route and result (allow, deny, error).",
+                &["route", "result"],
             ),
             registry: r,
         }

@@ -102,6 +102,9 @@ allow_origins = ["https://app.example.com"]
 
 [tracing]
 otlp_endpoint = "http://127.0.0.1:4318"
+
+[forward_auth]
+path = "/auth"
 "#;
 
 /// Account files the token endpoint reads. The hash is a well-formed argon2id one (the demo's), so the files load.
@@ -146,6 +149,7 @@ const PROBES: &[Probe] = &[
     probe("[headers]", "gateway.toml", "[routes.headers]"),
     probe("[cors]", "gateway.toml", "[routes.cors]"),
     probe("[tracing]", "gateway.toml", "[tracing]"),
+    probe("[forward_auth]", "gateway.toml", "[forward_auth]"),
     probe("[users.NAME]", "users.toml", "[users.\"alice\"]"),
     probe("[clients.NAME]", "clients.toml", "[clients.\"app\"]"),
 ];

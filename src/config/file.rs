@@ -36,6 +36,7 @@ pub(super) struct FileConfig {
     pub(super) admin: Option<Spanned<AdminFile>>,
     pub(super) auth: AuthFile,
     pub(super) tracing: Option<Spanned<TracingFile>>,
+    pub(super) forward_auth: Option<Spanned<ForwardAuthFile>>,
     pub(super) failed: Failed,
 }
 
@@ -73,6 +74,7 @@ pub(super) const TABLES: &[&str] = &[
     "admin",
     "auth",
     "tracing",
+    "forward_auth",
 ];
 
 /// A problem found while deserializing: where, and serde's or toml's words for it.
@@ -123,6 +125,7 @@ pub(super) fn read(doc: Spanned<DeTable<'_>>, found: &mut Vec<Found>) -> FileCon
             "admin" => f.admin = take(value, found),
             "auth" => f.auth = take(value, found).unwrap_or_default(),
             "tracing" => f.tracing = take(value, found),
+            "forward_auth" => f.forward_auth = take(value, found),
             other => found.push((key_span, <toml::de::Error as serde::de::Error>::unknown_field(other, TABLES).message().to_string())),
         }
     }
@@ -315,6 +318,12 @@ pub(super) struct HealthFile {
     pub(super) eject_after_errors: Option<u32>,
     pub(super) eject_for: Option<DurationValue>,
     pub(super) max_ejected_percent: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ForwardAuthFile {
+    pub(super) path: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

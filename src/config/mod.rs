@@ -159,6 +159,8 @@ pub struct Config {
     pub routes: RouteTable,
     /// Each route's timeout and retries, by route index.
     pub route_calls: Vec<RouteCall>,
+    /// The forward-auth decision endpoint.
+    pub forward_auth: Option<crate::edge::forward_auth::ForwardAuthSettings>,
     pub trusted_proxies: Vec<Cidr>,
     /// The field trusted proxies name the client in.
     pub forwarded_from: crate::edge::client_addr::ForwardedFrom,

@@ -186,6 +186,7 @@ impl Validator<'_> {
             },
         };
         let tracing = f.tracing.and_then(|t| self.tracing(t)).map(Arc::new);
+        let forward_auth = f.forward_auth.and_then(|fa| self.forward_auth(fa.get_ref()));
         self.default_cookie = f.auth.token_cookie.clone();
         let (routes, route_calls) = self.routes(f.routes, &upstreams, &declared, f.routing.case_insensitive);
         if let Some(w) = f.server.worker_threads.as_ref().filter(|w| *w.get_ref() == 0) {
@@ -201,6 +202,7 @@ impl Validator<'_> {
             upstreams,
             routes,
             route_calls,
+            forward_auth,
             trusted_proxies,
             forwarded_from,
             issuers,
@@ -431,6 +433,23 @@ impl Validator<'_> {
             },
             queue_timeout: u.queue_timeout.map_or(Duration::from_secs(2), |d| d.0),
         })
+    }
+
+    /// `[forward_auth]`: a path of its own, which no request is proxied on.
+    fn forward_auth(&mut self, f: &ForwardAuthFile) -> Option<crate::edge::forward_auth::ForwardAuthSettings> {
+        let path = f.path.get_ref();
+        let ok = path.starts_with('/')
+            && path.len() > 1
+            && !path.ends_with('/')
+            && crate::router::normalize_path(path).is_ok_and(|n| n == *path);
+        if !ok {
+            self.error(
+                f.path.span(),
+                format!("forward_auth.path must be a normalised path other than \"/\" without a trailing slash, got {path:?}"),
+            );
+            return None;
+        }
+        Some(crate::edge::forward_auth::ForwardAuthSettings { path: path.clone() })
     }
 
     /// A duration that must not be zero (a zero interval would spin).
