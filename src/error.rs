@@ -220,13 +220,13 @@ impl GatewayError {
     /// The answer to a gRPC client: HTTP 200 with the status in `grpc-status` and `grpc-message` (a
     /// trailers-only response, which gRPC clients read as the call's status), and the same `WWW-Authenticate`
     /// and `Retry-After` the HTTP answer would carry.
-    pub fn to_grpc_response(&self) -> Response<Body> {
-        let http = self.to_response(false);
+    pub fn to_grpc_response(&self, close: bool) -> Response<Body> {
+        let http = self.to_response(close);
         let status = http.status();
         let (code, _) = self.code_and_challenge();
         let mut rsp = Response::new(Body::empty());
         let h = rsp.headers_mut();
-        for name in [header::WWW_AUTHENTICATE, header::RETRY_AFTER, header::ALLOW] {
+        for name in [header::WWW_AUTHENTICATE, header::RETRY_AFTER, header::ALLOW, header::CONNECTION] {
             if let Some(v) = http.headers().get(&name) {
                 h.insert(name, v.clone());
             }

@@ -309,6 +309,14 @@ impl Gateway {
         self.authn.fetch_keys_lost_since(&previous.authn).await
     }
 
+    /// After `now` has replaced this gateway: removes the metrics series of targets and upstreams it has no more.
+    pub fn forget_upstream_metrics_missing_from(&self, now: &Gateway) {
+        for up in &self.route_upstreams {
+            let kept = now.route_upstreams.iter().find(|n| n.settings.name == up.settings.name);
+            up.forget_targets_missing_from(kept.map(|k| &**k));
+        }
+    }
+
     /// The upstreams none of whose targets takes requests now (the admin `readyz` lists them).
     pub fn upstreams_without_healthy_target(&self) -> Vec<String> {
         let mut down: Vec<String> =
@@ -454,7 +462,7 @@ impl Gateway {
         let close = outcome.http1_body && (outcome.upstream_time.is_none() || client_body_broke);
         if outcome.grpc {
             outcome.refused = Some(e.status());
-            return e.to_grpc_response();
+            return e.to_grpc_response(close);
         }
         e.to_response(close)
     }
@@ -676,12 +684,11 @@ impl Gateway {
         outcome.upstream = Some(upstream.settings.name.as_str());
         let route_call = self.config.route_calls.get(route.index);
         let timeout = route_call.and_then(|c| c.timeout).unwrap_or(upstream.settings.timeout);
+        // A gRPC client's deadline caps the wait: past it, the client has given up.
+        let client_deadline = outcome.grpc.then(|| upstream::grpc_timeout(&outbound.parts.headers)).flatten().filter(|t| *t < timeout);
         let call = Call {
-            // A gRPC client's deadline caps the wait: past it, the client has given up.
-            timeout: match outcome.grpc {
-                true => upstream::grpc_timeout(&outbound.parts.headers).map_or(timeout, |t| t.min(timeout)),
-                false => timeout,
-            },
+            timeout: client_deadline.unwrap_or(timeout),
+            client_deadline: client_deadline.is_some(),
             retries: route_call.and_then(|c| c.retries.as_ref()).zip(self.route_budgets[route.index].as_ref()),
             key: upstream.settings.balance.key(&outbound.parts.headers, principal, client),
         };

@@ -151,7 +151,7 @@ async fn a_killed_target_is_ejected_without_client_errors_and_comes_back() {
         let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
         let interval_ms = 200;
         let up = format!(
-            "{}\n[upstreams.pool.health]\npath = \"/healthz\"\ninterval = \"{interval_ms}ms\"\ntimeout = \"150ms\"\nunhealthy_after = 2\nhealthy_after = 2\neject_after_errors = 2\n",
+            "{}\n[upstreams.pool.health]\npath = \"/healthz\"\ninterval = \"{interval_ms}ms\"\ntimeout = \"150ms\"\nunhealthy_after = 2\nhealthy_after = 2\neject_after_errors = 0\n",
             targets(&[&a, &b, &c])
         );
         let route = format!("{PUBLIC_ROUTE}retries = {{ attempts = 2, on = [\"connect\", \"reset\"] }}\n");
@@ -227,18 +227,28 @@ async fn passive_ejection_takes_a_failing_target_out_and_readyz_names_a_dead_ups
         gw.stop().await;
 
         // Every target of an upstream down: still ready, and named; requests still tried (panic mode).
-        let dead = Backend::start("dead").await;
-        dead.stop();
-        let up =
-            format!("{}\n[upstreams.pool.health]\npath = \"/healthz\"\ninterval = \"100ms\"\nunhealthy_after = 1\n", targets(&[&dead]));
+        let (d1, d2) = (Backend::start("d1").await, Backend::start("d2").await);
+        d1.stop();
+        d2.stop();
+        let up = format!(
+            "{}\n[upstreams.pool.health]\npath = \"/healthz\"\ninterval = \"100ms\"\nunhealthy_after = 1\nhealthy_after = 1000\n",
+            targets(&[&d1, &d2])
+        );
         let gw = spawn_gateway(&pool_config(&up, PUBLIC_ROUTE, "")).await;
-        let target = dead.addr.to_string();
-        wait_metric(&client, &gw, "portcullis_upstream_target_healthy", &[("upstream", "pool"), ("target", &target)], 0.0, BOUND).await;
+        for d in [&d1, &d2] {
+            let target = d.addr.to_string();
+            wait_metric(&client, &gw, "portcullis_upstream_target_healthy", &[("upstream", "pool"), ("target", &target)], 0.0, BOUND).await;
+        }
         let ready = get(&client, &gw.admin_url("/readyz"), None).await;
         assert_eq!(ready.status, 200);
         assert_eq!(ready.json()["upstreams_without_healthy_target"], serde_json::json!(["pool"]));
-        dead.restart().await;
-        assert_eq!(get(&client, &gw.http_url("/x"), None).await.status, 200, "panic mode still tries the target");
+        // Both still marked down (healthy_after is out of reach), one of them answering again: it is tried.
+        d2.restart().await;
+        for _ in 0..4 {
+            let a = get(&client, &gw.http_url("/x"), None).await;
+            assert!(a.status == 200 || a.status == 502, "{}", a.status);
+        }
+        assert!(d2.hits() >= 1, "panic mode still sends to targets marked down");
         gw.stop().await;
     })
     .await;
@@ -421,7 +431,8 @@ async fn a_route_timeout_overrides_the_upstreams() {
         let started = Instant::now();
         let a1 = get(&client, &gw.http_url("/slow"), None).await;
         assert_eq!(a1.status, 504);
-        assert!(started.elapsed() < Duration::from_millis(390));
+        // The route's 150 ms, not the upstream's 5 s (generous for a slow machine).
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
         gw.stop().await;
     })
     .await;

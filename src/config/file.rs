@@ -267,7 +267,7 @@ pub(super) struct ServerFile {
 pub(super) struct UpstreamFile {
     /// One target (the form before pools); `targets` names several.
     pub(super) url: Option<Spanned<String>>,
-    pub(super) targets: Option<Spanned<Vec<TargetFile>>>,
+    pub(super) targets: Option<Spanned<Vec<Spanned<TargetFile>>>>,
     pub(super) balance: Option<Spanned<String>>,
     pub(super) protocol: Option<ProtocolFile>,
     pub(super) resolve_every: Option<Spanned<DurationValue>>,

@@ -317,14 +317,15 @@ impl Validator<'_> {
                 return None;
             }
         };
-        let listed: Vec<(String, i64)> = match (&u.url, &u.targets) {
-            (Some(url), None) => vec![(url.get_ref().clone(), 1)],
+        // Each target with where it is written, so that its error points at it.
+        let listed: Vec<(String, i64, std::ops::Range<usize>)> = match (&u.url, &u.targets) {
+            (Some(url), None) => vec![(url.get_ref().clone(), 1, url.span())],
             (_, Some(t)) => t
                 .get_ref()
                 .iter()
-                .map(|t| match t {
-                    TargetFile::Url(url) => (url.clone(), 1),
-                    TargetFile::Weighted(w) => (w.url.clone(), w.weight.unwrap_or(1)),
+                .map(|t| match t.get_ref() {
+                    TargetFile::Url(url) => (url.clone(), 1, t.span()),
+                    TargetFile::Weighted(w) => (w.url.clone(), w.weight.unwrap_or(1), t.span()),
                 })
                 .collect(),
             (None, None) => Vec::new(),
@@ -335,7 +336,7 @@ impl Validator<'_> {
         }
         let mut scheme: Option<http::uri::Scheme> = None;
         let mut targets = Vec::new();
-        for (url, weight) in listed {
+        for (url, weight, span) in listed {
             let uri: http::Uri = match url.parse() {
                 Ok(uri) => uri,
                 Err(e) => {

@@ -90,7 +90,10 @@ async fn try_reload(shared: &Shared) -> Result<(), ReloadError> {
     if let (Some(resolver), Some(key)) = (&shared.tls, new_key) {
         resolver.set(key);
     }
-    shared.gateway.store(Arc::new(gateway));
+    let gateway = Arc::new(gateway);
+    shared.gateway.store(gateway.clone());
+    // Committed: the series of targets (and upstreams) the new config no longer has go now, not before.
+    old.forget_upstream_metrics_missing_from(&gateway);
     Ok(())
 }
 

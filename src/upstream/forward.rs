@@ -160,6 +160,8 @@ pub struct Outbound<'a> {
 /// budget, and its balancing key.
 pub struct Call<'a> {
     pub timeout: Duration,
+    /// `timeout` is the client's own deadline (`grpc-timeout`), shorter than the route's.
+    pub client_deadline: bool,
     pub retries: Option<(&'a RetryPolicy, &'a Budget)>,
     pub key: Option<u64>,
 }
@@ -212,7 +214,8 @@ pub async fn forward(
     let Some(mut place) = up.places.take(up.settings.queue_timeout).await else {
         return Err(ProxyError::Saturated { upstream: up.settings.name.clone(), waited: up.settings.queue_timeout });
     };
-    let deadline = sent + call.timeout;
+    // None: a timeout beyond any clock, which only a retry would ever look at.
+    let deadline = sent.checked_add(call.timeout);
     // CONNECT: a 2xx answer turns the upstream connection into a tunnel, never back into HTTP.
     let bodiless = !out.upgrading && out.parts.method != Method::CONNECT && http_body::Body::is_end_stream(&out.body);
     let retries = call.retries.filter(|_| bodiless);
@@ -233,7 +236,7 @@ pub async fn forward(
         // The first attempt counts from `sent`; a retry has what is left of the route's timeout.
         let (timeout, now) = match tried.is_empty() {
             true => (call.timeout, sent),
-            false => (deadline.saturating_duration_since(Instant::now()), Instant::now()),
+            false => (deadline.map_or(call.timeout, |d| d.saturating_duration_since(Instant::now())), Instant::now()),
         };
         // One call site of the own client's exchange, inlined here. hyper's exchanges are large futures and boxed,
         // so the common case does not carry their size; `out` stays where it is (a second slot for it would make
@@ -247,13 +250,15 @@ pub async fn forward(
             None => {
                 // Sent once, body and all: never retried.
                 let result = Box::pin(send(up, &target, out, timeout)).await;
-                account(up, &target, &result.as_ref().map(Raw::status));
+                account(up, &target, &result.as_ref().map(Raw::status), call.client_deadline);
                 *sent_to = Some(target);
                 return result.map(|raw| raw.into_answer(place, call.timeout));
             }
         };
-        let failure = account(up, &target, &result.as_ref().map(Raw::status));
-        if let (Some((policy, budget)), Some(f)) = (retries, failure) {
+        let failure = account(up, &target, &result.as_ref().map(Raw::status), call.client_deadline);
+        // No time left: a retry would only time out, and count against a target that did nothing wrong.
+        let time_left = deadline.is_none_or(|d| Instant::now() < d);
+        if let (Some((policy, budget)), Some(f), true) = (retries, failure, time_left) {
             // A failure the route does not name, or a 5xx it does not list, is the answer.
             if (tried.len() as u32) < policy.attempts && policy.allows(f, &out.parts.method) && budget.withdraw() {
                 up.metrics.upstream_retries.with_label_values(&[&up.settings.name, f.label()]).inc();
@@ -268,8 +273,10 @@ pub async fn forward(
 }
 
 /// Counts one attempt with `t` and feeds its passive health; returns its failure (a gateway failure, or an
-/// answer of 502, 503 or 504), None when the target answered otherwise or is not at fault.
-fn account(up: &Upstream, t: &Target, result: &Result<StatusCode, &ProxyError>) -> Option<Failure> {
+/// answer of 502, 503 or 504), None when the target answered otherwise or is not at fault. A timeout under a
+/// deadline the client chose (`grpc-timeout`) says nothing of the target: a client could eject targets with
+/// `grpc-timeout: 1n`.
+fn account(up: &Upstream, t: &Target, result: &Result<StatusCode, &ProxyError>, client_deadline: bool) -> Option<Failure> {
     let failure = match result {
         Ok(status) => {
             let status = status.as_u16();
@@ -284,7 +291,9 @@ fn account(up: &Upstream, t: &Target, result: &Result<StatusCode, &ProxyError>) 
             f
         }
     };
-    up.observe(t, failure.is_some());
+    if !(client_deadline && failure == Some(Failure::Timeout)) {
+        up.observe(t, failure.is_some());
+    }
     failure
 }
 

@@ -126,7 +126,13 @@ impl Upstream {
             return;
         }
         let until = now.saturating_add(u64::try_from(h.eject_for.as_millis()).unwrap_or(u64::MAX)).max(1);
-        t.health.ejected_until.store(until, Ordering::Relaxed);
+        let was = t.health.ejected_until.load(Ordering::Relaxed);
+        // One failure ejects, not each of those that raced to it.
+        if t.health.ejected_until.compare_exchange(was, until, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+            return;
+        }
+        // Its passing checks before this do not count towards its return.
+        t.health.streak.store(0, Ordering::Relaxed);
         t.ejections.inc();
         t.healthy_gauge.set(0);
         tracing::warn!(upstream = %self.settings.name, target = %t.label, errors = h.eject_after_errors, eject_for = ?h.eject_for, "target ejected");
@@ -164,11 +170,11 @@ pub async fn run(up: Weak<Upstream>) {
         let Some(up) = up.upgrade() else { return };
         let now = Instant::now();
         if let Some(every) = resolve_every.filter(|_| now >= next_resolve) {
-            next_resolve = now + every;
+            next_resolve = now.checked_add(every).unwrap_or(now + Duration::from_secs(86_400));
             super::resolve::refresh(&up).await;
         }
         if let Some(every) = check_every.filter(|_| now >= next_check) {
-            next_check = now + every;
+            next_check = now.checked_add(every).unwrap_or(now + Duration::from_secs(86_400));
             check_all(&up).await;
         }
         up.refresh_gauges();

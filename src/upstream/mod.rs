@@ -250,8 +250,13 @@ pub struct Upstream {
     tls: Arc<rustls::ClientConfig>,
     metrics: Arc<Metrics>,
     resolver: Resolver,
-    /// The clock ejections are counted on.
-    born: Instant,
+}
+
+/// The clock ejections are counted on: one for the process, so a target kept across a reload keeps a meaningful
+/// ejection end.
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1)
 }
 
 impl Upstream {
@@ -287,12 +292,8 @@ impl Upstream {
             tls: tls.clone(),
             metrics: metrics.clone(),
             resolver: resolver.clone(),
-            born: Instant::now(),
             settings,
         });
-        if let Some(p) = previous {
-            up.forget_targets_of(p);
-        }
         if health::needs_task(&up) {
             tokio::spawn(health::run(Arc::downgrade(&up)));
         }
@@ -306,7 +307,7 @@ impl Upstream {
 
     /// Milliseconds since this upstream was built (the ejection clock).
     pub(crate) fn now_ms(&self) -> u64 {
-        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+        clock_ms()
     }
 
     /// True when at least one target takes new requests (healthy and not ejected).
@@ -326,14 +327,12 @@ impl Upstream {
         }
     }
 
-    /// After a reload: the series of `previous`'s targets that this upstream does not have.
-    fn forget_targets_of(&self, previous: &Upstream) {
-        if previous.settings.name != self.settings.name {
-            return;
-        }
-        let now = self.targets.load();
-        for t in &previous.targets.load().targets {
-            if !now.targets.iter().any(|n| n.label == t.label) {
+    /// After a reload has been swapped in: removes the series of this (old) upstream's targets that `now` no
+    /// longer has (None: the upstream is gone).
+    pub fn forget_targets_missing_from(&self, now: Option<&Upstream>) {
+        let kept = now.map(|n| n.targets.load());
+        for t in &self.targets.load().targets {
+            if !kept.as_ref().is_some_and(|k| k.targets.iter().any(|n| n.label == t.label)) {
                 self.forget(&t.label);
             }
         }

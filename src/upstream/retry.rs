@@ -124,19 +124,22 @@ impl Budget {
     /// requests in it, or `MIN_RETRIES_PER_WINDOW`, whichever is more.
     pub fn withdraw(&self) -> bool {
         let now = self.now();
+        // Taken first, then checked, and given back if over: concurrent failures cannot all see the same room.
+        let mine = self.bucket(now);
+        mine.retries.fetch_add(1, Ordering::AcqRel);
         let (mut requests, mut retries) = (0, 0);
         for b in &self.buckets {
             let s = b.second.load(Ordering::Acquire);
             if s + WINDOW_SECS > now && s <= now {
                 requests += b.requests.load(Ordering::Relaxed);
-                retries += b.retries.load(Ordering::Relaxed);
+                retries += b.retries.load(Ordering::Acquire);
             }
         }
         let allowed = (requests * self.percent / 100).max(MIN_RETRIES_PER_WINDOW);
-        if retries >= allowed {
+        if retries > allowed {
+            mine.retries.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
-        self.bucket(now).retries.fetch_add(1, Ordering::Relaxed);
         true
     }
 }
