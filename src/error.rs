@@ -54,7 +54,7 @@ impl GatewayError {
             GatewayError::Auth(e) => match e {
                 AuthError::Missing | AuthError::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
                 AuthError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-                AuthError::KeysUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                AuthError::KeysUnavailable(_) | AuthError::IntrospectionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             },
             GatewayError::Authz(e) => match e {
                 // A token from an issuer the route does not accept is not a credential for it (RFC 6750 §3.1).
@@ -139,7 +139,7 @@ impl GatewayError {
                 ("unauthorized", Some(REALM.to_string()))
             }
             GatewayError::Auth(AuthError::InvalidRequest(_)) => ("invalid_request", Some(format!("{REALM}, error=\"invalid_request\""))),
-            GatewayError::Auth(AuthError::KeysUnavailable(_)) => ("temporarily_unavailable", None),
+            GatewayError::Auth(AuthError::KeysUnavailable(_) | AuthError::IntrospectionUnavailable(_)) => ("temporarily_unavailable", None),
             GatewayError::Auth(AuthError::InvalidToken { .. }) | GatewayError::Authz(AuthzError::Issuer(_)) => {
                 ("invalid_token", Some(format!("{REALM}, error=\"invalid_token\"")))
             }
@@ -191,7 +191,7 @@ impl GatewayError {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             // The refresh loop retries a keyless issuer within seconds.
-            GatewayError::Auth(AuthError::KeysUnavailable(_)) => {
+            GatewayError::Auth(AuthError::KeysUnavailable(_) | AuthError::IntrospectionUnavailable(_)) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             GatewayError::Token(TokenError::TooManyAttempts { retry_after_secs }) => {

@@ -188,8 +188,21 @@ impl Default for Metrics {
 const METHODS: [Method; 7] = [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::PATCH, Method::OPTIONS];
 const STATUSES: [u16; 22] = [101, 200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 405, 408, 413, 429, 431, 500, 502, 503, 504, 206];
 
-const AUTH_REASONS: [&str; 10] =
-    ["missing", "malformed", "bad_signature", "expired", "not_yet_valid", "issuer", "audience", "unknown_kid", "algorithm", "too_large"];
+const AUTH_REASONS: [&str; 13] = [
+    "missing",
+    "malformed",
+    "bad_signature",
+    "expired",
+    "not_yet_valid",
+    "issuer",
+    "audience",
+    "unknown_kid",
+    "algorithm",
+    "too_large",
+    "claim_unforwardable",
+    "inactive",
+    "introspection_unavailable",
+];
 const AUTHZ_RULES: [&str; 4] = ["roles", "scopes", "claims", "issuer"];
 const LIMIT_KEYS: [&str; 4] = ["ip", "subject", "route", "claim"];
 

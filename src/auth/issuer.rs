@@ -55,6 +55,8 @@ pub struct IssuerSettings {
     pub private_key: Option<PathBuf>,
     /// The HMAC secret, when the issuer uses one (also signs tokens issued by the token endpoint).
     pub hmac_secret: Option<Arc<Vec<u8>>>,
+    /// An issuer of opaque tokens, checked by RFC 7662 introspection (no keys, no algorithms).
+    pub introspection: Option<crate::auth::introspect::IntrospectionSettings>,
 }
 
 /// A `typ` as compared: lower-case, without `application/` (RFC 8725 §3.11 allows either spelling).

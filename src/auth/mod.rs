@@ -12,6 +12,7 @@
 pub mod authz;
 pub mod cache;
 pub mod extract;
+pub mod introspect;
 pub mod issuer;
 pub mod jwks;
 pub mod keys;
@@ -44,6 +45,8 @@ pub enum FailReason {
     /// A verified claim the upstream is to receive cannot be put in a header as it is (control characters, outer
     /// spaces, an ambiguous list, an object): refused, not dropped, so the upstream never sees less than policy did.
     ClaimUnforwardable,
+    /// An opaque token its introspection endpoint says is not active.
+    Inactive,
 }
 
 impl FailReason {
@@ -61,6 +64,7 @@ impl FailReason {
             FailReason::Algorithm => "algorithm",
             FailReason::TooLarge => "too_large",
             FailReason::ClaimUnforwardable => "claim_unforwardable",
+            FailReason::Inactive => "inactive",
         }
     }
 }
@@ -80,6 +84,9 @@ pub enum AuthError {
     /// nothing wrong and the same token may pass in a moment.
     #[error("issuer {0:?} has no keys yet")]
     KeysUnavailable(String),
+    /// The introspection endpoint could not be asked, or gave no usable answer: 503, never an allow.
+    #[error("introspection failed: {0}")]
+    IntrospectionUnavailable(String),
 }
 
 /// A refusal of a token: 401 `invalid_token`, `reason` labelling it in metrics and the log.
@@ -95,6 +102,7 @@ impl AuthError {
             AuthError::InvalidRequest(_) => FailReason::Malformed.label(),
             AuthError::InvalidToken { reason, .. } => reason.label(),
             AuthError::KeysUnavailable(_) => "keys_unavailable",
+            AuthError::IntrospectionUnavailable(_) => "introspection_unavailable",
         }
     }
 }

@@ -23,6 +23,7 @@ use super::{invalid, lookup_claim, AuthError, FailReason, IssuerSettings, Princi
 pub struct Issuer {
     pub settings: IssuerSettings,
     pub jwks: Option<Arc<KeySet>>,
+    pub introspector: Option<Arc<crate::auth::introspect::Introspector>>,
 }
 
 /// Verifies tokens against the configured issuers, with a cache of verified tokens.
@@ -65,7 +66,15 @@ impl Authenticator {
                 }
                 Arc::new(ks)
             });
-            issuers.push(Issuer { settings: s.clone(), jwks });
+            // An unchanged introspection issuer keeps its negative cache across a reload.
+            let introspector = s.introspection.as_ref().map(|settings| {
+                let old = previous
+                    .and_then(|p| p.issuers.iter().find(|i| i.settings.id == s.id))
+                    .and_then(|i| i.introspector.clone())
+                    .filter(|i| i.settings() == settings);
+                old.unwrap_or_else(|| Arc::new(crate::auth::introspect::Introspector::new(settings.clone())))
+            });
+            issuers.push(Issuer { settings: s.clone(), jwks, introspector });
         }
         Authenticator { issuers, by_iss, cache: TokenCache::new(16, 4096) }
     }
@@ -127,7 +136,14 @@ impl Authenticator {
             let authorization_verified = source == TokenSource::Header;
             return Ok(Authenticated { principal: Some(p), cache_hit: true, authorization_verified, source: Some(source) });
         }
-        let principal = Arc::new(self.verify(&token, now).await?);
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(invalid(FailReason::TooLarge, format!("token of {} bytes", token.len())));
+        }
+        let introspected = self.issuers.iter().find_map(|i| i.introspector.as_ref().filter(|x| x.takes(&token)).map(|x| (i, x)));
+        let principal = match introspected {
+            Some((issuer, x)) => x.principal(&issuer.settings, &token, key, now).await?,
+            None => Arc::new(self.verify(&token, now).await?),
+        };
         self.cache.insert(key, principal.clone());
         let authorization_verified = source == TokenSource::Header;
         Ok(Authenticated { principal: Some(principal), cache_hit: false, authorization_verified, source: Some(source) })

@@ -492,8 +492,18 @@ pub(super) struct PublicKeyWithKid {
 pub(super) struct IssuerFile {
     pub(super) id: String,
     pub(super) issuer: String,
+    /// `jwt` (the default) or `introspection` (opaque tokens, RFC 7662).
+    pub(super) kind: Option<IssuerKind>,
     pub(super) audiences: Option<Vec<String>>,
+    #[serde(default)]
     pub(super) algorithms: Vec<String>,
+    pub(super) introspection_url: Option<String>,
+    pub(super) client_id: Option<String>,
+    pub(super) client_secret_env: Option<String>,
+    pub(super) cache_for: Option<DurationValue>,
+    pub(super) negative_cache_for: Option<DurationValue>,
+    pub(super) introspect: Option<IntrospectWhich>,
+    pub(super) introspection_timeout: Option<DurationValue>,
     pub(super) secret_env: Option<String>,
     pub(super) secret_file: Option<PathBuf>,
     pub(super) public_keys: Option<Vec<PublicKeyFile>>,
@@ -514,6 +524,20 @@ pub(super) struct IssuerFile {
     /// Only for local use: generate an Ed25519 `private_key` if the file is missing.
     #[serde(default)]
     pub(super) generate_key: bool,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum IssuerKind {
+    Jwt,
+    Introspection,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum IntrospectWhich {
+    Opaque,
+    All,
 }
 
 impl IssuerFile {

@@ -9,13 +9,29 @@ use crate::auth::issuer::normalize_typ;
 use crate::auth::keys::{bind_key, parse_alg, public_from_private_pem, read_public_pem};
 use crate::auth::{IssuerSettings, JwksSettings, JwksSource};
 
-use super::file::{IssuerFile, PublicKeyFile, PublicKeyWithKid};
+use super::file::{IntrospectWhich, IssuerFile, IssuerKind, PublicKeyFile, PublicKeyWithKid};
 use super::Validator;
 
 pub(super) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize>, f: IssuerFile) -> Option<IssuerSettings> {
     let id = f.id.clone();
     let before = v.problem_count();
     let err = |v: &mut Validator<'_>, msg: String| v.error(span.clone(), format!("issuer {id:?}: {msg}"));
+    if f.kind == Some(IssuerKind::Introspection) {
+        return validate_introspection_issuer(v, span, f);
+    }
+    for (key, set) in [
+        ("introspection_url", f.introspection_url.is_some()),
+        ("client_id", f.client_id.is_some()),
+        ("client_secret_env", f.client_secret_env.is_some()),
+        ("cache_for", f.cache_for.is_some()),
+        ("negative_cache_for", f.negative_cache_for.is_some()),
+        ("introspect", f.introspect.is_some()),
+        ("introspection_timeout", f.introspection_timeout.is_some()),
+    ] {
+        if set {
+            err(v, format!("`{key}` is for kind = \"introspection\" issuers"));
+        }
+    }
     let mut algorithms = Vec::new();
     for a in &f.algorithms {
         match parse_alg(a) {
@@ -203,5 +219,103 @@ pub(super) fn validate_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize
         typ,
         private_key,
         hmac_secret,
+        introspection: None,
+    })
+}
+
+/// An issuer of opaque tokens: its introspection endpoint and the gateway's credentials there; none of the keys
+/// and algorithms of a JWT issuer.
+fn validate_introspection_issuer(v: &mut Validator<'_>, span: std::ops::Range<usize>, f: IssuerFile) -> Option<IssuerSettings> {
+    let id = f.id.clone();
+    let before = v.problem_count();
+    let err = |v: &mut Validator<'_>, msg: String| v.error(span.clone(), format!("issuer {id:?}: {msg}"));
+    for (key, set) in [
+        ("algorithms", !f.algorithms.is_empty()),
+        ("secret_env", f.secret_env.is_some()),
+        ("secret_file", f.secret_file.is_some()),
+        ("public_keys", f.public_keys.is_some()),
+        ("discovery", f.discovery),
+        ("jwks_url", f.jwks_url.is_some()),
+        ("private_key", f.private_key.is_some()),
+        ("typ", f.typ.is_some()),
+    ] {
+        if set {
+            err(v, format!("`{key}` does not apply to an introspection issuer (its tokens are not verified locally)"));
+        }
+    }
+    let url = match &f.introspection_url {
+        Some(u) => match u.parse::<http::Uri>() {
+            Ok(uri) if crate::auth::jwks::allowed_fetch_uri(&uri) => Some(uri),
+            _ => {
+                err(v, format!("introspection_url {u:?} must be an https:// URL (http:// only to loopback)"));
+                None
+            }
+        },
+        None => {
+            err(v, "kind = \"introspection\" needs `introspection_url`".into());
+            None
+        }
+    };
+    let client_id = f.client_id.clone().unwrap_or_else(|| {
+        err(v, "kind = \"introspection\" needs `client_id` (the gateway's client at the endpoint)".into());
+        String::new()
+    });
+    let client_secret = match &f.client_secret_env {
+        Some(var) => match std::env::var(var) {
+            Ok(s) if !s.is_empty() => s,
+            _ => {
+                err(v, format!("environment variable {var} (client_secret_env) is not set"));
+                String::new()
+            }
+        },
+        None => {
+            err(v, "kind = \"introspection\" needs `client_secret_env`".into());
+            String::new()
+        }
+    };
+    let ca_file = f.ca_file.as_ref().map(|p| v.resolve(p));
+    if let Some(ca) = &ca_file {
+        match std::fs::read(ca) {
+            Ok(pem) => {
+                if let Err(e) = crate::tls_client::client_config(Some((ca.as_path(), pem.as_slice()))) {
+                    err(v, format!("ca_file {}: {e}", ca.display()));
+                }
+            }
+            Err(e) => err(v, format!("cannot read ca_file {}: {e}", ca.display())),
+        }
+    }
+    let timeout = f.introspection_timeout.map_or(Duration::from_secs(2), |d| d.0);
+    if timeout < Duration::from_millis(10) {
+        err(v, "introspection_timeout must be at least 10ms".into());
+    }
+    if v.problem_count() != before {
+        return None;
+    }
+    let introspection = crate::auth::introspect::IntrospectionSettings {
+        url: url?,
+        client_id,
+        client_secret,
+        ca_file,
+        cache_for: f.cache_for.map_or(Duration::from_secs(60), |d| d.0),
+        negative_cache_for: f.negative_cache_for.map_or(Duration::from_secs(10), |d| d.0),
+        negative_entries: 100_000,
+        all_tokens: f.introspect == Some(IntrospectWhich::All),
+        timeout,
+    };
+    Some(IssuerSettings {
+        id: f.id,
+        issuer: f.issuer,
+        audiences: f.audiences.unwrap_or_default(),
+        algorithms: Vec::new(),
+        static_keys: Vec::new(),
+        jwks: None,
+        leeway: f.leeway.map_or(30, |d| d.0.as_secs()),
+        max_lifetime: f.max_lifetime.map_or(30 * 86_400, |d| d.0.as_secs()),
+        roles_claim: f.roles_claim.unwrap_or_else(|| "roles".into()),
+        scopes_claim: f.scopes_claim.unwrap_or_else(|| "scope".into()),
+        typ: Vec::new(),
+        private_key: None,
+        hmac_secret: None,
+        introspection: Some(introspection),
     })
 }

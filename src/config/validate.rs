@@ -144,7 +144,11 @@ impl Validator<'_> {
             if let Some(settings) = super::issuers::validate_issuer(self, span.clone(), i.into_inner()) {
                 // Tokens pick their issuer by `iss`: two entries for one `iss` would silently shadow each other.
                 if !issuer_urls.insert(settings.issuer.clone()) {
-                    self.error(span, format!("issuer {:?} is configured twice", settings.issuer));
+                    self.error(span.clone(), format!("issuer {:?} is configured twice", settings.issuer));
+                }
+                // An opaque token says nothing of its issuer: with two endpoints, which one to ask would be a guess.
+                if settings.introspection.is_some() && issuers.iter().any(|i: &IssuerSettings| i.introspection.is_some()) {
+                    self.error(span, "only one issuer may be kind = \"introspection\"");
                 }
                 issuers.push(settings);
             }
