@@ -9,6 +9,7 @@ use http::{Response, StatusCode};
 use crate::auth::authz::AuthzError;
 use crate::auth::AuthError;
 use crate::body::Body;
+use crate::edge::client_cert::CertError;
 use crate::edge::forward_auth::DecisionError;
 use crate::router::RouteError;
 use crate::token_endpoint::TokenError;
@@ -32,6 +33,8 @@ pub enum GatewayError {
     Token(#[from] TokenError),
     #[error("forward-auth decision: {0}")]
     Decision(#[from] DecisionError),
+    #[error("client certificate: {0}")]
+    ClientCert(#[from] CertError),
 }
 
 impl GatewayError {
@@ -88,6 +91,11 @@ impl GatewayError {
                 DecisionError::Untrusted(_) => StatusCode::FORBIDDEN,
                 DecisionError::Malformed(_) => StatusCode::BAD_REQUEST,
             },
+            GatewayError::ClientCert(e) => match e {
+                CertError::Missing | CertError::Subject | CertError::San => StatusCode::FORBIDDEN,
+                // About the token: it is not a credential on this connection (RFC 8705 §3).
+                CertError::Binding => StatusCode::UNAUTHORIZED,
+            },
         }
     }
 
@@ -128,6 +136,10 @@ impl GatewayError {
             GatewayError::Token(e) => e.code(),
             GatewayError::Decision(DecisionError::Untrusted(_)) => "untrusted_decision_client",
             GatewayError::Decision(DecisionError::Malformed(_)) => "bad_original_request",
+            GatewayError::ClientCert(CertError::Missing) => "client_cert_missing",
+            GatewayError::ClientCert(CertError::Subject) => "client_cert_subject",
+            GatewayError::ClientCert(CertError::San) => "client_cert_san",
+            GatewayError::ClientCert(CertError::Binding) => "cert_binding",
         }
     }
 
@@ -165,6 +177,8 @@ impl GatewayError {
             GatewayError::Token(e) => (e.code(), None),
             GatewayError::Decision(DecisionError::Untrusted(_)) => ("forbidden", None),
             GatewayError::Decision(DecisionError::Malformed(_)) => ("bad_request", None),
+            GatewayError::ClientCert(CertError::Binding) => ("invalid_token", Some(format!("{REALM}, error=\"invalid_token\""))),
+            GatewayError::ClientCert(_) => ("forbidden", None),
         }
     }
 

@@ -18,6 +18,7 @@ use crate::auth::{Authenticated, Authenticator, Principal, TokenSource};
 use crate::body::{Body, RequestBody};
 use crate::config::Config;
 use crate::edge::client_addr::{client_ip, is_trusted};
+use crate::edge::client_cert::{self, ClientCert};
 use crate::edge::cors;
 use crate::edge::forward_auth::{self, DecisionError, Original};
 use crate::edge::headers_request::{self, identity_values, Forwarding};
@@ -40,12 +41,14 @@ pub struct ConnInfo {
     /// The requests its client address has in flight, over all its connections and streams (None: a trusted
     /// proxy, not limited).
     pub client_in_flight: Option<Arc<AtomicUsize>>,
+    /// The client certificate rustls verified during the handshake (mTLS).
+    pub client_cert: Option<Arc<ClientCert>>,
 }
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ConnInfo { peer, tls, peer_ip, client_in_flight: None }
+        ConnInfo { peer, tls, peer_ip, client_in_flight: None, client_cert: None }
     }
 }
 
@@ -72,6 +75,8 @@ struct Context<'r> {
     trace: Option<&'r TraceIds>,
     /// A forward-auth decision request: the original request it asks about.
     decision: Option<&'r Result<Original, DecisionError>>,
+    /// The connection's verified client certificate.
+    client_cert: Option<&'r ClientCert>,
 }
 
 /// Where a matched request goes: its route, its normalised path and the authority the client addressed.
@@ -374,6 +379,7 @@ impl Gateway {
             client_in_flight,
             trace: trace.as_ref(),
             decision: decision.as_ref(),
+            client_cert: conn.client_cert.as_deref(),
         };
         let facts = self.config.access_log.then(|| LogFacts::of(&req, &uri));
         let result = self.handle_inner(req, &cx, &mut outcome).await;
@@ -490,7 +496,9 @@ impl Gateway {
         let matched = self.config.routes.match_route(req.method(), &path)?;
         let route = *outcome.route.insert(matched.route);
         check_declared_length(&req, self.config.limits.max_body_bytes)?;
+        check_client_cert(route, cx.client_cert)?;
         let auth = self.authenticate(&req, cx.uri, route, outcome).await?;
+        check_binding(auth.principal.as_deref(), cx.client_cert)?;
         authorize(auth.principal.as_deref(), &route.policy, |n| matched.param(n))?;
         self.check_route_limit(route, cx.client, auth.principal.as_deref(), outcome)?;
         let identity = auth.principal.as_deref().map(|p| identity_values(p, &self.config.identity)).transpose()?;
@@ -641,6 +649,10 @@ impl Gateway {
         if let Some(trace) = cx.trace {
             trace.propagate(&mut parts.headers);
         }
+        // The certificate rustls verified: the names were stripped from the request with the identity fields.
+        if let Some(cert) = cx.client_cert {
+            self.config.identity.cert_headers.insert(&mut parts.headers, cert);
+        }
         // A scan of the few names, not a hash lookup: most requests carry no cookie.
         if parts.headers.keys().any(|k| k == header::COOKIE) {
             let verified_cookie = route.token_sources.cookie.as_deref().filter(|_| auth.source == Some(TokenSource::Cookie));
@@ -769,6 +781,8 @@ impl Gateway {
             | GatewayError::Proxy(_)
             | GatewayError::Token(_)
             | GatewayError::Decision(_) => {}
+            GatewayError::ClientCert(crate::edge::client_cert::CertError::Binding) => rm.auth_failure(&self.metrics, "cert_binding"),
+            GatewayError::ClientCert(_) => rm.authz_denied(&self.metrics, "client_cert"),
         }
     }
 }
@@ -833,4 +847,20 @@ fn declared_length(req: &Request<RequestBody>) -> Option<u64> {
         return None;
     }
     req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+}
+
+/// The route's rules on the connection's client certificate (mTLS), before any token is looked at.
+fn check_client_cert(route: &Route, cert: Option<&ClientCert>) -> Result<(), GatewayError> {
+    match &route.client_cert {
+        Some(policy) => policy.check(cert).map_err(GatewayError::ClientCert),
+        None => Ok(()),
+    }
+}
+
+/// A certificate-bound token (RFC 8705 §3) over a connection with another certificate, or none, is refused.
+fn check_binding(principal: Option<&Principal>, cert: Option<&ClientCert>) -> Result<(), GatewayError> {
+    match principal {
+        Some(p) => client_cert::check_binding(&p.claims, cert).map_err(GatewayError::ClientCert),
+        None => Ok(()),
+    }
 }

@@ -103,10 +103,12 @@ pub async fn start_with(config: Config, names: upstream::Resolver) -> Result<Run
     let config = Arc::new(config);
     let mut acceptor = None;
     let mut resolver = None;
+    let mut client_verifier = None;
     if let Some(t) = &config.tls {
         server::tls::ensure_self_signed(t)?;
         let r = Arc::new(server::tls::CertResolver::new(server::tls::load_certified_key(t)?));
-        let server_config = server::tls::server_config(t, r.clone())?;
+        client_verifier = server::tls::ClientVerifier::new(t)?;
+        let server_config = server::tls::server_config(t, r.clone(), client_verifier.clone())?;
         acceptor = Some((tokio_rustls::TlsAcceptor::from(server_config), t.handshake_timeout));
         resolver = Some(r);
     }
@@ -136,6 +138,7 @@ pub async fn start_with(config: Config, names: upstream::Resolver) -> Result<Run
         metrics,
         draining: AtomicBool::new(false),
         tls: resolver,
+        client_verifier,
         reloading: Default::default(),
         per_client: Default::default(),
         protocol_errors_unreported: Default::default(),

@@ -188,7 +188,7 @@ impl Default for Metrics {
 const METHODS: [Method; 7] = [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::PATCH, Method::OPTIONS];
 const STATUSES: [u16; 22] = [101, 200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 405, 408, 413, 429, 431, 500, 502, 503, 504, 206];
 
-const AUTH_REASONS: [&str; 13] = [
+const AUTH_REASONS: [&str; 14] = [
     "missing",
     "malformed",
     "bad_signature",
@@ -202,8 +202,9 @@ const AUTH_REASONS: [&str; 13] = [
     "claim_unforwardable",
     "inactive",
     "introspection_unavailable",
+    "cert_binding",
 ];
-const AUTHZ_RULES: [&str; 4] = ["roles", "scopes", "claims", "issuer"];
+const AUTHZ_RULES: [&str; 5] = ["roles", "scopes", "claims", "issuer", "client_cert"];
 const LIMIT_KEYS: [&str; 4] = ["ip", "subject", "route", "claim"];
 
 /// Pre-resolved handles for one route: the request path touches only atomics.

@@ -239,6 +239,12 @@ pub(super) struct TlsFile {
     #[serde(default)]
     pub(super) min_version: TlsVersion,
     pub(super) handshake_timeout: Option<DurationValue>,
+    /// PEM CA certificates that sign client certificates (mTLS).
+    pub(super) client_ca: Option<Spanned<PathBuf>>,
+    /// `optional` (default with `client_ca`) or `required`.
+    pub(super) client_auth: Option<ClientAuthFile>,
+    /// A PEM CRL of revoked client certificates, read again on every reload.
+    pub(super) client_crl: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -347,6 +353,10 @@ pub(super) struct RouteFile {
     pub(super) upstream: Spanned<String>,
     /// Overrides the upstream's `timeout`.
     pub(super) timeout: Option<Spanned<DurationValue>>,
+    /// `"required"`: the connection must have presented a verified client certificate.
+    pub(super) client_cert: Option<Spanned<String>>,
+    pub(super) cert_subject: Option<String>,
+    pub(super) cert_san_any: Option<Vec<String>>,
     pub(super) retries: Option<Spanned<RetriesFile>>,
     pub(super) strip_prefix: Option<Spanned<String>>,
     #[serde(default)]
@@ -468,6 +478,10 @@ pub(super) struct IdentityFile {
     /// More header names no client may send.
     #[serde(default)]
     pub(super) strip_also: Vec<Spanned<String>>,
+    /// Where the upstream gets a verified client certificate's subject, SANs and thumbprint.
+    pub(super) cert_subject_header: Option<Spanned<String>>,
+    pub(super) cert_sans_header: Option<Spanned<String>>,
+    pub(super) cert_thumbprint_header: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -524,6 +538,13 @@ pub(super) struct IssuerFile {
     /// Only for local use: generate an Ed25519 `private_key` if the file is missing.
     #[serde(default)]
     pub(super) generate_key: bool,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum ClientAuthFile {
+    Optional,
+    Required,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -101,6 +101,10 @@ pub struct TlsSettings {
     pub self_signed: bool,
     pub min_version: TlsVersion,
     pub handshake_timeout: Duration,
+    /// Client certificates (mTLS): the CAs that sign them, whether every connection must present one, the CRL.
+    pub client_ca: Option<PathBuf>,
+    pub client_auth_required: bool,
+    pub client_crl: Option<PathBuf>,
 }
 
 /// Connection and request limits (`[limits]`).
@@ -219,6 +223,7 @@ impl Config {
         let mut v = Validator {
             text,
             default_cookie: None,
+            client_certs: false,
             route_headers_base: None,
             generate,
             notes: Vec::new(),
@@ -258,6 +263,8 @@ pub(crate) struct Validator<'a> {
     route_headers_base: Option<(std::ops::Range<usize>, HeadersFile)>,
     /// `[auth] token_cookie`, which routes inherit.
     default_cookie: Option<String>,
+    /// `[tls] client_ca` is set: routes may have client certificate rules.
+    client_certs: bool,
     /// False for `check`: report what start would generate instead of writing it.
     generate: bool,
     notes: Vec<String>,

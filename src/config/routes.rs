@@ -106,6 +106,7 @@ impl Validator<'_> {
                 }
             }
             let call = self.route_call(&name, &r, upstreams.get(r.upstream.get_ref()));
+            let cert_policy = self.cert_policy(&name, &r);
             let policy = Policy {
                 auth: r.auth,
                 issuers: r.issuers.map(|i| i.into_inner()),
@@ -148,6 +149,7 @@ impl Validator<'_> {
                 let base = self.route_headers_base.clone();
                 route.headers = Some(Arc::new(self.secure_headers(base.as_ref(), Some(&(h.span(), h.get_ref().clone())))));
             }
+            route.client_cert = cert_policy;
             route.allow_double_encoding = r.allow_double_encoding;
             if let Some(pass) = r.pass_authorization.as_ref().filter(|p| *p.get_ref()) {
                 route.pass_authorization = true;
@@ -170,6 +172,30 @@ impl Validator<'_> {
         }
         self.check_rewrites(&out, &strip_spans, upstreams, case_insensitive);
         (RouteTable::new(out, case_insensitive), calls)
+    }
+
+    /// The route's rules on the client certificate: `client_cert = "required"`, and `cert_subject` or
+    /// `cert_san_any` (either implies it).
+    fn cert_policy(&mut self, name: &str, r: &RouteFile) -> Option<crate::edge::client_cert::CertPolicy> {
+        let required = match &r.client_cert {
+            Some(c) if c.get_ref() == "required" => true,
+            Some(c) => {
+                self.error(c.span(), format!("route {name:?}: client_cert must be \"required\" (omit it otherwise)"));
+                true
+            }
+            None => false,
+        };
+        let rules = r.cert_subject.is_some() || r.cert_san_any.is_some();
+        if !(required || rules) {
+            return None;
+        }
+        if !self.client_certs {
+            self.error(r.path.span(), format!("route {name:?}: client certificate rules need [tls] client_ca"));
+        }
+        if r.cert_san_any.as_ref().is_some_and(|l| l.is_empty() || l.iter().any(|p| p.is_empty() || p == "*")) {
+            self.error(r.path.span(), format!("route {name:?}: cert_san_any must list names or prefixes, and not \"*\""));
+        }
+        Some(crate::edge::client_cert::CertPolicy { subject: r.cert_subject.clone(), san_any: r.cert_san_any.clone().unwrap_or_default() })
     }
 
     /// The route's `timeout` and `retries`, and whether its upstream's hash key can be found on its requests.

@@ -192,6 +192,7 @@ impl Validator<'_> {
         let tracing = f.tracing.and_then(|t| self.tracing(t)).map(Arc::new);
         let forward_auth = f.forward_auth.and_then(|fa| self.forward_auth(fa.get_ref()));
         self.default_cookie = f.auth.token_cookie.clone();
+        self.client_certs = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         let (routes, route_calls) = self.routes(f.routes, &upstreams, &declared, f.routing.case_insensitive);
         if let Some(w) = f.server.worker_threads.as_ref().filter(|w| *w.get_ref() == 0) {
             self.error(w.span(), "`server.worker_threads` must be at least 1");
@@ -298,12 +299,28 @@ impl Validator<'_> {
                 self.error(span, format!("cannot read TLS {what} {}: {e}", p.display()));
             }
         }
+        let read_pem = |v: &mut Self, p: &Option<Spanned<PathBuf>>, what: &str| {
+            let p = p.as_ref()?;
+            let path = v.resolve(p.get_ref());
+            if let Err(e) = std::fs::read(&path).map_err(|e| e.to_string()).and_then(|pem| check(what, &pem)) {
+                v.error(p.span(), format!("tls.{what} {}: {e}", path.display()));
+            }
+            Some(path)
+        };
+        let client_ca = read_pem(self, &t.client_ca, "client_ca");
+        let client_crl = read_pem(self, &t.client_crl, "client_crl");
+        if client_ca.is_none() && (t.client_auth.is_some() || t.client_crl.is_some()) {
+            self.error(t.cert.span(), "tls.client_auth and tls.client_crl need tls.client_ca (the CAs that sign client certificates)");
+        }
         TlsSettings {
             cert,
             key,
             self_signed: t.self_signed,
             min_version: t.min_version,
             handshake_timeout: t.handshake_timeout.map_or(Duration::from_secs(10), |d| d.0),
+            client_ca,
+            client_auth_required: t.client_auth == Some(ClientAuthFile::Required),
+            client_crl,
         }
     }
 
@@ -652,7 +669,20 @@ impl Validator<'_> {
                 Err(_) => self.error(name.span(), format!("[identity] strip_also {:?} is not a valid HTTP header name", name.get_ref())),
             }
         }
-        IdentitySettings::new(headers, i.forward_authorization, strip)
+        let mut cert_headers = crate::edge::client_cert::CertHeaders::default();
+        for (slot, name) in [
+            (&mut cert_headers.subject, &i.cert_subject_header),
+            (&mut cert_headers.sans, &i.cert_sans_header),
+            (&mut cert_headers.thumbprint, &i.cert_thumbprint_header),
+        ] {
+            if let Some(n) = name {
+                match http::HeaderName::from_bytes(n.get_ref().as_bytes()) {
+                    Ok(h) => *slot = h,
+                    Err(_) => self.error(n.span(), format!("[identity] {:?} is not a valid HTTP header name", n.get_ref())),
+                }
+            }
+        }
+        IdentitySettings::new(headers, i.forward_authorization, strip, cert_headers)
     }
 }
 
@@ -718,4 +748,17 @@ pub(super) fn lenient_ipv4(s: &str) -> Option<std::net::Ipv4Addr> {
     }
     let value = head.iter().enumerate().fold(*last, |acc, (i, &p)| acc | p << (8 * (3 - i)));
     u32::try_from(value).ok().map(std::net::Ipv4Addr::from)
+}
+
+/// A PEM file of certificates (`client_ca`) or of CRLs (`client_crl`) that holds at least one.
+fn check(what: &str, pem: &[u8]) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    let found = match what {
+        "client_crl" => rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(pem).filter(Result::is_ok).count(),
+        _ => rustls_pki_types::CertificateDer::pem_slice_iter(pem).filter(Result::is_ok).count(),
+    };
+    if found == 0 {
+        return Err(format!("no PEM {} found", if what == "client_crl" { "CRL" } else { "certificate" }));
+    }
+    Ok(())
 }

@@ -23,6 +23,8 @@ pub struct IdentitySettings {
     /// request (upstreams migrated from those gateways trust them), by length (63: 63 or more): a request's field is compared only with the
     /// few of its own length.
     forged_by_length: Vec<Vec<HeaderName>>,
+    /// Where the upstream gets a verified client certificate (these names are forged by anyone else too).
+    pub cert_headers: crate::edge::client_cert::CertHeaders,
 }
 
 /// The identity headers other auth gateways set for their upstreams (oauth2-proxy, Authelia, Apache and nginx
@@ -59,12 +61,18 @@ pub const WELL_KNOWN_IDENTITY_HEADERS: [&str; 27] = [
 
 impl IdentitySettings {
     /// Settings from `[identity]`: `strip` is the well-known list (unless turned off) and `strip_also`.
-    pub fn new(headers: Vec<(HeaderName, String)>, forward_authorization: bool, strip: Vec<HeaderName>) -> IdentitySettings {
+    pub fn new(
+        headers: Vec<(HeaderName, String)>,
+        forward_authorization: bool,
+        strip: Vec<HeaderName>,
+        cert_headers: crate::edge::client_cert::CertHeaders,
+    ) -> IdentitySettings {
         let mut forged_by_length = vec![Vec::new(); 64];
-        for n in headers.iter().map(|(n, _)| n).chain(&strip) {
+        let cert_names = [&cert_headers.subject, &cert_headers.sans, &cert_headers.thumbprint];
+        for n in headers.iter().map(|(n, _)| n).chain(&strip).chain(cert_names) {
             forged_by_length[n.as_str().len().min(63)].push(n.clone());
         }
-        IdentitySettings { headers, forward_authorization, forged_by_length }
+        IdentitySettings { headers, forward_authorization, forged_by_length, cert_headers }
     }
 
     /// The well-known identity headers of other gateways, as header names.
@@ -85,6 +93,7 @@ impl Default for IdentitySettings {
             vec![h("x-auth-subject", "sub"), h("x-auth-roles", "roles"), h("x-auth-scopes", "scope"), h("x-auth-issuer", "iss")],
             true,
             IdentitySettings::well_known(),
+            Default::default(),
         )
     }
 }

@@ -2,6 +2,7 @@
 //! the original request of a forward-auth decision.
 
 pub mod client_addr;
+pub mod client_cert;
 pub mod cors;
 pub mod forward_auth;
 pub mod headers_request;

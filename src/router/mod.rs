@@ -238,6 +238,8 @@ pub struct Route {
     /// On a public route, the client's `Authorization` goes to the upstream (unverified): only for an upstream that
     /// checks it itself.
     pub pass_authorization: bool,
+    /// The connection's client certificate must be present and meet these rules.
+    pub client_cert: Option<crate::edge::client_cert::CertPolicy>,
     case_insensitive: bool,
 }
 
@@ -267,6 +269,7 @@ impl Route {
             token_sources: Default::default(),
             allow_double_encoding: false,
             pass_authorization: false,
+            client_cert: None,
             case_insensitive,
         }
     }

@@ -39,6 +39,8 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub draining: AtomicBool,
     pub tls: Option<Arc<crate::server::tls::CertResolver>>,
+    /// Verifies client certificates with `[tls] client_ca`; its CAs and CRL are swapped on reload.
+    pub client_verifier: Option<Arc<crate::server::tls::ClientVerifier>>,
     /// Held for the whole of a reload.
     pub reloading: tokio::sync::Mutex<()>,
     /// Open public connections per client address, for `max_connections_per_client`.
@@ -178,8 +180,15 @@ pub async fn accept_loop(
                 None => serve(tcp, info(false), shared, &builder, watcher, shutdown, false).await,
                 Some((acceptor, timeout)) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        serve(stream, info(true), shared, &builder, watcher, shutdown, h2).await
+                        let session = stream.get_ref().1;
+                        let h2 = session.alpn_protocol() == Some(b"h2");
+                        // rustls verified it against [tls] client_ca (and the CRL) during the handshake.
+                        let client_cert = session
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .and_then(|der| crate::edge::client_cert::ClientCert::from_der(der))
+                            .map(Arc::new);
+                        serve(stream, ConnInfo { client_cert, ..info(true) }, shared, &builder, watcher, shutdown, h2).await
                     }
                     Ok(Err(e)) => {
                         shared.metrics.tls_handshake_failures.inc();

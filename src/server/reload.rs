@@ -90,6 +90,12 @@ async fn try_reload(shared: &Shared) -> Result<(), ReloadError> {
     if let (Some(resolver), Some(key)) = (&shared.tls, new_key) {
         resolver.set(key);
     }
+    if let (Some(v), Some(tls)) = (&shared.client_verifier, &gateway.config.tls) {
+        // A CRL or CA file that no longer loads keeps the verifier in force, said loudly.
+        if let Err(e) = v.reload(tls) {
+            tracing::error!(error = %e, "client certificate CAs or CRL not reloaded; the previous ones stay in force");
+        }
+    }
     let gateway = Arc::new(gateway);
     shared.gateway.store(gateway.clone());
     // Committed: the series of targets (and upstreams) the new config no longer has go now, not before.

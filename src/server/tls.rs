@@ -6,10 +6,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 
 use crate::config::{TlsSettings, TlsVersion};
 
@@ -29,6 +30,8 @@ pub enum TlsError {
     Pair(String),
     #[error("cannot generate the self-signed pair: {0}")]
     Generate(String),
+    #[error("client certificates: {0}")]
+    ClientCa(String),
 }
 
 /// Returns true if the pair is missing and `self_signed` will generate it at start.
@@ -125,20 +128,128 @@ const CIPHER_SUITES: &[rustls::SupportedCipherSuite] = {
     ]
 };
 
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::CryptoProvider { cipher_suites: CIPHER_SUITES.to_vec(), ..rustls::crypto::aws_lc_rs::default_provider() })
+}
+
+/// Verifies client certificates (`[tls] client_ca`) against the CAs and the CRL of the config in force: a reload
+/// swaps in a verifier built from the files as they are then (a new CRL revokes at once). Whether a certificate
+/// is asked for, and the CA names hinted to clients, are those of the start.
+#[derive(Debug)]
+pub struct ClientVerifier {
+    current: ArcSwap<VerifierOf>,
+    hints: Vec<rustls::DistinguishedName>,
+    mandatory: bool,
+}
+
+#[derive(Debug)]
+struct VerifierOf(Arc<dyn ClientCertVerifier>);
+
+/// The webpki verifier for the config's client CAs and CRL (None without `client_ca`).
+fn webpki_client_verifier(s: &TlsSettings) -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError> {
+    let Some(ca) = &s.client_ca else { return Ok(None) };
+    let read = |p: &Path| std::fs::read(p).map_err(|source| TlsError::Read { path: p.display().to_string(), source });
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&read(ca)?).filter_map(Result::ok) {
+        roots.add(cert).map_err(|e| TlsError::ClientCa(format!("{}: {e}", ca.display())))?;
+    }
+    let crls: Vec<CertificateRevocationListDer<'static>> = match &s.client_crl {
+        Some(p) => CertificateRevocationListDer::pem_slice_iter(&read(p)?).filter_map(Result::ok).collect(),
+        None => Vec::new(),
+    };
+    // The CRL speaks for the certificates its CA issued; a chain through a CA without one is not refused for that.
+    let mut b = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status();
+    if !s.client_auth_required {
+        b = b.allow_unauthenticated();
+    }
+    b.build().map(Some).map_err(|e| TlsError::ClientCa(e.to_string()))
+}
+
+impl ClientVerifier {
+    /// The verifier of the config's client CAs (None without `client_ca`).
+    pub fn new(s: &TlsSettings) -> Result<Option<Arc<ClientVerifier>>, TlsError> {
+        let Some(v) = webpki_client_verifier(s)? else { return Ok(None) };
+        let hints = v.root_hint_subjects().to_vec();
+        Ok(Some(Arc::new(ClientVerifier { current: ArcSwap::from_pointee(VerifierOf(v)), hints, mandatory: s.client_auth_required })))
+    }
+
+    /// On a reload: the CAs and CRL as the files are now.
+    pub fn reload(&self, s: &TlsSettings) -> Result<(), TlsError> {
+        if let Some(v) = webpki_client_verifier(s)? {
+            self.current.store(Arc::new(VerifierOf(v)));
+        }
+        Ok(())
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current.load().0.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current.load().0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current.load().0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.current.load().0.supported_verify_schemes()
+    }
+}
+
 /// Builds the server config: TLS 1.2+ (or 1.3 only), the AEAD suites of `CIPHER_SUITES` in the server's order,
-/// ALPN h2 then http/1.1, no early data.
-pub fn server_config(s: &TlsSettings, resolver: Arc<CertResolver>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let provider =
-        Arc::new(rustls::crypto::CryptoProvider { cipher_suites: CIPHER_SUITES.to_vec(), ..rustls::crypto::aws_lc_rs::default_provider() });
+/// ALPN h2 then http/1.1, no early data; client certificates verified by `clients` when given.
+pub fn server_config(
+    s: &TlsSettings,
+    resolver: Arc<CertResolver>,
+    clients: Option<Arc<ClientVerifier>>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
     let versions: &[&rustls::SupportedProtocolVersion] = match s.min_version {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::V1_3 => &[&rustls::version::TLS13],
     };
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
-        .map_err(|e| TlsError::Pair(e.to_string()))?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+        .map_err(|e| TlsError::Pair(e.to_string()))?;
+    let builder = match clients {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_cert_resolver(resolver);
     // http/1.0 last: an HTTP/1.0 client that names it (curl -0) is served, not refused with no_application_protocol.
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     // The server's order decides, not the client's: a client that lists a weaker suite first still gets the
