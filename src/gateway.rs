@@ -43,12 +43,14 @@ pub struct ConnInfo {
     pub client_in_flight: Option<Arc<AtomicUsize>>,
     /// The client certificate rustls verified during the handshake (mTLS).
     pub client_cert: Option<Arc<ClientCert>>,
+    /// Accepted on `[listen] decisions`: every request is a forward-auth decision.
+    pub decisions_only: bool,
 }
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ConnInfo { peer, tls, peer_ip, client_in_flight: None, client_cert: None }
+        ConnInfo { peer, tls, peer_ip, client_in_flight: None, client_cert: None, decisions_only: false }
     }
 }
 
@@ -350,10 +352,11 @@ impl Gateway {
         let trusted = is_trusted(&self.config.trusted_proxies, conn.peer.ip());
         let request_id = headers_request::request_id(req.headers(), trusted);
         // Read before the routing overrides go: a decision's original request is in them, from a trusted proxy.
-        let decision = self.config.forward_auth.as_ref().filter(|f| f.serves(req.uri().path())).map(|f| match trusted {
-            true => f.original(req.method(), req.uri(), req.headers()),
-            false => Err(DecisionError::Untrusted(conn.peer.ip())),
-        });
+        let decision =
+            self.config.forward_auth.as_ref().filter(|f| conn.decisions_only || f.serves(req.uri().path())).map(|f| match trusted {
+                true => f.original(req.method(), req.uri(), req.headers()),
+                false => Err(DecisionError::Untrusted(conn.peer.ip())),
+            });
         // Before anything else: a client can never forge its identity to the upstream.
         headers_request::strip_forged(req.headers_mut(), &self.config.identity);
         let method = req.method().clone();

@@ -57,6 +57,8 @@ pub struct RunningGateway {
     pub https: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// The forward-auth decisions listener (`[listen] decisions`).
+    pub decisions: Option<SocketAddr>,
     shared: Arc<server::Shared>,
     shutdown: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
@@ -125,8 +127,12 @@ pub async fn start_with(config: Config, names: upstream::Resolver) -> Result<Run
         Some(a) => Some(bind(a).await?),
         None => None,
     };
+    let decisions = match config.listen.decisions {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
     let local = |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
-    let (https_addr, http_addr, admin_addr) = (local(&https), local(&http), local(&admin));
+    let (https_addr, http_addr, admin_addr, decisions_addr) = (local(&https), local(&http), local(&admin), local(&decisions));
 
     let metrics = Arc::new(metrics::Metrics::new());
     let gateway = Gateway::new(config.clone(), metrics.clone(), None, &names)?;
@@ -151,7 +157,7 @@ pub async fn start_with(config: Config, names: upstream::Resolver) -> Result<Run
     let builder = Arc::new(server::http_builder(&config.limits));
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     let mut loops = Vec::new();
-    for (label, listener, tls) in [("https", https, acceptor), ("http", http, None)] {
+    for (label, listener, tls) in [("https", https, acceptor), ("http", http, None), ("decisions", decisions, None)] {
         if let Some(l) = listener {
             loops.push(tokio::spawn(server::accept_loop(
                 label,
@@ -198,7 +204,15 @@ pub async fn start_with(config: Config, names: upstream::Resolver) -> Result<Run
             let _ = a.await;
         }
     });
-    Ok(RunningGateway { https: https_addr, http: http_addr, admin: admin_addr, shared, shutdown: shutdown_tx, done })
+    Ok(RunningGateway {
+        https: https_addr,
+        http: http_addr,
+        admin: admin_addr,
+        decisions: decisions_addr,
+        shared,
+        shutdown: shutdown_tx,
+        done,
+    })
 }
 
 fn unix_now() -> i64 {

@@ -283,3 +283,29 @@ async fn a_spoofed_original_request_from_an_untrusted_peer_is_refused() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_decisions_listener_takes_every_path_as_a_decision() {
+    bounded(async {
+        let up = spawn_upstream().await;
+        let issuer = TestIssuer::new();
+        let cfg = config(&up, &issuer).replace("admin = \"127.0.0.1:0\"", "admin = \"127.0.0.1:0\"\ndecisions = \"127.0.0.1:0\"");
+        let gw = issuer.gateway(&cfg).await;
+        let decisions = gw.gw.as_ref().unwrap().decisions.expect("the decisions listener is bound");
+        let reader = format!("Bearer {}", issuer.token("alice", &["reader"]));
+        // Envoy without a path_prefix: the original path as it is.
+        let head = decide("127.0.0.1", decisions, "/api/orders", "GET", &[("Authorization", &reader)]).await;
+        assert_eq!((status_of(&head), field(&head, "x-auth-subject")), (200, Some("alice")), "{head}");
+        assert_eq!(status_of(&decide("127.0.0.1", decisions, "/api/orders", "GET", &[]).await), 401);
+        // nginx's fields work there too.
+        let head = decide("127.0.0.1", decisions, "/anything", "GET", &[("X-Original-URI", "/api/x"), ("Authorization", &reader)]).await;
+        assert_eq!(status_of(&head), 200, "{head}");
+        assert_eq!(up.hits(), 0, "nothing is proxied from the decisions listener");
+        // The public listener still proxies the same path.
+        let head = decide("127.0.0.1", gw.http.unwrap(), "/api/orders", "GET", &[("Authorization", &reader)]).await;
+        assert_eq!(status_of(&head), 200, "{head}");
+        assert_eq!(up.hits(), 1);
+        gw.stop().await;
+    })
+    .await;
+}

@@ -227,6 +227,8 @@ pub(super) struct ListenFile {
     pub(super) https: Option<Spanned<String>>,
     pub(super) http: Option<Spanned<String>>,
     pub(super) admin: Option<Spanned<String>>,
+    /// A plain-http listener for forward-auth decisions only.
+    pub(super) decisions: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

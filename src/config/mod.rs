@@ -91,6 +91,8 @@ pub struct Listen {
     pub https: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// Forward-auth decisions only (`[forward_auth]`): every request there is a decision.
+    pub decisions: Option<SocketAddr>,
 }
 
 /// Where the TLS certificate and key live, and how the handshake is bounded.

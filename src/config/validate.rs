@@ -62,12 +62,19 @@ impl Validator<'_> {
 
     pub(super) fn config(&mut self, path: &Path, f: FileConfig) -> Config {
         // A [listen] that failed to deserialize has its problem reported already (missing, or what is wrong in it).
-        let mut listen = Listen { https: None, http: None, admin: None };
+        let mut listen = Listen { https: None, http: None, admin: None, decisions: None };
+        let mut decisions_span = None;
         let mut https_span = None;
         if let Some(l) = f.listen {
             let listen_span = l.span();
             let l = l.into_inner();
-            listen = Listen { https: self.addr(&l.https), http: self.addr(&l.http), admin: self.addr(&l.admin) };
+            listen = Listen {
+                https: self.addr(&l.https),
+                http: self.addr(&l.http),
+                admin: self.addr(&l.admin),
+                decisions: self.addr(&l.decisions),
+            };
+            decisions_span = l.decisions.as_ref().map(Spanned::span);
             if l.https.is_none() && l.http.is_none() {
                 self.error(listen_span, "[listen] needs `https` or `http`");
             }
@@ -191,6 +198,9 @@ impl Validator<'_> {
         };
         let tracing = f.tracing.and_then(|t| self.tracing(t)).map(Arc::new);
         let forward_auth = f.forward_auth.and_then(|fa| self.forward_auth(fa.get_ref()));
+        if let (Some(span), None) = (decisions_span, &forward_auth) {
+            self.error(span, "`listen.decisions` needs a [forward_auth] section");
+        }
         self.default_cookie = f.auth.token_cookie.clone();
         self.client_certs = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         let (routes, route_calls) = self.routes(f.routes, &upstreams, &declared, f.routing.case_insensitive);

@@ -45,12 +45,16 @@ impl ForwardAuthSettings {
     /// The original request of a decision request, from the fields its proxy sends: nginx's `X-Original-URI`
     /// and `X-Original-Method`, then Traefik's and Caddy's `X-Forwarded-Uri` and `X-Forwarded-Method`, then
     /// Envoy's convention (the decision request's own method, and its path after the endpoint's).
+    /// On the decisions listener (`[listen] decisions`) every path is a decision, Envoy's without a prefix.
     pub fn original(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Original, DecisionError> {
         let target = headers.get(&X_ORIGINAL_URI).or_else(|| headers.get(&X_FORWARDED_URI));
         let uri = match target {
             Some(v) => parse_target(v)?,
             None => {
-                let rest = uri.path().strip_prefix(self.path.as_str()).unwrap_or("");
+                let rest = match self.serves(uri.path()) {
+                    true => uri.path().strip_prefix(self.path.as_str()).unwrap_or(""),
+                    false => uri.path(),
+                };
                 let path = if rest.is_empty() { "/" } else { rest };
                 let target = match uri.query() {
                     Some(q) => format!("{path}?{q}"),

@@ -175,7 +175,8 @@ pub async fn accept_loop(
         tokio::spawn(async move {
             let open = OpenConnection::new(shared.metrics.connections_active.with_label_values(&[label]));
             let tcp = Held { io: tcp, _places: (permit, client_slot, open) };
-            let info = |tls| ConnInfo { client_in_flight: client_in_flight.clone(), ..ConnInfo::new(peer, tls) };
+            let decisions_only = label == "decisions";
+            let info = |tls| ConnInfo { client_in_flight: client_in_flight.clone(), decisions_only, ..ConnInfo::new(peer, tls) };
             match tls {
                 None => serve(tcp, info(false), shared, &builder, watcher, shutdown, false).await,
                 Some((acceptor, timeout)) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
