@@ -4,7 +4,7 @@
 //! - [`Upstream`] holds the current [`TargetSet`] behind an `ArcSwap`: re-resolution and health change it without
 //!   a lock on the request path; a request keeps the `Arc<Target>` it was sent to, so a target that leaves drains.
 //! - [`balance`] picks a target, [`health`] runs the checks and ejections, [`resolve`] re-resolves names,
-//!   [`retry`] decides and budgets retries, [`forward`] sends one request (with its retries) and streams the answer.
+//!   [`retry`] decides and budgets retries, [`forward()`] sends one request (with its retries) and streams the answer.
 
 pub mod balance;
 pub mod forward;
