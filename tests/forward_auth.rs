@@ -196,11 +196,6 @@ http {{
     .await;
 }
 
-fn plain_client() -> TestClient {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build(hyper_rustls::HttpsConnectorBuilder::new().with_native_roots().unwrap().https_or_http().enable_http1().build())
-}
-
 #[tokio::test]
 async fn traefik_and_envoy_conventions_get_the_same_decisions() {
     bounded(async {

@@ -123,7 +123,7 @@ async fn grpc_calls_pass_with_a_token_and_are_refused_as_grpc_statuses_without_o
         assert_eq!(e.code(), Code::Unavailable, "{e:?}");
 
         // Counted and logged as the refusals they stand for.
-        let plain = client_for_admin();
+        let plain = plain_client();
         let m = metrics(&plain, &gw).await;
         assert!(
             metric(&m, "portcullis_requests_total", &[("route", "health"), ("method", "POST"), ("status", "401")]).unwrap_or(0.0) >= 2.0
@@ -134,9 +134,4 @@ async fn grpc_calls_pass_with_a_token_and_are_refused_as_grpc_statuses_without_o
         gw.stop().await;
     })
     .await;
-}
-
-fn client_for_admin() -> TestClient {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build(hyper_rustls::HttpsConnectorBuilder::new().with_native_roots().unwrap().https_or_http().enable_http1().build())
 }

@@ -116,11 +116,6 @@ scopes_any = ["read"]
     )
 }
 
-fn plain() -> TestClient {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build(hyper_rustls::HttpsConnectorBuilder::new().with_native_roots().unwrap().https_or_http().enable_http1().build())
-}
-
 #[tokio::test]
 async fn opaque_tokens_are_introspected_cached_and_refused_when_inactive() {
     bounded(async {
@@ -128,7 +123,7 @@ async fn opaque_tokens_are_introspected_cached_and_refused_when_inactive() {
         let up = spawn_upstream().await;
         let idp = endpoint(Duration::ZERO).await;
         let gw = spawn_gateway(&config(&up, idp.addr, "PORTCULLIS_TEST_INTROSPECTION_SECRET")).await;
-        let c = plain();
+        let c = plain_client();
         let url = gw.http_url("/api/x");
 
         // Active: allowed, the identity from the answer, then served from the cache.
@@ -169,7 +164,7 @@ async fn concurrent_requests_with_one_uncached_token_make_one_call() {
         let up = spawn_upstream().await;
         let idp = endpoint(Duration::from_millis(200)).await;
         let gw = spawn_gateway(&config(&up, idp.addr, "PORTCULLIS_TEST_INTROSPECTION_SECRET_2")).await;
-        let c = plain();
+        let c = plain_client();
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..100 {
             let (c, url) = (c.clone(), gw.http_url("/api/x"));
@@ -190,7 +185,7 @@ async fn an_unreachable_or_refusing_endpoint_is_a_503_never_an_allow() {
         std::env::set_var("PORTCULLIS_TEST_INTROSPECTION_SECRET_3", SECRET);
         std::env::set_var("PORTCULLIS_TEST_INTROSPECTION_WRONG", "not-the-secret");
         let up = spawn_upstream().await;
-        let c = plain();
+        let c = plain_client();
 
         // Down: nothing listens there.
         let (_hold, dead) = refusing_addr();

@@ -185,7 +185,7 @@ async fn client_certificates_are_verified_checked_per_route_and_forwarded() {
         let unbound = format!("Bearer {}", issuer.token("alice", &[]));
         assert_eq!(try_get(&none, &url("/bound/x"), &[("authorization", &unbound)]).await.unwrap().status, 200);
 
-        let m = metrics(&plain_admin(), &gw).await;
+        let m = metrics(&plain_client(), &gw).await;
         assert_eq!(metric(&m, "portcullis_authz_denied_total", &[("route", "payments"), ("rule", "client_cert")]), Some(2.0));
         assert_eq!(metric(&m, "portcullis_auth_failures_total", &[("route", "bound"), ("reason", "cert_binding")]), Some(2.0));
         drop((none, with_api, with_ops, with_foreign));
@@ -271,9 +271,4 @@ async fn certificate_rules_without_client_ca_do_not_load() {
     for want in ["client_cert must be \"required\"", "client certificate rules need [tls] client_ca", "cert_san_any must list"] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
-}
-
-fn plain_admin() -> TestClient {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build(hyper_rustls::HttpsConnectorBuilder::new().with_native_roots().unwrap().https_or_http().enable_http1().build())
 }

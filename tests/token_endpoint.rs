@@ -823,17 +823,6 @@ fn a_token_lifetime_the_issuer_would_refuse_does_not_load() {
 // ------------------------------------------------------------------------------------------------------------
 // Another gateway verifies the tokens through discovery and the published JWKS.
 
-/// A client for plain-http gateways (no TLS listener, so no certificate to trust).
-fn plain_client() -> TestClient {
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let conn = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(conn)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_gateway_verifies_ed25519_tokens_through_discovery() {
     bounded_shared(async {

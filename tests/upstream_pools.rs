@@ -40,12 +40,6 @@ fn targets(backends: &[&Backend]) -> String {
     format!("targets = [{}]", list.join(", "))
 }
 
-/// Plain-http client to the gateway.
-fn plain() -> TestClient {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build(hyper_rustls::HttpsConnectorBuilder::new().with_native_roots().unwrap().https_or_http().enable_http1().build())
-}
-
 /// Which backend answered.
 fn backend_of(a: &Answer) -> String {
     header(a, "x-backend").unwrap_or("-").to_string()
@@ -91,7 +85,7 @@ async fn weighted_round_robin_gives_each_target_its_share() {
         let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
         let up = format!("targets = [\"{}\", \"{}\", {{ url = \"{}\", weight = 2 }}]", a.url(), b.url(), c.url());
         let gw = spawn_gateway(&pool_config(&up, PUBLIC_ROUTE, "")).await;
-        let client = plain();
+        let client = plain_client();
         let answers = spray(&client, &gw.http_url("/x"), 3000, 16, None).await;
         assert!(answers.iter().all(|(s, _)| *s == 200));
         let got = shares(&answers);
@@ -122,7 +116,7 @@ async fn least_request_prefers_the_target_with_less_in_flight() {
         // 8 clients, each sending its next request as soon as the last is answered.
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..8 {
-            let (client, url) = (plain(), gw.http_url("/x"));
+            let (client, url) = (plain_client(), gw.http_url("/x"));
             workers.spawn(async move {
                 let mut seen = Vec::new();
                 for _ in 0..25 {
@@ -156,7 +150,7 @@ async fn a_killed_target_is_ejected_without_client_errors_and_comes_back() {
         );
         let route = format!("{PUBLIC_ROUTE}retries = {{ attempts = 2, on = [\"connect\", \"reset\"] }}\n");
         let gw = spawn_gateway(&pool_config(&up, &route, "")).await;
-        let client = plain();
+        let client = plain_client();
         let target_b = b.addr.to_string();
         let healthy_b = [("upstream", "pool"), ("target", target_b.as_str())];
         wait_metric(&client, &gw, "portcullis_upstream_target_healthy", &healthy_b, 1.0, BOUND).await;
@@ -212,7 +206,7 @@ async fn passive_ejection_takes_a_failing_target_out_and_readyz_names_a_dead_ups
         b.set_status(503);
         let up = format!("{}\n[upstreams.pool.health]\neject_after_errors = 3\neject_for = \"1m\"\n", targets(&[&a, &b]));
         let gw = spawn_gateway(&pool_config(&up, PUBLIC_ROUTE, "")).await;
-        let client = plain();
+        let client = plain_client();
         let answers = spray(&client, &gw.http_url("/x"), 40, 1, None).await;
         // b answered 503 three times, then got nothing more.
         assert_eq!(answers.iter().filter(|(s, _)| *s == 503).count(), 3, "{answers:?}");
@@ -265,7 +259,7 @@ async fn retries_stay_within_their_budget_and_the_client_gets_the_503() {
         let up = format!("{}\n[upstreams.pool.health]\neject_after_errors = 0\n", targets(&[&bs[0], &bs[1], &bs[2]]));
         let route = format!("{PUBLIC_ROUTE}retries = {{ attempts = 2, on = [\"503\"], budget_percent = 20 }}\n");
         let gw = spawn_gateway(&pool_config(&up, &route, "")).await;
-        let client = plain();
+        let client = plain_client();
         let n = 300;
         let answers = spray(&client, &gw.http_url("/x"), n, 4, None).await;
         assert!(answers.iter().all(|(s, _)| *s == 503), "the client gets the upstream's 503");
@@ -293,7 +287,7 @@ async fn hashing_by_subject_is_sticky_and_moves_only_the_removed_targets_share()
         let bs = [Backend::start("a").await, Backend::start("b").await, Backend::start("c").await];
         let route = "[[routes]]\nname = \"all\"\npath = \"/*\"\nupstream = \"pool\"\n";
         let cfg = |list: &[&Backend]| pool_config(&format!("{}\nbalance = \"hash:claim:sub\"", targets(list)), route, &issuer.config());
-        let client = plain();
+        let client = plain_client();
         let subjects: Vec<String> = (0..120).map(|i| format!("user-{i}")).collect();
         let place = |gw: TestGateway| {
             let (client, subjects) = (client.clone(), subjects.clone());
@@ -340,7 +334,7 @@ async fn an_http2_upstream_carries_a_thousand_concurrent_requests_on_few_connect
         let up = format!("{}\nprotocol = \"h2\"\nmax_connections = 2000", targets(&[&b]));
         let gw = spawn_gateway(&pool_config(&up, PUBLIC_ROUTE, "")).await;
         // Many client connections (HTTP/1.1, one request each at a time), 1000 requests in flight at once.
-        let client = plain();
+        let client = plain_client();
         let started = Instant::now();
         let answers = spray(&client, &gw.http_url("/x"), 1000, 1000, None).await;
         assert!(answers.iter().all(|(s, _)| *s == 200), "{:?}", answers.iter().find(|(s, _)| *s != 200));
@@ -368,7 +362,7 @@ async fn targets_follow_the_addresses_a_name_resolves_to() {
         });
         let up = format!("targets = [\"http://pool.test:{}\"]\nresolve_every = \"100ms\"\npreserve_host = false", a.addr.port());
         let gw = spawn_gateway_resolving(&pool_config(&up, PUBLIC_ROUTE, ""), &[], resolver).await;
-        let client = plain();
+        let client = plain_client();
         let (ta, tb) = (a.addr.to_string(), b.addr.to_string());
         wait_metric(&client, &gw, "portcullis_upstream_target_healthy", &[("upstream", "pool"), ("target", &ta)], 1.0, BOUND).await;
         let got = shares(&spray(&client, &gw.http_url("/x"), 20, 4, None).await);
@@ -398,7 +392,7 @@ async fn a_reload_changes_the_targets_without_dropping_requests_in_flight() {
     bounded(async {
         let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
         let gw = spawn_gateway(&pool_config(&targets(&[&a]), PUBLIC_ROUTE, "")).await;
-        let client = plain();
+        let client = plain_client();
         let slow = {
             let (client, url) = (client.clone(), gw.http_url("/slow"));
             tokio::spawn(async move { get(&client, &url, None).await })
@@ -427,7 +421,7 @@ async fn a_route_timeout_overrides_the_upstreams() {
         let a = Backend::start("a").await;
         let route = format!("{PUBLIC_ROUTE}timeout = \"150ms\"\n");
         let gw = spawn_gateway(&pool_config(&targets(&[&a]), &route, "")).await;
-        let client = plain();
+        let client = plain_client();
         let started = Instant::now();
         let a1 = get(&client, &gw.http_url("/slow"), None).await;
         assert_eq!(a1.status, 504);

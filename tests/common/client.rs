@@ -60,6 +60,17 @@ pub fn client(gw: &TestGateway) -> TestClient {
     Client::builder(TokioExecutor::new()).build(conn)
 }
 
+/// A client for plain-http gateways and admin listeners (no TLS listener, so no certificate to trust).
+pub fn plain_client() -> TestClient {
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let conn = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
+    Client::builder(TokioExecutor::new()).build(conn)
+}
+
 /// A client that speaks only HTTP/2 over TLS (ALPN h2).
 pub fn h2_client(gw: &TestGateway) -> TestClient {
     let tls = tls_config(&gw.cert_path(), &[]);
