@@ -57,28 +57,11 @@ TOML
 TOKEN=$("$BIN" token --config "$DIR/gateway.toml" --issuer bench --sub bench --roles admin --ttl 1h)
 taskset -c 1 nginx -c "$DIR/upstream.conf" -g 'daemon off;' &
 
-measure() { # path, extra wrk header args…
-    local path=$1
-    shift
-    PORTCULLIS_WORKERS=1 valgrind --tool=callgrind --callgrind-out-file="$DIR/cg.%p" "$BIN" run --config "$DIR/gateway.toml" >"$DIR/gw.log" 2>&1 &
-    local pid=$!
-    for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$GW") 2>/dev/null && break; sleep 0.1; done
-    taskset -c 1 wrk -t1 -c16 -d2s -H "authorization: Bearer $TOKEN" "$@" "http://127.0.0.1:$GW$path" >/dev/null
-    callgrind_control -z "$pid" >/dev/null 2>&1
-    local out requests non2xx
-    out=$(taskset -c 1 wrk -t1 -c16 -d5s -H "authorization: Bearer $TOKEN" "$@" "http://127.0.0.1:$GW$path")
-    requests=$(awk '/requests in/ {print $1}' <<<"$out")
-    non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
-    [ -z "$non2xx" ] || { echo "non-2xx answers in $path: $non2xx"; exit 1; }
-    callgrind_control -d "$pid" >/dev/null 2>&1
-    sleep 0.5
-    local total
-    total=$(callgrind_annotate "$DIR/cg.$pid.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    rm -f "$DIR"/cg.*
-    echo $((total / requests))
-}
-proxied=$(measure /api/x)
-decided=$(measure /auth -H "x-original-uri: /api/x" -H "x-original-method: GET")
+# shellcheck source=benches/callgrind.sh
+source benches/callgrind.sh
+export PORTCULLIS_WORKERS=1
+WRK_ARGS=(-H "authorization: Bearer $TOKEN")
+proxied=$(measure $GW /api/x "$BIN" run --config "$DIR/gateway.toml")
+WRK_ARGS+=(-H "x-original-uri: /api/x" -H "x-original-method: GET")
+decided=$(measure $GW /auth "$BIN" run --config "$DIR/gateway.toml")
 echo "user-space instructions per request: proxied $proxied, decision $decided (ratio $(echo "scale=2; $decided / $proxied" | bc))"

@@ -79,28 +79,11 @@ fi
 
 taskset -c 1 nginx -c "$DIR/upstream.conf" -g 'daemon off;' &
 
-# Instructions per request of the process started by "$@" (listening on port $1, the first argument).
-measure() {
-    local port=$1
-    shift
-    valgrind --tool=callgrind --callgrind-out-file="$DIR/cg.%p" "$@" >"$DIR/target.log" 2>&1 &
-    local pid=$!
-    for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-    taskset -c 1 wrk -t1 -c16 -d2s "http://127.0.0.1:$port/" >/dev/null
-    callgrind_control -z "$pid" >/dev/null 2>&1
-    local requests
-    requests=$(taskset -c 1 wrk -t1 -c16 -d5s "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}')
-    callgrind_control -d "$pid" >/dev/null 2>&1
-    sleep 0.5
-    local total
-    total=$(callgrind_annotate "$DIR/cg.$pid.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    rm -f "$DIR"/cg.*
-    echo $((total / requests))
-}
+WRK_ARGS=()
+# shellcheck source=benches/callgrind.sh
+source benches/callgrind.sh
 
 export PORTCULLIS_WORKERS=1 # one worker, as in the harness (valgrind must start the binary itself)
-gw=$(measure $GW "$BIN" run --config "$DIR/gateway.toml")
-ng=$(measure $N nginx -c "$DIR/proxy.conf" -g 'daemon off; master_process off;')
+gw=$(measure $GW / "$BIN" run --config "$DIR/gateway.toml")
+ng=$(measure $N / nginx -c "$DIR/proxy.conf" -g 'daemon off; master_process off;')
 echo "user-space instructions per proxied request: Portcullis $gw, nginx $ng (ratio $(echo "scale=2; $gw / $ng" | bc))"
