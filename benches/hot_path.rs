@@ -14,7 +14,7 @@ use portcullis::auth::Authenticator;
 use portcullis::config::Config;
 use portcullis::edge::headers_request::{self, Forwarding, IdentitySettings};
 use portcullis::edge::headers_response::{self, SecureHeaders};
-use portcullis::edge::ratelimit::{LimitKey, LimitSettings, Limiter};
+use portcullis::edge::ratelimit::{LimitKey, LimitSettings, LimitStore, Limiter};
 
 struct Keys {
     dir: tempfile::TempDir,
@@ -187,12 +187,22 @@ fn bench_headers(c: &mut Criterion) {
 
 fn bench_limiter(c: &mut Criterion) {
     let l = Limiter::new(
-        LimitSettings { key: LimitKey::Subject, per: Duration::from_nanos(1), burst: NonZeroU32::new(1_000_000).expect("nz") },
+        LimitSettings {
+            key: LimitKey::Subject,
+            per: Duration::from_nanos(1),
+            burst: NonZeroU32::new(1_000_000).expect("nz"),
+            store: LimitStore::Local,
+        },
         64,
+        None,
     );
     let ip = "192.0.2.7".parse().expect("ip");
     c.bench_function("limiter_check_allowed", |b| b.iter(|| l.check(&l.key(ip, Some(black_box(("local", "alice"))), |_| None)).is_ok()));
-    let tight = Limiter::new(LimitSettings { key: LimitKey::Ip, per: Duration::from_secs(3600), burst: NonZeroU32::MIN }, 64);
+    let tight = Limiter::new(
+        LimitSettings { key: LimitKey::Ip, per: Duration::from_secs(3600), burst: NonZeroU32::MIN, store: LimitStore::Local },
+        64,
+        None,
+    );
     let k = tight.key(ip, None, |_| None);
     let _ = tight.check(&k);
     c.bench_function("limiter_check_limited", |b| b.iter(|| tight.check(black_box(&k)).is_err()));

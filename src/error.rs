@@ -35,6 +35,9 @@ pub enum GatewayError {
     Decision(#[from] DecisionError),
     #[error("client certificate: {0}")]
     ClientCert(#[from] CertError),
+    /// A shared limit with `on_store_error = "deny"` while its store is down.
+    #[error("the rate-limit store is down and the limit denies without it")]
+    LimitStoreDown,
 }
 
 impl GatewayError {
@@ -65,6 +68,7 @@ impl GatewayError {
                 AuthzError::Roles | AuthzError::Scopes { .. } | AuthzError::Claims(_) => StatusCode::FORBIDDEN,
             },
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::LimitStoreDown => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Proxy(e) => match e {
                 ProxyError::Connect { .. } | ProxyError::Reset { .. } | ProxyError::UnexpectedUpgrade | ProxyError::BadStatus { .. } => {
@@ -78,13 +82,15 @@ impl GatewayError {
                 ProxyError::Saturated { .. } => StatusCode::SERVICE_UNAVAILABLE,
             },
             GatewayError::Token(e) => match e {
-                TokenError::InvalidRequest(_) | TokenError::UnsupportedGrantType | TokenError::InvalidGrant | TokenError::InvalidScope => {
-                    StatusCode::BAD_REQUEST
-                }
+                TokenError::InvalidRequest(_)
+                | TokenError::UnsupportedGrantType
+                | TokenError::InvalidGrant
+                | TokenError::InvalidScope
+                | TokenError::UnauthorizedClient => StatusCode::BAD_REQUEST,
                 TokenError::InvalidClient => StatusCode::UNAUTHORIZED,
                 TokenError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
                 TokenError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
-                TokenError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+                TokenError::Busy | TokenError::StoreDown(_) => StatusCode::SERVICE_UNAVAILABLE,
                 TokenError::Signing(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
             GatewayError::Decision(e) => match e {
@@ -109,6 +115,7 @@ impl GatewayError {
             GatewayError::Authz(AuthzError::Anonymous) => "missing",
             GatewayError::Authz(e) => e.rule(),
             GatewayError::RateLimited { key, .. } => key,
+            GatewayError::LimitStoreDown => "rate_limit_store_down",
             GatewayError::Route(e) => match e {
                 RouteError::NotAbsolutePath => "bad_target",
                 RouteError::BadEscape => "bad_escape",
@@ -164,6 +171,7 @@ impl GatewayError {
             GatewayError::Route(RouteError::NotImplemented(_)) => ("not_implemented", None),
             GatewayError::Route(_) => ("bad_request", None),
             GatewayError::RateLimited { .. } => ("rate_limited", None),
+            GatewayError::LimitStoreDown => ("temporarily_unavailable", None),
             GatewayError::BodyTooLarge(_) | GatewayError::Proxy(ProxyError::BodyTooLarge) => ("payload_too_large", None),
             GatewayError::Proxy(ProxyError::Timeout { .. }) => ("gateway_timeout", None),
             GatewayError::Proxy(ProxyError::ClientBody(_)) => ("bad_request", None),
@@ -198,10 +206,10 @@ impl GatewayError {
             GatewayError::Token(TokenError::MethodNotAllowed { allow }) => {
                 h.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            GatewayError::Token(TokenError::Busy) => {
+            GatewayError::Token(TokenError::Busy | TokenError::StoreDown(_)) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            GatewayError::Proxy(ProxyError::Saturated { .. }) => {
+            GatewayError::Proxy(ProxyError::Saturated { .. }) | GatewayError::LimitStoreDown => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             // The refresh loop retries a keyless issuer within seconds.

@@ -14,6 +14,7 @@ use http::{Request, Response, Version};
 
 use crate::auth::authz::{authorize, AuthMode};
 use crate::auth::jwks::{fetch_client, FetchClient};
+use crate::auth::revocation::{follow, Revocations};
 use crate::auth::{Authenticated, Authenticator, Principal, TokenSource};
 use crate::body::{Body, RequestBody};
 use crate::config::Config;
@@ -27,6 +28,7 @@ use crate::edge::ratelimit::{reuse_or_new, Limiter};
 use crate::error::GatewayError;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::router::{normalize_path, request_host, Route, RouteError};
+use crate::store::Store;
 use crate::telemetry::{RequestSpans, Timing, TraceIds, Tracer, UpstreamCall};
 use crate::token_endpoint::TokenEndpoint;
 use crate::upstream::{self, Budget, Call, Outbound, Target, Upstream};
@@ -174,6 +176,8 @@ pub struct Gateway {
     global_limiter: Option<Arc<Limiter>>,
     token_endpoint: Option<TokenEndpoint>,
     tracer: Option<Tracer>,
+    /// The shared store, with `[store]`.
+    store: Option<Arc<Store>>,
     _tasks: Tasks,
 }
 
@@ -204,6 +208,11 @@ impl Gateway {
         previous: Option<&Gateway>,
         resolver: &upstream::Resolver,
     ) -> Result<Gateway, BuildError> {
+        // An unchanged store keeps its connections (and the limiters counting in it their state) across a reload.
+        let store = config.store.as_ref().map(|settings| match previous.and_then(|p| p.store.as_ref()) {
+            Some(old) if old.settings == *settings => old.clone(),
+            _ => Store::start(settings.clone(), metrics.clone()),
+        });
         let mut system_roots = None;
         let mut by_name = std::collections::HashMap::new();
         for (name, s) in &config.upstreams {
@@ -237,14 +246,16 @@ impl Gateway {
                 .ok_or_else(|| BuildError::MissingUpstream { route: r.name.clone(), upstream: r.upstream.clone() })?;
             route_upstreams.push(up.clone());
             let old = previous.and_then(|p| p.limiter_of(&r.name));
-            route_limiters.push(r.rate_limit.as_ref().map(|s| reuse_or_new(old.as_ref(), s, config.ipv6_prefix)));
+            let counted_in = store.as_ref().map(|s| (s, Some(r.name.as_str())));
+            route_limiters.push(r.rate_limit.as_ref().map(|s| reuse_or_new(old.as_ref(), s, config.ipv6_prefix, counted_in)));
             route_metrics.push(RouteMetrics::new(&metrics, &r.name));
             route_upstream_time.push(metrics.upstream_duration.with_label_values(&[&r.upstream]));
             let retries = config.route_calls.get(r.index).and_then(|c| c.retries.as_ref());
             route_budgets.push(retries.map(|p| Budget::new(p.budget_percent)));
         }
-        let global_limiter =
-            config.global_limit.as_ref().map(|s| reuse_or_new(previous.and_then(|p| p.global_limiter.as_ref()), s, config.ipv6_prefix));
+        let global_limiter = config.global_limit.as_ref().map(|s| {
+            reuse_or_new(previous.and_then(|p| p.global_limiter.as_ref()), s, config.ipv6_prefix, store.as_ref().map(|s| (s, None)))
+        });
         let client: FetchClient = fetch_client(None)?;
         let authn = Authenticator::new(&config.issuers, &client, previous.map(|p| &p.authn));
         let mut tasks = Tasks::default();
@@ -277,13 +288,17 @@ impl Gateway {
                     .iter()
                     .find(|i| i.id == te.issuer)
                     .ok_or_else(|| crate::token_endpoint::IssuerError::NoSigningKey(te.issuer.clone()))?;
+                let shared = store.as_ref().filter(|_| te.shared_attempts);
                 let endpoint =
-                    TokenEndpoint::new(te.clone(), issuer, config.ipv6_prefix, previous.and_then(|p| p.token_endpoint.as_ref()))?;
+                    TokenEndpoint::new(te.clone(), issuer, config.ipv6_prefix, previous.and_then(|p| p.token_endpoint.as_ref()), shared)?;
                 tasks.0.push(tokio::spawn(endpoint.pruner()));
                 Some(endpoint)
             }
             None => None,
         };
+        let gauge = metrics.revocations_active.clone();
+        let revocations = Arc::downgrade(authn.revocations());
+        tasks.0.push(tokio::spawn(follow(store.as_ref().map(Arc::downgrade), revocations, move |n| gauge.set(n as i64))));
         let cors_configured = config.cors.is_some() || config.routes.routes().iter().any(|r| r.cors.is_some());
         let tracer = config.tracing.as_ref().map(|t| Tracer::start(Arc::clone(t), &metrics)).transpose()?;
         Ok(Gateway {
@@ -302,6 +317,7 @@ impl Gateway {
             global_limiter,
             token_endpoint,
             tracer,
+            store,
             _tasks: tasks,
         })
     }
@@ -331,6 +347,21 @@ impl Gateway {
         down.sort();
         down.dedup();
         down
+    }
+
+    /// Whether the shared store answers (None: no `[store]`), for the admin `readyz`.
+    pub fn store_up(&self) -> Option<bool> {
+        self.store.as_ref().map(|s| s.is_up())
+    }
+
+    /// The revocations this gateway enforces (the admin listener adds to them without a store).
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        self.authn.revocations()
+    }
+
+    /// The shared store, with `[store]`.
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
     }
 
     /// Returns true when every issuer has keys (the admin `readyz`).
@@ -485,7 +516,7 @@ impl Gateway {
     ) -> Result<Response<Body>, GatewayError> {
         let _in_flight = self.admit_client(cx.client_in_flight, outcome)?;
         let host = request_host(req.headers(), cx.uri, req.version())?;
-        self.check_global_limit(cx.client, outcome)?;
+        self.check_global_limit(cx.client, outcome).await?;
         if let Some(decision) = cx.decision {
             return self.decide(req, decision, cx, outcome).await;
         }
@@ -503,7 +534,7 @@ impl Gateway {
         let auth = self.authenticate(&req, cx.uri, route, outcome).await?;
         check_binding(auth.principal.as_deref(), cx.client_cert)?;
         authorize(auth.principal.as_deref(), &route.policy, |n| matched.param(n))?;
-        self.check_route_limit(route, cx.client, auth.principal.as_deref(), outcome)?;
+        self.check_route_limit(route, cx.client, auth.principal.as_deref(), outcome).await?;
         let identity = auth.principal.as_deref().map(|p| identity_values(p, &self.config.identity)).transpose()?;
         let outbound = self.prepare_upstream(req, Routed { route, path: &path, host }, &auth, identity, cx);
         self.forward(route, outbound, auth.principal.as_deref(), cx.client, outcome).await
@@ -526,7 +557,7 @@ impl Gateway {
         let route = *outcome.route.insert(matched.route);
         let auth = self.authenticate(&req, &original.uri, route, outcome).await?;
         authorize(auth.principal.as_deref(), &route.policy, |n| matched.param(n))?;
-        self.check_route_limit(route, cx.client, auth.principal.as_deref(), outcome)?;
+        self.check_route_limit(route, cx.client, auth.principal.as_deref(), outcome).await?;
         let identity = auth.principal.as_deref().map(|p| identity_values(p, &self.config.identity)).transpose()?;
         let mut rsp = Response::new(Body::empty());
         *rsp.headers_mut() = forward_auth::allowed(&self.config.identity, identity);
@@ -552,9 +583,9 @@ impl Gateway {
     }
 
     /// The global limit, before any parsing or signature check, so a flood of bad tokens costs almost nothing.
-    fn check_global_limit(&self, client: IpAddr, outcome: &mut Outcome<'_>) -> Result<(), GatewayError> {
+    async fn check_global_limit(&self, client: IpAddr, outcome: &mut Outcome<'_>) -> Result<(), GatewayError> {
         match &self.global_limiter {
-            Some(l) => self.check_limit(l, client, None, outcome),
+            Some(l) => self.check_limit(l, client, None, outcome).await,
             None => Ok(()),
         }
     }
@@ -576,6 +607,13 @@ impl Gateway {
         // The password grant only over TLS, unless allowed for local use.
         if !cx.fwd.tls && !te.settings.allow_plaintext {
             return Err(GatewayError::Route(RouteError::NotFound));
+        }
+        if path == te.settings.revocation_path {
+            let result = te.revoke(req, cx.client, &self.authn, self.authn.revocations(), self.store.as_ref()).await;
+            if let Err(e) = &result {
+                self.metrics.token_failures.with_label_values(&["revocation", e.code()]).inc();
+            }
+            return result.map_err(GatewayError::Token);
         }
         let (grant, result) = te.handle(req, cx.client).await;
         match &result {
@@ -608,7 +646,7 @@ impl Gateway {
         Ok(auth)
     }
 
-    fn check_route_limit(
+    async fn check_route_limit(
         &self,
         route: &Route,
         client: IpAddr,
@@ -617,7 +655,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let Some(l) = &self.route_limiters[route.index] else { return Ok(()) };
         let started = outcome.timed.then(Instant::now);
-        let result = self.check_limit(l, client, principal, outcome);
+        let result = self.check_limit(l, client, principal, outcome).await;
         if let Some(start) = started {
             outcome.limit_timing = Some((Timing { start, end: Instant::now() }, result.is_err()));
         }
@@ -738,14 +776,15 @@ impl Gateway {
         Some(cors::preflight(policy, req.headers(), &method).map(|()| Body::empty()))
     }
 
-    fn check_limit(
+    /// A local limit decides at once; a shared one asks the store (or its fallback, counted).
+    async fn check_limit(
         &self,
         l: &Limiter,
         client: IpAddr,
         principal: Option<&Principal>,
         outcome: &mut Outcome<'_>,
     ) -> Result<(), GatewayError> {
-        let key = l.key(client, principal.map(|p| (p.issuer_id.as_str(), p.subject.as_str())), |claim| {
+        let caller = l.caller(client, principal.map(|p| (p.issuer_id.as_str(), p.subject.as_str())), |claim| {
             // A number or boolean counts by its JSON text (numeric tenant ids are common); a list or object is no
             // one value to count by.
             principal.and_then(|p| crate::auth::lookup_claim(&p.claims, claim)).and_then(|v| match v {
@@ -754,9 +793,22 @@ impl Gateway {
                 _ => None,
             })
         });
-        l.check(&key).map_err(|limited| {
-            outcome.rate_limited = true;
-            GatewayError::RateLimited { key: l.settings.key.label(), retry_after_secs: limited.retry_after_secs, limit: limited.limit }
+        let result = match l.is_shared() {
+            false => l.check(&l.key_of(&caller)),
+            true => {
+                let (result, fell_back) = l.check_shared(&caller).await;
+                if fell_back {
+                    self.metrics.rate_limit_fallback.with_label_values(&[self.metrics_of(outcome).route()]).inc();
+                }
+                result
+            }
+        };
+        result.map_err(|limited| match limited.store_down {
+            true => GatewayError::LimitStoreDown,
+            false => {
+                outcome.rate_limited = true;
+                GatewayError::RateLimited { key: l.settings.key.label(), retry_after_secs: limited.retry_after_secs, limit: limited.limit }
+            }
         })
     }
 
@@ -783,7 +835,8 @@ impl Gateway {
             | GatewayError::BodyTooLarge(_)
             | GatewayError::Proxy(_)
             | GatewayError::Token(_)
-            | GatewayError::Decision(_) => {}
+            | GatewayError::Decision(_)
+            | GatewayError::LimitStoreDown => {}
             GatewayError::ClientCert(crate::edge::client_cert::CertError::Binding) => rm.auth_failure(&self.metrics, "cert_binding"),
             GatewayError::ClientCert(_) => rm.authz_denied(&self.metrics, "client_cert"),
         }

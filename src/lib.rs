@@ -22,6 +22,7 @@ pub mod logging;
 pub mod metrics;
 pub mod router;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 pub mod tls_client;
 pub mod token_endpoint;

@@ -89,6 +89,31 @@ enum Command {
     },
     /// Read a password from the terminal (no echo) or stdin and print its argon2id hash.
     HashPassword,
+    /// Revoke a token by its jti, or every token of a subject issued before a time ("log out everywhere"): in the
+    /// [store] for every replica, else at the running gateway's admin listener.
+    Revoke {
+        #[arg(long, default_value = "gateway.toml")]
+        config: PathBuf,
+        /// The token's `jti`.
+        #[arg(long, conflicts_with_all = ["sub", "before", "issuer"], required_unless_present = "sub")]
+        jti: Option<String>,
+        /// The subject whose tokens issued before --before are revoked.
+        #[arg(long, requires = "before")]
+        sub: Option<String>,
+        /// Tokens issued before this time: now, unix seconds, or an RFC 3339 time.
+        #[arg(long)]
+        before: Option<String>,
+        /// Only the subject of this issuer (id); default: of every issuer.
+        #[arg(long, requires = "sub")]
+        issuer: Option<String>,
+        /// When the entry may be forgotten (default: when every token it covers has expired, by the issuers'
+        /// max_lifetime).
+        #[arg(long)]
+        until: Option<String>,
+        /// Without a [store]: the admin listener to send it to (default: the config's `listen.admin`).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
     /// Mint a token with an issuer's configured key (for tests and scripts).
     Token {
         #[arg(long, default_value = "gateway.toml")]
@@ -135,6 +160,7 @@ fn main() -> ExitCode {
             }
         },
         Command::HashPassword => hash_password(),
+        Command::Revoke { config, jti, sub, before, issuer, until, admin } => revoke(&config, jti, sub, before, issuer, until, admin),
         Command::Healthcheck { url, timeout } => healthcheck(&url, &timeout),
         Command::Token { config, issuer, sub, roles, scopes, ttl } => token(&config, &issuer, &sub, &roles, &scopes, &ttl),
     };
@@ -456,6 +482,47 @@ fn token(path: &Path, issuer: &str, sub: &str, roles: &str, scopes: &str, ttl: &
         }
         Err(e) => {
             eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn revoke(
+    path: &Path,
+    jti: Option<String>,
+    sub: Option<String>,
+    before: Option<String>,
+    issuer: Option<String>,
+    until: Option<String>,
+    admin: Option<std::net::SocketAddr>,
+) -> ExitCode {
+    use portcullis::store::Revocation;
+    use portcullis::tools::revoke;
+    let mut cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            print_config_error(&e);
+            return ExitCode::from(1);
+        }
+    };
+    if admin.is_some() {
+        cfg.listen.admin = admin;
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let what = match (jti, sub, before) {
+        (Some(jti), _, _) => Ok(Revocation::Jti { jti }),
+        (None, Some(sub), Some(before)) => revoke::parse_time(&before, now).map(|before| Revocation::Subject { issuer, sub, before }),
+        _ => Err(revoke::RevokeError::Time("give --jti, or --sub with --before".into())),
+    };
+    let entry = what.and_then(|w| revoke::entry(&cfg, w, until.as_deref(), now));
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return ExitCode::from(1) };
+    match entry.map(|e| (rt.block_on(revoke::revoke(&cfg, e.clone())), e)) {
+        Ok((Ok(place), e)) => {
+            println!("revoked {:?} until {} in {place}", e.what, e.until);
+            ExitCode::SUCCESS
+        }
+        Ok((Err(err), _)) | Err(err) => {
+            eprintln!("revoke: {err}");
             ExitCode::from(1)
         }
     }

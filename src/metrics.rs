@@ -39,6 +39,11 @@ pub struct Metrics {
     pub upstream_retries: IntCounterVec,
     pub upstream_ejections: IntCounterVec,
     pub decisions: IntCounterVec,
+    pub store_requests: IntCounterVec,
+    pub store_duration: HistogramVec,
+    pub store_up: IntGauge,
+    pub rate_limit_fallback: IntCounterVec,
+    pub revocations_active: IntGauge,
 }
 
 /// Buckets from 100 µs to 10 s: a proxy hop is sub-millisecond, a slow upstream seconds.
@@ -67,6 +72,11 @@ impl Metrics {
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}")); // ok: static
+            let _ = r.register(Box::new(g.clone()));
+            g
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}")); // ok: static
             let _ = r.register(Box::new(g.clone()));
             g
         };
@@ -167,6 +177,21 @@ impl Metrics {
                 "Forward-auth decisions by route and result (allow, deny, error).",
                 &["route", "result"],
             ),
+            store_requests: counter_vec(
+                &r,
+                "portcullis_store_requests_total",
+                "Calls to the shared store by operation and result (ok, error, timeout, unavailable: not tried, circuit open).",
+                &["op", "result"],
+            ),
+            store_duration: hist("portcullis_store_duration_seconds", "Time of one call to the shared store, by operation.", &["op"]),
+            store_up: gauge("portcullis_store_up", "1 while the shared store answers (circuit closed), else 0."),
+            rate_limit_fallback: counter_vec(
+                &r,
+                "portcullis_rate_limit_fallback_total",
+                "Shared-limit decisions made without the store (its on_store_error fallback), by route.",
+                &["route"],
+            ),
+            revocations_active: gauge("portcullis_revocations_active", "Revoked token ids and subject cut-offs held now."),
             registry: r,
         }
     }
@@ -188,7 +213,7 @@ impl Default for Metrics {
 const METHODS: [Method; 7] = [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::PATCH, Method::OPTIONS];
 const STATUSES: [u16; 22] = [101, 200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 405, 408, 413, 429, 431, 500, 502, 503, 504, 206];
 
-const AUTH_REASONS: [&str; 14] = [
+const AUTH_REASONS: [&str; 15] = [
     "missing",
     "malformed",
     "bad_signature",
@@ -203,6 +228,7 @@ const AUTH_REASONS: [&str; 14] = [
     "inactive",
     "introspection_unavailable",
     "cert_binding",
+    "revoked",
 ];
 const AUTHZ_RULES: [&str; 5] = ["roles", "scopes", "claims", "issuer", "client_cert"];
 const LIMIT_KEYS: [&str; 4] = ["ip", "subject", "route", "claim"];

@@ -105,6 +105,9 @@ otlp_endpoint = "http://127.0.0.1:4318"
 
 [forward_auth]
 path = "/auth"
+
+[store]
+url = "redis://127.0.0.1:6379/0"
 "#;
 
 /// Account files the token endpoint reads. The hash is a well-formed argon2id one (the demo's), so the files load.
@@ -150,6 +153,7 @@ const PROBES: &[Probe] = &[
     probe("[cors]", "gateway.toml", "[routes.cors]"),
     probe("[tracing]", "gateway.toml", "[tracing]"),
     probe("[forward_auth]", "gateway.toml", "[forward_auth]"),
+    probe("[store]", "gateway.toml", "[store]"),
     probe("[users.NAME]", "users.toml", "[users.\"alice\"]"),
     probe("[clients.NAME]", "clients.toml", "[clients.\"app\"]"),
 ];

@@ -321,8 +321,13 @@ fn a_flood_of_100k_distinct_keys_is_pruned_back_to_near_nothing() {
         let held = || HELD.with(Cell::get);
         let mut out = Vec::new();
         for key in [LimitKey::Ip, LimitKey::Subject] {
-            let settings = LimitSettings { key: key.clone(), per: Duration::from_millis(1), burst: NonZeroU32::new(2).unwrap() };
-            let limiter = Limiter::new(settings, 64);
+            let settings = LimitSettings {
+                key: key.clone(),
+                per: Duration::from_millis(1),
+                burst: NonZeroU32::new(2).unwrap(),
+                store: portcullis::edge::ratelimit::LimitStore::Local,
+            };
+            let limiter = Limiter::new(settings, 64, None);
             let start = held();
             for i in 0..100_000u32 {
                 let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000u32 + i));

@@ -16,6 +16,7 @@ pub mod introspect;
 pub mod issuer;
 pub mod jwks;
 pub mod keys;
+pub mod revocation;
 pub mod verify;
 
 pub use extract::{extract_bearer, extract_token, strip_query_token, TokenSource, TokenSources};
@@ -47,6 +48,8 @@ pub enum FailReason {
     ClaimUnforwardable,
     /// An opaque token its introspection endpoint says is not active.
     Inactive,
+    /// A token revoked by its `jti`, or issued before its subject's cut-off.
+    Revoked,
 }
 
 impl FailReason {
@@ -65,6 +68,7 @@ impl FailReason {
             FailReason::TooLarge => "too_large",
             FailReason::ClaimUnforwardable => "claim_unforwardable",
             FailReason::Inactive => "inactive",
+            FailReason::Revoked => "revoked",
         }
     }
 }

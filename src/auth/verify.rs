@@ -17,6 +17,7 @@ use super::extract::{extract_token, TokenSource, TokenSources};
 use super::issuer::normalize_typ;
 use super::jwks::{JwkKey, KeySet};
 use super::keys::parse_alg;
+use super::revocation::Revocations;
 use super::{invalid, lookup_claim, AuthError, FailReason, IssuerSettings, Principal, VerifyKey, MAX_TOKEN_BYTES};
 
 /// A runtime issuer: its settings and its live JWKS key set, if any.
@@ -31,6 +32,8 @@ pub struct Authenticator {
     issuers: Vec<Issuer>,
     by_iss: HashMap<String, usize>,
     cache: TokenCache,
+    /// Checked on every request, cached token or not; handed on across reloads.
+    revocations: Arc<Revocations>,
 }
 
 /// The outcome of authentication for one request.
@@ -76,7 +79,8 @@ impl Authenticator {
             });
             issuers.push(Issuer { settings: s.clone(), jwks, introspector });
         }
-        Authenticator { issuers, by_iss, cache: TokenCache::new(16, 4096) }
+        let revocations = previous.map(|p| p.revocations.clone()).unwrap_or_default();
+        Authenticator { issuers, by_iss, cache: TokenCache::new(16, 4096), revocations }
     }
 
     /// On a reload: fetches the keys of every JWKS issuer that had keys under `previous` but has none yet here
@@ -133,6 +137,7 @@ impl Authenticator {
         let now = unix_now();
         let key = TokenCache::key(&token);
         if let Some(p) = self.cache.get(&key, now).filter(|p| self.keys_unchanged(p)) {
+            self.check_revoked(&p, now)?;
             let authorization_verified = source == TokenSource::Header;
             return Ok(Authenticated { principal: Some(p), cache_hit: true, authorization_verified, source: Some(source) });
         }
@@ -145,8 +150,21 @@ impl Authenticator {
             None => Arc::new(self.verify(&token, now).await?),
         };
         self.cache.insert(key, principal.clone());
+        self.check_revoked(&principal, now)?;
         let authorization_verified = source == TokenSource::Header;
         Ok(Authenticated { principal: Some(principal), cache_hit: false, authorization_verified, source: Some(source) })
+    }
+
+    fn check_revoked(&self, p: &Principal, now: u64) -> Result<(), AuthError> {
+        match self.revocations.is_revoked(p, now) {
+            true => Err(invalid(FailReason::Revoked, "the token is revoked")),
+            false => Ok(()),
+        }
+    }
+
+    /// The revoked tokens this gateway refuses.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
     }
 
     /// Whether the JWKS a cached token was verified against is still the issuer's (a withdrawn key must stop

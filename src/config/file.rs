@@ -37,6 +37,7 @@ pub(super) struct FileConfig {
     pub(super) auth: AuthFile,
     pub(super) tracing: Option<Spanned<TracingFile>>,
     pub(super) forward_auth: Option<Spanned<ForwardAuthFile>>,
+    pub(super) store: Option<Spanned<StoreFile>>,
     pub(super) failed: Failed,
 }
 
@@ -54,6 +55,8 @@ pub(super) struct Failed {
     pub(super) issuers: HashSet<String>,
     /// An entry failed before its id could be read, or `issuers` is not an array of tables: any id may have been meant.
     pub(super) unnamed_issuer: bool,
+    /// `[store]` failed: a limit asking for it is not told it is missing.
+    pub(super) store: bool,
 }
 
 /// The top-level tables, in the order unknown-key messages list them (tests/docs.rs reads that list).
@@ -75,6 +78,7 @@ pub(super) const TABLES: &[&str] = &[
     "auth",
     "tracing",
     "forward_auth",
+    "store",
 ];
 
 /// A problem found while deserializing: where, and serde's or toml's words for it.
@@ -126,6 +130,10 @@ pub(super) fn read(doc: Spanned<DeTable<'_>>, found: &mut Vec<Found>) -> FileCon
             "auth" => f.auth = take(value, found).unwrap_or_default(),
             "tracing" => f.tracing = take(value, found),
             "forward_auth" => f.forward_auth = take(value, found),
+            "store" => {
+                f.store = take(value, found);
+                f.failed.store = f.store.is_none();
+            }
             other => found.push((key_span, <toml::de::Error as serde::de::Error>::unknown_field(other, TABLES).message().to_string())),
         }
     }
@@ -212,6 +220,8 @@ pub(super) struct TokenEndpointFile {
     pub(super) rate_limit: Option<LoginLimitFile>,
     #[serde(default)]
     pub(super) allow_plaintext: bool,
+    /// The RFC 7009 revocation endpoint for the tokens this endpoint issued.
+    pub(super) revocation_path: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +229,43 @@ pub(super) struct TokenEndpointFile {
 pub(super) struct LoginLimitFile {
     pub(super) rate: String,
     pub(super) burst: Option<u32>,
+    /// Where failed attempts are counted (default: `shared` with a `[store]`, else `local`).
+    pub(super) store: Option<Spanned<LimitStoreFile>>,
+}
+
+/// `[store]`: the Redis that replicas share state in.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StoreFile {
+    pub(super) url: Option<Spanned<String>>,
+    pub(super) sentinels: Option<Spanned<Vec<String>>>,
+    pub(super) master_name: Option<Spanned<String>>,
+    /// The database of a Sentinel-managed primary (a URL names its own).
+    pub(super) database: Option<i64>,
+    /// TLS to a Sentinel-managed primary (a URL says so by `rediss://`).
+    #[serde(default)]
+    pub(super) tls: bool,
+    pub(super) username: Option<String>,
+    pub(super) password_env: Option<Spanned<String>>,
+    pub(super) ca_file: Option<Spanned<PathBuf>>,
+    pub(super) timeout: Option<Spanned<DurationValue>>,
+    pub(super) pool_size: Option<Spanned<usize>>,
+    pub(super) expected_replicas: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum LimitStoreFile {
+    Local,
+    Shared,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum OnStoreErrorFile {
+    Local,
+    Allow,
+    Deny,
 }
 
 #[derive(Debug, Deserialize)]
@@ -398,6 +445,10 @@ pub(super) struct LimitFile {
     pub(super) key: String,
     pub(super) rate: String,
     pub(super) burst: Option<u32>,
+    /// `local` (this replica's counters, the default) or `shared` (in `[store]`, across replicas).
+    pub(super) store: Option<Spanned<LimitStoreFile>>,
+    /// A shared limit whose store is down: `local` (default), `allow` or `deny`.
+    pub(super) on_store_error: Option<Spanned<OnStoreErrorFile>>,
 }
 
 fn ip_key() -> String {

@@ -7,6 +7,7 @@ mod env;
 mod file;
 mod issuers;
 mod routes;
+mod store;
 #[cfg(test)]
 mod tests;
 mod token_endpoint;
@@ -182,6 +183,8 @@ pub struct Config {
     pub cors: Option<Arc<CorsPolicy>>,
     /// A bearer token the admin listener requires, when set.
     pub admin_token: Option<Arc<String>>,
+    /// The shared store (`[store]`): shared limits, failed logins and revocations across replicas.
+    pub store: Option<crate::store::StoreSettings>,
     /// OpenTelemetry spans, when `[tracing]` is set.
     pub tracing: Option<Arc<crate::telemetry::TracingSettings>>,
     /// Non-fatal findings, such as a route that an earlier one shadows.
@@ -226,6 +229,8 @@ impl Config {
             text,
             default_cookie: None,
             client_certs: false,
+            store_replicas: None,
+            store_failed: false,
             route_headers_base: None,
             generate,
             notes: Vec::new(),
@@ -267,6 +272,10 @@ pub(crate) struct Validator<'a> {
     default_cookie: Option<String>,
     /// `[tls] client_ca` is set: routes may have client certificate rules.
     client_certs: bool,
+    /// `[store] expected_replicas` when `[store]` is valid: limits may be shared.
+    store_replicas: Option<u32>,
+    /// `[store]` was written but is invalid (a shared limit is not told it is missing).
+    store_failed: bool,
     /// False for `check`: report what start would generate instead of writing it.
     generate: bool,
     notes: Vec<String>,

@@ -98,10 +98,29 @@ impl Validator<'_> {
                 }
             },
         };
+        // Failed logins are shared by default when there is a store: a brute-force limit N replicas multiply is
+        // N times weaker.
+        let login_store = t.rate_limit.as_ref().and_then(|r| r.store.as_ref());
+        let shared_attempts = match login_store {
+            Some(s) => self.limit_store(Some(s), None) != crate::edge::ratelimit::LimitStore::Local,
+            None => self.store_replicas.is_some(),
+        };
+        let revocation_path = t.revocation_path.clone().unwrap_or_else(|| "/revoke".into());
+        if !revocation_path.starts_with('/')
+            || crate::router::normalize_path(&revocation_path).ok().as_deref() != Some(revocation_path.as_str())
+            || revocation_path == path
+        {
+            self.error(
+                span.clone(),
+                format!("[token_endpoint] revocation_path {revocation_path:?} must be a normalised absolute path other than `path`"),
+            );
+        }
         if self.problems.len() != before {
             return None;
         }
         Some(TokenEndpointSettings {
+            shared_attempts,
+            revocation_path,
             path,
             issuer: t.issuer,
             users_file: t.users_file.as_ref().map(|f| self.resolve(f)),

@@ -170,6 +170,10 @@ impl Validator<'_> {
             issuers: issuer_ids.into_iter().chain(f.failed.issuers).collect(),
             any_issuer: f.failed.unnamed_issuer,
         };
+        let store_written = f.store.is_some();
+        let store = f.store.and_then(|s| self.store(s));
+        self.store_failed = f.failed.store || (store_written && store.is_none());
+        self.store_replicas = store.as_ref().map(|s| s.expected_replicas);
         let token_endpoint = f.token_endpoint.and_then(|t| self.token_endpoint(t, &mut issuers, &declared, limits.header_read_timeout));
         let global_limit = f.rate_limit.global.as_ref().and_then(|l| self.limit(l, true));
         let ipv6_prefix = f.rate_limit.ipv6_prefix.as_ref().map_or(64, |p| *p.get_ref());
@@ -228,6 +232,7 @@ impl Validator<'_> {
             headers: global_headers,
             cors: global_cors,
             admin_token,
+            store,
             tracing,
             warnings: Vec::new(),
             notes: Vec::new(),
@@ -564,7 +569,9 @@ impl Validator<'_> {
             Ok((n, per)) => {
                 let burst = std::num::NonZeroU32::new(l.burst.unwrap_or(n));
                 match burst {
-                    Some(burst) => Some(LimitSettings { key, per, burst }),
+                    Some(burst) => {
+                        Some(LimitSettings { key, per, burst, store: self.limit_store(l.store.as_ref(), l.on_store_error.as_ref()) })
+                    }
                     None => {
                         self.error(span, "burst must be at least 1");
                         None

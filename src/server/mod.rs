@@ -530,7 +530,7 @@ const ADMIN_CLOSE: Duration = Duration::from_secs(2);
 pub async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let open = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let (tcp, _peer) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             // The Ref is dropped inside: it is not Send.
             _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
             r = listener.accept() => match r { Ok(x) => x, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue } },
@@ -538,7 +538,7 @@ pub async fn admin_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: wa
         let shared = shared.clone();
         let service = service_fn(move |req| {
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(crate::server::admin::handle(&shared, req)) }
+            async move { Ok::<_, Infallible>(crate::server::admin::handle(&shared, req, peer).await) }
         });
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));

@@ -10,6 +10,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::store::{Op, Store};
+
 /// Hashes one client may have running or queued at once; more get 429 at once instead of a place in the queue.
 pub const PER_CLIENT: u32 = 8;
 /// Hashes all clients together may have running or queued; past that the endpoint answers 503.
@@ -52,6 +54,17 @@ pub struct Attempt {
     attempts: Arc<Attempts>,
     key: (String, IpAddr),
     failed: bool,
+    shared: Option<SharedCharge>,
+}
+
+/// A failure charged in the shared store when the attempt began (so attempts in flight on every replica count),
+/// given back if the attempt succeeds.
+struct SharedCharge {
+    store: Arc<Store>,
+    key: String,
+    rate: Duration,
+    burst: u32,
+    runtime: tokio::runtime::Handle,
 }
 
 impl Attempt {
@@ -59,10 +72,46 @@ impl Attempt {
     pub fn failed(mut self) {
         self.failed = true;
     }
+
+    /// Charges the attempt in the shared store too, before any hashing: refused there (the account and client used
+    /// up their failures across all replicas), it is `TooMany`. A store that does not answer leaves the local
+    /// count alone in charge.
+    pub async fn charge_shared(mut self, store: &Arc<Store>) -> Result<Attempt, Refusal> {
+        let (rate, burst) = (self.attempts.rate, self.attempts.burst);
+        let key = shared_key(&self.key);
+        match store.gcra(Op::Login, &key, rate, burst, 1).await {
+            Ok(g) if !g.allowed => Err(Refusal::TooMany { retry_after_secs: (g.wait.as_millis().div_ceil(1000) as u64).max(1) }),
+            Ok(_) => {
+                let runtime = tokio::runtime::Handle::current();
+                self.shared = Some(SharedCharge { store: store.clone(), key, rate, burst, runtime });
+                Ok(self)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "token endpoint: failed attempts counted on this replica only");
+                Ok(self)
+            }
+        }
+    }
+}
+
+/// The store key of an account and client: hashed, so a made-up name of any length or content is a fixed-size key.
+fn shared_key((account, ip): &(String, IpAddr)) -> String {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(&(account.len() as u64).to_be_bytes());
+    ctx.update(account.as_bytes());
+    ctx.update(ip.to_string().as_bytes());
+    let d = ctx.finish();
+    format!("portcullis:login:{}", d.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 impl Drop for Attempt {
     fn drop(&mut self) {
+        if let Some(c) = self.shared.take().filter(|_| !self.failed) {
+            // A success gives its charge back (in the background: the answer does not wait for it).
+            c.runtime.spawn(async move {
+                let _ = c.store.gcra(Op::Login, &c.key, c.rate, c.burst, -1).await;
+            });
+        }
         let Ok(mut s) = self.attempts.state.lock() else { return };
         let now = Instant::now();
         s.pending = s.pending.saturating_sub(1);
@@ -121,7 +170,7 @@ impl Attempts {
         k.in_flight += 1;
         *s.clients.entry(ip).or_default() += 1;
         s.pending += 1;
-        Ok(Attempt { attempts: self.clone(), key, failed: false })
+        Ok(Attempt { attempts: self.clone(), key, failed: false, shared: None })
     }
 
     /// Drops the state of keys with nothing charged and nothing in flight (a flood of made-up names).

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod attempts;
+pub mod revoke;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -24,6 +25,7 @@ use rustls_pki_types::PrivatePkcs8KeyDer;
 use crate::auth::keys::public_key_of;
 use crate::auth::IssuerSettings;
 use crate::body::Body;
+use crate::store::Store;
 use accounts::{hash_class, hash_classes, hash_password, verify_password, Account};
 use attempts::{Attempt, Attempts, Refusal};
 
@@ -99,6 +101,12 @@ pub enum TokenError {
     Busy,
     #[error("token signing failed: {0}")]
     Signing(String),
+    /// The token names another client than the authenticated one (RFC 7009 §2.1).
+    #[error("the token was issued to another client")]
+    UnauthorizedClient,
+    /// The revocation holds here, but the store could not take it for the other replicas.
+    #[error("the revocation store is down: {0}")]
+    StoreDown(String),
 }
 
 impl TokenError {
@@ -114,6 +122,8 @@ impl TokenError {
             TokenError::TooManyAttempts { .. } => "rate_limited",
             TokenError::Busy => "temporarily_unavailable",
             TokenError::Signing(_) => "server_error",
+            TokenError::UnauthorizedClient => "unauthorized_client",
+            TokenError::StoreDown(_) => "temporarily_unavailable",
         }
     }
 }
@@ -131,6 +141,10 @@ pub struct TokenEndpointSettings {
     pub rate: Duration,
     pub burst: NonZeroU32,
     pub allow_plaintext: bool,
+    /// Failed attempts are counted in the shared store too (`[token_endpoint.rate_limit] store`).
+    pub shared_attempts: bool,
+    /// The RFC 7009 revocation endpoint.
+    pub revocation_path: String,
     /// How long a token request's form may take to arrive (`[limits] header_read_timeout`).
     pub form_timeout: Duration,
 }
@@ -148,6 +162,8 @@ pub struct TokenEndpoint {
     dummy_hashes: Arc<[String]>,
     /// Failed attempts per account and client, and the hashes waiting per client (see `attempts`).
     attempts: Arc<Attempts>,
+    /// Where failed attempts are shared across replicas.
+    store: Option<Arc<Store>>,
     hashing: Arc<tokio::sync::Semaphore>,
 }
 
@@ -175,6 +191,7 @@ impl TokenEndpoint {
         issuer: &IssuerSettings,
         ipv6_prefix: u8,
         previous: Option<&TokenEndpoint>,
+        store: Option<&Arc<Store>>,
     ) -> Result<TokenEndpoint, IssuerError> {
         let (key, alg) = signing_key(issuer)?;
         let mut kid = None;
@@ -206,6 +223,7 @@ impl TokenEndpoint {
             jwks,
             dummy_hashes: dummy_hashes.into(),
             attempts,
+            store: store.cloned(),
             hashing: Arc::new(tokio::sync::Semaphore::new(permits)),
         })
     }
@@ -213,6 +231,7 @@ impl TokenEndpoint {
     /// Returns true for the paths this endpoint answers: the token path and (asymmetric keys) the well-known ones.
     pub fn serves(&self, path: &str) -> bool {
         path == self.settings.path
+            || path == self.settings.revocation_path
             || (self.jwks.is_some() && matches!(path, "/.well-known/jwks.json" | "/.well-known/openid-configuration"))
     }
 
@@ -234,6 +253,7 @@ impl TokenEndpoint {
                 let doc = serde_json::json!({
                     "issuer": self.issuer.issuer,
                     "token_endpoint": format!("{iss}{}", self.settings.path),
+                    "revocation_endpoint": format!("{iss}{}", self.settings.revocation_path),
                     "jwks_uri": format!("{iss}/.well-known/jwks.json"),
                     "grant_types_supported": ["password", "client_credentials"],
                     "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
@@ -263,6 +283,26 @@ impl TokenEndpoint {
         client_ip: IpAddr,
         grant: &mut &'static str,
     ) -> Result<Response<Body>, TokenError> {
+        let (form, basic) = self.read_form(req).await?;
+        match form.get("grant_type").map(String::as_str) {
+            None => Err(TokenError::InvalidRequest("grant_type is missing")),
+            Some("password") => {
+                *grant = "password";
+                self.password_grant(&form, basic.as_ref(), client_ip).await
+            }
+            Some("client_credentials") => {
+                *grant = "client_credentials";
+                self.client_credentials_grant(&form, basic.as_ref(), client_ip).await
+            }
+            Some(_) => Err(TokenError::UnsupportedGrantType),
+        }
+    }
+
+    /// Reads a POSTed form (small, and within `form_timeout`) and the request's `Authorization`.
+    async fn read_form(
+        &self,
+        req: Request<crate::body::RequestBody>,
+    ) -> Result<(HashMap<String, String>, Option<HeaderValue>), TokenError> {
         if req.method() != Method::POST {
             return Err(TokenError::MethodNotAllowed { allow: "POST" });
         }
@@ -284,26 +324,21 @@ impl TokenEndpoint {
             .map_err(|_| TokenError::InvalidRequest("the form is too large or was cut off"))?
             .to_bytes();
         let form = parse_form(&body)?;
-        match form.get("grant_type").map(String::as_str) {
-            None => Err(TokenError::InvalidRequest("grant_type is missing")),
-            Some("password") => {
-                *grant = "password";
-                self.password_grant(&form, basic.as_ref(), client_ip).await
-            }
-            Some("client_credentials") => {
-                *grant = "client_credentials";
-                self.client_credentials_grant(&form, basic.as_ref(), client_ip).await
-            }
-            Some(_) => Err(TokenError::UnsupportedGrantType),
-        }
+        Ok((form, basic))
     }
 
-    /// Starts an attempt, or refuses it before any hashing (too many failures, or too many hashes waiting).
-    fn begin(&self, account: String, ip: IpAddr) -> Result<Attempt, TokenError> {
-        self.attempts.begin(account, ip).map_err(|r| match r {
+    /// Starts an attempt, or refuses it before any hashing (too many failures here or, with a store, across the
+    /// replicas; or too many hashes waiting).
+    async fn begin(&self, account: String, ip: IpAddr) -> Result<Attempt, TokenError> {
+        let refused = |r| match r {
             Refusal::TooMany { retry_after_secs } => TokenError::TooManyAttempts { retry_after_secs },
             Refusal::Busy => TokenError::Busy,
-        })
+        };
+        let attempt = self.attempts.begin(account, ip).map_err(refused)?;
+        match &self.store {
+            Some(store) => attempt.charge_shared(store).await.map_err(refused),
+            None => Ok(attempt),
+        }
     }
 
     /// Returns a task that drops idle failed-attempt state every 30 s, bounding memory under a flood of
@@ -361,7 +396,7 @@ impl TokenEndpoint {
             Some((id, secret)) => Some(self.authenticate_client(id, &secret, ip).await?.0),
             None => None,
         };
-        let attempt = self.begin(attempt_key(username), ip)?;
+        let attempt = self.begin(attempt_key(username), ip).await?;
         // A disabled account is checked like an unknown one: the same hash verifications, whatever the password.
         let account = self.settings.users.get(username).filter(|a| !a.disabled);
         // An unknown user costs the same hash verifications as a wrong password.
@@ -374,7 +409,7 @@ impl TokenEndpoint {
 
     /// Checks a client's secret (off the executor, as a counted attempt): its id and account, or `invalid_client`.
     async fn authenticate_client(&self, id: String, secret: &str, ip: IpAddr) -> Result<(String, &Account), TokenError> {
-        let attempt = self.begin(format!("client:{}", attempt_key(&id)), ip)?;
+        let attempt = self.begin(format!("client:{}", attempt_key(&id)), ip).await?;
         let account = self.settings.clients.get(&id).filter(|a| !a.disabled);
         let ok = self.verify_off_executor(attempt, secret.as_bytes(), account.map(|a| a.password_hash.as_str())).await;
         match account {

@@ -1,5 +1,7 @@
-//! Operator tools beside the gateway: `explain` and policy tests, the demo, and the container health check.
+//! Operator tools beside the gateway: `explain` and policy tests, the demo, the container health check, and
+//! `revoke`.
 
 pub mod demo;
 pub mod explain;
 pub mod healthcheck;
+pub mod revoke;

@@ -8,6 +8,7 @@
 //! - `net`: raw sockets, for what a well-behaved client library cannot send, and addresses for odd peers.
 //! - `mutate`: seeded mutations, for the randomised tests.
 //! - `process`: the real binary as a child process, its log lines and exit code.
+//! - `redis_server`: a real redis-server, killed and restarted by the test.
 //! - `tools`: external programs (promtool, testssl.sh), skipped or required by PORTCULLIS_REQUIRE_ALL.
 //!
 //! Every test binary compiles all of this and uses some of it, hence the allowances.
@@ -20,6 +21,7 @@ mod keys;
 mod mutate;
 mod net;
 mod process;
+mod redis_server;
 mod tools;
 mod upstream;
 
@@ -34,6 +36,7 @@ pub use mutate::*;
 pub use net::*;
 pub use portcullis::Config;
 pub use process::*;
+pub use redis_server::*;
 pub use tools::*;
 pub use upstream::*;
 

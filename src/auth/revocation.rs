@@ -1,0 +1,249 @@
+//! Revoked tokens: by `jti`, or every token of a subject issued before a cut-off ("log out everywhere").
+//!
+//! The request path reads an immutable snapshot (one atomic load, and nothing at all while nothing is revoked), so
+//! the check costs a cached-token request nothing measurable and takes no lock; writers rebuild the snapshot.
+//! Entries come from this replica (the RFC 7009 endpoint, the admin listener) and, with a `[store]`, from Redis:
+//! loaded whole on start, then each new one through pub/sub, with the store's version polled every second as the
+//! fallback for a missed message. The set outlives reloads (the gateway hands it on), not restarts without a store.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde_json::Value;
+
+use super::Principal;
+use crate::store::{Revocation, Revoked, Store};
+
+/// How often the store's version is compared with what this replica has (the bound on a missed message).
+const POLL_EVERY: Duration = Duration::from_secs(1);
+
+/// What the request path reads.
+#[derive(Default)]
+struct Snapshot {
+    /// `jti` -> forgotten after (unix seconds).
+    jtis: HashMap<String, u64>,
+    /// subject -> (issuer id or any, cut-off, forgotten after).
+    subjects: HashMap<String, Vec<(Option<String>, u64, u64)>>,
+}
+
+/// Entries by where they came from: a full load from the store replaces only its own.
+#[derive(Default)]
+struct Entries {
+    local: HashMap<Revocation, u64>,
+    shared: HashMap<Revocation, u64>,
+    shared_version: u64,
+}
+
+/// The revocations this replica enforces.
+#[derive(Default)]
+pub struct Revocations {
+    any: AtomicBool,
+    snapshot: ArcSwap<Snapshot>,
+    entries: Mutex<Entries>,
+}
+
+impl Revocations {
+    /// Refuses a revoked token (cached or not): its `jti` is revoked, or its subject was cut off after it was
+    /// issued. A token without `iat` cannot show it came after a cut-off, so a cut-off refuses it.
+    pub fn is_revoked(&self, p: &Principal, now: u64) -> bool {
+        if !self.any.load(Ordering::Relaxed) {
+            return false;
+        }
+        let s = self.snapshot.load();
+        if !s.jtis.is_empty() {
+            if let Some(jti) = p.claims.get("jti").and_then(Value::as_str) {
+                if s.jtis.get(jti).is_some_and(|until| now < *until) {
+                    return true;
+                }
+            }
+        }
+        if let Some(cuts) = s.subjects.get(&p.subject) {
+            let iat = p.claims.get("iat").and_then(Value::as_u64).unwrap_or(0);
+            return cuts
+                .iter()
+                .any(|(issuer, before, until)| issuer.as_ref().is_none_or(|i| *i == p.issuer_id) && iat < *before && now < *until);
+        }
+        false
+    }
+
+    /// Adds an entry made on this replica.
+    pub fn add_local(&self, r: Revoked) {
+        self.write(|e| merge(&mut e.local, r));
+    }
+
+    /// Adds an entry heard from the store, with the store version it made.
+    pub fn add_shared(&self, version: u64, r: Revoked) {
+        self.write(|e| {
+            merge(&mut e.shared, r);
+            e.shared_version = e.shared_version.max(version);
+        });
+    }
+
+    /// Replaces every entry from the store with a full load.
+    pub fn replace_shared(&self, version: u64, all: Vec<Revoked>) {
+        self.write(|e| {
+            e.shared.clear();
+            for r in all {
+                merge(&mut e.shared, r);
+            }
+            e.shared_version = version;
+        });
+    }
+
+    /// The store version the shared entries are at.
+    pub fn shared_version(&self) -> u64 {
+        self.entries.lock().map_or(0, |e| e.shared_version)
+    }
+
+    /// Forgets entries whose tokens have all expired.
+    pub fn prune(&self, now: u64) {
+        let stale = |m: &HashMap<Revocation, u64>| m.values().any(|until| *until <= now);
+        let any_stale = self.entries.lock().is_ok_and(|e| stale(&e.local) || stale(&e.shared));
+        if any_stale {
+            self.write(|e| {
+                e.local.retain(|_, until| *until > now);
+                e.shared.retain(|_, until| *until > now);
+            });
+        }
+    }
+
+    /// Entries held now (`portcullis_revocations_active`).
+    pub fn active(&self) -> usize {
+        let s = self.snapshot.load();
+        s.jtis.len() + s.subjects.values().map(Vec::len).sum::<usize>()
+    }
+
+    fn write(&self, f: impl FnOnce(&mut Entries)) {
+        let Ok(mut e) = self.entries.lock() else { return };
+        f(&mut e);
+        let mut s = Snapshot::default();
+        for (what, until) in e.local.iter().chain(e.shared.iter()) {
+            match what {
+                Revocation::Jti { jti } => {
+                    let u = s.jtis.entry(jti.clone()).or_default();
+                    *u = (*u).max(*until);
+                }
+                Revocation::Subject { issuer, sub, before } => {
+                    s.subjects.entry(sub.clone()).or_default().push((issuer.clone(), *before, *until));
+                }
+            }
+        }
+        self.any.store(!s.jtis.is_empty() || !s.subjects.is_empty(), Ordering::Relaxed);
+        self.snapshot.store(Arc::new(s));
+    }
+}
+
+/// The same entry twice keeps the later time it may be forgotten.
+fn merge(m: &mut HashMap<Revocation, u64>, r: Revoked) {
+    let u = m.entry(r.what).or_default();
+    *u = (*u).max(r.until);
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Keeps `revocations` in step with the store (if any) until either is gone: subscribes, loads everything, applies
+/// each message, and every second compares versions (a full load when they differ) and prunes. `report` gets the
+/// count held after each change.
+pub async fn follow(store: Option<Weak<Store>>, revocations: Weak<Revocations>, report: impl Fn(usize) + Send + 'static) {
+    let mut messages: Option<crate::store::RevocationStream> = None;
+    let mut tick = tokio::time::interval(POLL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let next = async {
+            match messages.as_mut() {
+                Some(m) => futures_util::StreamExt::next(m).await.map(Some),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = next => {
+                let Some(r) = revocations.upgrade() else { return };
+                match msg {
+                    Some(Some(Some((version, entry)))) => r.add_shared(version, entry),
+                    Some(Some(None)) => tracing::warn!("store: ignored a revocation message that does not parse"),
+                    _ => messages = None,
+                }
+                report(r.active());
+            }
+            _ = tick.tick() => {
+                let Some(r) = revocations.upgrade() else { return };
+                let store = match &store {
+                    None => {
+                        r.prune(unix_now());
+                        report(r.active());
+                        continue;
+                    }
+                    Some(s) => match s.upgrade() {
+                        Some(s) => s,
+                        None => return,
+                    },
+                };
+                if !store.is_up() {
+                    messages = None;
+                    continue;
+                }
+                if messages.is_none() {
+                    // Subscribed first, then loaded: an entry made in between arrives by message, not lost.
+                    messages = store.subscribe_revocations().await.ok();
+                    if let Ok((v, all)) = store.revocations().await {
+                        r.replace_shared(v, all);
+                    }
+                } else if let Ok(v) = store.revocations_version().await {
+                    if v != r.shared_version() {
+                        if let Ok((v, all)) = store.revocations().await {
+                            r.replace_shared(v, all);
+                        }
+                    }
+                }
+                r.prune(unix_now());
+                report(r.active());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn principal(issuer: &str, sub: &str, claims: Value) -> Principal {
+        let Value::Object(claims) = claims else { unreachable!() };
+        Principal {
+            issuer_id: issuer.into(),
+            subject: sub.into(),
+            roles: vec![],
+            scopes: vec![],
+            claims: Arc::new(claims),
+            expires_at: 2_000,
+            identity_values: Default::default(),
+            key_generation: None,
+        }
+    }
+
+    #[test]
+    fn a_jti_or_a_subject_cut_off_revokes_until_it_is_forgotten() {
+        let r = Revocations::default();
+        let old = principal("a", "bob", json!({"jti": "t1", "iat": 100}));
+        let new = principal("a", "bob", json!({"jti": "t2", "iat": 300}));
+        let no_iat = principal("a", "bob", json!({}));
+        assert!(!r.is_revoked(&old, 150));
+        r.add_local(Revoked { what: Revocation::Jti { jti: "t1".into() }, until: 1_000 });
+        assert!(r.is_revoked(&old, 150) && !r.is_revoked(&new, 150));
+        assert!(!r.is_revoked(&old, 1_000), "forgotten once the tokens it covers have expired");
+        r.add_shared(1, Revoked { what: Revocation::Subject { issuer: Some("a".into()), sub: "bob".into(), before: 200 }, until: 1_000 });
+        assert!(r.is_revoked(&no_iat, 250), "no iat: cannot show it came after the cut-off");
+        assert!(!r.is_revoked(&new, 250) && !r.is_revoked(&principal("b", "bob", json!({"iat": 100})), 250));
+        assert_eq!(r.active(), 2);
+        r.replace_shared(2, vec![]);
+        assert_eq!((r.active(), r.shared_version()), (1, 2));
+        r.prune(1_000);
+        assert_eq!(r.active(), 0);
+        assert!(!r.is_revoked(&old, 150));
+    }
+}
