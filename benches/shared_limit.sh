@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Req/s and p99 of a route whose limit is shared in Redis against the same route with a local limit: one gateway
+# Req/s, p99 and the gateway's CPU per request of a route whose limit is shared in Redis against the same route with a local limit: one gateway
 # worker, Redis and the upstream on loopback, an HS256 token cached after its first use, a limit far above the
 # load (every request admitted), interleaved rounds.
 #   benches/shared_limit.sh             # needs redis-server, nginx and wrk
@@ -64,17 +64,24 @@ TOKEN=$("$BIN" token --config "$DIR/gateway.toml" --issuer bench --sub bench --t
 taskset -c 1 redis-server --port $REDIS --bind 127.0.0.1 --save "" --appendonly no --dir "$DIR" >/dev/null &
 taskset -c 1 nginx -c "$DIR/upstream.conf" -g 'daemon off;' &
 PORTCULLIS_WORKERS=1 taskset -c 0 "$BIN" --log-level warn run --config "$DIR/gateway.toml" &
+GW_PID=$!
 for _ in $(seq 100); do
     curl -sf -o /dev/null -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$GW/shared/x" && break
     sleep 0.1
 done
-run() { # path -> "req/s p99"
-    taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECONDS_EACH}s" --latency -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$GW$1" |
-        awk '/Requests\/sec/ {r=$2} /^ +99%/ {p=$2} END {print r, p}'
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$GW_PID/stat"; }
+run() { # path -> "req/s p99 gateway-CPU-µs-per-request"
+    local before after out
+    before=$(cpu_ticks)
+    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECONDS_EACH}s" --latency -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$GW$1" |
+        awk '/Requests\/sec/ {r=$2} /^ +99%/ {p=$2} END {print r, p}')
+    after=$(cpu_ticks)
+    read -r r p <<<"$out"
+    echo "$r $p $(echo "scale=1; ($after - $before) * 1000000 / $(getconf CLK_TCK) / ($r * $SECONDS_EACH)" | bc)"
 }
 run /local/x >/dev/null # warm-up
 for i in $(seq "$ROUNDS"); do
-    read -r lr lp < <(run /local/x)
-    read -r sr sp < <(run /shared/x)
-    echo "round $i: local $lr req/s p99 $lp; shared $sr req/s p99 $sp; ratio $(echo "scale=2; $sr / $lr" | bc)"
+    read -r lr lp lc < <(run /local/x)
+    read -r sr sp sc < <(run /shared/x)
+    echo "round $i: local $lr req/s p99 $lp ${lc}µs CPU/req; shared $sr req/s p99 $sp ${sc}µs CPU/req; req/s ratio $(echo "scale=2; $sr / $lr" | bc)"
 done

@@ -349,6 +349,12 @@ impl Gateway {
         down
     }
 
+    /// With a store, whether the store's revocations are still unknown here (never loaded): such a replica
+    /// would accept tokens every other one refuses, so it is not ready (fail closed).
+    pub fn revocations_unknown(&self) -> bool {
+        self.store.is_some() && !self.authn.revocations().loaded()
+    }
+
     /// Whether the shared store answers (None: no `[store]`), for the admin `readyz`.
     pub fn store_up(&self) -> Option<bool> {
         self.store.as_ref().map(|s| s.is_up())

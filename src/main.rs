@@ -511,7 +511,9 @@ fn revoke(
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let what = match (jti, sub, before) {
         (Some(jti), _, _) => Ok(Revocation::Jti { jti }),
-        (None, Some(sub), Some(before)) => revoke::parse_time(&before, now).map(|before| Revocation::Subject { issuer, sub, before }),
+        (None, Some(sub), Some(before)) => {
+            revoke::parse_time(&before, now, false).map(|before| Revocation::Subject { issuer, sub, before })
+        }
         _ => Err(revoke::RevokeError::Time("give --jti, or --sub with --before".into())),
     };
     let entry = what.and_then(|w| revoke::entry(&cfg, w, until.as_deref(), now));

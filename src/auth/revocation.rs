@@ -19,6 +19,8 @@ use crate::store::{Revocation, Revoked, Store};
 
 /// How often the store's version is compared with what this replica has (the bound on a missed message).
 const POLL_EVERY: Duration = Duration::from_secs(1);
+/// The follower's tick: how soon a first load is retried, and a reload after a message out of sequence is done.
+const TICK: Duration = Duration::from_millis(100);
 
 /// What the request path reads.
 #[derive(Default)]
@@ -29,7 +31,7 @@ struct Snapshot {
     subjects: HashMap<String, Vec<(Option<String>, u64, u64)>>,
 }
 
-/// Entries by where they came from: a full load from the store replaces only its own.
+/// Entries by where they came from (the store's and this replica's own).
 #[derive(Default)]
 struct Entries {
     local: HashMap<Revocation, u64>,
@@ -40,6 +42,8 @@ struct Entries {
 /// The revocations this replica enforces.
 #[derive(Default)]
 pub struct Revocations {
+    /// The store's revocations were loaded whole at least once (readiness waits for it).
+    loaded: AtomicBool,
     any: AtomicBool,
     snapshot: ArcSwap<Snapshot>,
     entries: Mutex<Entries>,
@@ -74,23 +78,37 @@ impl Revocations {
         self.write(|e| merge(&mut e.local, r));
     }
 
-    /// Adds an entry heard from the store, with the store version it made.
-    pub fn add_shared(&self, version: u64, r: Revoked) {
+    /// Adds an entry heard from the store, with the store version it made. Returns false when the version is not
+    /// the next one: an entry before it was missed (or nothing was loaded yet), and a full load must follow. The
+    /// entry holds either way (refusing more is safe); the version only moves in sequence.
+    pub fn add_shared(&self, version: u64, r: Revoked) -> bool {
+        let mut in_sequence = false;
         self.write(|e| {
             merge(&mut e.shared, r);
-            e.shared_version = e.shared_version.max(version);
+            if version == e.shared_version + 1 && self.loaded() {
+                e.shared_version = version;
+                in_sequence = true;
+            }
         });
+        in_sequence
     }
 
-    /// Replaces every entry from the store with a full load.
-    pub fn replace_shared(&self, version: u64, all: Vec<Revoked>) {
+    /// Takes a full load from the store. Entries are merged, never dropped: nothing is ever un-revoked, each entry
+    /// goes when its `until` passes, and a store that lost its state (a Redis restarted without persistence, its
+    /// version back at 0) must not make this replica forget what it refuses.
+    pub fn load_shared(&self, version: u64, all: Vec<Revoked>) {
         self.write(|e| {
-            e.shared.clear();
             for r in all {
                 merge(&mut e.shared, r);
             }
             e.shared_version = version;
         });
+        self.loaded.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the store's revocations have been loaded whole (always false without a store).
+    pub fn loaded(&self) -> bool {
+        self.loaded.load(Ordering::Relaxed)
     }
 
     /// The store version the shared entries are at.
@@ -147,12 +165,16 @@ fn unix_now() -> u64 {
 }
 
 /// Keeps `revocations` in step with the store (if any) until either is gone: subscribes, loads everything, applies
-/// each message, and every second compares versions (a full load when they differ) and prunes. `report` gets the
-/// count held after each change.
+/// each message, and every second compares versions (a full load when they differ) and prunes. Until the first
+/// full load it tries every tick (100 ms): a replica that has not loaded the store's revocations is not ready.
+/// `report` gets the count held after each change.
 pub async fn follow(store: Option<Weak<Store>>, revocations: Weak<Revocations>, report: impl Fn(usize) + Send + 'static) {
     let mut messages: Option<crate::store::RevocationStream> = None;
-    let mut tick = tokio::time::interval(POLL_EVERY);
+    let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
+    // A message out of sequence: some entries may be missing here, load them all at the next tick.
+    let mut reload = false;
     loop {
         let next = async {
             match messages.as_mut() {
@@ -164,20 +186,22 @@ pub async fn follow(store: Option<Weak<Store>>, revocations: Weak<Revocations>, 
             msg = next => {
                 let Some(r) = revocations.upgrade() else { return };
                 match msg {
-                    Some(Some(Some((version, entry)))) => r.add_shared(version, entry),
+                    Some(Some(Some((version, entry)))) => reload |= !r.add_shared(version, entry),
                     Some(Some(None)) => tracing::warn!("store: ignored a revocation message that does not parse"),
                     _ => messages = None,
                 }
                 report(r.active());
             }
             _ = tick.tick() => {
+                ticks += 1;
                 let Some(r) = revocations.upgrade() else { return };
+                let every_second = ticks % (POLL_EVERY.as_millis() / TICK.as_millis()) as u64 == 0;
+                if every_second {
+                    r.prune(unix_now());
+                    report(r.active());
+                }
                 let store = match &store {
-                    None => {
-                        r.prune(unix_now());
-                        report(r.active());
-                        continue;
-                    }
+                    None => continue,
                     Some(s) => match s.upgrade() {
                         Some(s) => s,
                         None => return,
@@ -190,18 +214,21 @@ pub async fn follow(store: Option<Weak<Store>>, revocations: Weak<Revocations>, 
                 if messages.is_none() {
                     // Subscribed first, then loaded: an entry made in between arrives by message, not lost.
                     messages = store.subscribe_revocations().await.ok();
-                    if let Ok((v, all)) = store.revocations().await {
-                        r.replace_shared(v, all);
-                    }
-                } else if let Ok(v) = store.revocations_version().await {
-                    if v != r.shared_version() {
-                        if let Ok((v, all)) = store.revocations().await {
-                            r.replace_shared(v, all);
-                        }
+                    reload = true;
+                } else if every_second || !r.loaded() {
+                    // The fallback for a lost message: the store's version says whether anything is missing here.
+                    match store.revocations_version().await {
+                        Ok(v) => reload |= v != r.shared_version() || !r.loaded(),
+                        Err(_) => continue,
                     }
                 }
-                r.prune(unix_now());
-                report(r.active());
+                if reload {
+                    if let Ok((v, all)) = store.revocations().await {
+                        r.load_shared(v, all);
+                        reload = false;
+                        report(r.active());
+                    }
+                }
             }
         }
     }
@@ -236,14 +263,21 @@ mod tests {
         r.add_local(Revoked { what: Revocation::Jti { jti: "t1".into() }, until: 1_000 });
         assert!(r.is_revoked(&old, 150) && !r.is_revoked(&new, 150));
         assert!(!r.is_revoked(&old, 1_000), "forgotten once the tokens it covers have expired");
-        r.add_shared(1, Revoked { what: Revocation::Subject { issuer: Some("a".into()), sub: "bob".into(), before: 200 }, until: 1_000 });
+        r.load_shared(0, vec![]);
+        assert!(r.add_shared(
+            1,
+            Revoked { what: Revocation::Subject { issuer: Some("a".into()), sub: "bob".into(), before: 200 }, until: 1_000 }
+        ));
+        assert!(!r.add_shared(3, Revoked { what: Revocation::Jti { jti: "t9".into() }, until: 1_000 }), "version 2 was missed");
+        assert_eq!(r.shared_version(), 1);
         assert!(r.is_revoked(&no_iat, 250), "no iat: cannot show it came after the cut-off");
         assert!(!r.is_revoked(&new, 250) && !r.is_revoked(&principal("b", "bob", json!({"iat": 100})), 250));
-        assert_eq!(r.active(), 2);
-        r.replace_shared(2, vec![]);
-        assert_eq!((r.active(), r.shared_version()), (1, 2));
+        assert_eq!(r.active(), 3);
+        // A store that lost its state (an empty load, version back to 1): what is held is kept.
+        r.load_shared(1, vec![]);
+        assert_eq!((r.active(), r.shared_version()), (3, 1));
         r.prune(1_000);
-        assert_eq!(r.active(), 0);
+        assert_eq!(r.active(), 0, "every entry goes when its until passes");
         assert!(!r.is_revoked(&old, 150));
     }
 }

@@ -67,6 +67,13 @@ impl Validator<'_> {
                 }
             },
         };
+        let tls = match &s.url {
+            Some(u) => u.get_ref().starts_with("rediss://"),
+            None => s.tls,
+        };
+        if let Some(p) = s.ca_file.as_ref().filter(|_| !tls) {
+            self.error(p.span(), "[store] ca_file is for TLS: a rediss:// url, or `tls = true` with sentinels");
+        }
         let ca_file = s.ca_file.as_ref().map(|p| {
             let path = self.resolve(p.get_ref());
             if let Err(e) = std::fs::read(&path) {

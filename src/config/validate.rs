@@ -174,6 +174,7 @@ impl Validator<'_> {
         let store = f.store.and_then(|s| self.store(s));
         self.store_failed = f.failed.store || (store_written && store.is_none());
         self.store_replicas = store.as_ref().map(|s| s.expected_replicas);
+        let token_endpoint_span = f.token_endpoint.as_ref().map(Spanned::span);
         let token_endpoint = f.token_endpoint.and_then(|t| self.token_endpoint(t, &mut issuers, &declared, limits.header_read_timeout));
         let global_limit = f.rate_limit.global.as_ref().and_then(|l| self.limit(l, true));
         let ipv6_prefix = f.rate_limit.ipv6_prefix.as_ref().map_or(64, |p| *p.get_ref());
@@ -208,6 +209,17 @@ impl Validator<'_> {
         self.default_cookie = f.auth.token_cookie.clone();
         self.client_certs = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         let (routes, route_calls) = self.routes(f.routes, &upstreams, &declared, f.routing.case_insensitive);
+        // The token endpoint's paths are answered before any route: a route there would never be reached.
+        if let (Some(te), Some(span)) = (&token_endpoint, token_endpoint_span.clone()) {
+            for (what, p) in [("path", &te.path), ("revocation_path", &te.revocation_path)] {
+                if let Ok(m) = routes.match_route(&http::Method::POST, p) {
+                    self.warn(
+                        span.clone(),
+                        format!("[token_endpoint] {what} {p:?} is also matched by route {:?}, which never gets it", m.route.name),
+                    );
+                }
+            }
+        }
         if let Some(w) = f.server.worker_threads.as_ref().filter(|w| *w.get_ref() == 0) {
             self.error(w.span(), "`server.worker_threads` must be at least 1");
         }

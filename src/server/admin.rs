@@ -66,6 +66,8 @@ where
                 json_response(StatusCode::SERVICE_UNAVAILABLE, "draining")
             } else if !shared.gateway.load().ready() {
                 json_response(StatusCode::SERVICE_UNAVAILABLE, "issuer_keys_missing")
+            } else if shared.gateway.load().revocations_unknown() {
+                json_response(StatusCode::SERVICE_UNAVAILABLE, "revocations_not_loaded")
             } else {
                 // Still ready: the other upstreams serve, and a gateway taken out of rotation would not bring a
                 // dead backend back. The list says which ones have no target taking requests.

@@ -114,6 +114,19 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the failure says the store itself is unreachable or broken (and so counts toward opening the
+    /// circuit), rather than something wrong with one key or one answer (a wrong-type key, a script error), which
+    /// must not take every shared limit down with it.
+    fn is_store_failure(&self) -> bool {
+        match self {
+            StoreError::Timeout(_) => true,
+            StoreError::Redis(e) => {
+                e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.kind() == redis::ErrorKind::Parse
+            }
+            _ => false,
+        }
+    }
+
     fn result_label(&self) -> &'static str {
         match self {
             StoreError::Unavailable => "unavailable",
@@ -179,8 +192,10 @@ impl Store {
         store
     }
 
-    /// Connects now, once, without a keeper (the `revoke` command).
-    pub async fn connect_once(settings: StoreSettings) -> Result<Arc<Store>, StoreError> {
+    /// Connects now, once, without a keeper (the `revoke` command, which may reach a remote Redis: it waits
+    /// seconds, not the request path's `timeout`).
+    pub async fn connect_once(mut settings: StoreSettings) -> Result<Arc<Store>, StoreError> {
+        settings.timeout = settings.timeout.max(Duration::from_secs(5));
         let store = Arc::new(Store::unconnected(settings, Arc::new(Metrics::new())));
         store.connect().await?;
         Ok(store)
@@ -308,7 +323,7 @@ impl Store {
                 "ok"
             }
             Err(e) => {
-                if !matches!(e, StoreError::Unavailable) {
+                if e.is_store_failure() {
                     self.failed(e);
                 }
                 e.result_label()
@@ -343,6 +358,11 @@ impl Store {
         let client = self.client.load_full().ok_or(StoreError::Unavailable)?;
         let bound = self.settings.timeout.max(Duration::from_secs(1));
         Ok(tokio::time::timeout(bound, client.get_async_pubsub()).await.map_err(|_| StoreError::Timeout(bound))??)
+    }
+
+    /// The bound on setting up a subscription (a Redis that accepts and then hangs must not stall its follower).
+    pub(crate) fn setup_bound(&self) -> Duration {
+        self.settings.timeout.max(Duration::from_secs(1))
     }
 }
 

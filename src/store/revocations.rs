@@ -46,31 +46,28 @@ struct Message {
     entry: Revocation,
 }
 
-/// KEYS: the set, the version, ARGV: member, until, the channel, now. Adds the entry (keeping the later `until` of
-/// a repeated one), drops expired ones, bumps the version and tells every replica.
+/// KEYS: the set, the version, ARGV: member, until, the channel. Adds the entry (keeping the later `until` of a
+/// repeated one), drops expired ones (by Redis's clock, not the caller's: a CLI on a machine whose clock runs
+/// ahead must not delete live entries), bumps the version and tells every replica.
 const REVOKE: &str = r#"
 local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
 local untl = tonumber(ARGV[2])
 if old and tonumber(old) > untl then untl = tonumber(old) end
 redis.call('ZADD', KEYS[1], untl, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. redis.call('TIME')[1])
 local v = redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', ARGV[3], '{"version":' .. v .. ',"until":' .. string.format('%.0f', untl) .. ',"entry":' .. ARGV[1] .. '}')
 return v
 "#;
 
-/// KEYS: the set, the version. ARGV: now. The version and the live entries with their scores, read at once.
+/// KEYS: the set, the version. The version and the live entries (by Redis's clock) with their scores, read at once.
 const LOAD: &str = r"
 local v = tonumber(redis.call('GET', KEYS[2]) or '0')
-return {v, redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'WITHSCORES')}
+return {v, redis.call('ZRANGEBYSCORE', KEYS[1], redis.call('TIME')[1], '+inf', 'WITHSCORES')}
 ";
 
 static REVOKE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REVOKE));
 static LOAD_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(LOAD));
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
 
 impl Store {
     /// Records a revocation for every replica; returns the new version.
@@ -78,15 +75,7 @@ impl Store {
         let member = serde_json::to_string(&r.what).map_err(|e| StoreError::Unexpected(e.to_string()))?;
         let until = r.until;
         self.call(Op::Revoke, |mut c| async move {
-            Ok(REVOKE_SCRIPT
-                .key(SET)
-                .key(VERSION)
-                .arg(member)
-                .arg(until)
-                .arg(REVOCATIONS_CHANNEL)
-                .arg(now_secs())
-                .invoke_async(&mut c)
-                .await?)
+            Ok(REVOKE_SCRIPT.key(SET).key(VERSION).arg(member).arg(until).arg(REVOCATIONS_CHANNEL).invoke_async(&mut c).await?)
         })
         .await
     }
@@ -100,10 +89,8 @@ impl Store {
 
     /// Every live revocation, with the version they make up.
     pub async fn revocations(&self) -> Result<(u64, Vec<Revoked>), StoreError> {
-        let (version, flat): (u64, Vec<(String, f64)>) =
-            self.call(Op::RevocationsLoad, |mut c| async move {
-                Ok(LOAD_SCRIPT.key(SET).key(VERSION).arg(now_secs()).invoke_async(&mut c).await?)
-            })
+        let (version, flat): (u64, Vec<(String, f64)>) = self
+            .call(Op::RevocationsLoad, |mut c| async move { Ok(LOAD_SCRIPT.key(SET).key(VERSION).invoke_async(&mut c).await?) })
             .await?;
         let mut out = Vec::with_capacity(flat.len());
         for (member, until) in flat {
@@ -121,7 +108,8 @@ impl Store {
     /// made (None: a message that is not one of ours). The stream ends when the connection does.
     pub async fn subscribe_revocations(&self) -> Result<RevocationStream, StoreError> {
         let mut ps = self.pubsub().await?;
-        ps.subscribe(REVOCATIONS_CHANNEL).await?;
+        let bound = self.setup_bound();
+        tokio::time::timeout(bound, ps.subscribe(REVOCATIONS_CHANNEL)).await.map_err(|_| StoreError::Timeout(bound))??;
         Ok(Box::pin(futures_util::StreamExt::map(ps.into_on_message(), |m| parse_message(m.get_payload_bytes()))))
     }
 }

@@ -48,7 +48,9 @@ impl TokenEndpoint {
             _ => {}
         }
         let Some(jti) = p.claims.get("jti").and_then(Value::as_str) else { return Ok(revoked()) };
-        let entry = Revoked { what: Revocation::Jti { jti: jti.to_string() }, until: p.expires_at };
+        // Kept as long as the token is accepted: its `exp`, plus the leeway verification allows past it.
+        let until = p.expires_at.saturating_add(self.issuer.leeway);
+        let entry = Revoked { what: Revocation::Jti { jti: jti.to_string() }, until };
         revocations.add_local(entry.clone());
         if let Some(store) = store {
             store.revoke(&entry).await.map_err(|e| TokenError::StoreDown(e.to_string()))?;

@@ -29,19 +29,25 @@ pub enum RevokeError {
     Refused(String),
 }
 
-/// Reads a time: `now`, unix seconds, RFC 3339 (`2026-12-05T10:00:00Z`, or with an offset), or a duration from
-/// now (`24h`, `+30m`).
-pub fn parse_time(s: &str, now: u64) -> Result<u64, RevokeError> {
+/// Reads a time: `now`, unix seconds, or RFC 3339 (`2026-12-05T10:00:00Z`, or with an offset); with
+/// `from_now`, also a duration from now (`24h`, `+30m`), as `--until` takes (never `--before`, where "1h" could
+/// be read as an hour ago).
+pub fn parse_time(s: &str, now: u64, from_now: bool) -> Result<u64, RevokeError> {
     let s = s.trim();
-    let bad = || RevokeError::Time(format!("{s:?}: expected now, unix seconds, an RFC 3339 time or a duration like 24h"));
+    let bad = || {
+        let also = if from_now { ", or a duration from now like 24h" } else { "" };
+        RevokeError::Time(format!("{s:?}: expected now, unix seconds or an RFC 3339 time{also}"))
+    };
     if s == "now" {
         return Ok(now);
     }
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         return s.parse().map_err(|_| bad());
     }
-    if let Ok(d) = parse_duration(s.trim_start_matches('+')) {
-        return Ok(now.saturating_add(d.as_secs()));
+    if from_now {
+        if let Ok(d) = parse_duration(s.trim_start_matches('+')) {
+            return Ok(now.saturating_add(d.as_secs()));
+        }
     }
     rfc3339(s).ok_or_else(bad)
 }
@@ -49,7 +55,7 @@ pub fn parse_time(s: &str, now: u64) -> Result<u64, RevokeError> {
 /// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` to unix seconds.
 fn rfc3339(s: &str) -> Option<u64> {
     let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse::<u32>().ok().map(i64::from) };
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
         return None;
     }
@@ -71,7 +77,8 @@ fn rfc3339(s: &str) -> Option<u64> {
                 _ => return None,
             };
             let (oh, om) = rest[1..].split_once(':')?;
-            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60)
+            let (oh, om) = (oh.parse::<u8>().ok().filter(|h| *h < 24)?, om.parse::<u8>().ok().filter(|m| *m < 60)?);
+            sign * (i64::from(oh) * 3600 + i64::from(om) * 60)
         }
     };
     // Days from the civil date (Howard Hinnant's algorithm).
@@ -84,10 +91,11 @@ fn rfc3339(s: &str) -> Option<u64> {
     u64::try_from(days * 86_400 + h * 3600 + mi * 60 + sec - offset).ok()
 }
 
-/// How long after `from` a token issued then may still be valid: the longest `max_lifetime` (with leeway) of the
-/// configured issuers. An entry is kept that long, then forgotten.
+/// How long after `from` a token issued then may still be accepted: the longest `max_lifetime` of the configured
+/// issuers, with their leeway twice (an `iat` a little in the future, an `exp` a little in the past). An entry is
+/// kept that long, then forgotten.
 pub fn default_until(config: &Config, from: u64) -> u64 {
-    let longest = config.issuers.iter().map(|i| i.max_lifetime.saturating_add(i.leeway)).max().unwrap_or(30 * 86_400);
+    let longest = config.issuers.iter().map(|i| i.max_lifetime.saturating_add(i.leeway.saturating_mul(2))).max().unwrap_or(30 * 86_400);
     from.saturating_add(longest)
 }
 
@@ -130,7 +138,7 @@ pub fn entry(config: &Config, what: Revocation, until: Option<&str>, now: u64) -
         Revocation::Subject { before, .. } => *before,
     };
     let until = match until {
-        Some(u) => parse_time(u, now)?,
+        Some(u) => parse_time(u, now, true)?,
         None => default_until(config, from),
     };
     Ok(Revoked { what, until })
@@ -142,15 +150,18 @@ mod tests {
 
     #[test]
     fn times_parse_in_every_documented_form() {
-        assert_eq!(parse_time("now", 1000).unwrap(), 1000);
-        assert_eq!(parse_time("1700000000", 0).unwrap(), 1_700_000_000);
-        assert_eq!(parse_time("24h", 1000).unwrap(), 1000 + 86_400);
-        assert_eq!(parse_time("+30m", 1000).unwrap(), 1000 + 1800);
-        assert_eq!(parse_time("2023-11-14T22:13:20Z", 0).unwrap(), 1_700_000_000);
-        assert_eq!(parse_time("2023-11-14T23:13:20.5+01:00", 0).unwrap(), 1_700_000_000);
-        assert_eq!(parse_time("1970-01-01T00:00:00Z", 5).unwrap(), 0);
-        for bad in ["", "yesterday", "2023-13-01T00:00:00Z", "2023-11-14T22:13:20", "-5"] {
-            assert!(parse_time(bad, 0).is_err(), "{bad}");
+        assert_eq!(parse_time("now", 1000, false).unwrap(), 1000);
+        assert_eq!(parse_time("1700000000", 0, false).unwrap(), 1_700_000_000);
+        assert_eq!(parse_time("24h", 1000, true).unwrap(), 1000 + 86_400);
+        assert_eq!(parse_time("+30m", 1000, true).unwrap(), 1000 + 1800);
+        assert!(parse_time("1h", 1000, false).is_err(), "--before takes no duration");
+        assert_eq!(parse_time("2023-11-14T22:13:20Z", 0, false).unwrap(), 1_700_000_000);
+        assert_eq!(parse_time("2023-11-14T23:13:20.5+01:00", 0, false).unwrap(), 1_700_000_000);
+        assert_eq!(parse_time("1970-01-01T00:00:00Z", 5, false).unwrap(), 0);
+        for bad in
+            ["", "yesterday", "2023-13-01T00:00:00Z", "2023-11-14T22:13:20", "-5", "2023-11-14T-1:13:20Z", "2023-11-14T22:13:20+-1:00"]
+        {
+            assert!(parse_time(bad, 0, true).is_err(), "{bad}");
         }
     }
 }
