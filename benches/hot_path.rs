@@ -122,6 +122,18 @@ fn bench_jwt(c: &mut Criterion) {
     c.bench_function("jwt_cache_hit_rs256", |b| {
         b.iter(|| rt.block_on(authn.authenticate(black_box(&h), AuthMode::Required)).expect("valid"))
     });
+    // The same with revocations held (none of them this token's): the check a cached token pays then.
+    use portcullis::store::{Revocation, Revoked};
+    for i in 0..10_000 {
+        authn.revocations().add_local(Revoked { what: Revocation::Jti { jti: format!("other-{i}") }, until: now + 3600 });
+    }
+    for i in 0..1_000 {
+        let what = Revocation::Subject { issuer: None, sub: format!("someone-{i}"), before: now };
+        authn.revocations().add_local(Revoked { what, until: now + 3600 });
+    }
+    c.bench_function("jwt_cache_hit_rs256_11k_revocations", |b| {
+        b.iter(|| rt.block_on(authn.authenticate(black_box(&h), AuthMode::Required)).expect("valid"))
+    });
 }
 
 fn bench_routes(c: &mut Criterion) {
