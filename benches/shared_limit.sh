@@ -41,6 +41,7 @@ http = "127.0.0.1:$GW"
 access_log = false
 [store]
 url = "redis://127.0.0.1:$REDIS/0"
+pool_size = ${POOL_SIZE:-2}
 [upstreams.up]
 url = "http://127.0.0.1:$UP"
 [[issuers]]
