@@ -11,6 +11,8 @@
 FROM rust:1-bookworm AS deps
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# The allocator's settings (jemalloc's malloc_conf) are fixed at build time from .cargo/config.toml.
+COPY .cargo/config.toml ./.cargo/
 # The stub needs every target Cargo.toml declares, or cargo refuses the manifest; the bench stub stays for the
 # next stage, which does not build benches and so needs none of their real files.
 RUN mkdir -p src benches \

@@ -80,8 +80,8 @@ fn context_sources(i: &Instruction) -> Vec<String> {
 
 /// What the build context may give the image: the manifest, the lock file, the sources, and the demo's config and
 /// accounts, which the binary embeds (`portcullis demo` without a gateway.toml) and the runtime stage never copies.
-const CONTEXT_ALLOWED: [&str; 6] =
-    ["Cargo.toml", "Cargo.lock", "src", "gateway.toml", "examples/demo-users.toml", "examples/demo-clients.toml"];
+const CONTEXT_ALLOWED: [&str; 7] =
+    ["Cargo.toml", "Cargo.lock", ".cargo/config.toml", "src", "gateway.toml", "examples/demo-users.toml", "examples/demo-clients.toml"];
 
 /// Every rule `text` breaks: numeric non-root USER, a HEALTHCHECK running `portcullis healthcheck`, nothing from
 /// the context but the manifest, lock file and sources (no examples/, gateway.toml, certs/ or keys), a dependency

@@ -1490,6 +1490,35 @@ async fn tls13_early_data_is_not_accepted_on_resumption() {
     gw.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_resume_by_ticket_unless_tickets_are_off() {
+    let _shared = PROCESS.read().await;
+    let up = spawn_upstream().await;
+    for tickets in [true, false] {
+        let cfg = public_config(&up, "").replace("self_signed = true", &format!("self_signed = true\nsession_tickets = {tickets}"));
+        let gw = spawn_gateway(&cfg).await;
+        let https = gw.https.unwrap();
+        // TLS 1.3 resumes only with a ticket.
+        let connector = tls_connector(tls_config(&gw.cert_path(), &[]));
+        let (kind, _, rsp) = timeout(BOUND, tls_request(https, &connector)).await.unwrap();
+        assert_eq!(kind, Some(rustls::HandshakeKind::Full));
+        assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+        let (kind, _, rsp) = timeout(BOUND, tls_request(https, &connector)).await.unwrap();
+        let expected = if tickets { rustls::HandshakeKind::Resumed } else { rustls::HandshakeKind::Full };
+        assert_eq!(kind, Some(expected), "TLS 1.3 with session_tickets = {tickets}");
+        assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+        // TLS 1.2 resumes either way: by ticket, or by session ID from the server's cache.
+        let connector = tls_connector(tls12_only(&gw.cert_path()));
+        let (kind, _, _) = timeout(BOUND, tls_request(https, &connector)).await.unwrap();
+        assert_eq!(kind, Some(rustls::HandshakeKind::Full));
+        let (kind, _, rsp) = timeout(BOUND, tls_request(https, &connector)).await.unwrap();
+        assert_eq!(kind, Some(rustls::HandshakeKind::Resumed), "TLS 1.2 with session_tickets = {tickets}");
+        assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+        gw.stop().await;
+    }
+    assert_eq!(up.hits(), 8);
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Request smuggling
 

@@ -288,6 +288,8 @@ pub(super) struct TlsFile {
     #[serde(default)]
     pub(super) min_version: TlsVersion,
     pub(super) handshake_timeout: Option<DurationValue>,
+    /// Stateless session tickets for resumption (default true).
+    pub(super) session_tickets: Option<bool>,
     /// PEM CA certificates that sign client certificates (mTLS).
     pub(super) client_ca: Option<Spanned<PathBuf>>,
     /// `optional` (default with `client_ca`) or `required`.

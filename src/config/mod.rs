@@ -104,6 +104,8 @@ pub struct TlsSettings {
     pub self_signed: bool,
     pub min_version: TlsVersion,
     pub handshake_timeout: Duration,
+    /// Resumption by stateless session tickets (TLS 1.3 and 1.2); off: only TLS 1.2 session IDs resume.
+    pub session_tickets: bool,
     /// Client certificates (mTLS): the CAs that sign them, whether every connection must present one, the CRL.
     pub client_ca: Option<PathBuf>,
     pub client_auth_required: bool,

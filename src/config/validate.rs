@@ -345,6 +345,7 @@ impl Validator<'_> {
             self_signed: t.self_signed,
             min_version: t.min_version,
             handshake_timeout: t.handshake_timeout.map_or(Duration::from_secs(10), |d| d.0),
+            session_tickets: t.session_tickets.unwrap_or(true),
             client_ca,
             client_auth_required: t.client_auth == Some(ClientAuthFile::Required),
             client_crl,

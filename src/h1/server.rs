@@ -12,7 +12,8 @@
 //! later one within `header_read_timeout` of its first byte, and an idle keep-alive connection is closed after
 //! `idle_timeout`, on one `Deadline` per connection, so a request touches no timer. A client that
 //! closes its side while its request is being served cancels the request (hyper's rule with half-close off).
-//! An idle connection holds no read buffer: reads land on the stack and only a request's bytes are kept.
+//! An idle connection holds no buffer: reads land on the stack, only a request's bytes are kept, and both buffers
+//! are let go once its answer is written.
 
 use std::future::Future;
 use std::io;
@@ -37,6 +38,8 @@ const MAX_HEADERS: usize = 64;
 const READ_CHUNK: usize = 4096;
 /// Response bytes gathered before a write; a larger body frame is written on its own.
 const WRITE_BATCH: usize = 16 * 1024;
+/// Room taken for an answer's head (and a small body) at once, rather than grown field by field.
+const RESPONSE_HEAD: usize = 2048;
 
 /// The connection's time and size bounds, read once at accept (they are restart-only settings).
 #[derive(Clone, Copy)]
@@ -83,8 +86,7 @@ pub(crate) enum Parsed {
 /// One HTTP/1.1 connection served by this codec: reads heads, writes answers, hands over to hyper.
 pub struct Conn<I> {
     io: I,
-    /// Bytes read and not yet parsed. Between requests it keeps the allocation the last head was read into (about
-    /// a head's size), which the next read reuses in place once that request is gone.
+    /// Bytes read and not yet parsed; empty and unallocated while the connection idles.
     buf: BytesMut,
     out: Vec<u8>,
     limits: Bounds,
@@ -103,8 +105,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     /// timed from now, otherwise the connection idles. (From after the write: a streamed answer may take longer
     /// than either wait.)
     pub fn await_next_head(&mut self) {
-        if self.out.capacity() > WRITE_BATCH {
-            self.out = Vec::new();
+        // An idle connection holds no buffer: a client that keeps its connection open for minutes (mobile, IoT)
+        // costs the task and the socket, not a request's worth of bytes. The next request allocates afresh.
+        self.out = Vec::new();
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
         }
         let wait = if self.buf.is_empty() { self.limits.keep_alive } else { self.limits.header_read_timeout };
         self.deadline.set(deadline_after(wait));
@@ -241,6 +246,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     {
         let (parts, mut body) = rsp.into_parts();
         let fields = Fields { map: &parts.headers, additions: Some(additions) };
+        self.out.reserve(RESPONSE_HEAD);
         let (framing, close_asked) = encode_head(&mut self.out, parts.status, fields, &body, meta, keep_alive);
         let keep_alive = keep_alive && !close_asked;
         let mut last_chunk_written = false;

@@ -168,41 +168,57 @@ pub async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let watcher = graceful.watcher();
-        let shared = shared.clone();
-        let builder = builder.clone();
-        let tls = tls.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let open = OpenConnection::new(shared.metrics.connections_active.with_label_values(&[label]));
-            let tcp = Held { io: tcp, _places: (permit, client_slot, open) };
-            let decisions_only = label == "decisions";
-            let info = |tls| ConnInfo { client_in_flight: client_in_flight.clone(), decisions_only, ..ConnInfo::new(peer, tls) };
-            match tls {
-                None => serve(tcp, info(false), shared, &builder, watcher, shutdown, false).await,
-                Some((acceptor, timeout)) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let session = stream.get_ref().1;
-                        let h2 = session.alpn_protocol() == Some(b"h2");
-                        // rustls verified it against [tls] client_ca (and the CRL) during the handshake.
-                        let client_cert = session
-                            .peer_certificates()
-                            .and_then(|chain| chain.first())
-                            .and_then(|der| crate::edge::client_cert::ClientCert::from_der(der))
-                            .map(Arc::new);
-                        serve(stream, ConnInfo { client_cert, ..info(true) }, shared, &builder, watcher, shutdown, h2).await
-                    }
-                    Ok(Err(e)) => {
-                        shared.metrics.tls_handshake_failures.inc();
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        shared.metrics.tls_handshake_failures.inc();
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                    }
-                },
-            }
-        });
+        let (shared, builder, shutdown) = (shared.clone(), builder.clone(), shutdown.clone());
+        let open = OpenConnection::new(shared.metrics.connections_active.with_label_values(&[label]));
+        let tcp = Held { io: tcp, _places: (permit, client_slot, open) };
+        let info = ConnInfo { client_in_flight, decisions_only: label == "decisions", ..ConnInfo::new(peer, tls.is_some()) };
+        // Each kind of connection is its own task, sized for its own path: an idle plaintext connection does not
+        // hold room for a TLS handshake.
+        match tls.clone() {
+            None => tokio::spawn(serve(tcp, info, shared, builder, watcher, shutdown, false)),
+            Some((acceptor, timeout)) => tokio::spawn(serve_tls(tcp, acceptor, timeout, info, shared, builder, watcher, shutdown)),
+        };
     }
+}
+
+/// Completes a TLS handshake within `timeout`, then serves the connection.
+#[allow(clippy::too_many_arguments)] // the accept loop's context for one connection
+async fn serve_tls<I>(
+    io: I,
+    acceptor: TlsAcceptor,
+    timeout: Duration,
+    info: ConnInfo,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+    shutdown: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = info.peer;
+    // Both boxed: the handshake's state is held only while it runs, and nothing of it stays in the task after.
+    let serving = match Box::pin(tokio::time::timeout(timeout, acceptor.accept(io))).await {
+        Ok(Ok(stream)) => {
+            let session = stream.get_ref().1;
+            let h2 = session.alpn_protocol() == Some(b"h2");
+            // rustls verified it against [tls] client_ca (and the CRL) during the handshake.
+            let client_cert = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|der| crate::edge::client_cert::ClientCert::from_der(der))
+                .map(Arc::new);
+            Box::pin(serve(stream, ConnInfo { client_cert, ..info }, shared, builder, watcher, shutdown, h2))
+        }
+        Ok(Err(e)) => {
+            shared.metrics.tls_handshake_failures.inc();
+            return tracing::debug!(%peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            shared.metrics.tls_handshake_failures.inc();
+            return tracing::debug!(%peer, "TLS handshake timed out");
+        }
+    };
+    serving.await
 }
 
 /// Serves one connection: HTTP/1.1 through `h1_server`, until it hands the connection to hyper; HTTP/2 (ALPN
@@ -211,19 +227,21 @@ async fn serve<I>(
     io: I,
     info: ConnInfo,
     shared: Arc<Shared>,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: Watcher,
     shutdown: watch::Receiver<bool>,
     h2: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = shared.gateway.load().config.limits;
-    let bounds = h1::server::Bounds {
-        header_read_timeout: limits.header_read_timeout,
-        keep_alive: limits.idle.keep_alive,
-        send_stall: limits.idle.send_stall,
-        max_header_bytes: limits.max_header_bytes,
+    let bounds = {
+        let limits = &shared.gateway.load().config.limits;
+        h1::server::Bounds {
+            header_read_timeout: limits.header_read_timeout,
+            keep_alive: limits.idle.keep_alive,
+            send_stall: limits.idle.send_stall,
+            max_header_bytes: limits.max_header_bytes,
+        }
     };
     let (io, read, deadline, from_h1, served) = match h2 {
         false => match serve_h1(io, &info, &shared, bounds, shutdown.clone()).await {
@@ -231,7 +249,7 @@ async fn serve<I>(
             Ended::HandOver { io, read, deadline, served } => (io, read, deadline, true, served),
         },
         true => {
-            let by = crate::h1::deadline::deadline_after(limits.header_read_timeout);
+            let by = crate::h1::deadline::deadline_after(bounds.header_read_timeout);
             match read_h2_preface(io, by).await {
                 Some((io, read)) => (io, read, by, false, false),
                 None => {
@@ -241,7 +259,9 @@ async fn serve<I>(
             }
         }
     };
-    // Boxed: hyper's connection state is only paid for by connections that reach it.
+    // Boxed: hyper's connection state is only paid for by connections that reach it. Its limits are read again
+    // (not held through the idle phase): the current config's, as every connection's are at accept.
+    let limits = shared.gateway.load().config.limits;
     if from_h1 && shared.is_draining() {
         // hyper-util's graceful watch would cancel its protocol detection and drop the request already read:
         // HTTP/1 only, this request served, then closed. The watcher is held so the drain still waits for it.
@@ -253,7 +273,7 @@ async fn serve<I>(
     // connection's first bytes (§3.3). A TLS connection that chose HTTP/1.1, or one that has served HTTP/1
     // requests, stays HTTP/1.
     let http1_only = from_h1 && (info.tls || served);
-    Box::pin(serve_hyper(io, read, info, shared, builder, (watcher, shutdown), limits, deadline, http1_only)).await
+    Box::pin(serve_hyper(io, read, info, shared, &builder, (watcher, shutdown), limits, deadline, http1_only)).await
 }
 
 /// Serves HTTP/1.1 requests with the own codec until the connection closes or needs hyper.
@@ -273,18 +293,36 @@ where
             None => return Ended::Closed,
         };
         first = false;
-        let gateway = shared.gateway.load_full();
-        let req = req.map(|()| RequestBody::Empty);
-        let Some((rsp, additions)) = conn.serve_request(std::pin::pin!(gateway.serve(req, info))).await else {
-            return Ended::Closed;
-        };
-        let keep_alive = !meta.close && !shared.is_draining();
-        if !matches!(conn.write_response(rsp, &additions, meta, keep_alive).await, Ok(true)) {
-            conn.close().await;
+        // Boxed: a request's state (the gateway's future, the answer) takes memory only while it is served, so
+        // an idle connection costs a few hundred bytes.
+        if !Box::pin(exchange(&mut conn, req.map(|()| RequestBody::Empty), meta, info, shared)).await {
             return Ended::Closed;
         }
         conn.await_next_head();
     }
+}
+
+/// Serves one request on the own codec and writes its answer; false when the connection is done.
+async fn exchange<I>(
+    conn: &mut h1::server::Conn<I>,
+    req: http::Request<RequestBody>,
+    meta: h1::server::Meta,
+    info: &ConnInfo,
+    shared: &Shared,
+) -> bool
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let gateway = shared.gateway.load_full();
+    let Some((rsp, additions)) = conn.serve_request(std::pin::pin!(gateway.serve(req, info))).await else {
+        return false;
+    };
+    let keep_alive = !meta.close && !shared.is_draining();
+    if !matches!(conn.write_response(rsp, &additions, meta, keep_alive).await, Ok(true)) {
+        conn.close().await;
+        return false;
+    }
+    true
 }
 
 /// A connection's I/O with its places in the connection limits: they go when the connection goes, also when an

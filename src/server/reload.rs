@@ -77,8 +77,10 @@ async fn try_reload(shared: &Shared) -> Result<(), ReloadError> {
     let mut new_key = None;
     if let (Some(_), Some(tls)) = (&shared.tls, &config.tls) {
         new_key = Some(crate::server::tls::load_certified_key(tls)?);
-        if started.tls.as_ref().is_some_and(|t| t.min_version != tls.min_version || t.handshake_timeout != tls.handshake_timeout) {
-            tracing::warn!("tls.min_version or tls.handshake_timeout changed: this needs a restart");
+        if started.tls.as_ref().is_some_and(|t| {
+            t.min_version != tls.min_version || t.handshake_timeout != tls.handshake_timeout || t.session_tickets != tls.session_tickets
+        }) {
+            tracing::warn!("tls.min_version, tls.handshake_timeout or tls.session_tickets changed: this needs a restart");
         }
     }
     let gateway = Gateway::new(Arc::new(config), shared.metrics.clone(), Some(&old), &shared.resolver)?;

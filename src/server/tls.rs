@@ -32,6 +32,8 @@ pub enum TlsError {
     Generate(String),
     #[error("client certificates: {0}")]
     ClientCa(String),
+    #[error("cannot make the session ticket keys: {0}")]
+    Tickets(String),
 }
 
 /// Returns true if the pair is missing and `self_signed` will generate it at start.
@@ -258,5 +260,14 @@ pub fn server_config(
     // 0-RTT data is replayable; an auth gateway never accepts it.
     cfg.max_early_data_size = 0;
     cfg.send_half_rtt_data = false;
+    // Resumption. Tickets: encrypted by keys made at start, kept in memory only and rotated every 6 hours (rustls'
+    // RFC 5077 ticketer), so any number of clients resume without server state; TLS 1.3 resumes only with a
+    // fresh key exchange (psk_dhe_ke), keeping forward secrecy. Without them, TLS 1.3 does not resume and TLS 1.2
+    // resumes by session ID from rustls' in-memory cache of 256 sessions.
+    if s.session_tickets {
+        cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| TlsError::Tickets(e.to_string()))?;
+    } else {
+        cfg.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(cfg))
 }
