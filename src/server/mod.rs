@@ -172,30 +172,32 @@ pub async fn accept_loop(
         let open = OpenConnection::new(shared.metrics.connections_active.with_label_values(&[label]));
         let tcp = Held { io: tcp, _places: (permit, client_slot, open) };
         let info = ConnInfo { client_in_flight, decisions_only: label == "decisions", ..ConnInfo::new(peer, tls.is_some()) };
+        let conn = Connection { info, shared, builder, watcher, shutdown };
         // Each kind of connection is its own task, sized for its own path: an idle plaintext connection does not
         // hold room for a TLS handshake.
         match tls.clone() {
-            None => tokio::spawn(serve(tcp, info, shared, builder, watcher, shutdown, false)),
-            Some((acceptor, timeout)) => tokio::spawn(serve_tls(tcp, acceptor, timeout, info, shared, builder, watcher, shutdown)),
+            None => tokio::spawn(serve(tcp, conn, false)),
+            Some((acceptor, timeout)) => tokio::spawn(serve_tls(tcp, acceptor, timeout, conn)),
         };
     }
 }
 
-/// Completes a TLS handshake within `timeout`, then serves the connection.
-#[allow(clippy::too_many_arguments)] // the accept loop's context for one connection
-async fn serve_tls<I>(
-    io: I,
-    acceptor: TlsAcceptor,
-    timeout: Duration,
+/// What serving one accepted connection needs besides its I/O.
+struct Connection {
     info: ConnInfo,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    /// Keeps the drain waiting for this connection.
     watcher: Watcher,
     shutdown: watch::Receiver<bool>,
-) where
+}
+
+/// Completes a TLS handshake within `timeout`, then serves the connection.
+async fn serve_tls<I>(io: I, acceptor: TlsAcceptor, timeout: Duration, conn: Connection)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let peer = info.peer;
+    let peer = conn.info.peer;
     // Both boxed: the handshake's state is held only while it runs, and nothing of it stays in the task after.
     let serving = match Box::pin(tokio::time::timeout(timeout, acceptor.accept(io))).await {
         Ok(Ok(stream)) => {
@@ -207,14 +209,15 @@ async fn serve_tls<I>(
                 .and_then(|chain| chain.first())
                 .and_then(|der| crate::edge::client_cert::ClientCert::from_der(der))
                 .map(Arc::new);
-            Box::pin(serve(stream, ConnInfo { client_cert, ..info }, shared, builder, watcher, shutdown, h2))
+            let info = ConnInfo { client_cert, ..conn.info };
+            Box::pin(serve(stream, Connection { info, ..conn }, h2))
         }
         Ok(Err(e)) => {
-            shared.metrics.tls_handshake_failures.inc();
+            conn.shared.metrics.tls_handshake_failures.inc();
             return tracing::debug!(%peer, error = %e, "TLS handshake failed");
         }
         Err(_) => {
-            shared.metrics.tls_handshake_failures.inc();
+            conn.shared.metrics.tls_handshake_failures.inc();
             return tracing::debug!(%peer, "TLS handshake timed out");
         }
     };
@@ -223,17 +226,11 @@ async fn serve_tls<I>(
 
 /// Serves one connection: HTTP/1.1 through `h1_server`, until it hands the connection to hyper; HTTP/2 (ALPN
 /// `h2`) through hyper from the start. The watcher keeps the drain waiting either way.
-async fn serve<I>(
-    io: I,
-    info: ConnInfo,
-    shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: Watcher,
-    shutdown: watch::Receiver<bool>,
-    h2: bool,
-) where
+async fn serve<I>(io: I, conn: Connection, h2: bool)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Connection { info, shared, builder, watcher, shutdown } = conn;
     let bounds = {
         let limits = &shared.gateway.load().config.limits;
         h1::server::Bounds {
