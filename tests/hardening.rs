@@ -269,7 +269,12 @@ async fn tokens_are_accepted_in_one_spelling_only_and_jwe_parameters_are_refused
         let alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let i = alphabet.find(last).unwrap();
         trailing.push(alphabet.as_bytes()[i ^ 1] as char);
+        // Also: the signature with a byte more, and one longer than any supported key's (decoded on the stack).
+        let longer = [sig_bytes.as_slice(), &[0]].concat();
+        let huge = sig_bytes.iter().copied().cycle().take(2_000).collect::<Vec<u8>>();
         for (what, spelled) in [
+            ("a byte more", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&longer)),
+            ("2,000 bytes", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&huge)),
             ("standard alphabet", base64::engine::general_purpose::STANDARD_NO_PAD.encode(&sig_bytes)),
             ("standard alphabet, padded", base64::engine::general_purpose::STANDARD.encode(&sig_bytes)),
             ("base64url, padded", base64::engine::general_purpose::URL_SAFE.encode(&sig_bytes)),

@@ -29,6 +29,28 @@ pub struct VerifyKey {
     pub kid: Option<String>,
     pub key: DecodingKey,
     pub algorithms: Vec<Algorithm>,
+    /// The key parsed once for each of `algorithms` (built by `keys::bind_key`).
+    pub(crate) checks: Vec<(Algorithm, SignatureCheck)>,
+}
+
+/// A key ready to check signatures of one algorithm: parsed when it is loaded, so that a token the cache has not
+/// seen costs the signature check alone (no key parsing, no allocation).
+#[derive(Clone)]
+pub(crate) enum SignatureCheck {
+    Public(aws_lc_rs::signature::ParsedPublicKey),
+    Hmac(Box<aws_lc_rs::hmac::Key>),
+}
+
+impl VerifyKey {
+    /// Whether `signature` (decoded) signs `message` under `alg` with this key; false for an algorithm the key
+    /// is not bound to.
+    pub fn verifies(&self, alg: Algorithm, message: &[u8], signature: &[u8]) -> bool {
+        match self.checks.iter().find(|(a, _)| *a == alg) {
+            Some((_, SignatureCheck::Public(key))) => key.verify_sig(message, signature).is_ok(),
+            Some((_, SignatureCheck::Hmac(key))) => aws_lc_rs::hmac::verify(key, message, signature).is_ok(),
+            None => false,
+        }
+    }
 }
 
 impl std::fmt::Debug for VerifyKey {

@@ -7,6 +7,7 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivatePkcs8KeyDer;
 
+use super::issuer::SignatureCheck;
 use super::VerifyKey;
 
 pub fn parse_alg(s: &str) -> Option<Algorithm> {
@@ -83,7 +84,44 @@ pub fn bind_key(kid: Option<String>, key: DecodingKey, allowed: &[Algorithm], jw
     if algorithms.is_empty() {
         return Err(format!("key type {family:?} fits none of the issuer's algorithms {allowed:?}"));
     }
-    Ok(VerifyKey { kid, key, algorithms })
+    let checks = algorithms.iter().map(|&a| Ok((a, signature_check(&key, a)?))).collect::<Result<_, String>>()?;
+    Ok(VerifyKey { kid, key, algorithms, checks })
+}
+
+/// Parses a key once for one algorithm of its family (the same aws-lc-rs algorithms jsonwebtoken would pick).
+fn signature_check(key: &DecodingKey, alg: Algorithm) -> Result<SignatureCheck, String> {
+    use aws_lc_rs::{hmac, signature as sig};
+    use jsonwebtoken::DecodingKeyKind;
+    // Key bytes: an HMAC secret, or the DER or raw public key jsonwebtoken keeps (never RSA components here:
+    // the family filter in bind_key sends those to `rsa`).
+    let bytes = || match key.kind() {
+        DecodingKeyKind::SecretOrDer(bytes) => Ok(bytes.as_slice()),
+        DecodingKeyKind::RsaModulusExponent { .. } => Err(format!("{alg:?} does not take an RSA key")),
+    };
+    let public = |algorithm: &'static dyn sig::VerificationAlgorithm| -> Result<SignatureCheck, String> {
+        sig::ParsedPublicKey::new(algorithm, bytes()?).map(SignatureCheck::Public).map_err(|e| format!("{alg:?} key rejected: {e}"))
+    };
+    let rsa = |params: &'static sig::RsaParameters| -> Result<SignatureCheck, String> {
+        let parsed = match key.kind() {
+            DecodingKeyKind::RsaModulusExponent { n, e } => sig::RsaPublicKeyComponents { n, e }.to_parsed_public_key(params),
+            DecodingKeyKind::SecretOrDer(der) => sig::ParsedPublicKey::new(params, der),
+        };
+        parsed.map(SignatureCheck::Public).map_err(|e| format!("{alg:?} key rejected: {e}"))
+    };
+    match alg {
+        Algorithm::HS256 => Ok(SignatureCheck::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA256, bytes()?)))),
+        Algorithm::HS384 => Ok(SignatureCheck::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA384, bytes()?)))),
+        Algorithm::HS512 => Ok(SignatureCheck::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA512, bytes()?)))),
+        Algorithm::ES256 => public(&sig::ECDSA_P256_SHA256_FIXED),
+        Algorithm::ES384 => public(&sig::ECDSA_P384_SHA384_FIXED),
+        Algorithm::EdDSA => public(&sig::ED25519),
+        Algorithm::RS256 => rsa(&sig::RSA_PKCS1_2048_8192_SHA256),
+        Algorithm::RS384 => rsa(&sig::RSA_PKCS1_2048_8192_SHA384),
+        Algorithm::RS512 => rsa(&sig::RSA_PKCS1_2048_8192_SHA512),
+        Algorithm::PS256 => rsa(&sig::RSA_PSS_2048_8192_SHA256),
+        Algorithm::PS384 => rsa(&sig::RSA_PSS_2048_8192_SHA384),
+        Algorithm::PS512 => rsa(&sig::RSA_PSS_2048_8192_SHA512),
+    }
 }
 
 /// Reads a PEM public key (or certificate) of any supported type.
