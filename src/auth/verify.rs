@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::authz::AuthMode;
-use super::cache::TokenCache;
+use super::cache::{Admission, TokenCache};
 use super::extract::{extract_token, TokenSource, TokenSources};
 use super::issuer::normalize_typ;
 use super::jwks::{JwkKey, KeySet};
@@ -145,11 +145,11 @@ impl Authenticator {
             return Err(invalid(FailReason::TooLarge, format!("token of {} bytes", token.len())));
         }
         let introspected = self.issuers.iter().find_map(|i| i.introspector.as_ref().filter(|x| x.takes(&token)).map(|x| (i, x)));
-        let principal = match introspected {
-            Some((issuer, x)) => x.principal(&issuer.settings, &token, key, now).await?,
-            None => Arc::new(self.verify(&token, now).await?),
+        let (principal, admission) = match introspected {
+            Some((issuer, x)) => (x.principal(&issuer.settings, &token, key, now).await?, Admission::Always),
+            None => (Arc::new(self.verify(&token, now).await?), Admission::SecondUse),
         };
-        self.cache.insert(key, principal.clone());
+        self.cache.insert(key, principal.clone(), admission);
         self.check_revoked(&principal, now)?;
         let authorization_verified = source == TokenSource::Header;
         Ok(Authenticated { principal: Some(principal), cache_hit: false, authorization_verified, source: Some(source) })
@@ -368,8 +368,13 @@ impl<'de> Deserialize<'de> for StrictValue {
                 let mut out = Map::new();
                 while let Some(k) = map.next_key::<String>()? {
                     let StrictValue(v) = map.next_value()?;
-                    if out.insert(k.clone(), v).is_some() {
-                        return Err(serde::de::Error::custom(format!("member {k:?} appears more than once")));
+                    match out.entry(k) {
+                        serde_json::map::Entry::Vacant(e) => {
+                            e.insert(v);
+                        }
+                        serde_json::map::Entry::Occupied(e) => {
+                            return Err(serde::de::Error::custom(format!("member {:?} appears more than once", e.key())));
+                        }
                     }
                 }
                 Ok(StrictValue(Value::Object(out)))
