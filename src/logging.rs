@@ -1,7 +1,9 @@
 //! A log writer that never puts a syscall, a thread wake-up or a lock shared by every request on the request
 //! path: each thread appends whole lines to its own buffer (its lock is contended only by the flusher), and a
-//! background thread writes all buffers to stderr every 100 ms, or at once when a thread's buffer passes 64 KiB
-//! (that thread writes its own only past 256 KiB, when the flusher has fallen behind: memory stays bounded).
+//! background thread writes all buffers to stderr every 100 ms, or at once when a thread's buffer passes 64 KiB.
+//! Past 256 KiB (the flusher has fallen behind) a thread writes its own buffer, unless the flusher is writing it
+//! at that moment: a request never waits for another thread's `write()` on a slow disk. Only past 16 MiB does it
+//! wait, so memory stays bounded.
 //! At most the last 100 ms of lines can be lost if the process is killed; lines from different threads may reach
 //! stderr slightly out of order (each carries its timestamp).
 
@@ -12,8 +14,10 @@ use std::time::Duration;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const FLUSH_AT: usize = 64 * 1024;
-/// Past this a thread writes its buffer itself.
+/// Past this a thread writes its buffer itself when the flusher is not writing it.
 const WRITE_AT: usize = 4 * FLUSH_AT;
+/// Past this a thread waits for the flusher's write to end, then writes its own.
+const WAIT_AT: usize = 256 * FLUSH_AT;
 
 /// The flusher thread, woken early when a thread's buffer is full.
 static FLUSHER: OnceLock<std::thread::Thread> = OnceLock::new();
@@ -46,7 +50,12 @@ impl Drop for ThreadBuffer {
 }
 
 fn write_out(lines: &Lines) {
-    let Ok(mut out) = lines.spare.lock() else { return };
+    let Ok(out) = lines.spare.lock() else { return };
+    write_with(lines, out);
+}
+
+/// Writes `lines` out through `out`, its spare buffer, already locked.
+fn write_with(lines: &Lines, mut out: std::sync::MutexGuard<'_, Vec<u8>>) {
     match lines.active.lock() {
         Ok(mut active) if !active.is_empty() => std::mem::swap(&mut *active, &mut *out),
         _ => return,
@@ -79,7 +88,13 @@ fn with_buffer(f: impl FnOnce(&mut Vec<u8>)) -> bool {
                 match FLUSHER.get() {
                     // A wake-up (a syscall only if the flusher sleeps), not a write on the request path.
                     Some(flusher) if len < WRITE_AT => flusher.unpark(),
-                    _ => write_out(&local.0),
+                    _ if len >= WAIT_AT => write_out(&local.0),
+                    // The spare is held only while the flusher writes this thread's lines; it is back soon.
+                    _ => {
+                        if let Ok(out) = local.0.spare.try_lock() {
+                            write_with(&local.0, out);
+                        }
+                    }
                 }
             }
         })
@@ -522,6 +537,37 @@ mod tests {
         // 128 two-byte characters fill the 256 bytes; nothing past the bound is written.
         assert_eq!(logged.chars().count(), 128, "{logged}");
         assert_eq!(v["host"], "h\u{fffd}\"st");
+    }
+
+    #[test]
+    fn a_thread_does_not_wait_for_the_flusher_writing_its_lines() {
+        use std::sync::mpsc::channel;
+        let (buffer_tx, buffer_rx) = channel();
+        let (go_tx, go_rx) = channel::<()>();
+        let (done_tx, done_rx) = channel();
+        let writer = std::thread::spawn(move || {
+            with_buffer(|_| {});
+            buffer_tx.send(LOCAL.with(|c| c.get().map(|b| b.0.clone()))).unwrap();
+            go_rx.recv().unwrap();
+            // Past WRITE_AT but short of WAIT_AT: appended while the spare is held elsewhere.
+            let line = [b' '; 1024];
+            for _ in 0..(WRITE_AT / 1024 + 64) {
+                append(&line);
+            }
+            done_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+        });
+        let lines = buffer_rx.recv().unwrap().unwrap();
+        let writing = lines.spare.lock().unwrap(); // the flusher, in the middle of a write
+        go_tx.send(()).unwrap();
+        let waited = done_rx.recv_timeout(Duration::from_secs(10));
+        drop(writing);
+        // Nothing is written to the test's stderr: the lines are taken back before the thread exits.
+        assert!(lines.active.lock().unwrap().len() > WRITE_AT);
+        lines.active.lock().unwrap().clear();
+        go_tx.send(()).unwrap();
+        writer.join().unwrap();
+        assert!(waited.is_ok(), "the appending thread blocked on the held buffer");
     }
 
     #[test]

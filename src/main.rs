@@ -12,7 +12,9 @@ use portcullis::config::{format_duration, parse_duration, Config, ConfigError};
 // its background thread gives freed memory back to the OS within about a second (`dirty_decay_ms:1000`,
 // `muzzy_decay_ms:0`, set at build time in .cargo/config.toml) even when no request comes to trigger it: after a
 // burst of idle connections closes, the resident memory is back near idle within seconds (mimalloc, used before,
-// gave it back only once later allocations ran its purge).
+// gave it back only once later allocations ran its purge). It also takes the place of glibc's `malloc` for C code
+// (feature `unprefixed_malloc_on_supported_platforms`): aws-lc's per-connection TLS state (the AEAD keys) used to
+// stay in glibc's heap, about 17 MiB of it resident after 10,000 TLS connections had closed.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -14,7 +14,8 @@ use tokio::net::TcpStream;
 
 use crate::h1::deadline::Deadline;
 
-/// One connection to the upstream with its read buffer (which is empty between exchanges).
+/// One connection to the upstream with its read buffer (allocated by an exchange's first read, let go when the
+/// connection returns to the pool: an idle connection holds no read buffer).
 #[derive(Debug)]
 pub struct Conn {
     pub io: TcpStream,
@@ -29,7 +30,7 @@ impl Conn {
     /// Wraps a new connection. Must run inside tokio (the deadline's timer).
     pub fn new(io: TcpStream) -> Conn {
         let deadline = Deadline::new(tokio::time::Instant::now());
-        Conn { io, buf: BytesMut::with_capacity(READ_CHUNK), head: Vec::with_capacity(512), deadline }
+        Conn { io, buf: BytesMut::new(), head: Vec::with_capacity(512), deadline }
     }
 
     /// True unless the upstream has closed the connection or sent bytes nobody asked for. The socket itself is
@@ -47,8 +48,6 @@ impl Conn {
 
 /// How much a read asks for at a time.
 pub const READ_CHUNK: usize = 16 * 1024;
-/// A read buffer grown past this (a large response head) is not kept for the next exchange.
-const MAX_KEPT_BUFFER: usize = 64 * 1024;
 
 struct Idle {
     conn: Box<Conn>,
@@ -96,14 +95,13 @@ impl Pool {
         None
     }
 
-    /// Returns a connection whose last exchange ended cleanly.
+    /// Returns a connection whose last exchange ended cleanly. Its read buffer is let go: a pool of idle
+    /// connections after a burst would otherwise hold 16 KiB each until they time out.
     pub fn put(&self, mut conn: Box<Conn>) {
         if !conn.buf.is_empty() {
             return;
         }
-        if conn.buf.capacity() > MAX_KEPT_BUFFER {
-            conn.buf = BytesMut::with_capacity(READ_CHUNK);
-        }
+        conn.buf = BytesMut::new();
         let mut idle = self.shard().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if idle.len() < self.max_idle_per_shard {
             idle.push(Idle { conn, since: Instant::now() });
@@ -226,6 +224,16 @@ mod tests {
         pool.put(b);
         assert_eq!(pool.idle_count(), pool.max_idle_per_shard.min(2));
         assert!(pool.take(Instant::now()).is_some());
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_read_buffer() {
+        let pool = Pool::new(Duration::from_secs(60), 8);
+        let (mut a, _peer) = pair().await;
+        a.buf.reserve(READ_CHUNK);
+        pool.put(a);
+        let back = pool.take(Instant::now()).unwrap();
+        assert_eq!(back.buf.capacity(), 0);
     }
 
     #[tokio::test]
