@@ -416,7 +416,9 @@ fn gateway_service(
         let version = req.version();
         let in_flight = state.begin(version);
         let info = info.clone();
-        async move {
+        // Boxed: hyper keeps the future inside each HTTP/2 stream's task, and tokio moves a task's whole stage
+        // (future, then output) on every transition; inline, the gateway's large state was copied each time.
+        Box::pin(async move {
             let req = if version >= hyper::Version::HTTP_2 {
                 req.map(|b| RequestBody::http2(b, gateway.config.limits.max_body_bytes))
             } else {
@@ -432,7 +434,7 @@ fn gateway_service(
             }
             let h2_idle = (version >= hyper::Version::HTTP_2).then_some(gateway.config.limits.idle.send_stall);
             Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, in_flight, h2_idle)))
-        }
+        })
     })
 }
 
